@@ -1,0 +1,141 @@
+"""Tiny, randomly initialised Qwen2-VL / Qwen2.5-VL checkpoints built offline from configs.
+
+Real transformers model classes, a locally trained byte-level BPE tokenizer with Qwen's special
+tokens and chat template, and Qwen's real image processor. Dimensions are deliberately not powers of
+two (hidden 192, intermediate 448, head_dim 64 with 3 query heads and 1 KV head) but keep every
+linear's in/out size a multiple of 64, so group sizes 32 and 64 fit and vLLM-CPU's 4-bit kernel
+(partition sizes multiple of 32) can load them. Group size 128 does not divide 192: that is the
+"group size the layer cannot take" case.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import torch
+
+SPECIAL = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+HIDDEN = 192
+INTERMEDIATE = 448
+N_HEADS = 3  # head_dim 64; M-RoPE sections must sum to head_dim / 2
+N_KV_HEADS = 1
+MROPE_SECTION = [8, 12, 12]
+
+
+def _train_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    files = sorted(glob.glob(os.path.join(site, "transformers/models/qwen2*/*.py")))[:40]
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    pat = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pat), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=SPECIAL, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train(files, trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL[1:], model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
+
+
+def build_tiny_qwen_vl(out_dir: str | Path, arch: str = "qwen2_vl", num_layers: int = 2,
+                       seed: int = 0) -> Path:
+    """Write a tiny random ``arch`` ("qwen2_vl" or "qwen2_5_vl") checkpoint to ``out_dir``."""
+    from transformers import (
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+        Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+        Qwen2VLProcessor, Qwen2VLVideoProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    hf_tok = _train_tokenizer()
+    ids = {t: hf_tok.convert_tokens_to_ids(t) for t in SPECIAL}
+
+    if arch == "qwen2_vl":
+        config_cls, model_cls, proc_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+        vision = dict(depth=2, embed_dim=64, hidden_size=HIDDEN, num_heads=2, mlp_ratio=2,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    elif arch == "qwen2_5_vl":
+        config_cls, model_cls, proc_cls = (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                                           Qwen2_5_VLProcessor)
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                      out_hidden_size=HIDDEN, fullatt_block_indexes=[1], window_size=112,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}")
+
+    config = config_cls(
+        text_config=dict(
+            vocab_size=2048, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+            num_hidden_layers=num_layers, num_attention_heads=N_HEADS,
+            num_key_value_heads=N_KV_HEADS, max_position_embeddings=4096, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                             "mrope_section": MROPE_SECTION, "type": "mrope"},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
+        ),
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    model = model_cls(config)
+    # Random init gives near-uniform tiny weights; widen them so quantization error is visible
+    # and outputs are not degenerate.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0.0, 0.08)
+    model = model.to(torch.bfloat16).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out)
+
+    # Small images keep calibration fast: at most 224x224 pixels -> at most 64 vision tokens.
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224)
+    processor = proc_cls(image_processor=image_processor, tokenizer=hf_tok,
+                         video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    return out
