@@ -1,0 +1,127 @@
+"""The quantization grid: per-group scale / zero point, rounding, and clip search.
+
+Shapes: a weight ``W [N, K]`` is viewed as groups ``[N, G, g]`` (``G = K / g``); parameters are
+``scale [N, G]`` and ``zero [N, G]`` (unsigned codes, float tensors holding integers). Scales are
+rounded to ``scale_dtype`` (the checkpoint's dtype) *before* zero points and codes are computed, so
+the codes the solver picks are exactly the ones the checkpoint dequantizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlmptq.quant.qweight import QuantizedWeight
+from vlmptq.quant.scheme import WeightScheme
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Unsigned codes ``clamp(round(x / scale) + zero, 0, maxq)`` (float tensor of integers)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Round ``x`` onto the grid and map back: ``(codes - zero) * scale``."""
+    return (quantize_codes(x, scale, zero, maxq) - zero) * scale
+
+
+def _round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    tiny = torch.finfo(dtype).tiny if dtype.is_floating_point else 1e-12
+    return scale.clamp_min(tiny).to(dtype).to(torch.float32).clamp_min(tiny)
+
+
+def range_params(
+    xmin: torch.Tensor, xmax: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point covering ``[xmin, xmax]`` (zero always representable)."""
+    maxq = scheme.maxq
+    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    if scheme.symmetric:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = _round_scale((xmax - xmin) / maxq, scale_dtype)
+    if scheme.symmetric:
+        zero = torch.full_like(scale, float(scheme.offset))
+    else:
+        zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
+    return scale, zero
+
+
+def _grouped(w: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
+    n, k = w.shape
+    g = scheme.group_len(k)
+    return w.reshape(n, scheme.groups(k), g)  # [N, G, g]
+
+
+def minmax_params(
+    w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max parameters for ``w [N, K]`` -> ``scale, zero [N, G]``."""
+    wg = _grouped(w.float(), scheme)
+    return range_params(wg.amin(-1), wg.amax(-1), scheme, scale_dtype)
+
+
+def search_params(
+    w: torch.Tensor,
+    scheme: WeightScheme,
+    scale_dtype: torch.dtype = torch.bfloat16,
+    importance: torch.Tensor | None = None,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip search: per group, the shrink ``p in {1, 1-1/grid, ..., 1-max_shrink}`` of the min-max
+    range minimising ``sum_k importance[k] * |w - fake_quant(w)|^norm`` (importance = 1 if None).
+
+    ``importance [K]`` weights input columns (VLM-PTQ's modality-fused Hessian diagonal).
+    """
+    wg = _grouped(w.float(), scheme)  # [N, G, g]
+    if importance is None:
+        imp = torch.ones(wg.shape[1:], device=w.device)
+    else:
+        if importance.shape != (w.shape[1],):
+            raise ValueError(f"importance must have shape ({w.shape[1]},), got {tuple(importance.shape)}")
+        imp = importance.float().reshape(wg.shape[1:])  # [G, g]
+    xmin, xmax = wg.amin(-1), wg.amax(-1)
+    best_err = torch.full(xmin.shape, float("inf"), device=w.device)
+    best_scale = torch.zeros_like(xmin)
+    best_zero = torch.zeros_like(xmin)
+    for i in range(int(max_shrink * grid)):
+        p = 1.0 - i / grid
+        scale, zero = range_params(p * xmin, p * xmax, scheme, scale_dtype)
+        q = fake_quantize(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), scheme.maxq)
+        err = ((q - wg).abs_().pow_(norm) * imp).sum(-1)  # [N, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def expand_groups(p: torch.Tensor, group_len: int) -> torch.Tensor:
+    """``[N, G]`` per-group values -> ``[N, G * group_len]`` per column."""
+    return p.repeat_interleave(group_len, dim=1)
+
+
+def quantize_with_params(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: WeightScheme,
+    scale_dtype: torch.dtype = torch.bfloat16,
+) -> QuantizedWeight:
+    """Round ``w [N, K]`` with fixed ``scale, zero [N, G]`` (round-to-nearest)."""
+    glen = scheme.group_len(w.shape[1])
+    codes = quantize_codes(w.float(), expand_groups(scale, glen), expand_groups(zero, glen), scheme.maxq)
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8), scale=scale.to(scale_dtype), zero=zero.to(torch.uint8), scheme=scheme
+    )
+
+
+def quantize_rtn(
+    w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype = torch.bfloat16, clip_search: bool = False
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of ``w [N, K]`` with min-max (or clip-searched) parameters."""
+    params = search_params if clip_search else minmax_params
+    scale, zero = params(w, scheme, scale_dtype)
+    return quantize_with_params(w, scale, zero, scheme, scale_dtype)
