@@ -1,0 +1,173 @@
+"""Calibration sources end to end with real Qwen2-VL / Qwen2.5-VL processors: formats, masks, sampling."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from vlmptq.calib import CalibConfig, load_calibration
+from vlmptq.calib.records import to_rgb
+
+
+def _photo(path, size=(96, 72), mode="RGB", seed=0):
+    """A small noisy image (not flat, so it is a plausible photo for the processor)."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = torch.randint(0, 256, (size[1], size[0], channels), generator=gen, dtype=torch.uint8)
+    img = Image.fromarray(pixels.squeeze(-1).numpy(), mode=mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return img
+
+
+def _processor(path):
+    from transformers import AutoConfig, AutoProcessor
+
+    config = AutoConfig.from_pretrained(path)
+    return AutoProcessor.from_pretrained(path), [config.image_token_id, config.video_token_id]
+
+
+@pytest.fixture(scope="module")
+def qwen2(tiny_qwen2_vl):
+    return _processor(tiny_qwen2_vl)
+
+
+@pytest.fixture(scope="module")
+def qwen25(tiny_qwen2_5_vl):
+    return _processor(tiny_qwen2_5_vl)
+
+
+def _check_masks(sample, processor, image_token_id):
+    ids = sample.inputs["input_ids"]
+    assert ids.shape[0] == 1 and ids.dim() == 2
+    t = ids.shape[1]
+    assert sample.vision_mask.shape == sample.text_mask.shape == (t,)
+    assert sample.vision_mask.dtype == sample.text_mask.dtype == torch.bool
+    # One placeholder per merged 2x2 patch group: exactly where the vision features are inserted.
+    merge = processor.image_processor.merge_size
+    assert int(sample.vision_mask.sum()) == int(sample.inputs["image_grid_thw"].prod()) // merge**2
+    assert torch.equal(sample.vision_mask, ids[0] == image_token_id)
+    real = sample.inputs["attention_mask"][0].bool()
+    assert torch.equal(sample.text_mask, real & ~sample.vision_mask)
+    assert not bool((sample.text_mask & sample.vision_mask).any())
+
+
+def test_directory_source_masks_and_model_forward(tmp_path, qwen2, tiny_qwen2_vl, caplog):
+    processor, vision_ids = qwen2
+    _photo(tmp_path / "photos" / "cat.jpg")
+    (tmp_path / "photos" / "cat.txt").write_text("A tabby cat on a sofa.\n")
+    _photo(tmp_path / "dog.png", mode="RGBA", seed=1)
+    (tmp_path / "dog.txt").write_text("A dog running on a beach.")
+    _photo(tmp_path / "gray.png", mode="L", seed=2)
+    (tmp_path / "captions.jsonl").write_text(json.dumps(
+        {"image": "gray.png", "text": "A grey test pattern.", "prompt": "What pattern is this?"}))
+    caplog.set_level(logging.INFO, logger="vlmptq.calib")
+
+    samples = load_calibration(CalibConfig(source=str(tmp_path)), processor, vision_ids)
+
+    assert "fewer than num_samples=128" in caplog.text
+    by_id = {s.sample_id: s for s in samples}
+    assert set(by_id) == {"photos/cat.jpg", "dog.png", "gray.png"}
+    for sample in samples:
+        _check_masks(sample, processor, vision_ids[0])
+    decoded = processor.tokenizer.decode(by_id["gray.png"].inputs["input_ids"][0])
+    assert "What pattern is this?" in decoded and "A grey test pattern." in decoded
+    decoded = processor.tokenizer.decode(by_id["photos/cat.jpg"].inputs["input_ids"][0])
+    assert "Describe this image." in decoded and "A tabby cat on a sofa." in decoded
+    # The caption is the assistant turn, after the image and the prompt.
+    assert decoded.index("<|image_pad|>") < decoded.index("Describe") < decoded.index("tabby")
+
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2_vl).eval()
+    with torch.no_grad():
+        out = model(**by_id["dog.png"].inputs)
+    assert out.logits.shape[:2] == by_id["dog.png"].inputs["input_ids"].shape
+
+
+def test_transparent_pixels_are_flattened_onto_white():
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    rgb = to_rgb(rgba)
+    assert rgb.mode == "RGB" and rgb.getpixel((1, 1)) == (255, 255, 255)
+    assert rgb.getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_jsonl_source_paths_prompts_and_columns(tmp_path, qwen25):
+    processor, vision_ids = qwen25
+    _photo(tmp_path / "img" / "a.jpg")
+    _photo(tmp_path / "elsewhere" / "b.png", seed=3)
+    lines = [
+        {"img": "img/a.jpg", "caption": "First caption."},  # relative to the file
+        {"img": str(tmp_path / "elsewhere" / "b.png"), "caption": "Second caption.",
+         "prompt": "What colour is it?"},  # absolute
+    ]
+    (tmp_path / "data").mkdir()
+    jsonl = tmp_path / "data" / "calib.jsonl"
+    jsonl.write_text("\n".join(json.dumps(x) for x in lines).replace("img/a.jpg", "../img/a.jpg"))
+
+    cfg = CalibConfig(source=str(jsonl), image_column="img", text_column="caption",
+                      default_prompt="Caption this.")
+    samples = load_calibration(cfg, processor, vision_ids)
+
+    assert [s.sample_id for s in samples] == [
+        "calib.jsonl:1 (../img/a.jpg)", f"calib.jsonl:2 ({tmp_path / 'elsewhere' / 'b.png'})"]
+    texts = [processor.tokenizer.decode(s.inputs["input_ids"][0]) for s in samples]
+    assert "Caption this." in texts[0] and "First caption." in texts[0]
+    assert "What colour is it?" in texts[1] and "Caption this." not in texts[1]
+    for sample in samples:
+        _check_masks(sample, processor, vision_ids[0])
+
+
+def _hf_dataset(tmp_path, n=4):
+    images = [_photo(tmp_path / "src" / f"{i}.png", seed=10 + i) for i in range(n)]
+    features = datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string"),
+                                  "question": datasets.Value("string")})
+    return datasets.Dataset.from_dict(
+        {"picture": images, "caption": [f"Caption {i}." for i in range(n)],
+         "question": [f"Question {i}?" for i in range(n)]}, features=features)
+
+
+def test_hf_dataset_saved_to_disk(tmp_path, qwen2):
+    processor, vision_ids = qwen2
+    ds = _hf_dataset(tmp_path)
+    ds.save_to_disk(tmp_path / "single")
+    datasets.DatasetDict({"train": ds.select(range(2)), "validation": ds.select(range(2, 4))}
+                         ).save_to_disk(tmp_path / "dict")
+
+    cfg = CalibConfig(source=str(tmp_path / "single"), image_column="picture",
+                      text_column="caption", prompt_column="question", num_samples=2, seed=3)
+    samples = load_calibration(cfg, processor, vision_ids)
+    assert len(samples) == 2 and all(s.sample_id.startswith("single[") for s in samples)
+    for sample in samples:
+        i = int(sample.sample_id[len("single["):-1])
+        text = processor.tokenizer.decode(sample.inputs["input_ids"][0])
+        assert f"Question {i}?" in text and f"Caption {i}." in text
+        _check_masks(sample, processor, vision_ids[0])
+
+    val = load_calibration(CalibConfig(source=str(tmp_path / "dict"), split="validation",
+                                       image_column="picture", text_column="caption"),
+                           processor, vision_ids)
+    assert [s.sample_id for s in val] == ["dict[0]", "dict[1]"]
+    assert "Caption 2." in processor.tokenizer.decode(val[0].inputs["input_ids"][0])
+
+
+def test_sampling_is_seeded_and_deterministic(tmp_path, qwen2):
+    processor, vision_ids = qwen2
+    for i in range(8):
+        _photo(tmp_path / f"{i}.jpg", size=(56, 56), seed=i)
+        (tmp_path / f"{i}.txt").write_text(f"Picture number {i}.")
+
+    def ids(seed):
+        cfg = CalibConfig(source=str(tmp_path), num_samples=3, seed=seed)
+        return [s.sample_id for s in load_calibration(cfg, processor, vision_ids)]
+
+    first = ids(0)
+    assert len(first) == 3 and len(set(first)) == 3
+    assert ids(0) == first
+    assert any(ids(seed) != first for seed in (1, 2, 3))

@@ -1,0 +1,94 @@
+"""Turn one image-text pair into model inputs plus the per-token modality masks.
+
+Each pair becomes a two-turn chat in the Hugging Face message format that Qwen2-VL, Qwen2.5-VL,
+LLaVA, Idefics3 and InternVL processors all share: the user turn holds the image and the prompt, the
+assistant turn the caption. The processor's chat template writes the model's own image placeholder
+tokens, and the processor expands them to one token per vision feature; the vision mask marks those
+positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+
+from vlmptq.calib.config import CalibConfig
+from vlmptq.calib.records import Record, bad_sample, limit_side
+from vlmptq.errors import ConfigError
+
+
+@dataclass
+class CalibSample:
+    """One calibration sample, ready for ``model(**sample.inputs)``."""
+
+    inputs: dict[str, torch.Tensor]  # processor output for this sample alone (batch dim 1)
+    vision_mask: torch.Tensor  # bool [T]: image/video placeholder tokens (vision features go here)
+    text_mask: torch.Tensor  # bool [T]: real tokens that are not vision (attention 1, not vision)
+    sample_id: str  # where it came from, e.g. "photos/cat.jpg" or "dataset[17]"
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.vision_mask.numel())
+
+
+def chat_messages(prompt: str, caption: str) -> list[dict]:
+    """user: [image, prompt]; assistant: caption (the HF multimodal chat format)."""
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+        {"role": "assistant", "content": [{"type": "text", "text": caption}]},
+    ]
+
+
+def check_vision_token_ids(vision_token_ids: Collection[int]) -> torch.Tensor:
+    """The ids as a 1-D int64 tensor, after checking there is at least one and all are ints."""
+    ids = list(vision_token_ids)
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(
+            f"vision_token_ids={vision_token_ids!r} must be a non-empty collection of token ids; "
+            "pass the model's image (and video) placeholder ids, e.g. config.image_token_id.")
+    return torch.tensor(sorted(set(ids)), dtype=torch.long)
+
+
+def encode_record(record: Record, processor, vision_ids: torch.Tensor,
+                  config: CalibConfig) -> CalibSample:
+    """Format, tokenize and mask one record; raise a bad-sample error if it is too long."""
+    sid = record.sample_id
+    prompt = record.prompt or config.default_prompt
+    try:
+        text = processor.apply_chat_template(chat_messages(prompt, record.text), tokenize=False,
+                                             add_generation_prompt=False)
+    except ValueError as err:  # e.g. "this processor does not have a chat template"
+        raise ConfigError(
+            f"the processor could not format calibration sample {sid} as a chat ({err}); load the "
+            "processor of an instruction-tuned VLM (one with a chat template).") from err
+    image = limit_side(record.image, config.max_image_side)
+    try:
+        batch = processor(text=[text], images=[image], return_tensors="pt")
+    except ValueError as err:  # processors reject e.g. extreme aspect ratios this way
+        raise bad_sample(sid, f"the processor rejected it ({err})",
+                         f"replace the image (it is {image.width}x{image.height} px)") from err
+    inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    input_ids = inputs.get("input_ids")
+    if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ConfigError(f"the processor returned input_ids of shape "
+                          f"{None if input_ids is None else tuple(input_ids.shape)} for sample "
+                          f"{sid}; expected [1, T]. Is it a vision-language processor?")
+    ids = input_ids[0]  # [T]
+    vision_mask = torch.isin(ids, vision_ids)  # [T]
+    if not bool(vision_mask.any()):
+        raise ConfigError(
+            f"sample {sid} has no token among vision_token_ids={vision_ids.tolist()} after "
+            "processing; pass the ids of the model's image placeholder tokens (for Qwen2-VL "
+            "config.image_token_id and config.video_token_id).")
+    attention = inputs.get("attention_mask")
+    real = attention[0].bool() if attention is not None else torch.ones_like(vision_mask)
+    text_mask = real & ~vision_mask  # [T]
+    if ids.numel() > config.max_seq_len:
+        raise bad_sample(
+            sid, f"has {ids.numel()} tokens ({int(vision_mask.sum())} of them vision), more "
+            f"than max_seq_len={config.max_seq_len}",
+            "raise max_seq_len, shorten the caption, or shrink the image (max_image_side=448, or "
+            "the processor's max_pixels)")
+    return CalibSample(inputs=inputs, vision_mask=vision_mask, text_mask=text_mask, sample_id=sid)

@@ -1,0 +1,93 @@
+"""One raw calibration pair (image, caption, prompt) and the image decoding every source shares."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlmptq.errors import CalibrationDataError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+SKIP_HINT = "or set on_bad_sample='skip' to leave such samples out"
+
+
+@dataclass(frozen=True)
+class Record:
+    """A decoded image-text pair before it meets the processor."""
+
+    sample_id: str
+    image: Image.Image  # RGB, fully decoded
+    text: str  # the assistant turn (caption / answer)
+    prompt: str | None  # the user turn's text; None means the config's default prompt
+
+
+def bad_sample(sample_id: str, problem: str, fix: str) -> CalibrationDataError:
+    """The error for one unusable sample: which sample, what is wrong, how to fix it."""
+    return CalibrationDataError(f"calibration sample {sample_id}: {problem}; {fix} ({SKIP_HINT}).")
+
+
+def require_text(value: object, what: str, sample_id: str, fix: str) -> str:
+    """``value`` as a non-empty string, or a bad-sample error naming ``what``."""
+    if not isinstance(value, str) or not value.strip():
+        raise bad_sample(sample_id, f"{what} is {_short(value)}, not a non-empty string", fix)
+    return value.strip()
+
+
+def load_image_file(path: Path, sample_id: str) -> Image.Image:
+    """Decode the image file at ``path`` to RGB, with errors that name the sample."""
+    if not path.is_file():
+        raise bad_sample(sample_id, f"image file {str(path)!r} does not exist",
+                         "correct the path or add the file")
+    try:
+        with Image.open(path) as img:
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as err:
+        raise bad_sample(sample_id, f"cannot decode image file {str(path)!r} ({err})",
+                         "replace it with a readable image (it may be truncated or not an image)"
+                         ) from err
+
+
+def load_image_bytes(data: bytes, sample_id: str) -> Image.Image:
+    """Decode an encoded image held in memory (e.g. a datasets ``Image`` cell) to RGB."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as err:
+        raise bad_sample(sample_id, f"cannot decode the image bytes ({err})",
+                         "replace the image in the dataset with a readable one") from err
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Fully decode ``img``, apply its EXIF orientation and return it as RGB.
+
+    Transparent images are flattened onto white: dropping alpha would expose whatever colour the
+    encoder left under transparent pixels (often black).
+    """
+    img.load()  # truncated files fail here rather than later inside the processor
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
+
+
+def limit_side(img: Image.Image, max_side: int | None) -> Image.Image:
+    """Downscale ``img`` (keeping its aspect ratio) so its long side is at most ``max_side``."""
+    if max_side is None or max(img.size) <= max_side:
+        return img
+    scale = max_side / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.LANCZOS)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,331 @@
+"""Calibration sources: an image directory, a .jsonl file, a Hugging Face dataset, the built-in set.
+
+A source is an indexable list of candidate samples. ``record(i)`` decodes candidate ``i`` and raises
+``CalibrationDataError`` (naming the sample) when it is unusable, so the loader can apply the
+error/skip policy one sample at a time. Opening a source only lists candidates; images are decoded
+when a candidate is drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from vlmptq.calib.config import CalibConfig
+from vlmptq.calib.records import (
+    IMAGE_SUFFIXES, Record, bad_sample, load_image_bytes, load_image_file, require_text, to_rgb,
+)
+from vlmptq.errors import CalibrationDataError
+
+log = logging.getLogger(__name__)
+
+CAPTIONS_FILE = "captions.jsonl"
+ACCEPTED_FORMS = (
+    '"builtin" (the bundled photo set); a directory of images with same-named .txt captions '
+    f"and/or a {CAPTIONS_FILE}; a .jsonl file with one {{\"image\": ..., \"text\": ...}} object "
+    "per line; or a Hugging Face dataset (hub name, local dataset directory, or a directory "
+    "written by Dataset.save_to_disk)"
+)
+
+
+class Source(ABC):
+    """Candidates ``0 .. len-1``; ``ordered`` sources are already in a seeded order."""
+
+    label: str
+    ordered: bool = False
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def record(self, index: int) -> Record:
+        """Decode candidate ``index``; raise ``CalibrationDataError`` if it is unusable."""
+
+
+def open_source(config: CalibConfig) -> Source:
+    """The source ``config.source`` names (see ``ACCEPTED_FORMS``)."""
+    if config.source == "builtin":
+        from vlmptq.calib.builtin import BuiltinSource
+
+        return BuiltinSource(config)
+    path = Path(config.source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".jsonl":
+            return JsonlSource(path, config)
+        raise CalibrationDataError(
+            f"calibration source {config.source!r} is a file but not a .jsonl file; accepted "
+            f"sources: {ACCEPTED_FORMS}."
+        )
+    if path.is_dir():
+        if not any(not p.name.startswith(".") for p in path.iterdir()):
+            raise CalibrationDataError(
+                f"calibration source {config.source!r} is an empty directory; put images with "
+                f"same-named .txt captions (or a {CAPTIONS_FILE}) in it, or choose another source.")
+        if _is_saved_dataset(path) or not _has_images_or_captions(path):
+            return HFDatasetSource(config)
+        return DirectorySource(path, config)
+    if config.source.endswith(".jsonl") or config.source.startswith(("/", "./", "../", "~")):
+        raise CalibrationDataError(
+            f"calibration source {config.source!r} does not exist; check the path (accepted "
+            f"sources: {ACCEPTED_FORMS})."
+        )
+    return HFDatasetSource(config)
+
+
+# ---------------------------------------------------------------- fields shared by jsonl / datasets
+
+
+def row_fields(row: Mapping, config: CalibConfig, sample_id: str, where: str
+               ) -> tuple[object, str, str | None]:
+    """(image value, caption, prompt or None) from one jsonl object / dataset row."""
+    for key, field in ((config.image_column, "image_column"), (config.text_column, "text_column")):
+        if key not in row:
+            raise bad_sample(sample_id, f"has no {key!r} key (its keys: {sorted(row)})",
+                             f"add {key!r} to {where} or set {field}= to the key that holds it")
+    text = require_text(row[config.text_column], f"the caption {config.text_column!r}", sample_id,
+                        f"give every sample a caption in {where}")
+    if config.prompt_column is not None:
+        if config.prompt_column not in row:
+            raise bad_sample(sample_id, f"has no {config.prompt_column!r} key (its keys: "
+                             f"{sorted(row)})", "add it or set prompt_column=None to use the "
+                             "default prompt")
+        prompt = require_text(row[config.prompt_column], f"the prompt {config.prompt_column!r}",
+                              sample_id, f"give every sample a prompt in {where}")
+    else:
+        value = row.get("prompt")
+        prompt = value.strip() if isinstance(value, str) and value.strip() else None
+    return row[config.image_column], text, prompt
+
+
+def parse_jsonl(path: Path) -> list[tuple[int, dict | CalibrationDataError]]:
+    """``(line number, object or the error for that line)`` for each non-blank line of ``path``."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CalibrationDataError(f"cannot read {str(path)!r} ({err}); it must be a UTF-8 text "
+                                   "file with one JSON object per line.") from err
+    out: list[tuple[int, dict | CalibrationDataError]] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        sample_id = f"{path.name}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            out.append((lineno, bad_sample(sample_id, f"is not valid JSON ({err})",
+                                           "write one JSON object per line")))
+            continue
+        if not isinstance(obj, dict):
+            obj = bad_sample(sample_id, f"is a JSON {type(obj).__name__}, not an object",
+                             'write objects such as {"image": "cat.jpg", "text": "A cat."}')
+        out.append((lineno, obj))
+    return out
+
+
+# ------------------------------------------------------------------------------- image directory
+
+
+@dataclass(frozen=True)
+class _DirItem:
+    sample_id: str
+    image_path: Path
+    row: dict | None = None  # its captions.jsonl entry, if any
+    error: CalibrationDataError | None = None  # a captions.jsonl line that could not be parsed
+
+
+class DirectorySource(Source):
+    """Images anywhere under ``root``, each captioned by a same-named ``.txt`` file or by an entry
+    of ``root/captions.jsonl`` (which wins, and may add a prompt or list images by path)."""
+
+    def __init__(self, root: Path, config: CalibConfig) -> None:
+        self.root, self.config, self.label = root, config, root.name or str(root)
+        images = sorted(_image_files(root), key=lambda p: p.relative_to(root).as_posix())
+        entries: dict[Path, dict] = {}
+        items: list[_DirItem] = []
+        captions = root / CAPTIONS_FILE
+        if captions.is_file():
+            for lineno, row in parse_jsonl(captions):
+                sid = f"{CAPTIONS_FILE}:{lineno}"
+                if isinstance(row, CalibrationDataError):
+                    items.append(_DirItem(sid, captions, error=row))
+                    continue
+                image = row.get(config.image_column)
+                if not isinstance(image, str) or not image.strip():
+                    items.append(_DirItem(sid, captions, error=bad_sample(
+                        sid, f"has no image path under {config.image_column!r}",
+                        f"give each line of {CAPTIONS_FILE} the image's path relative to the "
+                        "directory")))
+                    continue
+                entries[(root / Path(image).expanduser()).resolve()] = row
+        listed = set()
+        for path in images:
+            key = path.resolve()
+            listed.add(key)
+            items.append(_DirItem(path.relative_to(root).as_posix(), path, entries.get(key)))
+        for key, row in entries.items():  # listed in captions.jsonl but not found on disk
+            if key not in listed:
+                items.append(_DirItem(_rel(key, root), key, row))
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def record(self, index: int) -> Record:
+        item = self.items[index]
+        if item.error is not None:
+            raise item.error
+        if item.row is not None:
+            _, text, prompt = row_fields(item.row, self.config, item.sample_id, CAPTIONS_FILE)
+        else:
+            text, prompt = self._txt_caption(item), None
+        return Record(item.sample_id, load_image_file(item.image_path, item.sample_id), text, prompt)
+
+    def _txt_caption(self, item: _DirItem) -> str:
+        txt = item.image_path.with_suffix(".txt")
+        if not txt.is_file():
+            raise bad_sample(item.sample_id, "has no caption",
+                             f"write it to {_rel(txt, self.root)!r} or add an entry for the image "
+                             f"to {CAPTIONS_FILE}")
+        try:
+            content = txt.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise bad_sample(item.sample_id, f"cannot read caption file {_rel(txt, self.root)!r} "
+                             f"({err})", "save it as UTF-8 text") from err
+        return require_text(content, f"caption file {_rel(txt, self.root)!r}", item.sample_id,
+                            "write the caption into it")
+
+
+def _image_files(root: Path):
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if (path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+                and not any(part.startswith(".") for part in rel.parts)):
+            yield path
+
+
+def _has_images_or_captions(root: Path) -> bool:
+    return (root / CAPTIONS_FILE).is_file() or next(_image_files(root), None) is not None
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------------------------- .jsonl file
+
+
+class JsonlSource(Source):
+    """One ``{"image": path, "text": caption, "prompt": optional}`` object per line; relative image
+    paths are resolved against the file's directory."""
+
+    def __init__(self, path: Path, config: CalibConfig) -> None:
+        self.path, self.config, self.label = path, config, path.name
+        self.lines = parse_jsonl(path)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def record(self, index: int) -> Record:
+        lineno, row = self.lines[index]
+        sample_id = f"{self.path.name}:{lineno}"
+        if isinstance(row, CalibrationDataError):
+            raise row
+        image, text, prompt = row_fields(row, self.config, sample_id, self.path.name)
+        if not isinstance(image, str) or not image.strip():
+            raise bad_sample(sample_id, f"{self.config.image_column!r} is {image!r}, not a path",
+                             "give the image's path (relative to the .jsonl file, or absolute)")
+        path = Path(image).expanduser()
+        if not path.is_absolute():
+            path = self.path.parent / path
+        sample_id = f"{sample_id} ({image})"
+        return Record(sample_id, load_image_file(path, sample_id), text, prompt)
+
+
+# ------------------------------------------------------------------------- Hugging Face datasets
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+
+
+class HFDatasetSource(Source):
+    """A ``datasets`` dataset: ``load_from_disk`` for saved directories, else ``load_dataset``."""
+
+    def __init__(self, config: CalibConfig) -> None:
+        import datasets
+
+        self.config = config
+        path = Path(config.source).expanduser()
+        self.label = path.name if path.is_dir() else config.source
+        try:
+            if path.is_dir() and _is_saved_dataset(path):
+                ds = datasets.load_from_disk(str(path))
+            else:
+                ds = datasets.load_dataset(config.source, split=config.split)
+        except Exception as err:  # datasets raises many types; the boundary turns them into one
+            raise CalibrationDataError(
+                f"cannot load calibration source {config.source!r} as a Hugging Face dataset "
+                f"({type(err).__name__}: {err}). Accepted sources: {ACCEPTED_FORMS}. Without "
+                "network access a hub dataset must already be in the local cache."
+            ) from err
+        if isinstance(ds, datasets.DatasetDict):
+            if config.split not in ds:
+                raise CalibrationDataError(
+                    f"dataset {config.source!r} has no split {config.split!r}; set split= to one "
+                    f"of {sorted(ds)}.")
+            ds = ds[config.split]
+        if not isinstance(ds, datasets.Dataset):
+            raise CalibrationDataError(
+                f"dataset {config.source!r} loaded as {type(ds).__name__}; calibration needs a "
+                "map-style datasets.Dataset (not streaming).")
+        columns = list(ds.column_names)
+        for column, field in ((config.image_column, "image_column"),
+                              (config.text_column, "text_column"),
+                              (config.prompt_column, "prompt_column")):
+            if column is not None and column not in columns:
+                raise CalibrationDataError(
+                    f"dataset {config.source!r} has no column {column!r} ({field}); its columns "
+                    f"are {columns}. Set {field}= to the column that holds it.")
+        feature = ds.features[config.image_column]
+        if isinstance(feature, datasets.Image) and feature.decode:
+            # Decode ourselves so one corrupt image is one bad sample, not a crash in datasets.
+            ds = ds.cast_column(config.image_column, datasets.Image(decode=False))
+        self.ds, self.base_dir = ds, path if path.is_dir() else None
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def record(self, index: int) -> Record:
+        sample_id = f"{self.label}[{index}]"
+        row = self.ds[int(index)]
+        value, text, prompt = row_fields(row, self.config, sample_id, "the dataset")
+        return Record(sample_id, self._image(value, sample_id), text, prompt)
+
+    def _image(self, value: object, sample_id: str) -> Image.Image:
+        if isinstance(value, Image.Image):
+            return to_rgb(value)
+        if isinstance(value, dict) and value.get("bytes"):
+            return load_image_bytes(value["bytes"], sample_id)
+        if isinstance(value, dict) and value.get("path"):
+            value = value["path"]
+        if isinstance(value, bytes) and value:
+            return load_image_bytes(value, sample_id)
+        if isinstance(value, str) and value.strip():
+            path = Path(value).expanduser()
+            if not path.is_absolute() and self.base_dir is not None:
+                path = self.base_dir / path
+            return load_image_file(path, sample_id)
+        raise bad_sample(sample_id, f"column {self.config.image_column!r} holds no image "
+                         f"({type(value).__name__})", "store an image (datasets.Image feature), "
+                         "encoded image bytes or a path in that column")
