@@ -1,0 +1,157 @@
+"""Calibration errors name the sample and the fix; on_bad_sample='skip' leaves bad samples out."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import datasets
+import pytest
+from PIL import Image
+
+from vlmptq.calib import CalibConfig, load_calibration
+from vlmptq.errors import CalibrationDataError, ConfigError
+
+
+@pytest.fixture(scope="module")
+def qwen2(tiny_qwen2_vl):
+    from transformers import AutoConfig, AutoProcessor
+
+    config = AutoConfig.from_pretrained(tiny_qwen2_vl)
+    return AutoProcessor.from_pretrained(tiny_qwen2_vl), [config.image_token_id]
+
+
+def _jpeg(path, size=(64, 64)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.linear_gradient("L").resize(size).convert("RGB").save(path, quality=90)
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def _load(qwen2, **kw):
+    processor, ids = qwen2
+    return load_calibration(CalibConfig(**kw), processor, ids)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"num_samples": 0}, "num_samples"),
+    ({"num_samples": True}, "num_samples"),
+    ({"max_seq_len": "2048"}, "max_seq_len"),
+    ({"on_bad_sample": "ignore"}, "on_bad_sample"),
+    ({"source": ""}, "source"),
+    ({"prompt_column": ""}, "prompt_column"),
+    ({"max_image_side": 8}, "max_image_side"),
+])
+def test_config_rejects_bad_values_naming_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field) as err:
+        CalibConfig(**kwargs)
+    assert repr(next(iter(kwargs.values()))) in str(err.value)
+
+
+def test_missing_image_file(tmp_path, qwen2):
+    _jpeg(tmp_path / "a.jpg")
+    src = _jsonl(tmp_path / "c.jsonl", [{"image": "a.jpg", "text": "ok"},
+                                         {"image": "gone.jpg", "text": "missing"}])
+    with pytest.raises(CalibrationDataError, match=r"c\.jsonl:2 \(gone\.jpg\).*does not exist"):
+        _load(qwen2, source=src)
+
+
+def test_truncated_jpeg_and_text_file_named_png(tmp_path, qwen2):
+    _jpeg(tmp_path / "full.jpg", size=(200, 200))
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut" / "cut.txt").write_text("A truncated photo.")
+    with pytest.raises(CalibrationDataError, match=r"cut\.jpg: cannot decode.*truncated"):
+        _load(qwen2, source=str(tmp_path / "cut"))
+
+    other = tmp_path / "fake"
+    other.mkdir()
+    (other / "note.png").write_text("this is not a picture")
+    (other / "note.txt").write_text("A note.")
+    with pytest.raises(CalibrationDataError, match=r"note\.png: cannot decode") as err:
+        _load(qwen2, source=str(other))
+    assert "on_bad_sample='skip'" in str(err.value)
+
+
+def test_image_without_caption(tmp_path, qwen2):
+    _jpeg(tmp_path / "sub" / "cat.jpg")
+    with pytest.raises(CalibrationDataError, match=r"sub/cat\.jpg: has no caption.*sub/cat\.txt"):
+        _load(qwen2, source=str(tmp_path))
+
+
+def test_empty_sources(tmp_path, qwen2):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationDataError, match="empty directory"):
+        _load(qwen2, source=str(tmp_path / "empty"))
+    with pytest.raises(CalibrationDataError, match="holds no samples"):
+        _load(qwen2, source=_jsonl(tmp_path / "blank.jsonl", ["", "  "]))
+
+
+def test_unknown_sources_list_the_accepted_forms(tmp_path, qwen2):
+    with pytest.raises(CalibrationDataError, match="does not exist.*accepted sources"):
+        _load(qwen2, source=str(tmp_path / "nope" / "calib.jsonl"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CalibrationDataError, match="not a .jsonl file.*builtin"):
+        _load(qwen2, source=str(tmp_path / "notes.txt"))
+    with pytest.raises(CalibrationDataError, match="Hugging Face dataset.*Accepted sources"):
+        _load(qwen2, source="no-such-org-vlmptq/no-such-dataset")
+
+
+def test_missing_keys_and_columns(tmp_path, qwen2):
+    _jpeg(tmp_path / "a.jpg")
+    src = _jsonl(tmp_path / "c.jsonl", [{"image": "a.jpg", "caption": "A gradient."}])
+    with pytest.raises(CalibrationDataError, match=r"c\.jsonl:1: has no 'text' key.*text_column="):
+        _load(qwen2, source=src)
+    assert _load(qwen2, source=src, text_column="caption")[0].sample_id == "c.jsonl:1 (a.jpg)"
+    with pytest.raises(CalibrationDataError, match=r"bad\.jsonl:1: is not valid JSON"):
+        _load(qwen2, source=_jsonl(tmp_path / "bad.jsonl", ['{"image": "a.jpg",']))
+
+    datasets.Dataset.from_dict({"img": ["a.jpg"], "text": ["x"]}).save_to_disk(tmp_path / "ds")
+    with pytest.raises(CalibrationDataError, match=r"no column 'image' \(image_column\).*\['img', "
+                                                   r"'text'\]"):
+        _load(qwen2, source=str(tmp_path / "ds"))
+    # String paths in a saved dataset resolve against the dataset directory.
+    _jpeg(tmp_path / "ds" / "a.jpg")
+    assert len(_load(qwen2, source=str(tmp_path / "ds"), image_column="img")) == 1
+    with pytest.raises(CalibrationDataError, match="no split 'test'.*'train'"):
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": ["a.jpg"],
+                                                                   "text": ["x"]})}
+                             ).save_to_disk(tmp_path / "dd")
+        _load(qwen2, source=str(tmp_path / "dd"), split="test")
+
+
+def test_too_long_errors_by_default_and_skip_replaces_and_counts(tmp_path, qwen2, caplog):
+    rows = []
+    for i in range(6):
+        _jpeg(tmp_path / f"{i}.jpg", size=(56, 56))
+        text = "Short." if i % 2 else "A very long caption that goes on. " * 20
+        rows.append({"image": f"{i}.jpg", "text": text})
+    src = _jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.raises(CalibrationDataError, match=r"c\.jsonl:1 \(0\.jpg\): has \d+ tokens .*"
+                                                   r"more than max_seq_len=64.*raise max_seq_len"):
+        _load(qwen2, source=src, max_seq_len=64, num_samples=6)
+
+    caplog.set_level(logging.WARNING, logger="vlmptq.calib")
+    got = _load(qwen2, source=src, max_seq_len=64, num_samples=2, on_bad_sample="skip")
+    assert len(got) == 2 and all(s.num_tokens <= 64 for s in got)  # replaced from the rest
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+    assert skipped and all("max_seq_len=64" in m for m in skipped)
+    assert f"skipped {len(skipped)} bad calibration sample(s)" in caplog.text
+
+    with pytest.raises(CalibrationDataError, match="every calibration sample tried .* was bad"):
+        _load(qwen2, source=src, max_seq_len=16, on_bad_sample="skip")
+
+
+def test_wrong_vision_token_ids(tmp_path, qwen2):
+    processor, _ = qwen2
+    _jpeg(tmp_path / "a.jpg")
+    src = _jsonl(tmp_path / "c.jsonl", [{"image": "a.jpg", "text": "x"}])
+    unused = processor.tokenizer.convert_tokens_to_ids("<|box_start|>")
+    with pytest.raises(ConfigError, match="no token among vision_token_ids"):
+        load_calibration(CalibConfig(source=src), processor, [unused])
+    with pytest.raises(ConfigError, match="non-empty collection"):
+        load_calibration(CalibConfig(source=src), processor, [])
