@@ -171,3 +171,63 @@ def test_sampling_is_seeded_and_deterministic(tmp_path, qwen2):
     assert len(first) == 3 and len(set(first)) == 3
     assert ids(0) == first
     assert any(ids(seed) != first for seed in (1, 2, 3))
+
+
+def _llava(tok_path):
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
+
+    tok = AutoTokenizer.from_pretrained(tok_path, extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}\n{% endfor %}")
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}), tokenizer=tok,
+        patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=template)
+    return proc, tok.convert_tokens_to_ids("<image>"), lambda inputs: (56 // 14) ** 2
+
+
+def _idefics3(tok_path):
+    from transformers import AutoTokenizer, Idefics3ImageProcessor, Idefics3Processor
+
+    tok = AutoTokenizer.from_pretrained(tok_path, extra_special_tokens={
+        "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+        "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
+    template = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}<end_of_utterance>\n{% endfor %}")
+    proc = Idefics3Processor(image_processor=Idefics3ImageProcessor(
+        size={"longest_edge": 128}, max_image_size={"longest_edge": 64}), tokenizer=tok,
+        image_seq_len=4, chat_template=template)
+    return proc, tok.convert_tokens_to_ids("<image>"), lambda inputs: 4 * inputs[
+        "pixel_values"].shape[1]
+
+
+def _internvl(tok_path):
+    from transformers import (
+        AutoTokenizer, GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tok_path, extra_special_tokens={
+        "start_image_token": "<img>", "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}<|im_end|>\n{% endfor %}")
+    proc = InternVLProcessor(image_processor=GotOcr2ImageProcessor(size={"height": 56, "width": 56}),
+                             tokenizer=tok, video_processor=InternVLVideoProcessor(),
+                             image_seq_length=4, chat_template=template)
+    return proc, tok.convert_tokens_to_ids("<IMG_CONTEXT>"), lambda inputs: 4 * inputs[
+        "pixel_values"].shape[0]
+
+
+@pytest.mark.parametrize("family", [_llava, _idefics3, _internvl])
+def test_other_vlm_processor_families_need_no_special_case(family, tiny_qwen2_vl):
+    """Real LLaVA / Idefics3 / InternVL processor classes (tiny tokenizer, their placeholder style)."""
+    processor, image_token_id, expected_vision_tokens = family(tiny_qwen2_vl)
+    samples = load_calibration(CalibConfig(num_samples=2), processor, [image_token_id])
+    for sample in samples:
+        assert sample.inputs["input_ids"].shape[0] == 1
+        assert int(sample.vision_mask.sum()) == expected_vision_tokens(sample.inputs) > 0
+        assert torch.equal(sample.text_mask, sample.inputs["attention_mask"][0].bool()
+                           & ~sample.vision_mask)
