@@ -157,6 +157,19 @@ def test_hf_dataset_saved_to_disk(tmp_path, qwen2):
     assert "Caption 2." in processor.tokenizer.decode(val[0].inputs["input_ids"][0])
 
 
+def test_hf_imagefolder_directory_goes_through_load_dataset(tmp_path, qwen2):
+    """Images + metadata.jsonl (Hugging Face's imagefolder layout), not our .txt-caption layout."""
+    processor, vision_ids = qwen2
+    for i in range(2):
+        _photo(tmp_path / f"{i}.png", seed=i)
+    (tmp_path / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "text": f"Folder caption {i}."}) + "\n"
+        for i in range(2)))
+    samples = load_calibration(CalibConfig(source=str(tmp_path)), processor, vision_ids)
+    assert [s.sample_id for s in samples] == [f"{tmp_path.name}[0]", f"{tmp_path.name}[1]"]
+    assert "Folder caption 1." in processor.tokenizer.decode(samples[1].inputs["input_ids"][0])
+
+
 def test_sampling_is_seeded_and_deterministic(tmp_path, qwen2):
     processor, vision_ids = qwen2
     for i in range(8):

@@ -54,7 +54,8 @@ def load_calibration(config: CalibConfig, processor,
 
     samples: list[CalibSample] = []
     skipped = tried = 0
-    with tqdm(total=wanted, desc="calibration samples", unit="sample", leave=False) as bar:
+    with tqdm(total=wanted, desc="calibration samples", unit="sample", leave=False,
+              disable=None) as bar:  # None: no bar when stderr is not a terminal
         for index in draw_order(source, config.num_samples, config.seed):
             if len(samples) == wanted:
                 break

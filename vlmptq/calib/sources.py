@@ -67,7 +67,8 @@ def open_source(config: CalibConfig) -> Source:
             raise CalibrationDataError(
                 f"calibration source {config.source!r} is an empty directory; put images with "
                 f"same-named .txt captions (or a {CAPTIONS_FILE}) in it, or choose another source.")
-        if _is_saved_dataset(path) or not _has_images_or_captions(path):
+        if (_is_saved_dataset(path) or _is_image_folder_dataset(path)
+                or not _has_images_or_captions(path)):
             return HFDatasetSource(config)
         return DirectorySource(path, config)
     if config.source.endswith(".jsonl") or config.source.startswith(("/", "./", "../", "~")):
@@ -251,6 +252,12 @@ class JsonlSource(Source):
 
 
 # ------------------------------------------------------------------------- Hugging Face datasets
+
+
+def _is_image_folder_dataset(path: Path) -> bool:
+    """A Hugging Face ``imagefolder`` directory: images plus a metadata.jsonl/csv/parquet file."""
+    return not (path / CAPTIONS_FILE).is_file() and any(
+        (path / f"metadata.{ext}").is_file() for ext in ("jsonl", "csv", "parquet"))
 
 
 def _is_saved_dataset(path: Path) -> bool:
