@@ -103,7 +103,7 @@ def test_jsonl_source_paths_prompts_and_columns(tmp_path, qwen25):
     _photo(tmp_path / "img" / "a.jpg")
     _photo(tmp_path / "elsewhere" / "b.png", seed=3)
     lines = [
-        {"img": "img/a.jpg", "caption": "First caption."},  # relative to the file
+        {"img": "img/a.jpg", "caption": ["First caption.", "Alternative."]},  # relative path
         {"img": str(tmp_path / "elsewhere" / "b.png"), "caption": "Second caption.",
          "prompt": "What colour is it?"},  # absolute
     ]
@@ -119,6 +119,7 @@ def test_jsonl_source_paths_prompts_and_columns(tmp_path, qwen25):
         "calib.jsonl:1 (../img/a.jpg)", f"calib.jsonl:2 ({tmp_path / 'elsewhere' / 'b.png'})"]
     texts = [processor.tokenizer.decode(s.inputs["input_ids"][0]) for s in samples]
     assert "Caption this." in texts[0] and "First caption." in texts[0]
+    assert "Alternative." not in texts[0]  # a list of captions (COCO style): the first one
     assert "What colour is it?" in texts[1] and "Caption this." not in texts[1]
     for sample in samples:
         _check_masks(sample, processor, vision_ids[0])

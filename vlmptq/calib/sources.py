@@ -89,7 +89,10 @@ def row_fields(row: Mapping, config: CalibConfig, sample_id: str, where: str
         if key not in row:
             raise bad_sample(sample_id, f"has no {key!r} key (its keys: {sorted(row)})",
                              f"add {key!r} to {where} or set {field}= to the key that holds it")
-    text = require_text(row[config.text_column], f"the caption {config.text_column!r}", sample_id,
+    caption = row[config.text_column]
+    if isinstance(caption, (list, tuple)) and caption:  # e.g. COCO's five captions: take the first
+        caption = caption[0]
+    text = require_text(caption, f"the caption {config.text_column!r}", sample_id,
                         f"give every sample a caption in {where}")
     if config.prompt_column is not None:
         if config.prompt_column not in row:
