@@ -1,4 +1,4 @@
-"""Calibration sources end to end with real Qwen2-VL / Qwen2.5-VL processors: formats, masks, sampling."""
+"""Calibration sources end to end with real VLM processors: formats, masks, sampling."""
 
 from __future__ import annotations
 
@@ -228,16 +228,17 @@ def _internvl(tok_path):
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
                 "{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}"
                 "{% endfor %}<|im_end|>\n{% endfor %}")
-    proc = InternVLProcessor(image_processor=GotOcr2ImageProcessor(size={"height": 56, "width": 56}),
-                             tokenizer=tok, video_processor=InternVLVideoProcessor(),
-                             image_seq_length=4, chat_template=template)
+    image_processor = GotOcr2ImageProcessor(size={"height": 56, "width": 56})
+    proc = InternVLProcessor(image_processor=image_processor, tokenizer=tok,
+                             video_processor=InternVLVideoProcessor(), image_seq_length=4,
+                             chat_template=template)
     return proc, tok.convert_tokens_to_ids("<IMG_CONTEXT>"), lambda inputs: 4 * inputs[
         "pixel_values"].shape[0]
 
 
 @pytest.mark.parametrize("family", [_llava, _idefics3, _internvl])
 def test_other_vlm_processor_families_need_no_special_case(family, tiny_qwen2_vl):
-    """Real LLaVA / Idefics3 / InternVL processor classes (tiny tokenizer, their placeholder style)."""
+    """Real LLaVA / Idefics3 / InternVL processor classes (tiny tokenizer, their placeholders)."""
     processor, image_token_id, expected_vision_tokens = family(tiny_qwen2_vl)
     samples = load_calibration(CalibConfig(num_samples=2), processor, [image_token_id])
     for sample in samples:

@@ -45,7 +45,8 @@ def test_stream_is_deterministic_varied_and_never_mirrors_text():
         assert right - left >= 0.6 and bottom - top >= 0.6
     assert not any(v.flip for v in stream if not v.photo.flip)
     assert any(v.flip for v in stream)
-    assert len({v.prompt for v in stream}) >= 8 and {v.prompt for v in stream} <= set(BUILTIN_PROMPTS)
+    prompts = {v.prompt for v in stream}
+    assert len(prompts) >= 8 and prompts <= set(BUILTIN_PROMPTS)
     assert len({(v.photo.file, v.box, v.flip) for v in stream}) == 128
 
 

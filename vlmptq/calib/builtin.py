@@ -1,4 +1,4 @@
-"""The built-in calibration set: public-domain / CC0 photos shipped in ``vlmptq/data/builtin_calib``.
+"""The built-in calibration set: CC0 / public-domain photos in ``vlmptq/data/builtin_calib``.
 
 13 scikit-image photos (downscaled to at most 448 px, see ``vlmptq/data/make_builtin_calib.py`` and
 the folder's LICENSES.md) with factual captions. To give any ``num_samples`` from 13 photos, the set
@@ -107,7 +107,7 @@ def render(image: Image.Image, variant: Variant) -> Image.Image:
 
 
 class BuiltinSource(Source):
-    """The seeded stream of built-in samples (already in order: the loader takes them as they come)."""
+    """The seeded stream of built-in samples (already ordered: the loader takes them in turn)."""
 
     ordered = True
 

@@ -15,8 +15,8 @@ BAD_SAMPLE_POLICIES = ("error", "skip")
 class CalibConfig:
     """Where the calibration image-text pairs come from and how many to take.
 
-    Every field is checked at construction; an invalid value raises ``ConfigError`` naming the field,
-    the value and the fix. See docs/calibration.md for the accepted sources.
+    Every field is checked at construction; an invalid value raises ``ConfigError`` naming the
+    field, the value and the fix. See docs/calibration.md for the accepted sources.
     """
 
     # "builtin", a directory of images + captions, a .jsonl file, or a Hugging Face dataset
@@ -28,10 +28,10 @@ class CalibConfig:
     split: str = "train"  # Hugging Face datasets only
     image_column: str = "image"  # HF dataset column / jsonl key holding the image (path)
     text_column: str = "text"  # the caption or answer: the assistant turn
-    prompt_column: str | None = None  # the question (user turn); None: "prompt" if present, else default
+    prompt_column: str | None = None  # the question (user turn); None: a "prompt" field or default
     on_bad_sample: str = "error"  # "error": raise on the first bad sample; "skip": log it and go on
     default_prompt: str = DEFAULT_PROMPT  # user turn for samples without their own prompt
-    max_image_side: int | None = None  # downscale images whose long side is larger (None: keep size)
+    max_image_side: int | None = None  # downscale images with a longer side (None: keep size)
 
     def __post_init__(self) -> None:
         if isinstance(self.source, os.PathLike):

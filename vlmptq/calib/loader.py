@@ -1,4 +1,4 @@
-"""``load_calibration``: draw, decode and encode the calibration samples under the error/skip policy."""
+"""``load_calibration``: draw, decode and encode calibration samples under the error/skip policy."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def load_calibration(config: CalibConfig, processor,
     """Load ``config.num_samples`` calibration samples (fewer if the source has fewer).
 
     ``processor``: the model's Hugging Face processor (chat template + image processor).
-    ``vision_token_ids``: the model's image/video placeholder token ids; they define the vision mask.
+    ``vision_token_ids``: the model's image/video placeholder token ids (they define the vision
+    mask).
     Raises ``CalibrationDataError`` for an unusable source, and for a bad sample unless
     ``config.on_bad_sample == "skip"``.
     """

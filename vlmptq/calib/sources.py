@@ -188,7 +188,8 @@ class DirectorySource(Source):
             _, text, prompt = row_fields(item.row, self.config, item.sample_id, CAPTIONS_FILE)
         else:
             text, prompt = self._txt_caption(item), None
-        return Record(item.sample_id, load_image_file(item.image_path, item.sample_id), text, prompt)
+        image = load_image_file(item.image_path, item.sample_id)
+        return Record(item.sample_id, image, text, prompt)
 
     def _txt_caption(self, item: _DirItem) -> str:
         txt = item.image_path.with_suffix(".txt")
