@@ -1,0 +1,1 @@
+"""Package data: the built-in calibration photos and the script that regenerates them."""
