@@ -1,0 +1,238 @@
+"""The GPTQ column loop, with GPTAQ's asymmetric update and VLM-PTQ's correction term as options.
+
+One pure function, :func:`gptq_quantize`. Notation (SPEC §2), for ``W [N, K]`` (rows = outputs):
+    H     [K, K]  input Hessian, dampened by ``damp * mean(diag H)``
+    U     [K, K]  upper Cholesky factor of ``H^-1``  (``H^-1 = U^T U``)
+    dXXT  [K, K]  asymmetric cross term ``2/N sum dX X^T``; enters scaled by ``alpha``
+    A     = alpha * dXXT @ U^T,  P = triu(A, 1) @ U   (GPTAQ)
+Column ``j`` (left to right, in blocks of ``block_size`` with lazy updates of later blocks):
+    target_j = w_j                                   correction="none"  (GPTQ / GPTAQ)
+             = w_j * (1 + A_jj U_jj)                 correction="diag"  (VLM-PTQ, the paper)
+             = w_j + U_jj * sum_{i>=j} w_i A_ij      correction="exact" (all remaining columns)
+``correction="target"`` instead runs plain GPTQ on the least-squares target
+``T = W + alpha * W dXXT H^-1``: since ``T X`` is the projection of ``W X~`` onto the row space of
+``X``, ``||W X~ - Q X||^2 = ||(T - Q) X||^2 + const``, so at ``alpha = 1`` this is GPTQ on the
+asymmetric objective exactly (no P term; beyond the paper, see docs/algorithm.md).
+    q_j  = quant(target_j),  err_j = (w_j - q_j) / U_jj
+    W[:, j:] -= err_j U[j, j:] - w_j P[j, j:]
+``w_j`` is the column's current (error-compensated) value just before it is quantized. The lazy
+block update uses those same pre-quantization values, so blocked and unblocked runs agree (the
+GPTAQ reference code uses the quantized block there instead; see docs/algorithm.md).
+With ``dxxt=None`` or ``alpha=0`` the asymmetric terms are skipped and the loop is GPTQ exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from vlmptq.errors import SolverError
+from vlmptq.quant.grid import minmax_params, quantize_codes, search_params
+from vlmptq.quant.qweight import QuantizedWeight
+from vlmptq.quant.scheme import WeightScheme
+
+logger = logging.getLogger(__name__)
+
+Correction = Literal["none", "diag", "exact", "target"]
+
+
+@dataclass
+class SolveResult:
+    """What a solver returns for one linear layer."""
+
+    qweight: QuantizedWeight
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)  # solver-specific numbers (damping used, chosen mu, ...)
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise SolverError(f"{name} contains {bad} NaN/Inf values; fix the model weights or the calibration data")
+
+
+def check_square(name: str, t: torch.Tensor, k: int) -> None:
+    if t.shape != (k, k):
+        raise SolverError(f"{name} must be [{k}, {k}] to match the weight's {k} input features, got {tuple(t.shape)}")
+
+
+def inverse_cholesky_upper(h: torch.Tensor, damp: float, max_escalations: int = 4) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + lambda I)^-1``, ``lambda = damp * mean(diag H)``.
+
+    If ``H + lambda I`` does not factor, ``lambda`` is multiplied by 10 (with a warning) up to
+    ``max_escalations`` times; then a :class:`SolverError` says what to change.
+    Returns the factor and the relative damping finally used.
+    """
+    k = h.shape[0]
+    mean_diag = torch.mean(torch.diag(h)).item()
+    idx = torch.arange(k, device=h.device)
+    rel = damp
+    for attempt in range(max_escalations + 1):
+        hd = h.clone()
+        hd[idx, idx] += rel * mean_diag
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if info.item() == 0:
+            hinv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info.item() == 0 and torch.isfinite(u).all():
+                return u, rel
+        if attempt < max_escalations:
+            new = rel * 10 if rel > 0 else 1e-3
+            logger.warning("Hessian is not positive definite with damping %.3g; retrying with %.3g", rel, new)
+            rel = new
+    raise SolverError(
+        f"the Hessian ({k}x{k}) does not factor even with damping {rel:g} x mean(diag H). The layer saw too "
+        "few or degenerate calibration inputs: use more calibration samples (--num-samples) or longer ones, "
+        "or raise the damping (--damp)."
+    )
+
+
+def _asym_terms(dxxt: torch.Tensor, u: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    a = alpha * (dxxt @ u.t())  # [K, K]
+    p = torch.triu(a, diagonal=1) @ u
+    return a, p
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: WeightScheme,
+    *,
+    dxxt: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    correction: Correction = "none",
+    static_params: tuple[torch.Tensor, torch.Tensor] | None = None,
+    clip_search: bool = False,
+    act_order: bool = False,
+    block_size: int = 128,
+    damp: float = 0.01,
+    scale_dtype: torch.dtype = torch.bfloat16,
+) -> SolveResult:
+    """Quantize ``weight [N, K]`` column by column (GPTQ; GPTAQ with ``dxxt``/``alpha``; VLM-PTQ's
+    ``correction``). ``static_params = (scale, zero) [N, G]`` fixes every group's grid up front
+    (otherwise each group's grid is chosen when its first column is reached, from the
+    error-compensated weights; act-order always uses static groups, computed before permuting).
+    Nothing is modified in place; runs on the device of ``weight``.
+    """
+    n, k = weight.shape
+    groups = scheme.groups(k)
+    glen = scheme.group_len(k)
+    check_square("hessian", hessian, k)
+    check_finite("weight", weight)
+    check_finite("hessian", hessian)
+    if correction not in ("none", "diag", "exact", "target"):
+        raise SolverError(f"correction must be 'none', 'diag', 'exact' or 'target', got {correction!r}")
+    asym = dxxt is not None and alpha != 0.0
+    if correction != "none" and not asym:
+        raise SolverError(f"correction={correction!r} needs fp-input statistics (dxxt) and alpha != 0")
+    if dxxt is not None:
+        check_square("dxxt", dxxt, k)
+        check_finite("dxxt", dxxt)
+    if block_size <= 0:
+        raise SolverError(f"block_size must be positive, got {block_size}")
+    if static_params is None and glen < k and block_size % glen:
+        block_size = math.ceil(block_size / glen) * glen  # a group's grid is chosen inside one block
+
+    device = weight.device
+    fdt = torch.float64 if weight.dtype == torch.float64 else torch.float32  # float64 for exactness tests
+    w = weight.detach().to(fdt).clone()
+    h = hessian.detach().to(device, fdt).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    d = None
+    if asym:
+        d = dxxt.detach().to(device, fdt).clone()
+        d[:, dead] = 0.0
+
+    params_fn = search_params if clip_search else minmax_params
+    if static_params is None and (act_order or glen == k):
+        static_params = params_fn(w, scheme, scale_dtype)  # original column order
+    if static_params is not None:
+        scale, zero = (p.to(device, fdt) for p in static_params)
+        if scale.shape != (n, groups) or zero.shape != (n, groups):
+            raise SolverError(f"static scale/zero must be [{n}, {groups}], got {tuple(scale.shape)}/{tuple(zero.shape)}")
+    else:
+        scale = torch.zeros(n, groups, device=device, dtype=fdt)
+        zero = torch.zeros(n, groups, device=device, dtype=fdt)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+        if d is not None:
+            d = d[perm][:, perm]
+        group_of = (perm // glen).tolist()  # group of each (permuted) column
+    else:
+        group_of = [j // glen for j in range(k)]
+
+    u, damp_used = inverse_cholesky_upper(h, damp)
+    if correction == "target":
+        w = w + alpha * ((w @ d) @ u.t()) @ u  # W + alpha W dXXT H^-1, with H^-1 = U^T U
+        asym, correction = False, "none"
+    a = p = None
+    if asym:
+        a, p = _asym_terms(d, u, alpha)
+        diag_c = torch.diag(a) * torch.diag(u)  # VLM-PTQ's C_j
+
+    codes = torch.zeros(n, k, device=device, dtype=fdt)
+    proxy_loss = torch.zeros((), device=device, dtype=fdt)
+
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        pre1 = torch.zeros_like(w1)  # pre-quantization values, for the P term
+        u1 = u[i1:i2, i1:i2]
+        if correction == "exact":
+            # Shift contributions of the columns beyond this block, which lazy batching has not
+            # updated yet: base uses their stale values, ua/pa add the pending updates.
+            a_out = a[i2:, i1:i2]
+            base = w[:, i2:] @ a_out  # [N, B]
+            ua = u[i1:i2, i2:] @ a_out  # [B, B]
+            pa = p[i1:i2, i2:] @ a_out
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = group_of[j]
+            if static_params is None and j % glen == 0:
+                s_g, z_g = params_fn(w1[:, i : i + glen], scheme, scale_dtype)
+                scale[:, g], zero[:, g] = s_g[:, 0], z_g[:, 0]
+            col = w1[:, i].clone()
+            if correction == "diag":
+                target = col * (1.0 + diag_c[j])
+            elif correction == "exact":
+                shift = w1[:, i:] @ a[j:i2, j] + base[:, i] - err1[:, :i] @ ua[:i, i] + pre1[:, :i] @ pa[:i, i]
+                target = col + u[j, j] * shift
+            else:
+                target = col
+            c = quantize_codes(target, scale[:, g], zero[:, g], scheme.maxq)
+            qv = (c - zero[:, g]) * scale[:, g]
+            codes[:, j] = c
+            e = (col - qv) / u1[i, i]
+            proxy_loss += (e * e).sum() / 2
+            update = torch.outer(e, u1[i, i:])
+            if asym:
+                update -= torch.outer(col, p[j, j:i2])
+            w1[:, i:] -= update
+            err1[:, i] = e
+            pre1[:, i] = col
+        if i2 < k:
+            upd = err1 @ u[i1:i2, i2:]
+            if asym:
+                upd -= pre1 @ p[i1:i2, i2:]
+            w[:, i2:] -= upd
+
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+    qweight = QuantizedWeight(
+        codes=codes.to(torch.uint8), scale=scale.to(scale_dtype), zero=zero.to(torch.uint8), scheme=scheme
+    )
+    info = {"damp": damp_used, "proxy_loss": proxy_loss.item()}
+    if not math.isfinite(info["proxy_loss"]):
+        raise SolverError("the solver produced non-finite values; raise the damping (--damp)")
+    return SolveResult(qweight=qweight, info=info)
