@@ -1,0 +1,162 @@
+"""Launch configurations: tuned per GPU in JSON files, sensible defaults otherwise.
+
+Files: ``vllm_plugin/kernels/configs/<gpu>.json`` (``<gpu>`` = the CUDA device name with every run
+of non-alphanumerics replaced by ``_``, e.g. ``NVIDIA_H200.json``), or the directory named by
+``VLMPTQ_TRITON_CONFIG_DIR`` (searched first). Written by ``benchmarks/kernels.py --tune``::
+
+    {"gpu": "NVIDIA H200", "triton": "3.6.0", "date": "...",
+     "configs": {"w4g128:4608x3584": {"1": {"path": "gemv", "block_n": 32, ...}, "16": {...}}}}
+
+Keys: ``w<bits>g<effective group>:<N>x<K>`` (tried first) or ``w<bits>:<N>x<K>``; inside, the
+M-bucket (the smallest listed M >= the call's M, else the largest listed). Unknown fields are an
+error, so a typo in a hand-edited file is reported instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from vllm_plugin.kernels.triton.layout import block_values, codes_per_unit, padded_k, planes
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR_ENV = "VLMPTQ_TRITON_CONFIG_DIR"
+PATHS = ("gemv", "dot", "dequant")
+SMEM_BUDGET = 160 * 1024  # bytes of pipelined buffers we allow (H100/H200 have 227 KiB per block)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """How one GEMM call is launched."""
+
+    path: str  # "gemv" (CUDA cores, per activation row), "dot" (tensor cores), "dequant" (+cuBLAS)
+    block_n: int = 32  # output channels per program
+    block_m: int = 16  # activation rows per program ("dot" only; >= 16)
+    blocks_per_iter: int = 1  # layout blocks loaded per loop iteration ("gemv" only)
+    split_k: int = 1  # programs sharing one output tile along K (upper bound; fewer if K is short)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"config path must be one of {PATHS}, got {self.path!r}")
+        for name in ("block_n", "block_m", "blocks_per_iter", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"config {name} must be a power of two >= 1, got {v}")
+        if self.path == "dot" and (self.block_m < 16 or self.block_n < 16):
+            raise ValueError("config path 'dot' needs block_m >= 16 and block_n >= 16 (tl.dot tile minimum)")
+        if self.split_k < 1 or self.num_stages < 1:
+            raise ValueError("config split_k and num_stages must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KernelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown kernel config field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gpu_key(device_name: str) -> str:
+    """File stem for a CUDA device name: 'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3'."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
+
+
+def shape_keys(bits: int, group: int, n: int, k: int) -> tuple[str, str]:
+    return f"w{bits}g{group}:{n}x{k}", f"w{bits}:{n}x{k}"
+
+
+def config_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get(CONFIG_DIR_ENV):
+        dirs.append(Path(os.environ[CONFIG_DIR_ENV]))
+    dirs.append(CONFIG_DIR)
+    return dirs
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(device_name: str) -> dict[str, dict[int, KernelConfig]]:
+    """Tuned configs for a GPU (merged over the config dirs, earlier dirs win); {} if none."""
+    table: dict[str, dict[int, KernelConfig]] = {}
+    for d in reversed(config_dirs()):
+        path = d / f"{gpu_key(device_name)}.json"
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text())
+            for key, buckets in raw.get("configs", {}).items():
+                table[key] = {int(m): KernelConfig.from_dict(c) for m, c in buckets.items()}
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"bad kernel config file {path}: {e}. Fix or delete it (defaults apply without it).") from e
+        logger.info("vlmptq triton: loaded %d tuned shapes from %s", len(raw.get("configs", {})), path)
+    return table
+
+
+def _split_for(tiles: int, nblk: int, num_sms: int, waves: int, min_blocks: int) -> int:
+    """Programs per tile along K so that ~waves * SMs programs run, each with >= min_blocks blocks."""
+    if tiles >= waves * num_sms:
+        return 1
+    return max(1, min(math.ceil(waves * num_sms / tiles), nblk // min_blocks))
+
+
+def default_config(bits: int, group: int, n: int, k: int, m: int, num_sms: int = 132) -> KernelConfig:
+    """Heuristic launch for a shape with no tuned entry (numbers chosen for H100/H200-class GPUs)."""
+    nblk = padded_k(k, bits) // block_values(bits)
+    if m <= 2:
+        bn = 32
+        return KernelConfig("gemv", block_n=bn, blocks_per_iter=2, num_warps=4, num_stages=2,
+                            split_k=_split_for(math.ceil(n / bn), nblk, num_sms, 4, 2))
+    if m <= 256:
+        bm = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
+        bn = 64 if m <= 64 else 128
+        warps = 4 if bm * bn <= 64 * 64 else 8
+        tiles = math.ceil(n / bn) * math.ceil(m / bm)
+        cfg = KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=3,
+                           split_k=_split_for(tiles, nblk, num_sms, 2, 2))
+        return fit_smem(cfg, bits)
+    return KernelConfig("dequant", block_n=32, num_warps=4)
+
+
+def smem_bytes(cfg: KernelConfig, bits: int) -> int:
+    """Rough shared memory of the pipelined dot loop: per stage, the activation slices + weights."""
+    if cfg.path != "dot":
+        return 0
+    per_stage = codes_per_unit(bits) * 16 * cfg.block_m * 2 + planes(bits) * cfg.block_n * 16 * 4
+    return cfg.num_stages * per_stage
+
+
+def fit_smem(cfg: KernelConfig, bits: int) -> KernelConfig:
+    """Lower num_stages, then block_m, until the dot loop's buffers fit ``SMEM_BUDGET``."""
+    while smem_bytes(cfg, bits) > SMEM_BUDGET:
+        if cfg.num_stages > 1:
+            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.block_m > 16:
+            cfg = replace(cfg, block_m=cfg.block_m // 2)
+        else:
+            break
+    return cfg
+
+
+def select_config(device_name: str, bits: int, group: int, n: int, k: int, m: int,
+                  num_sms: int = 132) -> KernelConfig:
+    """Tuned config for (GPU, bits, group, N, K, M-bucket), else :func:`default_config`."""
+    table = load_table(device_name)
+    for key in shape_keys(bits, group, n, k):
+        buckets = table.get(key)
+        if buckets:
+            ms = sorted(buckets)
+            bucket = next((b for b in ms if b >= m), ms[-1])
+            return buckets[bucket]
+    return default_config(bits, group, n, k, m, num_sms)

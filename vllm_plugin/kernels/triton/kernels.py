@@ -1,0 +1,239 @@
+"""Triton kernels for ``y = x @ dequant(W).T (+ bias)`` on the K-interleaved layout of :mod:`.layout`.
+
+Three kernels share one inner step, "slot ``I`` of a block": from the 16 units of a block row take
+code slot ``I`` (16 consecutive input columns), turn it into exact float32 ``code - zero`` and use
+it with the matching 16 activations.
+
+* ``_gemv_kernel`` (decode, one activation row per program): CUDA-core FMAs, fp32 accumulators
+  ``[BLOCK_N, 16]``, per-group scaling of the partial sums (one FMA per group, not per weight).
+* ``_dot_kernel`` (batched decode to prefill): ``tl.dot`` of the dequantized ``[BLOCK_N, 16]`` slot
+  with the ``[16, BLOCK_M]`` activation slice, i.e. ``out^T = W x^T`` so small M sits in the MMA's
+  N dimension; fp32 accumulators, per-group scaling after the group's dots.
+* ``_dequant_kernel`` (large prefill): writes ``dequant(W)`` in act dtype for a cuBLAS matmul.
+
+Decode and batched kernels split K over ``n_split`` programs per output tile when the grid would be
+too small; partial sums go to an fp32 workspace and the last program of a tile (counted with an
+atomic per tile in ``lock``) adds them in a fixed order and writes the output, then resets its
+counter to 0 -- one launch, no memset, deterministic, CUDA-graph safe.
+
+Dequantization without int->float conversions: a field of ``NB`` bits at bit ``P`` (``P + NB <=
+23``) is masked in place and or-ed with the exponent of ``2^(23-P)``: the float32 with those bits
+is exactly ``2^(23-P) + code``; one subtraction of ``2^(23-P) + zero`` gives ``code - zero``. Fields
+above bit 23 are shifted down once per word (16 bits) first. Per weight: one LOP3 (and+or), one
+FADD, one FMA (or the MMA).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _magic(w, P: tl.constexpr, NB: tl.constexpr):
+    """Field of NB bits at bit P (P + NB <= 23) of int32 ``w`` as float32 ``2^(23-P) + code``."""
+    return ((w & (((1 << NB) - 1) << P)) | ((150 - P) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _slot(w0, w1, w2, zero, I: tl.constexpr, BITS: tl.constexpr):
+    """Code slot ``I`` of each unit minus ``zero`` as exact float32 (``w1``/``w2``: 3-bit planes)."""
+    if BITS == 3:
+        if I < 30:
+            if I < 10:
+                w = w0
+            elif I < 20:
+                w = w1
+            else:
+                w = w2
+            if (I % 10) * 3 <= 20:
+                v = _magic(w, (I % 10) * 3, 3) - ((1 << (23 - (I % 10) * 3)) + zero)
+            else:
+                v = _magic(w >> 16, (I % 10) * 3 - 16, 3) - ((1 << (39 - (I % 10) * 3)) + zero)
+        else:
+            if I == 30:
+                lo = (w0 >> 30) & 3
+                hi = (w2 >> 28) & 4
+            else:
+                lo = (w1 >> 30) & 3
+                hi = (w2 >> 29) & 4
+            v = _magic(lo | hi, 0, 3) - ((1 << 23) + zero)
+    else:
+        if I * BITS + BITS <= 23:
+            v = _magic(w0, I * BITS, BITS) - ((1 << (23 - I * BITS)) + zero)
+        else:
+            v = _magic(w0 >> 16, I * BITS - 16, BITS) - ((1 << (39 - I * BITS)) + zero)
+    return v
+
+
+@triton.jit
+def _scale_zero(sz, ACT: tl.constexpr):
+    """int32 (scale | zero << 16) words, act-dtype bit patterns -> (scale, zero) as float32."""
+    s = (sz & 0xFFFF).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+    z = (sz >> 16).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _finish(y, offs_n, offs_m, M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr, tile, pid_k, n_split,
+            HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """Write ``y [BLOCK_N, BLOCK_M]`` (fp32, this program's K range) to ``out[m, n]``."""
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    idx = offs_m[None, :] * N + offs_n[:, None]
+    if SPLIT:
+        tl.store(ws_ptr + pid_k * M * N + idx, y, mask=mask)
+        tl.debug_barrier()  # every thread's partial is issued before the counter moves
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if arrived == n_split - 1:  # last program of this tile: reduce in a fixed order
+            y = tl.load(ws_ptr + idx, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, n_split):
+                y += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K, U, blocks_per_split, n_split,
+    BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, IPG: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """One activation row (program axis 2) x BLOCK_N outputs x one K split, on CUDA cores."""
+    SUB: tl.constexpr = 16
+    ACT: tl.constexpr = x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_j = tl.arange(0, SUB)
+    b0 = pid_k * blocks_per_split
+    b1 = tl.minimum(b0 + blocks_per_split, U // SUB)
+    w_ptrs = qw_ptr + offs_n[:, None] * U + offs_j[None, :]
+    x_row = x_ptr + pid_m * K
+    acc = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+    for blk in range(b0, b1, BLOCKS_PER_ITER):
+        for t in tl.static_range(BLOCKS_PER_ITER):
+            b = blk + t
+            if BLOCKS_PER_ITER == 1:
+                smask = nmask
+                klim = K
+            else:  # the last iteration may run past b1: mask whole blocks via the limits
+                smask = offs_n < tl.where(b < b1, N, 0)
+                klim = tl.where(b < b1, K, 0)
+            wmask = smask[:, None]
+            w0 = tl.load(w_ptrs + b * SUB, mask=wmask, other=0)
+            if PLANES == 3:
+                w1 = tl.load(w_ptrs + N * U + b * SUB, mask=wmask, other=0)
+                w2 = tl.load(w_ptrs + 2 * N * U + b * SUB, mask=wmask, other=0)
+            else:
+                w1 = w0
+                w2 = w0
+            for gi in tl.static_range(GPB):
+                szw = tl.load(sz_ptr + (b * GPB + gi) * N + offs_n, mask=smask, other=0)
+                s, z = _scale_zero(szw, ACT)
+                part = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+                for ii in tl.static_range(IPG):
+                    k = b * BK + (gi * IPG + ii) * SUB + offs_j
+                    if EVEN_K and BLOCKS_PER_ITER == 1:
+                        xv = tl.load(x_row + k)
+                    else:
+                        xv = tl.load(x_row + k, mask=k < klim, other=0.0)
+                    q = _slot(w0, w1, w2, z[:, None], gi * IPG + ii, BITS)
+                    part += q * xv.to(tl.float32)[None, :]
+                acc += s[:, None] * part
+    y = tl.sum(acc, axis=1)
+    _finish(y[:, None], offs_n, pid_m + tl.arange(0, 1), M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr,
+            pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _dot_kernel(
+    x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K, U, blocks_per_split, n_split,
+    BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, IPG: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """BLOCK_M activation rows x BLOCK_N outputs x one K split, on tensor cores (``out^T = W x^T``)."""
+    SUB: tl.constexpr = 16
+    ACT: tl.constexpr = x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    nmask = offs_n < N
+    mmask = offs_m < M
+    offs_j = tl.arange(0, SUB)
+    b0 = pid_k * blocks_per_split
+    b1 = tl.minimum(b0 + blocks_per_split, U // SUB)
+    w_ptrs = qw_ptr + offs_n[:, None] * U + offs_j[None, :]
+    x_ptrs = x_ptr + offs_m[None, :] * K + offs_j[:, None]  # [SUB, BLOCK_M]: x^T slice
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for b in range(b0, b1):
+        w0 = tl.load(w_ptrs + b * SUB, mask=nmask[:, None], other=0)
+        if PLANES == 3:
+            w1 = tl.load(w_ptrs + N * U + b * SUB, mask=nmask[:, None], other=0)
+            w2 = tl.load(w_ptrs + 2 * N * U + b * SUB, mask=nmask[:, None], other=0)
+        else:
+            w1 = w0
+            w2 = w0
+        for gi in tl.static_range(GPB):
+            szw = tl.load(sz_ptr + (b * GPB + gi) * N + offs_n, mask=nmask, other=0)
+            s, z = _scale_zero(szw, ACT)
+            d = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for ii in tl.static_range(IPG):
+                k0 = b * BK + (gi * IPG + ii) * SUB
+                if EVEN_K:
+                    xt = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
+                else:
+                    xt = tl.load(x_ptrs + k0, mask=mmask[None, :] & ((k0 + offs_j) < K)[:, None], other=0.0)
+                q = _slot(w0, w1, w2, z[:, None], gi * IPG + ii, BITS).to(ACT)
+                d = tl.dot(q, xt, d)
+            acc += s[:, None] * d
+    _finish(acc, offs_n, offs_m, M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr,
+            pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _dequant_kernel(
+    qw_ptr, sz_ptr, w_ptr, N, K, U,
+    BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, IPG: tl.constexpr,
+    BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """``w[n, k] = (code - zero) * scale`` in act dtype, one block of K per program (axis 1)."""
+    SUB: tl.constexpr = 16
+    ACT: tl.constexpr = w_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_j = tl.arange(0, SUB)
+    w_ptrs = qw_ptr + offs_n[:, None] * U + b * SUB + offs_j[None, :]
+    w0 = tl.load(w_ptrs, mask=nmask[:, None], other=0)
+    if PLANES == 3:
+        w1 = tl.load(w_ptrs + N * U, mask=nmask[:, None], other=0)
+        w2 = tl.load(w_ptrs + 2 * N * U, mask=nmask[:, None], other=0)
+    else:
+        w1 = w0
+        w2 = w0
+    for gi in tl.static_range(GPB):
+        szw = tl.load(sz_ptr + (b * GPB + gi) * N + offs_n, mask=nmask, other=0)
+        s, z = _scale_zero(szw, ACT)
+        for ii in tl.static_range(IPG):
+            k = b * BK + (gi * IPG + ii) * SUB + offs_j
+            v = _slot(w0, w1, w2, z[:, None], gi * IPG + ii, BITS) * s[:, None]
+            dst = w_ptr + offs_n[:, None] * K + k[None, :]
+            if EVEN_K:
+                tl.store(dst, v.to(ACT), mask=nmask[:, None])
+            else:
+                tl.store(dst, v.to(ACT), mask=nmask[:, None] & (k < K)[None, :])

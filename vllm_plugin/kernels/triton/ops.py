@@ -1,0 +1,139 @@
+"""Host side of the Triton kernels: launch geometry, dispatch by M, the ``vlmptq::wna16_gemm`` op.
+
+``torch.ops.vlmptq.wna16_gemm(x, qweight, sz, bias, locks, bits, out_features)`` is a
+``torch.library`` custom op with a fake (meta) implementation, so torch.compile traces through it
+and CUDA graphs capture it: the launch depends on shapes only (config lookup is cached), it never
+synchronizes with the host, and its only allocations (output, split-K workspace, the dequantized
+weight of the prefill path) have shape-determined sizes.
+"""
+
+import functools
+import logging
+import math
+from typing import Optional
+
+import torch
+
+from vllm_plugin.kernels.triton.configs import KernelConfig, fit_smem, select_config
+from vllm_plugin.kernels.triton.layout import SUB, block_values, planes
+
+logger = logging.getLogger(__name__)
+
+LOCKS_SIZE = 1 << 16  # split-K tile counters per device (each launch returns them to 0)
+_LOCKS: dict[str, torch.Tensor] = {}
+
+
+def get_locks(device: torch.device) -> torch.Tensor:
+    """The zeroed int32 counter buffer shared by every layer on ``device`` (allocate at load time)."""
+    key = str(device)
+    if key not in _LOCKS:
+        _LOCKS[key] = torch.zeros(LOCKS_SIZE, dtype=torch.int32, device=device)
+    return _LOCKS[key]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(device: str) -> tuple[str, int]:
+    """(name, multiprocessor count) of a device string ('cpu' under the Triton interpreter)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        return props.name, props.multi_processor_count
+    return dev.type, 132
+
+
+@functools.lru_cache(maxsize=4096)
+def _config_for(device: str, bits: int, group: int, n: int, k: int, m: int) -> KernelConfig:
+    name, sms = _device_info(device)
+    return select_config(name, bits, group, n, k, m, sms)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _geometry(bits: int, k: int, qweight: torch.Tensor, sz: torch.Tensor) -> dict:
+    u = qweight.shape[2]
+    bk = block_values(bits)
+    nblk = u // SUB
+    group = nblk * bk // sz.shape[0]
+    return dict(U=u, nblk=nblk, BK=bk, GPB=bk // group, IPG=group // SUB, group=group,
+                EVEN_K=(k == nblk * bk), PLANES=planes(bits))
+
+
+def _split(nblk: int, split_k: int, tiles: int, per_iter: int = 1) -> tuple[int, int]:
+    """(blocks per split, number of splits) for a requested split_k."""
+    split = max(1, min(split_k, nblk))
+    bps = math.ceil(nblk / split)
+    bps = math.ceil(bps / per_iter) * per_iter
+    n_split = math.ceil(nblk / bps)
+    if n_split > 1 and tiles > LOCKS_SIZE:
+        return nblk, 1
+    return bps, n_split
+
+
+def launch(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    sz: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    locks: torch.Tensor,
+    bits: int,
+    out_features: int,
+    cfg: Optional[KernelConfig] = None,
+) -> torch.Tensor:
+    """``x [M, K]`` (contiguous) -> ``[M, N]`` in x's dtype; ``cfg`` None = tuned/default config."""
+    from vllm_plugin.kernels.triton import kernels as K_
+
+    m, k = x.shape
+    n = out_features
+    geo = _geometry(bits, k, qweight, sz)
+    if cfg is None:
+        cfg = _config_for(str(x.device), bits, geo["group"], n, k, m)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    common = dict(BITS=bits, PLANES=geo["PLANES"], BK=geo["BK"], GPB=geo["GPB"], IPG=geo["IPG"])
+    if cfg.path == "dequant":
+        w = torch.empty((n, k), dtype=x.dtype, device=x.device)
+        grid = (triton_cdiv(n, cfg.block_n), geo["nblk"])
+        K_._dequant_kernel[grid](qweight, sz, w, n, k, geo["U"], BLOCK_N=cfg.block_n, EVEN_K=geo["EVEN_K"],
+                                 num_warps=cfg.num_warps, num_stages=1, **common)
+        return torch.nn.functional.linear(x, w, bias)
+    n_tiles = triton_cdiv(n, cfg.block_n)
+    if cfg.path == "gemv":
+        bps, n_split = _split(geo["nblk"], cfg.split_k, n_tiles * m, cfg.blocks_per_iter)
+    else:
+        cfg = fit_smem(cfg, bits)
+        bps, n_split = _split(geo["nblk"], cfg.split_k, n_tiles * triton_cdiv(m, cfg.block_m))
+    split = n_split > 1
+    ws = torch.empty((n_split, m, n), dtype=torch.float32, device=x.device) if split else out
+    b = bias if bias is not None else out
+    args = (x, qweight, sz, b, out, ws, locks, m, n, k, geo["U"], bps, n_split)
+    flags = dict(HAS_BIAS=bias is not None, SPLIT=split, EVEN_K=geo["EVEN_K"],
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    if cfg.path == "gemv":
+        K_._gemv_kernel[(n_tiles, n_split, m)](*args, BLOCK_N=cfg.block_n,
+                                               BLOCKS_PER_ITER=cfg.blocks_per_iter, **flags)
+    else:
+        K_._dot_kernel[(n_tiles, triton_cdiv(m, cfg.block_m), n_split)](
+            *args, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, **flags)
+    return out
+
+
+@torch.library.custom_op("vlmptq::wna16_gemm", mutates_args=())
+def wna16_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    sz: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    locks: torch.Tensor,
+    bits: int,
+    out_features: int,
+) -> torch.Tensor:
+    """``x [M, K] @ dequant(W).T + bias`` on the Triton layout (``locks`` is left as it was found)."""
+    return launch(x.contiguous(), qweight, sz, bias, locks, bits, out_features)
+
+
+@wna16_gemm.register_fake
+def _wna16_gemm_fake(x, qweight, sz, bias, locks, bits, out_features):
+    return x.new_empty((x.shape[0], out_features))

@@ -1,0 +1,106 @@
+"""Triton W2/W3/W4 A16 GEMM kernel for vlmptq checkpoints (group-wise, symmetric or asymmetric).
+
+Checkpoint layout handed to :meth:`TritonWNA16Kernel.prepare` (see :mod:`vllm_plugin.kernels.base`):
+    weight_packed      int32 [N, ceil(K*b/32)]   codes packed along K, little end first (3-bit dense)
+    weight_scale       act dtype [N, K/g]
+    weight_zero_point  int32 [ceil(N*b/32), K/g] packed along N; None for symmetric (z = 2^(b-1))
+
+Kernel layout (what ``prepare`` returns; details in :mod:`vllm_plugin.kernels.triton.layout`):
+    qweight  int32 [PLANES, N, U]  "K-interleaved units". A unit is one word (b = 2: 16 codes,
+             b = 4: 8 codes) or three words, one per plane (b = 3: 32 codes in 96 bits; codes 0-9 /
+             10-19 / 20-29 at 3-bit fields of planes 0 / 1 / 2, codes 30 and 31 split over the top
+             two bits of all planes). K is cut into blocks of 16 units (128 / 256 / 512 columns for
+             b = 4 / 2 / 3, zero-padded); code i of unit j of block t is column t*16*VPW + i*16 + j,
+             so one code slot of a 16-unit (64-byte) row segment covers 16 consecutive columns.
+    sz       int32 [K_pad/ge, N]   per (effective group, channel): scale in the low half and zero
+             point in the high half, both act-dtype bit patterns; group-major. ``ge`` = gcd(g,
+             block columns) (e.g. per-channel scales are repeated per block).
+    locks    int32 [65536]         split-K counters, shared by all layers of a device, always 0
+             between launches.
+
+Dispatch by M (tuned per GPU in ``vllm_plugin/kernels/configs/*.json``, defaults otherwise):
+``gemv`` (decode, CUDA cores, split-K), ``dot`` (tl.dot tiles, split-K when the grid is small),
+``dequant`` (large prefill: dequantize to act dtype, then cuBLAS). See docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from vllm_plugin.kernels.base import WNA16Kernel, WNA16LayerConfig
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_BITS = (2, 3, 4)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class TritonWNA16Kernel(WNA16Kernel):
+    """Fused dequant + GEMM in Triton for 2/3/4-bit group-quantized weights on CUDA GPUs."""
+
+    name = "triton"
+
+    @classmethod
+    def can_implement(cls, config: WNA16LayerConfig) -> tuple[bool, str | None]:
+        reasons = []
+        if config.bits not in SUPPORTED_BITS:
+            reasons.append(f"{config.bits}-bit weights (takes {SUPPORTED_BITS})")
+        if config.act_dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"activation dtype {config.act_dtype} (takes bfloat16, float16)")
+        g, k = config.group_size, config.in_features
+        if g <= 0 or k % g:
+            reasons.append(f"group size {g} does not divide in_features {k}")
+        elif g % 16:
+            reasons.append(f"group size {g} is not a multiple of 16")
+        if config.out_features <= 0 or k <= 0:
+            reasons.append(f"empty partition ({config.out_features} x {k})")
+        if config.device_type != "cuda":
+            reasons.append(f"needs a CUDA device, the layer is on {config.device_type!r}")
+        elif not torch.cuda.is_available():
+            reasons.append("torch sees no CUDA device")
+        else:
+            major, minor = torch.cuda.get_device_capability()
+            if major < 8:
+                reasons.append(f"needs compute capability >= 8.0 (bf16 tensor cores), GPU has {major}.{minor}")
+        if importlib.util.find_spec("triton") is None:
+            reasons.append("triton is not installed")
+        if reasons:
+            return False, "; ".join(reasons)
+        return True, None
+
+    def prepare(
+        self,
+        weight_packed: torch.Tensor,
+        weight_scale: torch.Tensor,
+        weight_zero_point: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        from vllm_plugin.kernels.triton.layout import repack
+        from vllm_plugin.kernels.triton.ops import get_locks
+
+        c = self.config
+        expected = (c.out_features, c.num_groups)
+        if tuple(weight_scale.shape) != expected:
+            raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {expected} "
+                             f"(out_features, in_features // group_size)")
+        qweight, sz, ge = repack(weight_packed, weight_scale, weight_zero_point, c.bits, c.in_features,
+                                 c.act_dtype)
+        logger.debug("triton wna16: repacked %dx%d w%d g%d (effective group %d)", c.out_features,
+                     c.in_features, c.bits, c.group_size, ge)
+        return {"qweight": qweight, "sz": sz, "locks": get_locks(qweight.device)}
+
+    def apply(
+        self, tensors: Mapping[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        import vllm_plugin.kernels.triton.ops  # noqa: F401  (registers torch.ops.vlmptq.wna16_gemm)
+
+        c = self.config
+        if x.dtype != c.act_dtype:
+            raise TypeError(f"activations are {x.dtype} but the layer was prepared for {c.act_dtype}")
+        lead = x.shape[:-1]
+        out = torch.ops.vlmptq.wna16_gemm(x.reshape(-1, c.in_features), tensors["qweight"], tensors["sz"],
+                                          bias, tensors["locks"], c.bits, c.out_features)
+        return out.view(*lead, c.out_features)
