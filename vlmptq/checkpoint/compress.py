@@ -85,7 +85,10 @@ def compress_weight(qw: QuantizedWeight, scale_dtype: torch.dtype | None = None)
 
 
 def _check_code_range(x: torch.Tensor, scheme: WeightScheme, what: str) -> None:
-    if x.numel() and (int(x.min()) < 0 or int(x.max()) > scheme.maxq):
+    bad = x > scheme.maxq  # (comparisons are much cheaper than min/max reductions on uint8)
+    if x.dtype != torch.uint8:
+        bad |= x < 0
+    if bool(bad.any()):
         raise CheckpointError(
             f"{what} span [{int(x.min())}, {int(x.max())}] but {scheme.bits}-bit codes must lie in "
             f"[0, {scheme.maxq}]; the solver produced out-of-range values."

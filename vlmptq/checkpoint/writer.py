@@ -87,7 +87,7 @@ def save_quantized_checkpoint(
     under ``quantization_config["vlmptq"]``. Refuses a non-empty ``out_dir`` unless ``overwrite``.
     """
     out = Path(out_dir).absolute()
-    _check_destination(out, overwrite, source_dir)
+    check_destination(out, overwrite, source_dir)
     if max_shard_size <= 0:
         raise ConfigError(f"max_shard_size={max_shard_size} must be a positive number of bytes.")
     modules = dict(model.named_modules())
@@ -139,7 +139,10 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _check_destination(out: Path, overwrite: bool, source_dir: str | Path | None) -> None:
+def check_destination(out: Path, overwrite: bool, source_dir: str | Path | None) -> None:
+    """Refuse an unusable ``out`` before any work (callers run it before a long quantization too):
+    a file, a non-empty directory without ``overwrite``, or the source checkpoint itself."""
+    out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"output path {out} exists and is not a directory; choose another --out.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
