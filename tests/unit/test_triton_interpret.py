@@ -1,0 +1,266 @@
+"""Triton W2/W3/W4 kernels on the CPU through the Triton interpreter, plus layout round trips.
+
+The interpreter must be switched on before triton is first imported, and other tests in this
+process may import triton normally, so the kernel cases run in one subprocess (this file run as a
+script with ``--worker``) that prints one JSON line per case; the tests below check those lines.
+Known interpreter gap: ``tl.dot`` on bfloat16 operands returns garbage there (numpy has no bf16),
+so the tensor-core path is checked with float16 here and with both dtypes in tests/gpu.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmptq.checkpoint.packing import pack_columns, pack_rows
+from vllm_plugin.kernels.triton.configs import KernelConfig, default_config, load_table, select_config
+from vllm_plugin.kernels.triton.layout import (
+    block_values,
+    effective_group,
+    pack_codes,
+    pack_scale_zero,
+    padded_k,
+    repack,
+    unpack_codes,
+    unpack_scale_zero,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+# (name, bits, group, N, K, M, sym, dtype, config kwargs, with bias)
+CASES = [
+    ("gemv-w2-g128-split", 2, 128, 40, 640, 1, False, "bf16", dict(path="gemv", block_n=16, split_k=3, blocks_per_iter=2), True),
+    ("gemv-w3-g128-raggedK", 3, 128, 40, 640, 2, False, "bf16", dict(path="gemv", block_n=16, split_k=1), True),
+    ("gemv-w4-g128-sym", 4, 128, 40, 384, 1, True, "bf16", dict(path="gemv", block_n=16, split_k=2), False),
+    ("gemv-w2-g32", 2, 32, 24, 512, 1, False, "fp16", dict(path="gemv", block_n=16, split_k=1, blocks_per_iter=2), False),
+    ("gemv-w3-g64-sym", 3, 64, 24, 512, 1, True, "bf16", dict(path="gemv", block_n=32, split_k=1), False),
+    ("gemv-w4-g32", 4, 32, 24, 256, 1, False, "bf16", dict(path="gemv", block_n=16, split_k=2), True),
+    ("dot-w2-g128-split", 2, 128, 40, 768, 3, False, "fp16", dict(path="dot", block_n=16, block_m=16, split_k=2), True),
+    ("dot-w3-g32-2mtiles", 3, 32, 24, 512, 17, False, "fp16", dict(path="dot", block_n=16, block_m=16), False),
+    ("dot-w4-g64-sym-raggedK", 4, 64, 40, 320, 5, True, "fp16", dict(path="dot", block_n=32, block_m=16, split_k=2), True),
+    ("dequant-w2-g64", 2, 64, 24, 320, 3, False, "bf16", dict(path="dequant", block_n=16), True),
+    ("dequant-w3-g128-sym", 3, 128, 24, 512, 2, True, "fp16", dict(path="dequant", block_n=16), False),
+    ("dequant-w4-g32", 4, 32, 24, 256, 2, False, "bf16", dict(path="dequant", block_n=16), False),
+    ("op-default-m1", 4, 128, 40, 512, 1, False, "bf16", None, True),
+    ("op-default-m16", 3, 128, 40, 512, 16, False, "fp16", None, False),
+    ("op-default-m300", 2, 64, 24, 256, 300, False, "bf16", None, True),
+]
+# relative Frobenius error against the fp32 reference: output rounding dominates
+TOLERANCE = {"bf16": 1e-2, "fp16": 2e-3}
+
+
+# ----------------------------------------------------------------------------- layout (no triton)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("k", [16, 128, 272, 512, 1040])
+def test_pack_codes_round_trip(bits, k):
+    gen = torch.Generator().manual_seed(bits * 1000 + k)
+    codes = torch.randint(0, 2**bits, (5, k), generator=gen, dtype=torch.int32)
+    q = pack_codes(codes, bits)
+    assert q.dtype == torch.int32
+    assert q.shape == ((3 if bits == 3 else 1), 5, padded_k(k, bits) // (32 if bits == 3 else 32 // bits))
+    assert torch.equal(unpack_codes(q, bits, k).to(torch.int32), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pack_codes_slot_order(bits):
+    """Code slot i of unit j in block t is column t*16*VPW + i*16 + j (the documented layout)."""
+    vpw = 32 if bits == 3 else 32 // bits
+    k = 2 * block_values(bits)
+    col = torch.arange(k)
+    codes = ((col // 16) % (2**bits)).view(1, k)  # value depends on the column's slot index
+    q = pack_codes(codes, bits)
+    back = unpack_codes(q, bits, k)
+    assert torch.equal(back, codes.to(torch.uint8))
+    if bits != 3:  # slot i of every unit holds code (t*VPW + i) % 2^b
+        w = int(q[0, 0, 17]) & 0xFFFFFFFF  # block 1, unit 1
+        for i in range(vpw):
+            assert (w >> (i * bits)) & (2**bits - 1) == (vpw + i) % (2**bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_zero_round_trip(dtype):
+    s = torch.rand(6, 4).to(dtype) + 0.01
+    z = torch.randint(0, 8, (6, 4))
+    sz, ge = pack_scale_zero(s, z, 3, 4 * 128, dtype)
+    assert ge == 128 and sz.shape == (padded_k(512, 3) // 128, 6)
+    s2, z2 = unpack_scale_zero(sz, dtype)
+    assert torch.equal(s2[:, :4], s) and torch.equal(z2[:, :4].float(), z.float())
+    assert (s2[:, 4:] == 0).all()  # padding groups
+
+
+def test_effective_group():
+    assert effective_group(128, 4) == 128 and effective_group(256, 4) == 128
+    assert effective_group(3584, 2) == 256 and effective_group(96, 3) == 32
+    # per-channel scales (g = K) are repeated per block piece
+    s = torch.rand(3, 1).bfloat16()
+    sz, ge = pack_scale_zero(s, torch.zeros(3, 1, dtype=torch.int32), 4, 384, torch.bfloat16)
+    s2, _ = unpack_scale_zero(sz, torch.bfloat16)
+    assert ge == 128 and torch.equal(s2, s.expand(3, 3))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("sym", [False, True])
+def test_repack_from_checkpoint(bits, sym):
+    gen = torch.Generator().manual_seed(bits)
+    n, k, g = 37, 320, 64
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+    zeros = torch.randint(0, 2**bits, (n, k // g), generator=gen)
+    scale = torch.rand(n, k // g, generator=gen).bfloat16()
+    zp = None if sym else pack_columns(zeros, bits)
+    q, sz, ge = repack(pack_rows(codes, bits), scale, zp, bits, k, torch.bfloat16)
+    assert torch.equal(unpack_codes(q, bits, k).long(), codes)
+    s2, z2 = unpack_scale_zero(sz, torch.bfloat16)
+    rep = g // ge
+    assert torch.equal(s2[:, : k // ge], scale.repeat_interleave(rep, 1))
+    want_z = torch.full_like(zeros, 2 ** (bits - 1)) if sym else zeros
+    assert torch.equal(z2[:, : k // ge].long(), want_z.repeat_interleave(rep, 1))
+
+
+# ----------------------------------------------------------------------------- configs (no triton)
+def test_default_dispatch_by_m():
+    assert default_config(3, 128, 3584, 3584, 1).path == "gemv"
+    assert default_config(3, 128, 3584, 3584, 16).path == "dot"
+    assert default_config(3, 128, 3584, 3584, 256).path == "dot"
+    assert default_config(3, 128, 3584, 3584, 1024).path == "dequant"
+    big = default_config(2, 128, 37888, 3584, 1)
+    assert big.split_k == 1  # enough output tiles already
+    small = default_config(2, 128, 3584, 18944, 1)
+    assert small.split_k > 1
+
+
+def test_config_file_lookup(tmp_path, monkeypatch):
+    entry = {"1": {"path": "gemv", "block_n": 64, "split_k": 4}, "16": {"path": "dot", "block_m": 16}}
+    (tmp_path / "Fake_GPU_1.json").write_text(json.dumps({"gpu": "Fake GPU 1", "configs": {"w3g128:100x256": entry}}))
+    monkeypatch.setenv("VLMPTQ_TRITON_CONFIG_DIR", str(tmp_path))
+    load_table.cache_clear()
+    try:
+        assert select_config("Fake GPU 1", 3, 128, 100, 256, 1) == KernelConfig("gemv", block_n=64, split_k=4)
+        assert select_config("Fake GPU 1", 3, 128, 100, 256, 9).path == "dot"  # next bucket up
+        assert select_config("Fake GPU 1", 3, 128, 100, 256, 999).path == "dot"  # largest bucket
+        assert select_config("Fake GPU 1", 3, 128, 101, 256, 1) == default_config(3, 128, 101, 256, 1)
+        (tmp_path / "Fake_GPU_2.json").write_text(json.dumps({"configs": {"w3:1x1": {"1": {"path": "gemv", "blk": 1}}}}))
+        with pytest.raises(ValueError, match="unknown kernel config field"):
+            select_config("Fake GPU 2", 3, 128, 1, 1, 1)
+    finally:
+        load_table.cache_clear()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="path"):
+        KernelConfig("fast")
+    with pytest.raises(ValueError, match="power of two"):
+        KernelConfig("gemv", block_n=48)
+    with pytest.raises(ValueError, match="block_m >= 16"):
+        KernelConfig("dot", block_m=8)
+
+
+# ----------------------------------------------------------------------------- kernels (interpreter)
+def _run_case(name, bits, group, n, k, m, sym, dtype_name, cfg_kwargs, with_bias) -> dict:
+    from vllm_plugin.kernels.reference import reference_linear
+    from vllm_plugin.kernels.triton.ops import get_locks, launch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+    scale = ((torch.rand(n, k // group, generator=gen) + 0.5) * 0.02).to(dtype)
+    zp = None if sym else pack_columns(torch.randint(0, 2**bits, (n, k // group), generator=gen), bits)
+    wp = pack_rows(codes, bits)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    q, sz, _ = repack(wp, scale, zp, bits, k, dtype)
+    locks = get_locks(x.device)
+    if cfg_kwargs is None:  # the registered custom op with the default config for this M
+        y = torch.ops.vlmptq.wna16_gemm(x, q, sz, bias, locks, bits, n)
+    else:
+        y = launch(x, q, sz, bias, locks, bits, n, KernelConfig(**cfg_kwargs))
+    ref = reference_linear(x.float(), wp, scale.float(), zp, bits, k, None if bias is None else bias.float())
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    return {"name": name, "rel_err": err, "finite": bool(torch.isfinite(y).all()), "shape": list(y.shape),
+            "dtype": str(y.dtype), "locks_clean": bool((locks == 0).all())}
+
+
+def _worker() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    for case in CASES:
+        try:
+            res = _run_case(*case)
+        except Exception as e:  # reported per case by the parent test
+            res = {"name": case[0], "error": f"{type(e).__name__}: {e}"}
+        print("CASE " + json.dumps(res), flush=True)
+
+
+@pytest.fixture(scope="module")
+def subprocess_runs(tmp_path_factory):
+    """Start the interpreter worker and the benchmark's dry run side by side (each ~20-40 s)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("TRITON_INTERPRET", None)  # the benchmark sets it itself for --dry
+    bench_out = tmp_path_factory.mktemp("bench-dry")
+    procs = {
+        "worker": subprocess.Popen([sys.executable, __file__, "--worker"], cwd=REPO,
+                                   env=dict(env, TRITON_INTERPRET="1"), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True),
+        "bench": subprocess.Popen([sys.executable, "benchmarks/kernels.py", "--dry", "--out", str(bench_out)],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+    }
+    done = {}
+    for name, p in procs.items():
+        try:
+            out, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        done[name] = (p.returncode, out, err)
+    return {"done": done, "bench_out": bench_out}
+
+
+@pytest.fixture(scope="module")
+def interpreted(subprocess_runs):
+    rc, out, err = subprocess_runs["done"]["worker"]
+    results = {}
+    for line in out.splitlines():
+        if line.startswith("CASE "):
+            r = json.loads(line[5:])
+            results[r["name"]] = r
+    if not results:
+        pytest.fail(f"interpreter worker produced no results (rc={rc}):\n{err[-3000:]}")
+    return results
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernel_matches_reference(interpreted, case):
+    name, dtype_name, m, n = case[0], case[7], case[5], case[3]
+    r = interpreted.get(name)
+    assert r is not None, f"case {name} did not run"
+    assert "error" not in r, r.get("error")
+    assert r["finite"], "output has NaN/inf"
+    assert r["shape"] == [m, n]
+    assert r["rel_err"] < TOLERANCE[dtype_name], f"relative error {r['rel_err']:.2e}"
+    assert r["locks_clean"], "split-K counters were not reset to 0"
+
+
+def test_benchmark_dry_run(subprocess_runs):
+    """benchmarks/kernels.py --dry: the GPU benchmark's control flow on tiny shapes (interpreter)."""
+    rc, out, err = subprocess_runs["done"]["bench"]
+    tmp_path = subprocess_runs["bench_out"]
+    assert rc == 0, out[-2000:] + err[-3000:]
+    files = list(tmp_path.glob("kernels-*.json"))
+    assert len(files) == 1, list(tmp_path.iterdir())
+    data = json.loads(files[0].read_text())
+    assert {"gpu", "date", "commit", "command", "copy_bw_gbs", "records"} <= set(data)
+    impls = {r["impl"] for r in data["records"]}
+    assert {"bf16", "vlmptq"} <= impls
+    ours = [r for r in data["records"] if r["impl"] == "vlmptq"]
+    assert ours and all(r["rel_err"] is not None and r["rel_err"] < 2e-2 for r in ours)
+    assert list(tmp_path.glob("kernels-*.md"))
+    assert (tmp_path / "tuned").is_dir() and list((tmp_path / "tuned").glob("*.json"))
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker()
