@@ -156,7 +156,9 @@ def check_layer_tensors(
     try:
         g = scheme.groups(k)
     except ConfigError as e:
-        raise CheckpointError(f"layer {module!r} (weight {n} x {k}) does not fit the checkpoint's scheme: {e}") from e
+        raise CheckpointError(
+            f"layer {module!r} (weight {n} x {k}) does not fit the checkpoint's scheme: {e}"
+        ) from e
 
     b = scheme.bits
     widths = [dense_width(k, b)] + ([padded3_width(k)] if b == 3 else [])
@@ -179,7 +181,9 @@ def check_layer_tensors(
 
     if not scheme.symmetric:
         zwidths = [dense_width(n, b)] + ([padded3_width(n)] if b == 3 else [])
-        zwant = f"int32 [{zwidths[0]}, {g}]" + (f" (or [{zwidths[1]}, {g}], 10 values per word)" if b == 3 else "")
+        zwant = f"int32 [{zwidths[0]}, {g}]"
+        if b == 3:
+            zwant += f" (or [{zwidths[1]}, {g}], 10 values per word)"
         zp = shapes.get(ZERO)
         if zp is None or zp[1] != torch.int32 or len(zp[0]) != 2 or zp[0][0] not in zwidths or zp[0][1] != g:
             raise CheckpointError(
@@ -189,7 +193,9 @@ def check_layer_tensors(
     return LayerLayout(name=module, out_features=n, in_features=k, groups=g, padded3=padded3)
 
 
-def decompress_weight(module: str, tensors: Mapping[str, torch.Tensor], scheme: WeightScheme) -> QuantizedWeight:
+def decompress_weight(
+    module: str, tensors: Mapping[str, torch.Tensor], scheme: WeightScheme
+) -> QuantizedWeight:
     """Validate and unpack one module's local checkpoint tensors into a :class:`QuantizedWeight`."""
     shapes = {s: (tuple(t.shape), t.dtype) for s, t in tensors.items()}
     layout = check_layer_tensors(module, shapes, tensors.get(SHAPE), scheme)

@@ -16,7 +16,8 @@ What we write (and what compressed-tensors' ``QuantizationConfig`` and vLLM's
 The ``vlmptq`` block is our marker: stock loaders ignore unknown keys (compressed-tensors' pydantic
 model has ``extra="ignore"``, vLLM reads keys by name), our vLLM plugin may claim checkpoints that
 carry it. No compressed-tensors ``version`` key: the installed one (0.17 in the CPU venv) is not
-the one whose 3-bit layout we write. Explicit ``config_groups`` (not a preset name) because there are no 2/3-bit presets.
+the one whose 3-bit layout we write. Explicit ``config_groups`` (not a preset name) because there
+are no 2/3-bit presets.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def build_quantization_config(
     """The ``quantization_config`` dict for a checkpoint quantized with ``scheme``.
 
     ``ignore`` names the Linear layers stored in 16 bit (on-disk names, plus transformers-5 module
-    names where they differ: vLLM matches the former, transformers' own loader the latter); ``metadata`` goes into
-    the ``vlmptq`` marker block (method, solver options, calibration summary, ...).
+    names where they differ: vLLM matches the former, transformers' own loader the latter);
+    ``metadata`` goes into the ``vlmptq`` marker block (method, solver options, calibration summary, ...).
     """
     metadata = dict(metadata or {})
     _check_json(metadata, "metadata")
@@ -144,7 +145,9 @@ def parse_quantization_config(qc: Any, source: str = "config.json") -> ParsedQua
         )
     groups = qc.get("config_groups")
     if not isinstance(groups, Mapping) or not groups:
-        raise CheckpointError(f"{source}: quantization_config has no config_groups; expected one weight group.")
+        raise CheckpointError(
+            f"{source}: quantization_config has no config_groups; expected one weight group."
+        )
     if len(groups) != 1:
         raise CheckpointError(
             f"{source}: {len(groups)} config_groups ({', '.join(groups)}); vlmptq reads one weight scheme "
@@ -164,7 +167,8 @@ def parse_quantization_config(qc: Any, source: str = "config.json") -> ParsedQua
     for act in ("input_activations", "output_activations"):
         if group.get(act):
             raise CheckpointError(
-                f"{source}: config_groups.{gname}.{act} is set; only weight-only quantization (A16) is supported."
+                f"{source}: config_groups.{gname}.{act} is set; only weight-only quantization "
+                f"(A16) is supported."
             )
     if qc.get("kv_cache_scheme"):
         raise CheckpointError(f"{source}: kv_cache_scheme is set; KV-cache quantization is not supported.")
@@ -181,7 +185,9 @@ def parse_quantization_config(qc: Any, source: str = "config.json") -> ParsedQua
             raise ConfigError("dynamic weight quantization is not supported")
         scheme = WeightScheme.from_quantization_args(args)
     except (ValueError, ConfigError) as e:  # pydantic.ValidationError is a ValueError
-        raise CheckpointError(f"{source}: config_groups.{gname}.weights is not a supported scheme: {e}") from e
+        raise CheckpointError(
+            f"{source}: config_groups.{gname}.weights is not a supported scheme: {e}"
+        ) from e
     targets = tuple(group.get("targets") or ())
     if not targets:
         raise CheckpointError(f"{source}: config_groups.{gname}.targets is empty; expected e.g. ['Linear'].")

@@ -57,7 +57,9 @@ def disk_names(model: torch.nn.Module, keys: Iterable[str]) -> dict[str, DiskNam
     return out
 
 
-def module_disk_names(model: torch.nn.Module, modules: Iterable[str], state_keys: Iterable[str]) -> dict[str, str]:
+def module_disk_names(
+    model: torch.nn.Module, modules: Iterable[str], state_keys: Iterable[str]
+) -> dict[str, str]:
     """On-disk names of (ignored) modules, through their ``<module>.weight`` key.
 
     ``state_keys`` are all the model's state-dict keys (renamings can depend on key order).

@@ -129,7 +129,9 @@ def _quantized_modules(store: TensorStore) -> dict[str, dict[str, str]]:
     return out
 
 
-def _check_module_tensors(module: str, names: dict[str, str], store: TensorStore, pq: ParsedQuantConfig) -> LayerLayout:
+def _check_module_tensors(
+    module: str, names: dict[str, str], store: TensorStore, pq: ParsedQuantConfig
+) -> LayerLayout:
     if f"{module}.weight" in store:
         raise CheckpointError(
             f"module {module!r} has both a dense 'weight' and packed tensors; the checkpoint is inconsistent."
@@ -178,7 +180,8 @@ def open_checkpoint(path: str | Path) -> QuantizedCheckpoint:
     ignored_packed = sorted(set(layers) & set(pq.ignore))
     if ignored_packed:
         raise CheckpointError(
-            f"{root}: module {ignored_packed[0]!r} is in quantization_config.ignore but holds packed tensors; "
+            f"{root}: module {ignored_packed[0]!r} is in quantization_config.ignore but holds packed "
+            f"tensors; "
             f"stock loaders would read it as 16-bit. The checkpoint is inconsistent."
         )
     return QuantizedCheckpoint(path=root, config=pq, store=store, layers=layers)
@@ -225,7 +228,10 @@ class CheckpointReport:
         return sum(self.bytes_by_part.values())
 
     def format(self) -> str:
-        lines = [f"checkpoint  {self.path}", f"scheme      {self.scheme} (compressed-tensors pack-quantized, {self.layout} layout)"]
+        lines = [
+            f"checkpoint  {self.path}",
+            f"scheme      {self.scheme} (compressed-tensors pack-quantized, {self.layout} layout)",
+        ]
         if self.marker:
             m = self.marker
             desc = ", ".join(f"{k}={m[k]}" for k in ("vlmptq_version", "method") if k in m)

@@ -39,7 +39,9 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 # Files never copied from source_dir: weights and their indexes (ours replace them), and the two
 # configs we write from the in-memory model.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".onnx")
+_WEIGHT_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".onnx",
+)
 _WRITTEN = ("config.json",)
 
 
@@ -172,23 +174,31 @@ def _check_modules(
     for name, qw in quantized.items():
         mod = modules.get(name)
         if mod is None:
-            raise ConfigError(f"quantized module {name!r} is not in the model; keys must be names from named_modules().")
+            raise ConfigError(
+                f"quantized module {name!r} is not in the model; keys must be names from named_modules()."
+            )
         weight = getattr(mod, "weight", None)
         if not isinstance(mod, torch.nn.Linear) or weight is None or weight.dim() != 2:
-            raise ConfigError(f"quantized module {name!r} is a {type(mod).__name__}; only torch.nn.Linear can be packed.")
+            raise ConfigError(
+                f"quantized module {name!r} is a {type(mod).__name__}; only torch.nn.Linear can be packed."
+            )
         if qw.scheme != scheme:
             raise ConfigError(
                 f"module {name!r} was quantized with {qw.scheme.describe()} but the checkpoint scheme is "
                 f"{scheme.describe()}; one checkpoint holds one scheme."
             )
         if tuple(qw.shape) != tuple(weight.shape):
-            raise ConfigError(f"module {name!r}: quantized shape {tuple(qw.shape)} != weight shape {tuple(weight.shape)}.")
+            raise ConfigError(
+                f"module {name!r}: quantized shape {tuple(qw.shape)} != weight shape {tuple(weight.shape)}."
+            )
     ignore_set = set(ignore)
     for name in ignore_set:
         if name not in modules:
             raise ConfigError(f"ignored module {name!r} is not in the model; use names from named_modules().")
         if name in quantized:
-            raise ConfigError(f"module {name!r} is both quantized and in ignore; it must be one or the other.")
+            raise ConfigError(
+                f"module {name!r} is both quantized and in ignore; it must be one or the other."
+            )
     linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
     missing = [n for n in linears if n not in quantized and n not in ignore_set]
     if missing:
@@ -219,7 +229,9 @@ def _build_state_dict(model, modules, quantized) -> tuple[dict[str, torch.Tensor
         wkey = f"{name}.weight"
         weight = state.pop(wkey, None)
         if weight is None:
-            raise CheckpointError(f"{wkey!r} is not in the model's state dict; cannot replace it with packed tensors.")
+            raise CheckpointError(
+                f"{wkey!r} is not in the model's state dict; cannot replace it with packed tensors."
+            )
         tied = [k for k in storage[id_tensor_storage(weight)] if k != wkey]
         if tied:
             raise CheckpointError(
