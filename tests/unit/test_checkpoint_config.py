@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
 from vlmptq.checkpoint.config import build_quantization_config, parse_quantization_config
@@ -116,10 +117,23 @@ def test_parse_errors_say_what_is_wrong(mutate, match):
     "metadata, match",
     [
         ({"calibration": {"n": object()}}, r"metadata.calibration.n is a object"),
-        ({"loss": math.nan}, r"metadata.loss = nan"),
+        ({"calibration": {1: 2}}, r"non-string key 1"),
         ({"packing": "padded"}, "reserved"),
     ],
 )
-def test_metadata_must_be_json(metadata, match):
+def test_metadata_errors_name_the_key(metadata, match):
     with pytest.raises(ConfigError, match=match):
         build_quantization_config(WeightScheme(), [], metadata)
+
+
+def test_metadata_is_made_json_safe():
+    import numpy as np
+    from pathlib import Path
+
+    meta = {"mu": {"q": torch.tensor(0.4), "k": np.float32(0.5)}, "loss": math.nan,
+            "shape": (1, 2), "src": Path("/data/x"), "n": np.int64(3)}
+    marker = build_quantization_config(WeightScheme(), [], meta)["vlmptq"]
+    text = json.dumps(marker, allow_nan=False)  # strict JSON
+    assert json.loads(text)["mu"] == {"q": pytest.approx(0.4), "k": 0.5}
+    assert marker["loss"] == "nan" and marker["shape"] == [1, 2] and marker["src"] == "/data/x"
+    assert marker["n"] == 3 and type(marker["n"]) is int

@@ -23,13 +23,17 @@ are no 2/3-bit presets.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 from vlmptq.errors import CheckpointError, ConfigError
 from vlmptq.quant.scheme import WeightScheme
+
+logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
@@ -49,23 +53,31 @@ def _vlmptq_version() -> str:
         return "unknown"
 
 
-def _check_json(value: Any, where: str) -> None:
-    """Reject values json cannot store (tensors, paths, NaN), naming the key."""
+def _jsonable(value: Any, where: str) -> Any:
+    """A JSON-safe copy of caller metadata: tensor/numpy scalars become numbers, tuples lists, paths
+    strings, non-finite floats strings (strict JSON has no NaN). Anything else is refused by name."""
     if isinstance(value, Mapping):
+        out = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ConfigError(f"{where} has a non-string key {k!r}; metadata keys must be strings.")
-            _check_json(v, f"{where}.{k}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_json(v, f"{where}[{i}]")
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{where} = {value!r} is not valid JSON; store a finite number or a string.")
-    elif value is not None and not isinstance(value, (str, int, float, bool)):
-        raise ConfigError(
-            f"{where} is a {type(value).__name__}, which config.json cannot store; convert it to a "
-            f"number, string, list or dict first."
-        )
+            out[k] = _jsonable(v, f"{where}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, PurePath):
+        return str(value)
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # torch / numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        logger.warning("%s = %r is stored as a string (JSON has no NaN/inf)", where, value)
+        return repr(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise ConfigError(
+        f"{where} is a {type(value).__name__}, which config.json cannot store; convert it to a "
+        f"number, string, list or dict first."
+    )
 
 
 def build_quantization_config(
@@ -79,8 +91,7 @@ def build_quantization_config(
     names where they differ: vLLM matches the former, transformers' own loader the latter);
     ``metadata`` goes into the ``vlmptq`` marker block (method, solver options, calibration summary, ...).
     """
-    metadata = dict(metadata or {})
-    _check_json(metadata, "metadata")
+    metadata = _jsonable(dict(metadata or {}), "metadata")
     reserved = {"format_version", "vlmptq_version", "packing"} & metadata.keys()
     if reserved:
         raise ConfigError(f"metadata keys {sorted(reserved)} are reserved by vlmptq; rename them.")

@@ -79,7 +79,7 @@ def save_quantized_checkpoint(
     source_dir: str | Path | None = None,
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
-    max_shard_size: int = 5 * 2**30,
+    max_shard_size: int | str = 5 * 2**30,
 ) -> CheckpointSummary:
     """Write ``model`` with the linears in ``quantized`` packed, as a compressed-tensors checkpoint.
 
@@ -90,7 +90,7 @@ def save_quantized_checkpoint(
     """
     out = Path(out_dir).absolute()
     check_destination(out, overwrite, source_dir)
-    if max_shard_size <= 0:
+    if isinstance(max_shard_size, int) and max_shard_size <= 0:  # strings ("5GB") are parsed by HF
         raise ConfigError(f"max_shard_size={max_shard_size} must be a positive number of bytes.")
     modules = dict(model.named_modules())
     _check_modules(modules, quantized, scheme, ignore)
@@ -284,7 +284,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
         logger.debug("copied %s", name)
 
 
-def _write_weights(state: dict[str, torch.Tensor], dst: Path, max_shard_size: int) -> int:
+def _write_weights(state: dict[str, torch.Tensor], dst: Path, max_shard_size: int | str) -> int:
     import safetensors.torch
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
