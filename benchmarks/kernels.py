@@ -689,6 +689,14 @@ def run(args) -> None:
         o = e["ours"]
         for m in args.ms:
             specs.append(spec_for(bits, o.group, o.n, o.k, m, dtype, o.config_for(m), e["bias"] is not None))
+    for name in [lay for lay in ("o", "qkv") if lay in args.layers]:  # the quick checks' variants
+        stacks, k, has_bias = layers[name]
+        for bits in args.bits:
+            for group in (64, 32):
+                ge = math.gcd(group, block_values(bits))
+                for m in [mm for mm in args.ms if mm in (1, 16)]:
+                    cfg = default_config(bits, ge, sum(stacks), k, m, META["sms"])
+                    specs.append(spec_for(bits, ge, sum(stacks), k, m, dtype, cfg, has_bias))
     prewarm(specs, args.procs)
     if hm is not None:
         with contextlib.suppress(Exception):
@@ -739,6 +747,10 @@ def run(args) -> None:
                     log(f"{name:7s} M={m:3d} w{bits} humming {_fmt(rec.get('t_us'), '8.1f')} us  err {_fmt(rec.get('rel_err'), '.1e')}")
         dump(args, final=False)
 
+    # ---- tuning (before the quick checks: tests/gpu already covers their correctness)
+    if args.tune:
+        tune(args, built, xs, dtype)
+
     # ---- quick checks: symmetric, g32, g64 (ours only)
     quick_layers = [lay for lay in ("o", "qkv") if lay in args.layers][:1 if DRY else 2]
     for name in quick_layers:
@@ -746,7 +758,7 @@ def run(args) -> None:
         n = sum(stacks)
         for bits in args.bits[:1] if DRY else args.bits:
             for group, sym in ((128, True), (64, False), (32, False)):
-                if elapsed() > args.budget:
+                if elapsed() > args.quick_budget:
                     break
                 ck = make_checkpoint(n, k, bits, group, sym, dtype, dev, gen)
                 bias = built.get((name, bits), {}).get("bias")
@@ -761,10 +773,6 @@ def run(args) -> None:
                 del ck, o
     dump(args, final=False)
 
-    # ---- tuning
-    if args.tune:
-        tune(args, built, xs, dtype)
-
 
 def tune(args, built, xs, dtype) -> None:
     specs, plan = [], []
@@ -772,7 +780,7 @@ def tune(args, built, xs, dtype) -> None:
         if DRY and name != args.layers[0]:
             continue
         o = e["ours"]
-        for m in args.ms:
+        for m in [mm for mm in args.ms if mm in args.tune_ms]:
             cands = candidates(bits, o.n, o.k, m, META["sms"], DRY)[: args.max_candidates]
             plan.append((name, bits, m, cands))
             specs += [spec_for(bits, o.group, o.n, o.k, m, dtype, c, e["bias"] is not None) for c in cands]
@@ -814,9 +822,11 @@ def main() -> None:
     ap.add_argument("--min-calls", type=int, default=16, help="calls per captured graph")
     ap.add_argument("--l2-mult", type=float, default=3.0, help="rotating weight set >= this many x L2")
     ap.add_argument("--max-copies", type=int, default=48, help="cap on rotating weight copies")
+    ap.add_argument("--tune-ms", default="1,16,64,256", help="M values to tune (subset of --ms)")
     ap.add_argument("--max-candidates", type=int, default=14, help="tuning candidates per (layer, bits, M)")
     ap.add_argument("--procs", type=int, default=8, help="parallel compile processes (0/1: compile lazily)")
     ap.add_argument("--budget", type=float, default=210.0, help="soft budget (s) for starting benchmark work")
+    ap.add_argument("--quick-budget", type=float, default=450.0, help="soft budget (s, from start) for sym/g32/g64 checks")
     ap.add_argument("--tune-budget", type=float, default=400.0, help="soft budget (s, from start) for tuning")
     ap.add_argument("--hard", type=float, default=560.0, help="hard limit (s): write what we have and exit")
     ap.add_argument("--no-humming", action="store_true", help="skip Humming")
@@ -825,6 +835,7 @@ def main() -> None:
     args = ap.parse_args()
     args.ms = [int(v) for v in (args.ms or ("1,3" if DRY else "1,16,64,256")).split(",")]
     args.bits = [int(v) for v in args.bits.split(",")]
+    args.tune_ms = [int(v) for v in args.tune_ms.split(",")] if not DRY else args.ms
     args.layers = (args.layers or ("qkv,o" if DRY else "qkv,o,gate_up,down")).split(",")
     if DRY:
         args.reps, args.procs, args.tune = 1, 0, True
