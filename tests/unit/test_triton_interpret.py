@@ -161,6 +161,41 @@ def test_config_validation():
         KernelConfig("dot", block_m=8)
 
 
+def test_compile_failure_falls_back(monkeypatch):
+    """A config that does not compile (e.g. shared memory) is replaced once, and the choice kept."""
+    from vllm_plugin.kernels.triton import ops
+
+    class OutOfResources(Exception):
+        pass
+
+    tried = []
+
+    def fake_launch(x, qweight, sz, bias, locks, bits, n, cfg, geo):
+        tried.append(cfg.path + str(cfg.num_stages))
+        if cfg.path == "dot":
+            raise OutOfResources("out of resource: shared memory")
+        return torch.zeros(x.shape[0], n)
+
+    monkeypatch.setattr(ops, "_launch", fake_launch)
+    monkeypatch.setattr(ops, "_RESOLVED", {})
+    q, sz, _ = repack(pack_rows(torch.zeros(8, 256, dtype=torch.int32), 4), torch.ones(8, 2).bfloat16(), None, 4,
+                      256, torch.bfloat16)
+    x = torch.zeros(3, 256, dtype=torch.bfloat16)
+    ops.launch(x, q, sz, None, torch.zeros(4, dtype=torch.int32), 4, 8)  # M=3: default is "dot"
+    assert tried[0].startswith("dot") and tried[-1] == "gemv2"
+    n = len(tried)
+    ops.launch(x, q, sz, None, torch.zeros(4, dtype=torch.int32), 4, 8)
+    assert tried[n:] == ["gemv2"]  # remembered
+
+    def broken(*a):
+        raise ValueError("a real bug")
+
+    monkeypatch.setattr(ops, "_launch", broken)
+    monkeypatch.setattr(ops, "_RESOLVED", {})
+    with pytest.raises(ValueError, match="real bug"):
+        ops.launch(x, q, sz, None, torch.zeros(4, dtype=torch.int32), 4, 8)
+
+
 # ----------------------------------------------------------------------------- kernels (interpreter)
 def _run_case(name, bits, group, n, k, m, sym, dtype_name, cfg_kwargs, with_bias) -> dict:
     from vllm_plugin.kernels.reference import reference_linear

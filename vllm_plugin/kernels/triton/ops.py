@@ -10,6 +10,7 @@ weight of the prefill path) have shape-determined sizes.
 import functools
 import logging
 import math
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -81,14 +82,66 @@ def launch(
     out_features: int,
     cfg: Optional[KernelConfig] = None,
 ) -> torch.Tensor:
-    """``x [M, K]`` (contiguous) -> ``[M, N]`` in x's dtype; ``cfg`` None = tuned/default config."""
+    """``x [M, K]`` (contiguous) -> ``[M, N]`` in x's dtype.
+
+    ``cfg`` given: launch exactly that (errors propagate; benchmarks and tests). ``cfg`` None: the
+    tuned/default config for the shape; if it fails to *compile* (e.g. shared memory on a smaller
+    GPU), simpler configs are tried once and the first that works is remembered for the shape.
+    """
+    m, k = x.shape
+    geo = _geometry(bits, k, qweight, sz)
+    if cfg is not None:
+        return _launch(x, qweight, sz, bias, locks, bits, out_features, cfg, geo)
+    key = (str(x.device), bits, geo["group"], out_features, k, m)
+    cfg = _RESOLVED.get(key) or _config_for(*key)
+    if key in _RESOLVED:
+        return _launch(x, qweight, sz, bias, locks, bits, out_features, cfg, geo)
+    last: Exception | None = None
+    for attempt in [cfg] + _fallbacks(cfg, m):
+        try:
+            out = _launch(x, qweight, sz, bias, locks, bits, out_features, attempt, geo)
+        except Exception as e:  # only compile-time failures fall through to the next config
+            if not _is_compile_failure(e):
+                raise
+            logger.warning("vlmptq triton: config %s failed to compile for w%d N=%d K=%d M=%d (%s: %s); "
+                           "trying a simpler one", attempt.to_dict(), bits, out_features, k, m,
+                           type(e).__name__, str(e)[:200])
+            last = e
+            continue
+        _RESOLVED[key] = attempt
+        return out
+    raise RuntimeError(f"no Triton config compiles for w{bits} N={out_features} K={k} M={m}") from last
+
+
+_RESOLVED: dict[tuple, KernelConfig] = {}
+
+
+def _is_compile_failure(e: Exception) -> bool:
+    name = type(e).__name__
+    text = str(e)
+    return (name in ("OutOfResources", "CompilationError", "CompileTimeAssertionFailure")
+            or "PassManager" in text or "out of resource" in text.lower())
+
+
+def _fallbacks(cfg: KernelConfig, m: int) -> list[KernelConfig]:
+    """Simpler configs to try, in order, when ``cfg`` does not compile."""
+    out = []
+    if cfg.path == "dot":
+        if cfg.num_stages > 1:
+            out.append(replace(cfg, num_stages=1))
+        if cfg.block_m > 16 or cfg.block_n > 64:
+            out.append(replace(cfg, block_m=16 if m <= 16 else 32, block_n=64, num_warps=4, num_stages=1))
+    if cfg.path != "gemv" and m <= 4:
+        out.append(KernelConfig("gemv", block_n=32))
+    if cfg.path != "dequant":
+        out.append(KernelConfig("dequant", block_n=32))
+    return out
+
+
+def _launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfig, geo: dict) -> torch.Tensor:
     from vllm_plugin.kernels.triton import kernels as K_
 
     m, k = x.shape
-    n = out_features
-    geo = _geometry(bits, k, qweight, sz)
-    if cfg is None:
-        cfg = _config_for(str(x.device), bits, geo["group"], n, k, m)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
