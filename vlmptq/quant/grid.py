@@ -64,6 +64,45 @@ def minmax_params(
     return range_params(wg.amin(-1), wg.amax(-1), scheme, scale_dtype)
 
 
+def search_params_multi(
+    w: torch.Tensor,
+    scheme: WeightScheme,
+    importances: torch.Tensor,
+    scale_dtype: torch.dtype = torch.bfloat16,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip search for several column weightings at once.
+
+    For each weighting ``m`` (``importances [M, K]``) and each group, the shrink
+    ``p in {1, 1-1/grid, ..., 1-max_shrink}`` of the min-max range that minimises
+    ``sum_k importances[m, k] * |w - fake_quant(w)|^norm``. The rounding error of every candidate is
+    computed once and shared by all weightings (one pass over ``w`` per candidate, not ``M``).
+    Returns ``scale, zero [M, N, G]``.
+    """
+    wg = _grouped(w.float(), scheme)  # [N, G, g]
+    n, groups, glen = wg.shape
+    if importances.dim() != 2 or importances.shape[1] != w.shape[1]:
+        raise ValueError(f"importances must have shape (M, {w.shape[1]}), got {tuple(importances.shape)}")
+    imp = importances.float().reshape(-1, groups, glen)  # [M, G, g]
+    m = imp.shape[0]
+    xmin, xmax = wg.amin(-1), wg.amax(-1)  # [N, G]
+    best_err = torch.full((m, n, groups), float("inf"), device=w.device)
+    best_scale = torch.zeros(m, n, groups, device=w.device)
+    best_zero = torch.zeros(m, n, groups, device=w.device)
+    for i in range(int(max_shrink * grid)):
+        p = 1.0 - i / grid
+        scale, zero = range_params(p * xmin, p * xmax, scheme, scale_dtype)
+        e = (fake_quantize(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), scheme.maxq) - wg).abs_().pow_(norm)
+        err = torch.einsum("ngk,mgk->mng", e, imp)  # [M, N, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
 def search_params(
     w: torch.Tensor,
     scheme: WeightScheme,
@@ -77,28 +116,14 @@ def search_params(
     range minimising ``sum_k importance[k] * |w - fake_quant(w)|^norm`` (importance = 1 if None).
 
     ``importance [K]`` weights input columns (VLM-PTQ's modality-fused Hessian diagonal).
+    Returns ``scale, zero [N, G]``.
     """
-    wg = _grouped(w.float(), scheme)  # [N, G, g]
     if importance is None:
-        imp = torch.ones(wg.shape[1:], device=w.device)
-    else:
-        if importance.shape != (w.shape[1],):
-            raise ValueError(f"importance must have shape ({w.shape[1]},), got {tuple(importance.shape)}")
-        imp = importance.float().reshape(wg.shape[1:])  # [G, g]
-    xmin, xmax = wg.amin(-1), wg.amax(-1)
-    best_err = torch.full(xmin.shape, float("inf"), device=w.device)
-    best_scale = torch.zeros_like(xmin)
-    best_zero = torch.zeros_like(xmin)
-    for i in range(int(max_shrink * grid)):
-        p = 1.0 - i / grid
-        scale, zero = range_params(p * xmin, p * xmax, scheme, scale_dtype)
-        q = fake_quantize(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), scheme.maxq)
-        err = ((q - wg).abs_().pow_(norm) * imp).sum(-1)  # [N, G]
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+        importance = torch.ones(w.shape[1], device=w.device)
+    elif importance.shape != (w.shape[1],):
+        raise ValueError(f"importance must have shape ({w.shape[1]},), got {tuple(importance.shape)}")
+    scale, zero = search_params_multi(w, scheme, importance.unsqueeze(0), scale_dtype, grid, max_shrink, norm)
+    return scale[0], zero[0]
 
 
 def expand_groups(p: torch.Tensor, group_len: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmptq.quant.grid import expand_groups, fake_quantize, search_params
+from vlmptq.quant.grid import expand_groups, fake_quantize, search_params_multi
 from vlmptq.quant.scheme import WeightScheme
 
 
@@ -59,21 +59,29 @@ def choose_modality_params(
     scheme: WeightScheme,
     mu_grid: tuple[float, ...],
     scale_dtype: torch.dtype = torch.bfloat16,
+    score_rows: int | None = 2048,
 ) -> ModalityChoice:
-    """Search ``mu`` over ``mu_grid``; return the best static (scale, zero) and every mu's score."""
+    """Search ``mu`` over ``mu_grid``; return the best static (scale, zero) and every mu's score.
+
+    The clip searches of all ``mu`` share one pass per shrink candidate. Scoring costs
+    ``O(rows * K^2)`` per ``mu``; the loss is a sum over output rows, so for layers with more than
+    ``score_rows`` rows it is estimated on an evenly strided subset of rows (the same for every
+    ``mu``), which keeps the search cheap next to the GPTQ loop. ``score_rows=None`` scores all rows.
+    """
     if not mu_grid:
         raise ValueError("mu_grid must hold at least one value in [0, 1]")
     w = weight.float()
+    n = w.shape[0]
     glen = scheme.group_len(w.shape[1])
+    imps = torch.stack([fused_importance(diag_vision, diag_text, mu) for mu in mu_grid])  # [M, K]
+    scales, zeros = search_params_multi(w, scheme, imps, scale_dtype)  # [M, N, G]
+    rows = slice(None) if score_rows is None or n <= score_rows else slice(0, n, -(-n // score_rows))
     scores: dict[float, float] = {}
-    best: tuple[float, float, torch.Tensor, torch.Tensor] | None = None  # (score, mu, scale, zero)
-    for mu in mu_grid:
-        imp = fused_importance(diag_vision, diag_text, mu)
-        scale, zero = search_params(w, scheme, scale_dtype, importance=imp)
-        q = fake_quantize(w, expand_groups(scale, glen), expand_groups(zero, glen), scheme.maxq)
-        score = layer_loss(w, q, hessian, dxxt).item()
-        scores[float(mu)] = score
-        if best is None or score < best[0]:
-            best = (score, float(mu), scale, zero)
-    _, mu, scale, zero = best
-    return ModalityChoice(scale=scale, zero=zero, mu=mu, scores=scores)
+    best = 0
+    for i, mu in enumerate(mu_grid):
+        s, z = scales[i][rows], zeros[i][rows]
+        q = fake_quantize(w[rows], expand_groups(s, glen), expand_groups(z, glen), scheme.maxq)
+        scores[float(mu)] = layer_loss(w[rows], q, hessian, dxxt).item()
+        if scores[float(mu)] < scores[float(mu_grid[best])]:
+            best = i
+    return ModalityChoice(scale=scales[best], zero=zeros[best], mu=float(mu_grid[best]), scores=scores)

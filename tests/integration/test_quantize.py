@@ -1,0 +1,177 @@
+"""The quantizer end to end on tiny random Qwen2-VL / Qwen2.5-VL models (real transformers classes,
+real processors, the built-in calibration photos), through the public API and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+import vlmptq
+from vlmptq.calib import CalibConfig
+from vlmptq.checkpoint.reader import inspect_checkpoint
+from vlmptq.config import make_config
+from vlmptq.errors import CalibrationDataError, CheckpointError, ConfigError, UnsupportedModelError
+from tests.support.checkpoints import dense_copy, image_prompt_inputs
+
+CALIB = CalibConfig(source="builtin", num_samples=3, max_seq_len=512)
+
+# A covering set: every method on both architectures and at W2/W3/W4 (rtn also W8), and every
+# (group size, symmetry) combination on both architectures.
+CASES = [
+    ("qwen2_vl", "vlmptq", 2, 32, False),
+    ("qwen2_vl", "gptaq", 3, 64, True),
+    ("qwen2_vl", "gptq", 4, 32, True),
+    ("qwen2_vl", "rtn", 2, 64, False),
+    ("qwen2_vl", "vlmptq", 4, 64, False),
+    ("qwen2_vl", "gptq", 3, 32, False),
+    ("qwen2_vl", "rtn", 8, 32, False),
+    ("qwen2_5_vl", "vlmptq", 3, 64, True),
+    ("qwen2_5_vl", "gptaq", 4, 32, False),
+    ("qwen2_5_vl", "gptq", 2, 64, True),
+    ("qwen2_5_vl", "rtn", 3, 32, True),
+    ("qwen2_5_vl", "gptaq", 2, 32, False),
+    ("qwen2_5_vl", "rtn", 4, 64, False),
+    ("qwen2_5_vl", "vlmptq", 2, 64, False),
+]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_qwen2_vl, tiny_qwen2_5_vl):
+    return {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+
+
+@pytest.mark.parametrize("arch,method,bits,group,sym", CASES, ids=lambda v: str(v))
+def test_quantize_writes_a_checkpoint_that_reloads_to_the_fake_quant_model(models, tmp_path, arch, method, bits,
+                                                                           group, sym):
+    src = models[arch]
+    config = make_config(method=method, bits=bits, group_size=group, symmetric=sym, calib=CALIB, device="cpu")
+    model, result, n = vlmptq.quantize_in_memory(src, config)
+    assert len(result.quantized) == 14  # 2 decoder layers x (q, k, v, o, gate, up, down)
+    assert n == (0 if method == "rtn" else 3)
+    for rec in result.records:
+        if method != "rtn":
+            assert rec.rel_error is not None and math.isfinite(rec.rel_error) and rec.rel_error < 0.5, rec
+        if method == "vlmptq":
+            assert rec.info["mu"] in (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
+
+    from vlmptq.checkpoint.writer import save_quantized_checkpoint
+
+    out = tmp_path / "ckpt"
+    save_quantized_checkpoint(model, result.quantized, out, scheme=config.scheme, ignore=result.frozen,
+                              source_dir=src, metadata={"method": method})
+    report = inspect_checkpoint(out)
+    assert report.scheme == config.scheme.describe()
+    # Reload through our reader into a fresh model of the real class: identical weights, identical logits.
+    fresh = AutoModelForImageTextToText.from_pretrained(dense_copy(out, tmp_path / "dense")).eval()
+    fresh_sd = fresh.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh_sd[k], v), k
+    inputs = image_prompt_inputs(src)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_public_api_and_metadata(tiny_qwen2_5_vl, tmp_path):
+    out = tmp_path / "q"
+    config = make_config(method="vlmptq", bits=3, group_size=64, calib=CALIB, device="cpu")
+    report = vlmptq.quantize(tiny_qwen2_5_vl, out, config)
+    assert report.checkpoint.n_quantized == 14
+    assert report.num_calibration_samples == 3
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["quant_method"] == "compressed-tensors"
+    marker = qc["vlmptq"]
+    assert marker["method"] == "vlmptq" and marker["calibration"]["num_samples"] == 3
+    assert len(marker["mu"]) == 14
+    assert any(n.startswith("visual.") for n in qc["ignore"]) and "lm_head" in qc["ignore"]
+    for f in ("tokenizer.json", "chat_template.jinja", "processor_config.json"):
+        assert (out / f).exists(), f
+
+
+def test_solver_never_sees_the_vision_tower(tiny_qwen2_vl):
+    config = make_config(method="gptq", bits=4, group_size=32, calib=CALIB, device="cpu",
+                         ignore=(r"mlp\.down_proj",))
+    _, result, _ = vlmptq.quantize_in_memory(tiny_qwen2_vl, config)
+    assert all(".language_model.layers." in n for n in result.quantized)
+    assert not any("down_proj" in n for n in result.quantized)
+    assert sum("down_proj" in n for n in result.frozen) == 2
+
+
+# ------------------------------------------------------------------ bad input: clear error, nothing lost
+def _untouched(out, before):
+    if before is None:
+        assert not out.exists()
+    else:
+        assert sorted(p.name for p in out.iterdir()) == before
+    assert not [p for p in out.parent.iterdir() if "vlmptq-tmp" in p.name]
+
+
+def test_group_size_the_layer_cannot_take(tiny_qwen2_vl, tmp_path):
+    out = tmp_path / "out"
+    config = make_config(method="gptq", bits=4, group_size=128, calib=CALIB, device="cpu")
+    with pytest.raises(ConfigError, match=r"has 192 input features, not divisible by group_size=128"):
+        vlmptq.quantize(tiny_qwen2_vl, out, config)
+    _untouched(out, None)
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    src = tmp_path / "bert"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(UnsupportedModelError, match=r"'bert' is not supported; supported model types: .*qwen2_5_vl"):
+        vlmptq.quantize(src, tmp_path / "out")
+    _untouched(tmp_path / "out", None)
+
+
+def test_existing_output_is_refused_and_kept(tiny_qwen2_vl, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        vlmptq.quantize(tiny_qwen2_vl, out, make_config(method="rtn", group_size=32))
+    _untouched(out, ["keep.txt"])
+
+
+def test_corrupt_calibration_image_names_the_sample(tiny_qwen2_vl, tmp_path):
+    data = tmp_path / "calib.jsonl"
+    (tmp_path / "broken.png").write_text("not an image")
+    data.write_text(json.dumps({"image": "broken.png", "text": "a cat"}) + "\n")
+    out = tmp_path / "out"
+    config = make_config(method="vlmptq", group_size=32, calib=CalibConfig(source=str(data)), device="cpu")
+    with pytest.raises(CalibrationDataError, match="broken.png"):
+        vlmptq.quantize(tiny_qwen2_vl, out, config)
+    _untouched(out, None)
+
+
+def test_interrupted_run_leaves_no_output(tiny_qwen2_vl, tmp_path, monkeypatch):
+    import vlmptq.solvers.methods as methods
+
+    calls = {"n": 0}
+    original = methods.gptq_quantize
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:  # in the second decoder layer
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(methods, "gptq_quantize", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        vlmptq.quantize(tiny_qwen2_vl, out, make_config(method="gptq", group_size=32, calib=CALIB, device="cpu"))
+    _untouched(out, None)
+
+
+def test_invalid_options_name_the_field():
+    with pytest.raises(ConfigError, match="bits"):
+        make_config(bits=5)
+    with pytest.raises(ConfigError, match="do not apply to method 'gptq'"):
+        make_config(method="gptq", solver={"correction": "exact"})
+    with pytest.raises(ConfigError, match="unknown method"):
+        make_config(method="awq")
+    with pytest.raises(ConfigError, match="Extra inputs are not permitted"):
+        make_config(bitz=3)

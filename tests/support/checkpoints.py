@@ -1,0 +1,43 @@
+"""Test helpers around written checkpoints: a dense 16-bit copy and a fixed image prompt."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from vlmptq.checkpoint.reader import dequantize_checkpoint
+
+
+def dense_copy(ckpt: Path, dst: Path) -> Path:
+    """A plain 16-bit checkpoint from ``dequantize_checkpoint`` (config without quantization_config),
+    loadable by the model's own transformers class: the reload path every test compares against."""
+    dst.mkdir()
+    for f in Path(ckpt).iterdir():
+        if f.is_file() and not f.name.startswith("model"):
+            shutil.copy2(f, dst / f.name)
+    cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    del cfg["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    save_file(dequantize_checkpoint(ckpt), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_image(size: tuple[int, int] = (150, 100), seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"))
+
+
+def image_prompt_inputs(model_dir: Path, question: str = "What is in this picture?") -> dict[str, torch.Tensor]:
+    """Processor inputs for one chat turn with an image, for comparing models' logits."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return dict(processor(text=[text], images=[test_image()], return_tensors="pt"))

@@ -1,0 +1,3 @@
+from vlmptq.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The public verb: ``vlmptq.quantize(model_dir, out_dir, config)``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlmptq.checkpoint.writer import CheckpointSummary, check_destination, save_quantized_checkpoint
+from vlmptq.config import QuantizeConfig
+from vlmptq.errors import ConfigError
+from vlmptq.models.adapters import adapter_for_type, load_model, read_model_type
+from vlmptq.pipeline.sequential import LinearRecord, PipelineResult, quantize_model
+from vlmptq.solvers import build_solver
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizeReport:
+    """What :func:`quantize` did: the checkpoint written and one record per quantized linear."""
+
+    checkpoint: CheckpointSummary
+    records: list[LinearRecord]
+    num_calibration_samples: int
+    seconds: float
+    peak_memory_bytes: int | None
+
+    def __str__(self) -> str:
+        return (f"{self.checkpoint}\nquantized {len(self.records)} linears in {self.seconds:.1f}s "
+                f"with {self.num_calibration_samples} calibration samples")
+
+
+def _checkpoint_dtype(model_dir: Path) -> torch.dtype | None:
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None) -> tuple[torch.nn.Module, PipelineResult, int]:
+    """Load ``model``, calibrate and quantize it in memory (fake-quant weights), without writing.
+
+    Returns the model (its decoder linears hold the dequantized weights), the pipeline's result (the
+    quantized weights per linear and one record per linear) and the number of calibration samples.
+    The quality benchmark uses this directly; :func:`quantize` adds the checkpoint.
+    """
+    config = config or QuantizeConfig()
+    model_dir = Path(model)
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model {model_dir} is not a directory; pass a local Hugging Face model folder")
+    adapter_for_type(read_model_type(model_dir))  # unknown architectures fail before loading anything
+    solver = build_solver(config.method, config.solver)
+    device = config.torch_device()
+    hf_model, adapter = load_model(model_dir, config.torch_dtype(_checkpoint_dtype(model_dir)))
+    samples = []
+    if solver.needs.hessian:
+        from transformers import AutoProcessor
+
+        from vlmptq.calib import load_calibration
+
+        processor = AutoProcessor.from_pretrained(str(model_dir))
+        samples = load_calibration(config.calib, processor, sorted(adapter.vision_token_ids()))
+        logger.info("calibrating on %d samples from %s", len(samples), config.calib.source)
+    result = quantize_model(
+        hf_model, adapter, solver, config.scheme, samples,
+        device=device, offload_device=config.offload_device, ignore=config.ignore,
+    )
+    return hf_model, result, len(samples)
+
+
+def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | None = None) -> QuantizeReport:
+    """Quantize the Hugging Face VLM in ``model`` (a local directory) and write a compressed-tensors
+    ``pack-quantized`` checkpoint to ``out``.
+
+    Everything that can be checked is checked before the model is loaded (config, output directory,
+    architecture); ``out`` is only ever replaced by a complete checkpoint.
+    """
+    t0 = time.perf_counter()
+    config = config or QuantizeConfig()
+    check_destination(Path(out).absolute(), config.overwrite, Path(model))
+    device = config.torch_device()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    hf_model, result, n_samples = quantize_in_memory(model, config)
+    metadata = {
+        "method": config.method,
+        "scheme": config.scheme.describe(),
+        "solver": config.solver.model_dump(mode="json", exclude_none=True),
+        "calibration": {"source": config.calib.source, "num_samples": n_samples,
+                        "max_seq_len": config.calib.max_seq_len, "seed": config.calib.seed},
+        "mu": {r.name: r.info["mu"] for r in result.records if "mu" in r.info},
+    }
+    summary = save_quantized_checkpoint(
+        hf_model, result.quantized, out, scheme=config.scheme, ignore=result.frozen,
+        source_dir=model, metadata=metadata, overwrite=config.overwrite,
+    )
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return QuantizeReport(summary, result.records, n_samples, time.perf_counter() - t0, peak)

@@ -1,0 +1,135 @@
+"""The ``vlmptq`` command: argument parsing only; the work is done by the library API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DESCRIPTION = """\
+Quantize a Hugging Face vision-language model's language-model linears to 2/3/4/8-bit weights
+(RTN, GPTQ, GPTAQ or VLM-PTQ) and write a compressed-tensors pack-quantized checkpoint that
+vLLM serves (stock, or faster with `--quantization vlmptq` and this package's plugin)."""
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize", help="quantize a model and write a checkpoint",
+        description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="local Hugging Face model directory (config.json, weights, processor)")
+    p.add_argument("--out", required=True, help="output directory for the quantized checkpoint (written atomically)")
+    p.add_argument("--method", default="vlmptq", choices=["rtn", "gptq", "gptaq", "vlmptq"], help="quantization algorithm")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="weight bits")
+    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1],
+                   help="input columns sharing one scale/zero point (-1: one per output channel)")
+    p.add_argument("--sym", action="store_true", help="symmetric grid without zero points (default: asymmetric)")
+    c = p.add_argument_group("calibration data")
+    c.add_argument("--calib", default="builtin",
+                   help="'builtin' (offline photos + captions), a directory of images with .txt captions, a .jsonl "
+                        "file of {image, text[, prompt]}, or a Hugging Face dataset (name, local path or save_to_disk dir)")
+    c.add_argument("--num-samples", type=int, default=128, help="calibration image-text pairs")
+    c.add_argument("--max-seq-len", type=int, default=2048, help="maximum tokens per calibration sample")
+    c.add_argument("--seed", type=int, default=0, help="seed for sample selection and the built-in set's crops")
+    c.add_argument("--split", default="train", help="dataset split (Hugging Face datasets)")
+    c.add_argument("--image-column", default="image", help="dataset column / jsonl key with the image")
+    c.add_argument("--text-column", default="text", help="dataset column / jsonl key with the caption (assistant turn)")
+    c.add_argument("--prompt-column", default=None, help="dataset column with the question (default: a fixed prompt)")
+    c.add_argument("--max-image-side", type=int, default=None, help="downscale images whose longer side exceeds this")
+    c.add_argument("--skip-bad-samples", action="store_true",
+                   help="skip (and count) unreadable or too-long samples instead of stopping at the first one")
+    s = p.add_argument_group("solver options (method defaults when omitted)")
+    s.add_argument("--alpha", type=float, default=None, help="GPTAQ asymmetric-term scale (gptaq/vlmptq default 0.25)")
+    s.add_argument("--correction", choices=["none", "diag", "exact", "target"], default=None,
+                   help="VLM-PTQ rounding-target correction: diag (paper, default), exact (all remaining columns), "
+                        "target (GPTQ on the least-squares target), none")
+    s.add_argument("--no-modality", action="store_true", help="VLM-PTQ without modality-aware group parameters")
+    s.add_argument("--mu-grid", type=float, nargs="+", default=None,
+                   help="VLM-PTQ vision/text fusion weights searched per layer (default 0 .2 .4 .5 .6 .8 1)")
+    s.add_argument("--modality-norm", choices=["mean", "sum"], default=None,
+                   help="per-modality Hessian diagonals as per-token means (default) or raw sums")
+    s.add_argument("--act-order", action="store_true", help="quantize columns by descending Hessian diagonal")
+    s.add_argument("--no-clip-search", action="store_true", help="min-max group ranges instead of an MSE clip search")
+    s.add_argument("--damp", type=float, default=0.01, help="Hessian dampening as a fraction of its mean diagonal")
+    s.add_argument("--block-size", type=int, default=128, help="columns per lazy-update block")
+    r = p.add_argument_group("run")
+    r.add_argument("--ignore", nargs="+", default=[], metavar="REGEX",
+                   help="decoder-layer linears to keep in 16-bit (regex on the module name); the vision tower, "
+                        "projector and lm_head are always kept")
+    r.add_argument("--device", default="auto", help="compute device: auto, cpu, cuda, cuda:N")
+    r.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="model dtype")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import vlmptq
+    from vlmptq.calib import CalibConfig
+    from vlmptq.config import make_config
+
+    solver = {k: v for k, v in dict(
+        alpha=args.alpha, correction=args.correction, mu_grid=tuple(args.mu_grid) if args.mu_grid else None,
+        modality=False if args.no_modality else None, modality_norm=args.modality_norm,
+    ).items() if v is not None}
+    if args.act_order:
+        solver["act_order"] = True
+    if args.no_clip_search:
+        solver["clip_search"] = False
+    if args.damp != 0.01:
+        solver["damp"] = args.damp
+    if args.block_size != 128:
+        solver["block_size"] = args.block_size
+    calib = CalibConfig(
+        source=args.calib, num_samples=args.num_samples, max_seq_len=args.max_seq_len, seed=args.seed,
+        split=args.split, image_column=args.image_column, text_column=args.text_column,
+        prompt_column=args.prompt_column, max_image_side=args.max_image_side,
+        on_bad_sample="skip" if args.skip_bad_samples else "error",
+    )
+    config = make_config(
+        method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.sym,
+        solver=solver, calib=calib, ignore=tuple(args.ignore), device=args.device,
+        dtype=args.dtype, overwrite=args.overwrite,
+    )
+    report = vlmptq.quantize(args.model, args.out, config)
+    logging.getLogger("vlmptq").info("%s", report)
+    print(report.checkpoint)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from vlmptq.checkpoint.reader import inspect_checkpoint
+
+    print(inspect_checkpoint(args.dir).format())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmptq", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    p = sub.add_parser("inspect", help="print a checkpoint's scheme, layers, sizes and compression",
+                       description="Print a vlmptq / compressed-tensors checkpoint's scheme, quantized and "
+                                   "16-bit layers, sizes, bits per weight and compression ratio.")
+    p.add_argument("dir", help="checkpoint directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from vlmptq.errors import VlmptqError
+
+    try:
+        return {"quantize": _quantize, "inspect": _inspect}[args.command](args)
+    except VlmptqError as e:
+        print(f"vlmptq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlmptq: interrupted; nothing was written to --out", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

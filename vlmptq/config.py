@@ -1,0 +1,81 @@
+"""The one configuration object of :func:`vlmptq.quantize`, validated at the boundary."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vlmptq.calib import CalibConfig
+from vlmptq.errors import ConfigError
+from vlmptq.quant.scheme import WeightScheme
+from vlmptq.solvers import SOLVERS, SolverOptions, build_solver
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class QuantizeConfig(BaseModel):
+    """How to quantize: method, weight scheme, solver options, calibration data, devices.
+
+    Unknown fields are rejected; every error names the field, the value and what to use instead.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    method: str = Field("vlmptq", description="rtn | gptq | gptaq | vlmptq")
+    bits: int = Field(4, description="weight bits: 2, 3, 4 or 8")
+    group_size: int = Field(128, description="columns per scale/zero: 32, 64, 128, or -1 (per channel)")
+    symmetric: bool = Field(False, description="symmetric grid (no zero points); the paper uses asymmetric")
+    solver: SolverOptions = Field(default_factory=SolverOptions, description="solver options")
+    calib: CalibConfig = Field(default_factory=CalibConfig, description="calibration data")
+    ignore: tuple[str, ...] = Field((), description="regexes of decoder-layer linears to keep in 16-bit")
+    device: str = Field("auto", description="compute device: auto (cuda if available), cpu, cuda, cuda:N")
+    offload_device: str = Field("cpu", description="where per-sample activations wait between layers")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="model dtype")
+    overwrite: bool = Field(False, description="replace a non-empty output directory")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in SOLVERS:
+            raise ValueError(f"unknown method {v!r}; choose one of {sorted(SOLVERS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "QuantizeConfig":
+        self.scheme  # validates bits / group size
+        build_solver(self.method, self.solver)  # validates option/method combinations
+        for dev in (self.device, self.offload_device):
+            if dev != "auto":
+                try:
+                    torch.device(dev)
+                except RuntimeError as e:
+                    raise ValueError(f"device {dev!r} is not a torch device ({e}); use cpu, cuda or cuda:N")
+        return self
+
+    @property
+    def scheme(self) -> WeightScheme:
+        return WeightScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={self.device!r} but CUDA is not available here; use --device cpu")
+        return dev
+
+    def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        if self.dtype == "auto":
+            return checkpoint_dtype if checkpoint_dtype in DTYPES.values() else torch.bfloat16
+        return DTYPES[self.dtype]
+
+
+def make_config(**fields) -> QuantizeConfig:
+    """Build a :class:`QuantizeConfig`, turning pydantic's validation errors into a ConfigError."""
+    try:
+        return QuantizeConfig(**fields)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(msgs) from None

@@ -1,0 +1,159 @@
+"""Model adapters: where a model's decoder layers are, and which tokens are vision tokens.
+
+An adapter answers three questions for the pipeline, so that the pipeline stays architecture-free:
+    decoder_layers()     the language model's decoder layers (an nn.ModuleList) and its module path;
+    vision_token_ids()   token ids whose positions receive vision features (the per-token mask);
+    load(path, dtype)    the transformers class that loads the checkpoint.
+Everything that is an ``nn.Linear`` outside the decoder layers (vision tower, projector/merger,
+``lm_head``) stays in 16-bit; that list is computed, not hand-written, so it always holds the real
+module names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vlmptq.errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+ADAPTERS: dict[str, type["ModelAdapter"]] = {}
+
+
+def register_adapter(*model_types: str) -> Callable[[type], type]:
+    """Register an adapter class for the given ``config.model_type`` values."""
+
+    def deco(cls: type) -> type:
+        for mt in model_types:
+            if mt in ADAPTERS:
+                raise ValueError(f"model type {mt!r} already has an adapter")
+            ADAPTERS[mt] = cls
+        cls.model_types = model_types
+        return cls
+
+    return deco
+
+
+class ModelAdapter:
+    """Base adapter for transformers VLMs whose text model sits at ``model.model.<text_attr>``."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    text_attr: ClassVar[str] = "language_model"  # attribute of model.model holding the text model
+    auto_class: ClassVar[str] = "AutoModelForImageTextToText"
+    token_id_keys: ClassVar[tuple[str, ...]] = ("image_token_id", "image_token_index", "video_token_id",
+                                                "video_token_index")
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # -------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype) -> nn.Module:
+        import transformers
+
+        auto = getattr(transformers, cls.auto_class)
+        model = auto.from_pretrained(str(path), dtype=dtype, low_cpu_mem_usage=True)
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    # -------------------------------------------------------------- structure
+    def text_model(self) -> nn.Module:
+        return getattr(self.model.model, self.text_attr)
+
+    def decoder_layers(self) -> tuple[str, nn.ModuleList]:
+        """(module path, the decoder layers) of the language model."""
+        layers = self.text_model().layers
+        for name, module in self.model.named_modules():
+            if module is layers:
+                return name, layers
+        raise UnsupportedModelError("could not locate the decoder layers in the model")  # pragma: no cover
+
+    def vision_token_ids(self) -> set[int]:
+        """Ids of the placeholder tokens that vision features replace."""
+        ids = set()
+        for key in self.token_id_keys:
+            value = getattr(self.model.config, key, None)
+            if isinstance(value, int) and value >= 0:
+                ids.add(value)
+        return ids
+
+    def frozen_linears(self) -> list[str]:
+        """Names of every nn.Linear outside the decoder layers (kept in 16-bit)."""
+        prefix, _ = self.decoder_layers()
+        return [n for n, m in self.model.named_modules()
+                if isinstance(m, nn.Linear) and not n.startswith(prefix + ".")]
+
+    def describe(self) -> str:
+        prefix, layers = self.decoder_layers()
+        return f"{type(self.model).__name__}: {len(layers)} decoder layers at {prefix}"
+
+
+@register_adapter("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision", "internvl", "gemma3",
+                  "mistral3")
+class VLMAdapter(ModelAdapter):
+    """Qwen2-VL, Qwen2.5-VL, LLaVA family, InternVL3, Gemma 3, Mistral 3: ``model.model.language_model``."""
+
+
+@register_adapter("idefics3", "smolvlm")
+class Idefics3Adapter(ModelAdapter):
+    """Idefics3 / SmolVLM: the text model is ``model.model.text_model``."""
+
+    text_attr = "text_model"
+
+
+@register_adapter("llama", "qwen2", "qwen3", "gemma3_text", "mistral")
+class CausalLMAdapter(ModelAdapter):
+    """Text-only causal LMs (every token is a text token): the quality benchmark's real models."""
+
+    auto_class = "AutoModelForCausalLM"
+
+    def text_model(self) -> nn.Module:
+        return self.model.model
+
+    def vision_token_ids(self) -> set[int]:
+        return set()
+
+
+def read_model_type(path: str | Path) -> str:
+    import json
+
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise UnsupportedModelError(
+            f"{path} has no config.json; --model must be a local Hugging Face model directory "
+            "(downloading from a hub is not supported here)"
+        )
+    try:
+        return json.loads(cfg.read_text())["model_type"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise UnsupportedModelError(f"{cfg} is not a valid model config ({e})") from e
+
+
+def adapter_for_type(model_type: str) -> type[ModelAdapter]:
+    if model_type not in ADAPTERS:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported; supported model types: {', '.join(sorted(ADAPTERS))}. "
+            "Adding one is a few lines in vlmptq/models/adapters.py (where its decoder layers are)."
+        )
+    return ADAPTERS[model_type]
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, ModelAdapter]:
+    """Load the checkpoint at ``path`` with its adapter (unknown architectures fail before loading)."""
+    cls = adapter_for_type(read_model_type(path))
+    model = cls.load(path, dtype)
+    adapter = cls(model)
+    logger.info("loaded %s", adapter.describe())
+    return model, adapter
+
+
+def adapter_for_model(model: nn.Module) -> ModelAdapter:
+    """The adapter for an already loaded model."""
+    return adapter_for_type(model.config.model_type)(model)

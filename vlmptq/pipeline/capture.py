@@ -1,0 +1,165 @@
+"""Capturing what flows into decoder layers and linears. Every hook lives in a context manager that
+always removes it; early exits use a private exception so real errors are never swallowed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    """Raised by our own hooks to end a forward pass once the wanted input has been seen."""
+
+
+@dataclass
+class LayerCall:
+    """One decoder-layer call: the hidden states and every other argument the model passed."""
+
+    hidden_states: torch.Tensor  # [1, T, hidden]
+    kwargs: dict[str, Any]  # position embeddings (M-RoPE for Qwen), attention mask, position ids, ...
+
+
+def move_to(obj: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
+    """Move tensors nested in tuples/lists/dicts to ``device``, keeping shared tensors shared."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, tuple):
+        return tuple(move_to(o, device, memo) for o in obj)
+    if isinstance(obj, list):
+        return [move_to(o, device, memo) for o in obj]
+    if isinstance(obj, dict):
+        return {k: move_to(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records its call and passes the hidden states through."""
+
+    def __init__(self, layer: nn.Module, index: int, calls: list[list[LayerCall]], last: bool):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)  # not a submodule: it must not move with the model
+        self._index, self._calls, self._last = index, calls, last
+
+    def __getattr__(self, name: str) -> Any:  # attributes the model loop reads (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise TypeError("decoder layers are expected to receive everything but hidden_states by keyword")
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        kwargs["use_cache"] = False
+        self._calls[self._index].append(LayerCall(hidden_states, kwargs))
+        if self._last:
+            raise _StopForward
+        return hidden_states
+
+
+@contextmanager
+def record_layer_calls(layers: nn.ModuleList) -> Iterator[list[list[LayerCall]]]:
+    """Replace every decoder layer by a recorder for the duration of the block.
+
+    A forward pass through the model then costs only the embeddings (and the vision tower): the
+    recorders pass hidden states through untouched and the last one ends the pass. Yields
+    ``calls[layer_index] -> [LayerCall per forward]``; each layer's own arguments are kept
+    (Gemma 3, for instance, gives sliding-window and global layers different masks and rotary tables).
+    """
+    originals = list(layers)
+    calls: list[list[LayerCall]] = [[] for _ in originals]
+    for i, layer in enumerate(originals):
+        layers[i] = _Recorder(layer, i, calls, last=i == len(originals) - 1)
+    try:
+        yield calls
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+def run_until_stopped(fn, *args: Any, **kwargs: Any) -> None:
+    """Call ``fn``; a :class:`_StopForward` from our hooks ends it normally."""
+    try:
+        fn(*args, **kwargs)
+    except _StopForward:
+        pass
+
+
+@contextmanager
+def capture_input(module: nn.Module, stop: bool = True) -> Iterator[list[torch.Tensor]]:
+    """Record the first positional input of ``module`` on each call (and end the pass if ``stop``)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_mod: nn.Module, args: tuple) -> None:
+        seen.append(args[0].detach())
+        if stop:
+            raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def call_layer(layer: nn.Module, call: LayerCall, hidden_states: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Run a decoder layer on ``hidden_states`` with the recorded arguments of ``call``."""
+    out = layer(hidden_states.to(device), **move_to(call.kwargs, device))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def layer_input_of(layer: nn.Module, linear: nn.Module, call: LayerCall, hidden_states: torch.Tensor,
+                   device: torch.device) -> torch.Tensor:
+    """The input of ``linear`` (a module inside ``layer``) when the layer runs on ``hidden_states``;
+    the layer's forward stops right after it (nothing later in the layer is computed)."""
+    with capture_input(linear) as seen:
+        run_until_stopped(call_layer, layer, call, hidden_states, device)
+    if not seen:
+        raise RuntimeError(f"{type(linear).__name__} was never called during the decoder layer's forward")
+    return seen[0]
+
+
+def input_sharing_groups(layer: nn.Module, call: LayerCall, device: torch.device,
+                         names: list[str]) -> list[list[str]]:
+    """Group the linears ``names`` of ``layer`` by the tensor they read, in call order.
+
+    q/k/v read the same normed hidden states, gate/up the same MLP input: each group shares one
+    Hessian. Found by running the layer once and comparing the input tensors' storage, so fused
+    layouts (qkv_proj) and unusual orders need no per-architecture table.
+    """
+    order: list[tuple[str, torch.Tensor]] = []
+    handles = []
+    for name in names:
+        def hook(_mod, args, _name=name):
+            order.append((_name, args[0]))
+        handles.append(layer.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            call_layer(layer, call, call.hidden_states, device)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    keys: list[torch.Tensor] = []
+    for name, x in order:
+        for gi, key in enumerate(keys):
+            if x is key or (x.data_ptr() == key.data_ptr() and x.shape == key.shape):
+                if name not in groups[gi]:
+                    groups[gi].append(name)
+                break
+        else:
+            keys.append(x)
+            groups.append([name])
+    missing = [n for n in names if not any(n in g for g in groups)]
+    if missing:
+        raise RuntimeError(f"linear layers {missing} were not called in the decoder layer's forward")
+    return groups

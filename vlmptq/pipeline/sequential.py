@@ -1,0 +1,261 @@
+"""The sequential layer-by-layer quantization loop (SPEC §2 "Pipeline").
+
+    calibration samples (+ vision / text token masks)
+      -> record every decoder layer's call arguments (one cheap pass: layers replaced by recorders)
+      -> for each decoder layer, on the compute device:
+           for each input-sharing group (q/k/v, o, gate/up, down), in order:
+               X  = the group's input when the partly quantized layer runs on the quantized stream
+               X~ = the same from a frozen full-precision copy on the full-precision stream
+                    (only if the solver asks for fp inputs)
+               statistics (H, dXXT, per-modality diagonals) -> solver -> fake-quant write-back
+           propagate both streams through the layer (quantized / full precision)
+      -> quantized weights per linear
+Groups are processed in order, so a group's inputs already see the earlier groups of the same
+layer quantized ("true sequential"). The loop never names an algorithm: it reads ``solver.needs``.
+Only the current layer (and its fp copy) is on the compute device.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vlmptq.errors import ConfigError
+from vlmptq.models.adapters import ModelAdapter
+from vlmptq.pipeline.capture import (
+    LayerCall, call_layer, input_sharing_groups, layer_input_of, move_to, record_layer_calls, run_until_stopped,
+)
+from vlmptq.quant.qweight import QuantizedWeight
+from vlmptq.quant.scheme import WeightScheme
+from vlmptq.solvers.base import Solver
+from vlmptq.solvers.modality import layer_loss
+from vlmptq.stats import InputStatistics, StatisticsAccumulator
+
+logger = logging.getLogger(__name__)
+
+
+class CalibrationSample(Protocol):
+    inputs: dict[str, torch.Tensor]
+    vision_mask: torch.Tensor
+    text_mask: torch.Tensor
+    sample_id: str
+
+
+@dataclass
+class LinearRecord:
+    """One quantized linear: what the per-layer log prints and the benchmarks collect."""
+
+    name: str
+    shape: tuple[int, int]
+    seconds: float
+    rel_error: float | None = None  # tr(E H E^T) / tr(W H W^T): relative output error on calibration inputs
+    rel_error_asym: float | None = None  # same with the asymmetric objective (up to its constant)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineResult:
+    quantized: dict[str, QuantizedWeight]  # module name -> codes/scales/zeros (on CPU)
+    records: list[LinearRecord]
+    frozen: list[str]  # Linear modules left in 16-bit
+    seconds: float
+
+
+@dataclass
+class _Streams:
+    """Per-sample hidden states entering the current layer, and each sample's recorded calls."""
+
+    quant: list[torch.Tensor]
+    fp: list[torch.Tensor] | None
+    calls: list[list[LayerCall]]  # [layer][sample]
+
+
+def _compile_ignore(patterns: Sequence[str]) -> list[re.Pattern]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ConfigError(f"--ignore pattern {p!r} is not a valid regular expression: {e}") from e
+    return out
+
+
+def _check_layers_fit(layers: nn.ModuleList, prefix: str, ignore: list[re.Pattern], scheme: WeightScheme) -> None:
+    """Fail before any work if a linear cannot take the scheme (e.g. K not divisible by the group)."""
+    for li, layer in enumerate(layers):
+        for name in _quantizable(layer, f"{prefix}.{li}", ignore)[0]:
+            k = layer.get_submodule(name).in_features
+            if scheme.group_size != -1 and k % scheme.group_size:
+                raise ConfigError(
+                    f"{prefix}.{li}.{name} has {k} input features, not divisible by group_size="
+                    f"{scheme.group_size}; choose a group size dividing {k} (or -1 per channel), or keep "
+                    f"the layer in 16-bit with --ignore"
+                )
+
+
+def _quantizable(layer: nn.Module, prefix: str, ignore: list[re.Pattern]) -> tuple[list[str], list[str]]:
+    """Split the layer's linears into (to quantize, matched by --ignore); names relative to the layer."""
+    keep, skipped = [], []
+    for name, mod in layer.named_modules():
+        if isinstance(mod, nn.Linear):
+            (skipped if any(p.search(f"{prefix}.{name}") for p in ignore) else keep).append(name)
+    return keep, skipped
+
+
+@contextmanager
+def _without(parent: nn.Module, attr: str) -> Iterator[None]:
+    """Temporarily detach ``parent.attr`` (the decoder layers) so ``model.to()`` leaves it alone."""
+    held = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        yield
+    finally:
+        setattr(parent, attr, held)
+
+
+def _capture_streams(model: nn.Module, layers: nn.ModuleList, samples: Sequence[CalibrationSample],
+                     device: torch.device, offload: torch.device, need_fp: bool) -> _Streams:
+    """Run every sample through the model with recorders in place of the decoder layers; only the
+    embeddings and the vision tower do any work, on the compute device."""
+    parent, attr = _parent_of(model, layers)
+    with _without(parent, attr):
+        model.to(device)
+    per_layer: list[list[LayerCall]] = [[] for _ in layers]
+    try:
+        with record_layer_calls(layers) as calls, torch.no_grad():
+            for s in tqdm(samples, desc="capturing layer inputs", leave=False):
+                run_until_stopped(model, **move_to(s.inputs, device), use_cache=False)
+                if len(calls[-1]) != 1:
+                    raise RuntimeError(f"sample {s.sample_id}: the model did not call each decoder layer once")
+                memo: dict[int, Any] = {}  # keeps tensors shared between layers shared after the move
+                for li in range(len(layers)):
+                    c = calls[li].pop()
+                    hidden = move_to(c.hidden_states, offload, memo) if li == 0 else None
+                    per_layer[li].append(LayerCall(hidden, move_to(c.kwargs, offload, memo)))
+    finally:
+        with _without(parent, attr):
+            model.to("cpu")
+    quant = [c.hidden_states for c in per_layer[0]]
+    return _Streams(quant=quant, fp=[h.clone() for h in quant] if need_fp else None, calls=per_layer)
+
+
+def _parent_of(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
+    for name, mod in model.named_modules():
+        for child_name, child in mod.named_children():
+            if child is target:
+                return mod, child_name
+    raise RuntimeError("decoder layers not found in the model")  # pragma: no cover
+
+
+def _group_statistics(layer: nn.Module, fp_layer: nn.Module | None, first: str, streams: _Streams, li: int,
+                      samples: Sequence[CalibrationSample], solver: Solver, device: torch.device,
+                      in_features: int) -> InputStatistics:
+    needs = solver.needs
+    acc = StatisticsAccumulator(in_features, device, fp_inputs=needs.fp_inputs, modality=needs.modality)
+    lin = layer.get_submodule(first)
+    lin_fp = fp_layer.get_submodule(first) if fp_layer is not None else None
+    for si, s in enumerate(samples):
+        call = streams.calls[li][si]
+        x = layer_input_of(layer, lin, call, streams.quant[si], device)
+        x_fp = layer_input_of(fp_layer, lin_fp, call, streams.fp[si], device) if lin_fp is not None else None
+        acc.add(x, x_fp, s.vision_mask if needs.modality else None, s.text_mask if needs.modality else None)
+    return acc.finalize()
+
+
+def _relative_errors(w: torch.Tensor, q: torch.Tensor, stats: InputStatistics | None) -> tuple[float | None, float | None]:
+    if stats is None:
+        return None, None
+    h = stats.hessian
+    ref = layer_loss(torch.zeros_like(w, dtype=torch.float32), w.float(), h).item()  # tr(W H W^T)
+    if ref <= 0:
+        return None, None
+    sym = layer_loss(w, q, h).item() / ref
+    asym = layer_loss(w, q, h, stats.dxxt).item() / ref if stats.dxxt is not None else None
+    return sym, asym
+
+
+def quantize_model(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    solver: Solver,
+    scheme: WeightScheme,
+    samples: Sequence[CalibrationSample],
+    *,
+    device: torch.device | str = "cpu",
+    offload_device: torch.device | str = "cpu",
+    ignore: Sequence[str] = (),
+) -> PipelineResult:
+    """Quantize every decoder-layer linear of ``model`` in place (fake-quant weights) and return the
+    quantized weights. ``ignore``: regexes of full module names to leave in 16-bit."""
+    t_start = time.perf_counter()
+    device, offload = torch.device(device), torch.device(offload_device)
+    prefix, layers = adapter.decoder_layers()
+    patterns = _compile_ignore(ignore)
+    needs = solver.needs
+    scale_dtype = next(model.parameters()).dtype
+    if needs.hessian and not samples:
+        raise ConfigError(f"method {solver.name!r} needs calibration samples, got none")
+    _check_layers_fit(layers, prefix, patterns, scheme)
+
+    streams = _capture_streams(model, layers, samples, device, offload, needs.fp_inputs) if needs.hessian else None
+    quantized: dict[str, QuantizedWeight] = {}
+    records: list[LinearRecord] = []
+    frozen = list(adapter.frozen_linears())
+
+    for li in tqdm(range(len(layers)), desc=f"quantizing ({solver.name}, {scheme.describe()})"):
+        layer = layers[li].to(device)
+        lprefix = f"{prefix}.{li}"
+        names, skipped = _quantizable(layer, lprefix, patterns)
+        frozen += [f"{lprefix}.{n}" for n in skipped]
+        for n in skipped:
+            logger.info("leaving %s in 16-bit (matches --ignore)", n)
+        fp_layer = copy.deepcopy(layer) if needs.fp_inputs else None
+        if streams is not None and names:
+            groups = input_sharing_groups(layer, LayerCall(streams.quant[0], streams.calls[li][0].kwargs), device, names)
+        else:
+            groups = [[n] for n in names]
+        with torch.no_grad():
+            for group in groups:
+                in_features = layer.get_submodule(group[0]).in_features
+                stats = (_group_statistics(layer, fp_layer, group[0], streams, li, samples, solver, device, in_features)
+                         if streams is not None else None)
+                for name in group:
+                    lin = layer.get_submodule(name)
+                    w = lin.weight.data
+                    res = solver.solve(w, stats, scheme, scale_dtype)
+                    q = res.qweight.dequantize(w.dtype)
+                    sym, asym = _relative_errors(w, q, stats)
+                    lin.weight.data = q.to(w.device)
+                    full = f"{lprefix}.{name}"
+                    quantized[full] = QuantizedWeight(res.qweight.codes.cpu(), res.qweight.scale.cpu(),
+                                                      res.qweight.zero.cpu(), scheme)
+                    rec = LinearRecord(full, tuple(w.shape), res.seconds, sym, asym,
+                                       {k: v for k, v in res.info.items() if k != "mu_scores"})
+                    records.append(rec)
+                    logger.info("%s %s: %.2fs%s%s%s", full, tuple(w.shape), res.seconds,
+                                f", rel. error {sym:.4g}" if sym is not None else "",
+                                f" (asym {asym:.4g})" if asym is not None else "",
+                                f", mu={res.info['mu']}" if "mu" in res.info else "")
+                del stats
+            if streams is not None:
+                for si in range(len(samples)):
+                    call = streams.calls[li][si]
+                    streams.quant[si] = call_layer(layer, call, streams.quant[si], device).to(offload)
+                    if fp_layer is not None:
+                        streams.fp[si] = call_layer(fp_layer, call, streams.fp[si], device).to(offload)
+                streams.calls[li] = []  # this layer's arguments are no longer needed
+        del fp_layer
+        layers[li] = layer.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return PipelineResult(quantized, records, frozen, time.perf_counter() - t_start)
