@@ -105,7 +105,7 @@ def test_fp16(bits, m):
     dict(path="gemv", block_n=16, blocks_per_iter=4, split_k=3),
     dict(path="gemv", block_n=64, blocks_per_iter=1, split_k=1, num_warps=8),
     dict(path="dot", block_n=32, block_m=16, split_k=4),
-    dict(path="dot", block_n=128, block_m=64, num_warps=8, num_stages=3),
+    dict(path="dot", block_n=128, block_m=32, num_warps=8, num_stages=2),
     dict(path="dequant", block_n=32),
 ], ids=["gemv-split", "gemv-wide", "dot-split", "dot-big", "dequant"])
 def test_every_path(bits, cfg):

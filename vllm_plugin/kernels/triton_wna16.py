@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import torch
 
 from vllm_plugin.kernels.base import WNA16Kernel, WNA16LayerConfig
+from vllm_plugin.kernels.triton import ops as _ops  # registers torch.ops.vlmptq.wna16_gemm (no triton import)
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,6 @@ class TritonWNA16Kernel(WNA16Kernel):
         weight_zero_point: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
         from vllm_plugin.kernels.triton.layout import repack
-        from vllm_plugin.kernels.triton.ops import get_locks
 
         c = self.config
         expected = (c.out_features, c.num_groups)
@@ -90,13 +90,11 @@ class TritonWNA16Kernel(WNA16Kernel):
                                  c.act_dtype)
         logger.debug("triton wna16: repacked %dx%d w%d g%d (effective group %d)", c.out_features,
                      c.in_features, c.bits, c.group_size, ge)
-        return {"qweight": qweight, "sz": sz, "locks": get_locks(qweight.device)}
+        return {"qweight": qweight, "sz": sz, "locks": _ops.get_locks(qweight.device)}
 
     def apply(
         self, tensors: Mapping[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        import vllm_plugin.kernels.triton.ops  # noqa: F401  (registers torch.ops.vlmptq.wna16_gemm)
-
         c = self.config
         if x.dtype != c.act_dtype:
             raise TypeError(f"activations are {x.dtype} but the layer was prepared for {c.act_dtype}")

@@ -61,13 +61,13 @@ def _geometry(bits: int, k: int, qweight: torch.Tensor, sz: torch.Tensor) -> dic
                 EVEN_K=(k == nblk * bk), PLANES=planes(bits))
 
 
-def _split(nblk: int, split_k: int, tiles: int, per_iter: int = 1) -> tuple[int, int]:
+def _split(nblk: int, split_k: int, tiles: int, out_elems: int, per_iter: int = 1) -> tuple[int, int]:
     """(blocks per split, number of splits) for a requested split_k."""
     split = max(1, min(split_k, nblk))
     bps = math.ceil(nblk / split)
     bps = math.ceil(bps / per_iter) * per_iter
     n_split = math.ceil(nblk / bps)
-    if n_split > 1 and tiles > LOCKS_SIZE:
+    if n_split > 1 and (tiles > LOCKS_SIZE or n_split * out_elems >= 2**31):  # counters / int32 offsets
         return nblk, 1
     return bps, n_split
 
@@ -154,10 +154,10 @@ def _launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfig, g
         return torch.nn.functional.linear(x, w, bias)
     n_tiles = triton_cdiv(n, cfg.block_n)
     if cfg.path == "gemv":
-        bps, n_split = _split(geo["nblk"], cfg.split_k, n_tiles * m, cfg.blocks_per_iter)
+        bps, n_split = _split(geo["nblk"], cfg.split_k, n_tiles * m, m * n, cfg.blocks_per_iter)
     else:
         cfg = fit_smem(cfg, bits)
-        bps, n_split = _split(geo["nblk"], cfg.split_k, n_tiles * triton_cdiv(m, cfg.block_m))
+        bps, n_split = _split(geo["nblk"], cfg.split_k, n_tiles * triton_cdiv(m, cfg.block_m), m * n)
     split = n_split > 1
     ws = torch.empty((n_split, m, n), dtype=torch.float32, device=x.device) if split else out
     b = bias if bias is not None else out
