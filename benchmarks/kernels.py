@@ -432,18 +432,21 @@ def candidates(bits: int, n: int, k: int, m: int, sms: int, dry: bool) -> list[K
     if dry:
         alt = replace(base, split_k=max(1, base.split_k // 2)) if base.path != "dequant" else base
         return list(dict.fromkeys([base, alt]))
-    if m <= 2:
-        for bn in (16, 32, 64):
-            for tb in (1, 2, 4):
-                for f in (0.5, 1, 2):
-                    out.append(replace(base, block_n=bn, blocks_per_iter=tb,
-                                       split_k=max(1, round(base.split_k * f * 32 / bn))))
-        out.append(default_config(bits, group, n, k, 16, sms))  # tensor cores at M=1
+    if m <= 2:  # a diverse dozen around the default (the list is cut at --max-candidates)
+        def gv(**kw):
+            bn = kw.get("block_n", base.block_n)
+            return replace(base, **{"split_k": max(1, round(base.split_k * bn / base.block_n)), **kw})
+
+        out += [gv(blocks_per_iter=1), gv(blocks_per_iter=4), gv(num_stages=2), gv(num_stages=3),
+                gv(block_n=64), gv(block_n=16), gv(split_k=max(1, base.split_k * 2)),
+                gv(split_k=max(1, base.split_k // 2)), gv(block_n=64, blocks_per_iter=1, num_stages=3),
+                gv(block_n=16, blocks_per_iter=4), gv(block_n=64, num_warps=8),
+                default_config(bits, group, n, k, 16, sms)]  # tensor cores at M=1
     elif m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        for bn in (32, 64, 128):
-            for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
-                out.append(fit_smem(replace(base, block_n=bn, block_m=bm, num_warps=warps, num_stages=stages), bits))
+        for bn, warps, stages in ((32, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3),
+                                  (32, 4, 2), (128, 4, 2)):
+            out.append(fit_smem(replace(base, block_n=bn, block_m=bm, num_warps=warps, num_stages=stages), bits))
         out += [replace(base, split_k=max(1, base.split_k * 2)), replace(base, split_k=max(1, base.split_k // 2))]
         if m <= 4:
             out.append(default_config(bits, group, n, k, 1, sms))

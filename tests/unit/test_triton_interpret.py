@@ -182,10 +182,10 @@ def test_compile_failure_falls_back(monkeypatch):
                       256, torch.bfloat16)
     x = torch.zeros(3, 256, dtype=torch.bfloat16)
     ops.launch(x, q, sz, None, torch.zeros(4, dtype=torch.int32), 4, 8)  # M=3: default is "dot"
-    assert tried[0].startswith("dot") and tried[-1] == "gemv2"
+    assert tried[0].startswith("dot") and tried[-1] == "gemv1"
     n = len(tried)
     ops.launch(x, q, sz, None, torch.zeros(4, dtype=torch.int32), 4, 8)
-    assert tried[n:] == ["gemv2"]  # remembered
+    assert tried[n:] == ["gemv1"]  # remembered
 
     def broken(*a):
         raise ValueError("a real bug")

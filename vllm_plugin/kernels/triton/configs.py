@@ -44,7 +44,7 @@ class KernelConfig:
     blocks_per_iter: int = 1  # layout blocks loaded per loop iteration ("gemv" only)
     split_k: int = 1  # programs sharing one output tile along K (upper bound; fewer if K is short)
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 2  # software-pipelining depth (gemv: of its block loop; 1 = none)
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -117,7 +117,7 @@ def default_config(bits: int, group: int, n: int, k: int, m: int, num_sms: int =
     nblk = padded_k(k, bits) // block_values(bits)
     if m <= 2:
         bn = 32
-        return KernelConfig("gemv", block_n=bn, blocks_per_iter=2, num_warps=4, num_stages=2,
+        return KernelConfig("gemv", block_n=bn, blocks_per_iter=2, num_warps=4, num_stages=1,
                             split_k=_split_for(math.ceil(n / bn), nblk, num_sms, 4, 2))
     if m <= 256:
         bm = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
@@ -139,9 +139,15 @@ def smem_bytes(cfg: KernelConfig, bits: int) -> int:
 
 
 def fit_smem(cfg: KernelConfig, bits: int) -> KernelConfig:
-    """Lower num_stages, then block_m, until the dot loop's buffers fit ``SMEM_BUDGET``."""
+    """Shrink until the dot loop's buffers fit ``SMEM_BUDGET``: stages down to 2, then block_m down
+    to 64, then stages to 1, then block_m to 16 (keeping the loads pipelined matters more than a
+    tall M tile)."""
     while smem_bytes(cfg, bits) > SMEM_BUDGET:
-        if cfg.num_stages > 1:
+        if cfg.num_stages > 2:
+            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.block_m > 64:
+            cfg = replace(cfg, block_m=cfg.block_m // 2)
+        elif cfg.num_stages > 1:
             cfg = replace(cfg, num_stages=cfg.num_stages - 1)
         elif cfg.block_m > 16:
             cfg = replace(cfg, block_m=cfg.block_m // 2)

@@ -103,10 +103,13 @@ def _gemv_kernel(
     x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
     M, N, K, U, blocks_per_split, n_split,
     BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, IPG: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, LOOP_STAGES: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """One activation row (program axis 2) x BLOCK_N outputs x one K split, on CUDA cores."""
+    """One activation row (program axis 2) x BLOCK_N outputs x one K split, on CUDA cores.
+
+    Loads in flight per thread: BLOCKS_PER_ITER 16-byte weight vectors per iteration (registers),
+    times LOOP_STAGES when Triton software-pipelines the loop (1 = not pipelined)."""
     SUB: tl.constexpr = 16
     ACT: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -120,7 +123,7 @@ def _gemv_kernel(
     w_ptrs = qw_ptr + offs_n[:, None] * U + offs_j[None, :]
     x_row = x_ptr + pid_m * K
     acc = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
-    for blk in range(b0, b1, BLOCKS_PER_ITER):
+    for blk in tl.range(b0, b1, BLOCKS_PER_ITER, num_stages=LOOP_STAGES):
         for t in tl.static_range(BLOCKS_PER_ITER):
             b = blk + t
             if BLOCKS_PER_ITER == 1:

@@ -132,7 +132,7 @@ def _fallbacks(cfg: KernelConfig, m: int) -> list[KernelConfig]:
         if cfg.block_m > 16 or cfg.block_n > 64:
             out.append(replace(cfg, block_m=16 if m <= 16 else 32, block_n=64, num_warps=4, num_stages=1))
     if cfg.path != "gemv" and m <= 4:
-        out.append(KernelConfig("gemv", block_n=32))
+        out.append(KernelConfig("gemv", block_n=32, num_stages=1))
     if cfg.path != "dequant":
         out.append(KernelConfig("dequant", block_n=32))
     return out
@@ -165,8 +165,8 @@ def _launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfig, g
     flags = dict(HAS_BIAS=bias is not None, SPLIT=split, EVEN_K=geo["EVEN_K"],
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     if cfg.path == "gemv":
-        K_._gemv_kernel[(n_tiles, n_split, m)](*args, BLOCK_N=cfg.block_n,
-                                               BLOCKS_PER_ITER=cfg.blocks_per_iter, **flags)
+        K_._gemv_kernel[(n_tiles, n_split, m)](*args, BLOCK_N=cfg.block_n, BLOCKS_PER_ITER=cfg.blocks_per_iter,
+                                               LOOP_STAGES=cfg.num_stages, **flags)
     else:
         K_._dot_kernel[(n_tiles, triton_cdiv(m, cfg.block_m), n_split)](
             *args, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, **flags)
