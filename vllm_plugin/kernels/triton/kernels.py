@@ -154,7 +154,7 @@ def _gemv_kernel(
                     part += q * xv.to(tl.float32)[None, :]
                 acc += s[:, None] * part
     y = tl.sum(acc, axis=1)
-    _finish(y[:, None], offs_n, pid_m + tl.arange(0, 1), M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr,
+    _finish(y[:, None], offs_n, pid_m + tl.zeros([1], dtype=tl.int32), M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr,
             pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, HAS_BIAS, SPLIT)
 
 
