@@ -8,6 +8,7 @@ weights the server should compute with.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,3 +81,59 @@ def dequantized_hf_model(model_dir: str | Path, ckpt: QuantizedCheckpoint, dtype
         for name, qw in ckpt.quantized.items():
             modules[name].weight.copy_(exact_dequantize(qw).to(dtype))
     return model
+
+
+# ----------------------------------------------------------------------------- serving helpers
+
+def pattern_image(width: int = 140, height: int = 112):
+    """A deterministic RGB pattern (no files needed); 140x112 px -> 20 vision tokens after merging."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([(x * 2) % 256, (y * 3) % 256, ((x + y) * 5) % 256], -1).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+ENGINE_DEFAULTS = dict(
+    max_model_len=1024, max_num_seqs=4, limit_mm_per_prompt={"image": 1},
+    kv_cache_memory_bytes=1 << 28,  # fixed KV budget: the share-of-RAM check fails on busy machines
+    enforce_eager=True, seed=0,
+)
+
+
+@contextmanager
+def vllm_engine(model: str | Path, **kwargs):
+    """An in-process vLLM engine (set VLLM_ENABLE_V1_MULTIPROCESSING=0), torn down afterwards so the
+    next one can start in the same process."""
+    import gc
+
+    from vllm import LLM
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm = None
+    try:
+        llm = LLM(str(model), **{**ENGINE_DEFAULTS, **kwargs})
+        yield llm
+    finally:
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+def layer_methods(llm) -> dict[str, tuple[str, str | None]]:
+    """``{vLLM module name: (quant method class, vlmptq kernel name or None)}`` for every linear."""
+
+    def collect(model):
+        from vllm.model_executor.layers.linear import LinearBase
+
+        out = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, LinearBase):
+                kernel = getattr(mod.quant_method, "kernel", None)
+                out[name] = (type(mod.quant_method).__name__, getattr(kernel, "name", None))
+        return out
+
+    return llm.apply_model(collect)[0]

