@@ -1,0 +1,98 @@
+"""Damaged or unsupported checkpoints fail while the real engine loads them, naming the tensor (or
+config key) and what was expected. Tensor-parallel shard checks need TP > 1, which this machine
+cannot run: ``tests/unit/test_plugin_validation.py`` calls the same check with those sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.support.quantized_checkpoint import build_quantized_checkpoint, vllm_engine
+from vlmptq.quant.scheme import WeightScheme
+
+pytestmark = pytest.mark.slow
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+Q = "model.layers.0.self_attn.q_proj"
+K = "model.layers.0.self_attn.k_proj"
+VLLM_Q = "language_model.model.layers.0.self_attn.q_proj"
+VLLM_K = "language_model.model.layers.0.self_attn.k_proj"
+
+
+@pytest.fixture(scope="module")
+def w3_checkpoint(tiny_qwen2_vl, tmp_path_factory):
+    return build_quantized_checkpoint(tiny_qwen2_vl, tmp_path_factory.mktemp("w3"), WeightScheme(3, 64, False)).path
+
+
+def damaged(src, tmp_path, tensors=None, config=None):
+    out = tmp_path / "damaged"
+    shutil.copytree(src, out)
+    if tensors:
+        sd = load_file(out / "model.safetensors")
+        tensors(sd)
+        save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    if config:
+        cfg = json.loads((out / "config.json").read_text())
+        config(cfg["quantization_config"])
+        (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def drop_column(sd):
+    sd[f"{Q}.weight_packed"] = sd[f"{Q}.weight_packed"][:, :-1].contiguous()
+
+
+def widen_dtype(sd):
+    sd[f"{Q}.weight_packed"] = sd[f"{Q}.weight_packed"].to(torch.int64)
+
+
+def weights(cfg):
+    return cfg["config_groups"]["group_0"]["weights"]
+
+
+CASES = {
+    "missing-tensor": dict(
+        tensors=lambda sd: sd.pop(f"{K}.weight_zero_point"),
+        message=rf"the checkpoint has no tensor\(s\) {VLLM_K}\.weight_zero_point\. A W3 g64 asym linear needs",
+    ),
+    "wrong-packed-width": dict(
+        tensors=drop_column,
+        message=(rf"{VLLM_Q}\.weight_packed: shape \(192, 17\) does not match W3 g64 asym .* expected "
+                 r"\(192, 18\) \(dense\) or \(192, 20\) \(10 per word\)"),
+    ),
+    "wrong-dtype": dict(
+        tensors=widen_dtype,
+        message=rf"{VLLM_Q}\.weight_packed: dtype torch\.int64, expected torch\.int32",
+    ),
+    "unsupported-bits": dict(
+        config=lambda qc: weights(qc).update(num_bits=5),
+        message=r"config_groups\.group_0\.weights: num_bits=5 is not supported by the vlmptq plugin",
+    ),
+    "group-size-not-dividing-a-layer": dict(
+        config=lambda qc: weights(qc).update(group_size=96),  # divides 192, not down_proj's 448
+        message=(r"language_model\.model\.layers\.0\.mlp\.down_proj: in_features=448 is not divisible by "
+                 r"group_size=96"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_checkpoint_fails_at_load_naming_what_was_expected(w3_checkpoint, tmp_path, case):
+    spec = CASES[case]
+    path = damaged(w3_checkpoint, tmp_path, spec.get("tensors"), spec.get("config"))
+    with pytest.raises(Exception) as e:
+        with vllm_engine(path, quantization="vlmptq"):
+            pass
+    chain, err = [], e.value
+    while err is not None:  # vLLM may wrap the error; ours is somewhere in the chain
+        chain.append(f"{type(err).__name__}: {err}")
+        err = err.__cause__ or err.__context__
+    text = "\n".join(chain)
+    assert re.search(spec["message"], text), text
+    assert re.search(r"^(CheckpointError|ConfigError): ", text, re.M), text  # ours, not an assert deep in vLLM
