@@ -20,7 +20,7 @@ VENV="${VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 LOCK="$ROOT/requirements/cpu-dev.lock"
 STAMP="$VENV/.vlmptq-stamp"
-want="$(cat "$LOCK" "$ROOT/pyproject.toml" "$0" "$ROOT/scripts/vllm_cli.py" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$LOCK" "$ROOT/pyproject.toml" "$0" "$ROOT/scripts/vllm_cli.py" "$ROOT/scripts/setup_ct_oracle.sh" | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi

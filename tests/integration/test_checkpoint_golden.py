@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
-from tests.unit.test_packing import oracle_env
+from tests.support.ct_oracle import oracle_env
 from vlmptq.checkpoint.reader import dequantize_checkpoint, inspect_checkpoint
 from vlmptq.checkpoint.writer import save_quantized_checkpoint
 from vlmptq.quant.grid import quantize_rtn

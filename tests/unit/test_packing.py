@@ -9,10 +9,8 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,21 +26,8 @@ from vlmptq.checkpoint.packing import (
     unpack_rows_any,
 )
 
-ORACLE_VERSION = "0.20.0"
+from tests.support.ct_oracle import oracle_env
 
-
-def oracle_env() -> dict[str, str]:
-    """Environment for a subprocess importing compressed-tensors 0.20 from scripts/setup_ct_oracle.sh's
-    folder (it shadows the venv's 0.17 through PYTHONPATH); skips the test if it is not installed."""
-    d = Path(os.environ.get("CT_ORACLE_DIR") or Path(sys.prefix) / "ct-oracle")
-    if not (d / f"compressed_tensors-{ORACLE_VERSION}.dist-info").is_dir():
-        pytest.skip(
-            f"compressed-tensors {ORACLE_VERSION} oracle not installed at {d}; run "
-            f"`bash scripts/setup_ct_oracle.sh` (needs PyPI once) to check dense 3-bit against it"
-        )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(d)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
 
 
 SHAPES = [(3, 64), (5, 96), (7, 33), (2, 1), (4, 190), (9, 250)]  # ragged K included

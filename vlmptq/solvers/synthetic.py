@@ -95,3 +95,64 @@ def make_synthetic_layer(
     w = torch.randn(n, k, generator=gen) / chi2.sqrt() * 0.02
     w *= torch.exp(0.3 * torch.randn(n, 1, generator=gen))
     return SyntheticLayer(weight=w.to(device), x=xs, x_fp=xfs, vision_mask=masks)
+
+
+def synthetic_statistics(
+    k: int,
+    samples: int = 128,
+    tokens_per_sample: int = 1024,
+    vision_fraction: float = 0.75,
+    rank: int = 256,
+    drift: float = 0.05,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> InputStatistics:
+    """Statistics with the structure of :func:`make_synthetic_layer`, built directly at large ``k``.
+
+    Generating tokens for ``k = 18944`` (a 7B model's MLP width) would cost more than the solvers
+    being measured, so the expectations are formed in closed form: per-token covariance
+    ``C = S (B^T B / r + 0.1 I) S`` for text and vision (different subspaces ``B`` and channel
+    scales ``S``, shared outlier channels), ``H = 2 T C`` for ``T`` tokens per sample, and
+    ``dXXT = -2 T (R^T C + sigma^2 I)`` for a low-rank drift ``R`` plus noise (``X = X~ + dX``).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    dev = torch.device(device)
+
+    def covariance(scale: torch.Tensor) -> torch.Tensor:
+        b = (torch.randn(rank, k, generator=gen) / rank**0.5).to(dev)
+        c = b.t() @ b
+        c.diagonal().add_(0.1)
+        s = scale.to(dev)
+        return c * s[:, None] * s[None, :]
+
+    scale_t = torch.exp(0.5 * torch.randn(k, generator=gen))
+    scale_v = torch.exp(0.5 * torch.randn(k, generator=gen))
+    outliers = torch.randperm(k, generator=gen)[: max(2, k // 64)]
+    scale_t[outliers] *= 10
+    scale_v[outliers[: len(outliers) // 2]] *= 10
+    c_v, c_t = covariance(0.5 * scale_v), covariance(scale_t)
+    c = vision_fraction * c_v + (1 - vision_fraction) * c_t
+    del c_t
+    n_v = int(samples * tokens_per_sample * vision_fraction)
+    n_t = samples * tokens_per_sample - n_v
+    diag_v = c_v.diagonal().double() * n_v
+    diag_t = (c.diagonal().double() * samples * tokens_per_sample - diag_v)
+    del c_v
+    p = (drift * torch.randn(k, 16, generator=gen) / k**0.25).to(dev)
+    q = (torch.randn(k, 16, generator=gen) / k**0.25).to(dev)
+    dxxt = -(q @ (p.t() @ c))  # R = p q^T: R^T C = q (p^T C)
+    dxxt.diagonal().sub_((drift * 0.2) ** 2 * c.diagonal().mean())
+    scale = 2.0 * tokens_per_sample
+    return InputStatistics(
+        hessian=c.mul_(scale), dxxt=dxxt.mul_(scale), diag_vision_sum=diag_v, diag_text_sum=diag_t,
+        n_vision_tokens=n_v, n_text_tokens=n_t, n_samples=samples,
+    )
+
+
+def synthetic_weight(n: int, k: int, seed: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Heavy-tailed (Student-t, 4 dof) weights with a per-row scale spread, ``[n, k]`` fp32."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    chi2 = torch.randn(4, n, k, generator=gen).square().sum(0) / 4
+    w = torch.randn(n, k, generator=gen) / chi2.sqrt() * 0.02
+    w *= torch.exp(0.3 * torch.randn(n, 1, generator=gen))
+    return w.to(device)

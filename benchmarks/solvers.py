@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Solver loss and time on Qwen2.5-VL-7B layer shapes (synthetic weights and statistics).
+
+For each layer (qkv 4608x3584, o 3584x3584, gate_up 37888x3584, down 3584x18944) and method
+(rtn, gptq, gptaq, vlmptq, vlmptq-exact) it times the solver (statistics are given, as the pipeline
+gives them) and reports the relative output error on the symmetric objective
+tr(E H E^T) / tr(W H W^T) and the asymmetric one (its closed form, relative to the same denominator).
+Writes benchmarks/results/solvers-<device>-<date>.{json,md}.
+
+    python benchmarks/solvers.py --device cuda            # the GPU run (H100/H200)
+    python benchmarks/solvers.py --device cpu --layers qkv o
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import result_header, write_results  # noqa: E402
+
+from vlmptq.quant import WeightScheme  # noqa: E402
+from vlmptq.solvers import SolverOptions, build_solver, layer_loss  # noqa: E402
+from vlmptq.solvers.synthetic import synthetic_statistics, synthetic_weight  # noqa: E402
+
+LAYERS = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
+METHODS = {
+    "rtn": ("rtn", SolverOptions()),
+    "gptq": ("gptq", SolverOptions()),
+    "gptaq": ("gptaq", SolverOptions()),
+    "vlmptq": ("vlmptq", SolverOptions()),
+    "vlmptq-exact": ("vlmptq", SolverOptions(correction="exact")),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS), help="layers to run")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods")
+    ap.add_argument("--bits", type=int, nargs="+", default=[3], help="bit widths")
+    ap.add_argument("--group-size", type=int, default=128, help="group size")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per case (the minimum is kept)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/solvers-<device>-<date>)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    header = result_header()
+    records = []
+    for layer in args.layers:
+        n, k = LAYERS[layer]
+        stats = synthetic_statistics(k, device=device)
+        w = synthetic_weight(n, k, device=device)
+        ref = layer_loss(torch.zeros_like(w), w, stats.hessian).item()
+        for bits in args.bits:
+            scheme = WeightScheme(bits, args.group_size, False)
+            for name in args.methods:
+                method, opts = METHODS[name]
+                solver = build_solver(method, opts)
+                best, res = float("inf"), None
+                for _ in range(args.repeats):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    res = solver.solve(w, stats, scheme, torch.bfloat16)
+                    _sync(device)
+                    best = min(best, time.perf_counter() - t0)
+                q = res.qweight.dequantize(torch.float32).to(device)
+                rec = {
+                    "layer": layer, "N": n, "K": k, "method": name, "bits": bits, "group_size": args.group_size,
+                    "loss_sym": layer_loss(w, q, stats.hessian).item() / ref,
+                    "loss_asym": layer_loss(w, q, stats.hessian, stats.dxxt).item() / ref,
+                    "seconds": best,
+                }
+                records.append(rec)
+                logging.info("%-8s %-13s W%d  %8.3fs  sym %.5f  asym %.5f", layer, name, bits, best,
+                             rec["loss_sym"], rec["loss_asym"])
+                del q, res
+        del stats, w
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    lines = [f"# Solver loss and time, Qwen2.5-VL-7B shapes, {header['machine']}\n",
+             "| layer | N x K | bits | method | seconds | x GPTQ time | rel. error (sym) | rel. error (asym) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        base = next((x["seconds"] for x in records if x["layer"] == r["layer"] and x["bits"] == r["bits"]
+                     and x["method"] == "gptq"), None)
+        ratio = f"{r['seconds'] / base:.2f}" if base else "-"
+        lines.append(f"| {r['layer']} | {r['N']}x{r['K']} | {r['bits']} | {r['method']} | {r['seconds']:.2f} | "
+                     f"{ratio} | {r['loss_sym']:.5f} | {r['loss_asym']:.5f} |")
+    table = "\n".join(lines)
+    print(table)
+    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
+    out = args.out or f"benchmarks/results/solvers-{tag}-{dt.date.today().isoformat()}"
+    write_results(out, {"device": header["machine"], **header}, records, table)
+
+
+if __name__ == "__main__":
+    main()
