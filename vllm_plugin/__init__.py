@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger tree, so vLLM's handler prints our messages in its own format.
+logger = logging.getLogger(f"vllm.plugins.{__name__}")
 
 _registered = False
 

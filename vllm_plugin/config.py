@@ -33,7 +33,8 @@ from vllm_plugin.validation import ServingScheme
 if TYPE_CHECKING:
     from vllm.model_executor.models.utils import WeightsMapper
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger tree, so vLLM's handler prints our messages in its own format.
+logger = logging.getLogger(f"vllm.plugins.{__name__}")
 
 NAME = "vlmptq"
 MARKER = "vlmptq"  # key of our block in quantization_config (stock loaders ignore it)

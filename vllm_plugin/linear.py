@@ -42,7 +42,8 @@ from vlmptq.errors import CheckpointError
 from vllm_plugin.kernels import WNA16Kernel, WNA16LayerConfig, choose_kernel
 from vllm_plugin.validation import ServingScheme, check_tensor, validate_partition
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger tree, so vLLM's handler prints our messages in its own format.
+logger = logging.getLogger(f"vllm.plugins.{__name__}")
 
 _QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 _KERNEL_PREFIX = "vlmptq_"

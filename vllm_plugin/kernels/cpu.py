@@ -19,6 +19,10 @@ fly, AMX; vLLM-CPU's default for bf16 4-bit on AMX machines, ``VLLM_CPU_INT4_W4A
     codes and zeros [K, N] / [G, N] with each 8 output channels reordered (0,2,4,6,1,3,5,7), packed
     along N, then blocked by ``torch.ops._C.convert_weight_packed_scale_zp`` (AWQ mode).
 
+Graphs traced by torch.compile record the ``torch.ops.vlmptq`` operators; eager calls skip that
+extra dispatcher hop (~3 us per GEMM, what a decode-size int4 GEMM costs on a small layer) and call
+the same Python implementation directly.
+
 The ``_C`` ops exist once vLLM's C extension is loaded (always inside a vLLM worker); this module
 imports torch only, so it stays importable where vLLM is absent.
 """
@@ -33,6 +37,7 @@ import torch
 
 from vlmptq.checkpoint.packing import pack_rows, unpack_columns, unpack_rows
 from vllm_plugin.kernels.base import WNA16Kernel, WNA16LayerConfig
+from vllm_plugin.kernels.ops import register_op
 
 _AWQ = 0  # vLLM's CPUQuantAlgo.AWQ
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -88,20 +93,21 @@ def isa_hint(dtype: torch.dtype) -> str:
 
 # ------------------------------------------------------------------------ cpu_wna16 (exact A16)
 
-@torch.library.custom_op("vlmptq::cpu_wna16_gemm", mutates_args=())
-def cpu_wna16_gemm(
+def _cpu_wna16_gemm(
     x: torch.Tensor, q_weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
     bias: torch.Tensor | None, isa: str,
 ) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
     out = torch.empty((x2.shape[0], scales.shape[1]), dtype=x.dtype, device=x.device)
     torch.ops._C.cpu_gemm_wna16(x2.contiguous(), q_weight, out, scales, zeros, bias, 8, isa)
-    return out.reshape(*x.shape[:-1], scales.shape[1])
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], scales.shape[1])
 
 
-@cpu_wna16_gemm.register_fake
-def _(x, q_weight, scales, zeros, bias, isa):
+def _cpu_wna16_gemm_fake(x, q_weight, scales, zeros, bias, isa):
     return x.new_empty((*x.shape[:-1], scales.shape[1]))
+
+
+cpu_wna16_gemm = register_op("cpu_wna16_gemm", _cpu_wna16_gemm, _cpu_wna16_gemm_fake, "CPU")
 
 
 class CpuWNA16Kernel(WNA16Kernel):
@@ -129,29 +135,30 @@ class CpuWNA16Kernel(WNA16Kernel):
         tensors = {"q_weight": q, "scales": weight_scale.t().contiguous().to(cfg.act_dtype)}  # [G, N]
         if not (cfg.bits == 4 and cfg.symmetric):  # the kernel assumes zero point 8 without zeros
             tensors["zeros"] = pack_rows(zeros.t().contiguous(), 4)  # [G, N/8]
+        self.isa = isa_hint(cfg.act_dtype)
         return tensors
 
     def apply(self, tensors: Mapping[str, torch.Tensor], x: torch.Tensor, bias=None) -> torch.Tensor:
-        return torch.ops.vlmptq.cpu_wna16_gemm(
-            x, tensors["q_weight"], tensors["scales"], tensors.get("zeros"), bias, isa_hint(x.dtype)
-        )
+        op = torch.ops.vlmptq.cpu_wna16_gemm if torch.compiler.is_compiling() else _cpu_wna16_gemm
+        return op(x, tensors["q_weight"], tensors["scales"], tensors.get("zeros"), bias, self.isa)
 
 
 # ------------------------------------------------------------------------ cpu_w4a8 (int8 acts)
 
-@torch.library.custom_op("vlmptq::cpu_w4a8_gemm", mutates_args=())
-def cpu_w4a8_gemm(
+def _cpu_w4a8_gemm(
     x: torch.Tensor, q_weight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     bias: torch.Tensor | None, out_features: int,
 ) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
-    out = torch.ops._C.int4_scaled_mm_cpu(x2, q_weight, zeros, scales, bias)
-    return out.reshape(*x.shape[:-1], out_features)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
+    out = torch.ops._C.int4_scaled_mm_cpu(x2.contiguous(), q_weight, zeros, scales, bias)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
 
 
-@cpu_w4a8_gemm.register_fake
-def _(x, q_weight, zeros, scales, bias, out_features):
+def _cpu_w4a8_gemm_fake(x, q_weight, zeros, scales, bias, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+cpu_w4a8_gemm = register_op("cpu_w4a8_gemm", _cpu_w4a8_gemm, _cpu_w4a8_gemm_fake, "CPU")
 
 
 def w4a8_enabled() -> bool:
@@ -199,6 +206,5 @@ class CpuW4A8Kernel(WNA16Kernel):
     def apply(self, tensors: Mapping[str, torch.Tensor], x: torch.Tensor, bias=None) -> torch.Tensor:
         if bias is not None:
             bias = bias.float()  # the int8 kernel adds an fp32 bias (as vLLM's CPUWNA16 converts it)
-        return torch.ops.vlmptq.cpu_w4a8_gemm(
-            x, tensors["q_weight"], tensors["zeros"], tensors["scales"], bias, self.config.out_features
-        )
+        op = torch.ops.vlmptq.cpu_w4a8_gemm if torch.compiler.is_compiling() else _cpu_w4a8_gemm
+        return op(x, tensors["q_weight"], tensors["zeros"], tensors["scales"], bias, self.config.out_features)

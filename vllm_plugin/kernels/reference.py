@@ -14,6 +14,7 @@ import torch
 
 from vlmptq.checkpoint.packing import unpack_columns, unpack_rows
 from vllm_plugin.kernels.base import WNA16Kernel, WNA16LayerConfig
+from vllm_plugin.kernels.ops import register_op
 
 
 def dequantize_packed(
@@ -49,11 +50,10 @@ def reference_linear(
     return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-# --- the reference as a kernel: a torch custom op (opaque to torch.compile) with a fake impl ---
+# --- the reference as a kernel: a torch operator (opaque to torch.compile) with a fake impl ---
 
 
-@torch.library.custom_op("vlmptq::reference_gemm", mutates_args=())
-def reference_gemm(
+def _reference_gemm(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
     weight_scale: torch.Tensor,
@@ -62,13 +62,15 @@ def reference_gemm(
     bits: int,
     in_features: int,
 ) -> torch.Tensor:
-    """:func:`reference_linear` as the op ``torch.ops.vlmptq.reference_gemm``."""
     return reference_linear(x, weight_packed, weight_scale, weight_zero_point, bits, in_features, bias)
 
 
-@reference_gemm.register_fake
-def _(x, weight_packed, weight_scale, weight_zero_point, bias, bits, in_features):
+def _reference_gemm_fake(x, weight_packed, weight_scale, weight_zero_point, bias, bits, in_features):
     return x.new_empty((*x.shape[:-1], weight_scale.shape[0]))
+
+
+# :func:`reference_linear` as ``torch.ops.vlmptq.reference_gemm`` (any device).
+reference_gemm = register_op("reference_gemm", _reference_gemm, _reference_gemm_fake)
 
 
 class ReferenceWNA16Kernel(WNA16Kernel):
