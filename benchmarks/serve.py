@@ -1,0 +1,583 @@
+#!/usr/bin/env python3
+"""Serving benchmark: vLLM's OpenAI server on 127.0.0.1, ``vllm bench serve --dataset-name
+random-mm`` against the unquantized model, vLLM's stock 4-bit path and the vlmptq plugin.
+
+Runs (each one a fresh server, same flags, one after the other; ``--repeats`` interleaves rounds):
+    bf16              the original model, stock vLLM
+    stock W4          the W4 checkpoint with ``--quantization compressed-tensors`` (vLLM's CPUWNA16
+                      on CPU; on AMX machines it rounds activations to int8, VLLM_CPU_INT4_W4A8=1)
+    vlmptq W{2,3,4}   each checkpoint with ``--quantization vlmptq``
+    (--a16 adds stock W4 and vlmptq W4 with VLLM_CPU_INT4_W4A8=0: bf16 activations on both)
+A GEMM table (the decoder layer's four GEMMs, same thread count as the server's engine) times torch
+bf16, vLLM's CPUWNA16 kernel and the kernel the plugin picks on the same weights.
+
+Results: ``benchmarks/results/serve-<date>.{md,json}`` with machine, date, git commit and command.
+
+Without ``--model``/``--quantized`` it builds a small random Qwen2-VL (``--hidden`` etc.; default
+~45 M parameters, large enough that the GEMMs, not the HTTP path, dominate decode) with a locally
+trained tokenizer, and RTN checkpoints of it through ``vlmptq.quantize``. Everything is offline.
+
+    python benchmarks/serve.py                      # default model, W2/W3/W4
+    python benchmarks/serve.py --model M --quantized M-w4 M-w3 --num-prompts 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+logger = logging.getLogger("benchmarks.serve")
+
+
+# ----------------------------------------------------------------------------- the server
+
+def vllm_cli() -> list[str]:
+    """The ``vllm`` command of this interpreter (vllm-cpu's console script needs the wrapper)."""
+    return [sys.executable, str(ROOT / "scripts" / "vllm_cli.py")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def project_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for vLLM processes: caches and temp files inside the project (as ``make``)."""
+    env = dict(os.environ)
+    for key, sub in (("VLLM_CACHE_ROOT", ".cache/vllm"), ("TORCHINDUCTOR_CACHE_DIR", ".cache/inductor"),
+                     ("HF_HOME", ".cache/hf"), ("TMPDIR", ".tmp")):
+        env.setdefault(key, str(ROOT / sub))
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine in its own process
+    env.update(extra or {})
+    return env
+
+
+class VllmServer:
+    """``vllm serve`` on 127.0.0.1 as a context manager; :meth:`stop` returns the exit code."""
+
+    def __init__(self, model: str | Path, args: list[str], env: dict[str, str] | None = None,
+                 log_path: Path | None = None, port: int | None = None):
+        self.model, self.port = str(model), port or free_port()
+        self.cmd = [*vllm_cli(), "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.env = project_env(env)
+        self.log_path = log_path or Path(self.env["TMPDIR"]) / f"vllm-serve-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 600) -> VllmServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        logger.info("starting: %s", shlex.join(self.cmd))
+        # own process group: stop() signals the API server, which shuts its engine down
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode} during startup; "
+                                   f"last log lines:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"vllm serve not healthy after {timeout:.0f}s; log: {self.log_path}")
+
+    def stop(self, timeout: float = 60) -> int | None:
+        """SIGINT (what Ctrl-C sends), then SIGKILL to the group if it does not exit in time."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def kernels(self) -> list[str]:
+        """Which linear kernels the server logged (ours and vLLM's), in order of appearance."""
+        text = self.log_path.read_text(errors="replace")
+        found = re.findall(r"vlmptq: (.+?) layers run on the '(\w+)' kernel", text)
+        out = [f"{k} ({s})" for s, k in found]
+        out += sorted(set(re.findall(r"Using (\w+) for CompressedTensorsWNA16", text)))
+        return out
+
+    def __enter__(self) -> VllmServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ----------------------------------------------------------------------------- the load
+
+@dataclass
+class BenchLoad:
+    num_prompts: int = 32
+    max_concurrency: int = 4
+    input_len: int = 64
+    output_len: int = 64
+    image_size: int = 224
+    warmups: int = 2
+    seed: int = 0
+
+
+def run_bench(server: VllmServer, tokenizer: str | Path, load: BenchLoad, out_json: Path) -> dict:
+    """``vllm bench serve --dataset-name random-mm`` (one image per chat request); the saved JSON."""
+    cmd = [
+        *vllm_cli(), "bench", "serve", "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+        "--base-url", server.base_url, "--model", server.model, "--tokenizer", str(tokenizer),
+        "--dataset-name", "random-mm", "--num-prompts", str(load.num_prompts),
+        "--max-concurrency", str(load.max_concurrency), "--num-warmups", str(load.warmups),
+        "--random-input-len", str(load.input_len), "--random-output-len", str(load.output_len),
+        "--ignore-eos", "--random-mm-base-items-per-request", "1",
+        "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+        "--random-mm-bucket-config", f"{{({load.image_size}, {load.image_size}, 1): 1.0}}",
+        "--seed", str(load.seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+        "--save-result", "--result-dir", str(out_json.parent), "--result-filename", out_json.name,
+        "--disable-tqdm",
+    ]
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(cmd, env=project_env(), capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0 or not out_json.exists():
+        raise RuntimeError(f"vllm bench serve failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    result = json.loads(out_json.read_text())
+    result["command"] = shlex.join(cmd)
+    return result
+
+
+# ----------------------------------------------------------------------------- default model
+
+def build_bench_model(out: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> Path:
+    """A random Qwen2-VL (real transformers classes) with a locally trained byte-level BPE tokenizer,
+    Qwen's special tokens and chat template, and Qwen's image processor. Offline, ~1 minute."""
+    import glob
+
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    if (out / "config.json").exists():
+        return out
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for c in message['content'] %}{% if c['type'] == 'image' or 'image' in c or 'image_url' in c %}"
+        "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in c %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    site = Path(torch.__file__).parents[1]
+    files = sorted(glob.glob(str(site / "transformers/models/qwen2*/*.py")))[:40]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    pat = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pat), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train(files, trainers.BpeTrainer(vocab_size=4000, special_tokens=special, show_progress=False,
+                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                     additional_special_tokens=special[1:], model_max_length=8192)
+    hf_tok.chat_template = template
+    ids = {t: hf_tok.convert_tokens_to_ids(t) for t in special}
+    head_dim = hidden // heads
+    if head_dim != 64:
+        raise ValueError(f"--hidden / --heads must be 64 (M-RoPE sections are set for head_dim 64), got {head_dim}")
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=4096, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192,
+            rms_norm_eps=1e-6, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12], "type": "mrope"},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, embed_dim=128, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0.0, 0.02)
+    model = model.to(torch.bfloat16).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.save_pretrained(out)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(max_pixels=448 * 448), tokenizer=hf_tok,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=template)
+    processor.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    return out
+
+
+def rtn_checkpoint(model: Path, out: Path, bits: int, group_size: int) -> Path:
+    """Round-to-nearest checkpoint through the public API (min-max ranges, 2 calibration samples)."""
+    import vlmptq
+
+    if (out / "config.json").exists():
+        return out
+    config = vlmptq.make_config(method="rtn", bits=bits, group_size=group_size, device="cpu",
+                                solver=vlmptq.SolverOptions(clip_search=False),
+                                calib=vlmptq.CalibConfig(num_samples=2, max_seq_len=512))
+    vlmptq.quantize(model, out, config)
+    return out
+
+
+def checkpoint_bits(path: Path) -> int | None:
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    groups = list((qc.get("config_groups") or {}).values())
+    return int(groups[0]["weights"]["num_bits"]) if groups else None
+
+
+# ----------------------------------------------------------------------------- GEMM table
+
+def decoder_gemm_shapes(model: Path) -> dict[str, tuple[int, int]]:
+    """(N, K) of the fused qkv, o, gate_up and down GEMMs of one decoder layer."""
+    cfg = json.loads((model / "config.json").read_text())
+    t = cfg.get("text_config", cfg)
+    h, i, nh, kv = t["hidden_size"], t["intermediate_size"], t["num_attention_heads"], t["num_key_value_heads"]
+    d = h // nh
+    return {"qkv": ((nh + 2 * kv) * d, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i)}
+
+
+def gemm_table(shapes: dict[str, tuple[int, int]], bits_list: list[int], group: int, ms: list[int],
+               threads: int, reps: int = 20) -> list[dict]:
+    """Median ms for one decoder layer's GEMMs (sum of the four) per M and implementation."""
+    import torch
+    import vllm._custom_ops  # noqa: F401  (loads vLLM's CPU GEMMs into torch.ops._C)
+    from vllm import envs
+
+    from vlmptq.checkpoint.packing import pack_columns, pack_rows
+    from vllm_plugin.kernels import WNA16LayerConfig, choose_kernel
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+
+    def layer(n, k, bits):
+        codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+        zeros = torch.randint(0, 1 << bits, (n, k // group), generator=g, dtype=torch.uint8)
+        scale = (torch.rand(n, k // group, generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
+        return pack_rows(codes, bits), scale, pack_columns(zeros, bits)
+
+    def timed(fn, x):
+        for _ in range(3):
+            fn(x)
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn(x)
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples) * 1e3
+
+    impls: dict[str, list] = {"torch bf16 (dense)": [], "stock CPUWNA16 W4 (w4a8)": [], "stock CPUWNA16 W4 (a16)": []}
+    for bits in bits_list:
+        impls[f"vlmptq W{bits}"] = []
+    names = {}
+    for n, k in shapes.values():
+        w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+        impls["torch bf16 (dense)"].append(lambda x, w=w: torch.nn.functional.linear(x, w))
+        wp4, s4, z4 = layer(n, k, 4)
+        for mode in ("w4a8", "a16"):
+            impls[f"stock CPUWNA16 W4 ({mode})"].append(_stock_cpuwna16(wp4, s4, z4, n, k, group, mode == "w4a8", envs))
+        for bits in bits_list:
+            wp, s, z = layer(n, k, bits)
+            cfg = WNA16LayerConfig(bits, group, False, k, n, torch.bfloat16, "cpu")
+            kern = choose_kernel(cfg)(cfg)
+            names[bits] = kern.name
+            tensors = kern.prepare(wp, s, z)
+            impls[f"vlmptq W{bits}"].append(lambda x, kern=kern, t=tensors: kern.apply(t, x))
+    rows = []
+    for label, fns in impls.items():
+        row = {"implementation": label + (f" [{names[int(label[-1])]}]" if label.startswith("vlmptq") else "")}
+        for m in ms:
+            row[f"M={m}"] = sum(timed(fn, torch.randn(m, k, generator=g).to(torch.bfloat16))
+                                for fn, (n, k) in zip(fns, shapes.values()))
+        rows.append(row)
+    return rows
+
+
+def _stock_cpuwna16(wp, scale, zp, n, k, group, w4a8, envs):
+    """vLLM's own CPUWNA16 kernel on a stand-in layer (parameters carry the attributes it reads)."""
+    import torch
+    from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
+    from vllm.scalar_type import scalar_types
+
+    def param(t, **attrs):
+        p = torch.nn.Parameter(t.clone(), requires_grad=False)
+        for a, v in attrs.items():
+            setattr(p, a, v)
+        return p
+
+    layer = torch.nn.Module()
+    layer.weight_packed = param(wp, input_dim=1, output_dim=0, packed_dim=1)
+    layer.weight_scale = param(scale, input_dim=1, output_dim=0)
+    layer.weight_zero_point = param(zp, input_dim=1, output_dim=0, packed_dim=0)
+    layer.bias = None
+    old = os.environ.get("VLLM_CPU_INT4_W4A8")
+    os.environ["VLLM_CPU_INT4_W4A8"] = "1" if w4a8 else "0"
+    try:
+        cfg = MPLinearLayerConfig((k, n), (k, n), scalar_types.uint4, torch.bfloat16, group, True)
+        kernel = CPUWNA16LinearKernel(cfg, "weight_packed", "weight_scale", "weight_zero_point")
+        kernel.process_weights_after_loading(layer)
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_CPU_INT4_W4A8")
+        else:
+            os.environ["VLLM_CPU_INT4_W4A8"] = old
+    return lambda x: kernel.apply_weights(layer, x)
+
+
+# ----------------------------------------------------------------------------- report
+
+@dataclass
+class Run:
+    label: str
+    model: Path
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    results: list[dict] = field(default_factory=list)
+    kernels: list[str] = field(default_factory=list)
+    exit_codes: list[int | None] = field(default_factory=list)
+    error: str | None = None
+
+
+METRICS = [("req/s", "request_throughput"), ("out tok/s", "output_throughput"),
+           ("mean TTFT ms", "mean_ttft_ms"), ("p50 TTFT ms", "median_ttft_ms"),
+           ("mean TPOT ms", "mean_tpot_ms"), ("p50 TPOT ms", "median_tpot_ms")]
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "amx": bool(torch.cpu._is_amx_tile_supported())}
+    try:
+        cpu = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+        info["cpu"] = cpu.split(":", 1)[1].strip()
+        mem = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+        info["mem_gib"] = round(int(mem.split()[1]) / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm-cpu", "vllm", "compressed-tensors", "transformers"):
+        try:
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return info
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vllm_plugin", "benchmarks/serve.py"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def summarize(run: Run) -> dict:
+    row = {"run": run.label, "checkpoint": run.model.name, "kernels": "; ".join(run.kernels) or "-"}
+    if run.error:
+        row["error"] = run.error
+        return row
+    for name, key in METRICS:
+        row[name] = statistics.median(r[key] for r in run.results)
+    row["completed"] = sum(r["completed"] for r in run.results)
+    row["failed"] = sum(r.get("failed", 0) for r in run.results)
+    row["server exit"] = ",".join(str(c) for c in run.exit_codes)
+    return row
+
+
+def markdown(report: dict) -> str:
+    m, load = report["machine"], report["load"]
+    lines = [f"# Serving benchmark, {report['date']}", "",
+             f"- git commit: `{report['git_commit']}`",
+             f"- machine: {m.get('cpu', '?')}, {m['cpus']} CPUs, {m.get('mem_gib', '?')} GiB, AMX {m['amx']}; "
+             f"{m['platform']}",
+             f"- software: torch {m['torch']}, vllm-cpu {m.get('vllm-cpu', m.get('vllm', '?'))}, "
+             f"transformers {m.get('transformers', '?')}, compressed-tensors {m.get('compressed-tensors', '?')}",
+             f"- command: `{report['command']}`",
+             f"- model: {report['model_note']}",
+             f"- load: `vllm bench serve --dataset-name random-mm`, {load['num_prompts']} chat requests x "
+             f"{report['repeats']} round(s), 1 image {load['image_size']}x{load['image_size']} + "
+             f"{load['input_len']} text tokens in, {load['output_len']} tokens out (ignore_eos), "
+             f"max concurrency {load['max_concurrency']}; server flags `{report['server_args']}`",
+             "- values: median over rounds; failures and completions summed", "",
+             "## Serving", ""]
+    cols = ["run", "checkpoint", *[n for n, _ in METRICS], "completed", "failed", "server exit", "kernels"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in report["serving"]:
+        if "error" in row:
+            lines.append(f"| {row['run']} | {row['checkpoint']} | error: {row['error'][:200]} |")
+            continue
+        cells = [f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report.get("gemm"):
+        g = report["gemm"]
+        lines += ["", f"## GEMMs of one decoder layer ({', '.join(f'{k} {n}x{kk}' for k, (n, kk) in g['shapes'].items())}; "
+                  f"g{g['group_size']} asym; {g['threads']} thread(s); median ms, sum of the four)", ""]
+        ms = [c for c in g["rows"][0] if c.startswith("M=")]
+        lines += ["| implementation | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms)]
+        for row in g["rows"]:
+            lines.append(f"| {row['implementation']} | " + " | ".join(f"{row[c]:.3f}" for c in ms) + " |")
+    if report.get("notes"):
+        lines += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="unquantized original (default: build the benchmark model)")
+    p.add_argument("--quantized", type=Path, nargs="+", help="quantized checkpoints of --model (default: RTN W2/W3/W4)")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="bit widths of the default checkpoints")
+    p.add_argument("--group-size", type=int, default=128, help="group size of the default checkpoints")
+    p.add_argument("--hidden", type=int, default=1024, help="default model: hidden size (head_dim is 64)")
+    p.add_argument("--intermediate", type=int, default=2816, help="default model: MLP intermediate size")
+    p.add_argument("--layers", type=int, default=4, help="default model: decoder layers")
+    p.add_argument("--kv-heads", type=int, default=4, help="default model: key/value heads")
+    p.add_argument("--work-dir", type=Path, default=ROOT / ".tmp" / "bench-serve", help="models, logs, raw results")
+    p.add_argument("--num-prompts", type=int, default=32, help="requests per run and round")
+    p.add_argument("--max-concurrency", type=int, default=4, help="concurrent requests (also --max-num-seqs)")
+    p.add_argument("--input-len", type=int, default=64, help="random text tokens per request (plus the image)")
+    p.add_argument("--output-len", type=int, default=64, help="generated tokens per request")
+    p.add_argument("--image-size", type=int, default=224, help="square image side in pixels")
+    p.add_argument("--repeats", type=int, default=1, help="rounds over all runs (interleaved against drift)")
+    p.add_argument("--a16", action="store_true", help="also run stock and vlmptq W4 with VLLM_CPU_INT4_W4A8=0")
+    p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile in the servers")
+    p.add_argument("--no-gemm", action="store_true", help="skip the GEMM table")
+    p.add_argument("--gemm-threads", type=int, default=1, help="threads for the GEMM table (the CPU engine uses 1 on 2 cores)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where serve-<date>.md/.json go")
+    p.add_argument("--startup-timeout", type=float, default=900, help="seconds to wait for each server")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    if args.model is None:
+        name = f"qwen2vl-h{args.hidden}-i{args.intermediate}-l{args.layers}"
+        logger.info("building the benchmark model %s", name)
+        args.model = build_bench_model(work / name, args.hidden, args.intermediate, args.layers,
+                                       args.hidden // 64, args.kv_heads)
+        model_note = (f"random Qwen2-VL built by benchmarks/serve.py: hidden {args.hidden}, intermediate "
+                      f"{args.intermediate}, {args.layers} decoder layers, {args.hidden // 64} heads / "
+                      f"{args.kv_heads} KV heads, 2-layer vision tower; RTN checkpoints via vlmptq.quantize, "
+                      f"g{args.group_size} asym")
+        if args.quantized is None:
+            args.quantized = [rtn_checkpoint(args.model, work / f"{name}-w{b}g{args.group_size}", b, args.group_size)
+                              for b in args.bits]
+    else:
+        model_note = f"{args.model} (user-supplied)"
+    quantized = args.quantized or []
+
+    server_args = ["--max-model-len", "4096", "--max-num-seqs", str(args.max_concurrency), "--dtype", "bfloat16",
+                   "--kv-cache-memory-bytes", str(1 << 30), "--limit-mm-per-prompt", '{"image": 1}',
+                   "--seed", "0", "--disable-log-stats"]
+    if args.enforce_eager:
+        server_args.append("--enforce-eager")
+    runs = [Run("bf16", args.model, [])]
+    for ckpt in quantized:
+        b = checkpoint_bits(ckpt)
+        if b == 4:
+            runs.append(Run("stock W4 (CPUWNA16)", ckpt, ["--quantization", "compressed-tensors"]))
+            if args.a16:
+                runs.append(Run("stock W4 a16", ckpt, ["--quantization", "compressed-tensors"],
+                                {"VLLM_CPU_INT4_W4A8": "0"}))
+        runs.append(Run(f"vlmptq W{b}", ckpt, ["--quantization", "vlmptq"]))
+        if b == 4 and args.a16:
+            runs.append(Run("vlmptq W4 a16", ckpt, ["--quantization", "vlmptq"], {"VLLM_CPU_INT4_W4A8": "0"}))
+
+    load = BenchLoad(args.num_prompts, args.max_concurrency, args.input_len, args.output_len, args.image_size)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for rnd in range(args.repeats):
+        for i, run in enumerate(runs):
+            if run.error:
+                continue
+            tag = f"{stamp}-r{rnd}-{i}"
+            server = VllmServer(run.model, run.args + server_args, run.env, log_path=work / "logs" / f"{tag}.log")
+            try:
+                with server:
+                    logger.info("round %d: %s", rnd, run.label)
+                    run.results.append(run_bench(server, args.model, load, work / "raw" / f"{tag}.json"))
+                run.kernels = server.kernels()
+            except Exception as e:  # a run that fails is reported, the others still run
+                run.error = f"{type(e).__name__}: {e}".splitlines()[0]
+                logger.error("%s failed: %s (log %s)", run.label, e, server.log_path)
+            run.exit_codes.append(server.proc.returncode if server.proc else None)
+
+    report = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
+        "machine": machine(),
+        "model_note": model_note,
+        "load": load.__dict__,
+        "repeats": args.repeats,
+        "server_args": shlex.join(server_args),
+        "serving": [summarize(r) for r in runs],
+        "raw": {r.label: r.results for r in runs},
+    }
+    if not args.no_gemm:
+        shapes = decoder_gemm_shapes(args.model)
+        report["gemm"] = {"shapes": shapes, "group_size": args.group_size, "threads": args.gemm_threads,
+                          "rows": gemm_table(shapes, sorted({checkpoint_bits(c) for c in quantized} - {None}),
+                                             args.group_size, [1, 16, 128], args.gemm_threads)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = args.out / f"serve-{stamp}"
+    base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    base.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    logger.info("wrote %s.{md,json}", base)
+    return 0 if all(not r.error and summarize(r).get("failed") == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
