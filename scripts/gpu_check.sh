@@ -18,10 +18,15 @@
 # tuned/<gpu>.json. Afterwards, here: copy the json/md into benchmarks/results/ and, if the numbers
 # are good, tuned/<gpu>.json into vllm_plugin/kernels/configs/, and commit.
 # Knobs: PHASES="tests,bench" (default both), BENCH_ARGS="..." (extra benchmark flags).
+# Second call, if device time remains (~2-3 min):  PHASES=solvers bash scripts/gpu_check.sh
+#   5. benchmarks/solvers.py --device cuda: each method's loss and time on Qwen2.5-VL-7B layer
+#      shapes (issue: VLM-PTQ <= 1.15x GPTQ's time on the GPU) -> $OUT/solvers-<gpu>-<date>.{json,md}
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS="humming-kernels==0.1.19 nvidia-cuda-cccl==13.0.85 nvidia-cuda-crt==13.0.88"
+# The solver benchmark's options are pydantic models (not in the GPU image).
+WHEELS="$WHEELS pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5"
 if [[ "${1:-}" == "--download-wheels" ]]; then
     mkdir -p .whl
     exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -77,10 +82,19 @@ if [[ ",$PHASES," == *",bench,"* ]]; then
     echo "$(el) benchmark exit code $BENCH_RC"
 fi
 
+SOLVERS_RC="not run"
+if [[ ",$PHASES," == *",solvers,"* ]]; then
+    echo "$(el) === benchmarks/solvers.py"
+    timeout -k 10 400 python3 benchmarks/solvers.py --device cuda --repeats 2 \
+        --out "$OUT/solvers-$(python3 -c 'import torch; print(torch.cuda.get_device_name(0).replace(" ", "-"))')-$(date +%F)"
+    SOLVERS_RC=$?
+    echo "$(el) solver benchmark exit code $SOLVERS_RC"
+fi
+
 echo
 echo "==================================== GPU CHECK SUMMARY ($(el)) ===================================="
 echo "gpu: $(python3 -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null)  commit: $VLMPTQ_COMMIT"
-echo "pytest tests/gpu: exit $TEST_RC    benchmark: exit $BENCH_RC"
+echo "pytest tests/gpu: exit $TEST_RC    benchmark: exit $BENCH_RC    solvers: exit $SOLVERS_RC"
 MD=$(ls -t "$OUT"/kernels-*.md 2>/dev/null | head -1)
 if [[ -n "$MD" ]]; then
     echo "decoder-layer sums (from $(basename "$MD")):"

@@ -7,10 +7,12 @@ exactly what we serialize into ``config.json``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from compressed_tensors.quantization import QuantizationArgs
+from typing import TYPE_CHECKING
 
 from vlmptq.errors import ConfigError
+
+if TYPE_CHECKING:  # imported lazily: the solvers run where compressed-tensors is not installed
+    from compressed_tensors.quantization import QuantizationArgs
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
@@ -63,8 +65,10 @@ class WeightScheme:
         """Columns per group for a layer with ``in_features`` inputs."""
         return in_features if self.group_size == -1 else self.group_size
 
-    def to_quantization_args(self) -> QuantizationArgs:
+    def to_quantization_args(self) -> "QuantizationArgs":
         """The compressed-tensors description of this scheme (what config.json records)."""
+        from compressed_tensors.quantization import QuantizationArgs
+
         strategy = "channel" if self.group_size == -1 else "group"
         return QuantizationArgs(
             num_bits=self.bits,
@@ -77,7 +81,7 @@ class WeightScheme:
         )
 
     @classmethod
-    def from_quantization_args(cls, args: QuantizationArgs) -> "WeightScheme":
+    def from_quantization_args(cls, args: "QuantizationArgs") -> "WeightScheme":
         """Inverse of :meth:`to_quantization_args` for the int weight-only schemes we support."""
         if str(args.type) not in ("int", "QuantizationType.INT"):
             raise ConfigError(f"only integer weight quantization is supported, got type={args.type}.")
