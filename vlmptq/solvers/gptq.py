@@ -213,13 +213,15 @@ def gptq_quantize(
             qv = (c - zero[:, g]) * scale[:, g]
             codes[:, j] = c
             e = (col - qv) / u1[i, i]
-            proxy_loss += (e * e).sum() / 2
-            update = torch.outer(e, u1[i, i:])
+            # W[:, j:] -= e U[j, j:] - w_j P[j, j:], as one rank-1 (rank-2) update: the loop is
+            # launch-bound on GPUs, so fewer, fused kernels matter more than flops here.
             if asym:
-                update -= torch.outer(col, p[j, j:i2])
-            w1[:, i:] -= update
+                w1[:, i:].addmm_(torch.stack((e, col), 1), torch.stack((-u1[i, i:], p[j, j:i2])))
+            else:
+                w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
             err1[:, i] = e
             pre1[:, i] = col
+        proxy_loss += err1.square().sum() / 2
         if i2 < k:
             upd = err1 @ u[i1:i2, i2:]
             if asym:
