@@ -1,0 +1,361 @@
+#!/usr/bin/env python3
+"""Quality on real weights: RTN vs GPTQ vs GPTAQ vs VLM-PTQ (diagonal C) vs VLM-PTQ (exact shift).
+
+Two measurements per real model that installs offline (SmolLM2-135M-Instruct, Gemma-3-270M):
+  ppl  perplexity of the language model on held-out Wikipedia text (gensim's excerpt; calibration
+       on a disjoint set of articles), text-only calibration;
+  kl   the VLM proxy around the same language model (vlmptq/proxy.py: real LM, untrained vision
+       tower): mean KL(unquantized || quantized) of next-token distributions on image+text prompts
+       from held-out photos (vlmptq.calib.BUILTIN_HOLDOUT), calibrated on vlmptq's built-in set
+       through the public API (vlmptq.quantize_in_memory).
+The baseline is the dequantized GGUF model in fp32 (the packaged weights are already 4-bit).
+Each quantization runs in a fresh process (honest peak RSS); finished runs are kept in --work-dir,
+so an interrupted run resumes. Writes benchmarks/results/quality.{md,json}.
+
+    OMP_NUM_THREADS=1 python benchmarks/quality.py            # full run (hours on 2 CPU cores)
+    python benchmarks/quality.py --quick --tiny --out /tmp/q   # smoke run on a tiny random model
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import result_header, write_results  # noqa: E402
+from quality_report import render_markdown  # noqa: E402
+
+logger = logging.getLogger("quality")
+
+METHODS = ("rtn", "gptq", "gptaq", "vlmptq", "vlmptq-exact")
+EXTRA_METHODS = ("vlmptq-target",)  # beyond the paper (see --extra)
+# method name -> (solver, SolverOptions fields). Every method keeps the defaults (MSE clip search,
+# act-order off, damp 0.01, alpha 0.25); only the correction differs between the VLM-PTQ rows.
+SOLVER_FOR = {
+    "rtn": ("rtn", {}),
+    "gptq": ("gptq", {}),
+    "gptaq": ("gptaq", {}),
+    "vlmptq": ("vlmptq", {}),
+    "vlmptq-exact": ("vlmptq", {"correction": "exact"}),
+    "vlmptq-target": ("vlmptq", {"correction": "target", "alpha": 1.0}),
+}
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    calib_seqs: int = 32  # text calibration windows
+    calib_len: int = 256  # tokens per calibration window
+    eval_seqs: int = 16  # held-out windows
+    eval_len: int = 512  # tokens per held-out window
+    proxy_calib: int = 32  # built-in image-text calibration samples for the proxy
+    kl_photos: int = 6  # held-out photos for the proxy KL (of BUILTIN_HOLDOUT)
+    kl_questions: int = 4  # questions per photo
+
+
+QUICK = Sizes(calib_seqs=4, calib_len=64, eval_seqs=2, eval_len=128, proxy_calib=2, kl_photos=1, kl_questions=1)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the table (or a baseline)."""
+
+    model: str  # real model key (vlmptq.proxy.REAL_MODELS) or "tiny"
+    task: str  # "ppl" or "kl"
+    method: str
+    bits: int | None
+    group_size: int | None
+    sizes: Sizes = field(default_factory=Sizes)
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True)
+        tag = f"{self.model}-{self.task}-{self.method}-w{self.bits}g{self.group_size}"
+        return f"{tag}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
+
+
+# ----------------------------------------------------------------------------- models and data
+def model_dirs(model: str, work: Path) -> tuple[Path, Path]:
+    """(language model dir, VLM proxy dir) in fp32."""
+    import torch
+
+    from vlmptq import proxy
+
+    if model == "tiny":
+        return (proxy.tiny_lm_dir(work / "tiny-lm"), proxy.tiny_proxy_dir(work / "tiny-proxy"))
+    return (proxy.real_lm_dir(model, dtype=torch.float32),
+            proxy.proxy_dir(model, dtype=torch.float32) if model in proxy.PROXY_BUILDERS else None)
+
+
+def text_data(model: str, lm_dir: Path, sizes: Sizes, work: Path):
+    """(calibration windows, held-out windows) as token tensors, cached in ``work``."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from quality_data import calibration_windows, eval_windows
+    from vlmptq.proxy import REAL_MODELS
+
+    path = work / f"text-{model}-{sizes.calib_seqs}x{sizes.calib_len}-{sizes.eval_seqs}x{sizes.eval_len}.pt"
+    if path.is_file():
+        return torch.load(path)
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    bos = tok.bos_token_id if model in REAL_MODELS and REAL_MODELS[model].add_bos else None
+    data = (calibration_windows(tok, sizes.calib_seqs, sizes.calib_len, bos=bos),
+            eval_windows(tok, sizes.eval_seqs, sizes.eval_len, bos=bos))
+    torch.save(data, path)
+    return data
+
+
+@dataclass
+class TextSample:
+    """A text-only calibration sample: every token is a text token."""
+
+    inputs: dict
+    vision_mask: object
+    text_mask: object
+    sample_id: str
+
+
+def text_samples(windows) -> list[TextSample]:
+    import torch
+
+    t = windows.shape[1]
+    return [TextSample({"input_ids": w[None]}, torch.zeros(t, dtype=torch.bool), torch.ones(t, dtype=torch.bool),
+                       f"wiki[{i}]") for i, w in enumerate(windows)]
+
+
+def perplexity(model, windows, chunk: int = 128) -> float:
+    """exp(mean next-token NLL) over all windows; the vocabulary projection runs in chunks."""
+    import torch
+    import torch.nn.functional as F
+
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            hidden = model.model(input_ids=w[None], use_cache=False).last_hidden_state[0, :-1]
+            for c in range(0, hidden.shape[0], chunk):
+                logits = model.lm_head(hidden[c:c + chunk]).float()
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                nll += F.cross_entropy(logits, w[1 + c:1 + c + chunk], reduction="sum").item()
+            count += w.numel() - 1
+    return float(torch.tensor(nll / count).exp())
+
+
+# ----------------------------------------------------------------------------- one run
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def _solver_options(method: str):
+    from vlmptq.solvers import SolverOptions
+
+    name, fields = SOLVER_FOR[method]
+    return name, SolverOptions(**fields)
+
+
+def _kl_setup(run: Run, proxy: Path):
+    from transformers import AutoProcessor
+
+    from vlmptq.demo.evaluate import EVAL_QUESTIONS, kl_samples
+    from vlmptq.calib import BUILTIN_HOLDOUT
+    from vlmptq.models.adapters import adapter_for_type, read_model_type
+
+    import json as _json
+
+    cfg = _json.loads((proxy / "config.json").read_text())
+    ids = {cfg[k] for k in ("image_token_id", "image_token_index") if isinstance(cfg.get(k), int)}
+    adapter_for_type(read_model_type(proxy))
+    processor = AutoProcessor.from_pretrained(proxy)
+    s = run.sizes
+    return kl_samples(processor, ids, BUILTIN_HOLDOUT[:s.kl_photos], EVAL_QUESTIONS[:s.kl_questions])
+
+
+def execute(run: Run, work: Path, isolated: bool) -> dict:
+    """Quantize (unless baseline) and evaluate; returns the result record."""
+    import torch
+
+    from vlmptq.models.adapters import load_model
+
+    lm_dir, proxy = model_dirs(run.model, work)
+    t0 = time.perf_counter()
+    seconds = None
+    peak = None
+    if run.task == "ppl":
+        calib, evals = text_data(run.model, lm_dir, run.sizes, work)
+        model, adapter = load_model(lm_dir, torch.float32)
+        if run.method != BASELINE:
+            from vlmptq.pipeline.sequential import quantize_model
+            from vlmptq.quant.scheme import WeightScheme
+            from vlmptq.solvers import build_solver
+
+            name, opts = _solver_options(run.method)
+            with PeakRSS() as mem:
+                res = quantize_model(model, adapter, build_solver(name, opts),
+                                     WeightScheme(run.bits, run.group_size, False), text_samples(calib), device="cpu")
+            seconds, peak = res.seconds, mem.peak
+        value = perplexity(model, evals)
+    else:
+        from vlmptq.demo.evaluate import mean_kl, reference_logprobs
+
+        samples = _kl_setup(run, proxy)
+        ref_path = work / f"kl-ref-{Run(run.model, 'kl', BASELINE, None, None, run.sizes).key()}.pt"
+        if run.method == BASELINE:
+            model, _ = load_model(proxy, torch.float32)
+            ref = reference_logprobs(model, samples)
+            torch.save(ref, ref_path)
+            value = 0.0
+        else:
+            from vlmptq import quantize_in_memory
+            from vlmptq.calib import CalibConfig
+            from vlmptq.config import make_config
+
+            name, opts = _solver_options(run.method)
+            config = make_config(method=name, bits=run.bits, group_size=run.group_size, solver=opts,
+                                 calib=CalibConfig(source="builtin", num_samples=run.sizes.proxy_calib),
+                                 device="cpu", dtype="float32")
+            with PeakRSS() as mem:
+                model, res, _n = quantize_in_memory(proxy, config)
+            seconds, peak = res.seconds, mem.peak
+            value = mean_kl(model, samples, torch.load(ref_path))
+    if isolated and peak is not None:
+        peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    rec = {
+        "model": model_label(run), "method": run.method, "bits": run.bits, "group_size": run.group_size,
+        "metric": run.task, "value": value, "quant_seconds": seconds,
+        "peak_rss_mb": None if peak is None else round(peak / 2**20, 1),
+        "wall_seconds": round(time.perf_counter() - t0, 1), "run": run.key(),
+    }
+    if run.method != BASELINE and run.method != "rtn":
+        mus = [r.info["mu"] for r in res.records if "mu" in r.info]
+        if mus:
+            rec["mu_mean"] = sum(mus) / len(mus)
+    return rec
+
+
+def model_label(run: Run) -> str:
+    return f"{run.model}-vlm-proxy" if run.task == "kl" else run.model
+
+
+# ----------------------------------------------------------------------------- orchestration
+def plan(models, tasks, bits, group_size, methods, sizes) -> list[Run]:
+    runs = []
+    for model in models:
+        for task in tasks:
+            runs.append(Run(model, task, BASELINE, None, None, sizes))
+            runs += [Run(model, task, m, b, group_size, sizes) for b in bits for m in methods]
+    return runs
+
+
+def run_all(runs: list[Run], work: Path, isolate: bool, threads: int) -> list[dict]:
+    done_dir = work / "runs"
+    done_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, run in enumerate(runs):
+        path = done_dir / f"{run.key()}.json"
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+            continue
+        logger.info("[%d/%d] %s", i + 1, len(runs), run.key())
+        if isolate:
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            cmd = [sys.executable, __file__, "--worker", json.dumps(asdict(run)), "--work-dir", str(work),
+                   "--threads", str(threads)]
+            subprocess.run(cmd, check=True, env=env)
+        else:
+            path.write_text(json.dumps(execute(run, work, isolated=False), indent=1) + "\n")
+        rec = json.loads(path.read_text())
+        logger.info("%s %s W%s: %s = %.4g (%.0fs quantizing, peak RSS %s MB)", rec["model"], rec["method"],
+                    rec["bits"], rec["metric"], rec["value"], rec["quant_seconds"] or 0, rec["peak_rss_mb"])
+        records.append(rec)
+    return records
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"],
+                   help="real models (vlmptq.proxy.REAL_MODELS keys)")
+    p.add_argument("--tasks", nargs="+", default=["ppl", "kl"], choices=["ppl", "kl"],
+                   help="ppl: text perplexity of the LM; kl: KL on the VLM proxy")
+    p.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2], help="weight bit widths")
+    p.add_argument("--group-size", type=int, default=64,
+                   help="group size (64: GGUF Q4 blocks of 32 would make 4-bit g32 trivially exact)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(SOLVER_FOR), help="methods")
+    p.add_argument("--extra", action="store_true", help="also run vlmptq-target (beyond the paper)")
+    p.add_argument("--calib-seqs", type=int, default=Sizes.calib_seqs, help="text calibration windows")
+    p.add_argument("--calib-len", type=int, default=Sizes.calib_len, help="tokens per calibration window")
+    p.add_argument("--eval-seqs", type=int, default=Sizes.eval_seqs, help="held-out text windows")
+    p.add_argument("--eval-len", type=int, default=Sizes.eval_len, help="tokens per held-out window")
+    p.add_argument("--proxy-calib", type=int, default=Sizes.proxy_calib, help="built-in calibration samples (proxy)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, in-process: a smoke run of minutes")
+    p.add_argument("--tiny", action="store_true", help="a tiny random llama LM and LLaVA proxy instead of real models")
+    p.add_argument("--no-isolate", action="store_true", help="run everything in this process (RSS not isolated)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                   help="torch threads per run (1 avoids OpenMP thrashing on a shared 2-core machine)")
+    p.add_argument("--work-dir", type=Path, default=Path(".cache/vlmptq/quality"), help="finished runs, data")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "quality",
+                   help="output stem: writes <out>.md and <out>.json")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("vlmptq").setLevel(logging.WARNING)  # one line per linear is too much here
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = args.work_dir.absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        d = json.loads(args.worker)
+        run = Run(**{**d, "sizes": Sizes(**d["sizes"])})
+        rec = execute(run, work, isolated=True)
+        (work / "runs" / f"{run.key()}.json").write_text(json.dumps(rec, indent=1) + "\n")
+        return
+    sizes = QUICK if args.quick else Sizes(args.calib_seqs, args.calib_len, args.eval_seqs, args.eval_len,
+                                           args.proxy_calib)
+    models = ["tiny"] if args.tiny else args.models
+    methods = list(args.methods) + ([m for m in EXTRA_METHODS if m not in args.methods] if args.extra else [])
+    runs = plan(models, args.tasks, args.bits, args.group_size, methods, sizes)
+    t0 = time.perf_counter()
+    records = run_all(runs, work, isolate=not (args.quick or args.no_isolate), threads=args.threads)
+    header = {**result_header(), "threads": args.threads, "sizes": asdict(sizes),
+              "total_seconds": round(time.perf_counter() - t0)}
+    write_results(args.out, header, records, render_markdown(records, header))
+
+
+if __name__ == "__main__":
+    main()
