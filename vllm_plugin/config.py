@@ -10,7 +10,8 @@ Layer rule (:meth:`VlmptqConfig.get_quant_method`): linears named in ``ignore`` 
 vLLM's compressed-tensors helpers, after the model's ``hf_to_vllm_mapper`` renamed the names, and
 across fused qkv / gate_up shards) and linears no config group targets get
 ``UnquantizedLinearMethod``; the others get :class:`~vllm_plugin.linear.VlmptqLinearMethod` with
-their group's scheme. Non-linear layers (embeddings, lm_head, attention) stay vLLM's defaults.
+their group's scheme. Non-linear layers (embeddings, attention) stay vLLM's defaults; a checkpoint
+that quantizes the LM head is refused with a message (the plugin has no quantized lm_head yet).
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from compressed_tensors.quantization import QuantizationArgs
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
-from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.quantization.base_config import (
+    QuantizationConfig,
+    QuantizeMethodBase,
+)
 from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
     find_matched_target,
     should_ignore_layer,
 )
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from vlmptq.errors import CheckpointError, ConfigError
 from vllm_plugin.validation import ServingScheme
@@ -52,8 +57,10 @@ def claims_checkpoint(hf_quant_cfg: dict[str, Any] | None, user_quant: str | Non
         if not is_ct:
             method = hf_quant_cfg.get("quant_method") if isinstance(hf_quant_cfg, dict) else None
             raise ConfigError(
-                f"--quantization {NAME} serves compressed-tensors pack-quantized checkpoints, but this "
-                f"checkpoint's quantization_config.quant_method is {method!r}. Drop the flag to use "
+                f"--quantization {NAME} serves compressed-tensors pack-quantized checkpoints, but "
+                "this "
+                f"checkpoint's quantization_config.quant_method is {method!r}. Drop the flag to "
+                "use "
                 f"vLLM's own loader for it, or quantize the model with vlmptq."
             )
         return True
@@ -61,37 +68,49 @@ def claims_checkpoint(hf_quant_cfg: dict[str, Any] | None, user_quant: str | Non
 
 
 def parse_config_groups(config: dict[str, Any]) -> dict[str, ServingScheme]:
-    """``{target: scheme}`` from the checkpoint's ``config_groups`` (weight-only int pack-quantized)."""
+    """``{target: scheme}`` from the checkpoint's ``config_groups`` (weight-only int packed)."""
     groups = config.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise CheckpointError(
-            "quantization_config has no config_groups; a vlmptq checkpoint lists its weight scheme(s) "
+            "quantization_config has no config_groups; a vlmptq checkpoint lists its weight "
+            "scheme(s) "
             "there (re-export it with vlmptq)."
         )
     out: dict[str, ServingScheme] = {}
     for gname, group in groups.items():
         where = f"quantization_config.config_groups.{gname}"
         if not isinstance(group, dict):
-            raise CheckpointError(f"{where} is {group!r}; expected an object with targets and weights.")
+            raise CheckpointError(
+                f"{where} is {group!r}; expected an object with targets and weights."
+            )
         fmt = group.get("format") or config.get("format")
         if fmt != _FORMAT:
-            raise CheckpointError(f"{where}: format {fmt!r} is not served by vlmptq; it serves {_FORMAT!r}.")
+            raise CheckpointError(
+                f"{where}: format {fmt!r} is not served by vlmptq; it serves {_FORMAT!r}."
+            )
         if group.get("input_activations") or group.get("output_activations"):
-            raise CheckpointError(f"{where}: activation quantization is set; vlmptq serves weight-only (A16).")
+            raise CheckpointError(
+                f"{where}: activation quantization is set; vlmptq serves weight-only (A16)."
+            )
         try:
             args = QuantizationArgs.model_validate(group.get("weights"))
         except ValueError as e:
-            raise CheckpointError(f"{where}.weights is not a valid compressed-tensors scheme: {e}") from e
+            raise CheckpointError(
+                f"{where}.weights is not a valid compressed-tensors scheme: {e}"
+            ) from e
         strategy = str(getattr(args.strategy, "value", args.strategy))
         if str(getattr(args.type, "value", args.type)) != "int":
-            raise CheckpointError(f"{where}.weights.type is {args.type!r}; vlmptq serves int weights.")
+            raise CheckpointError(
+                f"{where}.weights.type is {args.type!r}; vlmptq serves int weights."
+            )
         if strategy not in ("group", "channel"):
             raise CheckpointError(
                 f"{where}.weights.strategy is {strategy!r}; vlmptq serves 'group' and 'channel'."
             )
         if args.actorder not in (None, "static", "weight"):
             raise CheckpointError(
-                f"{where}.weights.actorder is {args.actorder!r} (needs g_idx); vlmptq serves checkpoints "
+                f"{where}.weights.actorder is {args.actorder!r} (needs g_idx); vlmptq serves "
+                "checkpoints "
                 f"without activation reordering or with static reordering."
             )
         try:
@@ -112,7 +131,9 @@ def parse_config_groups(config: dict[str, Any]) -> dict[str, ServingScheme]:
 class VlmptqConfig(QuantizationConfig):
     """vLLM quantization config for vlmptq (compressed-tensors ``pack-quantized``) checkpoints."""
 
-    def __init__(self, target_schemes: dict[str, ServingScheme], ignore: list[str], raw: dict[str, Any]):
+    def __init__(
+        self, target_schemes: dict[str, ServingScheme], ignore: list[str], raw: dict[str, Any]
+    ):
         super().__init__()
         self.target_schemes = target_schemes
         self.ignore = list(ignore)
@@ -136,7 +157,8 @@ class VlmptqConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> VlmptqConfig:
         if config.get("quant_method") != _QUANT_METHOD:
             raise CheckpointError(
-                f"quantization_config.quant_method is {config.get('quant_method')!r}; vlmptq serves "
+                f"quantization_config.quant_method is {config.get('quant_method')!r}; vlmptq "
+                "serves "
                 f"{_QUANT_METHOD!r} checkpoints."
             )
         status = config.get("quantization_status", "compressed")
@@ -146,7 +168,9 @@ class VlmptqConfig(QuantizationConfig):
                 f"('compressed') checkpoints."
             )
         if config.get("kv_cache_scheme"):
-            raise CheckpointError("quantization_config.kv_cache_scheme is set; vlmptq does not serve KV quantization.")
+            raise CheckpointError(
+                "quantization_config.kv_cache_scheme is set; vlmptq does not serve KV quantization."
+            )
         return cls(parse_config_groups(config), list(config.get("ignore") or []), config)
 
     @classmethod
@@ -162,18 +186,47 @@ class VlmptqConfig(QuantizationConfig):
                 return hf_to_vllm_mapper._map_name(target)
             return target
 
-        self.target_schemes = {n: s for t, s in self.target_schemes.items() if (n := rename(t)) is not None}
+        self.target_schemes = {
+            n: s for t, s in self.target_schemes.items() if (n := rename(t)) is not None
+        }
         self.ignore = [n for t in self.ignore if (n := rename(t)) is not None]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, ParallelLMHead):
+            self._refuse_quantized_lm_head(layer, prefix)
         if not isinstance(layer, LinearBase):
             return None
         from vllm_plugin.linear import VlmptqLinearMethod
 
-        if should_ignore_layer(prefix, ignore=self.ignore, fused_mapping=self.packed_modules_mapping):
+        if should_ignore_layer(
+            prefix, ignore=self.ignore, fused_mapping=self.packed_modules_mapping
+        ):
             return UnquantizedLinearMethod()
-        target = find_matched_target(prefix, layer, self.target_schemes.keys(), self.packed_modules_mapping)
+        target = self._target(layer, prefix)
         if target is None:
-            logger.debug("vlmptq: %s matches no config group target; serving it unquantized", prefix)
+            logger.debug(
+                "vlmptq: %s matches no config group target; serving it unquantized", prefix
+            )
             return UnquantizedLinearMethod()
         return VlmptqLinearMethod(self.target_schemes[target], prefix, self.packed_modules_mapping)
+
+    def _target(self, layer: torch.nn.Module, prefix: str) -> str | None:
+        return find_matched_target(
+            prefix, layer, self.target_schemes.keys(), self.packed_modules_mapping
+        )
+
+    def _refuse_quantized_lm_head(self, layer: torch.nn.Module, prefix: str) -> None:
+        """A packed lm_head would meet vLLM's unquantized embedding loader and fail obscurely."""
+        if should_ignore_layer(
+            prefix, ignore=self.ignore, fused_mapping=self.packed_modules_mapping
+        ):
+            return
+        target = self._target(layer, prefix)
+        if target is not None:
+            raise CheckpointError(
+                f"{prefix}: the checkpoint quantizes the LM head (config group target "
+                f"{target!r}); the "
+                "vlmptq plugin serves quantized linear layers only. Re-export with lm_head in "
+                "`ignore`, "
+                f"or serve this checkpoint with --quantization compressed-tensors."
+            )

@@ -54,7 +54,12 @@ _announced: set[tuple[str, str]] = set()
 class VlmptqLinearMethod(LinearMethodBase):
     """Weight-only 2/3/4/8-bit linear for one layer (vLLM creates one method per layer)."""
 
-    def __init__(self, scheme: ServingScheme, layer_name: str, packed_modules_mapping: Mapping[str, list[str]]):
+    def __init__(
+        self,
+        scheme: ServingScheme,
+        layer_name: str,
+        packed_modules_mapping: Mapping[str, list[str]],
+    ):
         self.scheme = scheme
         self.layer_name = layer_name
         self.packed_modules_mapping = packed_modules_mapping
@@ -76,12 +81,20 @@ class VlmptqLinearMethod(LinearMethodBase):
     ) -> None:
         s, b = self.scheme, self.scheme.bits
         tp_size = get_tensor_model_parallel_world_size()
-        validate_partition(self.layer_name, s, input_size, input_size_per_partition,
-                           output_partition_sizes, tp_size)
+        validate_partition(
+            self.layer_name,
+            s,
+            input_size,
+            input_size_per_partition,
+            output_partition_sizes,
+            tp_size,
+        )
         n_p, k_p = sum(output_partition_sizes), input_size_per_partition
         row_parallel = input_size != input_size_per_partition
         channelwise = s.group_size == -1
-        replicate_scales = channelwise and row_parallel  # one [N, 1] scale column serves every K shard
+        replicate_scales = (
+            channelwise and row_parallel
+        )  # one [N, 1] scale column serves every K shard
         groups = 1 if channelwise else k_p // s.group_size
 
         layer.input_size = input_size
@@ -92,8 +105,12 @@ class VlmptqLinearMethod(LinearMethodBase):
         layer.vlmptq_loaded = set()  # (param, shard id) pairs seen by the loaders
 
         self.kernel_config = WNA16LayerConfig(
-            bits=b, group_size=k_p if channelwise else s.group_size, symmetric=s.symmetric,
-            in_features=k_p, out_features=n_p, act_dtype=params_dtype,
+            bits=b,
+            group_size=k_p if channelwise else s.group_size,
+            symmetric=s.symmetric,
+            in_features=k_p,
+            out_features=n_p,
+            act_dtype=params_dtype,
             device_type=current_platform.device_type,
         )
         self.kernel_cls = choose_kernel(self.kernel_config, self.layer_name)
@@ -102,27 +119,47 @@ class VlmptqLinearMethod(LinearMethodBase):
         pack = Fraction(32, b)
         loader = lambda name: self._make_loader(layer, name, inner)  # noqa: E731
         weight = PackedvLLMParameter(
-            input_dim=1, output_dim=0, packed_dim=1, packed_factor=pack, weight_loader=loader("weight_packed"),
+            input_dim=1,
+            output_dim=0,
+            packed_dim=1,
+            packed_factor=pack,
+            weight_loader=loader("weight_packed"),
             data=torch.empty(n_p, math.ceil(k_p * b / 32), dtype=torch.int32),
         )
         scale_data = torch.empty(n_p, groups, dtype=params_dtype)
         if replicate_scales:
-            scale = ChannelQuantScaleParameter(output_dim=0, data=scale_data, weight_loader=loader("weight_scale"))
+            scale = ChannelQuantScaleParameter(
+                output_dim=0, data=scale_data, weight_loader=loader("weight_scale")
+            )
         else:
-            scale = GroupQuantScaleParameter(output_dim=0, input_dim=1, data=scale_data,
-                                             weight_loader=loader("weight_scale"))
-        shape = BasevLLMParameter(data=torch.empty(2, dtype=torch.int64), weight_loader=loader("weight_shape"))
+            scale = GroupQuantScaleParameter(
+                output_dim=0, input_dim=1, data=scale_data, weight_loader=loader("weight_scale")
+            )
+        shape = BasevLLMParameter(
+            data=torch.empty(2, dtype=torch.int64), weight_loader=loader("weight_shape")
+        )
         layer.register_parameter("weight_packed", weight)
         layer.register_parameter("weight_scale", scale)
         layer.register_parameter("weight_shape", shape)
         if not s.symmetric:
             zp_data = torch.zeros(math.ceil(n_p * b / 32), groups, dtype=torch.int32)
             if replicate_scales:
-                zp = PackedColumnParameter(output_dim=0, packed_dim=0, packed_factor=pack, data=zp_data,
-                                           weight_loader=loader("weight_zero_point"))
+                zp = PackedColumnParameter(
+                    output_dim=0,
+                    packed_dim=0,
+                    packed_factor=pack,
+                    data=zp_data,
+                    weight_loader=loader("weight_zero_point"),
+                )
             else:
-                zp = PackedvLLMParameter(input_dim=1, output_dim=0, packed_dim=0, packed_factor=pack,
-                                         data=zp_data, weight_loader=loader("weight_zero_point"))
+                zp = PackedvLLMParameter(
+                    input_dim=1,
+                    output_dim=0,
+                    packed_dim=0,
+                    packed_factor=pack,
+                    data=zp_data,
+                    weight_loader=loader("weight_zero_point"),
+                )
             layer.register_parameter("weight_zero_point", zp)
 
     def _param_names(self) -> tuple[str, ...]:
@@ -144,15 +181,24 @@ class VlmptqLinearMethod(LinearMethodBase):
     def _check_and_convert(self, layer, name: str, shard_id, t: torch.Tensor) -> torch.Tensor:
         tensor_name = self._tensor_name(name, shard_id)
         if name in ("weight_packed", "weight_zero_point") and t.dtype != torch.int32:
-            raise CheckpointError(f"{tensor_name}: dtype {t.dtype}, expected torch.int32 (packed codes).")
+            raise CheckpointError(
+                f"{tensor_name}: dtype {t.dtype}, expected torch.int32 (packed codes)."
+            )
         if name == "weight_scale" and not t.dtype.is_floating_point:
-            raise CheckpointError(f"{tensor_name}: dtype {t.dtype}, expected a float dtype (scales).")
+            raise CheckpointError(
+                f"{tensor_name}: dtype {t.dtype}, expected a float dtype (scales)."
+            )
         rows = _checkpoint_rows(layer, shard_id)
         k = layer.input_size
         padded = check_tensor(tensor_name, name, t.shape, self.scheme, rows, k)
-        if name == "weight_shape" and rows is not None and [int(v) for v in t.tolist()] != [rows, k]:
+        if (
+            name == "weight_shape"
+            and rows is not None
+            and [int(v) for v in t.tolist()] != [rows, k]
+        ):
             raise CheckpointError(
-                f"{tensor_name}: says the layer is {t.tolist()}, but the model's layer is [{rows}, {k}] "
+                f"{tensor_name}: says the layer is {t.tolist()}, but the model's layer is "
+                f"[{rows}, {k}] "
                 f"(out_features, in_features); the checkpoint does not belong to this model config."
             )
         if padded:  # compressed-tensors <= 0.17's 3-bit layout: make it dense before vLLM slices it
@@ -163,7 +209,7 @@ class VlmptqLinearMethod(LinearMethodBase):
         return t
 
     def _tensor_name(self, param: str, shard_id) -> str:
-        """The unfused (checkpoint-side) tensor name in vLLM's naming, e.g. ``...q_proj.weight_packed``."""
+        """Unfused (checkpoint-side) tensor name (vLLM naming), e.g. ``...q_proj.weight_packed``."""
         if shard_id is None or isinstance(shard_id, tuple):
             return f"{self.layer_name}.{param}"
         for fused, parts in self.packed_modules_mapping.items():
@@ -185,7 +231,8 @@ class VlmptqLinearMethod(LinearMethodBase):
         if missing:
             raise CheckpointError(
                 f"{self.layer_name}: the checkpoint has no tensor(s) {', '.join(missing)}. A "
-                f"{self.scheme.describe()} linear needs {', '.join(self._param_names())} per (unfused) "
+                f"{self.scheme.describe()} linear needs {', '.join(self._param_names())} per "
+                "(unfused) "
                 f"layer; the checkpoint is incomplete or the layer should be in `ignore`."
             )
         assert self.kernel_cls is not None
@@ -196,20 +243,24 @@ class VlmptqLinearMethod(LinearMethodBase):
             delattr(layer, name)
         self.kernel_keys = tuple(tensors)
         for key, t in tensors.items():
-            layer.register_parameter(_KERNEL_PREFIX + key, torch.nn.Parameter(t, requires_grad=False))
+            layer.register_parameter(
+                _KERNEL_PREFIX + key, torch.nn.Parameter(t, requires_grad=False)
+            )
         del layer.vlmptq_loaded
         tag = (self.kernel_cls.name, self.scheme.describe())
         if tag not in _announced:
             _announced.add(tag)
             logger.info("vlmptq: %s layers run on the %r kernel", tag[1], tag[0])
 
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         tensors = {k: getattr(layer, _KERNEL_PREFIX + k) for k in self.kernel_keys}
         return self.kernel.apply(tensors, x, bias)
 
 
 def _checkpoint_rows(layer: torch.nn.Module, shard_id) -> int | None:
-    """Rows of the checkpoint tensor for this shard, before tensor-parallel slicing (None: unknown)."""
+    """Rows of this shard's checkpoint tensor before tensor-parallel slicing (None: unknown)."""
     if isinstance(layer, QKVParallelLinear):
         if shard_id in _QKV_INDEX:
             heads = layer.total_num_heads if shard_id == "q" else layer.total_num_kv_heads

@@ -86,12 +86,20 @@ def choose_kernel(config: WNA16LayerConfig, layer_name: str = "") -> type[WNA16K
         reasons.append(f"  {c.name}: {why}")
     where = f" for layer {layer_name}" if layer_name else ""
     raise NoKernelError(
-        f"no vlmptq kernel can run{where} ({config}):\n" + "\n".join(reasons)
+        f"no vlmptq kernel can run{where} ({config}):\n"
+        + "\n".join(reasons)
         + f"\nRe-enable a kernel (unset {DISABLED_KERNELS_ENV}) or serve the layer unquantized."
     )
 
 
 __all__ = [
-    "DISABLED_KERNELS_ENV", "KERNELS", "Candidate", "NoKernelError", "WNA16Kernel",
-    "WNA16LayerConfig", "candidates", "choose_kernel", "disabled_kernels",
+    "DISABLED_KERNELS_ENV",
+    "KERNELS",
+    "Candidate",
+    "NoKernelError",
+    "WNA16Kernel",
+    "WNA16LayerConfig",
+    "candidates",
+    "choose_kernel",
+    "disabled_kernels",
 ]

