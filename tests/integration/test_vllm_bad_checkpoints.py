@@ -27,7 +27,9 @@ VLLM_K = "language_model.model.layers.0.self_attn.k_proj"
 
 @pytest.fixture(scope="module")
 def w3_checkpoint(tiny_qwen2_vl, tmp_path_factory):
-    return build_quantized_checkpoint(tiny_qwen2_vl, tmp_path_factory.mktemp("w3"), WeightScheme(3, 64, False)).path
+    return build_quantized_checkpoint(
+        tiny_qwen2_vl, tmp_path_factory.mktemp("w3"), WeightScheme(3, 64, False)
+    ).path
 
 
 def damaged(src, tmp_path, tensors=None, config=None):
@@ -56,15 +58,26 @@ def weights(cfg):
     return cfg["config_groups"]["group_0"]["weights"]
 
 
+def quantize_lm_head(qc):  # an 8-bit group for the LM head (a scheme the plugin cannot serve yet)
+    group = json.loads(json.dumps(qc["config_groups"]["group_0"]))
+    group["targets"], group["weights"]["num_bits"] = ["re:.*lm_head"], 8
+    qc["config_groups"]["group_1"] = group
+
+
 CASES = {
     "missing-tensor": dict(
         tensors=lambda sd: sd.pop(f"{K}.weight_zero_point"),
-        message=rf"the checkpoint has no tensor\(s\) {VLLM_K}\.weight_zero_point\. A W3 g64 asym linear needs",
+        message=(
+            rf"the checkpoint has no tensor\(s\) {VLLM_K}\.weight_zero_point\. "
+            r"A W3 g64 asym linear needs"
+        ),
     ),
     "wrong-packed-width": dict(
         tensors=drop_column,
-        message=(rf"{VLLM_Q}\.weight_packed: shape \(192, 17\) does not match W3 g64 asym .* expected "
-                 r"\(192, 18\) \(dense\) or \(192, 20\) \(10 per word\)"),
+        message=(
+            rf"{VLLM_Q}\.weight_packed: shape \(192, 17\) does not match W3 g64 asym .* expected "
+            r"\(192, 18\) \(dense\) or \(192, 20\) \(10 per word\)"
+        ),
     ),
     "wrong-dtype": dict(
         tensors=widen_dtype,
@@ -72,12 +85,18 @@ CASES = {
     ),
     "unsupported-bits": dict(
         config=lambda qc: weights(qc).update(num_bits=5),
-        message=r"config_groups\.group_0\.weights: num_bits=5 is not supported by the vlmptq plugin",
+        message=r"group_0\.weights: num_bits=5 is not supported by the vlmptq plugin",
     ),
     "group-size-not-dividing-a-layer": dict(
         config=lambda qc: weights(qc).update(group_size=96),  # divides 192, not down_proj's 448
-        message=(r"language_model\.model\.layers\.0\.mlp\.down_proj: in_features=448 is not divisible by "
-                 r"group_size=96"),
+        message=(
+            r"layers\.0\.mlp\.down_proj: in_features=448 is not divisible by "
+            r"group_size=96"
+        ),
+    ),
+    "quantized-lm-head": dict(
+        config=quantize_lm_head,
+        message=r"language_model\.lm_head: the checkpoint quantizes the LM head .*'re:\.\*lm_head'",
     ),
 }
 
@@ -95,4 +114,6 @@ def test_bad_checkpoint_fails_at_load_naming_what_was_expected(w3_checkpoint, tm
         err = err.__cause__ or err.__context__
     text = "\n".join(chain)
     assert re.search(spec["message"], text), text
-    assert re.search(r"^(CheckpointError|ConfigError): ", text, re.M), text  # ours, not an assert deep in vLLM
+    assert re.search(r"^(CheckpointError|ConfigError): ", text, re.M), (
+        text
+    )  # ours, not an assert deep in vLLM

@@ -44,14 +44,19 @@ TEXT_PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 
 @pytest.fixture(scope="module")
 def checkpoints(request, tmp_path_factory):
-    """``get(arch, bits)``: the tiny model of ``arch`` RTN-quantized at W{bits} g64 asym (cached)."""
+    """``get(arch, bits)``: the tiny ``arch`` model RTN-quantized at W{bits} g64 asym (cached)."""
     cache = {}
 
     def get(arch: str, bits: int):
         if (arch, bits) not in cache:
-            src = request.getfixturevalue("tiny_qwen2_vl" if arch == "qwen2_vl" else "tiny_qwen2_5_vl")
+            src = request.getfixturevalue(
+                "tiny_qwen2_vl" if arch == "qwen2_vl" else "tiny_qwen2_5_vl"
+            )
             out = tmp_path_factory.mktemp(f"{arch}-w{bits}")
-            cache[arch, bits] = (src, build_quantized_checkpoint(src, out, WeightScheme(bits, 64, False)))
+            cache[arch, bits] = (
+                src,
+                build_quantized_checkpoint(src, out, WeightScheme(bits, 64, False)),
+            )
         return cache[arch, bits]
 
     return get
@@ -63,9 +68,14 @@ def prompts(src):
     proc = AutoProcessor.from_pretrained(src)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     chat = proc.apply_chat_template(msgs, add_generation_prompt=True)
-    hf_inputs = [proc(text=[chat], images=[pattern_image()], return_tensors="pt"),
-                 proc(text=[TEXT_PROMPT], return_tensors="pt")]
-    vllm_inputs = [{"prompt": chat, "multi_modal_data": {"image": pattern_image()}}, {"prompt": TEXT_PROMPT}]
+    hf_inputs = [
+        proc(text=[chat], images=[pattern_image()], return_tensors="pt"),
+        proc(text=[TEXT_PROMPT], return_tensors="pt"),
+    ]
+    vllm_inputs = [
+        {"prompt": chat, "multi_modal_data": {"image": pattern_image()}},
+        {"prompt": TEXT_PROMPT},
+    ]
     return vllm_inputs, hf_inputs
 
 
@@ -80,19 +90,26 @@ def logprob_errors(hf, hf_inputs, outputs) -> tuple[list[float], list[float]]:
     """|vLLM - HF| for every prompt token after the first and every generated token, plus for each
     generated token HF's margin ``max logprob - logprob(chosen)``."""
     errs, margins = [], []
-    for inp, out in zip(hf_inputs, outputs):
+    for inp, out in zip(hf_inputs, outputs, strict=True):
         ids = list(out.prompt_token_ids)
-        assert ids == inp["input_ids"][0].tolist(), "vLLM and HF tokenized / expanded the prompt differently"
+        assert ids == inp["input_ids"][0].tolist(), (
+            "vLLM and HF tokenized / expanded the prompt differently"
+        )
         gen = list(out.outputs[0].token_ids)
         assert len(gen) > 0
         full = torch.tensor([ids + gen])
         extra = {}
         if "pixel_values" in inp:
             mm = inp["mm_token_type_ids"]
-            extra = dict(pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"],
-                         mm_token_type_ids=torch.cat([mm, torch.zeros(1, len(gen), dtype=mm.dtype)], 1))
+            extra = dict(
+                pixel_values=inp["pixel_values"],
+                image_grid_thw=inp["image_grid_thw"],
+                mm_token_type_ids=torch.cat([mm, torch.zeros(1, len(gen), dtype=mm.dtype)], 1),
+            )
         with torch.no_grad():
-            logits = hf(input_ids=full, attention_mask=torch.ones_like(full), **extra).logits[0].float()
+            logits = (
+                hf(input_ids=full, attention_mask=torch.ones_like(full), **extra).logits[0].float()
+            )
         lp = torch.log_softmax(logits, -1)  # row i predicts token i + 1
         for i in range(1, len(ids)):
             errs.append(abs(out.prompt_logprobs[i][ids[i]].logprob - lp[i - 1, ids[i]].item()))
@@ -111,7 +128,10 @@ def check_methods(methods, expect_kernel):
         assert method == "VlmptqLinearMethod", name
         assert kernel in expect_kernel, (name, kernel)
     assert any(n.startswith("visual.") for n in others)
-    for name, (method, _) in others.items():  # vision tower + merger: in the checkpoint's ignore list
+    for name, (
+        method,
+        _,
+    ) in others.items():  # vision tower + merger: in the checkpoint's ignore list
         assert method == "UnquantizedLinearMethod", name
 
 
@@ -123,7 +143,9 @@ def test_fp32_engine_matches_hf_with_dequantized_weights(checkpoints, arch, bits
     with vllm_engine(ckpt.path, dtype="float32") as llm:  # claimed through the checkpoint's marker
         check_methods(layer_methods(llm), {"reference"})
         outputs = generate(llm, vllm_inputs)
-    errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
+    errs, margins = logprob_errors(
+        dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs
+    )
     assert max(errs) < FP32_TOL, f"max |dlogprob| {max(errs):.2e}"
     assert max(margins) < FP32_TOL  # greedy picked HF's argmax (up to exact ties)
 
@@ -134,25 +156,40 @@ def test_fp32_engine_matches_hf_with_dequantized_weights(checkpoints, arch, bits
         ("qwen2_5_vl", 2, {}, True, {"cpu_w4a8", "cpu_wna16"}),
         ("qwen2_5_vl", 3, {"VLMPTQ_DISABLED_KERNELS": "cpu_w4a8"}, True, {"cpu_wna16"}),
         ("qwen2_5_vl", 4, {}, True, {"cpu_w4a8", "cpu_wna16"}),
-        ("qwen2_vl", 3, {}, False, {"cpu_w4a8", "cpu_wna16"}),  # torch.compile'd model (vLLM default)
+        (
+            "qwen2_vl",
+            3,
+            {},
+            False,
+            {"cpu_w4a8", "cpu_wna16"},
+        ),  # torch.compile'd model (vLLM default)
     ],
     ids=["qwen2_5_vl-w2", "qwen2_5_vl-w3-a16", "qwen2_5_vl-w4", "qwen2_vl-w3-compiled"],
 )
-def test_bf16_engine_uses_cpu_kernels_and_stays_close_to_hf(checkpoints, monkeypatch, arch, bits, env, eager, kernels):
+def test_bf16_engine_uses_cpu_kernels_and_stays_close_to_hf(
+    checkpoints, monkeypatch, arch, bits, env, eager, kernels
+):
     src, ckpt = checkpoints(arch, bits)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     vllm_inputs, hf_inputs = prompts(src)
-    with vllm_engine(ckpt.path, dtype="bfloat16", quantization="vlmptq", enforce_eager=eager) as llm:
+    with vllm_engine(
+        ckpt.path, dtype="bfloat16", quantization="vlmptq", enforce_eager=eager
+    ) as llm:
         check_methods(layer_methods(llm), kernels)
         outputs = generate(llm, vllm_inputs)
-    errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
-    assert max(errs) < BF16_MAX_TOL and sum(errs) / len(errs) < BF16_MEAN_TOL, (max(errs), sum(errs) / len(errs))
+    errs, margins = logprob_errors(
+        dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs
+    )
+    assert max(errs) < BF16_MAX_TOL and sum(errs) / len(errs) < BF16_MEAN_TOL, (
+        max(errs),
+        sum(errs) / len(errs),
+    )
     assert max(margins) < BF16_MAX_TOL
 
 
 def _to_padded3(ckpt_dir):
-    """Rewrite a dense 3-bit checkpoint in compressed-tensors <= 0.17's layout (10 codes per word)."""
+    """Rewrite a dense 3-bit checkpoint in compressed-tensors <= 0.17's layout (10 per word)."""
     import math
 
     from safetensors.torch import load_file, save_file

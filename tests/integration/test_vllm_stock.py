@@ -36,13 +36,15 @@ from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 from tests.support.quantized_checkpoint import layer_methods, vllm_engine
 
 with vllm_engine(sys.argv[1]) as llm:
-    out = llm.generate([sys.argv[2]], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), use_tqdm=False)[0]
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    out = llm.generate([sys.argv[2]], params, use_tqdm=False)[0]
+    ids = list(out.prompt_token_ids)
     result = dict(
         plugin_registered="vlmptq" in QUANTIZATION_METHODS,
         quantization=llm.llm_engine.vllm_config.model_config.quantization,
         methods=layer_methods(llm),
-        ids=list(out.prompt_token_ids),
-        logprobs=[None] + [out.prompt_logprobs[i][t].logprob for i, t in enumerate(out.prompt_token_ids) if i],
+        ids=ids,
+        logprobs=[None] + [out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i],
     )
 print("RESULT " + json.dumps(result))
 """
@@ -50,16 +52,24 @@ print("RESULT " + json.dumps(result))
 
 @pytest.fixture(scope="module")
 def w4(tiny_qwen2_vl, tmp_path_factory):
-    ckpt = build_quantized_checkpoint(tiny_qwen2_vl, tmp_path_factory.mktemp("w4"), WeightScheme(4, 64, False))
-    assert "vlmptq" in json.loads((ckpt.path / "config.json").read_text())["quantization_config"]  # marked
+    ckpt = build_quantized_checkpoint(
+        tiny_qwen2_vl, tmp_path_factory.mktemp("w4"), WeightScheme(4, 64, False)
+    )
+    assert (
+        "vlmptq" in json.loads((ckpt.path / "config.json").read_text())["quantization_config"]
+    )  # marked
     return tiny_qwen2_vl, ckpt
 
 
 def check_stock(methods, quantization):
     assert quantization == "compressed-tensors"
-    decoder = {n: m for n, (m, _) in methods.items() if n.startswith("language_model.model.layers.")}
+    decoder = {
+        n: m for n, (m, _) in methods.items() if n.startswith("language_model.model.layers.")
+    }
     assert len(decoder) == 8 and set(decoder.values()) == {"CompressedTensorsLinearMethod"}
-    assert {m for n, (m, _) in methods.items() if n.startswith("visual.")} == {"UnquantizedLinearMethod"}
+    assert {m for n, (m, _) in methods.items() if n.startswith("visual.")} == {
+        "UnquantizedLinearMethod"
+    }
 
 
 def check_against_hf(src, ckpt, ids, logprobs):
@@ -73,10 +83,18 @@ def check_against_hf(src, ckpt, ids, logprobs):
 def test_stock_vllm_without_plugins_loads_a_marked_checkpoint(w4):
     src, ckpt = w4
     env = {**os.environ, "VLLM_PLUGINS": "", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(ckpt.path), PROMPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(ckpt.path), PROMPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    result = json.loads(
+        next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT ") :]
+    )
     assert result["plugin_registered"] is False
     check_stock(result["methods"], result["quantization"])
     check_against_hf(src, ckpt, result["ids"], result["logprobs"])
@@ -88,6 +106,10 @@ def test_quantization_flag_compressed_tensors_bypasses_the_installed_plugin(w4):
     src, ckpt = w4
     with vllm_engine(ckpt.path, quantization="compressed-tensors") as llm:
         check_stock(layer_methods(llm), llm.llm_engine.vllm_config.model_config.quantization)
-        out = llm.generate([PROMPT], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+        out = llm.generate(
+            [PROMPT], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+        )[0]
     ids = list(out.prompt_token_ids)
-    check_against_hf(src, ckpt, ids, [None] + [out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i])
+    check_against_hf(
+        src, ckpt, ids, [None] + [out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i]
+    )

@@ -42,9 +42,12 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16):
 
 
 def build_quantized_checkpoint(
-    model_dir: str | Path, out_dir: str | Path, scheme: WeightScheme, metadata: dict | None = None,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    scheme: WeightScheme,
+    metadata: dict | None = None,
 ) -> QuantizedCheckpoint:
-    """RTN-quantize every decoder linear of ``model_dir`` with ``scheme`` and save it to ``out_dir``."""
+    """RTN-quantize every decoder linear of ``model_dir`` with ``scheme``; save to ``out_dir``."""
     from vlmptq.checkpoint.writer import save_quantized_checkpoint
 
     model = load_hf_model(model_dir)
@@ -53,12 +56,20 @@ def build_quantized_checkpoint(
         if not isinstance(mod, torch.nn.Linear):
             continue
         if DECODER_LINEAR.match(name):
-            quantized[name] = quantize_rtn(mod.weight.data.float(), scheme, scale_dtype=torch.bfloat16)
+            quantized[name] = quantize_rtn(
+                mod.weight.data.float(), scheme, scale_dtype=torch.bfloat16
+            )
         else:
             ignore.append(name)
     save_quantized_checkpoint(
-        model, quantized, out_dir, scheme=scheme, ignore=ignore, source_dir=model_dir,
-        metadata=metadata or {"method": "rtn"}, overwrite=True,
+        model,
+        quantized,
+        out_dir,
+        scheme=scheme,
+        ignore=ignore,
+        source_dir=model_dir,
+        metadata=metadata or {"method": "rtn"},
+        overwrite=True,
     )
     return QuantizedCheckpoint(Path(out_dir), scheme, quantized, ignore)
 
@@ -72,7 +83,9 @@ def exact_dequantize(qw: QuantizedWeight) -> torch.Tensor:
     return (qw.codes.float() - z) * s
 
 
-def dequantized_hf_model(model_dir: str | Path, ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.float32):
+def dequantized_hf_model(
+    model_dir: str | Path, ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.float32
+):
     """The original model with every quantized linear's weight replaced by its dequantized value
     (exact fp32 values, then cast to ``dtype``)."""
     model = load_hf_model(model_dir, dtype=dtype)
@@ -85,8 +98,9 @@ def dequantized_hf_model(model_dir: str | Path, ckpt: QuantizedCheckpoint, dtype
 
 # ----------------------------------------------------------------------------- serving helpers
 
+
 def pattern_image(width: int = 140, height: int = 112):
-    """A deterministic RGB pattern (no files needed); 140x112 px -> 20 vision tokens after merging."""
+    """A deterministic RGB pattern (no files needed); 140x112 px -> 20 merged vision tokens."""
     import numpy as np
     from PIL import Image
 
@@ -96,9 +110,12 @@ def pattern_image(width: int = 140, height: int = 112):
 
 
 ENGINE_DEFAULTS = dict(
-    max_model_len=1024, max_num_seqs=4, limit_mm_per_prompt={"image": 1},
+    max_model_len=1024,
+    max_num_seqs=4,
+    limit_mm_per_prompt={"image": 1},
     kv_cache_memory_bytes=1 << 28,  # fixed KV budget: the share-of-RAM check fails on busy machines
-    enforce_eager=True, seed=0,
+    enforce_eager=True,
+    seed=0,
 )
 
 

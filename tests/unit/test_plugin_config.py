@@ -23,11 +23,18 @@ import vllm_plugin  # noqa: E402
 from vllm_plugin.config import VlmptqConfig, claims_checkpoint  # noqa: E402
 from vllm_plugin.validation import ServingScheme  # noqa: E402
 
-IGNORE = ["lm_head", "model.visual.blocks.0.attn.qkv", "visual.blocks.0.attn.qkv", "visual.merger.mlp.0"]
+IGNORE = [
+    "lm_head",
+    "model.visual.blocks.0.attn.qkv",
+    "visual.blocks.0.attn.qkv",
+    "visual.merger.mlp.0",
+]
 
 
 def ours(bits=3, group=64, symmetric=False):
-    return build_quantization_config(WeightScheme(bits, group, symmetric), IGNORE, {"method": "rtn"})
+    return build_quantization_config(
+        WeightScheme(bits, group, symmetric), IGNORE, {"method": "rtn"}
+    )
 
 
 def test_entry_point_points_at_register():
@@ -36,10 +43,12 @@ def test_entry_point_points_at_register():
 
 
 def test_importing_the_plugin_and_its_kernels_does_not_import_vllm():
-    code = ("import sys, vllm_plugin, vllm_plugin.kernels, vllm_plugin.kernels.reference, "
-            "vllm_plugin.kernels.cpu, vllm_plugin.validation; "
-            "bad = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, vllm_plugin, vllm_plugin.kernels, vllm_plugin.kernels.reference, "
+        "vllm_plugin.kernels.cpu, vllm_plugin.validation; "
+        "bad = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -52,8 +61,14 @@ def test_register_is_idempotent_and_registers_the_config():
 
 @pytest.mark.parametrize(
     "user,marker,claimed",
-    [(None, True, True), (None, False, False), ("vlmptq", False, True), ("vlmptq", True, True),
-     ("compressed-tensors", True, False), ("compressed-tensors", False, False)],
+    [
+        (None, True, True),
+        (None, False, False),
+        ("vlmptq", False, True),
+        ("vlmptq", True, True),
+        ("compressed-tensors", True, False),
+        ("compressed-tensors", False, False),
+    ],
 )
 def test_claim_rule(user, marker, claimed):
     qc = ours()
@@ -69,7 +84,9 @@ def test_asking_for_vlmptq_on_another_format_says_what_to_do():
     assert claims_checkpoint({"quant_method": "gptq"}, None) is False
 
 
-@pytest.mark.parametrize("bits,group,symmetric", [(2, 64, False), (3, 32, False), (4, 64, True), (4, -1, False)])
+@pytest.mark.parametrize(
+    "bits,group,symmetric", [(2, 64, False), (3, 32, False), (4, 64, True), (4, -1, False)]
+)
 def test_reads_what_our_writer_writes(bits, group, symmetric):
     cfg = VlmptqConfig.from_config(ours(bits, group, symmetric))
     assert cfg.get_name() == "vlmptq"
@@ -93,18 +110,41 @@ W = ("config_groups", "group_0", "weights")
 @pytest.mark.parametrize(
     "qc,message",
     [
-        (_broken((*W, "num_bits"), 5), r"group_0.weights: num_bits=5 is not supported .*\(2, 3, 4, 8\)"),
+        (
+            _broken((*W, "num_bits"), 5),
+            r"group_0.weights: num_bits=5 is not supported .*\(2, 3, 4, 8\)",
+        ),
         (_broken((*W, "actorder"), "group"), r"actorder is 'group' \(needs g_idx\)"),
-        (_broken((*W, "strategy"), "tensor", _broken((*W, "group_size"), None)), r"strategy is 'tensor'; vlmptq serves 'group' and 'channel'"),
+        (
+            _broken((*W, "strategy"), "tensor", _broken((*W, "group_size"), None)),
+            r"strategy is 'tensor'; vlmptq serves 'group' and 'channel'",
+        ),
         (_broken((*W, "type"), "float"), r"type is .*float.*; vlmptq serves int weights"),
-        (_broken(("config_groups", "group_0", "input_activations"), {"num_bits": 8, "type": "int"}),
-         r"activation quantization is set"),
-        (_broken(("config_groups", "group_0", "format"), "int-quantized"), r"format 'int-quantized' is not served"),
+        (
+            _broken(
+                ("config_groups", "group_0", "input_activations"), {"num_bits": 8, "type": "int"}
+            ),
+            r"activation quantization is set",
+        ),
+        (
+            _broken(("config_groups", "group_0", "format"), "int-quantized"),
+            r"format 'int-quantized' is not served",
+        ),
         (_broken(("config_groups",), {}), r"no config_groups"),
         (_broken(("quantization_status",), "frozen"), r"quantization_status is 'frozen'"),
         (_broken(("quant_method",), "gptq"), r"quant_method is 'gptq'"),
     ],
-    ids=["bits", "actorder", "strategy", "float", "act-quant", "format", "no-groups", "status", "method"],
+    ids=[
+        "bits",
+        "actorder",
+        "strategy",
+        "float",
+        "act-quant",
+        "format",
+        "no-groups",
+        "status",
+        "method",
+    ],
 )
 def test_unsupported_checkpoints_are_refused_with_the_key_and_the_fix(qc, message):
     with pytest.raises(CheckpointError, match=message):
@@ -118,16 +158,28 @@ def test_several_config_groups_map_targets_to_their_schemes():
     lm_head["weights"]["num_bits"] = 8
     qc["config_groups"]["group_1"] = lm_head
     cfg = VlmptqConfig.from_config(qc)
-    assert cfg.target_schemes == {"Linear": ServingScheme(3, 64, False), "re:.*lm_head": ServingScheme(8, 64, False)}
+    assert cfg.target_schemes == {
+        "Linear": ServingScheme(3, 64, False),
+        "re:.*lm_head": ServingScheme(8, 64, False),
+    }
 
 
 def test_vllm_name_mapping_renames_layer_paths_only():
     from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
     qc = ours()
-    qc["ignore"] = ["lm_head", "re:.*visual.*", "model.visual.blocks.0.attn.qkv", "model.layers.0.mlp.down_proj"]
+    qc["ignore"] = [
+        "lm_head",
+        "re:.*visual.*",
+        "model.visual.blocks.0.attn.qkv",
+        "model.layers.0.mlp.down_proj",
+    ]
     cfg = VlmptqConfig.from_config(qc)
     cfg.apply_vllm_mapper(Qwen2VLForConditionalGeneration.hf_to_vllm_mapper.get_rename_mapper())
-    assert cfg.ignore == ["lm_head", "re:.*visual.*", "visual.blocks.0.attn.qkv",
-                          "language_model.model.layers.0.mlp.down_proj"]
+    assert cfg.ignore == [
+        "lm_head",
+        "re:.*visual.*",
+        "visual.blocks.0.attn.qkv",
+        "language_model.model.layers.0.mlp.down_proj",
+    ]
     assert list(cfg.target_schemes) == ["Linear"]

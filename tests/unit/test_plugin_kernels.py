@@ -29,10 +29,15 @@ def make_layer(bits, n, k, group, symmetric, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     glen = k if group == -1 else group
     codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
-    zeros = (torch.full((n, k // glen), 1 << (bits - 1), dtype=torch.uint8) if symmetric
-             else torch.randint(0, 1 << bits, (n, k // glen), generator=g, dtype=torch.uint8))
+    zeros = (
+        torch.full((n, k // glen), 1 << (bits - 1), dtype=torch.uint8)
+        if symmetric
+        else torch.randint(0, 1 << bits, (n, k // glen), generator=g, dtype=torch.uint8)
+    )
     scale = (torch.rand(n, k // glen, generator=g) * 0.02 + 0.002).to(dtype)
-    w = (codes.float() - zeros.float().repeat_interleave(glen, 1)) * scale.float().repeat_interleave(glen, 1)
+    w = (
+        codes.float() - zeros.float().repeat_interleave(glen, 1)
+    ) * scale.float().repeat_interleave(glen, 1)
     zp = None if symmetric else pack_columns(zeros, bits)
     return pack_rows(codes, bits), scale, zp, w
 
@@ -42,6 +47,7 @@ def rel_err(y, ref):
 
 
 # ----------------------------------------------------------------------------- selection
+
 
 def test_candidates_in_preference_order_with_triton_first():
     assert [n for n, _ in KERNELS] == ["triton", "cpu_w4a8", "cpu_wna16", "reference"]
@@ -61,10 +67,18 @@ def test_triton_is_skipped_on_cpu_with_a_reason():
 
 def test_cpu_bf16_picks_a_cpu_kernel_and_fp32_falls_back_to_reference():
     assert choose_kernel(WNA16LayerConfig(3, 64, False, 192, 320, torch.bfloat16, "cpu")).name in (
-        "cpu_w4a8", "cpu_wna16")
+        "cpu_w4a8",
+        "cpu_wna16",
+    )
     # vLLM-CPU's int4 GEMMs take no fp32 activations; 8-bit codes do not fit them.
-    assert choose_kernel(WNA16LayerConfig(3, 64, False, 192, 320, torch.float32, "cpu")).name == "reference"
-    assert choose_kernel(WNA16LayerConfig(8, 64, False, 192, 320, torch.bfloat16, "cpu")).name == "reference"
+    assert (
+        choose_kernel(WNA16LayerConfig(3, 64, False, 192, 320, torch.float32, "cpu")).name
+        == "reference"
+    )
+    assert (
+        choose_kernel(WNA16LayerConfig(8, 64, False, 192, 320, torch.bfloat16, "cpu")).name
+        == "reference"
+    )
 
 
 def test_env_var_disables_kernels_by_name(monkeypatch):
@@ -94,12 +108,20 @@ def test_no_kernel_error_lists_every_candidate_and_reason(monkeypatch):
 
 
 def test_cpu_kernels_state_their_limits():
-    ok, why = CpuWNA16Kernel.can_implement(WNA16LayerConfig(4, 64, False, 192, 200, torch.bfloat16, "cpu"))
+    ok, why = CpuWNA16Kernel.can_implement(
+        WNA16LayerConfig(4, 64, False, 192, 200, torch.bfloat16, "cpu")
+    )
     assert not ok and "multiples of 32" in why
-    ok, why = CpuWNA16Kernel.can_implement(WNA16LayerConfig(4, 64, False, 192, 320, torch.bfloat16, "cuda"))
+    ok, why = CpuWNA16Kernel.can_implement(
+        WNA16LayerConfig(4, 64, False, 192, 320, torch.bfloat16, "cuda")
+    )
     assert not ok and "CPU only" in why
-    ok, why = CpuW4A8Kernel.can_implement(WNA16LayerConfig(4, 192, False, 192, 320, torch.bfloat16, "cpu"))
-    assert not ok and "divide 128" in why  # per-channel K=192: the int8 kernel walks K in 128 blocks
+    ok, why = CpuW4A8Kernel.can_implement(
+        WNA16LayerConfig(4, 192, False, 192, 320, torch.bfloat16, "cpu")
+    )
+    assert (
+        not ok and "divide 128" in why
+    )  # per-channel K=192: the int8 kernel walks K in 128 blocks
 
 
 def test_w4a8_follows_vllm_cpu_switch(monkeypatch):
@@ -115,7 +137,9 @@ def test_w4a8_follows_vllm_cpu_switch(monkeypatch):
 SHAPES = [(320, 192), (192, 448), (896, 192)]  # fused qkv, down_proj, gate_up of the tiny models
 
 
-@pytest.mark.parametrize("bits,group,symmetric", list(itertools.product((2, 3, 4, 8), (32, 64, -1), (False, True))))
+@pytest.mark.parametrize(
+    "bits,group,symmetric", list(itertools.product((2, 3, 4, 8), (32, 64, -1), (False, True)))
+)
 def test_reference_kernel_is_exact_in_fp32(bits, group, symmetric):
     n, k = 192, 448
     wp, s, zp, w = make_layer(bits, n, k, group, symmetric, torch.float32)
@@ -130,9 +154,13 @@ def test_reference_kernel_is_exact_in_fp32(bits, group, symmetric):
 # cpu_wna16 rounds activations, weights and output to bf16/fp16 (2^-9 / 2^-11 relative per value),
 # measured ~2e-3 -> 1e-2; cpu_w4a8 also quantizes activations to int8 per token (relative step
 # ~1/127 per value), measured ~9e-3 -> 3e-2. A wrong code, zero point or channel order gives > 0.3.
-@pytest.mark.parametrize("kernel,tol", [(CpuWNA16Kernel, 1e-2), (CpuW4A8Kernel, 3e-2)], ids=["wna16", "w4a8"])
+@pytest.mark.parametrize(
+    "kernel,tol", [(CpuWNA16Kernel, 1e-2), (CpuW4A8Kernel, 3e-2)], ids=["wna16", "w4a8"]
+)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("group,symmetric", [(32, False), (64, True), (64, False), (-1, False), (-1, True)])
+@pytest.mark.parametrize(
+    "group,symmetric", [(32, False), (64, True), (64, False), (-1, False), (-1, True)]
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cpu_kernels_match_reference(kernel, tol, bits, group, symmetric, dtype):
     for n, k in SHAPES:
@@ -160,16 +188,25 @@ def test_cpu_kernels_match_reference(kernel, tol, bits, group, symmetric, dtype)
 
 # ----------------------------------------------------------------------------- custom ops
 
+
 def _op_cases():
     wp, s, zp, _ = make_layer(3, 64, 128, 32, False, torch.bfloat16)
     x = torch.randn(4, 128, dtype=torch.bfloat16)
     yield "reference", torch.ops.vlmptq.reference_gemm, (x, wp, s, zp, None, 3, 128)
     cfg = WNA16LayerConfig(3, 32, False, 128, 64, torch.bfloat16, "cpu")
     t = CpuWNA16Kernel(cfg).prepare(wp, s, zp)
-    yield "cpu_wna16", torch.ops.vlmptq.cpu_wna16_gemm, (x, t["q_weight"], t["scales"], t["zeros"], None, "vec")
+    yield (
+        "cpu_wna16",
+        torch.ops.vlmptq.cpu_wna16_gemm,
+        (x, t["q_weight"], t["scales"], t["zeros"], None, "vec"),
+    )
     if CpuW4A8Kernel.can_implement(cfg)[0]:
         t = CpuW4A8Kernel(cfg).prepare(wp, s, zp)
-        yield "cpu_w4a8", torch.ops.vlmptq.cpu_w4a8_gemm, (x, t["q_weight"], t["zeros"], t["scales"], None, 64)
+        yield (
+            "cpu_w4a8",
+            torch.ops.vlmptq.cpu_w4a8_gemm,
+            (x, t["q_weight"], t["zeros"], t["scales"], None, 64),
+        )
 
 
 @pytest.mark.parametrize("name", ["reference", "cpu_wna16", "cpu_w4a8"])
@@ -203,5 +240,6 @@ def test_reference_linear_matches_reference_op():
     wp, s, zp, _ = make_layer(2, 64, 128, 64, False, torch.float32)
     x = torch.randn(3, 128)
     torch.testing.assert_close(
-        torch.ops.vlmptq.reference_gemm(x, wp, s, zp, None, 2, 128), reference_linear(x, wp, s, zp, 2, 128)
+        torch.ops.vlmptq.reference_gemm(x, wp, s, zp, None, 2, 128),
+        reference_linear(x, wp, s, zp, 2, 128),
     )

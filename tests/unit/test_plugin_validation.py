@@ -37,13 +37,35 @@ def partition(input_size, outputs, row_parallel, tp):
     [
         (W3G64, 1, {}),
         # o_proj: 192/2 = 96 columns = 1.5 groups of 64; down_proj: 448/2 = 224 = 3.5 groups
-        (W3G64, 2, {"o_proj": "96 of 192 input columns, which is not a whole number of groups of 64",
-                    "down_proj": "224 of 448 input columns"}),
+        (
+            W3G64,
+            2,
+            {
+                "o_proj": "96 of 192 input columns, which is not a whole number of groups of 64",
+                "down_proj": "224 of 448 input columns",
+            },
+        ),
         # qkv q shard: 192/4 = 48 rows * 3 bits = 144 bits of zero points per column
-        (W3G64, 4, {"qkv_proj": "48 rows = 144 bits", "o_proj": "48 of 192 input columns",
-                    "gate_up_proj": "112 rows = 336 bits", "down_proj": "112 of 448"}),
-        (ServingScheme(3, -1, False), 4, {"qkv_proj": "48 rows", "o_proj": "48 input columns = 144 bits",
-                                          "gate_up_proj": "112 rows", "down_proj": "112 input columns = 336 bits"}),
+        (
+            W3G64,
+            4,
+            {
+                "qkv_proj": "48 rows = 144 bits",
+                "o_proj": "48 of 192 input columns",
+                "gate_up_proj": "112 rows = 336 bits",
+                "down_proj": "112 of 448",
+            },
+        ),
+        (
+            ServingScheme(3, -1, False),
+            4,
+            {
+                "qkv_proj": "48 rows",
+                "o_proj": "48 input columns = 144 bits",
+                "gate_up_proj": "112 rows",
+                "down_proj": "112 input columns = 336 bits",
+            },
+        ),
         (ServingScheme(4, 32, True), 4, {"o_proj": "48 of 192", "down_proj": "112 of 448"}),
         (ServingScheme(2, 32, False), 2, {}),
     ],
@@ -56,20 +78,29 @@ def test_tensor_parallel_sizes_the_tiny_model_cannot_take(scheme, tp, rejected):
             with pytest.raises(PartitionError) as e:
                 validate_partition(name, scheme, k_full, k, parts, tp)
             msg = str(e.value)
-            assert name in msg and f"tensor-parallel size {tp}" in msg and rejected[name] in msg, msg
+            assert name in msg and f"tensor-parallel size {tp}" in msg and rejected[name] in msg, (
+                msg
+            )
             assert scheme.describe() in msg
         else:
             validate_partition(name, scheme, k_full, k, parts, tp)
 
 
 def test_fused_shard_that_cuts_a_zero_point_word_is_rejected_even_at_tp1():
-    with pytest.raises(PartitionError, match=r"qkv \(fused shard 1\): has 40 rows = 120 bits .* multiple of 32 rows"):
+    with pytest.raises(
+        PartitionError,
+        match=r"qkv \(fused shard 1\): has 40 rows = 120 bits .* multiple of 32 rows",
+    ):
         validate_partition("qkv", W3G64, 192, 192, [192, 40, 40], 1)
-    validate_partition("qkv", ServingScheme(3, 64, True), 192, 192, [192, 40, 40], 1)  # symmetric: no zero points
+    validate_partition(
+        "qkv", ServingScheme(3, 64, True), 192, 192, [192, 40, 40], 1
+    )  # symmetric: no zero points
 
 
 def test_group_size_that_does_not_divide_the_layer():
-    with pytest.raises(ConfigError, match=r"down_proj: in_features=448 is not divisible by group_size=128"):
+    with pytest.raises(
+        ConfigError, match=r"down_proj: in_features=448 is not divisible by group_size=128"
+    ):
         validate_partition("down_proj", ServingScheme(4, 128, False), 448, 448, [192], 1)
 
 
@@ -83,7 +114,11 @@ def test_unsupported_bits_and_group_sizes():
 @pytest.mark.parametrize(
     "param,shape,expected",
     [
-        ("weight_packed", (192, 19), r"expected \(192, 18\) \(dense\) or \(192, 20\) \(10 per word\)"),
+        (
+            "weight_packed",
+            (192, 19),
+            r"expected \(192, 18\) \(dense\) or \(192, 20\) \(10 per word\)",
+        ),
         ("weight_packed", (191, 18), r"shape \(191, 18\)"),
         ("weight_scale", (192, 4), r"expected \(192, 3\) \(one scale per 64 inputs\)"),
         ("weight_zero_point", (6, 3), r"expected \(18, 3\) \(dense\) or \(20, 3\)"),
@@ -98,13 +133,26 @@ def test_wrong_tensor_shapes_name_the_tensor_and_the_expected_shape(param, shape
 
 
 def test_both_3bit_layouts_are_recognised():
-    assert check_tensor("t", "weight_packed", (192, 18), W3G64, 192, 192) is False  # dense: 192*3/32
-    assert check_tensor("t", "weight_packed", (192, 20), W3G64, 192, 192) is True  # padded: ceil(192/10)
+    assert (
+        check_tensor("t", "weight_packed", (192, 18), W3G64, 192, 192) is False
+    )  # dense: 192*3/32
+    assert (
+        check_tensor("t", "weight_packed", (192, 20), W3G64, 192, 192) is True
+    )  # padded: ceil(192/10)
     assert check_tensor("t", "weight_zero_point", (20, 3), W3G64, 192, 192) is True
     with pytest.raises(CheckpointError):  # padded widths only exist for 3 bit
         check_tensor("t", "weight_packed", (192, 20), ServingScheme(2, 64, False), 192, 192)
 
 
 def test_zero_point_in_a_symmetric_checkpoint_is_reported():
-    with pytest.raises(CheckpointError, match=r"unexpected tensor for a W4 g64 sym layer .*symmetric"):
-        check_tensor("x.weight_zero_point", "weight_zero_point", (24, 3), ServingScheme(4, 64, True), 192, 192)
+    with pytest.raises(
+        CheckpointError, match=r"unexpected tensor for a W4 g64 sym layer .*symmetric"
+    ):
+        check_tensor(
+            "x.weight_zero_point",
+            "weight_zero_point",
+            (24, 3),
+            ServingScheme(4, 64, True),
+            192,
+            192,
+        )
