@@ -8,6 +8,8 @@ the codes the solver picks are exactly the ones the checkpoint dequantizes.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from vlmptq.quant.qweight import QuantizedWeight
@@ -79,11 +81,30 @@ def search_params_multi(
     ``p in {1, 1-1/grid, ..., 1-max_shrink}`` of the min-max range that minimises
     ``sum_k importances[m, k] * |w - fake_quant(w)|^norm``. The rounding error of every candidate is
     computed once and shared by all weightings (one pass over ``w`` per candidate, not ``M``).
-    On the CPU, rows are processed in cache-sized chunks. Returns ``scale, zero [M, N, G]``.
+    On the CPU, rows are processed in cache-sized chunks; on CUDA a fused Triton kernel tries every
+    candidate in one pass (:mod:`vlmptq.quant.search_triton`). Returns ``scale, zero [M, N, G]``.
     """
-    n, k = w.shape
+    k = w.shape[1]
     if importances.dim() != 2 or importances.shape[1] != k:
         raise ValueError(f"importances must have shape (M, {k}), got {tuple(importances.shape)}")
+    glen = scheme.group_len(k)
+    scheme.groups(k)  # validates the group size
+    if w.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        from vlmptq.quant import search_triton
+
+        if search_triton.can_run(w, glen, importances.shape[0], scale_dtype)[0]:
+            return search_triton.search_params_multi_triton(
+                w, scheme.maxq, scheme.symmetric, glen, importances, scale_dtype, grid, max_shrink, norm
+            )
+    return search_torch(w, scheme, importances, scale_dtype, grid, max_shrink, norm)
+
+
+def search_torch(
+    w: torch.Tensor, scheme: WeightScheme, importances: torch.Tensor, scale_dtype: torch.dtype,
+    grid: int, max_shrink: float, norm: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch implementation of :func:`search_params_multi` (any device; the reference)."""
+    n, k = w.shape
     groups, glen = scheme.groups(k), scheme.group_len(k)
     imp = importances.float().reshape(-1, groups, glen)  # [M, G, g]
     m = imp.shape[0]
