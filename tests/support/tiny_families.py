@@ -1,0 +1,103 @@
+"""Tiny random LLaVA, Idefics3 and InternVL checkpoints (real transformers classes and processors).
+
+Built from the tiny Qwen2-VL fixture's tokenizer plus each family's placeholder tokens and chat
+format; the language models keep the tiny Qwen fixture's shape (hidden 192, intermediate 448,
+3 heads of 64, 1 KV head, 2 layers), so group sizes 32/64 fit. Used to show the quantizer needs no
+per-family code beyond the adapter registry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TEXT = dict(hidden_size=192, intermediate_size=448, num_hidden_layers=2, num_attention_heads=3,
+            num_key_value_heads=1, max_position_embeddings=2048, tie_word_embeddings=False)
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+
+
+def _llava(tok_src):
+    from transformers import (
+        AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+        LlavaForConditionalGeneration, LlavaProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}\n{% endfor %}")
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}), tokenizer=tok,
+        patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=template)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=56, patch_size=14, **VISION),
+        text_config=LlamaConfig(vocab_size=len(tok) + 64, **TEXT),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        vision_feature_layer=-1, tie_word_embeddings=False,
+    )
+    return LlavaForConditionalGeneration(config), proc
+
+
+def _idefics3(tok_src):
+    from transformers import (
+        AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
+        Idefics3Processor, Idefics3VisionConfig, LlamaConfig,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
+        "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+        "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
+    template = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}<end_of_utterance>\n{% endfor %}")
+    proc = Idefics3Processor(image_processor=Idefics3ImageProcessor(
+        size={"longest_edge": 128}, max_image_size={"longest_edge": 64}), tokenizer=tok,
+        image_seq_len=4, chat_template=template)
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(image_size=64, patch_size=16, **VISION),
+        text_config=LlamaConfig(vocab_size=len(tok) + 64, **TEXT),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, tie_word_embeddings=False,
+    )
+    return Idefics3ForConditionalGeneration(config), proc
+
+
+def _internvl(tok_src):
+    from transformers import (
+        AutoTokenizer, GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration,
+        InternVLProcessor, InternVLVideoProcessor, InternVLVisionConfig, Qwen2Config,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
+        "start_image_token": "<img>", "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}<|im_end|>\n{% endfor %}")
+    proc = InternVLProcessor(image_processor=GotOcr2ImageProcessor(size={"height": 56, "width": 56}),
+                             tokenizer=tok, video_processor=InternVLVideoProcessor(), image_seq_length=4,
+                             chat_template=template)
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(image_size=[56, 56], patch_size=[14, 14], **VISION),
+        text_config=Qwen2Config(vocab_size=len(tok) + 64, **TEXT),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5,
+    )
+    return InternVLForConditionalGeneration(config), proc
+
+
+FAMILIES = {"llava": _llava, "idefics3": _idefics3, "internvl": _internvl}
+
+
+def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random ``family`` checkpoint (model + processor) to ``out_dir``."""
+    torch.manual_seed(seed)
+    model, processor = FAMILIES[family](tokenizer_source)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0.0, 0.08)
+    out = Path(out_dir)
+    model.to(torch.bfloat16).eval().save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
