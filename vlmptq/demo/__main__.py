@@ -73,7 +73,7 @@ def dequantized_model(model_dir: Path, checkpoint: Path) -> torch.nn.Module:
     return model
 
 
-def quality_row(model_dir: Path, checkpoint: Path, n_photos: int, label: str) -> str:
+def quality_row(model_dir: Path, checkpoint: Path, n_photos: int, label: str, method: str, scheme: str) -> str:
     from transformers import AutoProcessor
 
     from vlmptq.calib import BUILTIN_HOLDOUT
@@ -88,7 +88,7 @@ def quality_row(model_dir: Path, checkpoint: Path, n_photos: int, label: str) ->
     kl = mean_kl(dequantized_model(model_dir, checkpoint), samples, ref)
     positions = sum(int(s.positions.sum()) for s in samples)
     return (f"| model | method | scheme | KL vs unquantized (nats/token) |\n|---|---|---|---|\n"
-            f"| {label} | {checkpoint.name} | see above | {kl:.4f} over {positions} text positions, "
+            f"| {label} | {method} | {scheme} | {kl:.4f} over {positions} text positions, "
             f"{len(samples)} prompts on held-out photos |")
 
 
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     print(report)
 
     step("3/4 quality: KL of the quantized checkpoint from the unquantized model (held-out photos)")
-    print(quality_row(model_dir, out, args.kl_photos, label).replace("see above", f"W{args.bits} g{args.group_size}"))
+    print(quality_row(model_dir, out, args.kl_photos, label, args.method, f"W{args.bits} g{args.group_size}"))
 
     if not args.no_serve:
         from vlmptq.demo.serve import vllm_server

@@ -1,0 +1,68 @@
+"""The quality benchmark's pieces: result format, ordering check, data split, and a --quick smoke run
+of ``benchmarks/quality.py`` on a tiny random model (real tokenizer, real text and photos)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from quality_report import render_markdown  # noqa: E402
+
+RECORD_KEYS = {"model", "method", "bits", "group_size", "metric", "value", "quant_seconds", "peak_rss_mb"}
+
+
+def _rec(method, bits, value, metric="ppl"):
+    return {"model": "m", "method": method, "bits": bits, "group_size": None if bits is None else 64,
+            "metric": metric, "value": value, "quant_seconds": None if bits is None else 1.0,
+            "peak_rss_mb": None if bits is None else 100.0}
+
+
+def test_report_checks_the_ordering_per_bit_width():
+    recs = [_rec("baseline", None, 10.0)]
+    for bits, vals in {3: (20, 15, 14, 13), 2: (90, 40, 45, 30)}.items():
+        recs += [_rec(m, bits, v) for m, v in zip(("rtn", "gptq", "gptaq", "vlmptq"), vals)]
+    md = render_markdown(recs, {})
+    assert "W3: holds" in md
+    assert "W2: **fails**: gptaq 45 > gptq 40" in md
+    assert "| baseline (dequantized GGUF, fp32) | 10.00" in md
+    assert "| gptaq | 14.00 | 45.00 |" in md
+
+
+def test_calibration_and_held_out_articles_are_disjoint():
+    pytest.importorskip("gensim")
+    from quality_data import articles, split_articles
+
+    calib, held = split_articles()
+    assert len(calib) >= 40 and len(held) >= 40
+    assert not set(calib) & set(held)
+    assert sum(len(t) for _, t in articles()) > 2_500_000  # the excerpt is ~3.1 M characters
+    assert all("'''" not in t for t in calib[:5])  # wiki bold markup removed
+
+
+@pytest.mark.slow
+def test_quick_smoke_run_on_a_tiny_model(tmp_path):
+    """Every method at W2 on the tiny model: text perplexity and proxy KL, written as md + json."""
+    import quality
+
+    out = tmp_path / "quality"
+    quality.main(["--quick", "--tiny", "--bits", "2", "--out", str(out), "--work-dir", str(tmp_path / "work")])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert {"date", "commit", "command", "machine", "records"} <= set(data)
+    recs = data["records"]
+    assert all(RECORD_KEYS <= set(r) for r in recs)
+    methods = {(r["metric"], r["method"]) for r in recs if r["bits"] == 2}
+    assert methods == {(t, m) for t in ("ppl", "kl") for m in quality.METHODS}
+    for r in recs:
+        assert r["value"] == r["value"] and r["value"] >= 0  # finite, not NaN
+        if r["method"] != "baseline":
+            assert r["quant_seconds"] > 0 and r["peak_rss_mb"] > 0
+    kl = {r["method"]: r["value"] for r in recs if r["metric"] == "kl" and r["bits"] == 2}
+    assert all(v > 0 for v in kl.values())  # quantization changed the model
+    md = out.with_suffix(".md").read_text()
+    assert "## tiny: perplexity" in md and "## tiny-vlm-proxy: mean KL" in md
