@@ -20,6 +20,7 @@ the tolerance of HF's best one (near-ties may legitimately flip under rounding).
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -135,12 +136,30 @@ def check_methods(methods, expect_kernel):
         assert method == "UnquantizedLinearMethod", name
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
-def test_fp32_engine_matches_hf_with_dequantized_weights(checkpoints, arch, bits):
+FP32_CASES = [
+    ("qwen2_vl", 2, "dense"),
+    # compressed-tensors <= 0.17's 3-bit layout (10 codes per word), rewritten from the dense one:
+    # the same weights, so the same tolerance against the same HF model
+    ("qwen2_vl", 3, "padded"),
+    ("qwen2_vl", 4, "dense"),
+    ("qwen2_5_vl", 2, "dense"),
+    ("qwen2_5_vl", 3, "dense"),
+    ("qwen2_5_vl", 4, "dense"),
+]
+
+
+@pytest.mark.parametrize(
+    "arch,bits,layout", FP32_CASES, ids=[f"{a}-w{b}-{l}" for a, b, l in FP32_CASES]
+)
+def test_fp32_engine_matches_hf_with_dequantized_weights(checkpoints, tmp_path, arch, bits, layout):
     src, ckpt = checkpoints(arch, bits)
+    path = ckpt.path
+    if layout == "padded":
+        path = tmp_path / "padded"
+        shutil.copytree(ckpt.path, path)
+        _to_padded3(path)
     vllm_inputs, hf_inputs = prompts(src)
-    with vllm_engine(ckpt.path, dtype="float32") as llm:  # claimed through the checkpoint's marker
+    with vllm_engine(path, dtype="float32") as llm:  # claimed through the checkpoint's marker
         check_methods(layer_methods(llm), {"reference"})
         outputs = generate(llm, vllm_inputs)
     errs, margins = logprob_errors(
@@ -211,17 +230,3 @@ def _to_padded3(ckpt_dir):
         zp = unpack_rows(sd[base + ".weight_zero_point"].t().contiguous(), 3, n)  # [G, N]
         sd[base + ".weight_zero_point"] = pack10(zp).t().contiguous()
     save_file(sd, path, metadata={"format": "pt"})
-
-
-def test_old_padded_3bit_layout_serves_like_the_dense_one(checkpoints, tmp_path):
-    import shutil
-
-    src, ckpt = checkpoints("qwen2_vl", 3)
-    padded = tmp_path / "padded"
-    shutil.copytree(ckpt.path, padded)
-    _to_padded3(padded)
-    vllm_inputs, hf_inputs = prompts(src)
-    with vllm_engine(padded, dtype="float32", quantization="vlmptq") as llm:
-        outputs = generate(llm, vllm_inputs)
-    errs, _ = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
-    assert max(errs) < FP32_TOL
