@@ -23,6 +23,9 @@ venv:
 demo: venv
 	$(PY) -m vlmptq.demo
 
+# One OpenMP thread: on 2 shared cores, more threads thrash (docs/environment.md); the vLLM CPU
+# engine binds its own.
+test: export OMP_NUM_THREADS ?= 1
 test: venv
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 

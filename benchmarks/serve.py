@@ -249,137 +249,16 @@ def run_bench(server: VllmServer, tokenizer: str | Path, load: BenchLoad, out_js
 def build_bench_model(
     out: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int
 ) -> Path:
-    """A random Qwen2-VL (real transformers classes) with a locally trained byte-level BPE tokenizer
-    Qwen's special tokens and chat template, and Qwen's image processor. Offline, ~1 minute."""
-    import glob
-
-    import torch
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    """A random Qwen2-VL (real transformers classes, local BPE tokenizer, Qwen's image processor),
+    built offline by the same builder as the test fixtures, at benchmark size."""
+    from vlmptq.testing.tiny_vlm import build_tiny_qwen_vl
 
     if (out / "config.json").exists():
         return out
-    special = [
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|vision_start|>",
-        "<|vision_end|>",
-        "<|vision_pad|>",
-        "<|image_pad|>",
-        "<|video_pad|>",
-    ]
-    template = (
-        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-        "{% for c in message['content'] %}{% if c['type'] == 'image' or 'image' in c or "
-        "'image_url' in c %}"
-        "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in c %}{{ c['text'] }}{% endif "
-        "%}"
-        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    return build_tiny_qwen_vl(
+        out, "qwen2_vl", num_layers=layers, hidden=hidden, intermediate=intermediate, heads=heads,
+        kv_heads=kv_heads, init_std=0.02, max_pixels=448 * 448,
     )
-    site = Path(torch.__file__).parents[1]
-    files = sorted(glob.glob(str(site / "transformers/models/qwen2*/*.py")))[:40]
-    tok = Tokenizer(models.BPE(unk_token=None))
-    pat = (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(pat), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    tok.train(
-        files,
-        trainers.BpeTrainer(
-            vocab_size=4000,
-            special_tokens=special,
-            show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=special[1:],
-        model_max_length=8192,
-    )
-    hf_tok.chat_template = template
-    ids = {t: hf_tok.convert_tokens_to_ids(t) for t in special}
-    head_dim = hidden // heads
-    if head_dim != 64:
-        raise ValueError(
-            "--hidden / --heads must be 64 (M-RoPE sections are set for head_dim 64), got "
-            f"{head_dim}"
-        )
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=4096,
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=8192,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=False,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 1e6,
-                "mrope_section": [8, 12, 12],
-                "type": "mrope",
-            },
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            depth=2,
-            embed_dim=128,
-            hidden_size=hidden,
-            num_heads=2,
-            mlp_ratio=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.normal_(0.0, 0.02)
-    model = model.to(torch.bfloat16).eval()
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.save_pretrained(out)
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(max_pixels=448 * 448),
-        tokenizer=hf_tok,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=template,
-    )
-    processor.save_pretrained(out)
-    hf_tok.save_pretrained(out)
-    return out
 
 
 def rtn_checkpoint(model: Path, out: Path, bits: int, group_size: int) -> Path:

