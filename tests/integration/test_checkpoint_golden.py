@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
+from tests.support.checkpoints import rtn_quantize_decoder
 from tests.support.ct_oracle import oracle_env
 from vlmptq.checkpoint.reader import dequantize_checkpoint, inspect_checkpoint
 from vlmptq.checkpoint.writer import save_quantized_checkpoint
-from vlmptq.quant.grid import quantize_rtn
 from vlmptq.quant.scheme import WeightScheme
 
 # Every bit width asymmetric g32 and symmetric g64, plus 3-bit asymmetric g64 (the paper's W3 case).
@@ -33,18 +33,6 @@ PROMPT = torch.tensor([[1, 15, 77, 300, 512, 1999, 42, 3]])
 
 def _id(s: WeightScheme) -> str:
     return f"w{s.bits}g{s.group_size}{'s' if s.symmetric else 'a'}"
-
-
-def quantize_decoder(model, scheme):
-    """RTN-quantize every decoder linear; every other Linear stays in 16 bit."""
-    quantized, ignore = {}, []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            if ".language_model.layers." in name:
-                quantized[name] = quantize_rtn(mod.weight.data, scheme, scale_dtype=mod.weight.dtype)
-            else:
-                ignore.append(name)
-    return quantized, ignore
 
 
 def disk_name(model_name: str) -> str:
@@ -67,7 +55,7 @@ def written(model, tiny_qwen2_vl, tmp_path_factory):
     root = tmp_path_factory.mktemp("golden")
     out = {}
     for scheme in SCHEMES:
-        quantized, ignore = quantize_decoder(model, scheme)
+        quantized, ignore = rtn_quantize_decoder(model, scheme)
         d = root / _id(scheme)
         save_quantized_checkpoint(model, quantized, d, scheme=scheme, ignore=ignore,
                                   source_dir=tiny_qwen2_vl, metadata={"method": "rtn"})

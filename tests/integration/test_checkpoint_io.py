@@ -18,6 +18,8 @@ from vlmptq.errors import CheckpointError, ConfigError
 from vlmptq.quant.grid import quantize_rtn
 from vlmptq.quant.scheme import WeightScheme
 
+from tests.support.checkpoints import rtn_quantize_decoder
+
 SCHEME = WeightScheme(4, 32, False)
 
 
@@ -28,14 +30,7 @@ def model(tiny_qwen2_vl):
 
 @pytest.fixture(scope="module")
 def quant(model):
-    quantized, ignore = {}, []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            if ".language_model.layers." in name:
-                quantized[name] = quantize_rtn(mod.weight.data, SCHEME, scale_dtype=mod.weight.dtype)
-            else:
-                ignore.append(name)
-    return quantized, ignore
+    return rtn_quantize_decoder(model, SCHEME)
 
 
 def _save(model, quant, out, **kw):

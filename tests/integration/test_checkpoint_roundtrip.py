@@ -9,31 +9,17 @@ dense 3-bit; that case runs against 0.20 in test_checkpoint_golden.py).
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText
 
-from vlmptq.checkpoint.reader import dequantize_checkpoint, inspect_checkpoint, read_quantization_config
+from vlmptq.checkpoint.reader import inspect_checkpoint, read_quantization_config
 from vlmptq.checkpoint.writer import save_quantized_checkpoint
-from vlmptq.quant.grid import quantize_rtn
 from vlmptq.quant.scheme import WeightScheme
 
+from tests.support.checkpoints import dense_copy, rtn_quantize_decoder
+
 PROMPT = torch.tensor([[1, 15, 77, 300, 512, 1999, 42, 3, 9, 1200]])
-
-
-def _quantize(model, scheme):
-    quantized, ignore = {}, []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            if ".language_model.layers." in name:
-                quantized[name] = quantize_rtn(mod.weight.data, scheme, scale_dtype=mod.weight.dtype)
-            else:
-                ignore.append(name)
-    return quantized, ignore
 
 
 def _fake_quant(src, quantized):
@@ -50,19 +36,6 @@ def _logits(model, **inputs):
         return model(input_ids=PROMPT, **inputs).logits
 
 
-def _dense_copy(ckpt, dst):
-    """A plain 16-bit checkpoint from ``dequantize_checkpoint`` (config without quantization_config)."""
-    dst.mkdir()
-    for f in ckpt.iterdir():
-        if f.is_file() and not f.name.startswith("model"):
-            shutil.copy2(f, dst / f.name)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    del cfg["quantization_config"]
-    (dst / "config.json").write_text(json.dumps(cfg))
-    save_file(dequantize_checkpoint(ckpt), str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
 @pytest.fixture(scope="module")
 def model(tiny_qwen2_vl):
     return AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl).eval()
@@ -70,11 +43,11 @@ def model(tiny_qwen2_vl):
 
 @pytest.mark.parametrize("scheme", [WeightScheme(3, 64, False), WeightScheme(2, 32, True)], ids=WeightScheme.describe)
 def test_dequantized_checkpoint_reloads_to_identical_logits(model, tiny_qwen2_vl, tmp_path, scheme):
-    quantized, ignore = _quantize(model, scheme)
+    quantized, ignore = rtn_quantize_decoder(model, scheme)
     ckpt = tmp_path / "q"
     save_quantized_checkpoint(model, quantized, ckpt, scheme=scheme, ignore=ignore, source_dir=tiny_qwen2_vl)
     ref = _fake_quant(tiny_qwen2_vl, quantized)
-    fresh = AutoModelForImageTextToText.from_pretrained(_dense_copy(ckpt, tmp_path / "dense")).eval()
+    fresh = AutoModelForImageTextToText.from_pretrained(dense_copy(ckpt, tmp_path / "dense")).eval()
     fresh_sd = fresh.state_dict()
     for k, v in ref.state_dict().items():  # every tensor, not only the quantized ones
         assert torch.equal(fresh_sd[k], v), k
@@ -87,7 +60,7 @@ def test_dequantized_checkpoint_reloads_to_identical_logits(model, tiny_qwen2_vl
     "scheme", [WeightScheme(4, 32, False), WeightScheme(4, 64, True), WeightScheme(2, 64, False),
                WeightScheme(8, 32, True)], ids=WeightScheme.describe)
 def test_transformers_loads_our_compressed_checkpoint(model, tiny_qwen2_vl, tmp_path, scheme):
-    quantized, ignore = _quantize(model, scheme)
+    quantized, ignore = rtn_quantize_decoder(model, scheme)
     ckpt = tmp_path / "q"
     save_quantized_checkpoint(model, quantized, ckpt, scheme=scheme, ignore=ignore, source_dir=tiny_qwen2_vl)
     loaded = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
@@ -98,7 +71,7 @@ def test_qwen2_5_vl_round_trip(tiny_qwen2_5_vl, tmp_path):
     """Qwen2.5-VL: gated vision MLP linears stay 16-bit under their on-disk names; HF reloads it."""
     model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_5_vl).eval()
     scheme = WeightScheme(4, 64, False)
-    quantized, ignore = _quantize(model, scheme)
+    quantized, ignore = rtn_quantize_decoder(model, scheme)
     ckpt = tmp_path / "q"
     summary = save_quantized_checkpoint(model, quantized, ckpt, scheme=scheme, ignore=ignore,
                                         source_dir=tiny_qwen2_5_vl)

@@ -12,6 +12,21 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from vlmptq.checkpoint.reader import dequantize_checkpoint
+from vlmptq.quant.grid import quantize_rtn
+from vlmptq.quant.scheme import WeightScheme
+
+
+def rtn_quantize_decoder(model: torch.nn.Module, scheme: WeightScheme) -> tuple[dict, list[str]]:
+    """RTN-quantize every decoder linear of a loaded VLM (writer-level tests need no calibration);
+    every other Linear stays in 16 bit. Returns (module name -> QuantizedWeight, ignored names)."""
+    quantized, ignore = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            if ".language_model.layers." in name:
+                quantized[name] = quantize_rtn(mod.weight.data, scheme, scale_dtype=mod.weight.dtype)
+            else:
+                ignore.append(name)
+    return quantized, ignore
 
 
 def dense_copy(ckpt: Path, dst: Path) -> Path:

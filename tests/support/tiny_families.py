@@ -17,11 +17,9 @@ TEXT = dict(hidden_size=192, intermediate_size=448, num_hidden_layers=2, num_att
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 
 
-def _llava(tok_src):
-    from transformers import (
-        AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-        LlavaForConditionalGeneration, LlavaProcessor,
-    )
+def llava_processor(tok_src):
+    """A real LlavaProcessor: CLIP image processor at 56 px (16 vision tokens), ``<image>``."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
 
     tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={"image_token": "<image>"})
     template = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
@@ -31,6 +29,14 @@ def _llava(tok_src):
         size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}), tokenizer=tok,
         patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=template)
+    return proc
+
+
+def _llava(tok_src):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    proc = llava_processor(tok_src)
+    tok = proc.tokenizer
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(image_size=56, patch_size=14, **VISION),
         text_config=LlamaConfig(vocab_size=len(tok) + 64, **TEXT),
@@ -40,11 +46,9 @@ def _llava(tok_src):
     return LlavaForConditionalGeneration(config), proc
 
 
-def _idefics3(tok_src):
-    from transformers import (
-        AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
-        Idefics3Processor, Idefics3VisionConfig, LlamaConfig,
-    )
+def idefics3_processor(tok_src):
+    """A real Idefics3Processor: 64 px images, 4 tokens per image, Idefics3's special tokens."""
+    from transformers import AutoTokenizer, Idefics3ImageProcessor, Idefics3Processor
 
     tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
         "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
@@ -55,6 +59,14 @@ def _idefics3(tok_src):
     proc = Idefics3Processor(image_processor=Idefics3ImageProcessor(
         size={"longest_edge": 128}, max_image_size={"longest_edge": 64}), tokenizer=tok,
         image_seq_len=4, chat_template=template)
+    return proc
+
+
+def _idefics3(tok_src):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig, LlamaConfig
+
+    proc = idefics3_processor(tok_src)
+    tok = proc.tokenizer
     config = Idefics3Config(
         vision_config=Idefics3VisionConfig(image_size=64, patch_size=16, **VISION),
         text_config=LlamaConfig(vocab_size=len(tok) + 64, **TEXT),
@@ -63,11 +75,9 @@ def _idefics3(tok_src):
     return Idefics3ForConditionalGeneration(config), proc
 
 
-def _internvl(tok_src):
-    from transformers import (
-        AutoTokenizer, GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration,
-        InternVLProcessor, InternVLVideoProcessor, InternVLVisionConfig, Qwen2Config,
-    )
+def internvl_processor(tok_src):
+    """A real InternVLProcessor: 56 px tiles, 4 ``<IMG_CONTEXT>`` tokens per tile."""
+    from transformers import AutoTokenizer, GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
 
     tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
         "start_image_token": "<img>", "end_image_token": "</img>",
@@ -78,6 +88,14 @@ def _internvl(tok_src):
     proc = InternVLProcessor(image_processor=GotOcr2ImageProcessor(size={"height": 56, "width": 56}),
                              tokenizer=tok, video_processor=InternVLVideoProcessor(), image_seq_length=4,
                              chat_template=template)
+    return proc
+
+
+def _internvl(tok_src):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    proc = internvl_processor(tok_src)
+    tok = proc.tokenizer
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(image_size=[56, 56], patch_size=[14, 14], **VISION),
         text_config=Qwen2Config(vocab_size=len(tok) + 64, **TEXT),

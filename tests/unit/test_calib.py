@@ -13,6 +13,8 @@ from PIL import Image
 from vlmptq.calib import CalibConfig, load_calibration
 from vlmptq.calib.records import to_rgb
 
+from tests.support.tiny_families import idefics3_processor, internvl_processor, llava_processor
+
 
 def _photo(path, size=(96, 72), mode="RGB", seed=0):
     """A small noisy image (not flat, so it is a plausible photo for the processor)."""
@@ -188,51 +190,19 @@ def test_sampling_is_seeded_and_deterministic(tmp_path, qwen2):
 
 
 def _llava(tok_path):
-    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
-
-    tok = AutoTokenizer.from_pretrained(tok_path, extra_special_tokens={"image_token": "<image>"})
-    template = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
-                "{% endfor %}\n{% endfor %}")
-    proc = LlavaProcessor(image_processor=CLIPImageProcessor(
-        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}), tokenizer=tok,
-        patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=template)
-    return proc, tok.convert_tokens_to_ids("<image>"), lambda inputs: (56 // 14) ** 2
+    proc = llava_processor(tok_path)
+    return proc, proc.tokenizer.convert_tokens_to_ids("<image>"), lambda inputs: (56 // 14) ** 2
 
 
 def _idefics3(tok_path):
-    from transformers import AutoTokenizer, Idefics3ImageProcessor, Idefics3Processor
-
-    tok = AutoTokenizer.from_pretrained(tok_path, extra_special_tokens={
-        "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
-        "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
-    template = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
-                "{% endfor %}<end_of_utterance>\n{% endfor %}")
-    proc = Idefics3Processor(image_processor=Idefics3ImageProcessor(
-        size={"longest_edge": 128}, max_image_size={"longest_edge": 64}), tokenizer=tok,
-        image_seq_len=4, chat_template=template)
-    return proc, tok.convert_tokens_to_ids("<image>"), lambda inputs: 4 * inputs[
+    proc = idefics3_processor(tok_path)
+    return proc, proc.tokenizer.convert_tokens_to_ids("<image>"), lambda inputs: 4 * inputs[
         "pixel_values"].shape[1]
 
 
 def _internvl(tok_path):
-    from transformers import (
-        AutoTokenizer, GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor,
-    )
-
-    tok = AutoTokenizer.from_pretrained(tok_path, extra_special_tokens={
-        "start_image_token": "<img>", "end_image_token": "</img>",
-        "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}"
-                "{% endfor %}<|im_end|>\n{% endfor %}")
-    image_processor = GotOcr2ImageProcessor(size={"height": 56, "width": 56})
-    proc = InternVLProcessor(image_processor=image_processor, tokenizer=tok,
-                             video_processor=InternVLVideoProcessor(), image_seq_length=4,
-                             chat_template=template)
-    return proc, tok.convert_tokens_to_ids("<IMG_CONTEXT>"), lambda inputs: 4 * inputs[
+    proc = internvl_processor(tok_path)
+    return proc, proc.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), lambda inputs: 4 * inputs[
         "pixel_values"].shape[0]
 
 
