@@ -84,16 +84,16 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- models and data
-def model_dirs(model: str, work: Path) -> tuple[Path, Path]:
-    """(language model dir, VLM proxy dir) in fp32."""
+def model_dirs(model: str, task: str, work: Path) -> tuple[Path, Path | None]:
+    """(language model dir, VLM proxy dir or None for ppl) in fp32, built once."""
     import torch
 
     from vlmptq import proxy
 
     if model == "tiny":
-        return (proxy.tiny_lm_dir(work / "tiny-lm"), proxy.tiny_proxy_dir(work / "tiny-proxy"))
-    return (proxy.real_lm_dir(model, dtype=torch.float32),
-            proxy.proxy_dir(model, dtype=torch.float32) if model in proxy.PROXY_BUILDERS else None)
+        return proxy.tiny_lm_dir(work / "tiny-lm"), (proxy.tiny_proxy_dir(work / "tiny-proxy") if task == "kl" else None)
+    lm = proxy.real_lm_dir(model, dtype=torch.float32)
+    return lm, (proxy.proxy_dir(model, dtype=torch.float32) if task == "kl" else None)
 
 
 def text_data(model: str, lm_dir: Path, sizes: Sizes, work: Path):
@@ -208,7 +208,7 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
 
     from vlmptq.models.adapters import load_model
 
-    lm_dir, proxy = model_dirs(run.model, work)
+    lm_dir, proxy = model_dirs(run.model, run.task, work)
     t0 = time.perf_counter()
     seconds = None
     peak = None
