@@ -26,7 +26,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
 fi
 echo "[setup] preparing $VENV (first run takes a few minutes and ~4 GB)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade "pip==26.3"
+"$VENV/bin/python" -m pip install -q --upgrade "pip==26.3" "setuptools==78.1.1"  # pip freeze omits these two
 # Exact versions, no resolver surprises: the lock is the whole environment.
 "$VENV/bin/python" -m pip install -q --no-deps -r "$LOCK"
 "$VENV/bin/python" -m pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true
