@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 ORDER = ("rtn", "gptq", "gptaq", "vlmptq")  # the claimed ordering, worst to best
+LABELS = {
+    "vlmptq": "vlmptq (paper: diagonal C)",
+    "vlmptq-exact": "vlmptq-exact (exact shift; beyond the paper)",
+    "vlmptq-target": "vlmptq-target (least-squares target, alpha 1; beyond the paper)",
+    "vlmptq-sum": "vlmptq-sum (ablation: raw-sum modality diagonals)",
+}
 METRIC_TITLE = {
     "ppl": "perplexity on held-out Wikipedia text (lower is better)",
     "kl": "mean KL(unquantized || quantized) per token, nats, image+text prompts on held-out photos "
@@ -66,7 +72,7 @@ def render_markdown(records: list[dict], header: dict) -> str:
                     lines.append(f"| baseline (dequantized GGUF, fp32) | {_fmt(base, metric)} (all columns) |"
                                  + " |" * (len(bits) - 1))
                 continue
-            lines.append(f"| {m} | " + " | ".join(_fmt(cells.get((m, b)), metric) for b in bits) + " |")
+            lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(_fmt(cells.get((m, b)), metric) for b in bits) + " |")
         lines += ["", "Ordering VLM-PTQ <= GPTAQ <= GPTQ <= RTN: "
                   + "; ".join(_ordering(cells, b) for b in bits if b <= 3), ""]
         cost = [r for r in recs if r["quant_seconds"] is not None]

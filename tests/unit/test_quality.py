@@ -32,6 +32,7 @@ def test_report_checks_the_ordering_per_bit_width():
     assert "W2: **fails**: gptaq 45 > gptq 40" in md
     assert "| baseline (dequantized GGUF, fp32) | 10.00" in md
     assert "| gptaq | 14.00 | 45.00 |" in md
+    assert "| vlmptq (paper: diagonal C) | 13.00 | 30.00 |" in md
 
 
 def test_calibration_and_held_out_articles_are_disjoint():
