@@ -175,3 +175,31 @@ def test_invalid_options_name_the_field():
         make_config(method="awq")
     with pytest.raises(ConfigError, match="Extra inputs are not permitted"):
         make_config(bitz=3)
+
+
+# ------------------------------------------------------------------ the CLI
+def test_cli_quantize_and_inspect(tiny_qwen2_vl, tmp_path, capsys):
+    from vlmptq.cli import main
+
+    out = tmp_path / "cli-out"
+    rc = main(["quantize", "--model", str(tiny_qwen2_vl), "--out", str(out), "--method", "gptq", "--bits", "3",
+               "--group-size", "64", "--num-samples", "2", "--device", "cpu"])
+    assert rc == 0
+    assert "W3 g64 asym" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0
+    report = capsys.readouterr().out
+    for needle in ("W3 g64 asym", "compression", "model.layers.0.self_attn.q_proj"):
+        assert needle in report, needle
+
+
+def test_cli_reports_bad_input_without_a_traceback(tiny_qwen2_vl, tmp_path, capsys):
+    from vlmptq.cli import main
+
+    rc = main(["quantize", "--model", str(tiny_qwen2_vl), "--out", str(tmp_path / "o"), "--group-size", "128",
+               "--method", "rtn"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "vlmptq: error:" in err and "Traceback" not in err
+    assert "not divisible by group_size=128" in err
+    assert not (tmp_path / "o").exists()
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err
