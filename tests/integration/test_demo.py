@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +21,9 @@ def test_demo_runs_end_to_end_on_the_tiny_proxy(tmp_path):
     from vlmptq.proxy import tiny_proxy_dir
 
     model = tiny_proxy_dir(tmp_path / "tiny-proxy", dtype=torch.bfloat16)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
-    (tmp_path / "tmp").mkdir()
+    # a deep TMPDIR on purpose: vLLM's IPC sockets must not inherit a path over the 107-byte limit
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / ("deep-" * 12) / "tmp")}
+    Path(env["TMPDIR"]).mkdir(parents=True)
     cmd = [sys.executable, "-m", "vlmptq.demo", "--model", str(model), "--out", str(tmp_path / "out"),
            "--num-samples", "2", "--kl-photos", "1", "--max-tokens", "4"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -16,9 +16,10 @@ import time
 
 import pytest
 
-from benchmarks.serve import BenchLoad, VllmServer, run_bench
+from benchmarks.serve import BenchLoad, run_bench
 from tests.support.quantized_checkpoint import build_quantized_checkpoint, pattern_image
 from vlmptq.quant.scheme import WeightScheme
+from vlmptq.server import VllmServer
 
 pytestmark = pytest.mark.slow
 

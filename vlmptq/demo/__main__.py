@@ -142,10 +142,11 @@ def main(argv=None) -> int:
     print(quality_row(model_dir, out, args.kl_photos, label, args.method, f"W{args.bits} g{args.group_size}"))
 
     if not args.no_serve:
-        from vlmptq.demo.serve import vllm_server
+        from vlmptq.server import CPU_SERVER_ARGS, VllmServer
 
         step("4/4 serve with vLLM (--quantization vlmptq) and ask about a held-out photo")
-        with vllm_server(out, quantization="vlmptq") as base_url:
+        with VllmServer(out, [*CPU_SERVER_ARGS, "--quantization", "vlmptq"]) as server:
+            base_url = server.base_url + "/v1"
             print(f"server healthy at {base_url}")
             answer = ask(base_url, args.photo, args.max_tokens)
             print(f"Q ({args.photo} photo): {QUESTION}\nA: {answer}")
