@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import result_header, write_results  # noqa: E402
+from _results import git_commit, result_header, write_results  # noqa: E402
 from quality_report import render_markdown  # noqa: E402
 
 logger = logging.getLogger("quality")
@@ -260,7 +260,7 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
         "model": model_label(run), "method": run.method, "bits": run.bits, "group_size": run.group_size,
         "metric": run.task, "value": value, "quant_seconds": seconds,
         "peak_rss_mb": None if peak is None else round(peak / 2**20, 1),
-        "wall_seconds": round(time.perf_counter() - t0, 1), "run": run.key(),
+        "wall_seconds": round(time.perf_counter() - t0, 1), "run": run.key(), "commit": git_commit(),
     }
     if run.method != BASELINE and run.method != "rtn":
         mus = [r.info["mu"] for r in res.records if "mu" in r.info]
@@ -284,14 +284,16 @@ def plan(models, tasks, bits, group_size, methods, sizes) -> list[Run]:
     return runs
 
 
-def run_all(runs: list[Run], work: Path, isolate: bool, threads: int) -> list[dict]:
+def run_all(runs: list[Run], work: Path, isolate: bool, threads: int) -> tuple[list[dict], int]:
+    """Every run's record, and how many of them were reused from an earlier invocation."""
     done_dir = work / "runs"
     done_dir.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, reused = [], 0
     for i, run in enumerate(runs):
         path = done_dir / f"{run.key()}.json"
         if path.is_file():
             records.append(json.loads(path.read_text()))
+            reused += 1
             continue
         logger.info("[%d/%d] %s", i + 1, len(runs), run.key())
         if isolate:
@@ -305,7 +307,7 @@ def run_all(runs: list[Run], work: Path, isolate: bool, threads: int) -> list[di
         logger.info("%s %s W%s: %s = %.4g (%.0fs quantizing, peak RSS %s MB)", rec["model"], rec["method"],
                     rec["bits"], rec["metric"], rec["value"], rec["quant_seconds"] or 0, rec["peak_rss_mb"])
         records.append(rec)
-    return records
+    return records, reused
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -359,9 +361,10 @@ def main(argv=None) -> None:
     methods = list(args.methods) + ([m for m in EXTRA_METHODS if m not in args.methods] if args.extra else [])
     runs = plan(models, args.tasks, args.bits, args.group_size, methods, sizes)
     t0 = time.perf_counter()
-    records = run_all(runs, work, isolate=not (args.quick or args.no_isolate), threads=args.threads)
+    records, reused = run_all(runs, work, isolate=not (args.quick or args.no_isolate), threads=args.threads)
     header = {**result_header(), "threads": args.threads, "sizes": asdict(sizes),
-              "total_seconds": round(time.perf_counter() - t0)}
+              "runs": f"{len(runs) - reused} run now ({time.perf_counter() - t0:.0f} s), {reused} reused "
+                      f"from {os.path.relpath(work / 'runs')} (each record has its own time and, since 2026-11-27, commit)"}
     write_results(args.out, header, records, render_markdown(records, header))
 
 

@@ -33,7 +33,10 @@ What is measured:
   model that understands images, so it says nothing about visual-question accuracy.
 - `quant_seconds`: time inside the layer-by-layer pipeline (calibration capture + solving), one
   CPU thread; `peak_rss_mb`: peak resident memory of a fresh process that loaded the model and
-  quantized it (model, calibration activations of both streams, solver).
+  quantized it (model, calibration activations of both streams, solver). Timings from a shared
+  2-core machine (two runs in parallel, other jobs beside them) vary by up to ~2x between runs of
+  the same method; compare methods through their ratios across many cells, and see
+  `benchmarks/solvers.py` for controlled solver timings.
 """
 
 
