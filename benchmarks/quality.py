@@ -41,7 +41,7 @@ METHODS = ("rtn", "gptq", "gptaq", "vlmptq", "vlmptq-exact")
 # --extra: beyond the paper (least-squares target) and the modality-normalisation ablation. With
 # text-only calibration there are no vision tokens and "sum" equals "mean" up to a scale, so
 # vlmptq-sum only runs on the proxies.
-EXTRA_METHODS = ("vlmptq-target", "vlmptq-sum")
+EXTRA_METHODS = ("vlmptq-target", "vlmptq-target-a025", "vlmptq-sum")
 KL_ONLY = {"vlmptq-sum"}
 # method name -> (solver, SolverOptions fields). Every method keeps the defaults (MSE clip search,
 # act-order off, damp 0.01, alpha 0.25); only the correction differs between the VLM-PTQ rows.
@@ -52,6 +52,7 @@ SOLVER_FOR = {
     "vlmptq": ("vlmptq", {}),
     "vlmptq-exact": ("vlmptq", {"correction": "exact"}),
     "vlmptq-target": ("vlmptq", {"correction": "target", "alpha": 1.0}),
+    "vlmptq-target-a025": ("vlmptq", {"correction": "target"}),
     "vlmptq-sum": ("vlmptq", {"modality_norm": "sum"}),
 }
 BASELINE = "baseline"
@@ -321,7 +322,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="group size (64: GGUF Q4 blocks of 32 would make 4-bit g32 trivially exact)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(SOLVER_FOR), help="methods")
     p.add_argument("--extra", action="store_true",
-                   help="also run vlmptq-target (least-squares target, alpha 1; beyond the paper) and, on the "
+                   help="also run vlmptq-target (least-squares target, alpha 1; beyond the paper), the same at "
+                        "alpha 0.25 (vlmptq-target-a025) and, on the "
                         "proxies, vlmptq-sum (raw-sum modality diagonals)")
     p.add_argument("--calib-seqs", type=int, default=Sizes.calib_seqs, help="text calibration windows")
     p.add_argument("--calib-len", type=int, default=Sizes.calib_len, help="tokens per calibration window")

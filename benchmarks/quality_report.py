@@ -7,6 +7,7 @@ LABELS = {
     "vlmptq": "vlmptq (paper: diagonal C)",
     "vlmptq-exact": "vlmptq-exact (exact shift; beyond the paper)",
     "vlmptq-target": "vlmptq-target (least-squares target, alpha 1; beyond the paper)",
+    "vlmptq-target-a025": "vlmptq-target-a025 (least-squares target, alpha 0.25; beyond the paper)",
     "vlmptq-sum": "vlmptq-sum (ablation: raw-sum modality diagonals)",
 }
 METRIC_TITLE = {
