@@ -39,10 +39,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--skip-bad-samples", action="store_true",
                    help="skip (and count) unreadable or too-long samples instead of stopping at the first one")
     s = p.add_argument_group("solver options (method defaults when omitted)")
-    s.add_argument("--alpha", type=float, default=None, help="GPTAQ asymmetric-term scale (gptaq/vlmptq default 0.25)")
+    s.add_argument("--alpha", type=float, default=None, help="GPTAQ asymmetric-term scale (gptaq/vlmptq default 0.25; 1, the derived value, "
+                        "is worse end to end on real weights: docs/quality.md)")
     s.add_argument("--correction", choices=["none", "diag", "exact", "target"], default=None,
                    help="VLM-PTQ rounding-target correction: diag (paper, default), exact (all remaining columns), "
-                        "target (GPTQ on the least-squares target), none")
+                        "target (GPTQ on the least-squares target; best at W2 on real weights with the default "
+                        "alpha), none")
     s.add_argument("--no-modality", action="store_true", help="VLM-PTQ without modality-aware group parameters")
     s.add_argument("--mu-grid", type=float, nargs="+", default=None,
                    help="VLM-PTQ vision/text fusion weights searched per layer (default 0 .2 .4 .5 .6 .8 1)")
