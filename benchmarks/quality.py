@@ -192,17 +192,13 @@ def _solver_options(method: str):
 
 
 def _kl_setup(run: Run, proxy: Path):
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
-    from vlmptq.demo.evaluate import EVAL_QUESTIONS, kl_samples
     from vlmptq.calib import BUILTIN_HOLDOUT
+    from vlmptq.demo.evaluate import EVAL_QUESTIONS, kl_samples
     from vlmptq.models.adapters import adapter_for_type, read_model_type
 
-    import json as _json
-
-    cfg = _json.loads((proxy / "config.json").read_text())
-    ids = {cfg[k] for k in ("image_token_id", "image_token_index") if isinstance(cfg.get(k), int)}
-    adapter_for_type(read_model_type(proxy))
+    ids = adapter_for_type(read_model_type(proxy)).vision_token_ids_of(AutoConfig.from_pretrained(proxy))
     processor = AutoProcessor.from_pretrained(proxy)
     s = run.sizes
     return kl_samples(processor, ids, BUILTIN_HOLDOUT[:s.kl_photos], EVAL_QUESTIONS[:s.kl_questions])

@@ -13,15 +13,18 @@ vLLM serves (stock, or faster with `--quantization vlmptq` and this package's pl
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    from vlmptq.quant.scheme import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+    from vlmptq.solvers import SOLVERS
+
     p = sub.add_parser(
         "quantize", help="quantize a model and write a checkpoint",
         description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="local Hugging Face model directory (config.json, weights, processor)")
     p.add_argument("--out", required=True, help="output directory for the quantized checkpoint (written atomically)")
-    p.add_argument("--method", default="vlmptq", choices=["rtn", "gptq", "gptaq", "vlmptq"], help="quantization algorithm")
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="weight bits")
-    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, -1],
+    p.add_argument("--method", default="vlmptq", choices=sorted(SOLVERS), help="quantization algorithm")
+    p.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS, help="weight bits")
+    p.add_argument("--group-size", type=int, default=128, choices=SUPPORTED_GROUP_SIZES,
                    help="input columns sharing one scale/zero point (-1: one per output channel)")
     p.add_argument("--sym", action="store_true", help="symmetric grid without zero points (default: asymmetric)")
     c = p.add_argument_group("calibration data")

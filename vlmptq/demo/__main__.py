@@ -32,16 +32,23 @@ QUESTION = "What is in this picture? Answer in one sentence."
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from vlmptq.calib import BUILTIN_HOLDOUT
+    from vlmptq.quant.scheme import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+    from vlmptq.solvers import SOLVERS
+
     p = argparse.ArgumentParser(prog="python -m vlmptq.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a local Hugging Face VLM directory to use instead of the built-in proxy")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="where the quantized checkpoint goes")
-    p.add_argument("--method", default="vlmptq", help="rtn | gptq | gptaq | vlmptq")
-    p.add_argument("--bits", type=int, default=4, help="weight bits (vLLM-CPU serves 4-bit)")
-    p.add_argument("--group-size", type=int, default=64, help="columns per scale / zero point")
+    p.add_argument("--method", default="vlmptq", choices=sorted(SOLVERS), help="quantization algorithm")
+    p.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS,
+                   help="weight bits (on the CPU the plugin serves 2/3-bit checkpoints with 4-bit codes in memory)")
+    p.add_argument("--group-size", type=int, default=64, choices=SUPPORTED_GROUP_SIZES,
+                   help="columns per scale / zero point")
     p.add_argument("--num-samples", type=int, default=16, help="built-in calibration samples")
-    p.add_argument("--kl-photos", type=int, default=3, help="held-out photos for the KL row")
-    p.add_argument("--photo", default="chelsea", help="held-out photo to ask about (a skimage.data name)")
+    p.add_argument("--kl-photos", type=int, default=3, choices=range(1, len(BUILTIN_HOLDOUT) + 1),
+                   metavar=f"1..{len(BUILTIN_HOLDOUT)}", help="held-out photos for the KL row")
+    p.add_argument("--photo", default="chelsea", choices=BUILTIN_HOLDOUT, help="held-out photo to ask about")
     p.add_argument("--max-tokens", type=int, default=48, help="answer length limit")
     p.add_argument("--no-serve", action="store_true", help="stop after the quality row")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),

@@ -77,9 +77,14 @@ class ModelAdapter:
 
     def vision_token_ids(self) -> set[int]:
         """Ids of the placeholder tokens that vision features replace."""
+        return self.vision_token_ids_of(self.model.config)
+
+    @classmethod
+    def vision_token_ids_of(cls, config) -> set[int]:
+        """The same from a model config alone (no weights loaded)."""
         ids = set()
-        for key in self.token_id_keys:
-            value = getattr(self.model.config, key, None)
+        for key in cls.token_id_keys:
+            value = getattr(config, key, None)
             if isinstance(value, int) and value >= 0:
                 ids.add(value)
         return ids
@@ -117,7 +122,8 @@ class CausalLMAdapter(ModelAdapter):
     def text_model(self) -> nn.Module:
         return self.model.model
 
-    def vision_token_ids(self) -> set[int]:
+    @classmethod
+    def vision_token_ids_of(cls, config) -> set[int]:
         return set()
 
 
