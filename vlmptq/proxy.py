@@ -131,6 +131,8 @@ def _is_built(path: Path, recipe: dict) -> bool:
 
 def _build_atomically(path: Path, recipe: dict, build: Callable[[Path], None]) -> Path:
     """Run ``build(tmp_dir)`` and move the result to ``path``; a half-built directory never appears."""
+    from vlmptq.checkpoint.writer import replace_directory
+
     if _is_built(path, recipe):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,9 +141,7 @@ def _build_atomically(path: Path, recipe: dict, build: Callable[[Path], None]) -
         build(tmp)
         tmp.chmod(0o755)
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        replace_directory(tmp, path, overwrite=True)  # a stale build is swapped out, never half-removed
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

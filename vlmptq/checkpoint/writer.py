@@ -115,7 +115,7 @@ def save_quantized_checkpoint(
         n_shards = _write_weights(state, tmp, max_shard_size)
         _write_configs(model, qconfig, tmp)
         _fsync_tree(tmp)
-        _commit(tmp, out, overwrite)
+        replace_directory(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -332,8 +332,9 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
-def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` into ``out``; an existing non-empty ``out`` is swapped out, then removed."""
+def replace_directory(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` into ``out``; an existing non-empty ``out`` is swapped out, then removed
+    (readers see the old or the new directory, never neither). Also used by vlmptq.proxy's builds."""
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:  # created while we were writing
             raise CheckpointError(
