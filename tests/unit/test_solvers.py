@@ -7,8 +7,9 @@ import torch
 
 from vlmptq.errors import ConfigError, SolverError
 from vlmptq.quant import WeightScheme
-from vlmptq.quant.grid import minmax_params, quantize_codes
+from vlmptq.quant.grid import expand_groups, fake_quantize, minmax_params, quantize_codes
 from vlmptq.solvers import SolverOptions, build_solver, gptq_quantize, layer_loss
+from vlmptq.solvers.modality import choose_modality_params
 from vlmptq.solvers.synthetic import make_synthetic_layer
 from vlmptq.stats import StatisticsAccumulator
 
@@ -110,6 +111,20 @@ def test_closed_form_loss_equals_explicit_layer_loss(layer, stats):
     sym = layer_loss(layer.weight.double(), q.double(), stats.hessian.double()).item()
     assert sym * n / 2 == pytest.approx(layer.loss_sym(q), rel=1e-4)
 
+
+
+def test_mu_scores_are_the_closed_form_loss_of_each_candidate(layer, stats):
+    """The mu search scores each candidate grid with a shared ``W dXXT`` (one matmul per mu): the
+    scores must still be exactly ``layer_loss`` of rounding with that mu's parameters."""
+    scheme = WeightScheme(3, 32, False)
+    dv, dt = stats.modality_diagonals("mean")
+    grid = (0.0, 0.5, 1.0)
+    w = layer.weight.float()
+    choice = choose_modality_params(w, stats.hessian, stats.dxxt, dv, dt, scheme, grid, score_rows=None)
+    for mu in grid:
+        one = choose_modality_params(w, stats.hessian, stats.dxxt, dv, dt, scheme, (mu,), score_rows=None)
+        q = fake_quantize(w, expand_groups(one.scale, 32), expand_groups(one.zero, 32), scheme.maxq)
+        assert choice.scores[mu] == pytest.approx(layer_loss(w, q, stats.hessian, stats.dxxt).item(), rel=1e-4)
 
 def test_statistics_match_direct_sums(layer):
     st = layer.statistics()

@@ -27,11 +27,16 @@ def layer_loss(
     ``weight``, ``qweight``: ``[N, K]``; ``hessian``, ``dxxt``: ``[K, K]``. Returns an fp32 scalar.
     """
     w = weight.float()
-    e = qweight.float() - w
-    loss = ((e @ hessian.float()) * e).sum()
-    if dxxt is not None:
-        loss = loss - 2.0 * ((e @ dxxt.float().t()) * w).sum()
-    return loss
+    return _loss(qweight.float() - w, hessian.float(), None if dxxt is None else w @ dxxt.float())
+
+
+def _loss(e: torch.Tensor, hessian: torch.Tensor, w_dxxt: torch.Tensor | None) -> torch.Tensor:
+    """``sum(E * (E H - 2 W dXXT))``: ``tr(E dXXT^T W^T) = sum(E * (W dXXT))``, so with ``W dXXT``
+    computed once, scoring a candidate ``E [N, K]`` costs one ``N x K x K`` matmul, not two."""
+    g = e @ hessian
+    if w_dxxt is not None:
+        g -= 2.0 * w_dxxt
+    return (g * e).sum()
 
 
 def fused_importance(diag_vision: torch.Tensor, diag_text: torch.Tensor, mu: float) -> torch.Tensor:
@@ -66,7 +71,8 @@ def choose_modality_params(
     The clip searches of all ``mu`` share one pass per shrink candidate. Scoring costs
     ``O(rows * K^2)`` per ``mu``; the loss is a sum over output rows, so for layers with more than
     ``score_rows`` rows it is estimated on an evenly strided subset of rows (the same for every
-    ``mu``), which keeps the search cheap next to the GPTQ loop. ``score_rows=None`` scores all rows.
+    ``mu``), which keeps the search cheap next to the GPTQ loop; ``W dXXT`` is computed once for all
+``mu`` (:func:`_loss`). ``score_rows=None`` scores all rows.
     """
     if not mu_grid:
         raise ValueError("mu_grid must hold at least one value in [0, 1]")
@@ -76,12 +82,14 @@ def choose_modality_params(
     imps = torch.stack([fused_importance(diag_vision, diag_text, mu) for mu in mu_grid])  # [M, K]
     scales, zeros = search_params_multi(w, scheme, imps, scale_dtype)  # [M, N, G]
     rows = slice(None) if score_rows is None or n <= score_rows else slice(0, n, -(-n // score_rows))
+    w_rows, h = w[rows], hessian.float()
+    w_dxxt = None if dxxt is None else w_rows @ dxxt.float()  # shared by every mu
     scores: dict[float, float] = {}
     best = 0
     for i, mu in enumerate(mu_grid):
         s, z = scales[i][rows], zeros[i][rows]
-        q = fake_quantize(w[rows], expand_groups(s, glen), expand_groups(z, glen), scheme.maxq)
-        scores[float(mu)] = layer_loss(w[rows], q, hessian, dxxt).item()
+        q = fake_quantize(w_rows, expand_groups(s, glen), expand_groups(z, glen), scheme.maxq)
+        scores[float(mu)] = _loss(q - w_rows, h, w_dxxt).item()
         if scores[float(mu)] < scores[float(mu_grid[best])]:
             best = i
     return ModalityChoice(scale=scales[best], zero=zeros[best], mu=float(mu_grid[best]), scores=scores)
