@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             tag = f"{stamp}-r{rnd}-{i}"
             server = VllmServer(
-                run.model, run.args + server_args, run.env, log_path=work / "logs" / f"{tag}.log"
+                run.model, run.args + server_args, run.env, log_path=work / "logs" / f"{tag}.log", root=ROOT
             )
             try:
                 with server:

@@ -12,7 +12,6 @@ distribution. Writes benchmarks/results/solver-orderings.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys

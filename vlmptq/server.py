@@ -87,10 +87,11 @@ class VllmServer:
     """``vllm serve MODEL --host 127.0.0.1 --port PORT *args`` as a context manager."""
 
     def __init__(self, model: str | Path, args: Sequence[str] = CPU_SERVER_ARGS, env: dict[str, str] | None = None,
-                 log_path: Path | None = None, port: int | None = None, host: str = "127.0.0.1"):
+                 log_path: Path | None = None, port: int | None = None, host: str = "127.0.0.1",
+                 root: Path | None = None):
         self.model, self.host, self.port = str(model), host, port or free_port(host)
         self.cmd = [*vllm_command(), "serve", self.model, "--host", host, "--port", str(self.port), *args]
-        self.env = project_env(env)
+        self.env = project_env(env, root)  # caches under root (default: the current directory)
         self._ipc_dir: str | None = None
         if ipc_base_too_long(self.env):
             self._ipc_dir = tempfile.mkdtemp(prefix="vlmptq-ipc-", dir="/tmp")
