@@ -67,6 +67,20 @@ def _slot(w0, w1, w2, zero, I: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _load_unit(ptrs, plane_stride, mask, PLANES: tl.constexpr):
+    """int32 words ``[BLOCK_N, 16]`` of one block at ``ptrs``: ``w0``, and for 3 bits the other two
+    planes ``plane_stride`` words on (``w1``/``w2``; otherwise ``w0`` again, unused by ``_slot``)."""
+    w0 = tl.load(ptrs, mask=mask, other=0)
+    if PLANES == 3:
+        w1 = tl.load(ptrs + plane_stride, mask=mask, other=0)
+        w2 = tl.load(ptrs + 2 * plane_stride, mask=mask, other=0)
+    else:
+        w1 = w0
+        w2 = w0
+    return w0, w1, w2
+
+
+@triton.jit
 def _scale_zero(sz, ACT: tl.constexpr):
     """int32 (scale | zero << 16) words, act-dtype bit patterns -> (scale, zero) as float32."""
     s = (sz & 0xFFFF).to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
@@ -133,13 +147,7 @@ def _gemv_kernel(
                 smask = offs_n < tl.where(b < b1, N, 0)
                 klim = tl.where(b < b1, K, 0)
             wmask = smask[:, None]
-            w0 = tl.load(w_ptrs + b * SUB, mask=wmask, other=0)
-            if PLANES == 3:
-                w1 = tl.load(w_ptrs + N * U + b * SUB, mask=wmask, other=0)
-                w2 = tl.load(w_ptrs + 2 * N * U + b * SUB, mask=wmask, other=0)
-            else:
-                w1 = w0
-                w2 = w0
+            w0, w1, w2 = _load_unit(w_ptrs + b * SUB, N * U, wmask, PLANES)
             for gi in tl.static_range(GPB):
                 szw = tl.load(sz_ptr + (b * GPB + gi) * N + offs_n, mask=smask, other=0)
                 s, z = _scale_zero(szw, ACT)
@@ -183,13 +191,7 @@ def _dot_kernel(
     x_ptrs = x_ptr + offs_m[None, :] * K + offs_j[:, None]  # [SUB, BLOCK_M]: x^T slice
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for b in range(b0, b1):
-        w0 = tl.load(w_ptrs + b * SUB, mask=nmask[:, None], other=0)
-        if PLANES == 3:
-            w1 = tl.load(w_ptrs + N * U + b * SUB, mask=nmask[:, None], other=0)
-            w2 = tl.load(w_ptrs + 2 * N * U + b * SUB, mask=nmask[:, None], other=0)
-        else:
-            w1 = w0
-            w2 = w0
+        w0, w1, w2 = _load_unit(w_ptrs + b * SUB, N * U, nmask[:, None], PLANES)
         for gi in tl.static_range(GPB):
             szw = tl.load(sz_ptr + (b * GPB + gi) * N + offs_n, mask=nmask, other=0)
             s, z = _scale_zero(szw, ACT)
@@ -222,13 +224,7 @@ def _dequant_kernel(
     nmask = offs_n < N
     offs_j = tl.arange(0, SUB)
     w_ptrs = qw_ptr + offs_n[:, None] * U + b * SUB + offs_j[None, :]
-    w0 = tl.load(w_ptrs, mask=nmask[:, None], other=0)
-    if PLANES == 3:
-        w1 = tl.load(w_ptrs + N * U, mask=nmask[:, None], other=0)
-        w2 = tl.load(w_ptrs + 2 * N * U, mask=nmask[:, None], other=0)
-    else:
-        w1 = w0
-        w2 = w0
+    w0, w1, w2 = _load_unit(w_ptrs, N * U, nmask[:, None], PLANES)
     for gi in tl.static_range(GPB):
         szw = tl.load(sz_ptr + (b * GPB + gi) * N + offs_n, mask=nmask, other=0)
         s, z = _scale_zero(szw, ACT)
