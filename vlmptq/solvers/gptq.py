@@ -25,6 +25,13 @@ A and P are never formed whole: block ``[i1, i2)`` needs only the rows ``A[i1:i2
 upper triangular those depend only on the trailing ``[i1:, i1:]`` corners of dXXT and U
 (:func:`_asym_rows`). That costs ``4 K^3 / 3`` flops instead of ``4 K^3`` and keeps ``O(block K)``
 memory instead of two ``K x K`` matrices (for a 7B down_proj, ``K = 18944``: 2.9 GB of fp32).
+
+On a GPU the column loop is launch-bound (each step touches ``N`` numbers), so each column costs
+the same 6 kernels in every method: ``t = zero + target / scale`` (one fused op; the diagonal
+correction folds ``1 + C_j`` into a per-group ``(1 + C_j) / scale``), clamp, round (codes are
+``round(clamp(t, 0, maxq))``, which equals ``clamp(round(target / scale) + zero)`` up to .5 ties),
+``w_j - q_j``, and one update of the block's later columns: ``addr`` for GPTQ, a ``k = 2`` matmul
+over the interleaved (value, error) rows for GPTAQ. The exact shift adds two.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import Literal
 import torch
 
 from vlmptq.errors import SolverError
-from vlmptq.quant.grid import minmax_params, quantize_codes, search_params
+from vlmptq.quant.grid import minmax_params, search_params
 from vlmptq.quant.qweight import QuantizedWeight
 from vlmptq.quant.scheme import WeightScheme
 
@@ -106,6 +113,32 @@ def _asym_rows(d: torch.Tensor, u: torch.Tensor, alpha: float, i1: int, i2: int)
     ut = u[i1:, i1:]
     a = alpha * (d[i1:i2, i1:] @ ut.t())
     return a, torch.triu(a, diagonal=1) @ ut
+
+
+def _exact_shift_terms(
+    wt: torch.Tensor, u: torch.Tensor, d: torch.Tensor, alpha: float, p_row: torch.Tensor, d1: torch.Tensor,
+    i1: int, i2: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact shift of block ``[i1, i2)`` as ``target_i = w_i + shift_base[i] + shift_w[i] . buf``.
+
+    ``U_jj sum_{m >= j} A_mj w_m`` over the current values ``w_m``. Block columns ``m >= j`` hold
+    them in ``buf[., 0]``. Columns beyond the block have not been updated yet (lazy batching): their
+    stale values give ``shift_base``, and the pending updates from the block's quantized columns
+    ``r < i`` (``-U[r, m] / U_rr`` times the error ``buf[r, 1]``, ``+P[r, m]`` times the frozen
+    value ``buf[r, 0]``) enter through ``U[i1:i2, i2:] A[i2:, j]`` and ``P[i1:i2, i2:] A[i2:, j]``.
+    Returns ``shift_w [B, 2B]`` (coefficients of ``buf.view(2B, N)``) and ``shift_base [B, N]``.
+    """
+    nb = i2 - i1
+    a_col = alpha * (d[i1:, i1:] @ u[i1:i2, i1:].t())  # A[i1:, i1:i2]
+    a_out = a_col[nb:]
+    shift_base = (a_out.t() @ wt[i2:]) * d1[:, None]  # [B, N]
+    ua = (u[i1:i2, i2:] @ a_out) / d1[:, None]  # [B(r), B(i)]
+    pa = p_row[:, nb:] @ a_out
+    earlier = torch.ones(nb, nb, dtype=torch.bool, device=u.device).triu(1)  # [r, i]: r < i
+    vw = torch.where(earlier, pa, a_col[:nb])  # value of column r: through P if quantized, else A
+    ve = torch.where(earlier, -ua, 0.0)  # error of column r, once quantized
+    shift_w = torch.stack((vw, ve), dim=1) * d1  # [B(r), 2, B(i)] times U_ii
+    return shift_w.reshape(2 * nb, nb).t().contiguous(), shift_base
 
 
 def gptq_quantize(
@@ -186,65 +219,78 @@ def gptq_quantize(
         w = w + alpha * ((w @ d) @ u.t()) @ u  # W + alpha W dXXT H^-1, with H^-1 = U^T U
         asym, correction = False, "none"
 
-    codes = torch.zeros(n, k, device=device, dtype=fdt)
+    # Loop layout: the transpose. Row j of ``wt [K, N]`` is input column j of W, so a column step
+    # reads and writes contiguous memory; scales, zeros and codes are kept as ``[G, N]`` / ``[K, N]``.
+    # A block's values and errors sit interleaved in ``buf [B, 2, N]``: ``buf[i, 0]`` = w_j (current
+    # value; frozen once column j is quantized, so it is also the pre-quantization value the P term
+    # needs) and ``buf[i, 1]`` = w_j - q_j (the error times U_jj). Every update of later columns is
+    # then a single matmul over views: ``-U[j, :] / U_jj`` times the errors, plus ``P[j, :]`` times
+    # the values for GPTAQ. Per column that is 6 kernels for GPTQ, GPTAQ and VLM-PTQ's diagonal
+    # correction alike (the loop is launch-bound on GPUs; docs/algorithm.md).
+    wt = w.t().contiguous()  # [K, N]
+    st, zt = scale.t().contiguous(), zero.t().contiguous()  # [G, N]
+    codes_t = torch.empty(k, n, device=device, dtype=fdt)  # [K, N]
+    group_t = torch.tensor(group_of, device=device)
     proxy_loss = torch.zeros((), device=device, dtype=fdt)
+    maxq = float(scheme.maxq)
 
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        pre1 = torch.zeros_like(w1)  # pre-quantization values, for the P term
-        u1 = u[i1:i2, i1:i2]
         nb = i2 - i1
+        buf = torch.zeros(nb, 2, n, device=device, dtype=fdt)
+        buf[:, 0] = wt[i1:i2]
+        w1, e1 = buf[:, 0], buf[:, 1]  # [B, N] views
+        d1 = torch.diagonal(u[i1:i2, i1:i2])  # U_jj
+        un = u[i1:i2, i1:] / d1[:, None]  # [B, K - i1]: U[j, :] / U_jj
         if asym:
             a_row, p_row = _asym_rows(d, u, alpha, i1, i2)  # A, P [i1:i2, i1:]
-            diag_c = torch.diagonal(a_row[:, :nb]) * torch.diagonal(u1)  # VLM-PTQ's C_j, j in the block
+            coef = torch.stack((p_row, -un), dim=1)  # [B, 2, K - i1]: later columns += coef[i] . buf[i]
+        if correction == "diag":
+            cf = 1.0 + torch.diagonal(a_row[:, :nb]) * d1  # 1 + C_j, VLM-PTQ's diagonal correction
+            qmul = torch.empty(nb, n, device=device, dtype=fdt)  # (1 + C_j) / scale, per column
+            if static_params is not None:
+                qmul[:] = cf[:, None] / st[group_t[i1:i2]]
         if correction == "exact":
-            a_col = alpha * (d[i1:, i1:] @ u[i1:i2, i1:].t())  # A[i1:, i1:i2]
-            # Shift contributions of the columns beyond this block, which lazy batching has not
-            # updated yet: base uses their stale values, ua/pa add the pending updates.
-            a_out = a_col[nb:]
-            base = w[:, i2:] @ a_out  # [N, B]
-            ua = u[i1:i2, i2:] @ a_out  # [B, B]
-            pa = p_row[:, nb:] @ a_out
+            shift_w, shift_base = _exact_shift_terms(wt, u, d, alpha, p_row, d1, i1, i2)
         for i in range(nb):
             j = i1 + i
             g = group_of[j]
+            x = w1[i]
             if static_params is None and j % glen == 0:
-                s_g, z_g = params_fn(w1[:, i : i + glen], scheme, scale_dtype)
-                scale[:, g], zero[:, g] = s_g[:, 0], z_g[:, 0]
-            col = w1[:, i].clone()
+                s_g, z_g = params_fn(w1[i : i + glen].t(), scheme, scale_dtype)
+                st[g], zt[g] = s_g[:, 0], z_g[:, 0]
+                if correction == "diag":
+                    qmul[i : i + glen] = cf[i : i + glen, None] / st[g]
+            c = codes_t[j]
             if correction == "diag":
-                target = col * (1.0 + diag_c[i])
-            elif correction == "exact":
-                shift = w1[:, i:] @ a_col[i:nb, i] + base[:, i] - err1[:, :i] @ ua[:i, i] + pre1[:, :i] @ pa[:i, i]
-                target = col + u[j, j] * shift
+                torch.addcmul(zt[g], x, qmul[i], out=c)  # zero + w_j (1 + C_j) / scale
             else:
-                target = col
-            c = quantize_codes(target, scale[:, g], zero[:, g], scheme.maxq)
-            qv = (c - zero[:, g]) * scale[:, g]
-            codes[:, j] = c
-            e = (col - qv) / u1[i, i]
-            # W[:, j:] -= e U[j, j:] - w_j P[j, j:], as one rank-1 (rank-2) update: the loop is
-            # launch-bound on GPUs, so fewer, fused kernels matter more than flops here.
+                target = x
+                if correction == "exact":  # w_j + U_jj * (sum_{i >= j} w_i A_ij, with pending updates)
+                    target = torch.addmv(x + shift_base[i], buf.view(2 * nb, n).t(), shift_w[i])
+                torch.addcdiv(zt[g], target, st[g], out=c)  # zero + target / scale
+            c.clamp_(0.0, maxq).round_()  # = clamp(round(.)), the bounds being integers
+            torch.addcmul(x, c - zt[g], st[g], value=-1.0, out=e1[i])  # w_j - q_j
+            if i + 1 < nb:
+                if asym:
+                    w1[i + 1 :].addmm_(coef[i, :, i + 1 : nb].t(), buf[i])
+                else:
+                    w1[i + 1 :].addr_(un[i, i + 1 : nb], e1[i], alpha=-1.0)
+        proxy_loss += (e1 / d1[:, None]).square().sum() / 2
+        if i2 < k:  # lazy batch update of the later blocks
             if asym:
-                w1[:, i:].addmm_(torch.stack((e, col), 1), torch.stack((-u1[i, i:], p_row[i, i:nb])))
+                wt[i2:].addmm_(coef[:, :, nb:].reshape(2 * nb, k - i2).t(), buf.view(2 * nb, n))
             else:
-                w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
-            err1[:, i] = e
-            pre1[:, i] = col
-        proxy_loss += err1.square().sum() / 2
-        if i2 < k:
-            upd = err1 @ u[i1:i2, i2:]
-            if asym:
-                upd -= pre1 @ p_row[:, nb:]
-            w[:, i2:] -= upd
+                wt[i2:].addmm_(un[:, nb:].t(), e1, alpha=-1.0)
 
+    codes = codes_t.t()
     if perm is not None:
-        inv = torch.argsort(perm)
-        codes = codes[:, inv]
+        codes = codes[:, torch.argsort(perm)]
     qweight = QuantizedWeight(
-        codes=codes.to(torch.uint8), scale=scale.to(scale_dtype), zero=zero.to(torch.uint8), scheme=scheme
+        codes=codes.to(torch.uint8).contiguous(),
+        scale=st.t().to(scale_dtype).contiguous(),
+        zero=zt.t().to(torch.uint8).contiguous(),
+        scheme=scheme,
     )
     info = {"damp": damp_used, "proxy_loss": proxy_loss.item()}
     if not math.isfinite(info["proxy_loss"]):
