@@ -75,13 +75,16 @@ def result_header() -> dict:
     }
 
 
-def write_results(stem: str | Path, header: dict, records: list[dict], markdown: str) -> tuple[Path, Path]:
-    """Write ``<stem>.json`` ({**header, "records": [...]}) and ``<stem>.md`` (header lines + markdown)."""
+def write_results(
+    stem: str | Path, header: dict, records: list[dict], markdown: str, extra: dict | None = None
+) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` ({**header, "records": [...], **extra}) and ``<stem>.md`` (header lines +
+    markdown; ``extra`` is for the JSON only)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     js = stem.with_suffix(".json")
     md = stem.with_suffix(".md")
-    js.write_text(json.dumps({**header, "records": records}, indent=1) + "\n")
+    js.write_text(json.dumps({**header, "records": records, **(extra or {})}, indent=1) + "\n")
     meta = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     md.write_text(f"{markdown.strip().splitlines()[0]}\n\n{meta}\n" + "\n".join(markdown.strip().splitlines()[1:]) + "\n")
     logger.info("wrote %s and %s", js, md)

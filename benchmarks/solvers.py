@@ -5,6 +5,8 @@ For each layer (qkv 4608x3584, o 3584x3584, gate_up 37888x3584, down 3584x18944)
 (rtn, gptq, gptaq, vlmptq, vlmptq-exact) it times the solver (statistics are given, as the pipeline
 gives them) and reports the relative output error on the symmetric objective
 tr(E H E^T) / tr(W H W^T) and the asymmetric one (its closed form, relative to the same denominator).
+It also counts the kernels the column loop launches per column (torch.profiler on the CPU, K=1024):
+on a GPU that loop is launch-bound, so this count is the device-independent part of the time ratio.
 Writes benchmarks/results/solvers-<device>-<date>.{json,md}.
 
     python benchmarks/solvers.py --device cuda            # the GPU run (H100/H200)
@@ -37,6 +39,49 @@ METHODS = {
     "vlmptq": ("vlmptq", SolverOptions()),
     "vlmptq-exact": ("vlmptq", SolverOptions(correction="exact")),
 }
+
+
+# Loop options of each method, passed to gptq_quantize directly so the count is the loop's alone:
+# the per-layer parts (clip search, mu search) are one fused Triton kernel each on a GPU but many
+# small torch ops on the CPU, which would blur a per-column count.
+LOOP_KWARGS = {
+    "gptq": {},
+    "gptaq": {"asym": True},
+    "vlmptq": {"asym": True, "correction": "diag", "static": True},
+    "vlmptq-exact": {"asym": True, "correction": "exact", "static": True},
+}
+# aten calls that launch no kernel (views, metadata, scalars)
+NO_KERNEL = frozenset(
+    "aten::" + op for op in (
+        "select slice unsqueeze squeeze view _unsafe_view as_strided expand t transpose permute diagonal "
+        "reshape alias detach empty empty_like lift_fresh item _local_scalar_dense resolve_conj "
+        "resolve_neg result_type is_nonzero contiguous"
+    ).split()
+)
+
+
+def loop_dispatch(method: str, n: int = 512, k: int = 1024, bits: int = 3, group_size: int = 128) -> dict:
+    """Aten calls per column of one column loop on the CPU: kernels (compute ops) and all calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vlmptq.quant.grid import minmax_params
+    from vlmptq.solvers import gptq_quantize
+
+    torch.manual_seed(0)
+    stats, w = synthetic_statistics(k), synthetic_weight(n, k)
+    scheme = WeightScheme(bits, group_size, False)
+    opts = LOOP_KWARGS[method]
+    kwargs = {"correction": opts.get("correction", "none")}
+    if opts.get("asym"):
+        kwargs.update(dxxt=stats.dxxt, alpha=0.25)
+    if opts.get("static"):
+        kwargs["static_params"] = minmax_params(w, scheme)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        gptq_quantize(w, stats.hessian, scheme, **kwargs)
+    top = [e for e in prof.events()
+           if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
+    kernels = sum(e.name not in NO_KERNEL for e in top)
+    return {"method": method, "N": n, "K": k, "kernels_per_column": kernels / k, "calls_per_column": len(top) / k}
 
 
 def _sync(device: torch.device) -> None:
@@ -101,11 +146,19 @@ def main() -> None:
         ratio = f"{r['seconds'] / base:.2f}" if base else "-"
         lines.append(f"| {r['layer']} | {r['N']}x{r['K']} | {r['bits']} | {r['method']} | {r['seconds']:.2f} | "
                      f"{ratio} | {r['loss_sym']:.5f} | {r['loss_asym']:.5f} |")
+    dispatch = [loop_dispatch(m) for m in LOOP_KWARGS]
+    lines += ["", "Column loop, kernels launched per column (torch.profiler on the CPU, N=512, K=1024, W3 g128;",
+              "on a GPU the loop is launch-bound; the per-layer clip/mu searches are excluded, one fused kernel",
+              "each there):", "",
+              "| method | kernels / column | x GPTQ | aten calls / column (incl. views) |", "|---|---|---|---|"]
+    for r in dispatch:
+        lines.append(f"| {r['method']} | {r['kernels_per_column']:.2f} | "
+                     f"{r['kernels_per_column'] / dispatch[0]['kernels_per_column']:.2f} | {r['calls_per_column']:.1f} |")
     table = "\n".join(lines)
     print(table)
     tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
     out = args.out or f"benchmarks/results/solvers-{tag}-{dt.date.today().isoformat()}"
-    write_results(out, {"device": header["machine"], **header}, records, table)
+    write_results(out, {"device": header["machine"], **header}, records, table, extra={"loop_dispatch": dispatch})
 
 
 if __name__ == "__main__":
