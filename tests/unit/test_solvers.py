@@ -126,6 +126,21 @@ def test_mu_scores_are_the_closed_form_loss_of_each_candidate(layer, stats):
         q = fake_quantize(w, expand_groups(one.scale, 32), expand_groups(one.zero, 32), scheme.maxq)
         assert choice.scores[mu] == pytest.approx(layer_loss(w, q, stats.hessian, stats.dxxt).item(), rel=1e-4)
 
+
+def test_tf32_products_is_scoped_to_cuda_and_restores_the_setting():
+    from vlmptq.solvers.precision import tf32_products
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with tf32_products(torch.device("cpu")):
+        assert matmul.fp32_precision == before  # nothing changes for CPU tensors
+    with tf32_products(torch.device("cuda")):  # only flips the flag: runs without a GPU
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    with pytest.raises(RuntimeError), tf32_products(torch.device("cuda")):
+        raise RuntimeError("solver failed")
+    assert matmul.fp32_precision == before
+
 def test_statistics_match_direct_sums(layer):
     st = layer.statistics()
     n = len(layer.x)

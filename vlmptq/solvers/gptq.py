@@ -24,7 +24,8 @@ A and P are never formed whole: block ``[i1, i2)`` needs only the rows ``A[i1:i2
 ``P[i1:i2, i1:]`` (and, for the exact shift, the column block ``A[i1:, i1:i2]``), and since ``U`` is
 upper triangular those depend only on the trailing ``[i1:, i1:]`` corners of dXXT and U
 (:func:`_asym_rows`). That costs ``4 K^3 / 3`` flops instead of ``4 K^3`` and keeps ``O(block K)``
-memory instead of two ``K x K`` matrices (for a 7B down_proj, ``K = 18944``: 2.9 GB of fp32).
+memory instead of two ``K x K`` matrices (for a 7B down_proj, ``K = 18944``: 2.9 GB of fp32). On
+CUDA these products run in TF32 (:mod:`vlmptq.solvers.precision`).
 
 On a GPU the column loop is launch-bound (each step touches ``N`` numbers), so each column costs
 the same 6 kernels in every method: ``t = zero + target / scale`` (one fused op; the diagonal
@@ -47,6 +48,7 @@ from vlmptq.errors import SolverError
 from vlmptq.quant.grid import minmax_params, search_params
 from vlmptq.quant.qweight import QuantizedWeight
 from vlmptq.quant.scheme import WeightScheme
+from vlmptq.solvers.precision import tf32_products
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +245,8 @@ def gptq_quantize(
         d1 = torch.diagonal(u[i1:i2, i1:i2])  # U_jj
         un = u[i1:i2, i1:] / d1[:, None]  # [B, K - i1]: U[j, :] / U_jj
         if asym:
-            a_row, p_row = _asym_rows(d, u, alpha, i1, i2)  # A, P [i1:i2, i1:]
+            with tf32_products(device):
+                a_row, p_row = _asym_rows(d, u, alpha, i1, i2)  # A, P [i1:i2, i1:]
             coef = torch.stack((p_row, -un), dim=1)  # [B, 2, K - i1]: later columns += coef[i] . buf[i]
         if correction == "diag":
             cf = 1.0 + torch.diagonal(a_row[:, :nb]) * d1  # 1 + C_j, VLM-PTQ's diagonal correction
@@ -251,7 +254,8 @@ def gptq_quantize(
             if static_params is not None:
                 qmul[:] = cf[:, None] / st[group_t[i1:i2]]
         if correction == "exact":
-            shift_w, shift_base = _exact_shift_terms(wt, u, d, alpha, p_row, d1, i1, i2)
+            with tf32_products(device):
+                shift_w, shift_base = _exact_shift_terms(wt, u, d, alpha, p_row, d1, i1, i2)
         for i in range(nb):
             j = i1 + i
             g = group_of[j]

@@ -17,6 +17,7 @@ import torch
 
 from vlmptq.quant.grid import expand_groups, fake_quantize, search_params_multi
 from vlmptq.quant.scheme import WeightScheme
+from vlmptq.solvers.precision import tf32_products
 
 
 def layer_loss(
@@ -72,7 +73,8 @@ def choose_modality_params(
     ``O(rows * K^2)`` per ``mu``; the loss is a sum over output rows, so for layers with more than
     ``score_rows`` rows it is estimated on an evenly strided subset of rows (the same for every
     ``mu``), which keeps the search cheap next to the GPTQ loop; ``W dXXT`` is computed once for all
-``mu`` (:func:`_loss`). ``score_rows=None`` scores all rows.
+    ``mu`` (:func:`_loss`); on CUDA the scores use TF32 (:mod:`vlmptq.solvers.precision`).
+    ``score_rows=None`` scores all rows.
     """
     if not mu_grid:
         raise ValueError("mu_grid must hold at least one value in [0, 1]")
@@ -83,13 +85,14 @@ def choose_modality_params(
     scales, zeros = search_params_multi(w, scheme, imps, scale_dtype)  # [M, N, G]
     rows = slice(None) if score_rows is None or n <= score_rows else slice(0, n, -(-n // score_rows))
     w_rows, h = w[rows], hessian.float()
-    w_dxxt = None if dxxt is None else w_rows @ dxxt.float()  # shared by every mu
     scores: dict[float, float] = {}
     best = 0
-    for i, mu in enumerate(mu_grid):
-        s, z = scales[i][rows], zeros[i][rows]
-        q = fake_quantize(w_rows, expand_groups(s, glen), expand_groups(z, glen), scheme.maxq)
-        scores[float(mu)] = _loss(q - w_rows, h, w_dxxt).item()
-        if scores[float(mu)] < scores[float(mu_grid[best])]:
-            best = i
+    with tf32_products(w.device):
+        w_dxxt = None if dxxt is None else w_rows @ dxxt.float()  # shared by every mu
+        for i, mu in enumerate(mu_grid):
+            s, z = scales[i][rows], zeros[i][rows]
+            q = fake_quantize(w_rows, expand_groups(s, glen), expand_groups(z, glen), scheme.maxq)
+            scores[float(mu)] = _loss(q - w_rows, h, w_dxxt).item()
+            if scores[float(mu)] < scores[float(mu_grid[best])]:
+                best = i
     return ModalityChoice(scale=scales[best], zero=zeros[best], mu=float(mu_grid[best]), scores=scores)
