@@ -73,7 +73,7 @@ def test_quantized_proxy_loads_in_hf_and_stays_close(tiny_proxy, quantized):
 
     from vlmptq.calib import BUILTIN_HOLDOUT
     from vlmptq.checkpoint.reader import read_quantization_config
-    from vlmptq.demo.__main__ import dequantized_model
+    from vlmptq.demo.__main__ import dequantize_into
     from vlmptq.demo.evaluate import EVAL_QUESTIONS, kl_samples, mean_kl, reference_logprobs
     from vlmptq.models.adapters import load_model
 
@@ -84,7 +84,7 @@ def test_quantized_proxy_loads_in_hf_and_stays_close(tiny_proxy, quantized):
                          BUILTIN_HOLDOUT[:1], EVAL_QUESTIONS[:2])
     ref = reference_logprobs(ref_model, samples)
     assert mean_kl(ref_model, samples, ref) == pytest.approx(0.0, abs=1e-6)
-    kl = mean_kl(dequantized_model(tiny_proxy, quantized), samples, ref)
+    kl = mean_kl(dequantize_into(ref_model, quantized), samples, ref)
     assert 0.0 < kl < 0.05, kl
 
 

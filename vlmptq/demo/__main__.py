@@ -60,20 +60,18 @@ def step(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
 
-def dequantized_model(model_dir: Path, checkpoint: Path) -> torch.nn.Module:
-    """The unquantized model (fp32) with every quantized linear set to the checkpoint's values
-    (dequantized in the checkpoint's dtype, exactly what a server computes with)."""
+def dequantize_into(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
+    """Set every linear that ``checkpoint`` quantizes to its dequantized values (in the checkpoint's
+    dtype, exactly what a server computes with), in place; returns ``model``."""
     from vlmptq.checkpoint.naming import module_disk_names
     from vlmptq.checkpoint.reader import open_checkpoint
-    from vlmptq.models.adapters import load_model
 
-    model, _ = load_model(model_dir, torch.float32)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     on_disk = {d: n for n, d in module_disk_names(model, linears, model.state_dict().keys()).items()}
     ckpt = open_checkpoint(checkpoint)
     missing = sorted(set(ckpt.layers) - set(on_disk))
     if missing:
-        raise RuntimeError(f"{checkpoint} quantizes modules {missing[:3]} that {model_dir} does not have")
+        raise RuntimeError(f"{checkpoint} quantizes modules {missing[:3]} that the model does not have")
     with torch.no_grad():
         for name in ckpt.layers:
             linears[on_disk[name]].weight.copy_(ckpt.quantized_weight(name).dequantize(torch.float32))
@@ -91,8 +89,7 @@ def quality_row(model_dir: Path, checkpoint: Path, n_photos: int, label: str, me
     ref_model, adapter = load_model(model_dir, torch.float32)
     samples = kl_samples(processor, adapter.vision_token_ids(), BUILTIN_HOLDOUT[:n_photos], EVAL_QUESTIONS[:1])
     ref = reference_logprobs(ref_model, samples)
-    del ref_model
-    kl = mean_kl(dequantized_model(model_dir, checkpoint), samples, ref)
+    kl = mean_kl(dequantize_into(ref_model, checkpoint), samples, ref)  # one load, reused
     positions = sum(int(s.positions.sum()) for s in samples)
     return (f"| model | method | scheme | KL vs unquantized (nats/token) |\n|---|---|---|---|\n"
             f"| {label} | {method} | {scheme} | {kl:.4f} over {positions} text positions, "
