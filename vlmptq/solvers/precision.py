@@ -24,9 +24,11 @@ def tf32_products(device: torch.device) -> Iterator[None]:
         yield
         return
     matmul = torch.backends.cuda.matmul
-    prev = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
+    # torch >= 2.9 has the per-backend API; mixing it with the legacy flag is an error there
+    key, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    prev = getattr(matmul, key)
+    setattr(matmul, key, value)
     try:
         yield
     finally:
-        matmul.fp32_precision = prev
+        setattr(matmul, key, prev)
