@@ -5,7 +5,8 @@ For each layer (qkv 4608x3584, o 3584x3584, gate_up 37888x3584, down 3584x18944)
 (rtn, gptq, gptaq, vlmptq, vlmptq-exact) it times the solver (statistics are given, as the pipeline
 gives them) and reports the relative output error on the symmetric objective
 tr(E H E^T) / tr(W H W^T) and the asymmetric one (its closed form, relative to the same denominator).
-It also counts the kernels the column loop launches per column (torch.profiler on the CPU, K=1024):
+It also counts the kernels each solver's column loop launches per column (torch.profiler on the CPU,
+the gptq.COLUMN_LOOP range, K=1024):
 on a GPU that loop is launch-bound, so this count is the device-independent part of the time ratio.
 Writes benchmarks/results/solvers-<device>-<date>.{json,md}.
 
@@ -41,15 +42,6 @@ METHODS = {
 }
 
 
-# Loop options of each method, passed to gptq_quantize directly so the count is the loop's alone:
-# the per-layer parts (clip search, mu search) are one fused Triton kernel each on a GPU but many
-# small torch ops on the CPU, which would blur a per-column count.
-LOOP_KWARGS = {
-    "gptq": {},
-    "gptaq": {"asym": True},
-    "vlmptq": {"asym": True, "correction": "diag", "static": True},
-    "vlmptq-exact": {"asym": True, "correction": "exact", "static": True},
-}
 # aten calls that launch no kernel (views, metadata, scalars)
 NO_KERNEL = frozenset(
     "aten::" + op for op in (
@@ -60,28 +52,27 @@ NO_KERNEL = frozenset(
 )
 
 
-def loop_dispatch(method: str, n: int = 512, k: int = 1024, bits: int = 3, group_size: int = 128) -> dict:
-    """Aten calls per column of one column loop on the CPU: kernels (compute ops) and all calls."""
+def loop_dispatch(name: str, n: int = 512, k: int = 1024, bits: int = 3, group_size: int = 128) -> dict:
+    """Aten calls per column inside the solver's column loop (the ``COLUMN_LOOP`` profiler range) on
+    the CPU: kernels (compute ops) and all calls. Run with min-max group grids: the clip search (and
+    VLM-PTQ's mu search, outside the range anyway) is one fused Triton kernel on a GPU but many small
+    torch ops on the CPU, which would blur a per-column count."""
     from torch.profiler import ProfilerActivity, profile
 
-    from vlmptq.quant.grid import minmax_params
-    from vlmptq.solvers import gptq_quantize
+    from vlmptq.solvers.gptq import COLUMN_LOOP
 
+    method, opts = METHODS[name]
+    solver = build_solver(method, opts.model_copy(update={"clip_search": False}))
     torch.manual_seed(0)
     stats, w = synthetic_statistics(k), synthetic_weight(n, k)
-    scheme = WeightScheme(bits, group_size, False)
-    opts = LOOP_KWARGS[method]
-    kwargs = {"correction": opts.get("correction", "none")}
-    if opts.get("asym"):
-        kwargs.update(dxxt=stats.dxxt, alpha=0.25)
-    if opts.get("static"):
-        kwargs["static_params"] = minmax_params(w, scheme)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        gptq_quantize(w, stats.hessian, scheme, **kwargs)
-    top = [e for e in prof.events()
-           if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
-    kernels = sum(e.name not in NO_KERNEL for e in top)
-    return {"method": method, "N": n, "K": k, "kernels_per_column": kernels / k, "calls_per_column": len(top) / k}
+        solver.solve(w, stats, WeightScheme(bits, group_size, False), torch.bfloat16)
+    ops = [e for e in prof.events()
+           if e.name.startswith("aten::") and e.cpu_parent is not None and e.cpu_parent.name == COLUMN_LOOP]
+    if not ops:
+        raise RuntimeError(f"the profiler saw no {COLUMN_LOOP!r} range: was it renamed in vlmptq/solvers/gptq.py?")
+    kernels = sum(e.name not in NO_KERNEL for e in ops)
+    return {"method": name, "N": n, "K": k, "kernels_per_column": kernels / k, "calls_per_column": len(ops) / k}
 
 
 def _sync(device: torch.device) -> None:
@@ -146,7 +137,7 @@ def main() -> None:
         ratio = f"{r['seconds'] / base:.2f}" if base else "-"
         lines.append(f"| {r['layer']} | {r['N']}x{r['K']} | {r['bits']} | {r['method']} | {r['seconds']:.2f} | "
                      f"{ratio} | {r['loss_sym']:.5f} | {r['loss_asym']:.5f} |")
-    dispatch = [loop_dispatch(m) for m in LOOP_KWARGS]
+    dispatch = [loop_dispatch(m) for m in METHODS if m != "rtn"]
     lines += ["", "Column loop, kernels launched per column (torch.profiler on the CPU, N=512, K=1024, W3 g128;",
               "on a GPU the loop is launch-bound; the per-layer clip/mu searches are excluded, one fused kernel",
               "each there):", "",

@@ -1,8 +1,9 @@
 """TF32 tensor cores for the solvers' per-layer ``K^3``-sized products on CUDA.
 
 GPTAQ's ``A``/``P`` rows and VLM-PTQ's ``mu`` scores cost ``O(K^3)`` and ``O(M rows K^2)`` flops
-once per layer; for a 7B down_proj (``K = 18944``) that is ~2e13 flops, about half a second at the
-fp32 rate, as long as the whole GPTQ column loop. TF32 runs them about 7x faster. Emulated on the
+once per layer; for a 7B down_proj (``K = 18944``) that is ~2e13 flops, about half a second at an
+H100's fp32 rate, which we estimate (not yet measured) to be comparable to the whole launch-bound
+column loop. TF32 tensor cores have about 7x the fp32 rate. Emulated on the
 CPU (operands rounded to 10 mantissa bits, 10 synthetic layers x W2/W3): the explicit asymmetric
 loss moves by -0.03% on average (at most 0.5% on one layer, either sign), the searched ``mu``
 never changes, 0.5% of codes differ (docs/algorithm.md). The column loop and the lazy block
