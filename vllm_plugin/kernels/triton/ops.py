@@ -10,8 +10,8 @@ weight of the prefill path) have shape-determined sizes.
 import functools
 import logging
 import math
-from dataclasses import replace
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -52,7 +52,8 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _geometry(bits: int, k: int, qweight: torch.Tensor, sz: torch.Tensor) -> dict:
+def geometry(bits: int, k: int, qweight: torch.Tensor, sz: torch.Tensor) -> dict:
+    """Layout constants the kernels take, read off the repacked tensors' shapes (see .layout)."""
     u = qweight.shape[2]
     bk = block_values(bits)
     nblk = u // SUB
@@ -89,7 +90,7 @@ def launch(
     GPU), simpler configs are tried once and the first that works is remembered for the shape.
     """
     m, k = x.shape
-    geo = _geometry(bits, k, qweight, sz)
+    geo = geometry(bits, k, qweight, sz)
     if cfg is not None:
         return _launch(x, qweight, sz, bias, locks, bits, out_features, cfg, geo)
     key = (str(x.device), bits, geo["group"], out_features, k, m)
@@ -138,20 +139,35 @@ def _fallbacks(cfg: KernelConfig, m: int) -> list[KernelConfig]:
     return out
 
 
-def _launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfig, geo: dict) -> torch.Tensor:
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One Triton kernel launch, fully decided: what :func:`_launch` runs, and what
+    :mod:`.aot` compiles for a GPU architecture without one."""
+
+    kernel: Any  # a @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple
+    meta: dict  # constexprs plus num_warps / num_stages
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
+def plan_launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfig, geo: dict
+                ) -> tuple[KernelLaunch, Callable[[], torch.Tensor]]:
+    """(the kernel launch, a function giving the output once it ran) for ``cfg``. Allocates the
+    output and workspaces on x's device (the meta device works: nothing is read or written)."""
     from vllm_plugin.kernels.triton import kernels as K_
 
     m, k = x.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return out
     common = dict(BITS=bits, PLANES=geo["PLANES"], BK=geo["BK"], GPB=geo["GPB"], IPG=geo["IPG"])
     if cfg.path == "dequant":
         w = torch.empty((n, k), dtype=x.dtype, device=x.device)
         grid = (triton_cdiv(n, cfg.block_n), geo["nblk"])
-        K_._dequant_kernel[grid](qweight, sz, w, n, k, geo["U"], BLOCK_N=cfg.block_n, EVEN_K=geo["EVEN_K"],
-                                 num_warps=cfg.num_warps, num_stages=1, **common)
-        return torch.nn.functional.linear(x, w, bias)
+        meta = dict(BLOCK_N=cfg.block_n, EVEN_K=geo["EVEN_K"], num_warps=cfg.num_warps, num_stages=1, **common)
+        launch_ = KernelLaunch(K_._dequant_kernel, grid, (qweight, sz, w, n, k, geo["U"]), meta)
+        return launch_, lambda: torch.nn.functional.linear(x, w, bias)
     n_tiles = triton_cdiv(n, cfg.block_n)
     if cfg.path == "gemv":
         bps, n_split = _split(geo["nblk"], cfg.split_k, n_tiles * m, m * n, cfg.blocks_per_iter)
@@ -162,15 +178,23 @@ def _launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfig, g
     ws = torch.empty((n_split, m, n), dtype=torch.float32, device=x.device) if split else out
     b = bias if bias is not None else out
     args = (x, qweight, sz, b, out, ws, locks, m, n, k, geo["U"], bps, n_split)
-    flags = dict(HAS_BIAS=bias is not None, SPLIT=split, EVEN_K=geo["EVEN_K"],
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    meta = dict(HAS_BIAS=bias is not None, SPLIT=split, EVEN_K=geo["EVEN_K"],
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, BLOCK_N=cfg.block_n, **common)
     if cfg.path == "gemv":
-        K_._gemv_kernel[(n_tiles, n_split, m)](*args, BLOCK_N=cfg.block_n, BLOCKS_PER_ITER=cfg.blocks_per_iter,
-                                               LOOP_STAGES=cfg.num_stages, **flags)
+        launch_ = KernelLaunch(K_._gemv_kernel, (n_tiles, n_split, m), args,
+                               dict(meta, BLOCKS_PER_ITER=cfg.blocks_per_iter, LOOP_STAGES=cfg.num_stages))
     else:
-        K_._dot_kernel[(n_tiles, triton_cdiv(m, cfg.block_m), n_split)](
-            *args, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, **flags)
-    return out
+        launch_ = KernelLaunch(K_._dot_kernel, (n_tiles, triton_cdiv(m, cfg.block_m), n_split), args,
+                               dict(meta, BLOCK_M=cfg.block_m))
+    return launch_, lambda: out
+
+
+def _launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfig, geo: dict) -> torch.Tensor:
+    if x.shape[0] == 0:
+        return torch.empty((0, n), dtype=x.dtype, device=x.device)
+    launch_, result = plan_launch(x, qweight, sz, bias, locks, bits, n, cfg, geo)
+    launch_.run()
+    return result()
 
 
 @torch.library.custom_op("vlmptq::wna16_gemm", mutates_args=())

@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""Static analysis of the Triton kernels for a GPU we do not have: compile for sm_90 here, read the SASS.
+
+For each Qwen2.5-VL-7B decoder GEMM (the shapes of ``benchmarks/kernels.py``) x bits x M, the launch the
+plugin would make (tuned config file for ``--gpu`` if present, else the default heuristic) is compiled
+ahead of time (:mod:`vllm_plugin.kernels.triton.aot`: the real cubin, no GPU needed) and we report:
+
+* registers per thread, spills (must be 0), shared memory;
+* the main K loop's instructions per thread per iteration and the widths of its global loads
+  (weights must stream as 128-bit ``LDG.E.128``);
+* two lower bounds on the kernel's time on an H100/H200 (132 SMs at the 1.98 GHz boost clock):
+  **issue** -- every warp instruction of every loop iteration at one per scheduler per clock;
+  **alu** -- the integer/logic instructions (LOP3, SHF, IADD3, PRMT, ISETP, ...) on their half-rate
+  pipe; and the **memory** time of the bytes the kernel must move at the card's nominal HBM bandwidth.
+
+A decode kernel can only reach the issue-5 speed targets if max(issue, alu) stays well under the
+memory time (real code issues at ~60-80% of the peak rate). The decoder-layer table states the best
+speed-up over bf16 each bound allows (bf16 taken as purely memory-bound at the same bandwidth). These are
+bounds from static code, not measurements: only ``benchmarks/kernels.py`` on the card times anything.
+
+Writes ``benchmarks/results/kernels-static-sm<arch>-<date>.{json,md}``. ``--sweep`` adds a search over
+decode (M=1) launch configs per bits and prints the ones with the lowest issue bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import itertools
+import logging
+import math
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for p in (REPO, REPO / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("kernel_static.py compiles real kernels: run it without TRITON_INTERPRET=1")
+
+import torch  # noqa: E402
+from _results import result_header, write_results  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from vllm_plugin.kernels.triton import aot, ops  # noqa: E402
+from vllm_plugin.kernels.triton.configs import KernelConfig, fit_smem, select_config  # noqa: E402
+from vllm_plugin.kernels.triton.layout import (  # noqa: E402
+    block_values, codes_per_unit, effective_group, padded_k, planes,
+)
+
+logger = logging.getLogger("kernel_static")
+
+# the shapes and goals of benchmarks/kernels.py (one Qwen2.5-VL-7B decoder layer), restated to keep this
+# script free of that one's GPU set-up: name -> (N, K, bias)
+LAYERS = {"qkv": (4608, 3584, True), "o": (3584, 3584, False), "gate_up": (37888, 3584, False),
+          "down": (3584, 18944, False)}
+TARGETS = {1: {4: 3.0, 3: 3.8, 2: 5.0}, 16: {4: 2.8, 3: 3.4, 2: 4.2}, 64: {4: 1.8, 3: 1.8, 2: 1.8},
+           256: {4: 0.95, 3: 0.95, 2: 0.95}}
+SMS, CLOCK_GHZ = 132, 1.98  # H100 SXM / H200: SMs, max boost clock
+HBM_TBS = {"H100": 3.35, "H200": 4.8}  # nominal
+GPU_NAME = "NVIDIA H100 80GB HBM3"  # whose tuned config file (if any) decides the launches
+GROUP = 128
+ALU_OPS = {"LOP3", "SHF", "IADD3", "PRMT", "ISETP", "SEL", "LEA", "PLOP3", "FSEL", "VIADD", "SGXT", "BMSK",
+           "LOP", "IABS", "IMNMX", "VIMNMX", "FMNMX"}
+
+
+def meta_launch(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, dtype=torch.bfloat16):
+    """The launch ``ops.launch`` would make for this shape and config, on meta tensors."""
+    kp, ge = padded_k(k, bits), effective_group(GROUP, bits)
+    q = torch.empty((planes(bits), n, kp // codes_per_unit(bits)), dtype=torch.int32, device="meta")
+    sz = torch.empty((kp // ge, n), dtype=torch.int32, device="meta")
+    x = torch.empty((m, k), dtype=dtype, device="meta")
+    b = torch.empty((n,), dtype=dtype, device="meta") if bias else None
+    locks = torch.empty((ops.LOCKS_SIZE,), dtype=torch.int32, device="meta")
+    launch, _ = ops.plan_launch(x, q, sz, b, locks, bits, n, cfg, ops.geometry(bits, k, q, sz))
+    return launch
+
+
+def loop_iterations(launch) -> tuple[int, int]:
+    """(total main-loop iterations over all programs, weight bytes one iteration of one program streams)."""
+    meta, (m, n, k, u, bps, n_split) = launch.meta, launch.args[7:13]
+    nblk = u // 16
+    unit_bytes = meta["PLANES"] * 4
+    per_split = [min(bps, nblk - s * bps) for s in range(n_split)]
+    if "BLOCKS_PER_ITER" in meta:  # gemv: grid (n tiles, splits, rows)
+        bpi = meta["BLOCKS_PER_ITER"]
+        iters = launch.grid[0] * m * sum(math.ceil(b / bpi) for b in per_split)
+        return iters, bpi * meta["BLOCK_N"] * 16 * unit_bytes
+    iters = launch.grid[0] * launch.grid[1] * sum(per_split)  # dot: grid (n tiles, m tiles, splits)
+    return iters, meta["BLOCK_N"] * 16 * unit_bytes
+
+
+def moved_bytes(bits: int, n: int, k: int, m: int, bias: bool, n_split: int) -> int:
+    """Bytes a decode GEMM must move at least: packed weights, scale/zero words, x, y (+ split-K partials)."""
+    kp = padded_k(k, bits)
+    weights = n * kp * bits // 8
+    sz = n * (kp // effective_group(GROUP, bits)) * 4
+    act = 2 * m * (k + n) + (2 * n if bias else 0)
+    partial = 2 * 4 * m * n * n_split if n_split > 1 else 0
+    return weights + sz + act + partial
+
+
+def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, arch: int) -> dict:
+    launch = meta_launch(bits, n, k, m, cfg, bias)
+    if cfg.path == "dequant":  # prefill: dequantize + cuBLAS; the loop analysis does not apply
+        compiled = aot.compile_launch(launch, arch)
+        use = aot.resource_usage(compiled)
+        return dict(path="dequant", cfg=cfg.to_dict(), registers=use.registers, spills=use.spills,
+                    shared=use.dynamic_shared + use.static_shared)
+    compiled = aot.compile_launch(launch, arch)
+    use = aot.resource_usage(compiled)
+    loop = aot.hot_loop(aot.sass(compiled))
+    base = collections.Counter(op.split(".")[0] for op in loop)
+    loads = collections.Counter(op for op in loop if op.startswith(("LDG.", "LDGSTS.")))
+    iters, bytes_per_iter = loop_iterations(launch)
+    warps = launch.meta["num_warps"]
+    warp_instr = iters * len(loop) * warps
+    alu_instr = iters * sum(c for op, c in base.items() if op in ALU_OPS) * warps
+    rate = SMS * CLOCK_GHZ * 1e3  # SM-clocks per microsecond
+    n_split = launch.args[12]
+    weights_per_iter = bytes_per_iter * 8 // bits
+    return dict(
+        path=cfg.path, cfg=cfg.to_dict(), grid=list(launch.grid), n_split=n_split,
+        registers=use.registers, spills=use.spills, shared=use.dynamic_shared + use.static_shared,
+        loop_instr=len(loop), weights_per_thread_iter=weights_per_iter / (32 * warps),
+        instr_per_weight=len(loop) * warps * 32 / weights_per_iter,
+        loads={op: c for op, c in sorted(loads.items())},
+        mix={op: c for op, c in base.most_common(12)},
+        issue_us=warp_instr / (4 * rate), alu_us=alu_instr / (2 * rate),
+        bytes=moved_bytes(bits, n, k, m, bias, n_split),
+    )
+
+
+def default_launch(bits: int, n: int, k: int, m: int) -> KernelConfig:
+    return select_config(GPU_NAME, bits, effective_group(GROUP, bits), n, k, m, SMS)
+
+
+def fmt_loads(loads: dict) -> str:
+    """{'LDG.E.128': 6, 'LDGSTS.E.BYPASS.128': 3} -> '6x128 3x128(async)'."""
+    def width(op: str) -> str:
+        w = op.rsplit(".", 1)[-1]
+        return (w if w.isdigit() else "32") + ("(async)" if op.startswith("LDGSTS") else "")
+    return " ".join(f"{c}x{width(op)}" for op, c in loads.items())
+
+
+def layer_table(records: list[dict]) -> list[str]:
+    lines = ["| layer | bits | M | path | config | regs | spills | loop instr | instr/weight | global loads (count x bits) "
+             "| issue us | alu us | H100 mem us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        c = r["cfg"]
+        short = f"bn{c['block_n']}" + (f" bm{c['block_m']}" if r["path"] == "dot" else f" bpi{c['blocks_per_iter']}") \
+            + f" w{c['num_warps']} s{c['num_stages']} split{r.get('n_split', 1)}"
+        if r["path"] == "dequant":
+            lines.append(f"| {r['layer']} | {r['bits']} | {r['M']} | dequant | bn{c['block_n']} w{c['num_warps']} "
+                         f"| {r['registers']} | {r['spills']} | | | | | | |")
+            continue
+        mem = r["bytes"] / (HBM_TBS["H100"] * 1e6)
+        lines.append(f"| {r['layer']} | {r['bits']} | {r['M']} | {r['path']} | {short} | {r['registers']} "
+                     f"| {r['spills']} | {r['loop_instr']} | {r['instr_per_weight']:.2f} | "
+                     f"{fmt_loads(r['loads'])} | {r['issue_us']:.1f} | {r['alu_us']:.1f} | {mem:.1f} |")
+    return lines
+
+
+def decoder_sums(records: list[dict]) -> tuple[list[str], list[dict]]:
+    """Sum over the 4 GEMMs per (bits, M): bounds and the best speed-up over bf16 each allows."""
+    lines = ["| bits | M | issue us | alu us | bound us | H100 mem us | H200 mem us | bound / H100 mem "
+             "| H100 best x bf16 | H200 best x bf16 | target x bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    sums = []
+    keys = sorted({(r["bits"], r["M"]) for r in records if r["path"] != "dequant"})
+    for bits, m in keys:
+        rs = [r for r in records if (r["bits"], r["M"]) == (bits, m)]
+        if len(rs) != len(LAYERS) or any(r["path"] == "dequant" for r in rs):
+            continue
+        issue, alu = sum(r["issue_us"] for r in rs), sum(r["alu_us"] for r in rs)
+        qbytes = sum(r["bytes"] for r in rs)
+        bf16 = sum(2 * (n * k + m * (k + n)) for n, k, _ in LAYERS.values())
+        row = dict(bits=bits, M=m, issue_us=issue, alu_us=alu, bound_us=max(issue, alu))
+        for gpu, tbs in HBM_TBS.items():
+            mem = qbytes / (tbs * 1e6)
+            row[f"{gpu}_mem_us"] = mem
+            row[f"{gpu}_best_speedup"] = (bf16 / (tbs * 1e6)) / max(mem, row["bound_us"])
+        sums.append(row)
+        target = TARGETS.get(m, {}).get(bits)
+        lines.append(f"| {bits} | {m} | {issue:.1f} | {alu:.1f} | {row['bound_us']:.1f} | {row['H100_mem_us']:.1f} "
+                     f"| {row['H200_mem_us']:.1f} | {row['bound_us'] / row['H100_mem_us']:.2f} "
+                     f"| {row['H100_best_speedup']:.2f} | {row['H200_best_speedup']:.2f} "
+                     f"| {target if target else '-'} |")
+    return lines, sums
+
+
+def sweep_configs(bits: int) -> list[KernelConfig]:
+    """Decode launch shapes worth comparing: rows per thread (block_n / 8 per warp) x blocks per iteration."""
+    out = []
+    for bn, warps, bpi in itertools.product((16, 32, 64, 128), (1, 2, 4), (1, 2)):
+        if bn < 8 * warps:  # fewer rows than one per thread-row of the layout
+            continue
+        out.append(KernelConfig("gemv", block_n=bn, blocks_per_iter=bpi, num_warps=warps, num_stages=1, split_k=4))
+    return out
+
+
+def run_sweep(bits_list: list[int], arch: int) -> tuple[list[str], list[dict]]:
+    n, k, bias = LAYERS["o"]
+    recs = []
+    jobs = [(b, c) for b in bits_list for c in sweep_configs(b)]
+    for bits, cfg in tqdm(jobs, desc="sweep (M=1, o_proj)"):
+        r = analyse(bits, n, k, 1, cfg, bias, arch)
+        recs.append(dict(bits=bits, **r))
+    lines = ["| bits | block_n | warps | blocks/iter | regs | spills | loop instr | instr/weight | loads |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(recs, key=lambda r: (r["bits"], r["instr_per_weight"])):
+        c = r["cfg"]
+        lines.append(f"| {r['bits']} | {c['block_n']} | {c['num_warps']} | {c['blocks_per_iter']} | {r['registers']} "
+                     f"| {r['spills']} | {r['loop_instr']} | {r['instr_per_weight']:.2f} | {fmt_loads(r['loads'])} |")
+    return lines, recs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=aot.H100_ARCH, help="compute capability x10 (90: H100/H200)")
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 256], help="activation rows")
+    ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    ap.add_argument("--sweep", action="store_true", help="also compare decode (M=1) launch configs on o_proj")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    records = []
+    jobs = [(layer, bits, m) for bits in args.bits for m in args.m for layer in args.layers]
+    for layer, bits, m in tqdm(jobs, desc=f"compile sm_{args.arch}"):
+        n, k, bias = LAYERS[layer]
+        cfg = default_launch(bits, n, k, m)
+        if cfg.path == "dot":
+            cfg = fit_smem(cfg, bits)
+        records.append(dict(layer=layer, N=n, K=k, M=m, bits=bits, **analyse(bits, n, k, m, cfg, bias, args.arch)))
+    sum_lines, sums = decoder_sums(records)
+    md = [f"# Triton kernels, static analysis for sm_{args.arch} (compiled here, no GPU)", "",
+          f"Bounds use {SMS} SMs at {CLOCK_GHZ} GHz and nominal HBM bandwidth (H100 {HBM_TBS['H100']} TB/s, "
+          f"H200 {HBM_TBS['H200']} TB/s); bf16 is taken as memory-bound at the same bandwidth. "
+          "These are static bounds, not timings.", "",
+          "## One decoder layer (sum of the 4 GEMMs)", "", *sum_lines, "",
+          "## Per GEMM", "", *layer_table(records)]
+    extra = {"arch": args.arch, "sms": SMS, "clock_ghz": CLOCK_GHZ, "hbm_tbs": HBM_TBS, "sums": sums,
+             "triton": __import__("triton").__version__}
+    if args.sweep:
+        sweep_lines, sweep = run_sweep(args.bits, args.arch)
+        md += ["", "## Decode config sweep (o_proj 3584x3584, M=1)", "", *sweep_lines]
+        extra["sweep"] = sweep
+    print("\n".join(md))
+    header = dict(result_header(), machine=f"sm_{args.arch} (static, compiled on the CPU)")
+    stem = args.out / f"kernels-static-sm{args.arch}-{datetime.date.today().isoformat()}"
+    write_results(stem, header, records, "\n".join(md), extra=extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Compile the Triton kernels for a GPU architecture on a machine that has no GPU.
+
+Triton lowers through LLVM to PTX and assembles with its bundled ``ptxas``; none of that needs a
+GPU. Only picking the target and launching go through a driver, so :func:`compile_launch` swaps in
+one that names a target (default ``sm_90``: H100 / H200) and never launches, and compiles exactly
+the :class:`~.ops.KernelLaunch` that :func:`~.ops.plan_launch` decides for a shape and config (use
+meta-device tensors), with the specialization the JIT applies on a GPU (tensors 16-byte aligned,
+integers divisible by 16 marked as such). What comes back is the real cubin; :func:`resource_usage`
+reads registers / spills / shared memory with ``cuobjdump`` and :func:`sass` disassembles it with
+``nvdisasm`` (both ship with Triton's NVIDIA backend).
+
+This catches what the Triton interpreter cannot (lowering failures, register spills, loads that did
+not vectorize) before GPU time is spent. Used by ``benchmarks/kernel_static.py`` and
+``tests/unit/test_triton_sm90.py``. Must run without ``TRITON_INTERPRET`` (the interpreter replaces
+the kernels with Python functions at import).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_plugin.kernels.triton.ops import KernelLaunch
+
+H100_ARCH = 90
+
+
+class AotUnavailable(RuntimeError):
+    """This Triton build cannot compile for NVIDIA GPUs here (no CUDA backend or no ptxas)."""
+
+
+class _CompileOnlyDriver:
+    """Enough of a Triton driver for ``JITFunction.warmup``: a target, no device, no launches.
+    The device key is a string no real driver returns, so the JIT's per-device caches never mix
+    these kernels with ones compiled for a real GPU in the same process."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+        self.device = f"vlmptq-aot-sm{arch}"
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+@contextlib.contextmanager
+def _compile_only(arch: int):
+    import triton
+    from triton.runtime import driver
+
+    if not hasattr(driver, "set_active") or "nvidia" not in triton.backends.backends:
+        raise AotUnavailable(f"triton {triton.__version__} here has no NVIDIA backend to compile with")
+    previous = getattr(driver, "_active", None)
+    driver.set_active(_CompileOnlyDriver(arch))
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+def compile_launch(launch: KernelLaunch, arch: int = H100_ARCH):
+    """The ``CompiledKernel`` (``.asm["cubin"]``, ``.asm["ptx"]``, ``.metadata``) of ``launch``."""
+    from vllm_plugin.kernels.triton import kernels
+
+    if not hasattr(launch.kernel, "warmup") or not hasattr(kernels._gemv_kernel, "device_caches"):
+        raise AotUnavailable("the kernels are interpreted (TRITON_INTERPRET=1 at import); "
+                             "compile in a process without it")
+    with _compile_only(arch):
+        return launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.meta)
+
+
+def _tool(name: str) -> Path:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.is_file():
+        raise AotUnavailable(f"{name} not found at {path} (Triton's NVIDIA backend ships it)")
+    return path
+
+
+def _run_on_cubin(tool: str, flags: list[str], cubin: bytes) -> str:
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "kernel.cubin"
+        f.write_bytes(cubin)
+        return subprocess.run([str(_tool(tool)), *flags, str(f)], check=True, capture_output=True,
+                              text=True).stdout
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    registers: int  # per thread
+    stack: int  # bytes per thread (spills and local arrays land here or in local)
+    local: int
+    static_shared: int  # bytes per block, declared in the kernel
+    dynamic_shared: int  # bytes per block, requested by Triton at launch (pipeline buffers, layouts)
+
+    @property
+    def spills(self) -> bool:
+        return self.stack > 0 or self.local > 0
+
+
+def resource_usage(compiled) -> ResourceUsage:
+    text = _run_on_cubin("cuobjdump", ["--dump-resource-usage"], compiled.asm["cubin"])
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text))
+    if "REG" not in found:
+        raise RuntimeError(f"cannot read resource usage from cuobjdump output:\n{text}")
+    return ResourceUsage(registers=int(found["REG"]), stack=int(found.get("STACK", 0)),
+                         local=int(found.get("LOCAL", 0)), static_shared=int(found.get("SHARED", 0)),
+                         dynamic_shared=int(compiled.metadata.shared))
+
+
+def sass(compiled) -> str:
+    """The kernel's SASS as nvdisasm prints it (one instruction per line, branch targets labelled)."""
+    return _run_on_cubin("nvdisasm", ["-c"], compiled.asm["cubin"])
+
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_LABEL = re.compile(r"^(\.L\w+):")
+
+
+def hot_loop(sass_text: str) -> list[str]:
+    """Opcodes (with modifiers, e.g. ``LDG.E.128``) of the innermost-widest loop: the backward
+    branch spanning the most instructions, i.e. the kernel's main K loop (everything in the loop
+    body is unrolled by ``tl.static_range``). Empty if the kernel has no loop."""
+    addrs, ops, labels = [], [], {}
+    pending: list[str] = []
+    for line in sass_text.splitlines():
+        m = _LABEL.match(line.strip())
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _INSTR.search(line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        for name in pending:
+            labels[name] = len(ops)
+        pending = []
+        addrs.append(addr)
+        ops.append((m.group(3), m.group(4)))
+    best = (0, 0)
+    for i, (op, rest) in enumerate(ops):
+        if op == "BRA":
+            target = re.search(r"`\((\.L\w+)\)", rest)
+            if target and target.group(1) in labels and labels[target.group(1)] <= i:
+                start = labels[target.group(1)]
+                if i + 1 - start > best[1] - best[0]:
+                    best = (start, i + 1)
+    return [op for op, _ in ops[best[0]:best[1]]]
