@@ -47,11 +47,9 @@ import torch  # noqa: E402
 from _results import result_header, write_results  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from vllm_plugin.kernels.triton import aot, ops  # noqa: E402
+from vllm_plugin.kernels.triton import aot  # noqa: E402
 from vllm_plugin.kernels.triton.configs import KernelConfig, fit_smem, select_config  # noqa: E402
-from vllm_plugin.kernels.triton.layout import (  # noqa: E402
-    block_values, codes_per_unit, effective_group, padded_k, planes,
-)
+from vllm_plugin.kernels.triton.layout import effective_group, padded_k  # noqa: E402
 
 logger = logging.getLogger("kernel_static")
 
@@ -69,30 +67,15 @@ ALU_OPS = {"LOP3", "SHF", "IADD3", "PRMT", "ISETP", "SEL", "LEA", "PLOP3", "FSEL
            "LOP", "IABS", "IMNMX", "VIMNMX", "FMNMX"}
 
 
-def meta_launch(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, dtype=torch.bfloat16):
-    """The launch ``ops.launch`` would make for this shape and config, on meta tensors."""
-    kp, ge = padded_k(k, bits), effective_group(GROUP, bits)
-    q = torch.empty((planes(bits), n, kp // codes_per_unit(bits)), dtype=torch.int32, device="meta")
-    sz = torch.empty((kp // ge, n), dtype=torch.int32, device="meta")
-    x = torch.empty((m, k), dtype=dtype, device="meta")
-    b = torch.empty((n,), dtype=dtype, device="meta") if bias else None
-    locks = torch.empty((ops.LOCKS_SIZE,), dtype=torch.int32, device="meta")
-    launch, _ = ops.plan_launch(x, q, sz, b, locks, bits, n, cfg, ops.geometry(bits, k, q, sz))
-    return launch
-
-
-def loop_iterations(launch) -> tuple[int, int]:
-    """(total main-loop iterations over all programs, weight bytes one iteration of one program streams)."""
+def loop_iterations(launch) -> int:
+    """Main-loop iterations over all programs of a gemv / dot launch."""
     meta, (m, n, k, u, bps, n_split) = launch.meta, launch.args[7:13]
     nblk = u // 16
-    unit_bytes = meta["PLANES"] * 4
     per_split = [min(bps, nblk - s * bps) for s in range(n_split)]
     if "BLOCKS_PER_ITER" in meta:  # gemv: grid (n tiles, splits, rows)
         bpi = meta["BLOCKS_PER_ITER"]
-        iters = launch.grid[0] * m * sum(math.ceil(b / bpi) for b in per_split)
-        return iters, bpi * meta["BLOCK_N"] * 16 * unit_bytes
-    iters = launch.grid[0] * launch.grid[1] * sum(per_split)  # dot: grid (n tiles, m tiles, splits)
-    return iters, meta["BLOCK_N"] * 16 * unit_bytes
+        return launch.grid[0] * m * sum(math.ceil(b / bpi) for b in per_split)
+    return launch.grid[0] * launch.grid[1] * sum(per_split)  # dot: grid (n tiles, m tiles, splits)
 
 
 def moved_bytes(bits: int, n: int, k: int, m: int, bias: bool, n_split: int) -> int:
@@ -106,7 +89,7 @@ def moved_bytes(bits: int, n: int, k: int, m: int, bias: bool, n_split: int) -> 
 
 
 def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, arch: int) -> dict:
-    launch = meta_launch(bits, n, k, m, cfg, bias)
+    launch = aot.meta_launch(bits, n, k, m, cfg, bias, GROUP)
     if cfg.path == "dequant":  # prefill: dequantize + cuBLAS; the loop analysis does not apply
         compiled = aot.compile_launch(launch, arch)
         use = aot.resource_usage(compiled)
@@ -117,13 +100,13 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
     loop = aot.hot_loop(aot.sass(compiled))
     base = collections.Counter(op.split(".")[0] for op in loop)
     loads = collections.Counter(op for op in loop if op.startswith(("LDG.", "LDGSTS.")))
-    iters, bytes_per_iter = loop_iterations(launch)
+    iters = loop_iterations(launch)
     warps = launch.meta["num_warps"]
     warp_instr = iters * len(loop) * warps
     alu_instr = iters * sum(c for op, c in base.items() if op in ALU_OPS) * warps
     rate = SMS * CLOCK_GHZ * 1e3  # SM-clocks per microsecond
     n_split = launch.args[12]
-    weights_per_iter = bytes_per_iter * 8 // bits
+    weights_per_iter = aot.weights_per_iteration(launch)
     return dict(
         path=cfg.path, cfg=cfg.to_dict(), grid=list(launch.grid), n_split=n_split,
         registers=use.registers, spills=use.spills, shared=use.dynamic_shared + use.static_shared,

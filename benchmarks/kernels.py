@@ -438,10 +438,13 @@ def candidates(bits: int, n: int, k: int, m: int, sms: int, dry: bool) -> list[K
             bn = kw.get("block_n", base.block_n)
             return replace(base, **{"split_k": max(1, round(base.split_k * bn / base.block_n)), **kw})
 
-        out += [gv(blocks_per_iter=1), gv(blocks_per_iter=4), gv(num_stages=2), gv(num_stages=3),
-                gv(block_n=64), gv(block_n=16), gv(split_k=max(1, base.split_k * 2)),
-                gv(split_k=max(1, base.split_k // 2)), gv(block_n=64, blocks_per_iter=1, num_stages=3),
-                gv(block_n=16, blocks_per_iter=4), gv(block_n=64, num_warps=8),
+        # rows per thread = block_n / (8 * num_warps): fewer instructions per weight with more rows
+        # (kernel_static.py), more registers
+        out += [gv(num_stages=2), gv(num_stages=3), gv(blocks_per_iter=2),
+                gv(block_n=128, num_warps=2), gv(block_n=64, num_warps=1), gv(block_n=32, num_warps=1),
+                gv(block_n=128, num_warps=4), gv(block_n=32, num_warps=4),
+                gv(split_k=max(1, base.split_k * 2)), gv(split_k=max(1, base.split_k // 2)),
+                gv(block_n=128, num_warps=2, num_stages=2),
                 default_config(bits, group, n, k, 16, sms)]  # tensor cores at M=1
     elif m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)

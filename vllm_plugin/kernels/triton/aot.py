@@ -24,6 +24,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from vllm_plugin.kernels.triton import ops
+from vllm_plugin.kernels.triton.configs import KernelConfig
+from vllm_plugin.kernels.triton.layout import codes_per_unit, effective_group, padded_k, planes
 from vllm_plugin.kernels.triton.ops import KernelLaunch
 
 H100_ARCH = 90
@@ -78,6 +83,25 @@ def compile_launch(launch: KernelLaunch, arch: int = H100_ARCH):
                              "compile in a process without it")
     with _compile_only(arch):
         return launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.meta)
+
+
+def meta_launch(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool = False, group: int = 128,
+                dtype: torch.dtype = torch.bfloat16) -> KernelLaunch:
+    """The launch :func:`ops.launch` makes for this shape and ``cfg``, built on meta tensors."""
+    kp, ge = padded_k(k, bits), effective_group(group, bits)
+    q = torch.empty((planes(bits), n, kp // codes_per_unit(bits)), dtype=torch.int32, device="meta")
+    sz = torch.empty((kp // ge, n), dtype=torch.int32, device="meta")
+    x = torch.empty((m, k), dtype=dtype, device="meta")
+    b = torch.empty((n,), dtype=dtype, device="meta") if bias else None
+    locks = torch.empty((ops.LOCKS_SIZE,), dtype=torch.int32, device="meta")
+    launch, _ = ops.plan_launch(x, q, sz, b, locks, bits, n, cfg, ops.geometry(bits, k, q, sz))
+    return launch
+
+
+def weights_per_iteration(launch: KernelLaunch) -> int:
+    """Weights one iteration of one program's main K loop covers (gemv / dot kernels)."""
+    per_block = launch.meta["BLOCK_N"] * launch.meta["BK"]
+    return per_block * launch.meta.get("BLOCKS_PER_ITER", 1)
 
 
 def _tool(name: str) -> Path:

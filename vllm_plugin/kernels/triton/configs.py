@@ -116,8 +116,12 @@ def default_config(bits: int, group: int, n: int, k: int, m: int, num_sms: int =
     """Heuristic launch for a shape with no tuned entry (numbers chosen for H100/H200-class GPUs)."""
     nblk = padded_k(k, bits) // block_values(bits)
     if m <= 2:
-        bn = 32
-        return KernelConfig("gemv", block_n=bn, blocks_per_iter=2, num_warps=4, num_stages=1,
+        # 4 rows per thread (64 rows over 2 warps of 8x4 threads): x is loaded, converted and summed
+        # once per 4 rows; with 1 row per thread that costs ~1 instruction per weight
+        # (benchmarks/kernel_static.py, sm_90 SASS: W3 7.6 -> 3.9 instructions per weight with the
+        # kernel changes of 2026-11-28; 8 rows per thread is ~0.5 lower but needs ~255 registers)
+        bn = 64
+        return KernelConfig("gemv", block_n=bn, blocks_per_iter=1, num_warps=2, num_stages=1,
                             split_k=_split_for(math.ceil(n / bn), nblk, num_sms, 4, 2))
     if m <= 256:
         bm = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))

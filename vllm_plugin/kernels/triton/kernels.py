@@ -5,7 +5,9 @@ code slot ``I`` (16 consecutive input columns), turn it into exact float32 ``cod
 it with the matching 16 activations.
 
 * ``_gemv_kernel`` (decode, one activation row per program): CUDA-core FMAs, fp32 accumulators
-  ``[BLOCK_N, 16]``, per-group scaling of the partial sums (one FMA per group, not per weight).
+  ``[BLOCK_N, 16]``. Fields are read with a small bias (:func:`_biased`) and multiplied by x as they
+  are; per group, the bias and zero-point terms ``sum_i (2^e_i + z) x_i`` (row-independent sums of x,
+  times z) start the partial sum, and the scale multiplies it once.
 * ``_dot_kernel`` (batched decode to prefill): ``tl.dot`` of the dequantized ``[BLOCK_N, 16]`` slot
   with the ``[16, BLOCK_M]`` activation slice, i.e. ``out^T = W x^T`` so small M sits in the MMA's
   N dimension; fp32 accumulators, per-group scaling after the group's dots.
@@ -20,7 +22,10 @@ Dequantization without int->float conversions: a field of ``NB`` bits at bit ``P
 23``) is masked in place and or-ed with the exponent of ``2^(23-P)``: the float32 with those bits
 is exactly ``2^(23-P) + code``; one subtraction of ``2^(23-P) + zero`` gives ``code - zero``. Fields
 above bit 23 are shifted down once per word (16 bits) first. Per weight: one LOP3 (and+or), one
-FADD, one FMA (or the MMA).
+FADD, and the MMA (dot, dequant). The GEMV drops the FADD: it keeps ``2^e + code`` with ``2^e <= 2^12``
+(fields moved into bits [11, 23 - NB] by two shifts per word) and subtracts ``2^e * sum x`` per group;
+per weight one LOP3 and one FFMA. Instruction counts per weight for sm_90 come from
+``benchmarks/kernel_static.py`` (SASS of the compiled kernels).
 """
 
 from __future__ import annotations
@@ -30,9 +35,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _magic(w, P: tl.constexpr, NB: tl.constexpr):
-    """Field of NB bits at bit P (P + NB <= 23) of int32 ``w`` as float32 ``2^(23-P) + code``."""
-    return ((w & (((1 << NB) - 1) << P)) | ((150 - P) << 23)).to(tl.float32, bitcast=True)
+def _magic(w, P: tl.constexpr, NB: tl.constexpr, rz):
+    """Field of NB bits at bit P (P + NB <= 23) of int32 ``w`` as float32 ``2^(23-P) + code``.
+
+    ``rz`` is 0: a literal 0 for a constant mask, or an *opaque* runtime 0 (``N >> 31``) that makes the
+    mask a loop-invariant register. With constant masks ptxas re-materializes the mask before every
+    LOP3 (one MOV per weight in the GEMV: ~0.5 instructions per weight, seen in the SASS)."""
+    return ((w & ((rz + ((1 << NB) - 1)) << P)) | ((150 - P) << 23)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -47,9 +56,9 @@ def _slot(w0, w1, w2, zero, I: tl.constexpr, BITS: tl.constexpr):
             else:
                 w = w2
             if (I % 10) * 3 <= 20:
-                v = _magic(w, (I % 10) * 3, 3) - ((1 << (23 - (I % 10) * 3)) + zero)
+                v = _magic(w, (I % 10) * 3, 3, 0) - ((1 << (23 - (I % 10) * 3)) + zero)
             else:
-                v = _magic(w >> 16, (I % 10) * 3 - 16, 3) - ((1 << (39 - (I % 10) * 3)) + zero)
+                v = _magic(w >> 16, (I % 10) * 3 - 16, 3, 0) - ((1 << (39 - (I % 10) * 3)) + zero)
         else:
             if I == 30:
                 lo = (w0 >> 30) & 3
@@ -57,13 +66,55 @@ def _slot(w0, w1, w2, zero, I: tl.constexpr, BITS: tl.constexpr):
             else:
                 lo = (w1 >> 30) & 3
                 hi = (w2 >> 29) & 4
-            v = _magic(lo | hi, 0, 3) - ((1 << 23) + zero)
+            v = _magic(lo | hi, 0, 3, 0) - ((1 << 23) + zero)
     else:
         if I * BITS + BITS <= 23:
-            v = _magic(w0, I * BITS, BITS) - ((1 << (23 - I * BITS)) + zero)
+            v = _magic(w0, I * BITS, BITS, 0) - ((1 << (23 - I * BITS)) + zero)
         else:
-            v = _magic(w0 >> 16, I * BITS - 16, BITS) - ((1 << (39 - I * BITS)) + zero)
+            v = _magic(w0 >> 16, I * BITS - 16, BITS, 0) - ((1 << (39 - I * BITS)) + zero)
     return v
+
+
+@triton.jit
+def _biased(w, P: tl.constexpr, NB: tl.constexpr, rz):
+    """Field of NB bits at bit P of ``w`` as ``(2^e + code, 2^e)`` in float32 with a *small* bias
+    ``2^e`` (4 <= 2^e <= 2^12): fields below bit 11 are read from ``w << 11``, fields ending above bit
+    23 from ``w >> (13 - NB)``, so every field lands in bits [11, 23 - NB] (one shift per word each,
+    shared by its fields). The GEMV sums ``(2^e + code) * x`` and removes ``sum 2^e * x`` once per group:
+    one LOP3 per weight instead of LOP3 + FADD, at a rounding cost of ~2^-24 * 2^12 per term."""
+    if P < 11:
+        v = _magic(w << 11, P + 11, NB, rz)
+        bias = tl.full([1], (150 - P - 11) << 23, tl.int32).to(tl.float32, bitcast=True)
+    elif P + NB > 23:
+        v = _magic(w >> (13 - NB), P - (13 - NB), NB, rz)
+        bias = tl.full([1], (150 - P + (13 - NB)) << 23, tl.int32).to(tl.float32, bitcast=True)
+    else:
+        v = _magic(w, P, NB, rz)
+        bias = tl.full([1], (150 - P) << 23, tl.int32).to(tl.float32, bitcast=True)
+    return v, bias
+
+
+@triton.jit
+def _slot_biased(w0, w1, w2, I: tl.constexpr, BITS: tl.constexpr, rz):
+    """Code slot ``I`` of each unit as ``(2^e + code, 2^e)`` (see :func:`_biased`)."""
+    if BITS == 3:
+        if I < 30:
+            if I < 10:
+                w = w0
+            elif I < 20:
+                w = w1
+            else:
+                w = w2
+            v, bias = _biased(w, (I % 10) * 3, 3, rz)
+        else:  # codes 30 / 31 assembled at bit 12 (low two bits from plane 0 / 1, high bit from plane 2)
+            if I == 30:
+                c = ((w0 >> 18) & (3 << 12)) | ((w2 >> 16) & (4 << 12))
+            else:
+                c = ((w1 >> 18) & (3 << 12)) | ((w2 >> 17) & (4 << 12))
+            v, bias = _biased(c, 12, 3, rz)
+    else:
+        v, bias = _biased(w0, I * BITS, BITS, rz)
+    return v, bias
 
 
 @triton.jit
@@ -78,6 +129,14 @@ def _load_unit(ptrs, plane_stride, mask, PLANES: tl.constexpr):
         w1 = w0
         w2 = w0
     return w0, w1, w2
+
+
+@triton.jit
+def _load_x(ptrs, mask, UNMASKED: tl.constexpr):
+    """Activations as float32 (0 where masked)."""
+    if UNMASKED:
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -136,6 +195,7 @@ def _gemv_kernel(
     b1 = tl.minimum(b0 + blocks_per_split, U // SUB)
     w_ptrs = qw_ptr + offs_n[:, None] * U + offs_j[None, :]
     x_row = x_ptr + pid_m * K
+    rz = N >> 31  # an opaque 0 (N >= 0): field masks live in registers, see _magic
     acc = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
     for blk in tl.range(b0, b1, BLOCKS_PER_ITER, num_stages=LOOP_STAGES):
         for t in tl.static_range(BLOCKS_PER_ITER):
@@ -151,15 +211,22 @@ def _gemv_kernel(
             for gi in tl.static_range(GPB):
                 szw = tl.load(sz_ptr + (b * GPB + gi) * N + offs_n, mask=smask, other=0)
                 s, z = _scale_zero(szw, ACT)
-                part = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+                # per group, for this thread's columns j: xs = sum_i x, xb = sum_i 2^e_i x (row-independent);
+                # part starts at -(xb + z xs) so that after the slots part = sum_i (code_i - z) x
+                xs = tl.zeros([SUB], dtype=tl.float32)
+                xb = tl.zeros([SUB], dtype=tl.float32)
                 for ii in tl.static_range(IPG):
                     k = b * BK + (gi * IPG + ii) * SUB + offs_j
-                    if EVEN_K and BLOCKS_PER_ITER == 1:
-                        xv = tl.load(x_row + k)
-                    else:
-                        xv = tl.load(x_row + k, mask=k < klim, other=0.0)
-                    q = _slot(w0, w1, w2, z[:, None], gi * IPG + ii, BITS)
-                    part += q * xv.to(tl.float32)[None, :]
+                    xv = _load_x(x_row + k, k < klim, EVEN_K and BLOCKS_PER_ITER == 1)
+                    _, bias = _slot_biased(w0, w1, w2, gi * IPG + ii, BITS, rz)
+                    xs += xv
+                    xb += bias * xv
+                part = -(xb[None, :] + z[:, None] * xs[None, :])
+                for ii in tl.static_range(IPG):
+                    k = b * BK + (gi * IPG + ii) * SUB + offs_j
+                    xv = _load_x(x_row + k, k < klim, EVEN_K and BLOCKS_PER_ITER == 1)
+                    v, _ = _slot_biased(w0, w1, w2, gi * IPG + ii, BITS, rz)
+                    part += v * xv[None, :]
                 acc += s[:, None] * part
     y = tl.sum(acc, axis=1)
     _finish(y[:, None], offs_n, pid_m + tl.zeros([1], dtype=tl.int32), M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr,
