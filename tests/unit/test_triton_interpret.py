@@ -45,6 +45,10 @@ CASES = [
     ("dot-w2-g128-split", 2, 128, 40, 768, 3, False, "fp16", dict(path="dot", block_n=16, block_m=16, split_k=2), True),
     ("dot-w3-g32-2mtiles", 3, 32, 24, 512, 17, False, "fp16", dict(path="dot", block_n=16, block_m=16), False),
     ("dot-w4-g64-sym-raggedK", 4, 64, 40, 320, 5, True, "fp16", dict(path="dot", block_n=32, block_m=16, split_k=2), True),
+    # per-channel scales: one effective group per layout block (IPG 32 / 16 slots, several MMA chunks)
+    ("dot-w3-perchannel", 3, 1024, 24, 1024, 4, False, "fp16", dict(path="dot", block_n=16, block_m=16), False),
+    ("dot-w2-perchannel", 2, 512, 24, 512, 4, False, "fp16", dict(path="dot", block_n=16, block_m=16), True),
+    ("gemv-w3-perchannel", 3, 1024, 24, 1024, 1, False, "fp16", dict(path="gemv", block_n=16), False),
     ("dequant-w2-g64", 2, 64, 24, 320, 3, False, "bf16", dict(path="dequant", block_n=16), True),
     ("dequant-w3-g128-sym", 3, 128, 24, 512, 2, True, "fp16", dict(path="dequant", block_n=16), False),
     ("dequant-w4-g32", 4, 32, 24, 256, 2, False, "bf16", dict(path="dequant", block_n=16), False),

@@ -30,8 +30,9 @@ CASES = [
     ("gemv-w3-g32-raggedK-bias-fp16", 3, 32, 4608, 3000, 1, True, "float16", None, None),
     ("gemv-w4-bpi2-split", 4, 64, 3584, 18944, 1, False, "bfloat16",
      dict(path="gemv", block_n=32, blocks_per_iter=2, num_warps=1, split_k=8), None),
-    ("dot-w3-m16-default", 3, 128, 3584, 3584, 16, False, "bfloat16", None, None),
-    ("dot-w4-m64-default", 4, 128, 4608, 3584, 64, True, "bfloat16", None, None),
+    ("dot-w3-m16-default", 3, 128, 3584, 3584, 16, False, "bfloat16", None, 5.3),
+    ("dot-w4-m64-default", 4, 128, 4608, 3584, 64, True, "bfloat16", None, 6.5),
+    ("dot-w3-perchannel-m16", 3, 3584, 3584, 3584, 16, False, "float16", None, None),
     ("dequant-w2-m300", 2, 64, 3584, 3584, 300, False, "bfloat16", None, None),
 ]
 

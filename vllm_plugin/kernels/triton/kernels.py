@@ -8,9 +8,10 @@ it with the matching 16 activations.
   ``[BLOCK_N, 16]``. Fields are read with a small bias (:func:`_biased`) and multiplied by x as they
   are; per group, the bias and zero-point terms ``sum_i (2^e_i + z) x_i`` (row-independent sums of x,
   times z) start the partial sum, and the scale multiplies it once.
-* ``_dot_kernel`` (batched decode to prefill): ``tl.dot`` of the dequantized ``[BLOCK_N, 16]`` slot
-  with the ``[16, BLOCK_M]`` activation slice, i.e. ``out^T = W x^T`` so small M sits in the MMA's
-  N dimension; fp32 accumulators, per-group scaling after the group's dots.
+* ``_dot_kernel`` (batched decode to prefill): ``tl.dot`` of the dequantized ``[BLOCK_N, 16 * NSC]``
+  tile of up to 8 slots (joined and permuted into column order) with the matching ``x^T`` slice, i.e.
+  ``out^T = W x^T`` so small M sits in the MMA's N dimension; fp32 accumulators, per-group scaling
+  after the group's dots.
 * ``_dequant_kernel`` (large prefill): writes ``dequant(W)`` in act dtype for a cuBLAS matmul.
 
 Decode and batched kernels split K over ``n_split`` programs per output tile when the grid would be
@@ -45,8 +46,9 @@ def _magic(w, P: tl.constexpr, NB: tl.constexpr, rz):
 
 
 @triton.jit
-def _slot(w0, w1, w2, zero, I: tl.constexpr, BITS: tl.constexpr):
-    """Code slot ``I`` of each unit minus ``zero`` as exact float32 (``w1``/``w2``: 3-bit planes)."""
+def _slot(w0, w1, w2, zero, I: tl.constexpr, BITS: tl.constexpr, rz):
+    """Code slot ``I`` of each unit minus ``zero`` as exact float32 (``w1``/``w2``: 3-bit planes;
+    ``rz``: 0, see :func:`_magic`)."""
     if BITS == 3:
         if I < 30:
             if I < 10:
@@ -56,9 +58,9 @@ def _slot(w0, w1, w2, zero, I: tl.constexpr, BITS: tl.constexpr):
             else:
                 w = w2
             if (I % 10) * 3 <= 20:
-                v = _magic(w, (I % 10) * 3, 3, 0) - ((1 << (23 - (I % 10) * 3)) + zero)
+                v = _magic(w, (I % 10) * 3, 3, rz) - ((1 << (23 - (I % 10) * 3)) + zero)
             else:
-                v = _magic(w >> 16, (I % 10) * 3 - 16, 3, 0) - ((1 << (39 - (I % 10) * 3)) + zero)
+                v = _magic(w >> 16, (I % 10) * 3 - 16, 3, rz) - ((1 << (39 - (I % 10) * 3)) + zero)
         else:
             if I == 30:
                 lo = (w0 >> 30) & 3
@@ -66,13 +68,39 @@ def _slot(w0, w1, w2, zero, I: tl.constexpr, BITS: tl.constexpr):
             else:
                 lo = (w1 >> 30) & 3
                 hi = (w2 >> 29) & 4
-            v = _magic(lo | hi, 0, 3, 0) - ((1 << 23) + zero)
+            v = _magic(lo | hi, 0, 3, rz) - ((1 << 23) + zero)
     else:
         if I * BITS + BITS <= 23:
-            v = _magic(w0, I * BITS, BITS, 0) - ((1 << (23 - I * BITS)) + zero)
+            v = _magic(w0, I * BITS, BITS, rz) - ((1 << (23 - I * BITS)) + zero)
         else:
-            v = _magic(w0 >> 16, I * BITS - 16, BITS, 0) - ((1 << (39 - I * BITS)) + zero)
+            v = _magic(w0 >> 16, I * BITS - 16, BITS, rz) - ((1 << (39 - I * BITS)) + zero)
     return v
+
+
+@triton.jit
+def _tile(w0, w1, w2, zero, I0: tl.constexpr, NS: tl.constexpr, BITS: tl.constexpr, rz):
+    """Slots ``I0 .. I0+NS-1`` (NS a power of two) as ``[BLOCK_N, 16, 2, ..., 2]`` float32 (joined
+    halves: the last dim splits the slots in two, the next-to-last each half, ...)."""
+    if NS == 1:
+        return _slot(w0, w1, w2, zero, I0, BITS, rz)
+    else:
+        return tl.join(_tile(w0, w1, w2, zero, I0, NS // 2, BITS, rz),
+                       _tile(w0, w1, w2, zero, I0 + NS // 2, NS // 2, BITS, rz))
+
+
+@triton.jit
+def _slots_tile(w0, w1, w2, zero, I0: tl.constexpr, NS: tl.constexpr, BITS: tl.constexpr, rz):
+    """Slots ``I0 .. I0+NS-1`` as one ``[BLOCK_N, 16 * NS]`` tile whose column ``c`` is input column
+    ``I0 * 16 + c`` of the block (slot-major, NS <= 8): one ``tl.dot`` with K = 16 * NS instead of
+    NS dots with K = 16, each of which costs a wgmma fence / arrive / wait on sm_90."""
+    t = _tile(w0, w1, w2, zero, I0, NS, BITS, rz)
+    if NS == 8:
+        t = tl.permute(t, (0, 4, 3, 2, 1))
+    elif NS == 4:
+        t = tl.permute(t, (0, 3, 2, 1))
+    elif NS == 2:
+        t = tl.permute(t, (0, 2, 1))
+    return tl.reshape(t, (t.shape[0], 16 * NS))
 
 
 @triton.jit
@@ -241,8 +269,12 @@ def _dot_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """BLOCK_M activation rows x BLOCK_N outputs x one K split, on tensor cores (``out^T = W x^T``)."""
+    """BLOCK_M activation rows x BLOCK_N outputs x one K split, on tensor cores (``out^T = W x^T``).
+
+    A group's slots go to the MMA in chunks of NSC = min(IPG, 8) slots: one ``[BLOCK_N, 16 * NSC]``
+    weight tile (:func:`_slots_tile`) times the ``[16 * NSC, BLOCK_M]`` slice of ``x^T``."""
     SUB: tl.constexpr = 16
+    NSC: tl.constexpr = 8 if IPG > 8 else IPG
     ACT: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -252,10 +284,12 @@ def _dot_kernel(
     nmask = offs_n < N
     mmask = offs_m < M
     offs_j = tl.arange(0, SUB)
+    offs_c = tl.arange(0, SUB * NSC)
     b0 = pid_k * blocks_per_split
     b1 = tl.minimum(b0 + blocks_per_split, U // SUB)
     w_ptrs = qw_ptr + offs_n[:, None] * U + offs_j[None, :]
-    x_ptrs = x_ptr + offs_m[None, :] * K + offs_j[:, None]  # [SUB, BLOCK_M]: x^T slice
+    x_ptrs = x_ptr + offs_m[None, :] * K + offs_c[:, None]  # [SUB * NSC, BLOCK_M]: x^T slice
+    rz = N >> 31  # an opaque 0 (N >= 0): field masks live in registers, see _magic
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for b in range(b0, b1):
         w0, w1, w2 = _load_unit(w_ptrs + b * SUB, N * U, nmask[:, None], PLANES)
@@ -263,13 +297,14 @@ def _dot_kernel(
             szw = tl.load(sz_ptr + (b * GPB + gi) * N + offs_n, mask=nmask, other=0)
             s, z = _scale_zero(szw, ACT)
             d = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for ii in tl.static_range(IPG):
-                k0 = b * BK + (gi * IPG + ii) * SUB
+            for cc in tl.static_range(IPG // NSC):
+                i0 = gi * IPG + cc * NSC
+                k0 = b * BK + i0 * SUB
                 if EVEN_K:
                     xt = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
                 else:
-                    xt = tl.load(x_ptrs + k0, mask=mmask[None, :] & ((k0 + offs_j) < K)[:, None], other=0.0)
-                q = _slot(w0, w1, w2, z[:, None], gi * IPG + ii, BITS).to(ACT)
+                    xt = tl.load(x_ptrs + k0, mask=mmask[None, :] & ((k0 + offs_c) < K)[:, None], other=0.0)
+                q = _slots_tile(w0, w1, w2, z[:, None], i0, NSC, BITS, rz).to(ACT)
                 d = tl.dot(q, xt, d)
             acc += s[:, None] * d
     _finish(acc, offs_n, offs_m, M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr,
@@ -297,7 +332,7 @@ def _dequant_kernel(
         s, z = _scale_zero(szw, ACT)
         for ii in tl.static_range(IPG):
             k = b * BK + (gi * IPG + ii) * SUB + offs_j
-            v = _slot(w0, w1, w2, z[:, None], gi * IPG + ii, BITS) * s[:, None]
+            v = _slot(w0, w1, w2, z[:, None], gi * IPG + ii, BITS, 0) * s[:, None]
             dst = w_ptr + offs_n[:, None] * K + k[None, :]
             if EVEN_K:
                 tl.store(dst, v.to(ACT), mask=nmask[:, None])
