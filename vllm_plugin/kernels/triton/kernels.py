@@ -46,17 +46,24 @@ def _magic(w, P: tl.constexpr, NB: tl.constexpr, rz):
 
 
 @triton.jit
+def _plane_word(w0, w1, w2, I: tl.constexpr):
+    """The W3 plane holding code slot ``I < 30`` (slots 10p .. 10p+9 live in plane p). One return:
+    with a return in each branch the sm_90 dot loop grew from 4.84 to 6.34 instructions per weight."""
+    w = w0
+    if I >= 10:
+        w = w1
+    if I >= 20:
+        w = w2
+    return w
+
+
+@triton.jit
 def _slot(w0, w1, w2, zero, I: tl.constexpr, BITS: tl.constexpr, rz):
     """Code slot ``I`` of each unit minus ``zero`` as exact float32 (``w1``/``w2``: 3-bit planes;
     ``rz``: 0, see :func:`_magic`)."""
     if BITS == 3:
         if I < 30:
-            if I < 10:
-                w = w0
-            elif I < 20:
-                w = w1
-            else:
-                w = w2
+            w = _plane_word(w0, w1, w2, I)
             if (I % 10) * 3 <= 20:
                 v = _magic(w, (I % 10) * 3, 3, rz) - ((1 << (23 - (I % 10) * 3)) + zero)
             else:
@@ -127,12 +134,7 @@ def _slot_biased(w0, w1, w2, I: tl.constexpr, BITS: tl.constexpr, rz):
     """Code slot ``I`` of each unit as ``(2^e + code, 2^e)`` (see :func:`_biased`)."""
     if BITS == 3:
         if I < 30:
-            if I < 10:
-                w = w0
-            elif I < 20:
-                w = w1
-            else:
-                w = w2
+            w = _plane_word(w0, w1, w2, I)
             v, bias = _biased(w, (I % 10) * 3, 3, rz)
         else:  # codes 30 / 31 assembled at bit 12 (low two bits from plane 0 / 1, high bit from plane 2)
             if I == 30:
