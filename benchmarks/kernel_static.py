@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +42,7 @@ for p in (REPO, REPO / "benchmarks"):
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_static.py compiles real kernels: run it without TRITON_INTERPRET=1")
 
-import torch  # noqa: E402
+import kernels as kernel_bench  # noqa: E402  (benchmarks/kernels.py: shapes and goals; no GPU work at import)
 from _results import result_header, write_results  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -53,12 +52,9 @@ from vllm_plugin.kernels.triton.layout import effective_group, padded_k  # noqa:
 
 logger = logging.getLogger("kernel_static")
 
-# the shapes and goals of benchmarks/kernels.py (one Qwen2.5-VL-7B decoder layer), restated to keep this
-# script free of that one's GPU set-up: name -> (N, K, bias)
-LAYERS = {"qkv": (4608, 3584, True), "o": (3584, 3584, False), "gate_up": (37888, 3584, False),
-          "down": (3584, 18944, False)}
-TARGETS = {1: {4: 3.0, 3: 3.8, 2: 5.0}, 16: {4: 2.8, 3: 3.4, 2: 4.2}, 64: {4: 1.8, 3: 1.8, 2: 1.8},
-           256: {4: 0.95, 3: 0.95, 2: 0.95}}
+# the shapes and goals of benchmarks/kernels.py (one Qwen2.5-VL-7B decoder layer): name -> (N, K, bias)
+LAYERS = {name: (sum(parts), k, bias) for name, (parts, k, bias) in kernel_bench.LAYERS.items()}
+TARGETS = kernel_bench.TARGETS
 SMS, CLOCK_GHZ = 132, 1.98  # H100 SXM / H200: SMs, max boost clock
 HBM_TBS = {"H100": 3.35, "H200": 4.8}  # nominal
 GPU_NAME = "NVIDIA H100 80GB HBM3"  # whose tuned config file (if any) decides the launches
@@ -69,7 +65,7 @@ ALU_OPS = {"LOP3", "SHF", "IADD3", "PRMT", "ISETP", "SEL", "LEA", "PLOP3", "FSEL
 
 def loop_iterations(launch) -> int:
     """Main-loop iterations over all programs of a gemv / dot launch."""
-    meta, (m, n, k, u, bps, n_split) = launch.meta, launch.args[7:13]
+    meta, m, u, bps, n_split = launch.meta, launch.args[7], launch.args[10], launch.args[11], launch.args[12]
     nblk = u // 16
     per_split = [min(bps, nblk - s * bps) for s in range(n_split)]
     if "BLOCKS_PER_ITER" in meta:  # gemv: grid (n tiles, splits, rows)
@@ -90,13 +86,11 @@ def moved_bytes(bits: int, n: int, k: int, m: int, bias: bool, n_split: int) -> 
 
 def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, arch: int) -> dict:
     launch = aot.meta_launch(bits, n, k, m, cfg, bias, GROUP)
-    if cfg.path == "dequant":  # prefill: dequantize + cuBLAS; the loop analysis does not apply
-        compiled = aot.compile_launch(launch, arch)
-        use = aot.resource_usage(compiled)
-        return dict(path="dequant", cfg=cfg.to_dict(), registers=use.registers, spills=use.spills,
-                    shared=use.dynamic_shared + use.static_shared)
     compiled = aot.compile_launch(launch, arch)
     use = aot.resource_usage(compiled)
+    if cfg.path == "dequant":  # prefill: dequantize + cuBLAS; the loop analysis does not apply
+        return dict(path="dequant", cfg=cfg.to_dict(), registers=use.registers, spills=use.spills,
+                    shared=use.dynamic_shared + use.static_shared)
     loop = aot.hot_loop(aot.sass(compiled))
     base = collections.Counter(op.split(".")[0] for op in loop)
     loads = collections.Counter(op for op in loop if op.startswith(("LDG.", "LDGSTS.")))
@@ -111,7 +105,7 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
         path=cfg.path, cfg=cfg.to_dict(), grid=list(launch.grid), n_split=n_split,
         registers=use.registers, spills=use.spills, shared=use.dynamic_shared + use.static_shared,
         loop_instr=len(loop), weights_per_thread_iter=weights_per_iter / (32 * warps),
-        instr_per_weight=len(loop) * warps * 32 / weights_per_iter,
+        instr_per_weight=aot.instructions_per_weight(launch, loop),
         loads={op: c for op, c in sorted(loads.items())},
         mix={op: c for op, c in base.most_common(12)},
         issue_us=warp_instr / (4 * rate), alu_us=alu_instr / (2 * rate),
@@ -204,23 +198,38 @@ def run_sweep(bits_list: list[int], arch: int) -> tuple[list[str], list[dict]]:
     return lines, recs
 
 
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", type=int, default=aot.H100_ARCH, help="compute capability x10 (90: H100/H200)")
-    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 256], help="activation rows")
+    ap.add_argument("--arch", type=int, default=aot.H100_ARCH, choices=(80, 86, 89, 90),
+                    help="compute capability x10 (90: H100/H200; the plugin needs >= 80)")
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], choices=(2, 3, 4))
+    ap.add_argument("--m", type=positive_int, nargs="+", default=[1, 16, 64, 256], help="activation rows")
     ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     ap.add_argument("--sweep", action="store_true", help="also compare decode (M=1) launch configs on o_proj")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run(args)
+    except aot.AotUnavailable as e:
+        sys.exit(f"cannot compile for sm_{args.arch} here: {e}")
+
+
+def run(args: argparse.Namespace) -> None:
     records = []
     jobs = [(layer, bits, m) for bits in args.bits for m in args.m for layer in args.layers]
     for layer, bits, m in tqdm(jobs, desc=f"compile sm_{args.arch}"):
         n, k, bias = LAYERS[layer]
         cfg = default_launch(bits, n, k, m)
-        if cfg.path == "dot":
+        if cfg.path == "dot":  # what plan_launch will do to a tuned entry, so the table shows it
             cfg = fit_smem(cfg, bits)
         records.append(dict(layer=layer, N=n, K=k, M=m, bits=bits, **analyse(bits, n, k, m, cfg, bias, args.arch)))
     sum_lines, sums = decoder_sums(records)

@@ -54,7 +54,7 @@ def _worker() -> None:
             if cfg.path != "dequant":
                 loop = aot.hot_loop(aot.sass(compiled))
                 res["loop"] = len(loop)
-                res["instr_per_weight"] = len(loop) * launch.meta["num_warps"] * 32 / aot.weights_per_iteration(launch)
+                res["instr_per_weight"] = aot.instructions_per_weight(launch, loop)
                 res["loads"] = sorted({op for op in loop if op.startswith(("LDG.", "LDGSTS."))})
         except aot.AotUnavailable as e:
             res = {"name": name, "unavailable": str(e)}

@@ -104,6 +104,12 @@ def weights_per_iteration(launch: KernelLaunch) -> int:
     return per_block * launch.meta.get("BLOCKS_PER_ITER", 1)
 
 
+def instructions_per_weight(launch: KernelLaunch, loop: list[str]) -> float:
+    """SASS instructions issued per weight by the main loop ``loop`` (:func:`hot_loop`) of ``launch``:
+    per-thread loop length x threads per program / weights per iteration."""
+    return len(loop) * launch.meta["num_warps"] * 32 / weights_per_iteration(launch)
+
+
 def _tool(name: str) -> Path:
     import triton
 
@@ -154,9 +160,9 @@ _LABEL = re.compile(r"^(\.L\w+):")
 
 
 def hot_loop(sass_text: str) -> list[str]:
-    """Opcodes (with modifiers, e.g. ``LDG.E.128``) of the innermost-widest loop: the backward
-    branch spanning the most instructions, i.e. the kernel's main K loop (everything in the loop
-    body is unrolled by ``tl.static_range``). Empty if the kernel has no loop."""
+    """Opcodes (with modifiers, e.g. ``LDG.E.128``) of the loop closed by the backward branch that
+    spans the most instructions: the kernel's main K loop (its body is unrolled by
+    ``tl.static_range``, so it is by far the longest). Empty if the kernel has no loop."""
     addrs, ops, labels = [], [], {}
     pending: list[str] = []
     for line in sass_text.splitlines():

@@ -242,7 +242,9 @@ def _gemv_kernel(
                 szw = tl.load(sz_ptr + (b * GPB + gi) * N + offs_n, mask=smask, other=0)
                 s, z = _scale_zero(szw, ACT)
                 # per group, for this thread's columns j: xs = sum_i x, xb = sum_i 2^e_i x (row-independent);
-                # part starts at -(xb + z xs) so that after the slots part = sum_i (code_i - z) x
+                # part starts at -(xb + z xs) so that after the slots part = sum_i (code_i - z) x. The two
+                # passes read the same x slices and fields: the compiler merges the loads and drops the
+                # unused values (the sm_90 SASS has one x load per slot)
                 xs = tl.zeros([SUB], dtype=tl.float32)
                 xb = tl.zeros([SUB], dtype=tl.float32)
                 for ii in tl.static_range(IPG):
