@@ -60,29 +60,11 @@ def step(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
 
-def dequantize_into(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
-    """Set every linear that ``checkpoint`` quantizes to its dequantized values (in the checkpoint's
-    dtype, exactly what a server computes with), in place; returns ``model``."""
-    from vlmptq.checkpoint.naming import module_disk_names
-    from vlmptq.checkpoint.reader import open_checkpoint
-
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    on_disk = {d: n for n, d in module_disk_names(model, linears, model.state_dict().keys()).items()}
-    ckpt = open_checkpoint(checkpoint)
-    missing = sorted(set(ckpt.layers) - set(on_disk))
-    if missing:
-        raise RuntimeError(f"{checkpoint} quantizes modules {missing[:3]} that the model does not have")
-    with torch.no_grad():
-        for name in ckpt.layers:
-            linears[on_disk[name]].weight.copy_(ckpt.quantized_weight(name).dequantize(torch.float32))
-    return model
-
-
 def quality_row(model_dir: Path, checkpoint: Path, n_photos: int, label: str, method: str, scheme: str) -> str:
     from transformers import AutoProcessor
 
     from vlmptq.calib import BUILTIN_HOLDOUT
-    from vlmptq.demo.evaluate import EVAL_QUESTIONS, kl_samples, mean_kl, reference_logprobs
+    from vlmptq.demo.evaluate import EVAL_QUESTIONS, dequantize_into, kl_samples, mean_kl, reference_logprobs
     from vlmptq.models.adapters import load_model
 
     processor = AutoProcessor.from_pretrained(model_dir)

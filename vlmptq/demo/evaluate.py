@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -101,3 +102,21 @@ def mean_kl(model: torch.nn.Module, samples: Sequence[KLSample], reference: Sequ
         total += (ref.exp() * (ref - lp)).sum().item()
         count += ref.shape[0]
     return total / max(count, 1)
+
+
+def dequantize_into(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
+    """Set every linear that ``checkpoint`` quantizes to its dequantized values (in the checkpoint's
+    dtype, exactly what a server computes with), in place; returns ``model``."""
+    from vlmptq.checkpoint.naming import module_disk_names
+    from vlmptq.checkpoint.reader import open_checkpoint
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    on_disk = {d: n for n, d in module_disk_names(model, linears, model.state_dict().keys()).items()}
+    ckpt = open_checkpoint(checkpoint)
+    missing = sorted(set(ckpt.layers) - set(on_disk))
+    if missing:
+        raise RuntimeError(f"{checkpoint} quantizes modules {missing[:3]} that the model does not have")
+    with torch.no_grad():
+        for name in ckpt.layers:
+            linears[on_disk[name]].weight.copy_(ckpt.quantized_weight(name).dequantize(torch.float32))
+    return model
