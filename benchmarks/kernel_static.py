@@ -19,7 +19,7 @@ speed-up over bf16 each bound allows (bf16 taken as purely memory-bound at the s
 bounds from static code, not measurements: only ``benchmarks/kernels.py`` on the card times anything.
 
 Writes ``benchmarks/results/kernels-static-sm<arch>-<date>.{json,md}``. ``--sweep`` adds a search over
-decode (M=1) launch configs per bits and prints the ones with the lowest issue bound.
+launch configs (tile sizes, warps, pipeline depth) on o_proj at each ``--m``, ranked by the issue bound.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from _results import result_header, write_results  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from vllm_plugin.kernels.triton import aot  # noqa: E402
-from vllm_plugin.kernels.triton.configs import KernelConfig, fit_smem, select_config  # noqa: E402
+from vllm_plugin.kernels.triton.configs import KernelConfig, default_config, fit_smem, select_config  # noqa: E402
 from vllm_plugin.kernels.triton.layout import effective_group, padded_k  # noqa: E402
 
 logger = logging.getLogger("kernel_static")
@@ -64,21 +64,18 @@ ALU_OPS = {"LOP3", "SHF", "IADD3", "PRMT", "ISETP", "SEL", "LEA", "PLOP3", "FSEL
 
 
 def loop_iterations(launch) -> int:
-    """Main-loop iterations over all programs of a gemv / dot launch."""
-    meta, m, u, bps, n_split = launch.meta, launch.args[7], launch.args[10], launch.args[11], launch.args[12]
+    """Main-loop iterations over all programs of an MMA-kernel launch (grid: n tiles, m tiles, splits)."""
+    u, bps, n_split = launch.args[10], launch.args[11], launch.args[12]
     nblk = u // 16
     per_split = [min(bps, nblk - s * bps) for s in range(n_split)]
-    if "BLOCKS_PER_ITER" in meta:  # gemv: grid (n tiles, splits, rows)
-        bpi = meta["BLOCKS_PER_ITER"]
-        return launch.grid[0] * m * sum(math.ceil(b / bpi) for b in per_split)
-    return launch.grid[0] * launch.grid[1] * sum(per_split)  # dot: grid (n tiles, m tiles, splits)
+    return launch.grid[0] * launch.grid[1] * sum(per_split)
 
 
 def moved_bytes(bits: int, n: int, k: int, m: int, bias: bool, n_split: int) -> int:
     """Bytes a decode GEMM must move at least: packed weights, scale/zero words, x, y (+ split-K partials)."""
     kp = padded_k(k, bits)
     weights = n * kp * bits // 8
-    sz = n * (kp // effective_group(GROUP, bits)) * 4
+    sz = n * (kp // effective_group(GROUP, k)) * 4
     act = 2 * m * (k + n) + (2 * n if bias else 0)
     partial = 2 * 4 * m * n * n_split if n_split > 1 else 0
     return weights + sz + act + partial
@@ -114,7 +111,7 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
 
 
 def default_launch(bits: int, n: int, k: int, m: int) -> KernelConfig:
-    return select_config(GPU_NAME, bits, effective_group(GROUP, bits), n, k, m, SMS)
+    return select_config(GPU_NAME, bits, effective_group(GROUP, k), n, k, m, SMS)
 
 
 def fmt_loads(loads: dict) -> str:
@@ -131,8 +128,7 @@ def layer_table(records: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         c = r["cfg"]
-        short = f"bn{c['block_n']}" + (f" bm{c['block_m']}" if r["path"] == "dot" else f" bpi{c['blocks_per_iter']}") \
-            + f" w{c['num_warps']} s{c['num_stages']} split{r.get('n_split', 1)}"
+        short = f"bn{c['block_n']} bm{c['block_m']} w{c['num_warps']} s{c['num_stages']} split{r.get('n_split', 1)}"
         if r["path"] == "dequant":
             lines.append(f"| {r['layer']} | {r['bits']} | {r['M']} | dequant | bn{c['block_n']} w{c['num_warps']} "
                          f"| {r['registers']} | {r['spills']} | | | | | | |")
@@ -172,29 +168,33 @@ def decoder_sums(records: list[dict]) -> tuple[list[str], list[dict]]:
     return lines, sums
 
 
-def sweep_configs(bits: int) -> list[KernelConfig]:
-    """Decode launch shapes worth comparing: rows per thread (block_n / 8 per warp) x blocks per iteration."""
+def sweep_configs(bits: int, m: int) -> list[KernelConfig]:
+    """MMA-kernel launch shapes worth comparing at M: tile width x warps x pipeline depth (the M tile
+    follows M as in the default heuristic; shapes whose buffers do not fit shared memory are left out)."""
+    bm = default_config(bits, GROUP, 3584, 3584, m).block_m
     out = []
-    for bn, warps, bpi in itertools.product((16, 32, 64, 128), (1, 2, 4), (1, 2)):
-        if bn < 8 * warps:  # fewer rows than one per thread-row of the layout
-            continue
-        out.append(KernelConfig("gemv", block_n=bn, blocks_per_iter=bpi, num_warps=warps, num_stages=1, split_k=4))
+    for bn, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4)):
+        cfg = KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages, split_k=4)
+        if fit_smem(cfg, bits) == cfg and bn * bm <= 256 * 64 * (warps // 4):
+            out.append(cfg)
     return out
 
 
-def run_sweep(bits_list: list[int], arch: int) -> tuple[list[str], list[dict]]:
+def run_sweep(bits_list: list[int], ms: list[int], arch: int) -> tuple[list[str], list[dict]]:
     n, k, bias = LAYERS["o"]
     recs = []
-    jobs = [(b, c) for b in bits_list for c in sweep_configs(b)]
-    for bits, cfg in tqdm(jobs, desc="sweep (M=1, o_proj)"):
-        r = analyse(bits, n, k, 1, cfg, bias, arch)
-        recs.append(dict(bits=bits, **r))
-    lines = ["| bits | block_n | warps | blocks/iter | regs | spills | loop instr | instr/weight | loads |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(recs, key=lambda r: (r["bits"], r["instr_per_weight"])):
+    jobs = [(b, m, c) for b in bits_list for m in ms if m <= 256 for c in sweep_configs(b, m)]
+    for bits, m, cfg in tqdm(jobs, desc="sweep (o_proj)"):
+        r = analyse(bits, n, k, m, cfg, bias, arch)
+        r["instr_per_weight_all_m"] = r["instr_per_weight"] * math.ceil(m / cfg.block_m)  # M tiles re-dequantize
+        recs.append(dict(bits=bits, M=m, **r))
+    lines = ["| bits | M | block_n | block_m | warps | stages | regs | spills | smem KiB | loop instr "
+             "| instr/weight (x M tiles) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(recs, key=lambda r: (r["bits"], r["M"], r["spills"], r["instr_per_weight_all_m"])):
         c = r["cfg"]
-        lines.append(f"| {r['bits']} | {c['block_n']} | {c['num_warps']} | {c['blocks_per_iter']} | {r['registers']} "
-                     f"| {r['spills']} | {r['loop_instr']} | {r['instr_per_weight']:.2f} | {fmt_loads(r['loads'])} |")
+        lines.append(f"| {r['bits']} | {r['M']} | {c['block_n']} | {c['block_m']} | {c['num_warps']} | {c['num_stages']} "
+                     f"| {r['registers']} | {r['spills']} | {r['shared'] / 1024:.0f} | {r['loop_instr']} "
+                     f"| {r['instr_per_weight_all_m']:.2f} |")
     return lines, recs
 
 
@@ -213,7 +213,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], choices=(2, 3, 4))
     ap.add_argument("--m", type=positive_int, nargs="+", default=[1, 16, 64, 256], help="activation rows")
     ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
-    ap.add_argument("--sweep", action="store_true", help="also compare decode (M=1) launch configs on o_proj")
+    ap.add_argument("--sweep", action="store_true", help="also compare launch configs on o_proj at each --m")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -242,8 +242,8 @@ def run(args: argparse.Namespace) -> None:
     extra = {"arch": args.arch, "sms": SMS, "clock_ghz": CLOCK_GHZ, "hbm_tbs": HBM_TBS, "sums": sums,
              "triton": __import__("triton").__version__}
     if args.sweep:
-        sweep_lines, sweep = run_sweep(args.bits, args.arch)
-        md += ["", "## Decode config sweep (o_proj 3584x3584, M=1)", "", *sweep_lines]
+        sweep_lines, sweep = run_sweep(args.bits, args.m, args.arch)
+        md += ["", "## Launch config sweep (o_proj 3584x3584)", "", *sweep_lines]
         extra["sweep"] = sweep
     print("\n".join(md))
     header = dict(result_header(), machine=f"sm_{args.arch} (static, compiled on the CPU)")

@@ -433,27 +433,17 @@ def candidates(bits: int, n: int, k: int, m: int, sms: int, dry: bool) -> list[K
     if dry:
         alt = replace(base, split_k=max(1, base.split_k // 2)) if base.path != "dequant" else base
         return list(dict.fromkeys([base, alt]))
-    if m <= 2:  # a diverse dozen around the default (the list is cut at --max-candidates)
-        def gv(**kw):
+    if m <= 64:  # a diverse dozen around the default (the list is cut at --max-candidates)
+        def near(**kw):  # keep the number of programs about the same as the default's
             bn = kw.get("block_n", base.block_n)
-            return replace(base, **{"split_k": max(1, round(base.split_k * bn / base.block_n)), **kw})
+            return fit_smem(replace(base, **{"split_k": max(1, round(base.split_k * bn / base.block_n)), **kw}), bits)
 
-        # rows per thread = block_n / (8 * num_warps): fewer instructions per weight with more rows
-        # (kernel_static.py), more registers
-        out += [gv(num_stages=2), gv(num_stages=3), gv(blocks_per_iter=2),
-                gv(block_n=128, num_warps=2), gv(block_n=64, num_warps=1), gv(block_n=32, num_warps=1),
-                gv(block_n=128, num_warps=4), gv(block_n=32, num_warps=4),
-                gv(split_k=max(1, base.split_k * 2)), gv(split_k=max(1, base.split_k // 2)),
-                gv(block_n=128, num_warps=2, num_stages=2),
-                default_config(bits, group, n, k, 16, sms)]  # tensor cores at M=1
-    elif m <= 64:
-        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        for bn, warps, stages in ((32, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3),
-                                  (32, 4, 2), (128, 4, 2)):
-            out.append(fit_smem(replace(base, block_n=bn, block_m=bm, num_warps=warps, num_stages=stages), bits))
+        # more rows per thread (block_n / num_warps) = fewer instructions per weight (kernel_static.py)
+        # and more registers; deeper pipelines hide more memory latency
+        for bn, warps, stages in ((128, 4, 2), (128, 4, 4), (256, 8, 2), (256, 8, 3), (64, 4, 2), (64, 4, 3),
+                                  (128, 8, 2), (128, 8, 3), (64, 4, 4)):
+            out.append(near(block_n=bn, num_warps=warps, num_stages=stages))
         out += [replace(base, split_k=max(1, base.split_k * 2)), replace(base, split_k=max(1, base.split_k // 2))]
-        if m <= 4:
-            out.append(default_config(bits, group, n, k, 1, sms))
     else:
         for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 256, 8), (128, 256, 8)):
             for stages in (2, 3):

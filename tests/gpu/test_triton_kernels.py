@@ -102,12 +102,12 @@ def test_fp16(bits, m):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("cfg", [
-    dict(path="gemv", block_n=16, blocks_per_iter=4, split_k=3),
-    dict(path="gemv", block_n=64, blocks_per_iter=1, split_k=1, num_warps=8),
     dict(path="dot", block_n=32, block_m=16, split_k=4),
+    dict(path="dot", block_n=64, block_m=16, num_warps=4, num_stages=4),
     dict(path="dot", block_n=128, block_m=32, num_warps=8, num_stages=2),
+    dict(path="dot", block_n=128, block_m=128, num_warps=8, num_stages=1),
     dict(path="dequant", block_n=32),
-], ids=["gemv-split", "gemv-wide", "dot-split", "dot-big", "dequant"])
+], ids=["dot-split", "dot-deep", "dot-big", "dot-tall", "dequant"])
 def test_every_path(bits, cfg):
     from vllm_plugin.kernels.triton.configs import KernelConfig
 
@@ -121,8 +121,14 @@ def test_real_shape_down_proj(bits):
         _run(3584, 18944, bits, 128, False, m, bias=False)
 
 
-def test_per_channel_scales():
-    _run(96, 512, 3, 512, False, 2)
+@pytest.mark.parametrize("k", [512, 200])
+def test_per_channel_scales(k):
+    _run(96, k, 3, k, False, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_group_of_three_tiles(dtype):
+    _run(96, 384, 4, 96, False, 3, dtype=dtype)
 
 
 @pytest.mark.parametrize("m", [1, 16])
@@ -178,4 +184,4 @@ def test_can_implement_reasons():
     bad = WNA16LayerConfig(bits=8, group_size=24, symmetric=False, in_features=96, out_features=8,
                            act_dtype=torch.float32, device_type="cuda")
     ok, why = TritonWNA16Kernel.can_implement(bad)
-    assert not ok and "8-bit" in why and "float32" in why and "multiple of 16" in why
+    assert not ok and "8-bit" in why and "float32" in why and "multiple of 32" in why

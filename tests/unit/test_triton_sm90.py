@@ -1,7 +1,7 @@
 """The Triton kernels compile for sm_90 (H100/H200) on this CPU machine, and their SASS stays lean.
 
-What the interpreter tests cannot see: a kernel that fails to lower, spills registers, loads weights in
-pieces smaller than 128 bits, or grows its decode loop. Each case compiles the launch the plugin would
+What the interpreter tests cannot see: a kernel that fails to lower (the packed-FMA inline PTX is only
+compiled here), spills registers, loads weights in pieces smaller than 128 bits, or grows its loop. Each case compiles the launch the plugin would
 make (``vllm_plugin.kernels.triton.aot``: Triton's own LLVM and ptxas, a compile-only driver) and checks
 the cubin. The instruction ceilings are the sm_90 counts of 2026-11-28 plus ~10%
 (``benchmarks/kernel_static.py`` prints the full table); raising one needs a measured reason.
@@ -24,14 +24,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 # name, bits, group, N, K, M, bias, dtype, config (None: the default for the shape), max instr/weight
 CASES = [
-    ("gemv-w2-default", 2, 128, 3584, 3584, 1, False, "bfloat16", None, 3.9),
-    ("gemv-w3-default", 3, 128, 3584, 3584, 1, False, "bfloat16", None, 4.3),
-    ("gemv-w4-default", 4, 128, 3584, 3584, 1, False, "bfloat16", None, 4.1),
-    ("gemv-w3-g32-raggedK-bias-fp16", 3, 32, 4608, 3000, 1, True, "float16", None, None),
-    ("gemv-w4-bpi2-split", 4, 64, 3584, 18944, 1, False, "bfloat16",
-     dict(path="gemv", block_n=32, blocks_per_iter=2, num_warps=1, split_k=8), None),
-    ("dot-w3-m16-default", 3, 128, 3584, 3584, 16, False, "bfloat16", None, 5.3),
-    ("dot-w4-m64-default", 4, 128, 4608, 3584, 64, True, "bfloat16", None, 6.5),
+    ("dot-w2-m1-default", 2, 128, 3584, 3584, 1, False, "bfloat16", None, 3.0),
+    ("dot-w3-m1-default", 3, 128, 3584, 3584, 1, False, "bfloat16", None, 3.6),
+    ("dot-w4-m1-default", 4, 128, 3584, 3584, 1, False, "bfloat16", None, 3.3),
+    ("dot-w3-m1-g32-raggedK-bias-fp16", 3, 32, 4608, 3000, 1, True, "float16", None, None),
+    ("dot-w4-m1-g64-split", 4, 64, 3584, 18944, 1, False, "bfloat16",
+     dict(path="dot", block_n=64, block_m=16, num_warps=4, num_stages=4, split_k=8), None),
+    ("dot-w3-m16-default", 3, 128, 3584, 3584, 16, False, "bfloat16", None, 3.6),
+    ("dot-w4-m64-default-scaled", 4, 128, 4608, 3584, 64, True, "bfloat16", None, 4.1),
+    ("dot-w3-m256-default-scaled", 3, 128, 3584, 3584, 256, False, "bfloat16", None, 4.0),
     ("dot-w3-perchannel-m16", 3, 3584, 3584, 3584, 16, False, "float16", None, None),
     ("dequant-w2-m300", 2, 64, 3584, 3584, 300, False, "bfloat16", None, None),
 ]

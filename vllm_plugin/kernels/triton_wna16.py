@@ -6,21 +6,21 @@ Checkpoint layout handed to :meth:`TritonWNA16Kernel.prepare` (see :mod:`vllm_pl
     weight_zero_point  int32 [ceil(N*b/32), K/g] packed along N; None for symmetric (z = 2^(b-1))
 
 Kernel layout (what ``prepare`` returns; details in :mod:`vllm_plugin.kernels.triton.layout`):
-    qweight  int32 [PLANES, N, U]  "K-interleaved units". A unit is one word (b = 2: 16 codes,
-             b = 4: 8 codes) or three words, one per plane (b = 3: 32 codes in 96 bits; codes 0-9 /
-             10-19 / 20-29 at 3-bit fields of planes 0 / 1 / 2, codes 30 and 31 split over the top
-             two bits of all planes). K is cut into blocks of 16 units (128 / 256 / 512 columns for
-             b = 4 / 2 / 3, zero-padded); code i of unit j of block t is column t*16*VPW + i*16 + j,
-             so one code slot of a 16-unit (64-byte) row segment covers 16 consecutive columns.
+    qweight  int32 [PLANES, N, U]  "lane-paired units". A unit is one word (b = 2: 16 codes, b = 4:
+             8 codes) or three words, one per plane (b = 3: 32 codes in 96 bits). A word is two
+             16-bit lanes; the fields at one position of both lanes are neighbouring columns, so
+             one mask-and-or makes a packed pair of 16-bit floats. K is cut into blocks of 16 units
+             (128 / 256 / 512 columns for b = 4 / 2 / 3, zero-padded) and each block into 32-column
+             tiles: field position t of unit j, lane l is column 32*t + 2*j + l of the block.
     sz       int32 [K_pad/ge, N]   per (effective group, channel): scale in the low half and zero
-             point in the high half, both act-dtype bit patterns; group-major. ``ge`` = gcd(g,
-             block columns) (e.g. per-channel scales are repeated per block).
+             point in the high half, both act-dtype bit patterns; group-major. ``ge`` = 32, 64 or
+             128 columns (per-channel scales are repeated per 128-column piece).
     locks    int32 [65536]         split-K counters, shared by all layers of a device, always 0
              between launches.
 
 Dispatch by M (tuned per GPU in ``vllm_plugin/kernels/configs/*.json``, defaults otherwise):
-``gemv`` (decode, CUDA cores, split-K), ``dot`` (tl.dot tiles, split-K when the grid is small),
-``dequant`` (large prefill: dequantize to act dtype, then cuBLAS). See docs/kernels.md.
+``dot`` (fused dequant + tensor cores for M <= 256, decode included; split-K when the grid is
+small), ``dequant`` (large prefill: dequantize to act dtype, then cuBLAS). See docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 
 from vllm_plugin.kernels.base import WNA16Kernel, WNA16LayerConfig
 from vllm_plugin.kernels.triton import ops as _ops  # registers torch.ops.vlmptq.wna16_gemm (no triton import)
+from vllm_plugin.kernels.triton.layout import TILE
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ class TritonWNA16Kernel(WNA16Kernel):
         g, k = config.group_size, config.in_features
         if g <= 0 or k % g:
             reasons.append(f"group size {g} does not divide in_features {k}")
-        elif g % 16:
-            reasons.append(f"group size {g} is not a multiple of 16")
+        elif g < k and g % TILE:
+            reasons.append(f"group size {g} is not a multiple of {TILE} (nor per-channel)")
         if config.out_features <= 0 or k <= 0:
             reasons.append(f"empty partition ({config.out_features} x {k})")
         if config.device_type != "cuda":

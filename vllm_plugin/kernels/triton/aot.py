@@ -78,7 +78,7 @@ def compile_launch(launch: KernelLaunch, arch: int = H100_ARCH):
     """The ``CompiledKernel`` (``.asm["cubin"]``, ``.asm["ptx"]``, ``.metadata``) of ``launch``."""
     from vllm_plugin.kernels.triton import kernels
 
-    if not hasattr(launch.kernel, "warmup") or not hasattr(kernels._gemv_kernel, "device_caches"):
+    if not hasattr(launch.kernel, "warmup") or not hasattr(kernels._mma_kernel, "device_caches"):
         raise AotUnavailable("the kernels are interpreted (TRITON_INTERPRET=1 at import); "
                              "compile in a process without it")
     with _compile_only(arch):
@@ -88,7 +88,7 @@ def compile_launch(launch: KernelLaunch, arch: int = H100_ARCH):
 def meta_launch(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool = False, group: int = 128,
                 dtype: torch.dtype = torch.bfloat16) -> KernelLaunch:
     """The launch :func:`ops.launch` makes for this shape and ``cfg``, built on meta tensors."""
-    kp, ge = padded_k(k, bits), effective_group(group, bits)
+    kp, ge = padded_k(k, bits), effective_group(group, k)
     q = torch.empty((planes(bits), n, kp // codes_per_unit(bits)), dtype=torch.int32, device="meta")
     sz = torch.empty((kp // ge, n), dtype=torch.int32, device="meta")
     x = torch.empty((m, k), dtype=dtype, device="meta")
@@ -99,9 +99,8 @@ def meta_launch(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool
 
 
 def weights_per_iteration(launch: KernelLaunch) -> int:
-    """Weights one iteration of one program's main K loop covers (gemv / dot kernels)."""
-    per_block = launch.meta["BLOCK_N"] * launch.meta["BK"]
-    return per_block * launch.meta.get("BLOCKS_PER_ITER", 1)
+    """Weights one iteration of one program's main K loop covers (one layout block of BLOCK_N rows)."""
+    return launch.meta["BLOCK_N"] * launch.meta["BK"]
 
 
 def instructions_per_weight(launch: KernelLaunch, loop: list[str]) -> float:

@@ -5,7 +5,7 @@ of non-alphanumerics replaced by ``_``, e.g. ``NVIDIA_H200.json``), or the direc
 ``VLMPTQ_TRITON_CONFIG_DIR`` (searched first). Written by ``benchmarks/kernels.py --tune``::
 
     {"gpu": "NVIDIA H200", "triton": "3.6.0", "date": "...",
-     "configs": {"w4g128:4608x3584": {"1": {"path": "gemv", "block_n": 32, ...}, "16": {...}}}}
+     "configs": {"w4g128:4608x3584": {"1": {"path": "dot", "block_n": 128, ...}, "16": {...}}}}
 
 Keys: ``w<bits>g<effective group>:<N>x<K>`` (tried first) or ``w<bits>:<N>x<K>``; inside, the
 M-bucket (the smallest listed M >= the call's M, else the largest listed). Unknown fields are an
@@ -23,13 +23,13 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from vllm_plugin.kernels.triton.layout import block_values, codes_per_unit, padded_k, planes
+from vllm_plugin.kernels.triton.layout import block_values, padded_k, planes
 
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_DIR_ENV = "VLMPTQ_TRITON_CONFIG_DIR"
-PATHS = ("gemv", "dot", "dequant")
+PATHS = ("dot", "dequant")
 SMEM_BUDGET = 192 * 1024  # bytes of pipelined buffers we allow (H100/H200: 227 KiB per block; a config
 # that still does not fit falls back at its first launch, see ops.launch)
 
@@ -38,18 +38,17 @@ SMEM_BUDGET = 192 * 1024  # bytes of pipelined buffers we allow (H100/H200: 227 
 class KernelConfig:
     """How one GEMM call is launched."""
 
-    path: str  # "gemv" (CUDA cores, per activation row), "dot" (tensor cores), "dequant" (+cuBLAS)
+    path: str  # "dot" (fused dequant + tensor cores, any M), "dequant" (dequantize, then cuBLAS)
     block_n: int = 32  # output channels per program
     block_m: int = 16  # activation rows per program ("dot" only; >= 16)
-    blocks_per_iter: int = 1  # layout blocks loaded per loop iteration ("gemv" only)
     split_k: int = 1  # programs sharing one output tile along K (upper bound; fewer if K is short)
     num_warps: int = 4
-    num_stages: int = 2  # software-pipelining depth (gemv: of its block loop; 1 = none)
+    num_stages: int = 2  # software-pipelining depth of the block loop (1 = none)
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
             raise ValueError(f"config path must be one of {PATHS}, got {self.path!r}")
-        for name in ("block_n", "block_m", "blocks_per_iter", "num_warps"):
+        for name in ("block_n", "block_m", "num_warps"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"config {name} must be a power of two >= 1, got {v}")
@@ -112,34 +111,40 @@ def _split_for(tiles: int, nblk: int, num_sms: int, waves: int, min_blocks: int)
     return max(1, min(math.ceil(waves * num_sms / tiles), nblk // min_blocks))
 
 
+# default (block_n, num_warps, num_stages) by M tile and bits: the lowest sm_90 SASS instructions per
+# weight without spills among 2-3 stage pipelines (benchmarks/kernel_static.py --sweep, 2026-11-28).
+# More rows per thread (block_n / num_warps) = fewer instructions per weight and more registers; W3's
+# 512-column blocks need the most shared memory (its 128-row M tile fits one stage only).
+DEFAULT_TILES = {
+    16: {2: (128, 4, 3), 3: (128, 8, 2), 4: (128, 4, 3)},
+    32: {2: (128, 4, 3), 3: (128, 8, 2), 4: (128, 4, 3)},
+    64: {2: (128, 8, 2), 3: (64, 4, 2), 4: (128, 4, 2)},
+    128: {2: (128, 8, 2), 3: (128, 8, 1), 4: (128, 8, 2)},
+}
+
+
 def default_config(bits: int, group: int, n: int, k: int, m: int, num_sms: int = 132) -> KernelConfig:
     """Heuristic launch for a shape with no tuned entry (numbers chosen for H100/H200-class GPUs)."""
     nblk = padded_k(k, bits) // block_values(bits)
-    if m <= 2:
-        # 4 rows per thread (64 rows over 2 warps of 8x4 threads): x is loaded, converted and summed
-        # once per 4 rows; with 1 row per thread that costs ~1 instruction per weight
-        # (benchmarks/kernel_static.py, sm_90 SASS: W3 7.6 -> 3.9 instructions per weight with the
-        # kernel changes of 2026-11-28; 8 rows per thread is ~0.5 lower but needs ~255 registers)
-        bn = 64
-        return KernelConfig("gemv", block_n=bn, blocks_per_iter=1, num_warps=2, num_stages=1,
-                            split_k=_split_for(math.ceil(n / bn), nblk, num_sms, 4, 2))
     if m <= 256:
+        # decode included: M = 1 runs on tensor cores too (the MMA's N = 16 columns, 15 masked);
+        # per weight it issues fewer instructions than a CUDA-core GEMV (docs/kernels.md)
         bm = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
-        bn = 64 if m <= 64 else 128
-        warps = 4 if bm * bn <= 64 * 64 else 8
+        bn, warps, stages = DEFAULT_TILES[bm][bits]
         tiles = math.ceil(n / bn) * math.ceil(m / bm)
-        cfg = KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=3,
+        cfg = KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages,
                            split_k=_split_for(tiles, nblk, num_sms, 2, 2))
         return fit_smem(cfg, bits)
     return KernelConfig("dequant", block_n=32, num_warps=4)
 
 
 def smem_bytes(cfg: KernelConfig, bits: int) -> int:
-    """Rough shared memory of the pipelined dot loop: per stage, the activation slices + weights."""
+    """Rough shared memory of the pipelined loop: per stage, one block's activation slices + weights,
+    plus the dequantized group tile on its way to the MMA."""
     if cfg.path != "dot":
         return 0
-    per_stage = codes_per_unit(bits) * 16 * cfg.block_m * 2 + planes(bits) * cfg.block_n * 16 * 4
-    return cfg.num_stages * per_stage
+    per_stage = block_values(bits) * cfg.block_m * 2 + planes(bits) * cfg.block_n * 16 * 4
+    return cfg.num_stages * per_stage + cfg.block_n * 128 * 2
 
 
 def fit_smem(cfg: KernelConfig, bits: int) -> KernelConfig:

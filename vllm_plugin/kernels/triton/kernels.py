@@ -1,32 +1,34 @@
-"""Triton kernels for ``y = x @ dequant(W).T (+ bias)`` on the K-interleaved layout of :mod:`.layout`.
+"""Triton kernels for ``y = x @ dequant(W).T (+ bias)`` on the lane-paired layout of :mod:`.layout`.
 
-Three kernels share one inner step, "slot ``I`` of a block": from the 16 units of a block row take
-code slot ``I`` (16 consecutive input columns), turn it into exact float32 ``code - zero`` and use
-it with the matching 16 activations.
+Both kernels share one inner step, the *chunk tile* (:func:`_chunk_tile`): from the 16 units of a
+block row (int32 ``[BLOCK_N, 16]`` per plane) build ``code - zero`` (optionally times the scale) for
+a 128-column chunk (4 tiles; a group is 1, 2 or 4 tiles = ``TPG``) as a ``[BLOCK_N, 128]`` tensor in
+the activation dtype:
 
-* ``_gemv_kernel`` (decode, one activation row per program): CUDA-core FMAs, fp32 accumulators
-  ``[BLOCK_N, 16]``. Fields are read with a small bias (:func:`_biased`) and multiplied by x as they
-  are; per group, the bias and zero-point terms ``sum_i (2^e_i + z) x_i`` (row-independent sums of x,
-  times z) start the partial sum, and the scale multiplies it once.
-* ``_dot_kernel`` (batched decode to prefill): ``tl.dot`` of the dequantized ``[BLOCK_N, 16 * NSC]``
-  tile of up to 8 slots (joined and permuted into column order) with the matching ``x^T`` slice, i.e.
-  ``out^T = W x^T`` so small M sits in the MMA's N dimension; fp32 accumulators, per-group scaling
-  after the group's dots.
+1. per tile, one shift per word (shared by the tiles a shift serves) and one LOP3 per word,
+   ``(w >> S) & (mask << p) | MAGIC``: both lanes at once become the 16-bit floats ``B + code * 2^p``
+   (bf16: ``0x4300`` = 128, fp16: ``0x6400`` = 1024; ``p + b <= 7`` keeps the field in the mantissa);
+2. per tile, one packed FMA per word, ``v * 2^-p - (B / 2^p + zero)`` = ``code - zero`` (exact:
+   small integers), and a second one for the scale when the tile carries it. Inline PTX ``fma.rn.{bf16x2,f16x2}`` on the int32 word: Triton's own 16-bit
+   arithmetic reaches ptxas as scalar ops, which it paired across the wrong register halves (a
+   PRMT per pair in the sm_90 SASS). The Triton interpreter cannot run PTX; with ``INTERPRET``
+   the same arithmetic runs on the unpacked lanes in float32;
+3. join the tiles' words, permute them into column order and split each word into its lanes:
+   the pair of a word stays in its 32-bit register, so this is register renaming (the one
+   layout conversion left is to the MMA operand, through shared memory).
+
+Per weight: <= 0.5 shift, 0.5 LOP3, 0.5 FMA, the conversion and the MMA (sm_90 SASS counts from
+``benchmarks/kernel_static.py``).
+
+* ``_mma_kernel`` (decode to prefill, M <= 256): ``tl.dot`` of the chunk tile with the
+  ``[128, BLOCK_M]`` slice of ``x^T`` (``out^T = W x^T``: small M sits in the MMA's N dimension,
+  M = 1 included), fp32 accumulators.
 * ``_dequant_kernel`` (large prefill): writes ``dequant(W)`` in act dtype for a cuBLAS matmul.
 
-Decode and batched kernels split K over ``n_split`` programs per output tile when the grid would be
-too small; partial sums go to an fp32 workspace and the last program of a tile (counted with an
-atomic per tile in ``lock``) adds them in a fixed order and writes the output, then resets its
-counter to 0 -- one launch, no memset, deterministic, CUDA-graph safe.
-
-Dequantization without int->float conversions: a field of ``NB`` bits at bit ``P`` (``P + NB <=
-23``) is masked in place and or-ed with the exponent of ``2^(23-P)``: the float32 with those bits
-is exactly ``2^(23-P) + code``; one subtraction of ``2^(23-P) + zero`` gives ``code - zero``. Fields
-above bit 23 are shifted down once per word (16 bits) first. Per weight: one LOP3 (and+or), one
-FADD, and the MMA (dot, dequant). The GEMV drops the FADD: it keeps ``2^e + code`` with ``2^e <= 2^12``
-(fields moved into bits [11, 23 - NB] by two shifts per word) and subtracts ``2^e * sum x`` per group;
-per weight one LOP3 and one FFMA. Instruction counts per weight for sm_90 come from
-``benchmarks/kernel_static.py`` (SASS of the compiled kernels).
+The MMA kernel splits K over ``n_split`` programs per output tile when the grid would be too small;
+partial sums go to an fp32 workspace and the last program of a tile (counted with an atomic per
+tile in ``lock``) adds them in a fixed order and writes the output, then resets its counter to 0 --
+one launch, no memset, deterministic, CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -36,121 +38,133 @@ import triton.language as tl
 
 
 @triton.jit
-def _magic(w, P: tl.constexpr, NB: tl.constexpr, rz):
-    """Field of NB bits at bit P (P + NB <= 23) of int32 ``w`` as float32 ``2^(23-P) + code``.
+def _lanes(w0, w1, w2, T: tl.constexpr, P: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, rz):
+    """Tile ``T`` of the unit words as int32 words holding two 16-bit floats ``B + code * 2^P``.
 
-    ``rz`` is 0: a literal 0 for a constant mask, or an *opaque* runtime 0 (``N >> 31``) that makes the
-    mask a loop-invariant register. With constant masks ptxas re-materializes the mask before every
-    LOP3 (one MOV per weight in the GEMV: ~0.5 instructions per weight, seen in the SASS)."""
-    return ((w & ((rz + ((1 << NB) - 1)) << P)) | ((150 - P) << 23)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _plane_word(w0, w1, w2, I: tl.constexpr):
-    """The W3 plane holding code slot ``I < 30`` (slots 10p .. 10p+9 live in plane p). One return:
-    with a return in each branch the sm_90 dot loop grew from 4.84 to 6.34 instructions per weight."""
-    w = w0
-    if I >= 10:
-        w = w1
-    if I >= 20:
-        w = w2
-    return w
-
-
-@triton.jit
-def _slot(w0, w1, w2, zero, I: tl.constexpr, BITS: tl.constexpr, rz):
-    """Code slot ``I`` of each unit minus ``zero`` as exact float32 (``w1``/``w2``: 3-bit planes;
-    ``rz``: 0, see :func:`_magic`)."""
-    if BITS == 3:
-        if I < 30:
-            w = _plane_word(w0, w1, w2, I)
-            if (I % 10) * 3 <= 20:
-                v = _magic(w, (I % 10) * 3, 3, rz) - ((1 << (23 - (I % 10) * 3)) + zero)
-            else:
-                v = _magic(w >> 16, (I % 10) * 3 - 16, 3, rz) - ((1 << (39 - (I % 10) * 3)) + zero)
+    ``rz`` is an *opaque* runtime 0 (``N >> 31``): or-ed into the masks it keeps them in registers
+    (with constant masks ptxas re-materializes a mask before every LOP3)."""
+    if BITS == 3 and T == 15:  # bit p of the code is bit 15 of each lane of plane p
+        r = ((w0 >> 15) & (rz + 0x10001)) | ((w1 >> 14) & (rz + 0x20002)) | ((w2 >> 13) & (rz + 0x40004)) | MAGIC
+    else:
+        w = w0
+        if BITS == 3:
+            POS: tl.constexpr = 3 * (T % 5)
+            if T >= 5:
+                w = w1
+            if T >= 10:
+                w = w2
         else:
-            if I == 30:
-                lo = (w0 >> 30) & 3
-                hi = (w2 >> 28) & 4
-            else:
-                lo = (w1 >> 30) & 3
-                hi = (w2 >> 29) & 4
-            v = _magic(lo | hi, 0, 3, rz) - ((1 << 23) + zero)
-    else:
-        if I * BITS + BITS <= 23:
-            v = _magic(w0, I * BITS, BITS, rz) - ((1 << (23 - I * BITS)) + zero)
-        else:
-            v = _magic(w0 >> 16, I * BITS - 16, BITS, rz) - ((1 << (39 - I * BITS)) + zero)
-    return v
+            POS: tl.constexpr = BITS * T
+        if POS - P > 0:
+            w = w >> (POS - P)
+        r = (w & ((rz + ((1 << BITS) - 1) * 0x10001) << P)) | MAGIC
+    return r
 
 
 @triton.jit
-def _tile(w0, w1, w2, zero, I0: tl.constexpr, NS: tl.constexpr, BITS: tl.constexpr, rz):
-    """Slots ``I0 .. I0+NS-1`` (NS a power of two) as ``[BLOCK_N, 16, 2, ..., 2]`` float32 (joined
-    halves: the last dim splits the slots in two, the next-to-last each half, ...)."""
-    if NS == 1:
-        return _slot(w0, w1, w2, zero, I0, BITS, rz)
+def _packed_fma(a, b, c, ACT: tl.constexpr):
+    """``a * b + c`` lane by lane on int32 words holding two act-dtype values each (one instruction)."""
+    if ACT == tl.float16:
+        out = tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                        dtype=tl.int32, is_pure=True, pack=1)
     else:
-        return tl.join(_tile(w0, w1, w2, zero, I0, NS // 2, BITS, rz),
-                       _tile(w0, w1, w2, zero, I0 + NS // 2, NS // 2, BITS, rz))
+        out = tl.inline_asm_elementwise("fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                        dtype=tl.int32, is_pure=True, pack=1)
+    return out
 
 
 @triton.jit
-def _slots_tile(w0, w1, w2, zero, I0: tl.constexpr, NS: tl.constexpr, BITS: tl.constexpr, rz):
-    """Slots ``I0 .. I0+NS-1`` as one ``[BLOCK_N, 16 * NS]`` tile whose column ``c`` is input column
-    ``I0 * 16 + c`` of the block (slot-major, NS <= 8): one ``tl.dot`` with K = 16 * NS instead of
-    NS dots with K = 16, each of which costs a wgmma fence / arrive / wait on sm_90."""
-    t = _tile(w0, w1, w2, zero, I0, NS, BITS, rz)
-    if NS == 8:
-        t = tl.permute(t, (0, 4, 3, 2, 1))
-    elif NS == 4:
-        t = tl.permute(t, (0, 3, 2, 1))
-    elif NS == 2:
-        t = tl.permute(t, (0, 2, 1))
-    return tl.reshape(t, (t.shape[0], 16 * NS))
+def _pair(v, ACT: tl.constexpr):
+    """float32 ``[BLOCK_N]`` -> int32 ``[BLOCK_N, 1]`` holding the act-dtype value in both lanes."""
+    h = v.to(ACT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return (h | (h << 16))[:, None]
 
 
 @triton.jit
-def _biased(w, P: tl.constexpr, NB: tl.constexpr, rz):
-    """Field of NB bits at bit P of ``w`` as ``(2^e + code, 2^e)`` in float32 with a *small* bias
-    ``2^e`` (4 <= 2^e <= 2^12): fields below bit 11 are read from ``w << 11``, fields ending above bit
-    23 from ``w >> (13 - NB)``, so every field lands in bits [11, 23 - NB] (one shift per word each,
-    shared by its fields). The GEMV sums ``(2^e + code) * x`` and removes ``sum 2^e * x`` once per group:
-    one LOP3 per weight instead of LOP3 + FADD, at a rounding cost of ~2^-24 * 2^12 per term."""
-    if P < 11:
-        v = _magic(w << 11, P + 11, NB, rz)
-        bias = tl.full([1], (150 - P - 11) << 23, tl.int32).to(tl.float32, bitcast=True)
-    elif P + NB > 23:
-        v = _magic(w >> (13 - NB), P - (13 - NB), NB, rz)
-        bias = tl.full([1], (150 - P + (13 - NB)) << 23, tl.int32).to(tl.float32, bitcast=True)
+def _code_minus_zero(r, P: tl.constexpr, zb, s, ACT: tl.constexpr, SCALED: tl.constexpr,
+                     INTERPRET: tl.constexpr):
+    """``v * 2^-P - zb`` (times ``s`` if SCALED) on both lanes of the int32 words ``r`` (``zb`` =
+    ``B / 2^P + zero``, ``s`` the scale: float32 ``[BLOCK_N]``), as int32 words of two act-dtype
+    values. The first step is exact (small integers); the scaled value is rounded once, as the
+    reference's dequantized weight is."""
+    if ACT == tl.float16:
+        TWO_P: tl.constexpr = ((15 - P) << 10) * 0x10001  # 2^-P in both halves
     else:
-        v = _magic(w, P, NB, rz)
-        bias = tl.full([1], (150 - P) << 23, tl.int32).to(tl.float32, bitcast=True)
-    return v, bias
+        TWO_P: tl.constexpr = ((127 - P) << 7) * 0x10001
+    if INTERPRET:  # the same arithmetic on unpacked lanes (the interpreter cannot run PTX)
+        lo = (r.to(tl.int16).to(ACT, bitcast=True).to(tl.float32) * (1.0 / (1 << P)) - zb[:, None]).to(ACT)
+        hi = ((r >> 16).to(tl.int16).to(ACT, bitcast=True).to(tl.float32) * (1.0 / (1 << P)) - zb[:, None]).to(ACT)
+        if SCALED:
+            lo = (lo.to(tl.float32) * s[:, None]).to(ACT)
+            hi = (hi.to(tl.float32) * s[:, None]).to(ACT)
+        out = (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+    else:
+        out = _packed_fma(r, tl.full([1, 1], TWO_P, tl.int32), _pair(-zb, ACT), ACT)
+        if SCALED:
+            out = _packed_fma(out, _pair(s, ACT), tl.full([1, 1], -2147450880, tl.int32), ACT)  # + (-0, -0)
+    return out
 
 
 @triton.jit
-def _slot_biased(w0, w1, w2, I: tl.constexpr, BITS: tl.constexpr, rz):
-    """Code slot ``I`` of each unit as ``(2^e + code, 2^e)`` (see :func:`_biased`)."""
-    if BITS == 3:
-        if I < 30:
-            w = _plane_word(w0, w1, w2, I)
-            v, bias = _biased(w, (I % 10) * 3, 3, rz)
-        else:  # codes 30 / 31 assembled at bit 12 (low two bits from plane 0 / 1, high bit from plane 2)
-            if I == 30:
-                c = ((w0 >> 18) & (3 << 12)) | ((w2 >> 16) & (4 << 12))
-            else:
-                c = ((w1 >> 18) & (3 << 12)) | ((w2 >> 17) & (4 << 12))
-            v, bias = _biased(c, 12, 3, rz)
+def _tile_words(w0, w1, w2, z, s, T: tl.constexpr, BITS: tl.constexpr, ACT: tl.constexpr, rz,
+                SCALED: tl.constexpr, INTERPRET: tl.constexpr):
+    """Tile ``T`` as int32 words of two act-dtype values ``code - zero`` (times ``s`` if SCALED):
+    ``[BLOCK_N, 16]``."""
+    if ACT == tl.float16:
+        MAGIC: tl.constexpr = 0x64006400
+        B: tl.constexpr = 1024
     else:
-        v, bias = _biased(w0, I * BITS, BITS, rz)
-    return v, bias
+        MAGIC: tl.constexpr = 0x43004300
+        B: tl.constexpr = 128
+    # the field's bit within its lane after the word's shift: 0 for b = 4; the shifts by 6 / 12
+    # serve three (b = 2) or two (b = 3) tiles each, fields sit at bits 0-5 (p + b <= 7)
+    if BITS == 4 or (BITS == 3 and T == 15):
+        P: tl.constexpr = 0
+    elif BITS == 3:
+        P: tl.constexpr = (3 * (T % 5)) % 6
+    else:
+        P: tl.constexpr = (2 * T) % 6
+    r = _lanes(w0, w1, w2, T, P, BITS, MAGIC, rz)
+    return _code_minus_zero(r, P, z + (B >> P), s, ACT, SCALED, INTERPRET)
+
+
+@triton.jit
+def _chunk_tile(w0, w1, w2, za, sa, zb, sb, zc, sc, zd, sd, T0: tl.constexpr, BITS: tl.constexpr,
+                ACT: tl.constexpr, BLOCK_N: tl.constexpr, rz, SCALED: tl.constexpr, INTERPRET: tl.constexpr):
+    """Tiles ``T0 .. T0+3`` (128 columns) as ``[BLOCK_N, 128]`` ``code - zero`` in ACT (times the
+    scale if SCALED), column ``c`` = block column ``32 * T0 + c``; tile ``T0+i`` uses zero point and
+    scale ``z*``/``s*`` number i (its group's). The tiles' words are joined and permuted (pair index
+    ``16 t + j``) before the split into lanes, so each pair stays in its register."""
+    ra = _tile_words(w0, w1, w2, za, sa, T0, BITS, ACT, rz, SCALED, INTERPRET)
+    rb = _tile_words(w0, w1, w2, zb, sb, T0 + 1, BITS, ACT, rz, SCALED, INTERPRET)
+    rc = _tile_words(w0, w1, w2, zc, sc, T0 + 2, BITS, ACT, rz, SCALED, INTERPRET)
+    rd = _tile_words(w0, w1, w2, zd, sd, T0 + 3, BITS, ACT, rz, SCALED, INTERPRET)
+    r = tl.reshape(tl.permute(tl.join(tl.join(ra, rb), tl.join(rc, rd)), (0, 3, 2, 1)), (BLOCK_N, 64))
+    q = tl.join(r.to(tl.int16), (r >> 16).to(tl.int16))  # [BLOCK_N, 64, lane]
+    return tl.reshape(q, (BLOCK_N, 128)).to(ACT, bitcast=True)
+
+
+@triton.jit
+def _chunk_scale_zero(sz_ptr, g0, N, offs_n, nmask, TPG: tl.constexpr, ACT: tl.constexpr):
+    """Scales and zero points of the 4 tiles of a 128-column chunk whose first group is ``g0``
+    (groups of TPG tiles: 4 -> one load, 2 -> two, 1 -> four)."""
+    sa, za = _scale_zero(tl.load(sz_ptr + g0 * N + offs_n, mask=nmask, other=0), ACT)
+    if TPG == 4:
+        sb, zb, sc, zc, sd, zd = sa, za, sa, za, sa, za
+    elif TPG == 2:
+        sc, zc = _scale_zero(tl.load(sz_ptr + (g0 + 1) * N + offs_n, mask=nmask, other=0), ACT)
+        sb, zb, sd, zd = sa, za, sc, zc
+    else:
+        sb, zb = _scale_zero(tl.load(sz_ptr + (g0 + 1) * N + offs_n, mask=nmask, other=0), ACT)
+        sc, zc = _scale_zero(tl.load(sz_ptr + (g0 + 2) * N + offs_n, mask=nmask, other=0), ACT)
+        sd, zd = _scale_zero(tl.load(sz_ptr + (g0 + 3) * N + offs_n, mask=nmask, other=0), ACT)
+    return za, sa, zb, sb, zc, sc, zd, sd
 
 
 @triton.jit
 def _load_unit(ptrs, plane_stride, mask, PLANES: tl.constexpr):
     """int32 words ``[BLOCK_N, 16]`` of one block at ``ptrs``: ``w0``, and for 3 bits the other two
-    planes ``plane_stride`` words on (``w1``/``w2``; otherwise ``w0`` again, unused by ``_slot``)."""
+    planes ``plane_stride`` words on (``w1``/``w2``; otherwise ``w0`` again, unused)."""
     w0 = tl.load(ptrs, mask=mask, other=0)
     if PLANES == 3:
         w1 = tl.load(ptrs + plane_stride, mask=mask, other=0)
@@ -159,14 +173,6 @@ def _load_unit(ptrs, plane_stride, mask, PLANES: tl.constexpr):
         w1 = w0
         w2 = w0
     return w0, w1, w2
-
-
-@triton.jit
-def _load_x(ptrs, mask, UNMASKED: tl.constexpr):
-    """Activations as float32 (0 where masked)."""
-    if UNMASKED:
-        return tl.load(ptrs).to(tl.float32)
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -202,83 +208,23 @@ def _finish(y, offs_n, offs_m, M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr, tile, 
 
 
 @triton.jit
-def _gemv_kernel(
+def _mma_kernel(
     x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
     M, N, K, U, blocks_per_split, n_split,
-    BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, IPG: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, LOOP_STAGES: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-):
-    """One activation row (program axis 2) x BLOCK_N outputs x one K split, on CUDA cores.
-
-    Loads in flight per thread: BLOCKS_PER_ITER 16-byte weight vectors per iteration (registers),
-    times LOOP_STAGES when Triton software-pipelines the loop (1 = not pipelined)."""
-    SUB: tl.constexpr = 16
-    ACT: tl.constexpr = x_ptr.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    offs_j = tl.arange(0, SUB)
-    b0 = pid_k * blocks_per_split
-    b1 = tl.minimum(b0 + blocks_per_split, U // SUB)
-    w_ptrs = qw_ptr + offs_n[:, None] * U + offs_j[None, :]
-    x_row = x_ptr + pid_m * K
-    rz = N >> 31  # an opaque 0 (N >= 0): field masks live in registers, see _magic
-    acc = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
-    for blk in tl.range(b0, b1, BLOCKS_PER_ITER, num_stages=LOOP_STAGES):
-        for t in tl.static_range(BLOCKS_PER_ITER):
-            b = blk + t
-            if BLOCKS_PER_ITER == 1:
-                smask = nmask
-                klim = K
-            else:  # the last iteration may run past b1: mask whole blocks via the limits
-                smask = offs_n < tl.where(b < b1, N, 0)
-                klim = tl.where(b < b1, K, 0)
-            wmask = smask[:, None]
-            w0, w1, w2 = _load_unit(w_ptrs + b * SUB, N * U, wmask, PLANES)
-            for gi in tl.static_range(GPB):
-                szw = tl.load(sz_ptr + (b * GPB + gi) * N + offs_n, mask=smask, other=0)
-                s, z = _scale_zero(szw, ACT)
-                # per group, for this thread's columns j: xs = sum_i x, xb = sum_i 2^e_i x (row-independent);
-                # part starts at -(xb + z xs) so that after the slots part = sum_i (code_i - z) x. The two
-                # passes read the same x slices and fields: the compiler merges the loads and drops the
-                # unused values (the sm_90 SASS has one x load per slot)
-                xs = tl.zeros([SUB], dtype=tl.float32)
-                xb = tl.zeros([SUB], dtype=tl.float32)
-                for ii in tl.static_range(IPG):
-                    k = b * BK + (gi * IPG + ii) * SUB + offs_j
-                    xv = _load_x(x_row + k, k < klim, EVEN_K and BLOCKS_PER_ITER == 1)
-                    _, bias = _slot_biased(w0, w1, w2, gi * IPG + ii, BITS, rz)
-                    xs += xv
-                    xb += bias * xv
-                part = -(xb[None, :] + z[:, None] * xs[None, :])
-                for ii in tl.static_range(IPG):
-                    k = b * BK + (gi * IPG + ii) * SUB + offs_j
-                    xv = _load_x(x_row + k, k < klim, EVEN_K and BLOCKS_PER_ITER == 1)
-                    v, _ = _slot_biased(w0, w1, w2, gi * IPG + ii, BITS, rz)
-                    part += v * xv[None, :]
-                acc += s[:, None] * part
-    y = tl.sum(acc, axis=1)
-    _finish(y[:, None], offs_n, pid_m + tl.zeros([1], dtype=tl.int32), M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr,
-            pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, HAS_BIAS, SPLIT)
-
-
-@triton.jit
-def _dot_kernel(
-    x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
-    M, N, K, U, blocks_per_split, n_split,
-    BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, IPG: tl.constexpr,
+    BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, TPG: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """BLOCK_M activation rows x BLOCK_N outputs x one K split, on tensor cores (``out^T = W x^T``).
+    """BLOCK_M activation rows x BLOCK_N outputs x one K split, on tensor cores (``out^T = W x^T``):
+    per 128-column chunk one ``tl.dot`` of the ``[BLOCK_N, 128]`` chunk tile with ``x^T[128, BLOCK_M]``.
 
-    A group's slots go to the MMA in chunks of NSC = min(IPG, 8) slots: one ``[BLOCK_N, 16 * NSC]``
-    weight tile (:func:`_slots_tile`) times the ``[16 * NSC, BLOCK_M]`` slice of ``x^T``."""
+    Scales: with 128-column groups and M tiles up to 32 rows the dot runs on exact ``code - zero``
+    and its ``[BLOCK_N, BLOCK_M]`` result is scaled (BLOCK_M / 128 FFMAs per weight); otherwise
+    (SCALED) a second packed FMA scales the tile (0.5 per weight, fewer registers, and the only way
+    when a chunk holds several groups)."""
     SUB: tl.constexpr = 16
-    NSC: tl.constexpr = 8 if IPG > 8 else IPG
+    CPB: tl.constexpr = BK // 128  # chunks per block
+    SCALED: tl.constexpr = BLOCK_M >= 64 or TPG < 4
     ACT: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -288,29 +234,29 @@ def _dot_kernel(
     nmask = offs_n < N
     mmask = offs_m < M
     offs_j = tl.arange(0, SUB)
-    offs_c = tl.arange(0, SUB * NSC)
+    offs_c = tl.arange(0, 128)
     b0 = pid_k * blocks_per_split
     b1 = tl.minimum(b0 + blocks_per_split, U // SUB)
     w_ptrs = qw_ptr + offs_n[:, None] * U + offs_j[None, :]
-    x_ptrs = x_ptr + offs_m[None, :] * K + offs_c[:, None]  # [SUB * NSC, BLOCK_M]: x^T slice
-    rz = N >> 31  # an opaque 0 (N >= 0): field masks live in registers, see _magic
+    x_ptrs = x_ptr + offs_m[None, :] * K + offs_c[:, None]  # [128, BLOCK_M]: x^T slice
+    rz = N >> 31  # an opaque 0 (N >= 0), see _lanes
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for b in range(b0, b1):
         w0, w1, w2 = _load_unit(w_ptrs + b * SUB, N * U, nmask[:, None], PLANES)
-        for gi in tl.static_range(GPB):
-            szw = tl.load(sz_ptr + (b * GPB + gi) * N + offs_n, mask=nmask, other=0)
-            s, z = _scale_zero(szw, ACT)
-            d = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for cc in tl.static_range(IPG // NSC):
-                i0 = gi * IPG + cc * NSC
-                k0 = b * BK + i0 * SUB
-                if EVEN_K:
-                    xt = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
-                else:
-                    xt = tl.load(x_ptrs + k0, mask=mmask[None, :] & ((k0 + offs_c) < K)[:, None], other=0.0)
-                q = _slots_tile(w0, w1, w2, z[:, None], i0, NSC, BITS, rz).to(ACT)
-                d = tl.dot(q, xt, d)
-            acc += s[:, None] * d
+        for ci in tl.static_range(CPB):
+            za, sa, zb, sb, zc, sc, zd, sd = _chunk_scale_zero(sz_ptr, b * GPB + ci * (GPB // CPB), N, offs_n,
+                                                               nmask, TPG, ACT)
+            q = _chunk_tile(w0, w1, w2, za, sa, zb, sb, zc, sc, zd, sd, 4 * ci, BITS, ACT, BLOCK_N, rz, SCALED,
+                            INTERPRET)
+            k0 = b * BK + ci * 128
+            if EVEN_K:
+                xt = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
+            else:
+                xt = tl.load(x_ptrs + k0, mask=mmask[None, :] & ((k0 + offs_c) < K)[:, None], other=0.0)
+            if SCALED:
+                acc = tl.dot(q, xt, acc)
+            else:
+                acc += sa[:, None] * tl.dot(q, xt)
     _finish(acc, offs_n, offs_m, M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr,
             pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, HAS_BIAS, SPLIT)
 
@@ -318,27 +264,27 @@ def _dot_kernel(
 @triton.jit
 def _dequant_kernel(
     qw_ptr, sz_ptr, w_ptr, N, K, U,
-    BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, IPG: tl.constexpr,
-    BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr,
+    BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, TPG: tl.constexpr,
+    BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """``w[n, k] = (code - zero) * scale`` in act dtype, one block of K per program (axis 1)."""
     SUB: tl.constexpr = 16
+    CPB: tl.constexpr = BK // 128
     ACT: tl.constexpr = w_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_j = tl.arange(0, SUB)
-    w_ptrs = qw_ptr + offs_n[:, None] * U + b * SUB + offs_j[None, :]
-    w0, w1, w2 = _load_unit(w_ptrs, N * U, nmask[:, None], PLANES)
-    for gi in tl.static_range(GPB):
-        szw = tl.load(sz_ptr + (b * GPB + gi) * N + offs_n, mask=nmask, other=0)
-        s, z = _scale_zero(szw, ACT)
-        for ii in tl.static_range(IPG):
-            k = b * BK + (gi * IPG + ii) * SUB + offs_j
-            v = _slot(w0, w1, w2, z[:, None], gi * IPG + ii, BITS, 0) * s[:, None]
-            dst = w_ptr + offs_n[:, None] * K + k[None, :]
-            if EVEN_K:
-                tl.store(dst, v.to(ACT), mask=nmask[:, None])
-            else:
-                tl.store(dst, v.to(ACT), mask=nmask[:, None] & (k < K)[None, :])
+    offs_c = tl.arange(0, 128)
+    w0, w1, w2 = _load_unit(qw_ptr + offs_n[:, None] * U + b * SUB + offs_j[None, :], N * U, nmask[:, None], PLANES)
+    for ci in tl.static_range(CPB):
+        za, sa, zb, sb, zc, sc, zd, sd = _chunk_scale_zero(sz_ptr, b * GPB + ci * (GPB // CPB), N, offs_n, nmask,
+                                                           TPG, ACT)
+        v = _chunk_tile(w0, w1, w2, za, sa, zb, sb, zc, sc, zd, sd, 4 * ci, BITS, ACT, BLOCK_N, 0, True, INTERPRET)
+        k = b * BK + ci * 128 + offs_c
+        dst = w_ptr + offs_n[:, None] * K + k[None, :]
+        if EVEN_K:
+            tl.store(dst, v, mask=nmask[:, None])
+        else:
+            tl.store(dst, v, mask=nmask[:, None] & (k < K)[None, :])

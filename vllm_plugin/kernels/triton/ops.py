@@ -10,13 +10,14 @@ weight of the prefill path) have shape-determined sizes.
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import torch
 
 from vllm_plugin.kernels.triton.configs import KernelConfig, fit_smem, select_config
-from vllm_plugin.kernels.triton.layout import SUB, block_values, planes
+from vllm_plugin.kernels.triton.layout import SUB, TILE, block_values, planes
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +59,19 @@ def geometry(bits: int, k: int, qweight: torch.Tensor, sz: torch.Tensor) -> dict
     bk = block_values(bits)
     nblk = u // SUB
     group = nblk * bk // sz.shape[0]
-    return dict(U=u, nblk=nblk, BK=bk, GPB=bk // group, IPG=group // SUB, group=group,
+    return dict(U=u, nblk=nblk, BK=bk, GPB=bk // group, TPG=group // TILE, group=group,
                 EVEN_K=(k == nblk * bk), PLANES=planes(bits))
 
 
-def _split(nblk: int, split_k: int, tiles: int, out_elems: int, per_iter: int = 1) -> tuple[int, int]:
+def interpreting() -> bool:
+    """True when Triton runs kernels in its interpreter (no inline PTX: see kernels._code_minus_zero)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _split(nblk: int, split_k: int, tiles: int, out_elems: int) -> tuple[int, int]:
     """(blocks per split, number of splits) for a requested split_k."""
     split = max(1, min(split_k, nblk))
     bps = math.ceil(nblk / split)
-    bps = math.ceil(bps / per_iter) * per_iter
     n_split = math.ceil(nblk / bps)
     if n_split > 1 and (tiles > LOCKS_SIZE or n_split * out_elems >= 2**31):  # counters / int32 offsets
         return nblk, 1
@@ -132,8 +137,6 @@ def _fallbacks(cfg: KernelConfig, m: int) -> list[KernelConfig]:
             out.append(replace(cfg, num_stages=1))
         if cfg.block_m > 16 or cfg.block_n > 64:
             out.append(replace(cfg, block_m=16 if m <= 16 else 32, block_n=64, num_warps=4, num_stages=1))
-    if cfg.path != "gemv" and m <= 4:
-        out.append(KernelConfig("gemv", block_n=32, num_stages=1))
     if cfg.path != "dequant":
         out.append(KernelConfig("dequant", block_n=32))
     return out
@@ -161,7 +164,8 @@ def plan_launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfi
 
     m, k = x.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    common = dict(BITS=bits, PLANES=geo["PLANES"], BK=geo["BK"], GPB=geo["GPB"], IPG=geo["IPG"])
+    common = dict(BITS=bits, PLANES=geo["PLANES"], BK=geo["BK"], GPB=geo["GPB"], TPG=geo["TPG"],
+                  INTERPRET=interpreting())
     if cfg.path == "dequant":
         w = torch.empty((n, k), dtype=x.dtype, device=x.device)
         grid = (triton_cdiv(n, cfg.block_n), geo["nblk"])
@@ -169,23 +173,15 @@ def plan_launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfi
         launch_ = KernelLaunch(K_._dequant_kernel, grid, (qweight, sz, w, n, k, geo["U"]), meta)
         return launch_, lambda: torch.nn.functional.linear(x, w, bias)
     n_tiles = triton_cdiv(n, cfg.block_n)
-    if cfg.path == "gemv":
-        bps, n_split = _split(geo["nblk"], cfg.split_k, n_tiles * m, m * n, cfg.blocks_per_iter)
-    else:
-        cfg = fit_smem(cfg, bits)
-        bps, n_split = _split(geo["nblk"], cfg.split_k, n_tiles * triton_cdiv(m, cfg.block_m), m * n)
+    cfg = fit_smem(cfg, bits)
+    bps, n_split = _split(geo["nblk"], cfg.split_k, n_tiles * triton_cdiv(m, cfg.block_m), m * n)
     split = n_split > 1
     ws = torch.empty((n_split, m, n), dtype=torch.float32, device=x.device) if split else out
     b = bias if bias is not None else out
     args = (x, qweight, sz, b, out, ws, locks, m, n, k, geo["U"], bps, n_split)
-    meta = dict(HAS_BIAS=bias is not None, SPLIT=split, EVEN_K=geo["EVEN_K"],
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, BLOCK_N=cfg.block_n, **common)
-    if cfg.path == "gemv":
-        launch_ = KernelLaunch(K_._gemv_kernel, (n_tiles, n_split, m), args,
-                               dict(meta, BLOCKS_PER_ITER=cfg.blocks_per_iter, LOOP_STAGES=cfg.num_stages))
-    else:
-        launch_ = KernelLaunch(K_._dot_kernel, (n_tiles, triton_cdiv(m, cfg.block_m), n_split), args,
-                               dict(meta, BLOCK_M=cfg.block_m))
+    meta = dict(HAS_BIAS=bias is not None, SPLIT=split, EVEN_K=geo["EVEN_K"], num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, **common)
+    launch_ = KernelLaunch(K_._mma_kernel, (n_tiles, triton_cdiv(m, cfg.block_m), n_split), args, meta)
     return launch_, lambda: out
 
 
