@@ -8,14 +8,17 @@ ahead of time (:mod:`vllm_plugin.kernels.triton.aot`: the real cubin, no GPU nee
 * registers per thread, spills (must be 0), shared memory;
 * the main K loop's instructions per thread per iteration and the widths of its global loads
   (weights must stream as 128-bit ``LDG.E.128``);
-* two lower bounds on the kernel's time on an H100/H200 (132 SMs at the 1.98 GHz boost clock):
+* three lower bounds on the kernel's time on an H100/H200 (132 SMs at the 1.98 GHz boost clock):
   **issue** -- every warp instruction of every loop iteration at one per scheduler per clock;
   **alu** -- the integer/logic instructions (LOP3, SHF, IADD3, PRMT, ISETP, ...) on their half-rate
-  pipe; and the **memory** time of the bytes the kernel must move at the card's nominal HBM bandwidth.
+  pipe; **fill** -- the busiest SM's share (at least ceil(programs / 132) programs) at that issue
+  rate, which sees grids too small to fill the card; and the **memory** time of the bytes the
+  kernel must move at the card's nominal HBM bandwidth.
 
-A decode kernel can only reach the issue-5 speed targets if max(issue, alu) stays well under the
-memory time (real code issues at ~60-80% of the peak rate). The decoder-layer table states the best
-speed-up over bf16 each bound allows (bf16 taken as purely memory-bound at the same bandwidth). These are
+A decode kernel can only reach the issue-5 speed targets if its bound stays well under the memory
+time (real code issues at ~60-80% of the peak rate). The decoder-layer table sums, per GEMM, the
+largest bound and states the best speed-up over bf16 it allows (per GEMM the larger of bound and
+memory time; bf16 taken as purely memory-bound at the same bandwidth). These are
 bounds from static code, not measurements: only ``benchmarks/kernels.py`` on the card times anything.
 
 Writes ``benchmarks/results/kernels-static-sm<arch>-<date>.{json,md}``. ``--sweep`` adds a search over
@@ -94,6 +97,10 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
     iters = loop_iterations(launch)
     warps = launch.meta["num_warps"]
     warp_instr = iters * len(loop) * warps
+    # the busiest SM holds at least ceil(programs / SMs) programs (pigeonhole; programs of a launch
+    # differ only in the last split's length): a bound that sees a grid too small to fill the card
+    programs = math.prod(launch.grid)
+    fill_instr = math.ceil(programs / SMS) * launch.args[11] * len(loop) * warps
     alu_instr = iters * sum(c for op, c in base.items() if op in ALU_OPS) * warps
     rate = SMS * CLOCK_GHZ * 1e3  # SM-clocks per microsecond
     n_split = launch.args[12]
@@ -105,7 +112,8 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
         instr_per_weight=aot.instructions_per_weight(launch, loop),
         loads={op: c for op, c in sorted(loads.items())},
         mix={op: c for op, c in base.most_common(12)},
-        issue_us=warp_instr / (4 * rate), alu_us=alu_instr / (2 * rate),
+        issue_us=warp_instr / (4 * rate), alu_us=alu_instr / (2 * rate), programs=programs,
+        fill_us=fill_instr / (4 * CLOCK_GHZ * 1e3),
         bytes=moved_bytes(bits, n, k, m, bias, n_split),
     )
 
@@ -124,24 +132,31 @@ def fmt_loads(loads: dict) -> str:
 
 def layer_table(records: list[dict]) -> list[str]:
     lines = ["| layer | bits | M | path | config | regs | spills | loop instr | instr/weight | global loads (count x bits) "
-             "| issue us | alu us | H100 mem us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| programs | issue us | alu us | fill us | H100 mem us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         c = r["cfg"]
         short = f"bn{c['block_n']} bm{c['block_m']} w{c['num_warps']} s{c['num_stages']} split{r.get('n_split', 1)}"
         if r["path"] == "dequant":
             lines.append(f"| {r['layer']} | {r['bits']} | {r['M']} | dequant | bn{c['block_n']} w{c['num_warps']} "
-                         f"| {r['registers']} | {r['spills']} | | | | | | |")
+                         f"| {r['registers']} | {r['spills']} | | | | | | | | |")
             continue
         mem = r["bytes"] / (HBM_TBS["H100"] * 1e6)
         lines.append(f"| {r['layer']} | {r['bits']} | {r['M']} | {r['path']} | {short} | {r['registers']} "
                      f"| {r['spills']} | {r['loop_instr']} | {r['instr_per_weight']:.2f} | "
-                     f"{fmt_loads(r['loads'])} | {r['issue_us']:.1f} | {r['alu_us']:.1f} | {mem:.1f} |")
+                     f"{fmt_loads(r['loads'])} | {r['programs']} | {r['issue_us']:.1f} | {r['alu_us']:.1f} "
+                     f"| {r['fill_us']:.1f} | {mem:.1f} |")
     return lines
 
 
+def gemm_bound(r: dict) -> float:
+    """Lower bound on one GEMM's time from its code: issue, ALU pipe or the busiest SM."""
+    return max(r["issue_us"], r["alu_us"], r["fill_us"])
+
+
 def decoder_sums(records: list[dict]) -> tuple[list[str], list[dict]]:
-    """Sum over the 4 GEMMs per (bits, M): bounds and the best speed-up over bf16 each allows."""
+    """Sum over the 4 GEMMs per (bits, M): bounds and the best speed-up over bf16 each allows (per
+    GEMM the larger of its code bound and its memory time, summed)."""
     lines = ["| bits | M | issue us | alu us | bound us | H100 mem us | H200 mem us | bound / H100 mem "
              "| H100 best x bf16 | H200 best x bf16 | target x bf16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -152,13 +167,13 @@ def decoder_sums(records: list[dict]) -> tuple[list[str], list[dict]]:
         if len(rs) != len(LAYERS) or any(r["path"] == "dequant" for r in rs):
             continue
         issue, alu = sum(r["issue_us"] for r in rs), sum(r["alu_us"] for r in rs)
-        qbytes = sum(r["bytes"] for r in rs)
+        bound = sum(gemm_bound(r) for r in rs)
         bf16 = sum(2 * (n * k + m * (k + n)) for n, k, _ in LAYERS.values())
-        row = dict(bits=bits, M=m, issue_us=issue, alu_us=alu, bound_us=max(issue, alu))
+        row = dict(bits=bits, M=m, issue_us=issue, alu_us=alu, bound_us=bound)
         for gpu, tbs in HBM_TBS.items():
-            mem = qbytes / (tbs * 1e6)
-            row[f"{gpu}_mem_us"] = mem
-            row[f"{gpu}_best_speedup"] = (bf16 / (tbs * 1e6)) / max(mem, row["bound_us"])
+            row[f"{gpu}_mem_us"] = sum(r["bytes"] for r in rs) / (tbs * 1e6)
+            best = sum(max(gemm_bound(r), r["bytes"] / (tbs * 1e6)) for r in rs)
+            row[f"{gpu}_best_speedup"] = (bf16 / (tbs * 1e6)) / best
         sums.append(row)
         target = TARGETS.get(m, {}).get(bits)
         lines.append(f"| {bits} | {m} | {issue:.1f} | {alu:.1f} | {row['bound_us']:.1f} | {row['H100_mem_us']:.1f} "
