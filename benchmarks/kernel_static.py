@@ -67,21 +67,18 @@ ALU_OPS = {"LOP3", "SHF", "IADD3", "PRMT", "ISETP", "SEL", "LEA", "PLOP3", "FSEL
 
 
 def loop_iterations(launch) -> int:
-    """Main-loop iterations over all programs of an MMA-kernel launch (grid: n tiles, m tiles, splits)."""
-    u, bps, n_split = launch.args[10], launch.args[11], launch.args[12]
-    nblk = u // 16
-    per_split = [min(bps, nblk - s * bps) for s in range(n_split)]
-    return launch.grid[0] * launch.grid[1] * sum(per_split)
+    """Main-loop iterations of an MMA-kernel launch over all its programs (tiles x K blocks)."""
+    return launch.args[12]
 
 
-def moved_bytes(bits: int, n: int, k: int, m: int, bias: bool, n_split: int) -> int:
-    """Bytes a decode GEMM must move at least: packed weights, scale/zero words, x, y (+ split-K partials)."""
+def moved_bytes(bits: int, n: int, k: int, m: int, bias: bool, shared_tiles: int, tile_elems: int) -> int:
+    """Bytes a GEMM must move at least: packed weights, scale/zero words, x, y (+ the fp32 partial
+    sums of tiles shared between programs: written once, read once)."""
     kp = padded_k(k, bits)
     weights = n * kp * bits // 8
     sz = n * (kp // effective_group(GROUP, k)) * 4
     act = 2 * m * (k + n) + (2 * n if bias else 0)
-    partial = 2 * 4 * m * n * n_split if n_split > 1 else 0
-    return weights + sz + act + partial
+    return weights + sz + act + 2 * 4 * tile_elems * shared_tiles
 
 
 def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, arch: int) -> dict:
@@ -100,13 +97,15 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
     # the busiest SM holds at least ceil(programs / SMs) programs (pigeonhole; programs of a launch
     # differ only in the last split's length): a bound that sees a grid too small to fill the card
     programs = math.prod(launch.grid)
-    fill_instr = math.ceil(programs / SMS) * launch.args[11] * len(loop) * warps
+    fill_instr = math.ceil(programs / SMS) * math.ceil(iters / programs) * len(loop) * warps
     alu_instr = iters * sum(c for op, c in base.items() if op in ALU_OPS) * warps
     rate = SMS * CLOCK_GHZ * 1e3  # SM-clocks per microsecond
-    n_split = launch.args[12]
+    ws = launch.args[5]  # the workspace (slots, M, N), or the output itself when no tile is shared
+    shared = 0 if ws is launch.args[4] else min(programs, launch.args[11] * math.ceil(m / cfg.block_m))
+    tile_elems = cfg.block_n * min(m, cfg.block_m)
     weights_per_iter = aot.weights_per_iteration(launch)
     return dict(
-        path=cfg.path, cfg=cfg.to_dict(), grid=list(launch.grid), n_split=n_split,
+        path=cfg.path, cfg=cfg.to_dict(), grid=list(launch.grid),
         registers=use.registers, spills=use.spills, shared=use.dynamic_shared + use.static_shared,
         loop_instr=len(loop), weights_per_thread_iter=weights_per_iter / (32 * warps),
         instr_per_weight=aot.instructions_per_weight(launch, loop),
@@ -114,7 +113,7 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
         mix={op: c for op, c in base.most_common(12)},
         issue_us=warp_instr / (4 * rate), alu_us=alu_instr / (2 * rate), programs=programs,
         fill_us=fill_instr / (4 * CLOCK_GHZ * 1e3),
-        bytes=moved_bytes(bits, n, k, m, bias, n_split),
+        bytes=moved_bytes(bits, n, k, m, bias, shared, tile_elems),
     )
 
 
@@ -136,7 +135,7 @@ def layer_table(records: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         c = r["cfg"]
-        short = f"bn{c['block_n']} bm{c['block_m']} w{c['num_warps']} s{c['num_stages']} split{r.get('n_split', 1)}"
+        short = f"bn{c['block_n']} bm{c['block_m']} w{c['num_warps']} s{c['num_stages']}"
         if r["path"] == "dequant":
             lines.append(f"| {r['layer']} | {r['bits']} | {r['M']} | dequant | bn{c['block_n']} w{c['num_warps']} "
                          f"| {r['registers']} | {r['spills']} | | | | | | | | |")
@@ -189,7 +188,7 @@ def sweep_configs(bits: int, m: int) -> list[KernelConfig]:
     bm = default_config(bits, GROUP, 3584, 3584, m).block_m
     out = []
     for bn, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4)):
-        cfg = KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages, split_k=4)
+        cfg = KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages)
         if fit_smem(cfg, bits) == cfg and bn * bm <= 256 * 64 * (warps // 4):
             out.append(cfg)
     return out

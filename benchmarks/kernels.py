@@ -431,24 +431,24 @@ def candidates(bits: int, n: int, k: int, m: int, sms: int, dry: bool) -> list[K
     base = default_config(bits, group, n, k, m, sms)
     out = [base]
     if dry:
-        alt = replace(base, split_k=max(1, base.split_k // 2)) if base.path != "dequant" else base
+        alt = replace(base, programs=3) if base.path != "dequant" else base
         return list(dict.fromkeys([base, alt]))
     if m <= 64:  # a diverse dozen around the default (the list is cut at --max-candidates)
-        def near(**kw):  # keep the number of programs about the same as the default's
-            bn = kw.get("block_n", base.block_n)
-            return fit_smem(replace(base, **{"split_k": max(1, round(base.split_k * bn / base.block_n)), **kw}), bits)
+        def near(**kw):
+            return fit_smem(replace(base, **kw), bits)
 
         # more rows per thread (block_n / num_warps) = fewer instructions per weight (kernel_static.py)
         # and more registers; deeper pipelines hide more memory latency
         for bn, warps, stages in ((128, 4, 2), (128, 4, 4), (256, 8, 2), (256, 8, 3), (64, 4, 2), (64, 4, 3),
                                   (128, 8, 2), (128, 8, 3), (64, 4, 4)):
             out.append(near(block_n=bn, num_warps=warps, num_stages=stages))
-        out += [replace(base, split_k=max(1, base.split_k * 2)), replace(base, split_k=max(1, base.split_k // 2))]
+        # persistent programs: 1 / 3 per SM besides the default 2 (occupancy vs. tile sharing)
+        out += [replace(base, programs=sms), replace(base, programs=3 * sms)]
     else:
         for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 256, 8), (128, 256, 8)):
             for stages in (2, 3):
                 out.append(fit_smem(replace(base, path="dot", block_m=bm, block_n=bn, num_warps=warps,
-                                            num_stages=stages, split_k=base.split_k if base.path == "dot" else 1), bits))
+                                            num_stages=stages), bits))
         out.append(KernelConfig("dequant", block_n=32))
     return list(dict.fromkeys(out))
 

@@ -102,12 +102,12 @@ def test_fp16(bits, m):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("cfg", [
-    dict(path="dot", block_n=32, block_m=16, split_k=4),
+    dict(path="dot", block_n=32, block_m=16, programs=7),
     dict(path="dot", block_n=64, block_m=16, num_warps=4, num_stages=4),
     dict(path="dot", block_n=128, block_m=32, num_warps=8, num_stages=2),
     dict(path="dot", block_n=128, block_m=128, num_warps=8, num_stages=1),
     dict(path="dequant", block_n=32),
-], ids=["dot-split", "dot-deep", "dot-big", "dot-tall", "dequant"])
+], ids=["dot-streamk", "dot-deep", "dot-big", "dot-tall", "dequant"])
 def test_every_path(bits, cfg):
     from vllm_plugin.kernels.triton.configs import KernelConfig
 

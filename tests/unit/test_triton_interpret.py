@@ -40,19 +40,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 # (name, bits, group, N, K, M, sym, dtype, config kwargs, with bias)
 CASES = [
-    ("dot-w2-g128-m1-split", 2, 128, 40, 640, 1, False, "fp16", dict(path="dot", block_n=16, split_k=3), True),
+    ("dot-w2-g128-m1-streamk", 2, 128, 40, 640, 1, False, "fp16", dict(path="dot", block_n=16, programs=4), True),
     ("dot-w3-g128-raggedK", 3, 128, 40, 640, 2, False, "fp16", dict(path="dot", block_n=16), True),
-    ("dot-w4-g128-sym-m1", 4, 128, 40, 384, 1, True, "fp16", dict(path="dot", block_n=32, split_k=2), False),
+    ("dot-w4-g128-sym-m1", 4, 128, 40, 384, 1, True, "fp16", dict(path="dot", block_n=32, programs=5), False),
     ("dot-w2-g32", 2, 32, 24, 512, 1, False, "fp16", dict(path="dot", block_n=16), False),
     ("dot-w3-g64-sym", 3, 64, 24, 512, 1, True, "fp16", dict(path="dot", block_n=32), False),
-    ("dot-w4-g32-split", 4, 32, 24, 256, 1, False, "fp16", dict(path="dot", block_n=16, split_k=2), True),
-    ("dot-w2-g128-split", 2, 128, 40, 768, 3, False, "fp16", dict(path="dot", block_n=16, block_m=16, split_k=2), True),
+    ("dot-w4-g32-streamk", 4, 32, 24, 256, 1, False, "fp16", dict(path="dot", block_n=16, programs=3), True),
+    ("dot-w2-g128-streamk", 2, 128, 40, 768, 3, False, "fp16", dict(path="dot", block_n=16, block_m=16, programs=7), True),
     ("dot-w3-g32-2mtiles", 3, 32, 24, 512, 17, False, "fp16", dict(path="dot", block_n=16, block_m=16), False),
-    ("dot-w4-g64-sym-raggedK", 4, 64, 40, 320, 5, True, "fp16", dict(path="dot", block_n=32, block_m=16, split_k=2), True),
+    ("dot-w4-g64-sym-raggedK", 4, 64, 40, 320, 5, True, "fp16", dict(path="dot", block_n=32, block_m=16, programs=2), True),
     ("dot-w4-g96", 4, 96, 24, 384, 2, False, "fp16", dict(path="dot", block_n=16), False),
     # block_m >= 64: the scales multiply the dequantized tile instead of the dot's result
     ("dot-w3-g64-bm64-scaled", 3, 64, 24, 512, 5, False, "fp16", dict(path="dot", block_n=16, block_m=64), True),
-    ("dot-w2-g32-bm64-scaled-split", 2, 32, 24, 512, 70, True, "fp16", dict(path="dot", block_n=16, block_m=64, split_k=2), False),
+    ("dot-w2-g32-bm64-scaled-streamk", 2, 32, 24, 512, 70, True, "fp16", dict(path="dot", block_n=16, block_m=64, programs=3), False),
     # per-channel scales: one scale per row, repeated per 128-column piece (ragged K included)
     ("dot-w3-perchannel", 3, 1024, 24, 1024, 4, False, "fp16", dict(path="dot", block_n=16, block_m=16), False),
     ("dot-w2-perchannel-raggedK", 2, 200, 24, 200, 4, False, "fp16", dict(path="dot", block_n=16), True),
@@ -152,19 +152,30 @@ def test_default_dispatch_by_m():
     assert default_config(3, 128, 3584, 3584, 16).path == "dot"
     assert default_config(3, 128, 3584, 3584, 256).path == "dot"
     assert default_config(3, 128, 3584, 3584, 1024).path == "dequant"
-    big = default_config(2, 128, 37888, 3584, 1)
-    assert big.split_k == 1  # enough output tiles already
-    small = default_config(2, 128, 3584, 18944, 1)
-    assert small.split_k > 1
+
+
+def test_stream_k_partition():
+    """Programs share tiles x blocks evenly; a tile is cut between at most `slots` programs."""
+    from vllm_plugin.kernels.triton.ops import stream_k
+
+    assert stream_k(296, 7, 264, 37888) == (264, 2)  # W3 gate_up at M = 1: 2072 iterations, 7-8 each
+    assert stream_k(28, 7, 264, 3584) == (196, 7)  # o_proj: one block per program, 7 per tile
+    assert stream_k(4, 3, 4, 64) == (4, 1)  # one tile per program: no workspace
+    assert stream_k(70000, 2, 264, 10) == (70000, 1)  # more tiles than counters: no sharing
+    for tiles, nblk, programs in [(5, 3, 4), (9, 7, 4), (3, 37, 8), (296, 7, 264)]:
+        g, slots = stream_k(tiles, nblk, programs, 1000)
+        iters = tiles * nblk
+        owner = [next(p for p in range(g) if p * iters // g <= i < (p + 1) * iters // g) for i in range(iters)]
+        assert max(len(set(owner[t * nblk:(t + 1) * nblk])) for t in range(tiles)) <= slots
 
 
 def test_config_file_lookup(tmp_path, monkeypatch):
-    entry = {"1": {"path": "dot", "block_n": 64, "split_k": 4}, "16": {"path": "dot", "block_m": 32}}
+    entry = {"1": {"path": "dot", "block_n": 64, "programs": 4}, "16": {"path": "dot", "block_m": 32}}
     (tmp_path / "Fake_GPU_1.json").write_text(json.dumps({"gpu": "Fake GPU 1", "configs": {"w3g128:100x256": entry}}))
     monkeypatch.setenv("VLMPTQ_TRITON_CONFIG_DIR", str(tmp_path))
     load_table.cache_clear()
     try:
-        assert select_config("Fake GPU 1", 3, 128, 100, 256, 1) == KernelConfig("dot", block_n=64, split_k=4)
+        assert select_config("Fake GPU 1", 3, 128, 100, 256, 1) == KernelConfig("dot", block_n=64, programs=4)
         assert select_config("Fake GPU 1", 3, 128, 100, 256, 9).block_m == 32  # next bucket up
         assert select_config("Fake GPU 1", 3, 128, 100, 256, 999).block_m == 32  # largest bucket
         assert select_config("Fake GPU 1", 3, 128, 101, 256, 1) == default_config(3, 128, 101, 256, 1)

@@ -15,12 +15,13 @@ Kernel layout (what ``prepare`` returns; details in :mod:`vllm_plugin.kernels.tr
     sz       int32 [K_pad/ge, N]   per (effective group, channel): scale in the low half and zero
              point in the high half, both act-dtype bit patterns; group-major. ``ge`` = 32, 64 or
              128 columns (per-channel scales are repeated per 128-column piece).
-    locks    int32 [65536]         split-K counters, shared by all layers of a device, always 0
+    locks    int32 [65536]         stream-K tile counters, shared by all layers of a device, always 0
              between launches.
 
 Dispatch by M (tuned per GPU in ``vllm_plugin/kernels/configs/*.json``, defaults otherwise):
-``dot`` (fused dequant + tensor cores for M <= 256, decode included; split-K when the grid is
-small), ``dequant`` (large prefill: dequantize to act dtype, then cuBLAS). See docs/kernels.md.
+``dot`` (fused dequant + tensor cores for M <= 256, decode included; persistent, stream-K
+over tiles x K blocks), ``dequant`` (large prefill: dequantize to act dtype, then cuBLAS).
+See docs/kernels.md.
 """
 
 from __future__ import annotations

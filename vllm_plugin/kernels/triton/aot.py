@@ -159,9 +159,11 @@ _LABEL = re.compile(r"^(\.L\w+):")
 
 
 def hot_loop(sass_text: str) -> list[str]:
-    """Opcodes (with modifiers, e.g. ``LDG.E.128``) of the loop closed by the backward branch that
-    spans the most instructions: the kernel's main K loop (its body is unrolled by
-    ``tl.static_range``, so it is by far the longest). Empty if the kernel has no loop."""
+    """Opcodes (with modifiers, e.g. ``LDG.E.128``) of the kernel's main K loop: the longest
+    *innermost* loop (a backward branch whose span holds no other backward branch). Its body is
+    unrolled by ``tl.static_range``, so it is by far the longest; loops around it (the persistent
+    kernel's loop over tiles, with the pipeline's prologue and epilogue) are not it. Empty if the
+    kernel has no loop."""
     addrs, ops, labels = [], [], {}
     pending: list[str] = []
     for line in sass_text.splitlines():
@@ -178,12 +180,12 @@ def hot_loop(sass_text: str) -> list[str]:
         pending = []
         addrs.append(addr)
         ops.append((m.group(3), m.group(4)))
-    best = (0, 0)
+    loops = []
     for i, (op, rest) in enumerate(ops):
         if op == "BRA":
             target = re.search(r"`\((\.L\w+)\)", rest)
             if target and target.group(1) in labels and labels[target.group(1)] <= i:
-                start = labels[target.group(1)]
-                if i + 1 - start > best[1] - best[0]:
-                    best = (start, i + 1)
+                loops.append((labels[target.group(1)], i + 1))
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    best = max(inner, key=lambda ab: ab[1] - ab[0], default=(0, 0))
     return [op for op, _ in ops[best[0]:best[1]]]

@@ -17,13 +17,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from vllm_plugin.kernels.triton.layout import block_values, padded_k, planes
+from vllm_plugin.kernels.triton.layout import block_values, planes
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ class KernelConfig:
     path: str  # "dot" (fused dequant + tensor cores, any M), "dequant" (dequantize, then cuBLAS)
     block_n: int = 32  # output channels per program
     block_m: int = 16  # activation rows per program ("dot" only; >= 16)
-    split_k: int = 1  # programs sharing one output tile along K (upper bound; fewer if K is short)
+    programs: int = 0  # persistent programs of the "dot" launch (0: 2 per SM); they share the work evenly
     num_warps: int = 4
     num_stages: int = 2  # software-pipelining depth of the block loop (1 = none)
 
@@ -54,8 +53,8 @@ class KernelConfig:
                 raise ValueError(f"config {name} must be a power of two >= 1, got {v}")
         if self.path == "dot" and (self.block_m < 16 or self.block_n < 16):
             raise ValueError("config path 'dot' needs block_m >= 16 and block_n >= 16 (tl.dot tile minimum)")
-        if self.split_k < 1 or self.num_stages < 1:
-            raise ValueError("config split_k and num_stages must be >= 1")
+        if self.programs < 0 or self.num_stages < 1:
+            raise ValueError("config programs must be >= 0 and num_stages >= 1")
 
     @classmethod
     def from_dict(cls, d: dict) -> KernelConfig:
@@ -104,37 +103,27 @@ def load_table(device_name: str) -> dict[str, dict[int, KernelConfig]]:
     return table
 
 
-def _split_for(tiles: int, nblk: int, num_sms: int, waves: int, min_blocks: int) -> int:
-    """Programs per tile along K so that ~waves * SMs programs run, each with >= min_blocks blocks."""
-    if tiles >= waves * num_sms:
-        return 1
-    return max(1, min(math.ceil(waves * num_sms / tiles), nblk // min_blocks))
-
-
 # default (block_n, num_warps, num_stages) by M tile and bits: the lowest sm_90 SASS instructions per
-# weight without spills among 2-3 stage pipelines (benchmarks/kernel_static.py --sweep, 2026-11-28).
+# weight among 2-3 stage pipelines that leave some registers spare (benchmarks/kernel_static.py
+# --sweep, 2026-11-28; at 32/64 rows the 4-warp tiles sit at 246-255 registers, one spilled).
 # More rows per thread (block_n / num_warps) = fewer instructions per weight and more registers; W3's
 # 512-column blocks need the most shared memory (its 128-row M tile fits one stage only).
 DEFAULT_TILES = {
     16: {2: (128, 4, 3), 3: (128, 8, 2), 4: (128, 4, 3)},
-    32: {2: (128, 4, 3), 3: (128, 8, 2), 4: (128, 4, 3)},
-    64: {2: (128, 8, 2), 3: (64, 4, 2), 4: (128, 4, 2)},
+    32: {2: (128, 8, 3), 3: (128, 8, 2), 4: (128, 8, 3)},
+    64: {2: (128, 8, 2), 3: (64, 4, 2), 4: (128, 8, 2)},
     128: {2: (128, 8, 2), 3: (128, 8, 1), 4: (128, 8, 2)},
 }
 
 
 def default_config(bits: int, group: int, n: int, k: int, m: int, num_sms: int = 132) -> KernelConfig:
     """Heuristic launch for a shape with no tuned entry (numbers chosen for H100/H200-class GPUs)."""
-    nblk = padded_k(k, bits) // block_values(bits)
     if m <= 256:
         # decode included: M = 1 runs on tensor cores too (the MMA's N = 16 columns, 15 masked);
         # per weight it issues fewer instructions than a CUDA-core GEMV (docs/kernels.md)
         bm = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
         bn, warps, stages = DEFAULT_TILES[bm][bits]
-        tiles = math.ceil(n / bn) * math.ceil(m / bm)
-        cfg = KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages,
-                           split_k=_split_for(tiles, nblk, num_sms, 2, 2))
-        return fit_smem(cfg, bits)
+        return fit_smem(KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages), bits)
     return KernelConfig("dequant", block_n=32, num_warps=4)
 
 

@@ -25,10 +25,11 @@ Per weight: <= 0.5 shift, 0.5 LOP3, 0.5 FMA, the conversion and the MMA (sm_90 S
   M = 1 included), fp32 accumulators.
 * ``_dequant_kernel`` (large prefill): writes ``dequant(W)`` in act dtype for a cuBLAS matmul.
 
-The MMA kernel splits K over ``n_split`` programs per output tile when the grid would be too small;
-partial sums go to an fp32 workspace and the last program of a tile (counted with an atomic per
-tile in ``lock``) adds them in a fixed order and writes the output, then resets its counter to 0 --
-one launch, no memset, deterministic, CUDA-graph safe.
+The MMA kernel is persistent and splits the tiles x K-blocks iteration space evenly over its
+programs (stream-K); a tile shared by several programs gets its partial sums through an fp32
+workspace, and the last program to finish it (counted with an atomic per tile in ``lock``) adds
+them in a fixed order and writes the output, then resets its counter to 0 -- one launch, no
+memset, deterministic, CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -184,18 +185,19 @@ def _scale_zero(sz, ACT: tl.constexpr):
 
 
 @triton.jit
-def _finish(y, offs_n, offs_m, M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr, tile, pid_k, n_split,
-            HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-    """Write ``y [BLOCK_N, BLOCK_M]`` (fp32, this program's K range) to ``out[m, n]``."""
+def _finish(y, offs_n, offs_m, M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr, tile, part, parts, HAS_BIAS: tl.constexpr):
+    """Write ``y [BLOCK_N, BLOCK_M]`` (fp32, part ``part`` of ``parts`` of a tile's K range) to
+    ``out[m, n]``: directly if it is the whole range, else through the workspace (slot ``part``),
+    the last part to arrive adding the slots in order."""
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     idx = offs_m[None, :] * N + offs_n[:, None]
-    if SPLIT:
-        tl.store(ws_ptr + pid_k * M * N + idx, y, mask=mask)
+    if parts > 1:
+        tl.store(ws_ptr + part * M * N + idx, y, mask=mask)
         tl.debug_barrier()  # every thread's partial is issued before the counter moves
         arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-        if arrived == n_split - 1:  # last program of this tile: reduce in a fixed order
+        if arrived == parts - 1:  # last part of this tile: reduce in a fixed order
             y = tl.load(ws_ptr + idx, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, n_split):
+            for s in range(1, parts):
                 y += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
@@ -210,13 +212,17 @@ def _finish(y, offs_n, offs_m, M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr, tile, 
 @triton.jit
 def _mma_kernel(
     x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
-    M, N, K, U, blocks_per_split, n_split,
+    M, N, K, U, n_tiles_n, iters,
     BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, TPG: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """BLOCK_M activation rows x BLOCK_N outputs x one K split, on tensor cores (``out^T = W x^T``):
-    per 128-column chunk one ``tl.dot`` of the ``[BLOCK_N, 128]`` chunk tile with ``x^T[128, BLOCK_M]``.
+    """Persistent tensor-core GEMM (``out^T = W x^T``) over ``iters`` = tiles x blocks iterations:
+    program ``p`` of ``G`` takes iterations ``[p * iters // G, (p + 1) * iters // G)`` in tile-major
+    order ("stream-K"), so every program gets the same work whatever the tile count -- no partly
+    filled last wave. A tile's K blocks run as one pipelined loop per program; a tile cut between
+    programs is summed through the workspace by :func:`_finish`. Per 128-column chunk one ``tl.dot``
+    of the ``[BLOCK_N, 128]`` chunk tile with ``x^T[128, BLOCK_M]``.
 
     Scales: with 128-column groups and M tiles up to 32 rows the dot runs on exact ``code - zero``
     and its ``[BLOCK_N, BLOCK_M]`` result is scaled (BLOCK_M / 128 FFMAs per weight); otherwise
@@ -226,39 +232,47 @@ def _mma_kernel(
     CPB: tl.constexpr = BK // 128  # chunks per block
     SCALED: tl.constexpr = BLOCK_M >= 64 or TPG < 4
     ACT: tl.constexpr = x_ptr.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    nmask = offs_n < N
-    mmask = offs_m < M
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    nblk = U // SUB
+    it = (pid.to(tl.int64) * iters // n_prog).to(tl.int32)
+    it_end = ((pid.to(tl.int64) + 1) * iters // n_prog).to(tl.int32)
     offs_j = tl.arange(0, SUB)
     offs_c = tl.arange(0, 128)
-    b0 = pid_k * blocks_per_split
-    b1 = tl.minimum(b0 + blocks_per_split, U // SUB)
-    w_ptrs = qw_ptr + offs_n[:, None] * U + offs_j[None, :]
-    x_ptrs = x_ptr + offs_m[None, :] * K + offs_c[:, None]  # [128, BLOCK_M]: x^T slice
     rz = N >> 31  # an opaque 0 (N >= 0), see _lanes
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for b in range(b0, b1):
-        w0, w1, w2 = _load_unit(w_ptrs + b * SUB, N * U, nmask[:, None], PLANES)
-        for ci in tl.static_range(CPB):
-            za, sa, zb, sb, zc, sc, zd, sd = _chunk_scale_zero(sz_ptr, b * GPB + ci * (GPB // CPB), N, offs_n,
-                                                               nmask, TPG, ACT)
-            q = _chunk_tile(w0, w1, w2, za, sa, zb, sb, zc, sc, zd, sd, 4 * ci, BITS, ACT, BLOCK_N, rz, SCALED,
-                            INTERPRET)
-            k0 = b * BK + ci * 128
-            if EVEN_K:
-                xt = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
-            else:
-                xt = tl.load(x_ptrs + k0, mask=mmask[None, :] & ((k0 + offs_c) < K)[:, None], other=0.0)
-            if SCALED:
-                acc = tl.dot(q, xt, acc)
-            else:
-                acc += sa[:, None] * tl.dot(q, xt)
-    _finish(acc, offs_n, offs_m, M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr,
-            pid_m * tl.num_programs(0) + pid_n, pid_k, n_split, HAS_BIAS, SPLIT)
+    while it < it_end:
+        tile = it // nblk
+        t0 = tile * nblk
+        b_end = tl.minimum(nblk, it_end - t0)
+        offs_n = (tile % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = (tile // n_tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        nmask = offs_n < N
+        mmask = offs_m < M
+        w_ptrs = qw_ptr + offs_n[:, None] * U + offs_j[None, :]
+        x_ptrs = x_ptr + offs_m[None, :] * K + offs_c[:, None]  # [128, BLOCK_M]: x^T slice
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for b in range(it - t0, b_end):
+            w0, w1, w2 = _load_unit(w_ptrs + b * SUB, N * U, nmask[:, None], PLANES)
+            for ci in tl.static_range(CPB):
+                za, sa, zb, sb, zc, sc, zd, sd = _chunk_scale_zero(sz_ptr, b * GPB + ci * (GPB // CPB), N, offs_n,
+                                                                   nmask, TPG, ACT)
+                q = _chunk_tile(w0, w1, w2, za, sa, zb, sb, zc, sc, zd, sd, 4 * ci, BITS, ACT, BLOCK_N, rz, SCALED,
+                                INTERPRET)
+                k0 = b * BK + ci * 128
+                if EVEN_K:
+                    xt = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
+                else:
+                    xt = tl.load(x_ptrs + k0, mask=mmask[None, :] & ((k0 + offs_c) < K)[:, None], other=0.0)
+                if SCALED:
+                    acc = tl.dot(q, xt, acc)
+                else:
+                    acc += sa[:, None] * tl.dot(q, xt)
+        # the programs sharing this tile: those holding its first and its last iteration
+        first = ((t0 + 1).to(tl.int64) * n_prog + iters - 1) // iters - 1
+        last = ((t0 + nblk).to(tl.int64) * n_prog + iters - 1) // iters - 1
+        _finish(acc, offs_n, offs_m, M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr, tile, (pid - first).to(tl.int32),
+                (last - first + 1).to(tl.int32), HAS_BIAS)
+        it = t0 + b_end
 
 
 @triton.jit

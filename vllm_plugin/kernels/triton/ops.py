@@ -3,13 +3,12 @@
 ``torch.ops.vlmptq.wna16_gemm(x, qweight, sz, bias, locks, bits, out_features)`` is a
 ``torch.library`` custom op with a fake (meta) implementation, so torch.compile traces through it
 and CUDA graphs capture it: the launch depends on shapes only (config lookup is cached), it never
-synchronizes with the host, and its only allocations (output, split-K workspace, the dequantized
+synchronizes with the host, and its only allocations (output, stream-K workspace, the dequantized
 weight of the prefill path) have shape-determined sizes.
 """
 
 import functools
 import logging
-import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
@@ -21,7 +20,8 @@ from vllm_plugin.kernels.triton.layout import SUB, TILE, block_values, planes
 
 logger = logging.getLogger(__name__)
 
-LOCKS_SIZE = 1 << 16  # split-K tile counters per device (each launch returns them to 0)
+LOCKS_SIZE = 1 << 16  # stream-K tile counters per device (each launch returns them to 0)
+PROGRAMS_PER_SM = 2  # persistent MMA programs per SM unless a config says otherwise
 _LOCKS: dict[str, torch.Tensor] = {}
 
 
@@ -68,14 +68,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _split(nblk: int, split_k: int, tiles: int, out_elems: int) -> tuple[int, int]:
-    """(blocks per split, number of splits) for a requested split_k."""
-    split = max(1, min(split_k, nblk))
-    bps = math.ceil(nblk / split)
-    n_split = math.ceil(nblk / bps)
-    if n_split > 1 and (tiles > LOCKS_SIZE or n_split * out_elems >= 2**31):  # counters / int32 offsets
-        return nblk, 1
-    return bps, n_split
+def stream_k(tiles: int, nblk: int, programs: int, out_elems: int) -> tuple[int, int]:
+    """(programs, workspace slots) of the persistent MMA launch: at most one program per iteration;
+    the slots a tile can need = the most programs one tile's ``nblk`` iterations can touch. One
+    program per tile (no sharing) when the counters or int32 workspace offsets would not suffice."""
+    iters = tiles * nblk
+    g = max(1, min(programs, iters))
+    q = iters // g  # every program runs q or q + 1 iterations
+    slots = 1 if iters % g == 0 and q % nblk == 0 else min(g, 1 + (nblk - 1 + q - 1) // q)
+    if slots > 1 and (tiles > LOCKS_SIZE or slots * out_elems >= 2**31):
+        return tiles, 1
+    return g, slots
 
 
 def launch(
@@ -172,16 +175,17 @@ def plan_launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfi
         meta = dict(BLOCK_N=cfg.block_n, EVEN_K=geo["EVEN_K"], num_warps=cfg.num_warps, num_stages=1, **common)
         launch_ = KernelLaunch(K_._dequant_kernel, grid, (qweight, sz, w, n, k, geo["U"]), meta)
         return launch_, lambda: torch.nn.functional.linear(x, w, bias)
-    n_tiles = triton_cdiv(n, cfg.block_n)
     cfg = fit_smem(cfg, bits)
-    bps, n_split = _split(geo["nblk"], cfg.split_k, n_tiles * triton_cdiv(m, cfg.block_m), m * n)
-    split = n_split > 1
-    ws = torch.empty((n_split, m, n), dtype=torch.float32, device=x.device) if split else out
+    n_tiles = triton_cdiv(n, cfg.block_n)
+    tiles = n_tiles * triton_cdiv(m, cfg.block_m)
+    programs = cfg.programs or _device_info(str(x.device))[1] * PROGRAMS_PER_SM
+    g, slots = stream_k(tiles, geo["nblk"], programs, m * n)
+    ws = torch.empty((slots, m, n), dtype=torch.float32, device=x.device) if slots > 1 else out
     b = bias if bias is not None else out
-    args = (x, qweight, sz, b, out, ws, locks, m, n, k, geo["U"], bps, n_split)
-    meta = dict(HAS_BIAS=bias is not None, SPLIT=split, EVEN_K=geo["EVEN_K"], num_warps=cfg.num_warps,
+    args = (x, qweight, sz, b, out, ws, locks, m, n, k, geo["U"], n_tiles, tiles * geo["nblk"])
+    meta = dict(HAS_BIAS=bias is not None, EVEN_K=geo["EVEN_K"], num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, **common)
-    launch_ = KernelLaunch(K_._mma_kernel, (n_tiles, triton_cdiv(m, cfg.block_m), n_split), args, meta)
+    launch_ = KernelLaunch(K_._mma_kernel, (g,), args, meta)
     return launch_, lambda: out
 
 
