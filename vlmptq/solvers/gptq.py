@@ -233,7 +233,8 @@ def gptq_quantize(
     wt = w.t().contiguous()  # [K, N]
     st, zt = scale.t().contiguous(), zero.t().contiguous()  # [G, N]
     codes_t = torch.empty(k, n, device=device, dtype=fdt)  # [K, N]
-    group_t = torch.tensor(group_of, device=device)
+    # (1 + C_j) / scale per column of a block, precomputed when the scales are static
+    group_t = torch.tensor(group_of, device=device) if correction == "diag" and static_params is not None else None
     proxy_loss = torch.zeros((), device=device, dtype=fdt)
     maxq = float(scheme.maxq)
 
