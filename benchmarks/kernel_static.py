@@ -82,7 +82,7 @@ def moved_bytes(bits: int, n: int, k: int, m: int, bias: bool, shared_tiles: int
 
 
 def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, arch: int) -> dict:
-    launch = aot.meta_launch(bits, n, k, m, cfg, bias, GROUP)
+    launch = aot.meta_launch(bits, n, k, m, cfg, bias, GROUP, arch=arch)
     compiled = aot.compile_launch(launch, arch)
     use = aot.resource_usage(compiled)
     if cfg.path == "dequant":  # prefill: dequantize + cuBLAS; the loop analysis does not apply
@@ -117,8 +117,8 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
     )
 
 
-def default_launch(bits: int, n: int, k: int, m: int) -> KernelConfig:
-    return select_config(GPU_NAME, bits, effective_group(GROUP, k), n, k, m, SMS)
+def default_launch(bits: int, n: int, k: int, m: int, arch: int) -> KernelConfig:
+    return select_config(GPU_NAME, bits, effective_group(GROUP, k), n, k, m, SMS, arch)
 
 
 def fmt_loads(loads: dict) -> str:
@@ -182,14 +182,14 @@ def decoder_sums(records: list[dict]) -> tuple[list[str], list[dict]]:
     return lines, sums
 
 
-def sweep_configs(bits: int, m: int) -> list[KernelConfig]:
+def sweep_configs(bits: int, m: int, arch: int) -> list[KernelConfig]:
     """MMA-kernel launch shapes worth comparing at M: tile width x warps x pipeline depth (the M tile
     follows M as in the default heuristic; shapes whose buffers do not fit shared memory are left out)."""
-    bm = default_config(bits, GROUP, 3584, 3584, m).block_m
+    bm = default_config(bits, GROUP, 3584, 3584, m, SMS, arch).block_m
     out = []
     for bn, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4)):
         cfg = KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages)
-        if fit_smem(cfg, bits) == cfg and bn * bm <= 256 * 64 * (warps // 4):
+        if fit_smem(cfg, bits, arch) == cfg and bn * bm <= 256 * 64 * (warps // 4):
             out.append(cfg)
     return out
 
@@ -197,7 +197,7 @@ def sweep_configs(bits: int, m: int) -> list[KernelConfig]:
 def run_sweep(bits_list: list[int], ms: list[int], arch: int) -> tuple[list[str], list[dict]]:
     n, k, bias = LAYERS["o"]
     recs = []
-    jobs = [(b, m, c) for b in bits_list for m in ms if m <= 256 for c in sweep_configs(b, m)]
+    jobs = [(b, m, c) for b in bits_list for m in ms if m <= 256 for c in sweep_configs(b, m, arch)]
     for bits, m, cfg in tqdm(jobs, desc="sweep (o_proj)"):
         r = analyse(bits, n, k, m, cfg, bias, arch)
         r["instr_per_weight_all_m"] = r["instr_per_weight"] * math.ceil(m / cfg.block_m)  # M tiles re-dequantize
@@ -242,9 +242,9 @@ def run(args: argparse.Namespace) -> None:
     jobs = [(layer, bits, m) for bits in args.bits for m in args.m for layer in args.layers]
     for layer, bits, m in tqdm(jobs, desc=f"compile sm_{args.arch}"):
         n, k, bias = LAYERS[layer]
-        cfg = default_launch(bits, n, k, m)
+        cfg = default_launch(bits, n, k, m, args.arch)
         if cfg.path == "dot":  # what plan_launch will do to a tuned entry, so the table shows it
-            cfg = fit_smem(cfg, bits)
+            cfg = fit_smem(cfg, bits, args.arch)
         records.append(dict(layer=layer, N=n, K=k, M=m, bits=bits, **analyse(bits, n, k, m, cfg, bias, args.arch)))
     sum_lines, sums = decoder_sums(records)
     md = [f"# Triton kernels, static analysis for sm_{args.arch} (compiled here, no GPU)", "",

@@ -86,15 +86,16 @@ def compile_launch(launch: KernelLaunch, arch: int = H100_ARCH):
 
 
 def meta_launch(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool = False, group: int = 128,
-                dtype: torch.dtype = torch.bfloat16) -> KernelLaunch:
-    """The launch :func:`ops.launch` makes for this shape and ``cfg``, built on meta tensors."""
+                dtype: torch.dtype = torch.bfloat16, arch: int = H100_ARCH) -> KernelLaunch:
+    """The launch :func:`ops.launch` makes for this shape and ``cfg`` on a GPU of compute capability
+    ``arch`` (x 10; its shared-memory budget), built on meta tensors."""
     kp, ge = padded_k(k, bits), effective_group(group, k)
     q = torch.empty((planes(bits), n, kp // codes_per_unit(bits)), dtype=torch.int32, device="meta")
     sz = torch.empty((kp // ge, n), dtype=torch.int32, device="meta")
     x = torch.empty((m, k), dtype=dtype, device="meta")
     b = torch.empty((n,), dtype=dtype, device="meta") if bias else None
     locks = torch.empty((ops.LOCKS_SIZE,), dtype=torch.int32, device="meta")
-    launch, _ = ops.plan_launch(x, q, sz, b, locks, bits, n, cfg, ops.geometry(bits, k, q, sz))
+    launch, _ = ops.plan_launch(x, q, sz, b, locks, bits, n, cfg, ops.geometry(bits, k, q, sz), arch)
     return launch
 
 

@@ -29,8 +29,18 @@ logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_DIR_ENV = "VLMPTQ_TRITON_CONFIG_DIR"
 PATHS = ("dot", "dequant")
-SMEM_BUDGET = 192 * 1024  # bytes of pipelined buffers we allow (H100/H200: 227 KiB per block; a config
-# that still does not fit falls back at its first launch, see ops.launch)
+HOPPER = 90  # compute capability x 10 the defaults are for when a caller does not say
+
+
+def smem_budget(arch: int) -> int:
+    """Bytes of pipelined buffers we allow one program (the card's per-block maximum minus room for
+    Triton's own scratch): sm_90 227 KiB, sm_80 163 KiB, other sm_8x 99 KiB. A config that still
+    does not fit falls back to a simpler one at its first launch (``ops.launch``)."""
+    if arch >= 90:
+        return 192 * 1024
+    if arch == 80:
+        return 144 * 1024
+    return 88 * 1024
 
 
 @dataclass(frozen=True)
@@ -114,16 +124,25 @@ DEFAULT_TILES = {
     64: {2: (128, 8, 2), 3: (64, 4, 2), 4: (128, 8, 2)},
     128: {2: (128, 8, 2), 3: (128, 8, 1), 4: (128, 8, 2)},
 }
+# the same for sm_8x (mma.sync instead of wgmma; sm_80 compiles without spills, 144 KiB budget)
+DEFAULT_TILES_SM8X = {
+    16: {2: (64, 4, 2), 3: (128, 8, 2), 4: (128, 4, 2)},
+    32: {2: (128, 8, 2), 3: (64, 4, 3), 4: (128, 8, 2)},
+    64: {2: (128, 8, 2), 3: (64, 8, 2), 4: (64, 4, 2)},
+    128: {2: (64, 8, 2), 3: (64, 8, 2), 4: (64, 8, 2)},
+}
 
 
-def default_config(bits: int, group: int, n: int, k: int, m: int, num_sms: int = 132) -> KernelConfig:
-    """Heuristic launch for a shape with no tuned entry (numbers chosen for H100/H200-class GPUs)."""
+def default_config(bits: int, group: int, n: int, k: int, m: int, num_sms: int = 132,
+                   arch: int = HOPPER) -> KernelConfig:
+    """Heuristic launch for a shape with no tuned entry on a GPU of compute capability ``arch`` x 10
+    (tables chosen from sm_90 / sm_80 compiles)."""
     if m <= 256:
         # decode included: M = 1 runs on tensor cores too (the MMA's N = 16 columns, 15 masked);
         # per weight it issues fewer instructions than a CUDA-core GEMV (docs/kernels.md)
         bm = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
-        bn, warps, stages = DEFAULT_TILES[bm][bits]
-        return fit_smem(KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages), bits)
+        bn, warps, stages = (DEFAULT_TILES if arch >= 90 else DEFAULT_TILES_SM8X)[bm][bits]
+        return fit_smem(KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages), bits, arch)
     return KernelConfig("dequant", block_n=32, num_warps=4)
 
 
@@ -136,11 +155,11 @@ def smem_bytes(cfg: KernelConfig, bits: int) -> int:
     return cfg.num_stages * per_stage + cfg.block_n * 128 * 2
 
 
-def fit_smem(cfg: KernelConfig, bits: int) -> KernelConfig:
-    """Shrink until the dot loop's buffers fit ``SMEM_BUDGET``: stages down to 2, then block_m down
-    to 64, then stages to 1, then block_m to 16 (keeping the loads pipelined matters more than a
+def fit_smem(cfg: KernelConfig, bits: int, arch: int = HOPPER) -> KernelConfig:
+    """Shrink until the dot loop's buffers fit :func:`smem_budget`: stages down to 2, then block_m
+    down to 64, then stages to 1, then block_m to 16 (keeping the loads pipelined matters more than a
     tall M tile)."""
-    while smem_bytes(cfg, bits) > SMEM_BUDGET:
+    while smem_bytes(cfg, bits) > smem_budget(arch):
         if cfg.num_stages > 2:
             cfg = replace(cfg, num_stages=cfg.num_stages - 1)
         elif cfg.block_m > 64:
@@ -155,7 +174,7 @@ def fit_smem(cfg: KernelConfig, bits: int) -> KernelConfig:
 
 
 def select_config(device_name: str, bits: int, group: int, n: int, k: int, m: int,
-                  num_sms: int = 132) -> KernelConfig:
+                  num_sms: int = 132, arch: int = HOPPER) -> KernelConfig:
     """Tuned config for (GPU, bits, group, N, K, M-bucket), else :func:`default_config`."""
     table = load_table(device_name)
     for key in shape_keys(bits, group, n, k):
@@ -164,4 +183,4 @@ def select_config(device_name: str, bits: int, group: int, n: int, k: int, m: in
             ms = sorted(buckets)
             bucket = next((b for b in ms if b >= m), ms[-1])
             return buckets[bucket]
-    return default_config(bits, group, n, k, m, num_sms)
+    return default_config(bits, group, n, k, m, num_sms, arch)

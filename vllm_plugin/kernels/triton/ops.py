@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from vllm_plugin.kernels.triton.configs import KernelConfig, fit_smem, select_config
+from vllm_plugin.kernels.triton.configs import HOPPER, KernelConfig, fit_smem, select_config
 from vllm_plugin.kernels.triton.layout import SUB, TILE, block_values, planes
 
 logger = logging.getLogger(__name__)
@@ -34,19 +34,20 @@ def get_locks(device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _device_info(device: str) -> tuple[str, int]:
-    """(name, multiprocessor count) of a device string ('cpu' under the Triton interpreter)."""
+def _device_info(device: str) -> tuple[str, int, int]:
+    """(name, multiprocessor count, compute capability x 10) of a device string; a device that is not
+    a GPU ('cpu' under the Triton interpreter, 'meta' for ahead-of-time compiles) counts as an H100."""
     dev = torch.device(device)
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
-        return props.name, props.multi_processor_count
-    return dev.type, 132
+        return props.name, props.multi_processor_count, 10 * props.major + props.minor
+    return dev.type, 132, HOPPER
 
 
 @functools.lru_cache(maxsize=4096)
 def _config_for(device: str, bits: int, group: int, n: int, k: int, m: int) -> KernelConfig:
-    name, sms = _device_info(device)
-    return select_config(name, bits, group, n, k, m, sms)
+    name, sms, arch = _device_info(device)
+    return select_config(name, bits, group, n, k, m, sms, arch)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -159,10 +160,11 @@ class KernelLaunch:
         self.kernel[self.grid](*self.args, **self.meta)
 
 
-def plan_launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfig, geo: dict
-                ) -> tuple[KernelLaunch, Callable[[], torch.Tensor]]:
+def plan_launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfig, geo: dict,
+                arch: Optional[int] = None) -> tuple[KernelLaunch, Callable[[], torch.Tensor]]:
     """(the kernel launch, a function giving the output once it ran) for ``cfg``. Allocates the
-    output and workspaces on x's device (the meta device works: nothing is read or written)."""
+    output and workspaces on x's device (the meta device works: nothing is read or written);
+    ``arch`` (compute capability x 10) defaults to x's device's."""
     from vllm_plugin.kernels.triton import kernels as K_
 
     m, k = x.shape
@@ -175,10 +177,11 @@ def plan_launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfi
         meta = dict(BLOCK_N=cfg.block_n, EVEN_K=geo["EVEN_K"], num_warps=cfg.num_warps, num_stages=1, **common)
         launch_ = KernelLaunch(K_._dequant_kernel, grid, (qweight, sz, w, n, k, geo["U"]), meta)
         return launch_, lambda: torch.nn.functional.linear(x, w, bias)
-    cfg = fit_smem(cfg, bits)
+    _, sms, device_arch = _device_info(str(x.device))
+    cfg = fit_smem(cfg, bits, device_arch if arch is None else arch)
     n_tiles = triton_cdiv(n, cfg.block_n)
     tiles = n_tiles * triton_cdiv(m, cfg.block_m)
-    programs = cfg.programs or _device_info(str(x.device))[1] * PROGRAMS_PER_SM
+    programs = cfg.programs or sms * PROGRAMS_PER_SM
     g, slots = stream_k(tiles, geo["nblk"], programs, m * n)
     ws = torch.empty((slots, m, n), dtype=torch.float32, device=x.device) if slots > 1 else out
     b = bias if bias is not None else out
