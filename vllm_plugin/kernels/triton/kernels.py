@@ -9,10 +9,11 @@ the activation dtype:
    ``(w >> S) & (mask << p) | MAGIC``: both lanes at once become the 16-bit floats ``B + code * 2^p``
    (bf16: ``0x4300`` = 128, fp16: ``0x6400`` = 1024; ``p + b <= 7`` keeps the field in the mantissa);
 2. per tile, one packed FMA per word, ``v * 2^-p - (B / 2^p + zero)`` = ``code - zero`` (exact:
-   small integers), and a second one for the scale when the tile carries it. Inline PTX ``fma.rn.{bf16x2,f16x2}`` on the int32 word: Triton's own 16-bit
+   small integers), and a second one for the scale when the tile carries it. Inline PTX
+   ``fma.rn.{bf16x2,f16x2}`` on the int32 word (:func:`_packed_fma`): Triton's own 16-bit
    arithmetic reaches ptxas as scalar ops, which it paired across the wrong register halves (a
    PRMT per pair in the sm_90 SASS). The Triton interpreter cannot run PTX; with ``INTERPRET``
-   the same arithmetic runs on the unpacked lanes in float32;
+   that one instruction is emulated on unpacked lanes, everything around it is the same code;
 3. join the tiles' words, permute them into column order and split each word into its lanes:
    the pair of a word stays in its 32-bit register, so this is register renaming (the one
    layout conversion left is to the MMA operand, through shared memory).
@@ -63,9 +64,23 @@ def _lanes(w0, w1, w2, T: tl.constexpr, P: tl.constexpr, BITS: tl.constexpr, MAG
 
 
 @triton.jit
-def _packed_fma(a, b, c, ACT: tl.constexpr):
-    """``a * b + c`` lane by lane on int32 words holding two act-dtype values each (one instruction)."""
-    if ACT == tl.float16:
+def _lane(w, HI: tl.constexpr, ACT: tl.constexpr):
+    """Lane 0 / 1 of int32 words as float32 (the act-dtype value it holds)."""
+    if HI:
+        w = w >> 16
+    return w.to(tl.int16).to(ACT, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _packed_fma(a, b, c, ACT: tl.constexpr, INTERPRET: tl.constexpr):
+    """``a * b + c`` lane by lane on int32 words holding two act-dtype values each: one instruction.
+    The Triton interpreter cannot run PTX; there the lanes are unpacked and ``a * b + c`` rounded once
+    to ACT (the product and sum are exact in float32 for the kernels' operands, so this is the FMA)."""
+    if INTERPRET:
+        lo = (_lane(a, False, ACT) * _lane(b, False, ACT) + _lane(c, False, ACT)).to(ACT)
+        hi = (_lane(a, True, ACT) * _lane(b, True, ACT) + _lane(c, True, ACT)).to(ACT)
+        out = (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+    elif ACT == tl.float16:
         out = tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                         dtype=tl.int32, is_pure=True, pack=1)
     else:
@@ -75,48 +90,40 @@ def _packed_fma(a, b, c, ACT: tl.constexpr):
 
 
 @triton.jit
-def _pair(v, ACT: tl.constexpr):
-    """float32 ``[BLOCK_N]`` -> int32 ``[BLOCK_N, 1]`` holding the act-dtype value in both lanes."""
-    h = v.to(ACT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return (h | (h << 16))[:, None]
-
-
-@triton.jit
-def _code_minus_zero(r, P: tl.constexpr, zb, s, ACT: tl.constexpr, SCALED: tl.constexpr,
-                     INTERPRET: tl.constexpr):
-    """``v * 2^-P - zb`` (times ``s`` if SCALED) on both lanes of the int32 words ``r`` (``zb`` =
-    ``B / 2^P + zero``, ``s`` the scale: float32 ``[BLOCK_N]``), as int32 words of two act-dtype
-    values. The first step is exact (small integers); the scaled value is rounded once, as the
-    reference's dequantized weight is."""
+def _code_minus_zero(r, P: tl.constexpr, szw, ACT: tl.constexpr, SCALED: tl.constexpr, INTERPRET: tl.constexpr):
+    """``v * 2^-P - (B / 2^P + zero)`` (times the scale if SCALED) on both lanes of the int32 words
+    ``r``, as int32 words of two act-dtype values; ``szw`` is the rows' int32 (scale | zero << 16)
+    word ``[BLOCK_N]``. The first step is exact (small integers); the scaled value is rounded once,
+    as the reference's dequantized weight is. Per row the constants cost one shift/or (the zero in
+    both lanes) and one packed FMA per P (``-zero - B / 2^P``, exact), shared by the tiles."""
     if ACT == tl.float16:
-        TWO_P: tl.constexpr = ((15 - P) << 10) * 0x10001  # 2^-P in both halves
+        EXP_BIAS: tl.constexpr = 15
+        MANT: tl.constexpr = 10
     else:
-        TWO_P: tl.constexpr = ((127 - P) << 7) * 0x10001
-    if INTERPRET:  # the same arithmetic on unpacked lanes (the interpreter cannot run PTX)
-        lo = (r.to(tl.int16).to(ACT, bitcast=True).to(tl.float32) * (1.0 / (1 << P)) - zb[:, None]).to(ACT)
-        hi = ((r >> 16).to(tl.int16).to(ACT, bitcast=True).to(tl.float32) * (1.0 / (1 << P)) - zb[:, None]).to(ACT)
-        if SCALED:
-            lo = (lo.to(tl.float32) * s[:, None]).to(ACT)
-            hi = (hi.to(tl.float32) * s[:, None]).to(ACT)
-        out = (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
-    else:
-        out = _packed_fma(r, tl.full([1, 1], TWO_P, tl.int32), _pair(-zb, ACT), ACT)
-        if SCALED:
-            out = _packed_fma(out, _pair(s, ACT), tl.full([1, 1], -2147450880, tl.int32), ACT)  # + (-0, -0)
+        EXP_BIAS: tl.constexpr = 127
+        MANT: tl.constexpr = 7
+    # act-dtype pairs as int32 constants (the negative ones wrap: (v + 2^31) % 2^32 - 2^31)
+    TWO_P: tl.constexpr = ((EXP_BIAS - P) << MANT) * 0x10001  # 2^-P in both lanes
+    NEG_ONE: tl.constexpr = ((0x8000 | (EXP_BIAS << MANT)) * 0x10001 + 2**31) % 2**32 - 2**31  # -1
+    NEG_BP: tl.constexpr = ((0x8000 | ((EXP_BIAS + MANT - P) << MANT)) * 0x10001 + 2**31) % 2**32 - 2**31  # -B/2^P
+    zz = ((szw >> 16) & 0xFFFF) | (szw & -65536)  # the zero point in both lanes
+    c = _packed_fma(zz, tl.full([1], NEG_ONE, tl.int32), tl.full([1], NEG_BP, tl.int32), ACT, INTERPRET)
+    out = _packed_fma(r, tl.full([1, 1], TWO_P, tl.int32), c[:, None], ACT, INTERPRET)
+    if SCALED:
+        ss = (szw & 0xFFFF) | (szw << 16)  # the scale in both lanes
+        out = _packed_fma(out, ss[:, None], tl.full([1, 1], -2147450880, tl.int32), ACT, INTERPRET)  # + (-0, -0)
     return out
 
 
 @triton.jit
-def _tile_words(w0, w1, w2, z, s, T: tl.constexpr, BITS: tl.constexpr, ACT: tl.constexpr, rz,
+def _tile_words(w0, w1, w2, szw, T: tl.constexpr, BITS: tl.constexpr, ACT: tl.constexpr, rz,
                 SCALED: tl.constexpr, INTERPRET: tl.constexpr):
-    """Tile ``T`` as int32 words of two act-dtype values ``code - zero`` (times ``s`` if SCALED):
-    ``[BLOCK_N, 16]``."""
+    """Tile ``T`` as int32 words of two act-dtype values ``code - zero`` (times the scale if SCALED):
+    ``[BLOCK_N, 16]``; ``szw`` = the rows' (scale | zero << 16) words of the tile's group."""
     if ACT == tl.float16:
-        MAGIC: tl.constexpr = 0x64006400
-        B: tl.constexpr = 1024
+        MAGIC: tl.constexpr = 0x64006400  # 1024 + field
     else:
-        MAGIC: tl.constexpr = 0x43004300
-        B: tl.constexpr = 128
+        MAGIC: tl.constexpr = 0x43004300  # 128 + field
     # the field's bit within its lane after the word's shift: 0 for b = 4; the shifts by 6 / 12
     # serve three (b = 2) or two (b = 3) tiles each, fields sit at bits 0-5 (p + b <= 7)
     if BITS == 4 or (BITS == 3 and T == 15):
@@ -126,40 +133,40 @@ def _tile_words(w0, w1, w2, z, s, T: tl.constexpr, BITS: tl.constexpr, ACT: tl.c
     else:
         P: tl.constexpr = (2 * T) % 6
     r = _lanes(w0, w1, w2, T, P, BITS, MAGIC, rz)
-    return _code_minus_zero(r, P, z + (B >> P), s, ACT, SCALED, INTERPRET)
+    return _code_minus_zero(r, P, szw, ACT, SCALED, INTERPRET)
 
 
 @triton.jit
-def _chunk_tile(w0, w1, w2, za, sa, zb, sb, zc, sc, zd, sd, T0: tl.constexpr, BITS: tl.constexpr,
+def _chunk_tile(w0, w1, w2, sza, szb, szc, szd, T0: tl.constexpr, BITS: tl.constexpr,
                 ACT: tl.constexpr, BLOCK_N: tl.constexpr, rz, SCALED: tl.constexpr, INTERPRET: tl.constexpr):
     """Tiles ``T0 .. T0+3`` (128 columns) as ``[BLOCK_N, 128]`` ``code - zero`` in ACT (times the
-    scale if SCALED), column ``c`` = block column ``32 * T0 + c``; tile ``T0+i`` uses zero point and
-    scale ``z*``/``s*`` number i (its group's). The tiles' words are joined and permuted (pair index
-    ``16 t + j``) before the split into lanes, so each pair stays in its register."""
-    ra = _tile_words(w0, w1, w2, za, sa, T0, BITS, ACT, rz, SCALED, INTERPRET)
-    rb = _tile_words(w0, w1, w2, zb, sb, T0 + 1, BITS, ACT, rz, SCALED, INTERPRET)
-    rc = _tile_words(w0, w1, w2, zc, sc, T0 + 2, BITS, ACT, rz, SCALED, INTERPRET)
-    rd = _tile_words(w0, w1, w2, zd, sd, T0 + 3, BITS, ACT, rz, SCALED, INTERPRET)
+    scale if SCALED), column ``c`` = block column ``32 * T0 + c``; tile ``T0+i`` uses the (scale |
+    zero << 16) words ``sz*`` number i (its group's). The tiles' words are joined and permuted (pair
+    index ``16 t + j``) before the split into lanes, so each pair stays in its register."""
+    ra = _tile_words(w0, w1, w2, sza, T0, BITS, ACT, rz, SCALED, INTERPRET)
+    rb = _tile_words(w0, w1, w2, szb, T0 + 1, BITS, ACT, rz, SCALED, INTERPRET)
+    rc = _tile_words(w0, w1, w2, szc, T0 + 2, BITS, ACT, rz, SCALED, INTERPRET)
+    rd = _tile_words(w0, w1, w2, szd, T0 + 3, BITS, ACT, rz, SCALED, INTERPRET)
     r = tl.reshape(tl.permute(tl.join(tl.join(ra, rb), tl.join(rc, rd)), (0, 3, 2, 1)), (BLOCK_N, 64))
     q = tl.join(r.to(tl.int16), (r >> 16).to(tl.int16))  # [BLOCK_N, 64, lane]
     return tl.reshape(q, (BLOCK_N, 128)).to(ACT, bitcast=True)
 
 
 @triton.jit
-def _chunk_scale_zero(sz_ptr, g0, N, offs_n, nmask, TPG: tl.constexpr, ACT: tl.constexpr):
-    """Scales and zero points of the 4 tiles of a 128-column chunk whose first group is ``g0``
-    (groups of TPG tiles: 4 -> one load, 2 -> two, 1 -> four)."""
-    sa, za = _scale_zero(tl.load(sz_ptr + g0 * N + offs_n, mask=nmask, other=0), ACT)
+def _chunk_sz(sz_ptr, g0, N, offs_n, nmask, TPG: tl.constexpr):
+    """(scale | zero << 16) words ``[BLOCK_N]`` of the 4 tiles of a 128-column chunk whose first
+    group is ``g0`` (groups of TPG tiles: 4 -> one load, 2 -> two, 1 -> four)."""
+    sza = tl.load(sz_ptr + g0 * N + offs_n, mask=nmask, other=0)
     if TPG == 4:
-        sb, zb, sc, zc, sd, zd = sa, za, sa, za, sa, za
+        szb, szc, szd = sza, sza, sza
     elif TPG == 2:
-        sc, zc = _scale_zero(tl.load(sz_ptr + (g0 + 1) * N + offs_n, mask=nmask, other=0), ACT)
-        sb, zb, sd, zd = sa, za, sc, zc
+        szc = tl.load(sz_ptr + (g0 + 1) * N + offs_n, mask=nmask, other=0)
+        szb, szd = sza, szc
     else:
-        sb, zb = _scale_zero(tl.load(sz_ptr + (g0 + 1) * N + offs_n, mask=nmask, other=0), ACT)
-        sc, zc = _scale_zero(tl.load(sz_ptr + (g0 + 2) * N + offs_n, mask=nmask, other=0), ACT)
-        sd, zd = _scale_zero(tl.load(sz_ptr + (g0 + 3) * N + offs_n, mask=nmask, other=0), ACT)
-    return za, sa, zb, sb, zc, sc, zd, sd
+        szb = tl.load(sz_ptr + (g0 + 1) * N + offs_n, mask=nmask, other=0)
+        szc = tl.load(sz_ptr + (g0 + 2) * N + offs_n, mask=nmask, other=0)
+        szd = tl.load(sz_ptr + (g0 + 3) * N + offs_n, mask=nmask, other=0)
+    return sza, szb, szc, szd
 
 
 @triton.jit
@@ -254,10 +261,8 @@ def _mma_kernel(
         for b in range(it - t0, b_end):
             w0, w1, w2 = _load_unit(w_ptrs + b * SUB, N * U, nmask[:, None], PLANES)
             for ci in tl.static_range(CPB):
-                za, sa, zb, sb, zc, sc, zd, sd = _chunk_scale_zero(sz_ptr, b * GPB + ci * (GPB // CPB), N, offs_n,
-                                                                   nmask, TPG, ACT)
-                q = _chunk_tile(w0, w1, w2, za, sa, zb, sb, zc, sc, zd, sd, 4 * ci, BITS, ACT, BLOCK_N, rz, SCALED,
-                                INTERPRET)
+                sza, szb, szc, szd = _chunk_sz(sz_ptr, b * GPB + ci * (GPB // CPB), N, offs_n, nmask, TPG)
+                q = _chunk_tile(w0, w1, w2, sza, szb, szc, szd, 4 * ci, BITS, ACT, BLOCK_N, rz, SCALED, INTERPRET)
                 k0 = b * BK + ci * 128
                 if EVEN_K:
                     xt = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
@@ -266,7 +271,7 @@ def _mma_kernel(
                 if SCALED:
                     acc = tl.dot(q, xt, acc)
                 else:
-                    acc += sa[:, None] * tl.dot(q, xt)
+                    acc += _scale_zero(sza, ACT)[0][:, None] * tl.dot(q, xt)
         # the programs sharing this tile: those holding its first and its last iteration
         first = ((t0 + 1).to(tl.int64) * n_prog + iters - 1) // iters - 1
         last = ((t0 + nblk).to(tl.int64) * n_prog + iters - 1) // iters - 1
@@ -293,9 +298,8 @@ def _dequant_kernel(
     offs_c = tl.arange(0, 128)
     w0, w1, w2 = _load_unit(qw_ptr + offs_n[:, None] * U + b * SUB + offs_j[None, :], N * U, nmask[:, None], PLANES)
     for ci in tl.static_range(CPB):
-        za, sa, zb, sb, zc, sc, zd, sd = _chunk_scale_zero(sz_ptr, b * GPB + ci * (GPB // CPB), N, offs_n, nmask,
-                                                           TPG, ACT)
-        v = _chunk_tile(w0, w1, w2, za, sa, zb, sb, zc, sc, zd, sd, 4 * ci, BITS, ACT, BLOCK_N, 0, True, INTERPRET)
+        sza, szb, szc, szd = _chunk_sz(sz_ptr, b * GPB + ci * (GPB // CPB), N, offs_n, nmask, TPG)
+        v = _chunk_tile(w0, w1, w2, sza, szb, szc, szd, 4 * ci, BITS, ACT, BLOCK_N, 0, True, INTERPRET)
         k = b * BK + ci * 128 + offs_c
         dst = w_ptr + offs_n[:, None] * K + k[None, :]
         if EVEN_K:
