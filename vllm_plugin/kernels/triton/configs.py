@@ -148,7 +148,7 @@ def default_config(bits: int, group: int, n: int, k: int, m: int, num_sms: int =
 
 def smem_bytes(cfg: KernelConfig, bits: int) -> int:
     """Rough shared memory of the pipelined loop: per stage, one block's activation slices + weights,
-    plus the dequantized group tile on its way to the MMA."""
+    plus the dequantized chunk tile on its way to the MMA."""
     if cfg.path != "dot":
         return 0
     per_stage = block_values(bits) * cfg.block_m * 2 + planes(bits) * cfg.block_n * 16 * 4
