@@ -66,11 +66,6 @@ ALU_OPS = {"LOP3", "SHF", "IADD3", "PRMT", "ISETP", "SEL", "LEA", "PLOP3", "FSEL
            "LOP", "IABS", "IMNMX", "VIMNMX", "FMNMX"}
 
 
-def loop_iterations(launch) -> int:
-    """Main-loop iterations of an MMA-kernel launch over all its programs (tiles x K blocks)."""
-    return launch.args[12]
-
-
 def moved_bytes(bits: int, n: int, k: int, m: int, bias: bool, shared_tiles: int, tile_elems: int) -> int:
     """Bytes a GEMM must move at least: packed weights, scale/zero words, x, y (+ the fp32 partial
     sums of tiles shared between programs: written once, read once)."""
@@ -91,17 +86,19 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
     loop = aot.hot_loop(aot.sass(compiled))
     base = collections.Counter(op.split(".")[0] for op in loop)
     loads = collections.Counter(op for op in loop if op.startswith(("LDG.", "LDGSTS.")))
-    iters = loop_iterations(launch)
+    iters = launch.arg("iters")  # main-loop iterations over all programs: tiles x K blocks
     warps = launch.meta["num_warps"]
     warp_instr = iters * len(loop) * warps
-    # the busiest SM holds at least ceil(programs / SMs) programs (pigeonhole; programs of a launch
-    # differ only in the last split's length): a bound that sees a grid too small to fill the card
+    # the busiest SM holds at least ceil(programs / SMs) programs (pigeonhole; stream-K programs
+    # differ by at most one iteration): a bound that sees a grid too small to fill the card
     programs = math.prod(launch.grid)
     fill_instr = math.ceil(programs / SMS) * math.ceil(iters / programs) * len(loop) * warps
     alu_instr = iters * sum(c for op, c in base.items() if op in ALU_OPS) * warps
     rate = SMS * CLOCK_GHZ * 1e3  # SM-clocks per microsecond
-    ws = launch.args[5]  # the workspace (slots, M, N), or the output itself when no tile is shared
-    shared = 0 if ws is launch.args[4] else min(programs, launch.args[11] * math.ceil(m / cfg.block_m))
+    # tiles shared between programs: none when the workspace is the output itself, else at most one
+    # per program
+    tiles = launch.arg("n_tiles_n") * math.ceil(m / cfg.block_m)
+    shared = 0 if launch.arg("ws_ptr") is launch.arg("out_ptr") else min(programs, tiles)
     tile_elems = cfg.block_n * min(m, cfg.block_m)
     weights_per_iter = aot.weights_per_iteration(launch)
     return dict(
@@ -118,7 +115,7 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
 
 
 def default_launch(bits: int, n: int, k: int, m: int, arch: int) -> KernelConfig:
-    return select_config(GPU_NAME, bits, effective_group(GROUP, k), n, k, m, SMS, arch)
+    return select_config(GPU_NAME, bits, effective_group(GROUP, k), n, k, m, arch)
 
 
 def fmt_loads(loads: dict) -> str:
@@ -185,7 +182,7 @@ def decoder_sums(records: list[dict]) -> tuple[list[str], list[dict]]:
 def sweep_configs(bits: int, m: int, arch: int) -> list[KernelConfig]:
     """MMA-kernel launch shapes worth comparing at M: tile width x warps x pipeline depth (the M tile
     follows M as in the default heuristic; shapes whose buffers do not fit shared memory are left out)."""
-    bm = default_config(bits, GROUP, 3584, 3584, m, SMS, arch).block_m
+    bm = default_config(bits, m, arch).block_m
     out = []
     for bn, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4)):
         cfg = KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages)

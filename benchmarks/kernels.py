@@ -57,7 +57,7 @@ from vlmptq.checkpoint.packing import pack_columns, pack_rows  # noqa: E402
 from vllm_plugin.kernels.triton.configs import (  # noqa: E402
     CONFIG_DIR, KernelConfig, default_config, fit_smem, gpu_key,
 )
-from vllm_plugin.kernels.triton.layout import block_values, padded_k, repack  # noqa: E402
+from vllm_plugin.kernels.triton.layout import effective_group, padded_k, repack  # noqa: E402
 
 T0 = time.time()
 # name -> (output partition sizes, K, has_bias); Qwen2.5-VL-7B LM: hidden 3584, intermediate 18944
@@ -425,17 +425,17 @@ def spec_for(bits, group, n, k, m, dtype, cfg: KernelConfig, bias: bool) -> dict
 
 
 # ----------------------------------------------------------------------------- tuning
-def candidates(bits: int, n: int, k: int, m: int, sms: int, dry: bool) -> list[KernelConfig]:
-    """A small, ordered search space per M (the default first)."""
-    group = math.gcd(128, block_values(bits))
-    base = default_config(bits, group, n, k, m, sms)
+def candidates(bits: int, m: int, sms: int, arch: int, dry: bool) -> list[KernelConfig]:
+    """A small, ordered search space per M on a GPU with ``sms`` SMs of compute capability ``arch``
+    x 10 (the default first)."""
+    base = default_config(bits, m, arch)
     out = [base]
     if dry:
         alt = replace(base, programs=3) if base.path != "dequant" else base
         return list(dict.fromkeys([base, alt]))
     if m <= 64:  # a diverse dozen around the default (the list is cut at --max-candidates)
         def near(**kw):
-            return fit_smem(replace(base, **kw), bits)
+            return fit_smem(replace(base, **kw), bits, arch)
 
         # more rows per thread (block_n / num_warps) = fewer instructions per weight (kernel_static.py)
         # and more registers; deeper pipelines hide more memory latency
@@ -448,7 +448,7 @@ def candidates(bits: int, n: int, k: int, m: int, sms: int, dry: bool) -> list[K
         for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 256, 8), (128, 256, 8)):
             for stages in (2, 3):
                 out.append(fit_smem(replace(base, path="dot", block_m=bm, block_n=bn, num_warps=warps,
-                                            num_stages=stages), bits))
+                                            num_stages=stages), bits, arch))
         out.append(KernelConfig("dequant", block_n=32))
     return list(dict.fromkeys(out))
 
@@ -609,11 +609,11 @@ def run(args) -> None:
     META.update(torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
                 kernels_sha=hashlib.sha256((REPO / "vllm_plugin/kernels/triton/kernels.py").read_bytes()).hexdigest()[:12])
     if DRY:
-        META.update(gpu="DRY-interpreter", sms=132, l2=8 << 20)
+        META.update(gpu="DRY-interpreter", sms=132, arch=90, l2=8 << 20)
     else:
         props = torch.cuda.get_device_properties(0)
         META.update(gpu=props.name, sms=props.multi_processor_count, l2=int(getattr(props, "L2_cache_size", 50 << 20)),
-                    cc=f"{props.major}.{props.minor}")
+                    cc=f"{props.major}.{props.minor}", arch=10 * props.major + props.minor)
     log(f"{META['gpu']}: torch {META['torch']} triton {META['triton']} commit {META['commit']}")
     META["copy_bw_gbs"] = measure_copy_bw(1 << 30)
     log(f"copy bandwidth (read+write) {META['copy_bw_gbs']:.0f} GB/s")
@@ -683,9 +683,9 @@ def run(args) -> None:
         stacks, k, has_bias = layers[name]
         for bits in args.bits:
             for group in (64, 32):
-                ge = math.gcd(group, block_values(bits))
+                ge = effective_group(group, k)
                 for m in [mm for mm in args.ms if mm in (1, 16)]:
-                    cfg = default_config(bits, ge, sum(stacks), k, m, META["sms"])
+                    cfg = default_config(bits, m, META["arch"])
                     specs.append(spec_for(bits, ge, sum(stacks), k, m, dtype, cfg, has_bias))
     prewarm(specs, args.procs)
     if hm is not None:
@@ -771,7 +771,7 @@ def tune(args, built, xs, dtype) -> None:
             continue
         o = e["ours"]
         for m in [mm for mm in args.ms if mm in args.tune_ms]:
-            cands = candidates(bits, o.n, o.k, m, META["sms"], DRY)[: args.max_candidates]
+            cands = candidates(bits, m, META["sms"], META["arch"], DRY)[: args.max_candidates]
             plan.append((name, bits, m, cands))
             specs += [spec_for(bits, o.group, o.n, o.k, m, dtype, c, e["bias"] is not None) for c in cands]
     prewarm(specs, args.procs)

@@ -73,8 +73,7 @@ def test_quantized_proxy_loads_in_hf_and_stays_close(tiny_proxy, quantized):
 
     from vlmptq.calib import BUILTIN_HOLDOUT
     from vlmptq.checkpoint.reader import read_quantization_config
-    from vlmptq.demo.evaluate import dequantize_into
-    from vlmptq.demo.evaluate import EVAL_QUESTIONS, kl_samples, mean_kl, reference_logprobs
+    from vlmptq.demo.evaluate import EVAL_QUESTIONS, dequantize_into, kl_samples, mean_kl, reference_logprobs
     from vlmptq.models.adapters import load_model
 
     ignore = read_quantization_config(quantized).ignore

@@ -148,10 +148,13 @@ def test_repack_from_checkpoint(bits, sym):
 
 # ----------------------------------------------------------------------------- configs (no triton)
 def test_default_dispatch_by_m():
-    assert default_config(3, 128, 3584, 3584, 1).path == "dot"
-    assert default_config(3, 128, 3584, 3584, 16).path == "dot"
-    assert default_config(3, 128, 3584, 3584, 256).path == "dot"
-    assert default_config(3, 128, 3584, 3584, 1024).path == "dequant"
+    assert default_config(3, 1).path == "dot" and default_config(3, 1).block_m == 16
+    assert default_config(3, 16).path == "dot"
+    assert default_config(3, 256).path == "dot" and default_config(3, 256).block_m == 128
+    assert default_config(3, 1024).path == "dequant"
+    # sm_80: its own table, within A100 shared memory
+    from vllm_plugin.kernels.triton.configs import smem_budget, smem_bytes
+    assert all(smem_bytes(default_config(b, m, 80), b) <= smem_budget(80) for b in (2, 3, 4) for m in (1, 64, 256))
 
 
 def test_stream_k_partition():
@@ -178,7 +181,7 @@ def test_config_file_lookup(tmp_path, monkeypatch):
         assert select_config("Fake GPU 1", 3, 128, 100, 256, 1) == KernelConfig("dot", block_n=64, programs=4)
         assert select_config("Fake GPU 1", 3, 128, 100, 256, 9).block_m == 32  # next bucket up
         assert select_config("Fake GPU 1", 3, 128, 100, 256, 999).block_m == 32  # largest bucket
-        assert select_config("Fake GPU 1", 3, 128, 101, 256, 1) == default_config(3, 128, 101, 256, 1)
+        assert select_config("Fake GPU 1", 3, 128, 101, 256, 1) == default_config(3, 1)
         (tmp_path / "Fake_GPU_2.json").write_text(json.dumps({"configs": {"w3:1x1": {"1": {"path": "dot", "blk": 1}}}}))
         with pytest.raises(ValueError, match="unknown kernel config field"):
             select_config("Fake GPU 2", 3, 128, 1, 1, 1)

@@ -51,7 +51,7 @@ def _worker() -> None:
     for name, bits, group, n, k, m, bias, dtype, cfg, _ in CASES:
         arch = 80 if name.startswith("sm80-") else aot.H100_ARCH
         try:
-            cfg = KernelConfig(**cfg) if cfg else default_config(bits, group, n, k, m, arch=arch)
+            cfg = KernelConfig(**cfg) if cfg else default_config(bits, m, arch)
             launch = aot.meta_launch(bits, n, k, m, cfg, bias, group, getattr(torch, dtype), arch)
             compiled = aot.compile_launch(launch, arch)
             use = aot.resource_usage(compiled)

@@ -133,10 +133,10 @@ DEFAULT_TILES_SM8X = {
 }
 
 
-def default_config(bits: int, group: int, n: int, k: int, m: int, num_sms: int = 132,
-                   arch: int = HOPPER) -> KernelConfig:
-    """Heuristic launch for a shape with no tuned entry on a GPU of compute capability ``arch`` x 10
-    (tables chosen from sm_90 / sm_80 compiles)."""
+def default_config(bits: int, m: int, arch: int = HOPPER) -> KernelConfig:
+    """Heuristic launch for ``m`` activation rows with no tuned entry, on a GPU of compute capability
+    ``arch`` x 10 (tables chosen from sm_90 / sm_80 compiles; the persistent grid makes the launch
+    independent of N and K)."""
     if m <= 256:
         # decode included: M = 1 runs on tensor cores too (the MMA's N = 16 columns, 15 masked);
         # per weight it issues fewer instructions than a CUDA-core GEMV (docs/kernels.md)
@@ -174,7 +174,7 @@ def fit_smem(cfg: KernelConfig, bits: int, arch: int = HOPPER) -> KernelConfig:
 
 
 def select_config(device_name: str, bits: int, group: int, n: int, k: int, m: int,
-                  num_sms: int = 132, arch: int = HOPPER) -> KernelConfig:
+                  arch: int = HOPPER) -> KernelConfig:
     """Tuned config for (GPU, bits, group, N, K, M-bucket), else :func:`default_config`."""
     table = load_table(device_name)
     for key in shape_keys(bits, group, n, k):
@@ -183,4 +183,4 @@ def select_config(device_name: str, bits: int, group: int, n: int, k: int, m: in
             ms = sorted(buckets)
             bucket = next((b for b in ms if b >= m), ms[-1])
             return buckets[bucket]
-    return default_config(bits, group, n, k, m, num_sms, arch)
+    return default_config(bits, m, arch)

@@ -46,8 +46,8 @@ def _device_info(device: str) -> tuple[str, int, int]:
 
 @functools.lru_cache(maxsize=4096)
 def _config_for(device: str, bits: int, group: int, n: int, k: int, m: int) -> KernelConfig:
-    name, sms, arch = _device_info(device)
-    return select_config(name, bits, group, n, k, m, sms, arch)
+    name, _, arch = _device_info(device)
+    return select_config(name, bits, group, n, k, m, arch)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -65,7 +65,7 @@ def geometry(bits: int, k: int, qweight: torch.Tensor, sz: torch.Tensor) -> dict
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its interpreter (no inline PTX: see kernels._code_minus_zero)."""
+    """True when Triton runs kernels in its interpreter (no inline PTX: see kernels._packed_fma)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -158,6 +158,10 @@ class KernelLaunch:
 
     def run(self) -> None:
         self.kernel[self.grid](*self.args, **self.meta)
+
+    def arg(self, name: str) -> Any:
+        """The positional argument the kernel calls ``name``."""
+        return self.args[self.kernel.arg_names.index(name)]
 
 
 def plan_launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfig, geo: dict,
