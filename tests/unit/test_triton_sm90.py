@@ -1,5 +1,5 @@
 """The Triton kernels compile for sm_90 (H100/H200) on this CPU machine, and their SASS stays lean
-(plus two sm_80 launches: the Ampere defaults must not spill).
+(plus sm_80 / sm_86 / sm_89 launches: the Ampere and Ada defaults must not spill).
 
 What the interpreter tests cannot see: a kernel that fails to lower (the packed-FMA inline PTX is only
 compiled here), spills registers, loads weights in pieces smaller than 128 bits, or grows its loop. Each case compiles the launch the plugin would
@@ -39,6 +39,9 @@ CASES = [
     # Ampere (mma.sync, 163 KiB of shared memory): the sm_8x defaults compile without spills
     ("sm80-dot-w3-m1-default", 3, 128, 3584, 3584, 1, False, "bfloat16", None, None),
     ("sm80-dot-w2-m256-default", 2, 128, 3584, 3584, 256, False, "float16", None, None),
+    # Ada / GA10x (99 KiB of shared memory, 1536 threads per SM; ptxas budgets registers differently)
+    ("sm89-dot-w2-m256-default", 2, 128, 3584, 3584, 256, False, "bfloat16", None, None),
+    ("sm86-dot-w3-m64-default", 3, 128, 3584, 3584, 64, False, "bfloat16", None, None),
 ]
 
 
@@ -49,7 +52,7 @@ def _worker() -> None:
     from vllm_plugin.kernels.triton.configs import KernelConfig, default_config
 
     for name, bits, group, n, k, m, bias, dtype, cfg, _ in CASES:
-        arch = 80 if name.startswith("sm80-") else aot.H100_ARCH
+        arch = int(name[2:4]) if name.startswith("sm") else aot.H100_ARCH
         try:
             cfg = KernelConfig(**cfg) if cfg else default_config(bits, m, arch)
             launch = aot.meta_launch(bits, n, k, m, cfg, bias, group, getattr(torch, dtype), arch)

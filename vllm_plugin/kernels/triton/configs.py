@@ -131,6 +131,9 @@ DEFAULT_TILES_SM8X = {
     64: {2: (128, 8, 2), 3: (64, 8, 2), 4: (64, 4, 2)},
     128: {2: (64, 8, 2), 3: (64, 8, 2), 4: (64, 8, 2)},
 }
+# sm_86 / sm_89 (A10, L4, RTX 30/40: 99 KiB of shared memory, 1536 threads per SM): ptxas caps this
+# 8-warp tile at 128 registers there and spills it with two stages (compiled 2026-11-28); one stage does not
+SM8X_SMALL_OVERRIDES = {(128, 2): (64, 8, 1)}
 
 
 def default_config(bits: int, m: int, arch: int = HOPPER) -> KernelConfig:
@@ -142,6 +145,8 @@ def default_config(bits: int, m: int, arch: int = HOPPER) -> KernelConfig:
         # per weight it issues fewer instructions than a CUDA-core GEMV (docs/kernels.md)
         bm = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
         bn, warps, stages = (DEFAULT_TILES if arch >= 90 else DEFAULT_TILES_SM8X)[bm][bits]
+        if 80 < arch < 90:
+            bn, warps, stages = SM8X_SMALL_OVERRIDES.get((bm, bits), (bn, warps, stages))
         return fit_smem(KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages), bits, arch)
     return KernelConfig("dequant", block_n=32, num_warps=4)
 
