@@ -230,3 +230,46 @@ def _to_padded3(ckpt_dir):
         zp = unpack_rows(sd[base + ".weight_zero_point"].t().contiguous(), 3, n)  # [G, N]
         sd[base + ".weight_zero_point"] = pack10(zp).t().contiguous()
     save_file(sd, path, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def tp2_checkpoints(tmp_path_factory):
+    """``get(bits)``: a tiny Qwen2.5-VL with 4 query / 2 KV heads (TP = 2 splits every layer: 3-bit
+    zero-point words and weight words at shard boundaries), RTN W{bits} g64 asym."""
+    from vlmptq.testing.tiny_vlm import build_tiny_qwen_vl
+
+    src = build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-tp2"), arch="qwen2_5_vl", hidden=256, heads=4,
+                             kv_heads=2, intermediate=512)
+    cache = {}
+
+    def get(bits):
+        if bits not in cache:
+            out = tmp_path_factory.mktemp(f"tp2-w{bits}")
+            cache[bits] = build_quantized_checkpoint(src, out, WeightScheme(bits, 64, False))
+        return src, cache[bits]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "bits,dtype,kernels,tol",
+    [(3, "float32", {"reference"}, FP32_TOL), (2, "bfloat16", {"cpu_w4a8", "cpu_wna16"}, BF16_MAX_TOL)],
+    ids=["w3-fp32", "w2-bf16"],
+)
+def test_tensor_parallel_2_matches_hf(tp2_checkpoints, monkeypatch, bits, dtype, kernels, tol):
+    """Two vLLM-CPU worker processes, each loading its shards through the plugin: row-parallel K
+    slices (whole groups, whole words) and column-parallel fused shards, then the CPU kernels' repack
+    of the slices (bf16). fp32 catches any mis-sliced tensor (>= 1e-2, measured 5e-6 when right)."""
+    src, ckpt = tp2_checkpoints(bits)
+    cpus = sorted(os.sched_getaffinity(0))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[-1]}")  # one NUMA node here: bind by hand
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles layer_methods' function
+    vllm_inputs, hf_inputs = prompts(src)
+    with vllm_engine(ckpt.path, dtype=dtype, quantization="vlmptq", tensor_parallel_size=2,
+                     distributed_executor_backend="mp") as llm:
+        for rank in (0, 1):
+            check_methods(layer_methods(llm, rank), kernels)
+        outputs = generate(llm, vllm_inputs)
+    errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
+    assert max(errs) < tol, f"max |dlogprob| {max(errs):.2e}"
+    assert max(margins) < tol

@@ -129,17 +129,19 @@ def vllm_engine(model: str | Path, **kwargs):
         cleanup_dist_env_and_memory()
 
 
-def layer_methods(llm) -> dict[str, tuple[str, str | None]]:
-    """``{vLLM module name: (quant method class, vlmptq kernel name or None)}`` for every linear."""
+def _linear_methods(model) -> dict[str, tuple[str, str | None]]:
+    # module level: multi-process engines pickle it to their workers
+    from vllm.model_executor.layers.linear import LinearBase
 
-    def collect(model):
-        from vllm.model_executor.layers.linear import LinearBase
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LinearBase):
+            kernel = getattr(mod.quant_method, "kernel", None)
+            out[name] = (type(mod.quant_method).__name__, getattr(kernel, "name", None))
+    return out
 
-        out = {}
-        for name, mod in model.named_modules():
-            if isinstance(mod, LinearBase):
-                kernel = getattr(mod.quant_method, "kernel", None)
-                out[name] = (type(mod.quant_method).__name__, getattr(kernel, "name", None))
-        return out
 
-    return llm.apply_model(collect)[0]
+def layer_methods(llm, rank: int = 0) -> dict[str, tuple[str, str | None]]:
+    """``{vLLM module name: (quant method class, vlmptq kernel name or None)}`` for every linear of
+    ``rank``'s model (multi-process engines need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``)."""
+    return llm.apply_model(_linear_methods)[rank]
