@@ -185,3 +185,17 @@ def test_can_implement_reasons():
                            act_dtype=torch.float32, device_type="cuda")
     ok, why = TritonWNA16Kernel.can_implement(bad)
     assert not ok and "8-bit" in why and "float32" in why and "multiple of 32" in why
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("bits,group", [(2, 128), (3, 64), (4, 32), (3, None)])
+def test_self_check_passes_and_gates_can_implement(bits, group, dtype):
+    """The first-use check the plugin runs before serving (every launch path, stream-K sums)."""
+    from vllm_plugin.kernels.triton import selfcheck
+    from vllm_plugin.kernels.triton_wna16 import TritonWNA16Kernel
+
+    assert selfcheck.self_check(bits, group, dtype, "cuda") is None
+    k = 3584
+    cfg = WNA16LayerConfig(bits=bits, group_size=group or k, symmetric=False, in_features=k, out_features=512,
+                           act_dtype=dtype, device_type="cuda")
+    assert TritonWNA16Kernel.can_implement(cfg) == (True, None)

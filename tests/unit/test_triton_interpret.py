@@ -258,6 +258,28 @@ def _run_case(name, bits, group, n, k, m, sym, dtype_name, cfg_kwargs, with_bias
             "dtype": str(y.dtype), "locks_clean": bool((locks == 0).all())}
 
 
+def _self_check_verdicts() -> dict:
+    """The plugin's first-use check as it runs on a GPU, here in the interpreter: a correct kernel
+    passes; a kernel 1 % off, or one that raises, is refused with the reason."""
+    from vllm_plugin.kernels.triton import ops, selfcheck
+
+    res = {"name": "self-check", "ok": selfcheck.self_check(3, 64, torch.float16, "cpu"),
+           "per_channel": selfcheck.self_check(2, None, torch.float16, "cpu")}
+    real = ops.launch
+    try:
+        ops.launch = lambda *a, **kw: real(*a, **kw) * 1.01
+        res["off_by_1pc"] = selfcheck._run(4, 32, torch.float16, torch.device("cpu"))
+
+        def broken(*a, **kw):
+            raise RuntimeError("PTX does not assemble")
+
+        ops.launch = broken
+        res["raises"] = selfcheck._run(4, 32, torch.float16, torch.device("cpu"))
+    finally:
+        ops.launch = real
+    return res
+
+
 def _worker() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     for case in CASES:
@@ -266,6 +288,11 @@ def _worker() -> None:
         except Exception as e:  # reported per case by the parent test
             res = {"name": case[0], "error": f"{type(e).__name__}: {e}"}
         print("CASE " + json.dumps(res), flush=True)
+    try:
+        res = _self_check_verdicts()
+    except Exception as e:
+        res = {"name": "self-check", "error": f"{type(e).__name__}: {e}"}
+    print("CASE " + json.dumps(res), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +342,14 @@ def test_kernel_matches_reference(interpreted, case):
     assert r["shape"] == [m, n]
     assert r["rel_err"] < TOLERANCE[dtype_name], f"relative error {r['rel_err']:.2e}"
     assert r["locks_clean"], "split-K counters were not reset to 0"
+
+
+def test_self_check_accepts_the_kernel_and_refuses_a_wrong_one(interpreted):
+    r = interpreted.get("self-check")
+    assert r is not None and "error" not in r, r
+    assert r["ok"] is None and r["per_channel"] is None
+    assert r["off_by_1pc"].startswith("relative error 0.01") and "at M = 1 " in r["off_by_1pc"]
+    assert r["raises"] == "RuntimeError: PTX does not assemble"
 
 
 def test_benchmark_dry_run(subprocess_runs):

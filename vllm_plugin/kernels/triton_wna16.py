@@ -35,6 +35,7 @@ import torch
 from vllm_plugin.kernels.base import WNA16Kernel, WNA16LayerConfig
 from vllm_plugin.kernels.triton import ops as _ops  # registers torch.ops.vlmptq.wna16_gemm (no triton import)
 from vllm_plugin.kernels.triton.layout import TILE
+from vllm_plugin.kernels.triton.selfcheck import SELF_CHECK_ENV, self_check, self_check_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ class TritonWNA16Kernel(WNA16Kernel):
             reasons.append("triton is not installed")
         if reasons:
             return False, "; ".join(reasons)
+        if self_check_enabled():  # once per scheme and device: the kernel must match the reference here
+            failed = self_check(config.bits, None if g == k else g, config.act_dtype, torch.cuda.current_device())
+            if failed:
+                return False, f"failed its self-check on this GPU ({failed}; {SELF_CHECK_ENV}=0 skips the check)"
         return True, None
 
     def prepare(

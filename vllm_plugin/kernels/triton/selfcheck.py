@@ -1,0 +1,93 @@
+"""First-use check of the Triton kernel against the torch reference, on the GPU that will serve.
+
+Before the plugin hands a layer to the Triton kernel it runs, once per (bits, group, activation
+dtype, device), a small random problem through every launch path a model's calls can take -- the
+tensor-core loop at the three M tiles (16: unscaled; 64 and 128: scale fused into the tile), tiles
+shared between stream-K programs, and the dequantize-then-cuBLAS path for M > 256 -- and compares
+the output with :func:`vllm_plugin.kernels.reference.reference_linear` in fp32.
+
+Why: the packed-FMA instructions of the dequantization are inline PTX that only the GPU runs (the
+CPU tests emulate that one instruction), and a Triton or driver upgrade can change what the
+kernel compiles to. A wrong kernel must never serve silently: a failed check makes
+``TritonWNA16Kernel.can_implement`` refuse the layer with the measured error, and the plugin serves
+it with the next kernel in the list (the reference) after an error message. Cost: one compile per
+launch path (seconds, at model load, cached by Triton across restarts). ``VLMPTQ_KERNEL_SELF_CHECK=0``
+skips it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from vllm_plugin.kernels.triton.layout import repack
+
+logger = logging.getLogger(__name__)
+
+SELF_CHECK_ENV = "VLMPTQ_KERNEL_SELF_CHECK"
+# fp32-reference relative error of a correct kernel: output rounding (bf16 2^-9, fp16 2^-12) plus
+# summation order; a wrong zero point, lane or scale gives >= 0.1
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# one M per launch path: M tile 16 (unscaled), 64 and 128 (scaled tiles), dequantize + cuBLAS
+CHECK_ROWS = (1, 48, 100, 300)
+CHECK_N = 320  # not a multiple of the 64/128-row tiles (masked rows); 2 programs per SM share its tiles
+
+_VERDICTS: dict[tuple, str | None] = {}
+
+
+def self_check_enabled() -> bool:
+    return os.environ.get(SELF_CHECK_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def self_check(bits: int, group_size: int | None, act_dtype: torch.dtype, device: torch.device | str) -> str | None:
+    """``None`` if the kernel matches the reference on ``device`` for this scheme, else why not
+    (cached per process). ``group_size`` None: per-channel scales."""
+    device = torch.device(device)
+    key = (bits, group_size, act_dtype, str(device))
+    if key not in _VERDICTS:
+        t0 = time.perf_counter()
+        _VERDICTS[key] = _run(bits, group_size, act_dtype, device)
+        what = f"w{bits} {'per-channel' if group_size is None else f'g{group_size}'} {str(act_dtype)[6:]} on {device}"
+        if _VERDICTS[key] is None:
+            logger.info("vlmptq: Triton kernel self-check passed (%s, M in %s) in %.1f s", what, CHECK_ROWS,
+                        time.perf_counter() - t0)
+        else:
+            logger.error("vlmptq: the Triton kernel FAILED its self-check (%s): %s. Layers with this scheme are "
+                         "served by the next kernel in the list; please report this with the output of "
+                         "`pytest tests/gpu/test_triton_kernels.py`.", what, _VERDICTS[key])
+    return _VERDICTS[key]
+
+
+def _run(bits: int, group_size: int | None, act_dtype: torch.dtype, device: torch.device) -> str | None:
+    from vllm_plugin.kernels.reference import reference_linear
+    from vllm_plugin.kernels.triton import ops
+    from vlmptq.checkpoint.packing import pack_columns, pack_rows
+
+    k = 1024 if group_size is None else 8 * group_size  # several groups and several K blocks per row
+    group = k if group_size is None else group_size
+    gen = torch.Generator().manual_seed(1000 * bits + group)
+    codes = torch.randint(0, 2**bits, (CHECK_N, k), generator=gen)
+    zeros = torch.randint(0, 2**bits, (CHECK_N, k // group), generator=gen)
+    scale = ((torch.rand(CHECK_N, k // group, generator=gen) + 0.5) * 0.02).to(act_dtype)
+    bias = torch.randn(CHECK_N, generator=gen).to(act_dtype)
+    wp, zp = pack_rows(codes, bits), pack_columns(zeros, bits)
+    try:
+        q, sz, _ = repack(wp.to(device), scale.to(device), zp.to(device), bits, k, act_dtype)
+        locks = ops.get_locks(device)
+        for m in CHECK_ROWS:
+            x = torch.randn(m, k, generator=gen).to(act_dtype)
+            y = ops.launch(x.to(device), q, sz, bias.to(device), locks, bits, CHECK_N).float().cpu()
+            ref = reference_linear(x.float(), wp, scale.float(), zp, bits, k, bias.float())
+            if not torch.isfinite(y).all():
+                return f"non-finite output at M = {m}"
+            err = ((y - ref).norm() / ref.norm()).item()
+            if not err < TOLERANCE[act_dtype]:
+                return f"relative error {err:.3g} at M = {m} (a correct kernel stays below {TOLERANCE[act_dtype]:g})"
+            if locks.any():
+                return f"stream-K counters left non-zero at M = {m}"
+    except Exception as e:  # a kernel that cannot run here is refused, not fatal
+        return f"{type(e).__name__}: {str(e)[:500]}"
+    return None
