@@ -57,7 +57,7 @@ from vlmptq.checkpoint.packing import pack_columns, pack_rows  # noqa: E402
 from vllm_plugin.kernels.triton.configs import (  # noqa: E402
     CONFIG_DIR, KernelConfig, default_config, fit_smem, gpu_key,
 )
-from vllm_plugin.kernels.triton.layout import effective_group, padded_k, repack  # noqa: E402
+from vllm_plugin.kernels.triton.layout import effective_group, repack  # noqa: E402
 
 T0 = time.time()
 # name -> (output partition sizes, K, has_bias); Qwen2.5-VL-7B LM: hidden 3584, intermediate 18944
@@ -383,15 +383,14 @@ def _json_scalar(o):
 def _prewarm_one(spec: dict) -> str:
     """Child process: compile one Triton launch by running it once on random tensors of that shape."""
     try:
-        from vllm_plugin.kernels.triton.layout import codes_per_unit, planes
+        from vllm_plugin.kernels.triton.layout import kernel_shapes
         from vllm_plugin.kernels.triton.ops import get_locks, launch
 
         bits, n, k, m, group = spec["bits"], spec["n"], spec["k"], spec["m"], spec["group"]
         dtype = getattr(torch, spec["dtype"])
-        kp = padded_k(k, bits)
-        qw = torch.randint(-2**31, 2**31 - 1, (planes(bits), n, kp // codes_per_unit(bits)), dtype=torch.int32,
-                           device="cuda")
-        sz = torch.full((kp // group, n), 0x3C003C00, dtype=torch.int32, device="cuda")
+        q_shape, sz_shape = kernel_shapes(bits, n, k, group)
+        qw = torch.randint(-2**31, 2**31 - 1, q_shape, dtype=torch.int32, device="cuda")
+        sz = torch.full(sz_shape, 0x3C003C00, dtype=torch.int32, device="cuda")
         x = torch.randn(m, k, dtype=dtype, device="cuda")
         bias = torch.randn(n, dtype=dtype, device="cuda") if spec["bias"] else None
         launch(x, qw, sz, bias, get_locks(x.device), bits, n, KernelConfig.from_dict(spec["cfg"]))

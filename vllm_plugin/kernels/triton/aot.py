@@ -28,7 +28,7 @@ import torch
 
 from vllm_plugin.kernels.triton import ops
 from vllm_plugin.kernels.triton.configs import KernelConfig
-from vllm_plugin.kernels.triton.layout import codes_per_unit, effective_group, padded_k, planes
+from vllm_plugin.kernels.triton.layout import kernel_shapes
 from vllm_plugin.kernels.triton.ops import KernelLaunch
 
 H100_ARCH = 90
@@ -89,9 +89,9 @@ def meta_launch(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool
                 dtype: torch.dtype = torch.bfloat16, arch: int = H100_ARCH) -> KernelLaunch:
     """The launch :func:`ops.launch` makes for this shape and ``cfg`` on a GPU of compute capability
     ``arch`` (x 10; its shared-memory budget), built on meta tensors."""
-    kp, ge = padded_k(k, bits), effective_group(group, k)
-    q = torch.empty((planes(bits), n, kp // codes_per_unit(bits)), dtype=torch.int32, device="meta")
-    sz = torch.empty((kp // ge, n), dtype=torch.int32, device="meta")
+    q_shape, sz_shape = kernel_shapes(bits, n, k, group)
+    q = torch.empty(q_shape, dtype=torch.int32, device="meta")
+    sz = torch.empty(sz_shape, dtype=torch.int32, device="meta")
     x = torch.empty((m, k), dtype=dtype, device="meta")
     b = torch.empty((n,), dtype=dtype, device="meta") if bias else None
     locks = torch.empty((ops.LOCKS_SIZE,), dtype=torch.int32, device="meta")

@@ -81,6 +81,14 @@ def effective_group(group_size: int, in_features: int) -> int:
     return math.gcd(group_size, PIECE)
 
 
+def kernel_shapes(bits: int, out_features: int, in_features: int, group_size: int) -> tuple[tuple, tuple]:
+    """Shapes of (``qweight``, ``sz``) that :func:`repack` makes for this layer (for launches built
+    without real weights: compile-only checks, benchmark pre-compiles)."""
+    kp = padded_k(in_features, bits)
+    return ((planes(bits), out_features, kp // codes_per_unit(bits)),
+            (kp // effective_group(group_size, in_features), out_features))
+
+
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
     """int64 holding uint32 bit patterns -> int32 with the same bits."""
     words = words & _MASK32
