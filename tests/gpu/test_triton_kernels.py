@@ -187,8 +187,8 @@ def test_can_implement_reasons():
     assert not ok and "8-bit" in why and "float32" in why and "multiple of 32" in why
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("bits,group", [(2, 128), (3, 64), (4, 32), (3, None)])
+@pytest.mark.parametrize("bits,group,dtype", [(2, 128, torch.bfloat16), (3, 64, torch.float16),
+                                               (4, 32, torch.bfloat16), (3, None, torch.bfloat16)])
 def test_self_check_passes_and_gates_can_implement(bits, group, dtype):
     """The first-use check the plugin runs before serving (every launch path, stream-K sums)."""
     from vllm_plugin.kernels.triton import selfcheck
