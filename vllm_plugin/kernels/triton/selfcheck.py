@@ -25,7 +25,8 @@ import torch
 
 from vllm_plugin.kernels.triton.layout import repack
 
-logger = logging.getLogger(__name__)
+# under vLLM's logger tree (a name only: no vLLM import), so a served model's log shows the verdict
+logger = logging.getLogger(f"vllm.plugins.{__name__}")
 
 SELF_CHECK_ENV = "VLMPTQ_KERNEL_SELF_CHECK"
 # fp32-reference relative error of a correct kernel: output rounding (bf16 2^-9, fp16 2^-12) plus
