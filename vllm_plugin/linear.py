@@ -39,7 +39,7 @@ from vllm.platforms import current_platform
 
 from vlmptq.checkpoint.packing import pack_columns, pack_rows, unpack_columns, unpack_rows_padded3
 from vlmptq.errors import CheckpointError
-from vllm_plugin.kernels import WNA16Kernel, WNA16LayerConfig, choose_kernel
+from vllm_plugin.kernels import WNA16Kernel, WNA16LayerConfig, choose_kernel_explained
 from vllm_plugin.validation import ServingScheme, check_tensor, validate_partition
 
 # Under vLLM's logger tree, so vLLM's handler prints our messages in its own format.
@@ -64,6 +64,7 @@ class VlmptqLinearMethod(LinearMethodBase):
         self.layer_name = layer_name
         self.packed_modules_mapping = packed_modules_mapping
         self.kernel_cls: type[WNA16Kernel] | None = None
+        self.kernel_rejections: list[str] = []  # why each better kernel refused this layer
         self.kernel: WNA16Kernel | None = None
         self.kernel_keys: tuple[str, ...] = ()
 
@@ -113,7 +114,7 @@ class VlmptqLinearMethod(LinearMethodBase):
             act_dtype=params_dtype,
             device_type=current_platform.device_type,
         )
-        self.kernel_cls = choose_kernel(self.kernel_config, self.layer_name)
+        self.kernel_cls, self.kernel_rejections = choose_kernel_explained(self.kernel_config, self.layer_name)
 
         inner = extra_weight_attrs["weight_loader"]
         pack = Fraction(32, b)
@@ -251,12 +252,30 @@ class VlmptqLinearMethod(LinearMethodBase):
         if tag not in _announced:
             _announced.add(tag)
             logger.info("vlmptq: %s layers run on the %r kernel", tag[1], tag[0])
+            slow = slow_path_warning(self.kernel_cls.name, self.kernel_config, self.kernel_rejections)
+            if slow:
+                logger.warning(slow)
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         tensors = {k: getattr(layer, _KERNEL_PREFIX + k) for k in self.kernel_keys}
         return self.kernel.apply(tensors, x, bias)
+
+
+def slow_path_warning(kernel: str, config: WNA16LayerConfig, rejections: list[str]) -> str | None:
+    """What to tell a user whose GPU layers landed on the torch reference (it dequantizes the whole
+    weight on every call: slower than serving the model unquantized), with every faster kernel's reason."""
+    if kernel != "reference" or config.device_type == "cpu":
+        return None
+    return (
+        f"vlmptq: W{config.bits} layers run on the torch reference kernel on {config.device_type} "
+        "(unpack + dequantize every call: slower than the unquantized model) because "
+        + "; ".join(rejections)
+        + ". Quantize with 2/3/4 bits and a group size that is a multiple of 32 (or per-channel) for "
+        "the Triton kernels, or try stock vLLM's own kernels for this checkpoint (--quantization "
+        "compressed-tensors)."
+    )
 
 
 def _checkpoint_rows(layer: torch.nn.Module, shard_id) -> int | None:

@@ -245,3 +245,21 @@ def test_reference_linear_matches_reference_op():
         torch.ops.vlmptq.reference_gemm(x, wp, s, zp, None, 2, 128),
         reference_linear(x, wp, s, zp, 2, 128),
     )
+
+
+def test_gpu_layers_on_the_reference_get_a_warning_with_every_reason():
+    """An 8-bit layer on CUDA lands on the reference (dequantize every call); the user is told why
+    each faster kernel refused it. On CPU the reference is expected (fp32 engines): no warning."""
+    from vllm_plugin.kernels import choose_kernel_explained
+    from vllm_plugin.linear import slow_path_warning
+
+    cfg = WNA16LayerConfig(8, 64, False, 192, 320, torch.bfloat16, "cuda")
+    kernel, rejections = choose_kernel_explained(cfg)
+    assert kernel.name == "reference"
+    assert [r.split(":")[0] for r in rejections] == [n for n, _ in KERNELS if n != "reference"]
+    msg = slow_path_warning(kernel.name, cfg, rejections)
+    assert "W8 layers run on the torch reference kernel on cuda" in msg
+    assert all(r in msg for r in rejections) and "2/3/4 bits" in msg
+    cpu = WNA16LayerConfig(8, 64, False, 192, 320, torch.float32, "cpu")
+    assert slow_path_warning("reference", cpu, choose_kernel_explained(cpu)[1]) is None
+    assert slow_path_warning("triton", cfg, []) is None

@@ -73,23 +73,29 @@ def candidates() -> list[Candidate]:
     return out
 
 
-def choose_kernel(config: WNA16LayerConfig, layer_name: str = "") -> type[WNA16Kernel]:
-    """The first candidate whose ``can_implement(config)`` accepts the layer."""
+def choose_kernel_explained(config: WNA16LayerConfig, layer_name: str = "") -> tuple[type[WNA16Kernel], list[str]]:
+    """The first candidate whose ``can_implement(config)`` accepts the layer, and why each better
+    one did not (``"name: reason"``)."""
     reasons = []
     for c in candidates():
         if c.kernel is None:
-            reasons.append(f"  {c.name}: {c.reason}")
+            reasons.append(f"{c.name}: {c.reason}")
             continue
         ok, why = c.kernel.can_implement(config)
         if ok:
-            return c.kernel
-        reasons.append(f"  {c.name}: {why}")
+            return c.kernel, reasons
+        reasons.append(f"{c.name}: {why}")
     where = f" for layer {layer_name}" if layer_name else ""
     raise NoKernelError(
-        f"no vlmptq kernel can run{where} ({config}):\n"
-        + "\n".join(reasons)
+        f"no vlmptq kernel can run{where} ({config}):\n  "
+        + "\n  ".join(reasons)
         + f"\nRe-enable a kernel (unset {DISABLED_KERNELS_ENV}) or serve the layer unquantized."
     )
+
+
+def choose_kernel(config: WNA16LayerConfig, layer_name: str = "") -> type[WNA16Kernel]:
+    """The first candidate whose ``can_implement(config)`` accepts the layer."""
+    return choose_kernel_explained(config, layer_name)[0]
 
 
 __all__ = [
@@ -101,5 +107,6 @@ __all__ = [
     "WNA16LayerConfig",
     "candidates",
     "choose_kernel",
+    "choose_kernel_explained",
     "disabled_kernels",
 ]
