@@ -67,6 +67,7 @@ class Sizes:
     proxy_calib: int = 32  # built-in image-text calibration samples for the proxy
     kl_photos: int = 6  # held-out photos for the proxy KL (of BUILTIN_HOLDOUT)
     kl_questions: int = 4  # questions per photo
+    calib_seed: int = 0  # which random windows calibrate the ppl runs (0: the committed tables')
 
 
 QUICK = Sizes(calib_seqs=4, calib_len=64, eval_seqs=2, eval_len=128, proxy_calib=2, kl_photos=1, kl_questions=1)
@@ -84,7 +85,10 @@ class Run:
     sizes: Sizes = field(default_factory=Sizes)
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        if not d["sizes"]["calib_seed"]:
+            del d["sizes"]["calib_seed"]  # keys of the runs made before the seed existed stay valid
+        blob = json.dumps(d, sort_keys=True)
         tag = f"{self.model}-{self.task}-{self.method}-w{self.bits}g{self.group_size}"
         return f"{tag}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
@@ -110,12 +114,13 @@ def text_data(model: str, lm_dir: Path, sizes: Sizes, work: Path):
     from quality_data import calibration_windows, eval_windows
     from vlmptq.proxy import REAL_MODELS
 
-    path = work / f"text-{model}-{sizes.calib_seqs}x{sizes.calib_len}-{sizes.eval_seqs}x{sizes.eval_len}.pt"
+    seed = f"-seed{sizes.calib_seed}" if sizes.calib_seed else ""
+    path = work / f"text-{model}-{sizes.calib_seqs}x{sizes.calib_len}-{sizes.eval_seqs}x{sizes.eval_len}{seed}.pt"
     if path.is_file():
         return torch.load(path)
     tok = AutoTokenizer.from_pretrained(lm_dir)
     bos = tok.bos_token_id if model in REAL_MODELS and REAL_MODELS[model].add_bos else None
-    data = (calibration_windows(tok, sizes.calib_seqs, sizes.calib_len, bos=bos),
+    data = (calibration_windows(tok, sizes.calib_seqs, sizes.calib_len, seed=sizes.calib_seed, bos=bos),
             eval_windows(tok, sizes.eval_seqs, sizes.eval_len, bos=bos))
     torch.save(data, path)
     return data
@@ -323,6 +328,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "proxies, vlmptq-sum (raw-sum modality diagonals)")
     p.add_argument("--calib-seqs", type=int, default=Sizes.calib_seqs, help="text calibration windows")
     p.add_argument("--calib-len", type=int, default=Sizes.calib_len, help="tokens per calibration window")
+    p.add_argument("--calib-seed", type=int, default=Sizes.calib_seed,
+                   help="draw other calibration windows (ppl runs; 0: the committed tables') to see the spread")
     p.add_argument("--eval-seqs", type=int, default=Sizes.eval_seqs, help="held-out text windows")
     p.add_argument("--eval-len", type=int, default=Sizes.eval_len, help="tokens per held-out window")
     p.add_argument("--proxy-calib", type=int, default=Sizes.proxy_calib, help="built-in calibration samples (proxy)")
@@ -354,7 +361,7 @@ def main(argv=None) -> None:
         (work / "runs" / f"{run.key()}.json").write_text(json.dumps(rec, indent=1) + "\n")
         return
     sizes = QUICK if args.quick else Sizes(args.calib_seqs, args.calib_len, args.eval_seqs, args.eval_len,
-                                           args.proxy_calib)
+                                           args.proxy_calib, calib_seed=args.calib_seed)
     models = ["tiny"] if args.tiny else args.models
     methods = list(args.methods) + ([m for m in EXTRA_METHODS if m not in args.methods] if args.extra else [])
     runs = plan(models, args.tasks, args.bits, args.group_size, methods, sizes)
