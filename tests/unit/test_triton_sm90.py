@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 # name, bits, group, N, K, M, bias, dtype, config (None: the default for the shape), max instr/weight
 CASES = [
-    ("dot-w2-m1-default", 2, 128, 3584, 3584, 1, False, "bfloat16", None, 2.7),
+    # 2.43 (Triton 3.9; 3.6: 2.37); 2.55 if the per-chunk scale FFMA splits into FMUL + FADD (no fusion)
+    ("dot-w2-m1-default", 2, 128, 3584, 3584, 1, False, "bfloat16", None, 2.5),
     ("dot-w3-m1-default", 3, 128, 3584, 3584, 1, False, "bfloat16", None, 3.5),
     ("dot-w4-m1-default", 4, 128, 3584, 3584, 1, False, "bfloat16", None, 3.25),
     ("dot-w3-m1-g32-raggedK-bias-fp16", 3, 32, 4608, 3000, 1, True, "float16", None, None),
@@ -74,7 +75,8 @@ def _worker() -> None:
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_DEFAULT_FP_FUSION="1")
+    # fusion off by default (Triton >= 3.10's default): the launches ask for it themselves
+    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_DEFAULT_FP_FUSION="0")
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.run([sys.executable, __file__, "--worker"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=900)

@@ -173,8 +173,10 @@ def plan_launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfi
 
     m, k = x.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    # enable_fp_fusion: the per-chunk scale is one FFMA on the fp32 accumulators, whatever Triton's
+    # default (it turns fusion off from 3.10 unless asked)
     common = dict(BITS=bits, PLANES=geo["PLANES"], BK=geo["BK"], GPB=geo["GPB"], TPG=geo["TPG"],
-                  INTERPRET=interpreting())
+                  INTERPRET=interpreting(), enable_fp_fusion=True)
     if cfg.path == "dequant":
         w = torch.empty((n, k), dtype=x.dtype, device=x.device)
         grid = (triton_cdiv(n, cfg.block_n), geo["nblk"])
