@@ -8,12 +8,13 @@ ahead of time (:mod:`vllm_plugin.kernels.triton.aot`: the real cubin, no GPU nee
 * registers per thread, spills (must be 0), shared memory;
 * the main K loop's instructions per thread per iteration and the widths of its global loads
   (weights must stream as 128-bit ``LDG.E.128``);
-* three lower bounds on the kernel's time on an H100/H200 (132 SMs at the 1.98 GHz boost clock):
+* three lower bounds on the kernel's time on the architecture's reference cards (``CARDS``: sm_90
+  H100/H200, 132 SMs at the 1.98 GHz boost clock; sm_80 A100, 108 SMs at 1.41 GHz; ...):
   **issue** -- every warp instruction of every loop iteration at one per scheduler per clock;
   **alu** -- the integer/logic instructions (LOP3, SHF, IADD3, PRMT, ISETP, ...) on their half-rate
   pipe; **fill** -- the busiest SM's share (at least ceil(programs / 132) programs) at that issue
   rate, which sees grids too small to fill the card; and the **memory** time of the bytes the
-  kernel must move at the card's nominal HBM bandwidth.
+  kernel must move at the cards' nominal memory bandwidth.
 
 A decode kernel can only reach the issue-5 speed targets if its bound stays well under the memory
 time (real code issues at ~60-80% of the peak rate). The decoder-layer table sums, per GEMM, the
@@ -35,6 +36,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,15 +54,31 @@ from tqdm import tqdm  # noqa: E402
 from vllm_plugin.kernels.triton import aot  # noqa: E402
 from vllm_plugin.kernels.triton.configs import KernelConfig, default_config, fit_smem, select_config  # noqa: E402
 from vllm_plugin.kernels.triton.layout import effective_group, padded_k  # noqa: E402
+from vllm_plugin.kernels.triton.ops import PROGRAMS_PER_SM  # noqa: E402
 
 logger = logging.getLogger("kernel_static")
 
 # the shapes and goals of benchmarks/kernels.py (one Qwen2.5-VL-7B decoder layer): name -> (N, K, bias)
 LAYERS = {name: (sum(parts), k, bias) for name, (parts, k, bias) in kernel_bench.LAYERS.items()}
 TARGETS = kernel_bench.TARGETS
-SMS, CLOCK_GHZ = 132, 1.98  # H100 SXM / H200: SMs, max boost clock
-HBM_TBS = {"H100": 3.35, "H200": 4.8}  # nominal
-GPU_NAME = "NVIDIA H100 80GB HBM3"  # whose tuned config file (if any) decides the launches
+
+
+@dataclass(frozen=True)
+class Card:
+    """The reference cards of one architecture: SMs, max boost clock, nominal memory bandwidths."""
+
+    sms: int
+    clock_ghz: float
+    mem_tbs: dict  # two cards of the architecture: name -> TB/s (the tables show both)
+    tuned_name: str  # whose tuned config file (if any) decides the launches
+
+
+CARDS = {
+    90: Card(132, 1.98, {"H100": 3.35, "H200": 4.8}, "NVIDIA H100 80GB HBM3"),
+    80: Card(108, 1.41, {"A100-40GB": 1.56, "A100-80GB": 2.04}, "NVIDIA A100-SXM4-80GB"),
+    86: Card(72, 1.695, {"A10": 0.6, "RTX3090": 0.936}, "NVIDIA A10"),
+    89: Card(142, 2.52, {"L40S": 0.864, "RTX4090": 1.008}, "NVIDIA L40S"),
+}
 GROUP = 128
 ALU_OPS = {"LOP3", "SHF", "IADD3", "PRMT", "ISETP", "SEL", "LEA", "PLOP3", "FSEL", "VIADD", "SGXT", "BMSK",
            "LOP", "IABS", "IMNMX", "VIMNMX", "FMNMX"}
@@ -77,6 +95,9 @@ def moved_bytes(bits: int, n: int, k: int, m: int, bias: bool, shared_tiles: int
 
 
 def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, arch: int) -> dict:
+    card = CARDS[arch]
+    if cfg.path == "dot" and not cfg.programs:  # the persistent grid the card gets (the meta device counts as an H100)
+        cfg = replace(cfg, programs=card.sms * PROGRAMS_PER_SM)
     launch = aot.meta_launch(bits, n, k, m, cfg, bias, GROUP, arch=arch)
     compiled = aot.compile_launch(launch, arch)
     use = aot.resource_usage(compiled)
@@ -92,9 +113,9 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
     # the busiest SM holds at least ceil(programs / SMs) programs (pigeonhole; stream-K programs
     # differ by at most one iteration): a bound that sees a grid too small to fill the card
     programs = math.prod(launch.grid)
-    fill_instr = math.ceil(programs / SMS) * math.ceil(iters / programs) * len(loop) * warps
+    fill_instr = math.ceil(programs / card.sms) * math.ceil(iters / programs) * len(loop) * warps
     alu_instr = iters * sum(c for op, c in base.items() if op in ALU_OPS) * warps
-    rate = SMS * CLOCK_GHZ * 1e3  # SM-clocks per microsecond
+    rate = card.sms * card.clock_ghz * 1e3  # SM-clocks per microsecond
     # tiles shared between programs: none when the workspace is the output itself, else at most one
     # per program
     tiles = launch.arg("n_tiles_n") * math.ceil(m / cfg.block_m)
@@ -109,13 +130,13 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
         loads={op: c for op, c in sorted(loads.items())},
         mix={op: c for op, c in base.most_common(12)},
         issue_us=warp_instr / (4 * rate), alu_us=alu_instr / (2 * rate), programs=programs,
-        fill_us=fill_instr / (4 * CLOCK_GHZ * 1e3),
+        fill_us=fill_instr / (4 * card.clock_ghz * 1e3),
         bytes=moved_bytes(bits, n, k, m, bias, shared, tile_elems),
     )
 
 
 def default_launch(bits: int, n: int, k: int, m: int, arch: int) -> KernelConfig:
-    return select_config(GPU_NAME, bits, effective_group(GROUP, k), n, k, m, arch)
+    return select_config(CARDS[arch].tuned_name, bits, effective_group(GROUP, k), n, k, m, arch)
 
 
 def fmt_loads(loads: dict) -> str:
@@ -126,9 +147,10 @@ def fmt_loads(loads: dict) -> str:
     return " ".join(f"{c}x{width(op)}" for op, c in loads.items())
 
 
-def layer_table(records: list[dict]) -> list[str]:
+def layer_table(records: list[dict], card: Card) -> list[str]:
+    first, tbs = next(iter(card.mem_tbs.items()))
     lines = ["| layer | bits | M | path | config | regs | spills | loop instr | instr/weight | global loads (count x bits) "
-             "| programs | issue us | alu us | fill us | H100 mem us |",
+             f"| programs | issue us | alu us | fill us | {first} mem us |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         c = r["cfg"]
@@ -137,7 +159,7 @@ def layer_table(records: list[dict]) -> list[str]:
             lines.append(f"| {r['layer']} | {r['bits']} | {r['M']} | dequant | bn{c['block_n']} w{c['num_warps']} "
                          f"| {r['registers']} | {r['spills']} | | | | | | | | |")
             continue
-        mem = r["bytes"] / (HBM_TBS["H100"] * 1e6)
+        mem = r["bytes"] / (tbs * 1e6)
         lines.append(f"| {r['layer']} | {r['bits']} | {r['M']} | {r['path']} | {short} | {r['registers']} "
                      f"| {r['spills']} | {r['loop_instr']} | {r['instr_per_weight']:.2f} | "
                      f"{fmt_loads(r['loads'])} | {r['programs']} | {r['issue_us']:.1f} | {r['alu_us']:.1f} "
@@ -150,11 +172,12 @@ def gemm_bound(r: dict) -> float:
     return max(r["issue_us"], r["alu_us"], r["fill_us"])
 
 
-def decoder_sums(records: list[dict]) -> tuple[list[str], list[dict]]:
+def decoder_sums(records: list[dict], card: Card) -> tuple[list[str], list[dict]]:
     """Sum over the 4 GEMMs per (bits, M): bounds and the best speed-up over bf16 each allows (per
     GEMM the larger of its code bound and its memory time, summed)."""
-    lines = ["| bits | M | issue us | alu us | bound us | H100 mem us | H200 mem us | bound / H100 mem "
-             "| H100 best x bf16 | H200 best x bf16 | target x bf16 |",
+    a, b = card.mem_tbs
+    lines = [f"| bits | M | issue us | alu us | bound us | {a} mem us | {b} mem us | bound / {a} mem "
+             f"| {a} best x bf16 | {b} best x bf16 | target x bf16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     sums = []
     keys = sorted({(r["bits"], r["M"]) for r in records if r["path"] != "dequant"})
@@ -166,15 +189,15 @@ def decoder_sums(records: list[dict]) -> tuple[list[str], list[dict]]:
         bound = sum(gemm_bound(r) for r in rs)
         bf16 = sum(2 * (n * k + m * (k + n)) for n, k, _ in LAYERS.values())
         row = dict(bits=bits, M=m, issue_us=issue, alu_us=alu, bound_us=bound)
-        for gpu, tbs in HBM_TBS.items():
+        for gpu, tbs in card.mem_tbs.items():
             row[f"{gpu}_mem_us"] = sum(r["bytes"] for r in rs) / (tbs * 1e6)
             best = sum(max(gemm_bound(r), r["bytes"] / (tbs * 1e6)) for r in rs)
             row[f"{gpu}_best_speedup"] = (bf16 / (tbs * 1e6)) / best
         sums.append(row)
         target = TARGETS.get(m, {}).get(bits)
-        lines.append(f"| {bits} | {m} | {issue:.1f} | {alu:.1f} | {row['bound_us']:.1f} | {row['H100_mem_us']:.1f} "
-                     f"| {row['H200_mem_us']:.1f} | {row['bound_us'] / row['H100_mem_us']:.2f} "
-                     f"| {row['H100_best_speedup']:.2f} | {row['H200_best_speedup']:.2f} "
+        lines.append(f"| {bits} | {m} | {issue:.1f} | {alu:.1f} | {row['bound_us']:.1f} | {row[f'{a}_mem_us']:.1f} "
+                     f"| {row[f'{b}_mem_us']:.1f} | {row['bound_us'] / row[f'{a}_mem_us']:.2f} "
+                     f"| {row[f'{a}_best_speedup']:.2f} | {row[f'{b}_best_speedup']:.2f} "
                      f"| {target if target else '-'} |")
     return lines, sums
 
@@ -243,14 +266,16 @@ def run(args: argparse.Namespace) -> None:
         if cfg.path == "dot":  # what plan_launch will do to a tuned entry, so the table shows it
             cfg = fit_smem(cfg, bits, args.arch)
         records.append(dict(layer=layer, N=n, K=k, M=m, bits=bits, **analyse(bits, n, k, m, cfg, bias, args.arch)))
-    sum_lines, sums = decoder_sums(records)
+    card = CARDS[args.arch]
+    sum_lines, sums = decoder_sums(records, card)
+    bws = ", ".join(f"{name} {tbs} TB/s" for name, tbs in card.mem_tbs.items())
     md = [f"# Triton kernels, static analysis for sm_{args.arch} (compiled here, no GPU)", "",
-          f"Bounds use {SMS} SMs at {CLOCK_GHZ} GHz and nominal HBM bandwidth (H100 {HBM_TBS['H100']} TB/s, "
-          f"H200 {HBM_TBS['H200']} TB/s); bf16 is taken as memory-bound at the same bandwidth. "
+          f"Bounds use {card.sms} SMs at {card.clock_ghz} GHz, {card.sms * PROGRAMS_PER_SM} persistent programs, "
+          f"and nominal memory bandwidth ({bws}); bf16 is taken as memory-bound at the same bandwidth. "
           "These are static bounds, not timings.", "",
           "## One decoder layer (sum of the 4 GEMMs)", "", *sum_lines, "",
-          "## Per GEMM", "", *layer_table(records)]
-    extra = {"arch": args.arch, "sms": SMS, "clock_ghz": CLOCK_GHZ, "hbm_tbs": HBM_TBS, "sums": sums,
+          "## Per GEMM", "", *layer_table(records, card)]
+    extra = {"arch": args.arch, "sms": card.sms, "clock_ghz": card.clock_ghz, "mem_tbs": card.mem_tbs, "sums": sums,
              "triton": __import__("triton").__version__}
     if args.sweep:
         sweep_lines, sweep = run_sweep(args.bits, args.m, args.arch)
