@@ -126,7 +126,7 @@ DEFAULT_TILES = {
 }
 # the same for sm_8x (mma.sync instead of wgmma; sm_80 compiles without spills, 144 KiB budget)
 DEFAULT_TILES_SM8X = {
-    16: {2: (64, 4, 2), 3: (128, 8, 2), 4: (128, 4, 2)},
+    16: {2: (128, 4, 2), 3: (64, 4, 3), 4: (128, 4, 2)},  # the sm_80 sweep's leanest (kernels-static-sm80-*)
     32: {2: (128, 8, 2), 3: (64, 4, 3), 4: (128, 8, 2)},
     64: {2: (128, 8, 2), 3: (64, 8, 2), 4: (64, 4, 2)},
     128: {2: (64, 8, 2), 3: (64, 8, 2), 4: (64, 8, 2)},
