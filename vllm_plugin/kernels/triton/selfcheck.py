@@ -4,7 +4,9 @@ Before the plugin hands a layer to the Triton kernel it runs, once per (bits, gr
 dtype, device), a small random problem through every launch path a model's calls can take -- the
 tensor-core loop at the three M tiles (16: unscaled; 64 and 128: scale fused into the tile), tiles
 shared between stream-K programs, and the dequantize-then-cuBLAS path for M > 256 -- and compares
-the output with :func:`vllm_plugin.kernels.reference.reference_linear` in fp32.
+the output with :func:`vllm_plugin.kernels.reference.reference_linear` in fp32. It runs the default
+launch shapes for its small problem; tuned shapes (``configs/*.json``) compile the same code paths
+with other tile sizes and are checked by ``tests/gpu`` and the benchmark's correctness column.
 
 Why: the packed-FMA instructions of the dequantization are inline PTX that only the GPU runs (the
 CPU tests emulate that one instruction), and a Triton or driver upgrade can change what the
