@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Static analysis of the Triton kernels for a GPU we do not have: compile for sm_90 here, read the SASS.
+"""Static analysis of the Triton kernels for a GPU we do not have: compile for it here (sm_90 by default), read the SASS.
 
 For each Qwen2.5-VL-7B decoder GEMM (the shapes of ``benchmarks/kernels.py``) x bits x M, the launch the
 plugin would make (tuned config file for ``--gpu`` if present, else the default heuristic) is compiled
@@ -36,7 +36,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,9 +96,7 @@ def moved_bytes(bits: int, n: int, k: int, m: int, bias: bool, shared_tiles: int
 
 def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, arch: int) -> dict:
     card = CARDS[arch]
-    if cfg.path == "dot" and not cfg.programs:  # the persistent grid the card gets (the meta device counts as an H100)
-        cfg = replace(cfg, programs=card.sms * PROGRAMS_PER_SM)
-    launch = aot.meta_launch(bits, n, k, m, cfg, bias, GROUP, arch=arch)
+    launch = aot.meta_launch(bits, n, k, m, cfg, bias, GROUP, arch=arch, sms=card.sms)
     compiled = aot.compile_launch(launch, arch)
     use = aot.resource_usage(compiled)
     if cfg.path == "dequant":  # prefill: dequantize + cuBLAS; the loop analysis does not apply

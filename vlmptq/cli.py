@@ -23,7 +23,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="local Hugging Face model directory (config.json, weights, processor)")
     p.add_argument("--out", required=True, help="output directory for the quantized checkpoint (written atomically)")
     p.add_argument("--method", default="vlmptq", choices=sorted(SOLVERS), help="quantization algorithm")
-    p.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS, help="weight bits (the vLLM plugin's GPU kernels serve 2/3/4; 8-bit layers run its slow "
+    p.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS,
+                   help="weight bits (the vLLM plugin's GPU kernels serve 2/3/4; 8-bit layers run its slow "
                         "torch reference there: docs/serving.md)")
     p.add_argument("--group-size", type=int, default=128, choices=SUPPORTED_GROUP_SIZES,
                    help="input columns sharing one scale/zero point (-1: one per output channel)")

@@ -86,16 +86,17 @@ def compile_launch(launch: KernelLaunch, arch: int = H100_ARCH):
 
 
 def meta_launch(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool = False, group: int = 128,
-                dtype: torch.dtype = torch.bfloat16, arch: int = H100_ARCH) -> KernelLaunch:
+                dtype: torch.dtype = torch.bfloat16, arch: int = H100_ARCH, sms: int | None = None) -> KernelLaunch:
     """The launch :func:`ops.launch` makes for this shape and ``cfg`` on a GPU of compute capability
-    ``arch`` (x 10; its shared-memory budget), built on meta tensors."""
+    ``arch`` (x 10; its shared-memory budget) with ``sms`` multiprocessors (default: an H100's 132),
+    built on meta tensors."""
     q_shape, sz_shape = kernel_shapes(bits, n, k, group)
     q = torch.empty(q_shape, dtype=torch.int32, device="meta")
     sz = torch.empty(sz_shape, dtype=torch.int32, device="meta")
     x = torch.empty((m, k), dtype=dtype, device="meta")
     b = torch.empty((n,), dtype=dtype, device="meta") if bias else None
     locks = torch.empty((ops.LOCKS_SIZE,), dtype=torch.int32, device="meta")
-    launch, _ = ops.plan_launch(x, q, sz, b, locks, bits, n, cfg, ops.geometry(bits, k, q, sz), arch)
+    launch, _ = ops.plan_launch(x, q, sz, b, locks, bits, n, cfg, ops.geometry(bits, k, q, sz), arch, sms)
     return launch
 
 

@@ -165,10 +165,12 @@ class KernelLaunch:
 
 
 def plan_launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfig, geo: dict,
-                arch: Optional[int] = None) -> tuple[KernelLaunch, Callable[[], torch.Tensor]]:
+                arch: Optional[int] = None, sms: Optional[int] = None
+                ) -> tuple[KernelLaunch, Callable[[], torch.Tensor]]:
     """(the kernel launch, a function giving the output once it ran) for ``cfg``. Allocates the
     output and workspaces on x's device (the meta device works: nothing is read or written);
-    ``arch`` (compute capability x 10) defaults to x's device's."""
+    ``arch`` (compute capability x 10) and ``sms`` (multiprocessors) default to x's device's, so an
+    ahead-of-time compile can plan for a card it does not have."""
     from vllm_plugin.kernels.triton import kernels as K_
 
     m, k = x.shape
@@ -183,7 +185,8 @@ def plan_launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfi
         meta = dict(BLOCK_N=cfg.block_n, EVEN_K=geo["EVEN_K"], num_warps=cfg.num_warps, num_stages=1, **common)
         launch_ = KernelLaunch(K_._dequant_kernel, grid, (qweight, sz, w, n, k, geo["U"]), meta)
         return launch_, lambda: torch.nn.functional.linear(x, w, bias)
-    _, sms, device_arch = _device_info(str(x.device))
+    _, device_sms, device_arch = _device_info(str(x.device))
+    sms = device_sms if sms is None else sms
     cfg = fit_smem(cfg, bits, device_arch if arch is None else arch)
     n_tiles = triton_cdiv(n, cfg.block_n)
     tiles = n_tiles * triton_cdiv(m, cfg.block_m)
