@@ -83,13 +83,17 @@ class Run:
     bits: int | None
     group_size: int | None
     sizes: Sizes = field(default_factory=Sizes)
+    lm_head_bits: int | None = None  # also quantize the lm_head (group size as the layers')
 
     def key(self) -> str:
         d = asdict(self)
         if not d["sizes"]["calib_seed"]:
             del d["sizes"]["calib_seed"]  # keys of the runs made before the seed existed stay valid
+        if d["lm_head_bits"] is None:
+            del d["lm_head_bits"]  # same for the lm_head option
         blob = json.dumps(d, sort_keys=True)
-        tag = f"{self.model}-{self.task}-{self.method}-w{self.bits}g{self.group_size}"
+        head = f"-head{self.lm_head_bits}" if self.lm_head_bits else ""
+        tag = f"{self.model}-{self.task}-{self.method}-w{self.bits}g{self.group_size}{head}"
         return f"{tag}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
 
@@ -228,9 +232,11 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
             from vlmptq.solvers import build_solver
 
             name, opts = _solver_options(run.method)
+            head = WeightScheme(run.lm_head_bits, run.group_size, False) if run.lm_head_bits else None
             with PeakRSS() as mem:
                 res = quantize_model(model, adapter, build_solver(name, opts),
-                                     WeightScheme(run.bits, run.group_size, False), text_samples(calib), device="cpu")
+                                     WeightScheme(run.bits, run.group_size, False), text_samples(calib), device="cpu",
+                                     head_scheme=head)
             seconds, peak = res.seconds, mem.peak
         value = perplexity(model, evals)
     else:
@@ -250,6 +256,7 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
 
             name, opts = _solver_options(run.method)
             config = make_config(method=name, bits=run.bits, group_size=run.group_size, solver=opts,
+                                 lm_head_bits=run.lm_head_bits,
                                  calib=CalibConfig(source="builtin", num_samples=run.sizes.proxy_calib),
                                  device="cpu", dtype="float32")
             with PeakRSS() as mem:
@@ -260,6 +267,7 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
         peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     rec = {
         "model": model_label(run), "method": run.method, "bits": run.bits, "group_size": run.group_size,
+        **({"lm_head_bits": run.lm_head_bits} if run.lm_head_bits else {}),
         "metric": run.task, "value": value, "quant_seconds": seconds,
         "peak_rss_mb": None if peak is None else round(peak / 2**20, 1),
         "wall_seconds": round(time.perf_counter() - t0, 1), "run": run.key(), "commit": git_commit(),
@@ -276,7 +284,7 @@ def model_label(run: Run) -> str:
 
 
 # ----------------------------------------------------------------------------- orchestration
-def plan(models, tasks, bits, group_size, methods, sizes) -> list[Run]:
+def plan(models, tasks, bits, group_size, methods, sizes, lm_head_bits=None) -> list[Run]:
     # the calibration seed draws text windows: only quantized ppl runs read them (baselines and the
     # proxies' image-text calibration do not, so they keep seed 0's runs and cache keys)
     unseeded = replace(sizes, calib_seed=0)
@@ -284,7 +292,8 @@ def plan(models, tasks, bits, group_size, methods, sizes) -> list[Run]:
     for model in models:
         for task in tasks:
             runs.append(Run(model, task, BASELINE, None, None, unseeded))
-            runs += [Run(model, task, m, b, group_size, sizes if task == "ppl" else unseeded) for b in bits
+            runs += [Run(model, task, m, b, group_size, sizes if task == "ppl" else unseeded, lm_head_bits)
+                     for b in bits
                      for m in methods if task == "kl" or m not in KL_ONLY]
     return runs
 
@@ -329,6 +338,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run vlmptq-target (least-squares target, alpha 1; beyond the paper), the same at "
                         "alpha 0.25 (vlmptq-target-a025) and, on the "
                         "proxies, vlmptq-sum (raw-sum modality diagonals)")
+    p.add_argument("--lm-head-bits", type=int, default=None, choices=[2, 3, 4, 8],
+                   help="also quantize the lm_head (same method and group size; tied embeddings stay 16-bit)")
     p.add_argument("--calib-seqs", type=int, default=Sizes.calib_seqs, help="text calibration windows")
     p.add_argument("--calib-len", type=int, default=Sizes.calib_len, help="tokens per calibration window")
     p.add_argument("--calib-seed", type=int, default=Sizes.calib_seed,
@@ -367,7 +378,7 @@ def main(argv=None) -> None:
                                            args.proxy_calib, calib_seed=args.calib_seed)
     models = ["tiny"] if args.tiny else args.models
     methods = list(args.methods) + ([m for m in EXTRA_METHODS if m not in args.methods] if args.extra else [])
-    runs = plan(models, args.tasks, args.bits, args.group_size, methods, sizes)
+    runs = plan(models, args.tasks, args.bits, args.group_size, methods, sizes, args.lm_head_bits)
     t0 = time.perf_counter()
     records, reused = run_all(runs, work, isolate=not (args.quick or args.no_isolate), threads=args.threads)
     header = {**result_header(), "threads": args.threads, "sizes": asdict(sizes),

@@ -56,6 +56,12 @@ def _ordering(cells: dict[tuple[str, int], float], bits: int) -> str:
     return f"W{bits}: " + ("holds" if not broken else "**fails**: " + "; ".join(broken))
 
 
+def _method(rec: dict) -> str:
+    """Row label: the method, plus the lm_head's bits when it was quantized too."""
+    head = rec.get("lm_head_bits")
+    return rec["method"] + (f" + lm_head W{head}" if head else "")
+
+
 def render_markdown(records: list[dict], header: dict) -> str:
     lines = ["# Quality on real weights: RTN vs GPTQ vs GPTAQ vs VLM-PTQ", ""]
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -64,8 +70,8 @@ def render_markdown(records: list[dict], header: dict) -> str:
     for (model, metric), recs in groups.items():
         bits = sorted({r["bits"] for r in recs if r["bits"] is not None}, reverse=True)
         gs = next((r["group_size"] for r in recs if r["group_size"]), None)
-        methods = list(dict.fromkeys(r["method"] for r in recs))
-        cells = {(r["method"], r["bits"]): r["value"] for r in recs}
+        methods = list(dict.fromkeys(_method(r) for r in recs))
+        cells = {(_method(r), r["bits"]): r["value"] for r in recs}
         lines += [f"## {model}: {METRIC_TITLE[metric]}", ""]
         lines += ["| method | " + " | ".join(f"W{b} g{gs}" for b in bits) + " |",
                   "|---|" + "---|" * len(bits)]
@@ -85,7 +91,7 @@ def render_markdown(records: list[dict], header: dict) -> str:
         if cost:
             lines += ["<details><summary>quantization time (s) / peak RSS (MB)</summary>", "",
                       "| method | " + " | ".join(f"W{b}" for b in bits) + " |", "|---|" + "---|" * len(bits)]
-            by = {(r["method"], r["bits"]): r for r in cost}
+            by = {(_method(r), r["bits"]): r for r in cost}
             for m in methods:
                 if m == "baseline":
                     continue

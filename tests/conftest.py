@@ -22,3 +22,12 @@ def tiny_qwen2_vl(tmp_path_factory):
 def tiny_qwen2_5_vl(tmp_path_factory):
     """Path of a tiny random Qwen2.5-VL checkpoint (bf16, 2 decoder layers)."""
     return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen2-5-vl"), arch="qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_tied(tmp_path_factory):
+    """A tiny Qwen2-VL with tied embeddings and a 2040-token vocabulary: quantizing the LM head must
+    untie it; vLLM pads the head to 2048 rows (8 zero rows), and 3-bit zero points end mid-word
+    (2040 x 3 bits = 191.25 words)."""
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen2-vl-tied"), arch="qwen2_vl",
+                              tie_word_embeddings=True, vocab_size=2040)

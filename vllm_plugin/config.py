@@ -10,8 +10,10 @@ Layer rule (:meth:`VlmptqConfig.get_quant_method`): linears named in ``ignore`` 
 vLLM's compressed-tensors helpers, after the model's ``hf_to_vllm_mapper`` renamed the names, and
 across fused qkv / gate_up shards) and linears no config group targets get
 ``UnquantizedLinearMethod``; the others get :class:`~vllm_plugin.linear.VlmptqLinearMethod` with
-their group's scheme. Non-linear layers (embeddings, attention) stay vLLM's defaults; a checkpoint
-that quantizes the LM head is refused with a message (the plugin has no quantized lm_head yet).
+their group's scheme. The LM head (``ParallelLMHead``) is quantized when a group targets it by name
+(vlmptq writes ``re:^(.*\\.)?lm_head$``, which also matches vLLM's ``language_model.lm_head``; the
+class target ``Linear`` does not select it) and otherwise keeps vLLM's unquantized embedding method.
+Other non-linear layers (embeddings, attention) stay vLLM's defaults.
 """
 
 from __future__ import annotations
@@ -192,41 +194,24 @@ class VlmptqConfig(QuantizationConfig):
         self.ignore = [n for t in self.ignore if (n := rename(t)) is not None]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
-        if isinstance(layer, ParallelLMHead):
-            self._refuse_quantized_lm_head(layer, prefix)
-        if not isinstance(layer, LinearBase):
-            return None
+        is_head = isinstance(layer, ParallelLMHead)
+        if not isinstance(layer, LinearBase) and not is_head:
+            return None  # embeddings, attention: vLLM's defaults
         from vllm_plugin.linear import VlmptqLinearMethod
 
         if should_ignore_layer(
             prefix, ignore=self.ignore, fused_mapping=self.packed_modules_mapping
         ):
-            return UnquantizedLinearMethod()
+            return None if is_head else UnquantizedLinearMethod()
         target = self._target(layer, prefix)
         if target is None:
             logger.debug(
                 "vlmptq: %s matches no config group target; serving it unquantized", prefix
             )
-            return UnquantizedLinearMethod()
+            return None if is_head else UnquantizedLinearMethod()
         return VlmptqLinearMethod(self.target_schemes[target], prefix, self.packed_modules_mapping)
 
     def _target(self, layer: torch.nn.Module, prefix: str) -> str | None:
         return find_matched_target(
             prefix, layer, self.target_schemes.keys(), self.packed_modules_mapping
         )
-
-    def _refuse_quantized_lm_head(self, layer: torch.nn.Module, prefix: str) -> None:
-        """A packed lm_head would meet vLLM's unquantized embedding loader and fail obscurely."""
-        if should_ignore_layer(
-            prefix, ignore=self.ignore, fused_mapping=self.packed_modules_mapping
-        ):
-            return
-        target = self._target(layer, prefix)
-        if target is not None:
-            raise CheckpointError(
-                f"{prefix}: the checkpoint quantizes the LM head (config group target "
-                f"{target!r}); the "
-                "vlmptq plugin serves quantized linear layers only. Re-export with lm_head in "
-                "`ignore`, "
-                f"or serve this checkpoint with --quantization compressed-tensors."
-            )

@@ -7,6 +7,8 @@ through vLLM's loaders; layouts in :mod:`vllm_plugin.validation`, per partition)
                        ChannelQuantScaleParameter [N_p, 1])
     weight_zero_point  PackedvLLMParameter   int32 [ceil(N_p*b/32), G_p]   packed along N (dim 0)
     weight_shape       BasevLLMParameter     int64 [2]
+The LM head (a ``ParallelLMHead``, rows = the vocabulary padded per rank) takes the same tensors
+through :func:`_load_vocab_rows` instead of vLLM's embedding loader.
 Every checkpoint tensor is checked (shape, dtype) before vLLM copies it, and converted from the old
 padded 3-bit layout to the dense one there, before any tensor-parallel slicing (slicing is only
 word-exact in the dense layout). After loading, missing tensors are reported by name, then the
@@ -28,6 +30,7 @@ from vllm.model_executor.layers.linear import (
     QKVParallelLinear,
     register_weight_loader_v2_supported_method,
 )
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
     ChannelQuantScaleParameter,
@@ -117,6 +120,10 @@ class VlmptqLinearMethod(LinearMethodBase):
         self.kernel_cls, self.kernel_rejections = choose_kernel_explained(self.kernel_config, self.layer_name)
 
         inner = extra_weight_attrs["weight_loader"]
+        if isinstance(layer, VocabParallelEmbedding):  # the LM head: rows are the (padded) vocabulary
+            inner = lambda param, w, name: _load_vocab_rows(layer, name, b, param, w)  # noqa: E731
+        else:
+            inner = _dropping_name(inner)
         pack = Fraction(32, b)
         loader = lambda name: self._make_loader(layer, name, inner)  # noqa: E731
         weight = PackedvLLMParameter(
@@ -173,7 +180,7 @@ class VlmptqLinearMethod(LinearMethodBase):
         def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
             shard_id = args[0] if args else kwargs.get("loaded_shard_id")
             loaded_weight = self._check_and_convert(layer, name, shard_id, loaded_weight)
-            inner(param, loaded_weight, *args, **kwargs)
+            inner(param, loaded_weight, *args, name=name, **kwargs)
             for sid in _expand_shard_ids(layer, shard_id):
                 layer.vlmptq_loaded.add((name, sid))
 
@@ -278,8 +285,42 @@ def slow_path_warning(kernel: str, config: WNA16LayerConfig, rejections: list[st
     )
 
 
+def _dropping_name(loader: Callable) -> Callable:
+    """vLLM's loaders take no tensor name; ours for the LM head does."""
+
+    def load(param, loaded_weight, *args, name: str, **kwargs):
+        return loader(param, loaded_weight, *args, **kwargs)
+
+    return load
+
+
+def _load_vocab_rows(
+    layer: VocabParallelEmbedding, name: str, bits: int, param: torch.nn.Parameter, t: torch.Tensor
+) -> None:
+    """Load this rank's rows of an LM-head tensor (checkpoint rows = the original vocabulary) into
+    its padded partition; padding rows get code 0 and scale 0, so their logits are 0 (vLLM drops
+    them). Zero points are packed along the vocabulary: unpacked, sliced and repacked here, since a
+    rank's first row need not start a packed word. vLLM's embedding loader assumes integer packing
+    factors and slices whole words."""
+    if name == "weight_shape":
+        param.data.copy_(t)
+        return
+    idx = layer.shard_indices
+    start, end = idx.org_vocab_start_index, idx.org_vocab_end_index
+    if name == "weight_zero_point":
+        codes = unpack_columns(t, bits, layer.org_vocab_size)[start:end]
+        full = torch.zeros(layer.num_embeddings_per_partition, codes.shape[1], dtype=codes.dtype)
+        full[: end - start] = codes
+        param.data.copy_(pack_columns(full, bits))
+        return
+    param.data[: end - start].copy_(t[start:end])
+    param.data[end - start :].zero_()
+
+
 def _checkpoint_rows(layer: torch.nn.Module, shard_id) -> int | None:
     """Rows of this shard's checkpoint tensor before tensor-parallel slicing (None: unknown)."""
+    if isinstance(layer, VocabParallelEmbedding):
+        return layer.org_vocab_size
     if isinstance(layer, QKVParallelLinear):
         if shard_id in _QKV_INDEX:
             heads = layer.total_num_heads if shard_id == "q" else layer.total_num_kv_heads

@@ -70,7 +70,7 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None) 
         logger.info("calibrating on %d samples from %s", len(samples), config.calib.source)
     result = quantize_model(
         hf_model, adapter, solver, config.scheme, samples,
-        device=device, offload_device=config.offload_device, ignore=config.ignore,
+        device=device, offload_device=config.offload_device, ignore=config.ignore, head_scheme=config.head_scheme,
     )
     return hf_model, result, len(samples)
 
@@ -92,6 +92,7 @@ def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | None =
     metadata = {
         "method": config.method,
         "scheme": config.scheme.describe(),
+        **({"lm_head": config.head_scheme.describe()} if config.head_scheme else {}),
         "solver": config.solver.model_dump(mode="json", exclude_none=True),
         "calibration": {"source": config.calib.source, "num_samples": n_samples,
                         "max_seq_len": config.calib.max_seq_len, "seed": config.calib.seed},

@@ -29,6 +29,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=128, choices=SUPPORTED_GROUP_SIZES,
                    help="input columns sharing one scale/zero point (-1: one per output channel)")
     p.add_argument("--sym", action="store_true", help="symmetric grid without zero points (default: asymmetric)")
+    p.add_argument("--lm-head-bits", type=int, default=None, choices=SUPPORTED_BITS,
+                   help="also quantize the lm_head (after the last layer, same method; tied embeddings are untied and "
+                        "stay 16-bit); default: keep it in 16-bit. 8-bit heads run the plugin's slow reference on GPUs")
+    p.add_argument("--lm-head-group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
+                   help="the lm_head's group size (default: --group-size)")
     c = p.add_argument_group("calibration data")
     c.add_argument("--calib", default="builtin",
                    help="'builtin' (offline photos + captions), a directory of images with .txt captions, a .jsonl "
@@ -61,8 +66,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--block-size", type=int, default=128, help="columns per lazy-update block")
     r = p.add_argument_group("run")
     r.add_argument("--ignore", nargs="+", default=[], metavar="REGEX",
-                   help="decoder-layer linears to keep in 16-bit (regex on the module name); the vision tower, "
-                        "projector and lm_head are always kept")
+                   help="decoder-layer linears to keep in 16-bit (regex on the module name); the vision tower and "
+                        "projector are always kept, the lm_head unless --lm-head-bits")
     r.add_argument("--device", default="auto", help="compute device: auto, cpu, cuda, cuda:N")
     r.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="model dtype")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
@@ -93,6 +98,7 @@ def _quantize(args: argparse.Namespace) -> int:
     )
     config = make_config(
         method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.sym,
+        lm_head_bits=args.lm_head_bits, lm_head_group_size=args.lm_head_group_size,
         solver=solver, calib=calib, ignore=tuple(args.ignore), device=args.device,
         dtype=args.dtype, overwrite=args.overwrite,
     )

@@ -27,6 +27,8 @@ class QuantizeConfig(BaseModel):
     bits: int = Field(4, description="weight bits: 2, 3, 4 or 8")
     group_size: int = Field(128, description="columns per scale/zero: 32, 64, 128, or -1 (per channel)")
     symmetric: bool = Field(False, description="symmetric grid (no zero points); the paper uses asymmetric")
+    lm_head_bits: int | None = Field(None, description="also quantize the lm_head to 2/3/4/8 bits (None: 16-bit)")
+    lm_head_group_size: int | None = Field(None, description="the lm_head's group size (default: group_size)")
     solver: SolverOptions = Field(default_factory=SolverOptions, description="solver options")
     calib: CalibConfig = Field(default_factory=CalibConfig, description="calibration data")
     ignore: tuple[str, ...] = Field((), description="regexes of decoder-layer linears to keep in 16-bit")
@@ -45,6 +47,13 @@ class QuantizeConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeConfig":
         self.scheme  # validates bits / group size
+        if self.lm_head_bits is None and self.lm_head_group_size is not None:
+            raise ValueError("lm_head_group_size is set but lm_head_bits is not; set lm_head_bits to quantize "
+                             "the lm_head")
+        try:
+            self.head_scheme
+        except ConfigError as e:
+            raise ValueError(f"lm_head_bits / lm_head_group_size: {e}") from None
         build_solver(self.method, self.solver)  # validates option/method combinations
         for dev in (self.device, self.offload_device):
             if dev != "auto":
@@ -57,6 +66,14 @@ class QuantizeConfig(BaseModel):
     @property
     def scheme(self) -> WeightScheme:
         return WeightScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    @property
+    def head_scheme(self) -> WeightScheme | None:
+        """The lm_head's scheme (symmetry as the decoder linears'), or None to keep it in 16-bit."""
+        if self.lm_head_bits is None:
+            return None
+        group = self.group_size if self.lm_head_group_size is None else self.lm_head_group_size
+        return WeightScheme(bits=self.lm_head_bits, group_size=group, symmetric=self.symmetric)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -175,10 +175,33 @@ def test_linear_neither_quantized_nor_ignored(model, quant, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_scheme_mismatch_and_unknown_names(model, quant, tmp_path):
+def test_modules_with_another_scheme_get_a_named_group(model, quant, tmp_path):
+    """A decoder linear and the lm_head with schemes of their own: config groups name them, the
+    reader gives each module its scheme back, and the lm_head is named even at the main scheme (vLLM's
+    ParallelLMHead is not selected by the class target "Linear")."""
+    quantized, ignore = dict(quant[0]), [i for i in quant[1] if i != "lm_head"]
+    down = "model.language_model.layers.1.mlp.down_proj"
+    quantized[down] = quantize_rtn(model.get_submodule(down).weight.data, WeightScheme(8, 64, True))
+    quantized["lm_head"] = quantize_rtn(model.lm_head.weight.data, SCHEME)
+    out = tmp_path / "o"
+    summary = save_quantized_checkpoint(model, quantized, out, scheme=SCHEME, ignore=ignore)
+    assert summary.scheme == "W4 g32 asym; lm_head W4 g32 asym; model.language_model.layers.1.mlp.down_proj W8 g64 sym"
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert groups["group_0"]["targets"] == ["Linear"]
+    assert groups["group_1"]["targets"] == [r"re:^(.*\.)?lm_head$"]
+    assert groups["group_2"]["weights"]["num_bits"] == 8
+    assert r"re:^(.*\.)?model\.layers\.1\.mlp\.down_proj$" in groups["group_2"]["targets"]  # on-disk name
+    ckpt = open_checkpoint(out)
+    assert ckpt.config.scheme_for("model.layers.1.mlp.down_proj") == WeightScheme(8, 64, True)
+    assert ckpt.config.scheme_for("model.layers.0.mlp.down_proj") == SCHEME
+    dense = dequantize_checkpoint(out)
+    torch.testing.assert_close(dense["model.layers.1.mlp.down_proj.weight"], quantized[down].dequantize(), rtol=0, atol=0)
+    torch.testing.assert_close(dense["lm_head.weight"], quantized["lm_head"].dequantize(), rtol=0, atol=0)
+    assert "lm_head W4 g32 asym" in inspect_checkpoint(out).format()
+
+
+def test_unknown_names(model, quant, tmp_path):
     quantized, ignore = quant
-    with pytest.raises(ConfigError, match="quantized with W4 g32 asym but the checkpoint scheme is W3"):
-        save_quantized_checkpoint(model, quantized, tmp_path / "o", scheme=WeightScheme(3, 32, False), ignore=ignore)
     with pytest.raises(ConfigError, match="'model.nope' is not in the model"):
         save_quantized_checkpoint(model, quantized, tmp_path / "o", scheme=SCHEME, ignore=ignore + ["model.nope"])
     with pytest.raises(ConfigError, match="only torch.nn.Linear"):

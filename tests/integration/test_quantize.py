@@ -101,6 +101,49 @@ def test_solver_never_sees_the_vision_tower(tiny_qwen2_vl):
     assert sum("down_proj" in n for n in result.frozen) == 2
 
 
+@pytest.mark.parametrize("method,head_bits", [("vlmptq", 8), ("gptq", 3), ("rtn", 4)])
+def test_lm_head_quantized_after_the_layers_and_untied(tiny_qwen2_vl_tied, tmp_path, method, head_bits):
+    """--lm-head-bits: the head is solved last (its inputs: the final norm's outputs), untied from the
+    embeddings (which keep their 16-bit values), written as its own config group, and the checkpoint
+    reloads (tie_word_embeddings false) to exactly the fake-quant model."""
+    src = tiny_qwen2_vl_tied
+    config = make_config(method=method, bits=3, group_size=64, lm_head_bits=head_bits, calib=CALIB, device="cpu")
+    before = AutoModelForImageTextToText.from_pretrained(src).eval()
+    out = tmp_path / "q"
+    report = vlmptq.quantize(src, out, config)
+    assert report.records[-1].name == "lm_head" and report.checkpoint.n_quantized == 15
+    if method != "rtn":
+        assert 0 < report.records[-1].rel_error < 0.1
+    qc = json.loads((out / "config.json").read_text())
+    assert qc["tie_word_embeddings"] is False and qc["text_config"]["tie_word_embeddings"] is False
+    quant = qc["quantization_config"]
+    assert "lm_head" not in quant["ignore"] and quant["vlmptq"]["lm_head"] == f"W{head_bits} g64 asym"
+    assert quant["config_groups"]["group_1"]["weights"]["num_bits"] == head_bits
+    fresh = AutoModelForImageTextToText.from_pretrained(dense_copy(out, tmp_path / "dense")).eval()
+    emb = fresh.get_input_embeddings().weight
+    assert fresh.lm_head.weight.data_ptr() != emb.data_ptr()
+    assert torch.equal(emb, before.get_input_embeddings().weight)  # the embeddings stay 16-bit
+    head_err = (fresh.lm_head.weight.float() - before.lm_head.weight.float()).abs().max().item()
+    assert 0 < head_err < 0.1
+    model, _, _ = vlmptq.quantize_in_memory(src, config)
+    inputs = image_prompt_inputs(src)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_lm_head_options_are_checked_before_any_work(tiny_qwen2_vl, tmp_path):
+    with pytest.raises(ConfigError, match="lm_head_group_size is set but lm_head_bits is not"):
+        make_config(lm_head_group_size=64)
+    with pytest.raises(ConfigError, match="lm_head_bits.*bits=5 is not supported"):
+        make_config(lm_head_bits=5)
+    out = tmp_path / "o"
+    config = make_config(method="rtn", group_size=64, lm_head_bits=8, lm_head_group_size=128, device="cpu")
+    with pytest.raises(ConfigError, match=r"lm_head has 192 input features, not divisible by the lm_head group "
+                                          r"size 128.*--lm-head-group-size"):
+        vlmptq.quantize(tiny_qwen2_vl, out, config)
+    _untouched(out, None)
+
+
 # ------------------------------------------------------------------ bad input: clear error, nothing lost
 def _untouched(out, before):
     if before is None:
@@ -183,12 +226,14 @@ def test_cli_quantize_and_inspect(tiny_qwen2_vl, tmp_path, capsys):
 
     out = tmp_path / "cli-out"
     rc = main(["quantize", "--model", str(tiny_qwen2_vl), "--out", str(out), "--method", "gptq", "--bits", "3",
-               "--group-size", "64", "--num-samples", "2", "--device", "cpu"])
+               "--group-size", "64", "--num-samples", "2", "--device", "cpu", "--lm-head-bits", "8",
+               "--lm-head-group-size", "32"])
     assert rc == 0
-    assert "W3 g64 asym" in capsys.readouterr().out
+    assert "W3 g64 asym; lm_head W8 g32 asym" in capsys.readouterr().out
     assert main(["inspect", str(out)]) == 0
     report = capsys.readouterr().out
-    for needle in ("W3 g64 asym", "compression", "model.layers.0.self_attn.q_proj"):
+    for needle in ("W3 g64 asym; lm_head W8 g32 asym", "compression", "model.layers.0.self_attn.q_proj",
+                   "lm_head                             2048 x 192"):
         assert needle in report, needle
 
 

@@ -58,10 +58,8 @@ def weights(cfg):
     return cfg["config_groups"]["group_0"]["weights"]
 
 
-def quantize_lm_head(qc):  # an 8-bit group for the LM head (a scheme the plugin cannot serve yet)
-    group = json.loads(json.dumps(qc["config_groups"]["group_0"]))
-    group["targets"], group["weights"]["num_bits"] = ["re:.*lm_head"], 8
-    qc["config_groups"]["group_1"] = group
+def shorten_head_scale(sd):  # a head quantized for another vocabulary
+    sd["lm_head.weight_scale"] = sd["lm_head.weight_scale"][:-64].contiguous()
 
 
 CASES = {
@@ -94,17 +92,33 @@ CASES = {
             r"group_size=96"
         ),
     ),
-    "quantized-lm-head": dict(
-        config=quantize_lm_head,
-        message=r"language_model\.lm_head: the checkpoint quantizes the LM head .*'re:\.\*lm_head'",
+    "lm-head-missing-tensor": dict(
+        head=True,
+        tensors=lambda sd: sd.pop("lm_head.weight_zero_point"),
+        message=r"the checkpoint has no tensor\(s\) language_model\.lm_head\.weight_zero_point\.",
+    ),
+    "lm-head-wrong-vocabulary": dict(
+        head=True,
+        tensors=shorten_head_scale,
+        message=r"language_model\.lm_head\.weight_scale: shape \(1984, 3\) does not match",
     ),
 }
 
 
+@pytest.fixture(scope="module")
+def w3_head_checkpoint(tiny_qwen2_vl, tmp_path_factory):
+    """W3 g64 with the LM head quantized too (W3 g64)."""
+    return build_quantized_checkpoint(
+        tiny_qwen2_vl, tmp_path_factory.mktemp("w3-head"), WeightScheme(3, 64, False),
+        head_scheme=WeightScheme(3, 64, False),
+    ).path
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_checkpoint_fails_at_load_naming_what_was_expected(w3_checkpoint, tmp_path, case):
+def test_bad_checkpoint_fails_at_load_naming_what_was_expected(request, tmp_path, case):
     spec = CASES[case]
-    path = damaged(w3_checkpoint, tmp_path, spec.get("tensors"), spec.get("config"))
+    src = request.getfixturevalue("w3_head_checkpoint" if spec.get("head") else "w3_checkpoint")
+    path = damaged(src, tmp_path, spec.get("tensors"), spec.get("config"))
     with pytest.raises(Exception) as e:
         with vllm_engine(path, quantization="vlmptq"):
             pass

@@ -121,9 +121,18 @@ def logprob_errors(hf, hf_inputs, outputs) -> tuple[list[float], list[float]]:
     return errs, margins
 
 
-def check_methods(methods, expect_kernel):
+def check_methods(methods, expect_kernel, head_kernel=None):
+    """Decoder linears on our method and an expected kernel, everything else unquantized; the LM head
+    on ``head_kernel`` (None: vLLM's unquantized embedding method)."""
+    heads = {n: m for n, m in methods.items() if n.endswith("lm_head")}
+    assert list(heads) == ["language_model.lm_head"], list(heads)
+    (head_method, head_kern), = heads.values()
+    if head_kernel is None:
+        assert head_method == "UnquantizedEmbeddingMethod"
+    else:
+        assert head_method == "VlmptqLinearMethod" and head_kern in head_kernel, (head_method, head_kern)
     quantized = {n: m for n, m in methods.items() if n.startswith("language_model.model.layers.")}
-    others = {n: m for n, m in methods.items() if n not in quantized}
+    others = {n: m for n, m in methods.items() if n not in quantized and n not in heads}
     assert len(quantized) == 8  # 2 layers x qkv, o, gate_up, down (fused by vLLM)
     for name, (method, kernel) in quantized.items():
         assert method == "VlmptqLinearMethod", name
@@ -207,6 +216,33 @@ def test_bf16_engine_uses_cpu_kernels_and_stays_close_to_hf(
     assert max(margins) < BF16_MAX_TOL
 
 
+HEAD_CASES = [
+    (3, 3, "float32", {"reference"}, {"reference"}, FP32_TOL),
+    (2, 8, "float32", {"reference"}, {"reference"}, FP32_TOL),
+    (2, 4, "bfloat16", {"cpu_w4a8", "cpu_wna16"}, {"cpu_w4a8", "cpu_wna16"}, BF16_MAX_TOL),
+]
+
+
+@pytest.mark.parametrize("bits,head_bits,dtype,kernels,head_kernels,tol", HEAD_CASES,
+                         ids=[f"w{b}-head-w{h}-{d}" for b, h, d, *_ in HEAD_CASES])
+def test_quantized_lm_head_matches_hf(tiny_qwen2_vl_tied, tmp_path, bits, head_bits, dtype, kernels, head_kernels, tol):
+    """The LM head quantized by the pipeline (untied from the embeddings, which stay 16-bit) is
+    served by our method: its rows load through the vocabulary loader (padding, zero-point words
+    cut mid-word) and the logits match HF with the same dequantized head."""
+    src = tiny_qwen2_vl_tied
+    ckpt = build_quantized_checkpoint(src, tmp_path / "q", WeightScheme(bits, 64, False),
+                                      head_scheme=WeightScheme(head_bits, 64, False))
+    vllm_inputs, hf_inputs = prompts(src)
+    with vllm_engine(ckpt.path, dtype=dtype) as llm:
+        check_methods(layer_methods(llm), kernels, head_kernels)
+        outputs = generate(llm, vllm_inputs)
+    errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
+    assert max(errs) < tol, f"max |dlogprob| {max(errs):.2e}"
+    if dtype == "bfloat16":
+        assert sum(errs) / len(errs) < BF16_MEAN_TOL
+    assert max(margins) < tol
+
+
 def _to_padded3(ckpt_dir):
     """Rewrite a dense 3-bit checkpoint in compressed-tensors <= 0.17's layout (10 per word)."""
     import math
@@ -234,33 +270,39 @@ def _to_padded3(ckpt_dir):
 
 @pytest.fixture(scope="module")
 def tp2_checkpoints(tmp_path_factory):
-    """``get(bits)``: a tiny Qwen2.5-VL with 4 query / 2 KV heads (TP = 2 splits every layer: 3-bit
-    zero-point words and weight words at shard boundaries), RTN W{bits} g64 asym."""
+    """``get(bits, head_bits)``: a tiny Qwen2.5-VL with 4 query / 2 KV heads (TP = 2 splits every layer:
+    3-bit zero-point words and weight words at shard boundaries) and tied embeddings over a 2040-token
+    vocabulary (each rank holds 1024 padded head rows), W{bits} g64 asym, the LM head at W{head_bits}."""
     from vlmptq.testing.tiny_vlm import build_tiny_qwen_vl
 
     src = build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-tp2"), arch="qwen2_5_vl", hidden=256, heads=4,
-                             kv_heads=2, intermediate=512)
+                             kv_heads=2, intermediate=512, tie_word_embeddings=True, vocab_size=2040)
     cache = {}
 
-    def get(bits):
-        if bits not in cache:
+    def get(bits, head_bits):
+        if (bits, head_bits) not in cache:
             out = tmp_path_factory.mktemp(f"tp2-w{bits}")
-            cache[bits] = build_quantized_checkpoint(src, out, WeightScheme(bits, 64, False))
-        return src, cache[bits]
+            head = WeightScheme(head_bits, 64, False) if head_bits else None
+            cache[bits, head_bits] = build_quantized_checkpoint(src, out, WeightScheme(bits, 64, False),
+                                                                head_scheme=head)
+        return src, cache[bits, head_bits]
 
     return get
 
 
 @pytest.mark.parametrize(
-    "bits,dtype,kernels,tol",
-    [(3, "float32", {"reference"}, FP32_TOL), (2, "bfloat16", {"cpu_w4a8", "cpu_wna16"}, BF16_MAX_TOL)],
-    ids=["w3-fp32", "w2-bf16"],
+    "bits,head_bits,dtype,kernels,head_kernels,tol",
+    [(3, 3, "float32", {"reference"}, {"reference"}, FP32_TOL),
+     (2, None, "bfloat16", {"cpu_w4a8", "cpu_wna16"}, None, BF16_MAX_TOL)],
+    ids=["w3-head-w3-fp32", "w2-bf16"],
 )
-def test_tensor_parallel_2_matches_hf(tp2_checkpoints, monkeypatch, bits, dtype, kernels, tol):
+def test_tensor_parallel_2_matches_hf(tp2_checkpoints, monkeypatch, bits, head_bits, dtype, kernels, head_kernels,
+                                      tol):
     """Two vLLM-CPU worker processes, each loading its shards through the plugin: row-parallel K
-    slices (whole groups, whole words) and column-parallel fused shards, then the CPU kernels' repack
-    of the slices (bf16). fp32 catches any mis-sliced tensor (>= 1e-2, measured 5e-6 when right)."""
-    src, ckpt = tp2_checkpoints(bits)
+    slices (whole groups, whole words), column-parallel fused shards and vocabulary-parallel LM-head
+    rows, then the CPU kernels' repack of the slices (bf16). fp32 catches any mis-sliced tensor
+    (>= 1e-2, measured 5e-6 when right)."""
+    src, ckpt = tp2_checkpoints(bits, head_bits)
     cpus = sorted(os.sched_getaffinity(0))
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[-1]}")  # one NUMA node here: bind by hand
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles layer_methods' function
@@ -268,7 +310,7 @@ def test_tensor_parallel_2_matches_hf(tp2_checkpoints, monkeypatch, bits, dtype,
     with vllm_engine(ckpt.path, dtype=dtype, quantization="vlmptq", tensor_parallel_size=2,
                      distributed_executor_backend="mp") as llm:
         for rank in (0, 1):
-            check_methods(layer_methods(llm, rank), kernels)
+            check_methods(layer_methods(llm, rank), kernels, head_kernels)
         outputs = generate(llm, vllm_inputs)
     errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
     assert max(errs) < tol, f"max |dlogprob| {max(errs):.2e}"

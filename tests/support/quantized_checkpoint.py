@@ -44,9 +44,11 @@ def build_quantized_checkpoint(
     scheme: WeightScheme,
     metadata: dict | None = None,
     method: str = "vlmptq",
+    head_scheme: WeightScheme | None = None,
 ) -> QuantizedCheckpoint:
-    """Quantize ``model_dir`` with the quantizer (``method``, 2 built-in calibration samples) and
-    save it to ``out_dir``; the returned weights are exactly what the checkpoint holds."""
+    """Quantize ``model_dir`` with the quantizer (``method``, 2 built-in calibration samples; the
+    lm_head too with ``head_scheme``) and save it to ``out_dir``; the returned weights are exactly
+    what the checkpoint holds."""
     import vlmptq
     from vlmptq.calib import CalibConfig
     from vlmptq.checkpoint.writer import save_quantized_checkpoint
@@ -54,6 +56,8 @@ def build_quantized_checkpoint(
     config = vlmptq.make_config(
         method=method, bits=scheme.bits, group_size=scheme.group_size, symmetric=scheme.symmetric,
         calib=CalibConfig(num_samples=2, max_seq_len=512), device="cpu",
+        lm_head_bits=head_scheme.bits if head_scheme else None,
+        lm_head_group_size=head_scheme.group_size if head_scheme else None,
     )
     model, result, _ = vlmptq.quantize_in_memory(model_dir, config)
     save_quantized_checkpoint(
@@ -78,6 +82,9 @@ def dequantized_hf_model(
     """The original model with every quantized linear's weight replaced by its dequantized value
     (exact fp32 values, then cast to ``dtype``)."""
     model = load_hf_model(model_dir, dtype=dtype)
+    head = model.get_output_embeddings()
+    if head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr() and "lm_head" in ckpt.quantized:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # as the quantizer does
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, qw in ckpt.quantized.items():
@@ -132,16 +139,17 @@ def vllm_engine(model: str | Path, **kwargs):
 def _linear_methods(model) -> dict[str, tuple[str, str | None]]:
     # module level: multi-process engines pickle it to their workers
     from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
     out = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, LinearBase):
+        if isinstance(mod, (LinearBase, ParallelLMHead)):
             kernel = getattr(mod.quant_method, "kernel", None)
             out[name] = (type(mod.quant_method).__name__, getattr(kernel, "name", None))
     return out
 
 
 def layer_methods(llm, rank: int = 0) -> dict[str, tuple[str, str | None]]:
-    """``{vLLM module name: (quant method class, vlmptq kernel name or None)}`` for every linear of
+    """``{vLLM module name: (quant method class, vlmptq kernel name or None)}`` for every linear and LM head of
     ``rank``'s model (multi-process engines need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``)."""
     return llm.apply_model(_linear_methods)[rank]

@@ -97,7 +97,9 @@ def _base():
         (lambda q: q.update(format="marlin-24") or q["config_groups"]["group_0"].pop("format"), "format is 'marlin-24'"),
         (lambda q: q["config_groups"]["group_0"].update(format="int-quantized"), "format is 'int-quantized'"),
         (lambda q: q.update(config_groups={}), "no config_groups"),
-        (lambda q: q["config_groups"].update(group_1=q["config_groups"]["group_0"]), "2 config_groups"),
+        (lambda q: q["config_groups"].update(group_1=q["config_groups"]["group_0"]),
+         "group_0, group_1 all target module classes"),
+        (lambda q: q["config_groups"]["group_0"].update(targets=["re:(unclosed"]), "not a valid regex"),
         (lambda q: q["config_groups"].update(group_0=["Linear"]), "preset reference"),
         (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 8}), "weight-only"),
         (lambda q: q["config_groups"]["group_0"]["weights"].update(type="float"), "only integer"),
@@ -137,3 +139,31 @@ def test_metadata_is_made_json_safe():
     assert json.loads(text)["mu"] == {"q": pytest.approx(0.4), "k": 0.5}
     assert marker["loss"] == "nan" and marker["shape"] == [1, 2] and marker["src"] == "/data/x"
     assert marker["n"] == 3 and type(marker["n"]) is int
+
+
+def test_named_groups_for_other_schemes():
+    """Modules with their own scheme (an 8-bit lm_head) get a group naming them; the parser gives each
+    module its scheme by compressed-tensors' precedence (a name match over the class target)."""
+    main, head = WeightScheme(3, 64, False), WeightScheme(8, 128, True)
+    qc = _json(build_quantization_config(main, ["visual.x"], None, {"lm_head": head}))
+    assert qc["config_groups"]["group_1"]["targets"] == [r"re:^(.*\.)?lm_head$"]
+    parsed = parse_quantization_config(qc)
+    assert parsed.scheme == main and parsed.targets == ("Linear",)
+    assert parsed.scheme_for("lm_head") == head
+    assert parsed.scheme_for("language_model.lm_head") == head  # vLLM's renamed module
+    assert parsed.scheme_for("model.layers.0.mlp.down_proj") == main
+    assert parsed.scheme_for("model.lm_head_norm") == main  # anchored: only a whole name component
+    assert parsed.describe() == "W3 g64 asym; lm_head W8 g128 sym"
+    ct = QuantizationConfig.model_validate(qc)  # compressed-tensors reads both groups
+    assert ct.config_groups["group_1"].weights.num_bits == 8
+    with pytest.raises(ConfigError, match="both in ignore and quantized"):
+        build_quantization_config(main, ["lm_head"], None, {"lm_head": head})
+
+
+def test_named_groups_only_checkpoint_needs_every_module_named():
+    qc = _json(build_quantization_config(WeightScheme(4, 64, False), [], None, {"lm_head": WeightScheme(8, 64, False)}))
+    qc["config_groups"]["group_0"]["targets"] = [r"re:.*q_proj$"]
+    parsed = parse_quantization_config(qc)
+    assert parsed.scheme_for("model.layers.0.self_attn.q_proj").bits == 4
+    with pytest.raises(CheckpointError, match="'model.layers.0.mlp.up_proj' holds packed tensors but no config group"):
+        parsed.scheme_for("model.layers.0.mlp.up_proj")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -162,6 +163,29 @@ def test_several_config_groups_map_targets_to_their_schemes():
         "Linear": ServingScheme(3, 64, False),
         "re:.*lm_head": ServingScheme(8, 64, False),
     }
+
+
+def test_lm_head_target_selects_vllms_lm_head_only():
+    """What vlmptq writes for a quantized head selects vLLM's ParallelLMHead (renamed
+    ``language_model.lm_head`` in VLMs) and nothing else; without it the head stays vLLM's."""
+    import torch
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    qc = json.loads(json.dumps(build_quantization_config(
+        WeightScheme(3, 64, False), ["visual.blocks.0.attn.qkv"], None, {"lm_head": WeightScheme(8, 64, False)})))
+    cfg = VlmptqConfig.from_config(qc)
+    head = ParallelLMHead.__new__(ParallelLMHead)  # get_quant_method reads the type and the name only
+    linear = LinearBase.__new__(LinearBase)
+    torch.nn.Module.__init__(head)
+    torch.nn.Module.__init__(linear)
+    for prefix in ("lm_head", "language_model.lm_head"):
+        method = cfg.get_quant_method(head, prefix)
+        assert type(method).__name__ == "VlmptqLinearMethod" and method.scheme == ServingScheme(8, 64, False)
+    assert cfg.get_quant_method(linear, "language_model.model.layers.0.mlp.down_proj").scheme == ServingScheme(3, 64, False)
+    assert cfg.get_quant_method(head, "language_model.model.lm_head_extra") is None
+    unquantized_head = VlmptqConfig.from_config(ours(3, 64))
+    assert unquantized_head.get_quant_method(head, "language_model.lm_head") is None
 
 
 def test_vllm_name_mapping_renames_layer_paths_only():

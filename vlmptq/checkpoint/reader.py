@@ -1,7 +1,7 @@
 """Read compressed-tensors ``pack-quantized`` checkpoints: validate, dequantize, inspect.
 
-Reads what :mod:`vlmptq.checkpoint.writer` writes and other single-scheme int weight-only
-pack-quantized checkpoints, including 3-bit ones in compressed-tensors <= 0.17's padded layout
+Reads what :mod:`vlmptq.checkpoint.writer` writes (one scheme for the decoder linears, optionally
+another for named modules such as ``lm_head``) and other int weight-only pack-quantized checkpoints, including 3-bit ones in compressed-tensors <= 0.17's padded layout
 (told apart from the dense layout by the packed width; see :mod:`vlmptq.checkpoint.packing`).
 Tensor names are the on-disk ones (``model.layers.0.self_attn.q_proj.weight_packed``).
 """
@@ -138,7 +138,7 @@ def _check_module_tensors(
         )
     shapes = {local: store.meta(full) for local, full in names.items()}
     shape_t = store.get(names[SHAPE]) if SHAPE in names else None
-    return check_layer_tensors(module, shapes, shape_t, pq.scheme)
+    return check_layer_tensors(module, shapes, shape_t, pq.scheme_for(module))
 
 
 @dataclass
@@ -152,7 +152,8 @@ class QuantizedCheckpoint:
 
     def quantized_weight(self, module: str) -> QuantizedWeight:
         names = {s: f"{module}.{s}" for s in SUFFIXES if f"{module}.{s}" in self.store}
-        return decompress_weight(module, {s: self.store.get(n) for s, n in names.items()}, self.config.scheme)
+        scheme = self.config.scheme_for(module)
+        return decompress_weight(module, {s: self.store.get(n) for s, n in names.items()}, scheme)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor with each quantized module's packed tensors replaced by ``<module>.weight``."""
@@ -174,7 +175,7 @@ def open_checkpoint(path: str | Path) -> QuantizedCheckpoint:
         layers[module] = _check_module_tensors(module, names, store, pq)
     if not layers:
         raise CheckpointError(
-            f"{root}: config.json declares {pq.scheme.describe()} but no tensor is named *.weight_packed; "
+            f"{root}: config.json declares {pq.describe()} but no tensor is named *.weight_packed; "
             f"the weights are not packed (wrong quantization_status or format)."
         )
     ignored_packed = sorted(set(layers) & set(pq.ignore))
@@ -292,7 +293,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointReport:
     padded = any(lay.padded3 for lay in ckpt.layers.values())
     return CheckpointReport(
         path=ckpt.path,
-        scheme=ckpt.config.scheme.describe(),
+        scheme=ckpt.config.describe(),
         layers=layers,
         ignore=[i for i in ckpt.config.ignore if f"{i}.weight" in store],
         ignore_aliases=[i for i in ckpt.config.ignore if f"{i}.weight" not in store],

@@ -50,7 +50,7 @@ class CheckpointSummary:
     """What :func:`save_quantized_checkpoint` wrote. Sizes are tensor bytes (no file headers)."""
 
     path: Path
-    scheme: str                    # e.g. "W3 g64 asym"
+    scheme: str                    # e.g. "W3 g64 asym" (+ "; lm_head W8 g128 asym")
     n_quantized: int               # linears stored packed
     n_ignored: int                 # linears stored in 16 bit
     n_shards: int
@@ -85,6 +85,8 @@ def save_quantized_checkpoint(
 
     ``quantized`` maps module names (as in ``model.named_modules()``) to their quantized weights;
     ``ignore`` names the Linear modules kept in 16 bit. Together they must cover every Linear.
+    ``scheme`` is the decoder linears' scheme (config group ``Linear``); modules quantized with
+    another (an 8-bit ``lm_head``) get a config group naming them.
     ``source_dir`` provides tokenizer/processor/chat-template/generation files; ``metadata`` is stored
     under ``quantization_config["vlmptq"]``. Refuses a non-empty ``out_dir`` unless ``overwrite``.
     """
@@ -93,14 +95,19 @@ def save_quantized_checkpoint(
     if isinstance(max_shard_size, int) and max_shard_size <= 0:  # strings ("5GB") are parsed by HF
         raise ConfigError(f"max_shard_size={max_shard_size} must be a positive number of bytes.")
     modules = dict(model.named_modules())
-    _check_modules(modules, quantized, scheme, ignore)
+    _check_modules(modules, quantized, ignore)
     qc_probe = build_quantization_config(scheme, [], metadata)  # validates metadata before any work
     del qc_probe
 
     state, quantized_keys, numel = _build_state_dict(model, modules, quantized)
     bytes_q = sum(_nbytes(state[k]) for k in quantized_keys)
-    state, ignore_disk = _to_disk_names(model, state, quantized_keys, ignore)
-    qconfig = build_quantization_config(scheme, ignore_disk, metadata)
+    # Named config groups: modules with another scheme, and the LM head whatever its scheme (vLLM's
+    # ParallelLMHead is not selected by the class target "Linear", which compressed-tensors'
+    # nn.Linear matching would apply to it).
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    named = {n: qw.scheme for n, qw in quantized.items() if qw.scheme != scheme or modules[n] is head}
+    state, ignore_disk, named_disk = _to_disk_names(model, state, quantized_keys, ignore, named)
+    qconfig = build_quantization_config(scheme, ignore_disk, metadata, named_disk)
 
     bytes_total = sum(_nbytes(t) for t in state.values())
     bf16_bytes = 2 * numel
@@ -122,7 +129,7 @@ def save_quantized_checkpoint(
 
     summary = CheckpointSummary(
         path=out,
-        scheme=scheme.describe(),
+        scheme="; ".join([scheme.describe()] + sorted({f"{n} {s.describe()}" for n, s in named.items()})),
         n_quantized=len(quantized),
         n_ignored=len(set(ignore)),
         n_shards=n_shards,
@@ -165,7 +172,6 @@ def check_destination(out: Path, overwrite: bool, source_dir: str | Path | None)
 def _check_modules(
     modules: Mapping[str, torch.nn.Module],
     quantized: Mapping[str, QuantizedWeight],
-    scheme: WeightScheme,
     ignore: Sequence[str],
 ) -> None:
     """Every quantized entry is a Linear of the right shape and scheme; every Linear is accounted for."""
@@ -181,11 +187,6 @@ def _check_modules(
         if not isinstance(mod, torch.nn.Linear) or weight is None or weight.dim() != 2:
             raise ConfigError(
                 f"quantized module {name!r} is a {type(mod).__name__}; only torch.nn.Linear can be packed."
-            )
-        if qw.scheme != scheme:
-            raise ConfigError(
-                f"module {name!r} was quantized with {qw.scheme.describe()} but the checkpoint scheme is "
-                f"{scheme.describe()}; one checkpoint holds one scheme."
             )
         if tuple(qw.shape) != tuple(weight.shape):
             raise ConfigError(
@@ -245,8 +246,10 @@ def _build_state_dict(model, modules, quantized) -> tuple[dict[str, torch.Tensor
     return state, keys, numel
 
 
-def _to_disk_names(model, state, quantized_keys, ignore) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Remove tied duplicates and revert transformers' weight conversions, as save_pretrained does."""
+def _to_disk_names(model, state, quantized_keys, ignore, named) -> tuple[dict[str, torch.Tensor], list[str],
+                                                                        dict[str, WeightScheme]]:
+    """Remove tied duplicates and revert transformers' weight conversions, as save_pretrained does.
+    Returns the state, the ignore list and ``named`` (module -> scheme), with on-disk module names."""
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
@@ -254,6 +257,7 @@ def _to_disk_names(model, state, quantized_keys, ignore) -> tuple[dict[str, torc
     quantized_modules = {k.rpartition(".")[0] for k in quantized_keys}
     check_no_converter(model, quantized_modules, set(model_keys) | set(state))
     ignore_disk = module_disk_names(model, ignore, model_keys)
+    named_disk = {disk: named[m] for m, disk in module_disk_names(model, named, model_keys).items()} | named
     expected = disk_names(model, state.keys())
 
     state = remove_tied_weights_from_state_dict(state, model)
@@ -268,8 +272,9 @@ def _to_disk_names(model, state, quantized_keys, ignore) -> tuple[dict[str, torc
             )
     # On-disk names are what vLLM and compressed-tensors' model-free tools match; transformers' own
     # compressed-tensors loader matches the in-memory (transformers 5) module names. List both
-    # where they differ: an entry that matches nothing is harmless to all three.
-    return reverted, sorted(set(ignore_disk.values()) | set(ignore))
+    # where they differ (in ignore and in named groups' targets): an entry that matches nothing is
+    # harmless to all three.
+    return reverted, sorted(set(ignore_disk.values()) | set(ignore)), named_disk
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:

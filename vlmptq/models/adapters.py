@@ -5,8 +5,9 @@ An adapter answers three questions for the pipeline, so that the pipeline stays 
     vision_token_ids()   token ids whose positions receive vision features (the per-token mask);
     load(path, dtype)    the transformers class that loads the checkpoint.
 Everything that is an ``nn.Linear`` outside the decoder layers (vision tower, projector/merger,
-``lm_head``) stays in 16-bit; that list is computed, not hand-written, so it always holds the real
-module names.
+``lm_head``) stays in 16-bit, except the ``lm_head`` when asked for (``lm_head()``, ``final_norm()``:
+its input; ``untie_lm_head()``: tied embeddings stay 16-bit); that list is computed, not
+hand-written, so it always holds the real module names.
 """
 
 from __future__ import annotations
@@ -94,6 +95,41 @@ class ModelAdapter:
         prefix, _ = self.decoder_layers()
         return [n for n, m in self.model.named_modules()
                 if isinstance(m, nn.Linear) and not n.startswith(prefix + ".")]
+
+    def lm_head(self) -> tuple[str, nn.Linear]:
+        """(module path, the output projection) of the language model."""
+        head = self.model.get_output_embeddings()
+        for name, module in self.model.named_modules():
+            if module is head and isinstance(head, nn.Linear):
+                return name, head
+        raise UnsupportedModelError(
+            f"{type(self.model).__name__} has no nn.Linear output projection (lm_head); it cannot be quantized. "
+            "Leave it in 16-bit (omit --lm-head-bits)."
+        )
+
+    def final_norm(self) -> nn.Module:
+        """The norm between the last decoder layer and the lm_head (the head's input is its output)."""
+        norm = getattr(self.text_model(), "norm", None)
+        if not isinstance(norm, nn.Module):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: the text model has no final `norm` module, so the lm_head's "
+                "inputs cannot be computed; leave the lm_head in 16-bit (omit --lm-head-bits)."
+            )
+        return norm
+
+    def untie_lm_head(self) -> bool:
+        """Give the lm_head its own weight if it shares the input embedding's (tied embeddings), and
+        record that in the config, so quantizing it leaves the embedding in 16-bit. True if it was tied."""
+        _, head = self.lm_head()
+        emb = self.model.get_input_embeddings()
+        if getattr(emb, "weight", None) is None or head.weight.data_ptr() != emb.weight.data_ptr():
+            return False
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        configs = {id(c): c for c in (self.model.config, self.model.config.get_text_config())}
+        for cfg in configs.values():
+            cfg.tie_word_embeddings = False
+        logger.info("untied lm_head from the input embeddings (the embeddings stay in 16-bit)")
+        return True
 
     def describe(self) -> str:
         prefix, layers = self.decoder_layers()

@@ -9,6 +9,7 @@
                     (only if the solver asks for fp inputs)
                statistics (H, dXXT, per-modality diagonals) -> solver -> fake-quant write-back
            propagate both streams through the layer (quantized / full precision)
+      -> optionally the lm_head, its X / X~ the final norm of the two streams (own scheme)
       -> quantized weights per linear
 Groups are processed in order, so a group's inputs already see the earlier groups of the same
 layer quantized ("true sequential"). The loop never names an algorithm: it reads ``solver.needs``.
@@ -184,6 +185,60 @@ def _relative_errors(w: torch.Tensor, q: torch.Tensor, stats: InputStatistics | 
     return sym, asym
 
 
+def _solve_linear(lin: nn.Linear, full: str, solver: Solver, stats: InputStatistics | None, scheme: WeightScheme,
+                  scale_dtype: torch.dtype) -> tuple[QuantizedWeight, LinearRecord]:
+    """Quantize one linear (its weight on the compute device), write the fake-quant weight back."""
+    w = lin.weight.data
+    res = solver.solve(w, stats, scheme, scale_dtype)
+    q = res.qweight.dequantize(w.dtype)
+    sym, asym = _relative_errors(w, q, stats)
+    lin.weight.data = q.to(w.device)
+    qw = QuantizedWeight(res.qweight.codes.cpu(), res.qweight.scale.cpu(), res.qweight.zero.cpu(), scheme)
+    rec = LinearRecord(full, tuple(w.shape), res.seconds, sym, asym,
+                       {k: v for k, v in res.info.items() if k != "mu_scores"})
+    logger.info("%s %s (%s): %.2fs%s%s%s", full, tuple(w.shape), scheme.describe(), res.seconds,
+                f", rel. error {sym:.4g}" if sym is not None else "",
+                f" (asym {asym:.4g})" if asym is not None else "",
+                f", mu={res.info['mu']}" if "mu" in res.info else "")
+    return qw, rec
+
+
+def _check_head_fits(adapter: ModelAdapter, scheme: WeightScheme) -> str:
+    name, head = adapter.lm_head()
+    adapter.final_norm()  # its input must be computable
+    k = head.in_features
+    if scheme.group_size != -1 and k % scheme.group_size:
+        raise ConfigError(
+            f"{name} has {k} input features, not divisible by the lm_head group size {scheme.group_size}; "
+            f"choose one dividing {k} (or -1 per channel) with --lm-head-group-size"
+        )
+    return name
+
+
+def _quantize_head(adapter: ModelAdapter, solver: Solver, scheme: WeightScheme, samples: Sequence[CalibrationSample],
+                   streams: _Streams | None, device: torch.device, scale_dtype: torch.dtype
+                   ) -> tuple[str, QuantizedWeight, LinearRecord]:
+    """The lm_head as one more input-sharing group: its inputs are the final norm's outputs on the
+    quantized stream (X) and the full-precision stream (X~), after every decoder layer."""
+    name, head = adapter.lm_head()
+    norm = adapter.final_norm().to(device)
+    needs = solver.needs
+    stats = None
+    with torch.no_grad():
+        if streams is not None:
+            acc = StatisticsAccumulator(head.in_features, device, fp_inputs=needs.fp_inputs, modality=needs.modality)
+            for si, s in enumerate(tqdm(samples, desc="lm_head statistics", leave=False)):
+                x = norm(streams.quant[si].to(device))
+                x_fp = norm(streams.fp[si].to(device)) if streams.fp is not None else None
+                acc.add(x, x_fp, s.vision_mask if needs.modality else None, s.text_mask if needs.modality else None)
+            stats = acc.finalize()
+        norm.to("cpu")
+        head.to(device)
+        qw, rec = _solve_linear(head, name, solver, stats, scheme, scale_dtype)
+        head.to("cpu")
+    return name, qw, rec
+
+
 def quantize_model(
     model: nn.Module,
     adapter: ModelAdapter,
@@ -194,9 +249,11 @@ def quantize_model(
     device: torch.device | str = "cpu",
     offload_device: torch.device | str = "cpu",
     ignore: Sequence[str] = (),
+    head_scheme: WeightScheme | None = None,
 ) -> PipelineResult:
     """Quantize every decoder-layer linear of ``model`` in place (fake-quant weights) and return the
-    quantized weights. ``ignore``: regexes of full module names to leave in 16-bit."""
+    quantized weights. ``ignore``: regexes of full module names to leave in 16-bit. ``head_scheme``:
+    also quantize the lm_head (untied from the input embeddings first), after the last layer."""
     t_start = time.perf_counter()
     device, offload = torch.device(device), torch.device(offload_device)
     prefix, layers = adapter.decoder_layers()
@@ -206,6 +263,9 @@ def quantize_model(
     if needs.hessian and not samples:
         raise ConfigError(f"method {solver.name!r} needs calibration samples, got none")
     _check_layers_fit(layers, prefix, patterns, scheme)
+    if head_scheme is not None:
+        _check_head_fits(adapter, head_scheme)
+        adapter.untie_lm_head()
 
     streams = _capture_streams(model, layers, samples, device, offload, needs.fp_inputs) if needs.hessian else None
     quantized: dict[str, QuantizedWeight] = {}
@@ -230,22 +290,10 @@ def quantize_model(
                 stats = (_group_statistics(layer, fp_layer, group[0], streams, li, samples, solver, device, in_features)
                          if streams is not None else None)
                 for name in group:
-                    lin = layer.get_submodule(name)
-                    w = lin.weight.data
-                    res = solver.solve(w, stats, scheme, scale_dtype)
-                    q = res.qweight.dequantize(w.dtype)
-                    sym, asym = _relative_errors(w, q, stats)
-                    lin.weight.data = q.to(w.device)
                     full = f"{lprefix}.{name}"
-                    quantized[full] = QuantizedWeight(res.qweight.codes.cpu(), res.qweight.scale.cpu(),
-                                                      res.qweight.zero.cpu(), scheme)
-                    rec = LinearRecord(full, tuple(w.shape), res.seconds, sym, asym,
-                                       {k: v for k, v in res.info.items() if k != "mu_scores"})
+                    quantized[full], rec = _solve_linear(layer.get_submodule(name), full, solver, stats, scheme,
+                                                         scale_dtype)
                     records.append(rec)
-                    logger.info("%s %s: %.2fs%s%s%s", full, tuple(w.shape), res.seconds,
-                                f", rel. error {sym:.4g}" if sym is not None else "",
-                                f" (asym {asym:.4g})" if asym is not None else "",
-                                f", mu={res.info['mu']}" if "mu" in res.info else "")
                 del stats
             if streams is not None:
                 for si in range(len(samples)):
@@ -258,4 +306,8 @@ def quantize_model(
         layers[li] = layer.to("cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if head_scheme is not None:
+        name, quantized[name], rec = _quantize_head(adapter, solver, head_scheme, samples, streams, device, scale_dtype)
+        records.append(rec)
+        frozen.remove(name)
     return PipelineResult(quantized, records, frozen, time.perf_counter() - t_start)

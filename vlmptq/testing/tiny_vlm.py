@@ -89,6 +89,8 @@ def build_tiny_qwen_vl(
     kv_heads: int = N_KV_HEADS,
     init_std: float = 0.08,
     max_pixels: int = 224 * 224,
+    tie_word_embeddings: bool = False,
+    vocab_size: int = 2048,
 ) -> Path:
     """Write a random ``arch`` ("qwen2_vl" or "qwen2_5_vl") checkpoint to ``out_dir``.
 
@@ -125,25 +127,25 @@ def build_tiny_qwen_vl(
 
     config = config_cls(
         text_config=dict(
-            vocab_size=2048, hidden_size=hidden, intermediate_size=intermediate,
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
             num_hidden_layers=num_layers, num_attention_heads=heads,
             num_key_value_heads=kv_heads, max_position_embeddings=8192, rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                              "mrope_section": MROPE_SECTION, "type": "mrope"},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
+            pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=tie_word_embeddings,
         ),
         vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     model = model_cls(config)
     # Random init gives near-uniform tiny weights; widen them so quantization error is visible
     # and outputs are not degenerate.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
+            if p.dim() == 2 and "embed" not in name and not (tie_word_embeddings and name == "lm_head.weight"):
                 p.normal_(0.0, init_std)
     model = model.to(torch.bfloat16).eval()
     model.generation_config.eos_token_id = ids["<|im_end|>"]
