@@ -73,6 +73,9 @@ DRY_LAYERS = {  # ragged N, K not a multiple of every block size
     "gate_up": ([40, 40], 256, False),
     "down": ([40], 640, False),
 }
+# the LM head (Qwen2.5-VL-7B: vocabulary 152064 x hidden 3584), timed at W8 (triton_w8) and W4 beside bf16
+HEAD = (152064, 3584)
+DRY_HEAD = (200, 256)
 # speed-up goals over bf16 (sum of the 4 GEMMs): M -> bits -> factor; and over Humming at M=1
 TARGETS = {1: {4: 3.0, 3: 3.8, 2: 5.0}, 16: {4: 2.8, 3: 3.4, 2: 4.2}, 64: {4: 1.8, 3: 1.8, 2: 1.8},
            256: {4: 0.95, 3: 0.95, 2: 0.95}}
@@ -230,6 +233,73 @@ class Ours:
         from vllm_plugin.kernels.triton.ops import _config_for
 
         return _config_for(str(self.copies[0][0].device), self.bits, self.group, self.n, self.k, m)
+
+
+class OursW8:
+    """The same for the 8-bit kernel (vllm_plugin.kernels.triton_w8), duck-typed as :class:`Ours`."""
+
+    def __init__(self, ct: dict, n: int, k: int, dtype, nc_fn):
+        from vllm_plugin.kernels.triton_w8 import prepare_w8
+
+        self.n, self.k, self.bits, self.group = n, k, 8, k // ct["weight_scale"].shape[1]
+        t = prepare_w8(ct["weight_packed"], ct["weight_scale"], ct["weight_zero_point"], k, dtype)
+        self.bytes = sum(v.nbytes for v in t.values())
+        self.copies = [t] + [{kk: v.clone() for kk, v in t.items()} for _ in range(nc_fn(self.bytes) - 1)]
+
+    def call(self, x, bias, i: int = 0, cfg=None):
+        from vllm_plugin.kernels.triton_w8 import w8_launch
+
+        t = self.copies[i % len(self.copies)]
+        if cfg is None:
+            return torch.ops.vlmptq.w8_gemm(x, t["qweight"], t["scale"], t["zero"], bias)
+        return w8_launch(x, t["qweight"], t["scale"], t["zero"], bias, cfg)
+
+    def config_for(self, m: int):
+        from vllm_plugin.kernels.triton.w8 import w8_config
+
+        return w8_config(m, self.n, self.k, self.group, META.get("sms", 132))
+
+
+def bench_bf16(x, copies, bias, args, tag: dict) -> dict:
+    """Timing of ``torch.nn.functional.linear`` on rotating bf16 weight copies (the anchor)."""
+    m, n = x.shape[0], copies[0].shape[0]
+    rec = dict(impl="bf16", N=n, K=x.shape[1], M=m, bits=None, **tag)
+    try:
+        ncall = max(len(copies), args.min_calls)
+        calls = [functools.partial(torch.nn.functional.linear, x, copies[i % len(copies)], bias) for i in range(ncall)]
+        t, mode = time_calls(calls, args.reps, not args.no_graph)
+        rec.update(t_us=t, rel_err=None, mode=mode, bytes=copies[0].nbytes + x.nbytes + m * n * 2)
+    except Exception as e:
+        rec.update(t_us=None, rel_err=None, error=repr(e))
+    return record(**rec)
+
+
+def bench_head(args, dev, dtype, gen, nc_fn) -> None:
+    """The LM head at W8 (triton_w8) and W4 (the 2/3/4-bit kernel) beside bf16, asym g128, M in --ms."""
+    n, k = DRY_HEAD if DRY else HEAD
+    tag = dict(layer="lm_head", group_size=128, sym=False, main=False)
+    w = (torch.randn(n, k, device=dev, generator=gen) * 0.02).to(dtype)
+    copies = [w] + [w.clone() for _ in range(nc_fn(w.nbytes) - 1)]
+    xs = {m: torch.randn(m, k, device=dev, generator=gen).to(dtype) for m in args.ms}
+    for m in args.ms:
+        r = bench_bf16(xs[m], copies, None, args, tag)
+        log(f"lm_head M={m:3d} bf16    {_fmt(r.get('t_us'), '8.1f')} us")
+    del copies, w
+    for bits in (8, 4):
+        if elapsed() > args.head_budget:
+            META["notes"].append(f"lm_head: stopped for time before w{bits}")
+            break
+        ck = make_checkpoint(n, k, bits, 128, False, dtype, dev, gen)
+        refs = {m: xs[m].float() @ ck["w_ref"].t() for m in args.ms}
+        del ck["w_ref"]
+        ours = OursW8(ck["ct"], n, k, dtype, nc_fn) if bits == 8 else Ours(ck["ct"], n, k, bits, dtype, nc_fn)
+        del ck
+        for m in args.ms:
+            r = record(**bench_ours(ours, xs[m], None, refs[m], args, tag=tag))
+            log(f"lm_head M={m:3d} w{bits} vlmptq  {_fmt(r.get('t_us'), '8.1f')} us  err {_fmt(r.get('rel_err'), '.1e')}")
+        del ours, refs
+        if not DRY:
+            torch.cuda.empty_cache()
 
 
 def bench_ours(ours: Ours, x, bias, ref, args, cfg=None, tag: dict | None = None) -> dict:
@@ -701,15 +771,7 @@ def run(args) -> None:
             n = sum(stacks)
             x = xs[name][m]
             tag = dict(layer=name, group_size=128, sym=False, main=True)
-            bcop, bias = bf16[name]["copies"], bf16[name]["bias"]
-            try:
-                ncall = max(len(bcop), args.min_calls)
-                calls = [functools.partial(torch.nn.functional.linear, x, bcop[i % len(bcop)], bias) for i in range(ncall)]
-                t, mode = time_calls(calls, args.reps, not args.no_graph)
-                record(impl="bf16", N=n, K=k, M=m, bits=None, t_us=t, rel_err=None, mode=mode,
-                       bytes=bcop[0].nbytes + x.nbytes + m * n * 2, **tag)
-            except Exception as e:
-                record(impl="bf16", N=n, K=k, M=m, bits=None, t_us=None, rel_err=None, error=repr(e), **tag)
+            bench_bf16(x, bf16[name]["copies"], bf16[name]["bias"], args, tag)
             for bits in args.bits:
                 e = built.get((name, bits))
                 if e is None:
@@ -760,6 +822,16 @@ def run(args) -> None:
                     log(f"quick {name} w{bits} g{group} sym={sym} M={m}: {_fmt(r.get('t_us'), '.1f')} us "
                         f"err {_fmt(r.get('rel_err'), '.1e')}")
                 del ck, o
+    dump(args, final=False)
+
+    # ---- the LM head: W8 and W4 beside bf16 (after everything else: it is extra)
+    if elapsed() < args.head_budget:
+        del bf16
+        if not DRY:
+            torch.cuda.empty_cache()
+        bench_head(args, dev, dtype, gen, nc_fn)
+    else:
+        META["notes"].append("lm_head: not run (--head-budget)")
     dump(args, final=False)
 
 
@@ -817,6 +889,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=210.0, help="soft budget (s) for starting benchmark work")
     ap.add_argument("--quick-budget", type=float, default=450.0, help="soft budget (s, from start) for sym/g32/g64 checks")
     ap.add_argument("--tune-budget", type=float, default=400.0, help="soft budget (s, from start) for tuning")
+    ap.add_argument("--head-budget", type=float, default=470.0,
+                    help="soft budget (s, from start) for the lm_head timings (W8 / W4 / bf16, 152064 x 3584)")
     ap.add_argument("--hard", type=float, default=560.0, help="hard limit (s): write what we have and exit")
     ap.add_argument("--no-humming", action="store_true", help="skip Humming")
     ap.add_argument("--no-graph", action="store_true", help="time eagerly instead of CUDA graphs")

@@ -279,9 +279,9 @@ def slow_path_warning(kernel: str, config: WNA16LayerConfig, rejections: list[st
         f"vlmptq: W{config.bits} layers run on the torch reference kernel on {config.device_type} "
         "(unpack + dequantize every call: slower than the unquantized model) because "
         + "; ".join(rejections)
-        + ". Quantize with 2/3/4 bits and a group size that is a multiple of 32 (or per-channel) for "
-        "the Triton kernels, or try stock vLLM's own kernels for this checkpoint (--quantization "
-        "compressed-tensors)."
+        + ". Quantize with 2/3/4/8 bits, bf16/fp16 activations and a group size that is a multiple of 32 "
+        "(or per-channel) for the Triton kernels, or try stock vLLM's own kernels for this checkpoint "
+        "(--quantization compressed-tensors)."
     )
 
 

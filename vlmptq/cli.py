@@ -24,14 +24,14 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory for the quantized checkpoint (written atomically)")
     p.add_argument("--method", default="vlmptq", choices=sorted(SOLVERS), help="quantization algorithm")
     p.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS,
-                   help="weight bits (the vLLM plugin's GPU kernels serve 2/3/4; 8-bit layers run its slow "
-                        "torch reference there: docs/serving.md)")
+                   help="weight bits (the vLLM plugin's GPU kernels: a fused 2/3/4-bit kernel and an 8-bit one; "
+                        "docs/kernels.md)")
     p.add_argument("--group-size", type=int, default=128, choices=SUPPORTED_GROUP_SIZES,
                    help="input columns sharing one scale/zero point (-1: one per output channel)")
     p.add_argument("--sym", action="store_true", help="symmetric grid without zero points (default: asymmetric)")
     p.add_argument("--lm-head-bits", type=int, default=None, choices=SUPPORTED_BITS,
                    help="also quantize the lm_head (after the last layer, same method; tied embeddings are untied and "
-                        "stay 16-bit); default: keep it in 16-bit. 8-bit heads run the plugin's slow reference on GPUs")
+                        "stay 16-bit); default: keep it in 16-bit")
     p.add_argument("--lm-head-group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
                    help="the lm_head's group size (default: --group-size)")
     c = p.add_argument_group("calibration data")

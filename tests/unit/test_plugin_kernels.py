@@ -50,8 +50,19 @@ def rel_err(y, ref):
 
 
 def test_candidates_in_preference_order_with_triton_first():
-    assert [n for n, _ in KERNELS] == ["triton", "cpu_w4a8", "cpu_wna16", "reference"]
-    assert [c.name for c in candidates()] == ["triton", "cpu_w4a8", "cpu_wna16", "reference"]
+    order = ["triton", "triton_w8", "cpu_w4a8", "cpu_wna16", "reference"]
+    assert [n for n, _ in KERNELS] == order
+    assert [c.name for c in candidates()] == order
+
+
+def test_triton_w8_states_its_limits():
+    from vllm_plugin.kernels.triton_w8 import TritonW8A16Kernel
+
+    ok, why = TritonW8A16Kernel.can_implement(WNA16LayerConfig(3, 24, False, 198, 320, torch.float32, "cpu"))
+    assert not ok
+    for part in ("3-bit weights (takes 8)", "float32", "does not divide in_features 198",
+                 "not a multiple of 4", "needs a CUDA device"):
+        assert part in why, (part, why)
 
 
 def test_triton_is_skipped_on_cpu_with_a_reason():
@@ -248,18 +259,20 @@ def test_reference_linear_matches_reference_op():
 
 
 def test_gpu_layers_on_the_reference_get_a_warning_with_every_reason():
-    """An 8-bit layer on CUDA lands on the reference (dequantize every call); the user is told why
-    each faster kernel refused it. On CPU the reference is expected (fp32 engines): no warning."""
+    """A layer no Triton kernel takes (group 16) on CUDA lands on the reference (dequantize every
+    call); the user is told why each faster kernel refused it. On CPU the reference is expected
+    (fp32 engines): no warning."""
     from vllm_plugin.kernels import choose_kernel_explained
     from vllm_plugin.linear import slow_path_warning
 
-    cfg = WNA16LayerConfig(8, 64, False, 192, 320, torch.bfloat16, "cuda")
+    cfg = WNA16LayerConfig(8, 16, False, 192, 320, torch.bfloat16, "cuda")
     kernel, rejections = choose_kernel_explained(cfg)
     assert kernel.name == "reference"
     assert [r.split(":")[0] for r in rejections] == [n for n, _ in KERNELS if n != "reference"]
     msg = slow_path_warning(kernel.name, cfg, rejections)
     assert "W8 layers run on the torch reference kernel on cuda" in msg
-    assert all(r in msg for r in rejections) and "2/3/4 bits" in msg
+    assert all(r in msg for r in rejections) and "2/3/4/8 bits" in msg
+    assert "group size 16 is not a multiple of 32" in msg
     cpu = WNA16LayerConfig(8, 64, False, 192, 320, torch.float32, "cpu")
     assert slow_path_warning("reference", cpu, choose_kernel_explained(cpu)[1]) is None
     assert slow_path_warning("triton", cfg, []) is None

@@ -68,6 +68,20 @@ CASES = [
     ("op-default-m100", 4, 64, 24, 256, 100, False, "fp16", None, True),
     ("op-default-m300", 2, 64, 24, 256, 300, False, "bf16", None, True),
 ]
+# 8-bit kernel: (name, group, N, K, M, sym, dtype, W8Config kwargs or None for the op's default, with bias)
+W8_CASES = [
+    ("w8-dot-g128-m1-split2", 128, 40, 512, 1, False, "fp16", dict(path="dot", block_n=32, split_k=2), True),
+    ("w8-dot-g32-m3", 32, 40, 256, 3, False, "fp16", dict(path="dot", block_n=32), True),  # 4 groups per K tile
+    ("w8-dot-g96-lookup", 96, 24, 384, 2, True, "fp16", dict(path="dot", block_n=32, split_k=3), False),
+    ("w8-dot-g32-bk64", 32, 24, 384, 2, False, "fp16", dict(path="dot", block_n=32, block_k=64), True),
+    ("w8-dequant-g96-bk32", 96, 24, 384, 2, False, "bf16", dict(path="dequant", block_n=16, block_k=32), False),
+    ("w8-dot-perchannel-raggedK", 200, 24, 200, 2, False, "fp16", dict(path="dot", block_n=32), True),
+    ("w8-dot-m20-bm32-sym", 64, 40, 256, 20, True, "fp16", dict(path="dot", block_m=32, block_n=32), False),
+    ("w8-dequant-g64", 64, 24, 320, 3, False, "bf16", dict(path="dequant", block_n=16), True),
+    ("w8-dequant-perchannel-raggedK", 200, 24, 200, 2, True, "bf16", dict(path="dequant", block_n=16), False),
+    ("w8-op-default-m1", 128, 40, 512, 1, False, "fp16", None, True),
+    ("w8-op-default-m100", 64, 24, 256, 100, False, "bf16", None, True),
+]
 # relative Frobenius error against the fp32 reference: output rounding dominates
 TOLERANCE = {"bf16": 1e-2, "fp16": 2e-3}
 
@@ -259,13 +273,37 @@ def _run_case(name, bits, group, n, k, m, sym, dtype_name, cfg_kwargs, with_bias
             "dtype": str(y.dtype), "locks_clean": bool((locks == 0).all())}
 
 
+def _run_w8_case(name, group, n, k, m, sym, dtype_name, cfg_kwargs, with_bias) -> dict:
+    from vllm_plugin.kernels.reference import reference_linear
+    from vllm_plugin.kernels.triton.w8 import W8Config
+    from vllm_plugin.kernels.triton_w8 import prepare_w8, w8_launch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    wp = pack_rows(torch.randint(0, 256, (n, k), generator=gen), 8)
+    scale = ((torch.rand(n, k // group, generator=gen) + 0.5) * 0.002).to(dtype)
+    zp = None if sym else pack_columns(torch.randint(0, 256, (n, k // group), generator=gen), 8)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    t = prepare_w8(wp, scale, zp, k, dtype)
+    if cfg_kwargs is None:
+        y = torch.ops.vlmptq.w8_gemm(x, t["qweight"], t["scale"], t["zero"], bias)
+    else:
+        y = w8_launch(x, t["qweight"], t["scale"], t["zero"], bias, W8Config(**cfg_kwargs))
+    ref = reference_linear(x.float(), wp, scale.float(), zp, 8, k, None if bias is None else bias.float())
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    return {"name": name, "rel_err": err, "finite": bool(torch.isfinite(y).all()), "shape": list(y.shape),
+            "dtype": str(y.dtype), "locks_clean": True}
+
+
 def _self_check_verdicts() -> dict:
     """The plugin's first-use check as it runs on a GPU, here in the interpreter: a correct kernel
     passes; a kernel 1 % off, or one that raises, is refused with the reason."""
     from vllm_plugin.kernels.triton import ops, selfcheck
 
     res = {"name": "self-check", "ok": selfcheck.self_check(3, 64, torch.float16, "cpu"),
-           "per_channel": selfcheck.self_check(2, None, torch.float16, "cpu")}
+           "per_channel": selfcheck.self_check(2, None, torch.float16, "cpu"),
+           "w8": selfcheck.self_check(8, 64, torch.float16, "cpu", "triton_w8")}
     real = ops.launch
     try:
         ops.launch = lambda *a, **kw: real(*a, **kw) * 1.01
@@ -281,7 +319,7 @@ def _self_check_verdicts() -> dict:
     return res
 
 
-MODEL_CASES = [(3, 64, False), (4, 64, True)]  # bits, group, symmetric
+MODEL_CASES = [(3, 64, False), (4, 64, True), (8, 64, False)]  # bits, group, symmetric
 MODEL_TOL = 5e-3  # fp16 activations through 2 layers: measured <= 9e-4; a wrong code or lane gives > 0.3
 
 
@@ -291,6 +329,7 @@ def _model_cases() -> list[dict]:
     import tempfile
 
     from tests.support.kernel_model import logits_through_kernel
+    from vllm_plugin.kernels.triton_w8 import TritonW8A16Kernel
     from vllm_plugin.kernels.triton_wna16 import TritonWNA16Kernel
     from vlmptq.testing.tiny_vlm import build_tiny_qwen_vl
 
@@ -298,7 +337,7 @@ def _model_cases() -> list[dict]:
     out = []
     for bits, group, sym in MODEL_CASES:
         a, b, chosen = logits_through_kernel(tiny, bits, group, sym, torch.float16, "cpu",
-                                             lambda cfg, name: TritonWNA16Kernel)
+                                             lambda cfg, name: TritonW8A16Kernel if bits == 8 else TritonWNA16Kernel)
         out.append({"name": f"model-w{bits}g{group}{'-sym' if sym else ''}", "kernels": sorted(chosen),
                     "finite": bool(torch.isfinite(b).all()), "rel_err": ((a - b).norm() / a.norm()).item()})
     return out
@@ -306,12 +345,13 @@ def _model_cases() -> list[dict]:
 
 def _worker() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    for case in CASES:
-        try:
-            res = _run_case(*case)
-        except Exception as e:  # reported per case by the parent test
-            res = {"name": case[0], "error": f"{type(e).__name__}: {e}"}
-        print("CASE " + json.dumps(res), flush=True)
+    for run, cases in ((_run_case, CASES), (_run_w8_case, W8_CASES)):
+        for case in cases:
+            try:
+                res = run(*case)
+            except Exception as e:  # reported per case by the parent test
+                res = {"name": case[0], "error": f"{type(e).__name__}: {e}"}
+            print("CASE " + json.dumps(res), flush=True)
     try:
         res = _self_check_verdicts()
     except Exception as e:
@@ -361,9 +401,12 @@ def interpreted(subprocess_runs):
     return results
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", CASES + W8_CASES, ids=[c[0] for c in CASES + W8_CASES])
 def test_kernel_matches_reference(interpreted, case):
-    name, dtype_name, m, n = case[0], case[7], case[5], case[3]
+    if case in W8_CASES:
+        name, dtype_name, m, n = case[0], case[6], case[4], case[2]
+    else:
+        name, dtype_name, m, n = case[0], case[7], case[5], case[3]
     r = interpreted.get(name)
     assert r is not None, f"case {name} did not run"
     assert "error" not in r, r.get("error")
@@ -376,7 +419,7 @@ def test_kernel_matches_reference(interpreted, case):
 def test_self_check_accepts_the_kernel_and_refuses_a_wrong_one(interpreted):
     r = interpreted.get("self-check")
     assert r is not None and "error" not in r, r
-    assert r["ok"] is None and r["per_channel"] is None
+    assert r["ok"] is None and r["per_channel"] is None and r["w8"] is None
     m = re.fullmatch(r"relative error (\S+) at M = 1 \(.*\)", r["off_by_1pc"] or "")
     assert m and float(m.group(1)) > 5e-3, r["off_by_1pc"]  # ~1e-2, far above fp16's 2e-3 tolerance
     assert r["raises"] == "RuntimeError: PTX does not assemble"
@@ -387,7 +430,7 @@ def test_tiny_model_through_the_plugin_kernel_path(interpreted, bits, group, sym
     assert "error" not in interpreted.get("model", {}), interpreted["model"]["error"]
     r = interpreted.get(f"model-w{bits}g{group}{'-sym' if sym else ''}")
     assert r is not None, "model case did not run"
-    assert r["kernels"] == ["triton"] and r["finite"]
+    assert r["kernels"] == ["triton_w8" if bits == 8 else "triton"] and r["finite"]
     assert r["rel_err"] < MODEL_TOL, f"logits relative error {r['rel_err']:.2e}"
 
 
@@ -404,6 +447,8 @@ def test_benchmark_dry_run(subprocess_runs):
     assert {"bf16", "vlmptq"} <= impls
     ours = [r for r in data["records"] if r["impl"] == "vlmptq"]
     assert ours and all(r["rel_err"] is not None and r["rel_err"] < 2e-2 for r in ours)
+    head = {(r["impl"], r["bits"]) for r in data["records"] if r["layer"] == "lm_head"}
+    assert head == {("bf16", None), ("vlmptq", 8), ("vlmptq", 4)}  # the LM head: W8 kernel, W4, bf16
     assert list(tmp_path.glob("kernels-*.md"))
     assert (tmp_path / "tuned").is_dir() and list((tmp_path / "tuned").glob("*.json"))
 

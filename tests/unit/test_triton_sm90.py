@@ -43,7 +43,37 @@ CASES = [
     # Ada / GA10x (99 KiB of shared memory, 1536 threads per SM; ptxas budgets registers differently)
     ("sm89-dot-w2-m256-default", 2, 128, 3584, 3584, 256, False, "bfloat16", None, None),
     ("sm86-dot-w3-m64-default", 3, 128, 3584, 3584, 64, False, "bfloat16", None, None),
+    # the 8-bit kernel (triton_w8: an 8-bit lm_head), heuristic launches: Qwen2.5-VL-7B's head at decode
+    ("w8-dot-m1-head", 8, 128, 152064, 3584, 1, False, "bfloat16", None, None),
+    ("w8-dot-m48-g32-bias-fp16", 8, 32, 4608, 3584, 48, True, "float16", None, None),
+    ("w8-dot-perchannel-m16", 8, 3584, 3584, 3584, 16, False, "bfloat16", None, None),
+    ("w8-dot-g96-m4", 8, 96, 4608, 3456, 4, False, "bfloat16", None, None),  # per-column scale lookup
+    ("w8-dequant-m300", 8, 128, 3584, 3584, 300, False, "bfloat16", None, None),
 ]
+
+
+def _w8_compile(aot, name, group, n, k, m, bias, dtype):
+    import torch
+
+    from vllm_plugin.kernels.triton_w8 import plan_w8_launch
+
+    meta = dict(dtype=dtype, device="meta")
+    x = torch.empty((m, k), **meta)
+    q = torch.empty((n, k // 4), dtype=torch.int32, device="meta")
+    s = torch.empty((n, k // group), **meta)
+    launch, _ = plan_w8_launch(x, q, s, torch.empty_like(s), torch.empty((n,), **meta) if bias else None, sms=132)
+    compiled = aot.compile_launch(launch)
+    use = aot.resource_usage(compiled)
+    path = "dequant" if "dequant" in launch.kernel.__name__ else "dot"
+    res = {"name": name, "path": path, "registers": use.registers, "spills": use.spills,
+           "shared": use.dynamic_shared + use.static_shared, "grid": list(launch.grid)}
+    if path == "dot":
+        loop = aot.hot_loop(aot.sass(compiled))
+        res["loop"] = len(loop)
+        res["instr_per_weight"] = len(loop) * launch.meta["num_warps"] * 32 / (
+            launch.meta["BLOCK_N"] * launch.meta["BLOCK_K"])
+        res["loads"] = sorted({op for op in loop if op.startswith(("LDG.", "LDGSTS."))})
+    return res
 
 
 def _worker() -> None:
@@ -55,6 +85,10 @@ def _worker() -> None:
     for name, bits, group, n, k, m, bias, dtype, cfg, _ in CASES:
         arch = int(name[2:4]) if name.startswith("sm") else aot.H100_ARCH
         try:
+            if bits == 8:
+                print("CASE " + json.dumps(_w8_compile(aot, name, group, n, k, m, bias, getattr(torch, dtype))),
+                      flush=True)
+                continue
             cfg = KernelConfig(**cfg) if cfg else default_config(bits, m, arch)
             launch = aot.meta_launch(bits, n, k, m, cfg, bias, group, getattr(torch, dtype), arch)
             compiled = aot.compile_launch(launch, arch)

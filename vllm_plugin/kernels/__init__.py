@@ -23,6 +23,7 @@ DISABLED_KERNELS_ENV = "VLMPTQ_DISABLED_KERNELS"
 # (name, "module:Class"), best first. The name is what VLMPTQ_DISABLED_KERNELS matches.
 KERNELS: list[tuple[str, str]] = [
     ("triton", "vllm_plugin.kernels.triton_wna16:TritonWNA16Kernel"),
+    ("triton_w8", "vllm_plugin.kernels.triton_w8:TritonW8A16Kernel"),
     ("cpu_w4a8", "vllm_plugin.kernels.cpu:CpuW4A8Kernel"),
     ("cpu_wna16", "vllm_plugin.kernels.cpu:CpuWNA16Kernel"),
     ("reference", "vllm_plugin.kernels.reference:ReferenceWNA16Kernel"),

@@ -1,4 +1,8 @@
-"""First-use check of the Triton kernel against the torch reference, on the GPU that will serve.
+"""First-use check of the Triton kernels against the torch reference, on the GPU that will serve.
+
+(Described for the 2/3/4-bit kernel; the 8-bit kernel of :mod:`vllm_plugin.kernels.triton_w8` runs
+the same problem through its own paths: M = 1 and 48 fused with K splits, M = 100 and 300
+dequantize + cuBLAS.)
 
 Before the plugin hands a layer to the Triton kernel it runs, once per (bits, group, activation
 dtype, device), a small random problem through every launch path a model's calls can take -- the
@@ -45,28 +49,53 @@ def self_check_enabled() -> bool:
     return os.environ.get(SELF_CHECK_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def self_check(bits: int, group_size: int | None, act_dtype: torch.dtype, device: torch.device | str) -> str | None:
-    """``None`` if the kernel matches the reference on ``device`` for this scheme, else why not
-    (cached per process). ``group_size`` None: per-channel scales."""
+def self_check(bits: int, group_size: int | None, act_dtype: torch.dtype, device: torch.device | str,
+               kernel: str = "triton") -> str | None:
+    """``None`` if ``kernel`` ("triton": 2/3/4-bit, "triton_w8") matches the reference on ``device``
+    for this scheme, else why not (cached per process). ``group_size`` None: per-channel scales."""
     device = torch.device(device)
-    key = (bits, group_size, act_dtype, str(device))
+    key = (kernel, bits, group_size, act_dtype, str(device))
     if key not in _VERDICTS:
         t0 = time.perf_counter()
-        _VERDICTS[key] = _run(bits, group_size, act_dtype, device)
+        _VERDICTS[key] = _run(bits, group_size, act_dtype, device, kernel)
         what = f"w{bits} {'per-channel' if group_size is None else f'g{group_size}'} {str(act_dtype)[6:]} on {device}"
         if _VERDICTS[key] is None:
-            logger.info("vlmptq: Triton kernel self-check passed (%s, M in %s) in %.1f s", what, CHECK_ROWS,
+            logger.info("vlmptq: %s kernel self-check passed (%s, M in %s) in %.1f s", kernel, what, CHECK_ROWS,
                         time.perf_counter() - t0)
         else:
-            logger.error("vlmptq: the Triton kernel FAILED its self-check (%s): %s. Layers with this scheme are "
+            logger.error("vlmptq: the %s kernel FAILED its self-check (%s): %s. Layers with this scheme are "
                          "served by the next kernel in the list; please report this with the output of "
-                         "`pytest tests/gpu/test_triton_kernels.py`.", what, _VERDICTS[key])
+                         "`pytest tests/gpu/test_triton_kernels.py`.", kernel, what, _VERDICTS[key])
     return _VERDICTS[key]
 
 
-def _run(bits: int, group_size: int | None, act_dtype: torch.dtype, device: torch.device) -> str | None:
-    from vllm_plugin.kernels.reference import reference_linear
+def _wna16(wp, scale, zp, bits, k, act_dtype, device):
+    """The 2/3/4-bit kernel on this problem: ``apply(x, bias) -> (y, problem or None)``."""
     from vllm_plugin.kernels.triton import ops
+
+    q, sz, _ = repack(wp.to(device), scale.to(device), zp.to(device), bits, k, act_dtype)
+    locks = ops.get_locks(device)
+
+    def apply(x, bias):
+        y = ops.launch(x, q, sz, bias, locks, bits, CHECK_N)
+        return y, ("stream-K counters left non-zero" if locks.any() else None)
+
+    return apply
+
+
+def _w8(wp, scale, zp, bits, k, act_dtype, device):
+    from vllm_plugin.kernels import triton_w8
+
+    t = triton_w8.prepare_w8(wp.to(device), scale.to(device), zp.to(device), k, act_dtype)
+    return lambda x, bias: (triton_w8.w8_launch(x, t["qweight"], t["scale"], t["zero"], bias), None)
+
+
+_KERNELS = {"triton": _wna16, "triton_w8": _w8}
+
+
+def _run(bits: int, group_size: int | None, act_dtype: torch.dtype, device: torch.device,
+         kernel: str = "triton") -> str | None:
+    from vllm_plugin.kernels.reference import reference_linear
     from vlmptq.checkpoint.packing import pack_columns, pack_rows
 
     k = 1024 if group_size is None else 8 * group_size  # several groups and several K blocks per row
@@ -78,19 +107,19 @@ def _run(bits: int, group_size: int | None, act_dtype: torch.dtype, device: torc
     bias = torch.randn(CHECK_N, generator=gen).to(act_dtype)
     wp, zp = pack_rows(codes, bits), pack_columns(zeros, bits)
     try:
-        q, sz, _ = repack(wp.to(device), scale.to(device), zp.to(device), bits, k, act_dtype)
-        locks = ops.get_locks(device)
+        apply = _KERNELS[kernel](wp, scale, zp, bits, k, act_dtype, device)
         for m in CHECK_ROWS:
             x = torch.randn(m, k, generator=gen).to(act_dtype)
-            y = ops.launch(x.to(device), q, sz, bias.to(device), locks, bits, CHECK_N).float().cpu()
+            y, problem = apply(x.to(device), bias.to(device))
+            y = y.float().cpu()
             ref = reference_linear(x.float(), wp, scale.float(), zp, bits, k, bias.float())
             if not torch.isfinite(y).all():
                 return f"non-finite output at M = {m}"
             err = ((y - ref).norm() / ref.norm()).item()
             if not err < TOLERANCE[act_dtype]:
                 return f"relative error {err:.3g} at M = {m} (a correct kernel stays below {TOLERANCE[act_dtype]:g})"
-            if locks.any():
-                return f"stream-K counters left non-zero at M = {m}"
+            if problem:
+                return f"{problem} at M = {m}"
     except Exception as e:  # a kernel that cannot run here is refused, not fatal
         return f"{type(e).__name__}: {str(e)[:500]}"
     return None

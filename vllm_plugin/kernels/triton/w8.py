@@ -1,0 +1,210 @@
+"""Triton W8A16 kernels: 8-bit codes read straight from the checkpoint layout.
+
+Why a separate kernel: the 2/3/4-bit kernels build two 16-bit floats from one masked word (the
+code lands in the float's mantissa); a bf16 mantissa has 7 bits, so 8-bit codes do not fit. Here a
+code is a byte: one shift and one mask, converted in fp32. 8-bit layers are rare in a 2/3/4-bit
+checkpoint -- the use is an 8-bit ``lm_head`` (``vlmptq quantize --lm-head-bits 8``), at W2 about a
+third of a 7B model's decode bytes -- so simplicity beats the last instruction here.
+
+Layout (what :class:`vllm_plugin.kernels.triton_w8.TritonW8A16Kernel` prepares):
+    qweight  int32 [N, K/4]   the checkpoint's ``weight_packed`` unchanged: code k of row n is
+                              byte k % 4 (bits 8*(k%4)) of word k // 4
+    scale    act dtype [N, G] G = K / group (per-channel: G = 1, group = K)
+    zero     act dtype [N, G] zero points unpacked (integers 0..255: exact in bf16 and fp16)
+
+Per K tile: ``W = ((code - zero) * scale)`` in fp32, rounded once to the act dtype (as the
+reference's dequantized weight), then ``tl.dot`` with fp32 accumulation.
+
+* ``_w8_mma_kernel`` (M <= 64): grid (N tiles, M tiles, K splits). With one split the kernel adds
+  the bias and writes the output; with several, each split writes fp32 partial sums to a workspace
+  ``[SPLIT_K, M, N]`` that the host sums in a fixed order (deterministic; no atomics, no memset).
+* ``_w8_dequant_kernel`` (larger M): writes ``dequant(W)`` in act dtype for a cuBLAS matmul.
+
+The launch shapes are heuristics (:func:`w8_config`), not tuned on a GPU yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _w8_tile(qw_ptr, s_ptr, z_ptr, offs_n, mask_n, k0, K, G, ACT: tl.constexpr, GROUP: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dequantized ``[BLOCK_N, BLOCK_K]`` tile of W (columns k0 .. k0 + BLOCK_K) in ACT; columns at
+    or past K are 0. GROUP divides BLOCK_K or BLOCK_K divides GROUP (checked by the host)."""
+    offs_w = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    words = tl.load(qw_ptr + offs_n[:, None] * (K // 4) + offs_w[None, :],
+                    mask=mask_n[:, None] & (offs_w[None, :] < K // 4), other=0)
+    shifts = tl.arange(0, 4) * 8
+    codes = (words[:, :, None] >> shifts[None, None, :]) & 0xFF  # [BN, BK/4, 4]: byte j of word w = k 4w + j
+    if GROUP >= BLOCK_K:  # one group per row in this tile
+        gi = k0 // GROUP
+        s = tl.load(s_ptr + offs_n * G + gi, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n * G + gi, mask=mask_n, other=0.0).to(tl.float32)
+        q = tl.reshape(codes, (BLOCK_N, BLOCK_K)).to(tl.float32)
+        w = (q - z[:, None]) * s[:, None]
+    else:
+        NG: tl.constexpr = BLOCK_K // GROUP
+        gi = k0 // GROUP + tl.arange(0, NG)
+        gmask = mask_n[:, None] & (gi[None, :] < G)
+        s = tl.load(s_ptr + offs_n[:, None] * G + gi[None, :], mask=gmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n[:, None] * G + gi[None, :], mask=gmask, other=0.0).to(tl.float32)
+        q = tl.reshape(codes, (BLOCK_N, NG, GROUP)).to(tl.float32)
+        w = tl.reshape((q - z[:, :, None]) * s[:, :, None], (BLOCK_N, BLOCK_K))
+    return w.to(ACT)
+
+
+@triton.jit
+def _w8_byte_dot(acc, x_ptr, qw_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G,
+                 J: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, SCALE_AFTER: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, words):
+    """``acc + x[:, k] @ W[:, k]^T`` over the columns k = k0 + 4 w + J of this K tile (byte J of
+    every word): no reshape, so the byte tile goes to the MMA without a layout shuffle. The code
+    becomes ``2^23 + code`` by or-ing the fp32 exponent in (no int-to-float conversion); subtracting
+    ``zf = 2^23 + zero`` is exact. SCALE_AFTER: the tile's one scale per row multiplies the dot's
+    result (``code - zero`` is an exact bf16/fp16 integer), else the weights are scaled first."""
+    W4: tl.constexpr = BLOCK_K // 4
+    offs_k = k0 + 4 * tl.arange(0, W4) + J
+    x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < k_end),
+                other=0.0)
+    if J == 0:
+        b = words & 0xFF
+    elif J == 3:
+        b = (words >> 24) & 0xFF
+    else:
+        b = (words >> (8 * J)) & 0xFF
+    v = (b | 0x4B000000).to(tl.float32, bitcast=True)
+    if SCALE_AFTER:
+        w = (v - zf[:, None]).to(ACT)
+    elif BLOCK_K % GROUP == 0:  # several whole groups per tile: column w of byte J is in group w // (GROUP / 4)
+        NG: tl.constexpr = BLOCK_K // GROUP
+        gi = k0 // GROUP + tl.arange(0, NG)
+        s = tl.load(s_ptr + offs_n[:, None] * G + gi[None, :], mask=mask_n[:, None] & (gi[None, :] < G), other=0.0)
+        t = tl.reshape(v, (BLOCK_N, NG, GROUP // 4)) - tl.reshape(zf, (BLOCK_N, NG))[:, :, None]
+        w = tl.reshape(t * s.to(tl.float32)[:, :, None], (BLOCK_N, W4)).to(ACT)
+    else:  # a group that neither divides nor is a multiple of the tile (e.g. 96): per-column lookup
+        gi = offs_k // GROUP
+        gm = mask_n[:, None] & (offs_k[None, :] < K)
+        s = tl.load(s_ptr + offs_n[:, None] * G + gi[None, :], mask=gm, other=0.0).to(tl.float32)
+        w = ((v - zf) * s).to(ACT)
+    return acc + tl.dot(x, tl.trans(w))
+
+
+@triton.jit
+def _w8_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, G, K_PER_SPLIT,
+                   ACT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n])`` over this program's K split; ``out`` is the
+    act-dtype output (SPLIT = 1) or the fp32 workspace ``[SPLIT, M, N]``."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    SCALE_AFTER: tl.constexpr = GROUP % BLOCK_K == 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_w = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        words = tl.load(qw_ptr + offs_n[:, None] * (K // 4) + offs_w[None, :],
+                        mask=mask_n[:, None] & (offs_w[None, :] < K // 4), other=0)
+        if SCALE_AFTER or BLOCK_K % GROUP == 0:  # zero points per (row, group in this tile)
+            NZ: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
+            gz = k0 // GROUP + tl.arange(0, NZ)
+            z = tl.load(z_ptr + offs_n[:, None] * G + gz[None, :], mask=mask_n[:, None] & (gz[None, :] < G), other=0.0)
+            zf = z.to(tl.float32) + 8388608.0
+            if NZ == 1:
+                zf = tl.reshape(zf, (BLOCK_N,))
+        else:
+            gzi = (k0 + 4 * tl.arange(0, BLOCK_K // 4)) // GROUP  # byte J's columns share the group of byte 0's
+            zf = tl.load(z_ptr + offs_n[:, None] * G + gzi[None, :], mask=mask_n[:, None] & (gzi[None, :] < G),
+                         other=0.0).to(tl.float32) + 8388608.0
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        part = _w8_byte_dot(part, x_ptr, qw_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 0,
+                            ACT, GROUP, SCALE_AFTER, BLOCK_N, BLOCK_K, words)
+        part = _w8_byte_dot(part, x_ptr, qw_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 1,
+                            ACT, GROUP, SCALE_AFTER, BLOCK_N, BLOCK_K, words)
+        part = _w8_byte_dot(part, x_ptr, qw_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 2,
+                            ACT, GROUP, SCALE_AFTER, BLOCK_N, BLOCK_K, words)
+        part = _w8_byte_dot(part, x_ptr, qw_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 3,
+                            ACT, GROUP, SCALE_AFTER, BLOCK_N, BLOCK_K, words)
+        if SCALE_AFTER:
+            s = tl.load(s_ptr + offs_n * G + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+            acc += part * s[None, :]
+        else:
+            acc += part
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(ACT), mask=mask)
+    else:
+        tl.store(out_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _w8_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, ACT: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``w_ptr[n, k] = dequant(W)[n, k]`` in ACT (row-major ``[N, K]``)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    w = _w8_tile(qw_ptr, s_ptr, z_ptr, offs_n, mask_n, k0, K, G, ACT, GROUP, BLOCK_N, BLOCK_K)
+    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=mask_n[:, None] & (offs_k[None, :] < K))
+
+
+@dataclass(frozen=True)
+class W8Config:
+    """One launch of the W8 kernels (``path``: "dot" or "dequant")."""
+
+    path: str
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def __post_init__(self) -> None:
+        if self.path not in ("dot", "dequant"):
+            raise ValueError(f"W8Config.path must be 'dot' or 'dequant', got {self.path!r}")
+        if self.path == "dot" and self.block_k not in (64, 128):
+            raise ValueError(f"the fused W8 kernel steps 64 or 128 columns (16+ per byte dot), got {self.block_k}")
+
+
+def dequant_block_k(group: int, k: int) -> int:
+    """K tile of the dequantize kernel: 128 columns unless the group is neither a divisor nor a
+    multiple of 128 (e.g. 96): then 32 (the group is a multiple of 32, the kernel's requirement).
+    The fused kernel always steps 128 columns (32 per byte dot; groups like 96 take its per-column
+    scale lookup)."""
+    if group >= k or group % 128 == 0 or 128 % group == 0:
+        return 128
+    return 32
+
+
+def w8_config(m: int, n: int, k: int, group: int, sms: int) -> W8Config:
+    """Heuristic launch shape (untuned): dot for M <= 64 with 16/32/64-row tiles and K split until
+    the grid has two programs per SM; dequantize + cuBLAS above."""
+    if m > 64:
+        return W8Config("dequant", block_n=32, block_k=dequant_block_k(group, k), num_stages=1)
+    bk = 128
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bn = 64 if dequant_block_k(group, k) == 128 else 32  # per-column scale lookup (g96): fewer registers
+    tiles = -(-n // bn) * -(-m // bm)
+    split = 1
+    while split < 16 and tiles * split < 2 * sms and k // (2 * split) >= 2 * bk:
+        split *= 2
+    return W8Config("dot", block_m=bm, block_n=bn, block_k=bk, split_k=split)

@@ -1,0 +1,172 @@
+"""Triton W8A16 GEMM for 8-bit vlmptq layers (an 8-bit ``lm_head`` above all), group-wise or per-channel.
+
+Checkpoint layout handed to :meth:`TritonW8A16Kernel.prepare` (see :mod:`vllm_plugin.kernels.base`):
+    weight_packed      int32 [N, K/4]   four codes per word along K, little end first
+    weight_scale       act dtype [N, G]
+    weight_zero_point  int32 [ceil(N/4), G] packed along N; None for symmetric (z = 128)
+Kernel layout (what ``prepare`` returns; kernels in :mod:`vllm_plugin.kernels.triton.w8`):
+    qweight  int32 [N, K/4]      ``weight_packed`` unchanged
+    scale    act dtype [N, G]
+    zero     act dtype [N, G]    unpacked zero points (exact: integers 0..255)
+Dispatch by M: fused dequant + ``tl.dot`` with a K split for M <= 64, dequantize + cuBLAS above
+(heuristic shapes, untuned). ``torch.ops.vlmptq.w8_gemm`` is a custom op with a fake implementation:
+shape-determined allocations only, no host synchronization (CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+
+from vllm_plugin.kernels.base import WNA16Kernel, WNA16LayerConfig
+from vllm_plugin.kernels.triton.layout import TILE
+from vllm_plugin.kernels.triton.selfcheck import SELF_CHECK_ENV, self_check, self_check_enabled
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: str) -> int:
+    dev = torch.device(device)
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+
+
+def plan_w8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   bias: Optional[torch.Tensor], cfg=None, sms: Optional[int] = None):
+    """(the kernel launch, a function giving the output once it ran) for ``x [M, K]``; ``cfg`` (a
+    ``W8Config``) overrides the heuristic shape. Allocates on x's device (meta works: ahead-of-time
+    compiles plan with it)."""
+    import triton.language as tl
+
+    from vllm_plugin.kernels.triton import w8 as W
+    from vllm_plugin.kernels.triton.ops import KernelLaunch
+
+    m, k = x.shape
+    n, groups = scale.shape
+    group = k // groups
+    act = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[x.dtype]
+    cfg = cfg or W.w8_config(m, n, k, group, sms or _sms(str(x.device)))
+    meta = dict(ACT=act, GROUP=group, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+    if cfg.path == "dequant":
+        w = torch.empty((n, k), dtype=x.dtype, device=x.device)
+        grid = (-(-n // cfg.block_n), -(-k // cfg.block_k))
+        launch = KernelLaunch(W._w8_dequant_kernel, grid, (qweight, scale, zero, w, n, k, groups),
+                              dict(meta, num_stages=1))
+        return launch, lambda: torch.nn.functional.linear(x, w, bias)
+    k_per_split = -(-k // (cfg.split_k * cfg.block_k)) * cfg.block_k
+    split = -(-k // k_per_split)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    dst = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    grid = (-(-n // cfg.block_n), -(-m // cfg.block_m), split)
+    args = (x, qweight, scale, zero, bias if bias is not None else out, dst, m, n, k, groups, k_per_split)
+    launch = KernelLaunch(W._w8_mma_kernel, grid, args,
+                          dict(meta, HAS_BIAS=bias is not None, SPLIT=split, BLOCK_M=cfg.block_m,
+                               num_stages=cfg.num_stages))
+
+    def result() -> torch.Tensor:
+        if split == 1:
+            return out
+        acc = dst.sum(0)  # fixed order: deterministic
+        if bias is not None:
+            acc += bias.float()
+        return acc.to(x.dtype)
+
+    return launch, result
+
+
+def w8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              bias: Optional[torch.Tensor], cfg=None) -> torch.Tensor:
+    """``x [M, K]`` (contiguous, act dtype) -> ``[M, N]``."""
+    if x.shape[0] == 0:
+        return torch.empty((0, scale.shape[0]), dtype=x.dtype, device=x.device)
+    launch, result = plan_w8_launch(x, qweight, scale, zero, bias, cfg)
+    launch.run()
+    return result()
+
+
+@torch.library.custom_op("vlmptq::w8_gemm", mutates_args=())
+def w8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+            bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x [M, K] @ dequant(W).T + bias`` on the W8 layout."""
+    return w8_launch(x.contiguous(), qweight, scale, zero, bias)
+
+
+@w8_gemm.register_fake
+def _w8_gemm_fake(x, qweight, scale, zero, bias):
+    return x.new_empty((x.shape[0], scale.shape[0]))
+
+
+def prepare_w8(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None,
+               in_features: int, act_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors -> the W8 kernel's (layout in the module docstring)."""
+    from vlmptq.checkpoint.packing import unpack_columns
+
+    n, groups = weight_scale.shape
+    if tuple(weight_packed.shape) != (n, in_features // 4):
+        raise ValueError(f"weight_packed has shape {tuple(weight_packed.shape)}, expected {(n, in_features // 4)} "
+                         f"(8-bit codes, four per int32 word)")
+    if weight_zero_point is None:
+        zero = torch.full((n, groups), 128.0, dtype=act_dtype, device=weight_scale.device)
+    else:
+        zero = unpack_columns(weight_zero_point, 8, n).to(act_dtype)
+    return {"qweight": weight_packed.contiguous(), "scale": weight_scale.to(act_dtype).contiguous(),
+            "zero": zero.contiguous()}
+
+
+class TritonW8A16Kernel(WNA16Kernel):
+    """Fused dequant + GEMM in Triton for 8-bit weights on CUDA GPUs (the 2/3/4-bit kernel's layout
+    cannot hold 8-bit codes)."""
+
+    name = "triton_w8"
+
+    @classmethod
+    def can_implement(cls, config: WNA16LayerConfig) -> tuple[bool, str | None]:
+        reasons = []
+        if config.bits != 8:
+            reasons.append(f"{config.bits}-bit weights (takes 8)")
+        if config.act_dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"activation dtype {config.act_dtype} (takes bfloat16, float16)")
+        g, k = config.group_size, config.in_features
+        if g <= 0 or k % g:
+            reasons.append(f"group size {g} does not divide in_features {k}")
+        elif g < k and g % TILE:
+            reasons.append(f"group size {g} is not a multiple of {TILE} (nor per-channel)")
+        if k % 4:
+            reasons.append(f"in_features {k} is not a multiple of 4 (whole int32 words)")
+        if config.device_type != "cuda":
+            reasons.append(f"needs a CUDA device, the layer is on {config.device_type!r}")
+        elif not torch.cuda.is_available():
+            reasons.append("torch sees no CUDA device")
+        elif torch.cuda.get_device_capability()[0] < 8:
+            reasons.append("needs compute capability >= 8.0 (bf16 tensor cores)")
+        if importlib.util.find_spec("triton") is None:
+            reasons.append("triton is not installed")
+        if reasons:
+            return False, "; ".join(reasons)
+        if self_check_enabled():
+            failed = self_check(8, None if g == k else g, config.act_dtype, torch.cuda.current_device(), cls.name)
+            if failed:
+                return False, f"failed its self-check on this GPU ({failed}; {SELF_CHECK_ENV}=0 skips the check)"
+        return True, None
+
+    def prepare(self, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+                weight_zero_point: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        c = self.config
+        if tuple(weight_scale.shape) != (c.out_features, c.num_groups):
+            raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected "
+                             f"{(c.out_features, c.num_groups)} (out_features, in_features // group_size)")
+        return prepare_w8(weight_packed, weight_scale, weight_zero_point, c.in_features, c.act_dtype)
+
+    def apply(self, tensors: Mapping[str, torch.Tensor], x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.config
+        if x.dtype != c.act_dtype:
+            raise TypeError(f"activations are {x.dtype} but the layer was prepared for {c.act_dtype}")
+        lead = x.shape[:-1]
+        out = torch.ops.vlmptq.w8_gemm(x.reshape(-1, c.in_features), tensors["qweight"], tensors["scale"],
+                                       tensors["zero"], bias)
+        return out.view(*lead, c.out_features)
