@@ -1,6 +1,7 @@
 """Our checkpoints stay loadable by stock vLLM when the plugin is not chosen: with plugins disabled
 (``VLLM_PLUGINS=""``, a fresh process) and with ``--quantization compressed-tensors`` while the
-plugin is installed. vLLM-CPU's stock path serves 4-bit only (its CPUWNA16 kernel), so W4."""
+plugin is installed (a checkpoint with a quantized LM head there). vLLM-CPU's stock path serves
+4-bit only (its CPUWNA16 kernel), so W4."""
 
 from __future__ import annotations
 
@@ -61,8 +62,17 @@ def w4(tiny_qwen2_vl, tmp_path_factory):
     return tiny_qwen2_vl, ckpt
 
 
-def check_stock(methods, quantization):
+@pytest.fixture(scope="module")
+def w4_head(tiny_qwen2_vl_tied, tmp_path_factory):
+    """W4 with the LM head quantized too (tied embeddings untied, 2040-token vocabulary)."""
+    ckpt = build_quantized_checkpoint(tiny_qwen2_vl_tied, tmp_path_factory.mktemp("w4-head"),
+                                      WeightScheme(4, 64, False), head_scheme=WeightScheme(4, 64, False))
+    return tiny_qwen2_vl_tied, ckpt
+
+
+def check_stock(methods, quantization, head: str = "UnquantizedEmbeddingMethod"):
     assert quantization == "compressed-tensors"
+    assert methods["language_model.lm_head"][0] == head
     decoder = {
         n: m for n, (m, _) in methods.items() if n.startswith("language_model.model.layers.")
     }
@@ -100,12 +110,15 @@ def test_stock_vllm_without_plugins_loads_a_marked_checkpoint(w4):
     check_against_hf(src, ckpt, result["ids"], result["logprobs"])
 
 
-def test_quantization_flag_compressed_tensors_bypasses_the_installed_plugin(w4):
+def test_quantization_flag_compressed_tensors_bypasses_the_installed_plugin(w4_head):
+    """Stock vLLM's compressed-tensors path also serves our quantized LM head (its config group
+    names it; vLLM's ParallelLMHead takes CompressedTensorsLinearMethod) and matches HF."""
     from vllm import SamplingParams
 
-    src, ckpt = w4
+    src, ckpt = w4_head
     with vllm_engine(ckpt.path, quantization="compressed-tensors") as llm:
-        check_stock(layer_methods(llm), llm.llm_engine.vllm_config.model_config.quantization)
+        check_stock(layer_methods(llm), llm.llm_engine.vllm_config.model_config.quantization,
+                    head="CompressedTensorsLinearMethod")
         out = llm.generate(
             [PROMPT], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
         )[0]
