@@ -211,7 +211,7 @@ class ParsedQuantConfig:
         """``W3 g128 asym`` or, with named groups, ``W3 g128 asym; lm_head W8 g128 asym``."""
         parts = [self.scheme.describe()]
         for g in self.groups:
-            if not g.by_class:
+            if (g.targets, g.scheme) != (self.targets, self.scheme):  # the primary group is listed first
                 names = ", ".join(_target_label(t) for t in g.targets)
                 parts.append(f"{names} {g.scheme.describe()}")
         return "; ".join(parts)

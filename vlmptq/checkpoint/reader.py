@@ -1,8 +1,9 @@
 """Read compressed-tensors ``pack-quantized`` checkpoints: validate, dequantize, inspect.
 
 Reads what :mod:`vlmptq.checkpoint.writer` writes (one scheme for the decoder linears, optionally
-another for named modules such as ``lm_head``) and other int weight-only pack-quantized checkpoints, including 3-bit ones in compressed-tensors <= 0.17's padded layout
-(told apart from the dense layout by the packed width; see :mod:`vlmptq.checkpoint.packing`).
+others for named modules such as ``lm_head``) and other int weight-only pack-quantized checkpoints,
+including 3-bit ones in compressed-tensors <= 0.17's padded layout (told apart from the dense layout
+by the packed width; see :mod:`vlmptq.checkpoint.packing`).
 Tensor names are the on-disk ones (``model.layers.0.self_attn.q_proj.weight_packed``).
 """
 
