@@ -16,17 +16,12 @@ shape-determined allocations only, no host synchronization (CUDA-graph safe).
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Mapping
 from typing import Optional
 
 import torch
 
 from vllm_plugin.kernels.base import WNA16Kernel, WNA16LayerConfig
-from vllm_plugin.kernels.triton.layout import TILE
-from vllm_plugin.kernels.triton.selfcheck import SELF_CHECK_ENV, self_check, self_check_enabled
-
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,33 +120,12 @@ class TritonW8A16Kernel(WNA16Kernel):
 
     @classmethod
     def can_implement(cls, config: WNA16LayerConfig) -> tuple[bool, str | None]:
-        reasons = []
-        if config.bits != 8:
-            reasons.append(f"{config.bits}-bit weights (takes 8)")
-        if config.act_dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"activation dtype {config.act_dtype} (takes bfloat16, float16)")
-        g, k = config.group_size, config.in_features
-        if g <= 0 or k % g:
-            reasons.append(f"group size {g} does not divide in_features {k}")
-        elif g < k and g % TILE:
-            reasons.append(f"group size {g} is not a multiple of {TILE} (nor per-channel)")
-        if k % 4:
-            reasons.append(f"in_features {k} is not a multiple of 4 (whole int32 words)")
-        if config.device_type != "cuda":
-            reasons.append(f"needs a CUDA device, the layer is on {config.device_type!r}")
-        elif not torch.cuda.is_available():
-            reasons.append("torch sees no CUDA device")
-        elif torch.cuda.get_device_capability()[0] < 8:
-            reasons.append("needs compute capability >= 8.0 (bf16 tensor cores)")
-        if importlib.util.find_spec("triton") is None:
-            reasons.append("triton is not installed")
-        if reasons:
-            return False, "; ".join(reasons)
-        if self_check_enabled():
-            failed = self_check(8, None if g == k else g, config.act_dtype, torch.cuda.current_device(), cls.name)
-            if failed:
-                return False, f"failed its self-check on this GPU ({failed}; {SELF_CHECK_ENV}=0 skips the check)"
-        return True, None
+        from vllm_plugin.kernels.triton_wna16 import triton_verdict
+
+        reasons = [] if config.bits == 8 else [f"{config.bits}-bit weights (takes 8)"]
+        if config.in_features % 4:
+            reasons.append(f"in_features {config.in_features} is not a multiple of 4 (whole int32 words)")
+        return triton_verdict(cls.name, config, reasons)
 
     def prepare(self, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                 weight_zero_point: torch.Tensor | None) -> dict[str, torch.Tensor]:

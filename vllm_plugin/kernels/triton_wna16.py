@@ -43,6 +43,38 @@ SUPPORTED_BITS = (2, 3, 4)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def triton_verdict(kernel: str, config: WNA16LayerConfig, reasons: list[str]) -> tuple[bool, str | None]:
+    """``can_implement`` of a Triton kernel (``kernel``: its name in the selection list): the
+    kernel-specific ``reasons`` plus what every Triton kernel here needs (bf16/fp16 activations,
+    groups that are multiples of 32 or per-channel, an sm80+ CUDA GPU, triton), then, once per
+    scheme and device, its first-use self-check against the reference."""
+    reasons = list(reasons)
+    if config.act_dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"activation dtype {config.act_dtype} (takes bfloat16, float16)")
+    g, k = config.group_size, config.in_features
+    if g <= 0 or k % g:
+        reasons.append(f"group size {g} does not divide in_features {k}")
+    elif g < k and g % TILE:
+        reasons.append(f"group size {g} is not a multiple of {TILE} (nor per-channel)")
+    if config.device_type != "cuda":
+        reasons.append(f"needs a CUDA device, the layer is on {config.device_type!r}")
+    elif not torch.cuda.is_available():
+        reasons.append("torch sees no CUDA device")
+    else:
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            reasons.append(f"needs compute capability >= 8.0 (bf16 tensor cores), GPU has {major}.{minor}")
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed")
+    if reasons:
+        return False, "; ".join(reasons)
+    if self_check_enabled():  # once per scheme and device: the kernel must match the reference here
+        failed = self_check(config.bits, None if g == k else g, config.act_dtype, torch.cuda.current_device(), kernel)
+        if failed:
+            return False, f"failed its self-check on this GPU ({failed}; {SELF_CHECK_ENV}=0 skips the check)"
+    return True, None
+
+
 class TritonWNA16Kernel(WNA16Kernel):
     """Fused dequant + GEMM in Triton for 2/3/4-bit group-quantized weights on CUDA GPUs."""
 
@@ -50,35 +82,10 @@ class TritonWNA16Kernel(WNA16Kernel):
 
     @classmethod
     def can_implement(cls, config: WNA16LayerConfig) -> tuple[bool, str | None]:
-        reasons = []
-        if config.bits not in SUPPORTED_BITS:
-            reasons.append(f"{config.bits}-bit weights (takes {SUPPORTED_BITS})")
-        if config.act_dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"activation dtype {config.act_dtype} (takes bfloat16, float16)")
-        g, k = config.group_size, config.in_features
-        if g <= 0 or k % g:
-            reasons.append(f"group size {g} does not divide in_features {k}")
-        elif g < k and g % TILE:
-            reasons.append(f"group size {g} is not a multiple of {TILE} (nor per-channel)")
-        if config.out_features <= 0 or k <= 0:
-            reasons.append(f"empty partition ({config.out_features} x {k})")
-        if config.device_type != "cuda":
-            reasons.append(f"needs a CUDA device, the layer is on {config.device_type!r}")
-        elif not torch.cuda.is_available():
-            reasons.append("torch sees no CUDA device")
-        else:
-            major, minor = torch.cuda.get_device_capability()
-            if major < 8:
-                reasons.append(f"needs compute capability >= 8.0 (bf16 tensor cores), GPU has {major}.{minor}")
-        if importlib.util.find_spec("triton") is None:
-            reasons.append("triton is not installed")
-        if reasons:
-            return False, "; ".join(reasons)
-        if self_check_enabled():  # once per scheme and device: the kernel must match the reference here
-            failed = self_check(config.bits, None if g == k else g, config.act_dtype, torch.cuda.current_device())
-            if failed:
-                return False, f"failed its self-check on this GPU ({failed}; {SELF_CHECK_ENV}=0 skips the check)"
-        return True, None
+        reasons = [] if config.bits in SUPPORTED_BITS else [f"{config.bits}-bit weights (takes {SUPPORTED_BITS})"]
+        if config.out_features <= 0 or config.in_features <= 0:
+            reasons.append(f"empty partition ({config.out_features} x {config.in_features})")
+        return triton_verdict(cls.name, config, reasons)
 
     def prepare(
         self,
