@@ -33,6 +33,7 @@ from vlmptq.solvers import SolverOptions, build_solver, layer_loss  # noqa: E402
 from vlmptq.solvers.synthetic import synthetic_statistics, synthetic_weight  # noqa: E402
 
 LAYERS = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
+HEAD = {"lm_head": (152064, 3584)}  # --lm-head-bits: the 7B vocabulary projection (opt-in: --layers lm_head)
 METHODS = {
     "rtn": ("rtn", SolverOptions()),
     "gptq": ("gptq", SolverOptions()),
@@ -83,7 +84,8 @@ def _sync(device: torch.device) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS), help="layers to run")
+    ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS | HEAD),
+                    help="layers to run (lm_head, 152064 x 3584, only when named)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods")
     ap.add_argument("--bits", type=int, nargs="+", default=[3], help="bit widths")
     ap.add_argument("--group-size", type=int, default=128, help="group size")
@@ -98,7 +100,7 @@ def main() -> None:
     header = result_header()
     records = []
     for layer in args.layers:
-        n, k = LAYERS[layer]
+        n, k = (LAYERS | HEAD)[layer]
         stats = synthetic_statistics(k, device=device)
         w = synthetic_weight(n, k, device=device)
         ref = layer_loss(torch.zeros_like(w), w, stats.hessian).item()
