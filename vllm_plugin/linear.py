@@ -170,6 +170,16 @@ class VlmptqLinearMethod(LinearMethodBase):
                 )
             layer.register_parameter("weight_zero_point", zp)
 
+    def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module):
+        """vLLM ties the LM head to the input embedding when the config says
+        ``tie_word_embeddings``; a packed head cannot share the embedding's 16-bit weight."""
+        raise CheckpointError(
+            f"{self.layer_name}: the checkpoint quantizes the LM head ({self.scheme.describe()}) but its "
+            "config ties it to the input embeddings (tie_word_embeddings: true). Set tie_word_embeddings to "
+            "false in config.json (vlmptq writes that when it quantizes the head and the embedding keeps "
+            "its 16-bit weight), or keep lm_head in the quantization_config's ignore list."
+        )
+
     def _param_names(self) -> tuple[str, ...]:
         names = ("weight_packed", "weight_scale", "weight_shape")
         return names if self.scheme.symmetric else names + ("weight_zero_point",)

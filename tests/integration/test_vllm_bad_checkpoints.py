@@ -32,16 +32,19 @@ def w3_checkpoint(tiny_qwen2_vl, tmp_path_factory):
     ).path
 
 
-def damaged(src, tmp_path, tensors=None, config=None):
+def damaged(src, tmp_path, tensors=None, config=None, full_config=None):
     out = tmp_path / "damaged"
     shutil.copytree(src, out)
     if tensors:
         sd = load_file(out / "model.safetensors")
         tensors(sd)
         save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
-    if config:
+    if config or full_config:
         cfg = json.loads((out / "config.json").read_text())
-        config(cfg["quantization_config"])
+        if config:
+            config(cfg["quantization_config"])
+        if full_config:
+            full_config(cfg)
         (out / "config.json").write_text(json.dumps(cfg))
     return out
 
@@ -102,6 +105,12 @@ CASES = {
         tensors=shorten_head_scale,
         message=r"language_model\.lm_head\.weight_scale: shape \(1984, 3\) does not match",
     ),
+    "lm-head-quantized-but-tied": dict(
+        head=True,
+        full_config=lambda cfg: cfg.update(tie_word_embeddings=True) or cfg["text_config"].update(
+            tie_word_embeddings=True),
+        message=r"language_model\.lm_head: the checkpoint quantizes the LM head .* ties it to the input embeddings",
+    ),
 }
 
 
@@ -118,7 +127,7 @@ def w3_head_checkpoint(tiny_qwen2_vl, tmp_path_factory):
 def test_bad_checkpoint_fails_at_load_naming_what_was_expected(request, tmp_path, case):
     spec = CASES[case]
     src = request.getfixturevalue("w3_head_checkpoint" if spec.get("head") else "w3_checkpoint")
-    path = damaged(src, tmp_path, spec.get("tensors"), spec.get("config"))
+    path = damaged(src, tmp_path, spec.get("tensors"), spec.get("config"), spec.get("full_config"))
     with pytest.raises(Exception) as e:
         with vllm_engine(path, quantization="vlmptq"):
             pass
