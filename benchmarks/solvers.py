@@ -33,7 +33,9 @@ from vlmptq.solvers import SolverOptions, build_solver, layer_loss  # noqa: E402
 from vlmptq.solvers.synthetic import synthetic_statistics, synthetic_weight  # noqa: E402
 
 LAYERS = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
-HEAD = {"lm_head": (152064, 3584)}  # --lm-head-bits: the 7B vocabulary projection (opt-in: --layers lm_head)
+# --lm-head-bits: the 7B vocabulary projection, and SmolLM2-135M's (a CPU-sized one; group 64: K = 576);
+# opt-in (--layers lm_head / lm_head_smollm2)
+HEAD = {"lm_head": (152064, 3584), "lm_head_smollm2": (49152, 576)}
 METHODS = {
     "rtn": ("rtn", SolverOptions()),
     "gptq": ("gptq", SolverOptions()),
@@ -85,7 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS | HEAD),
-                    help="layers to run (lm_head, 152064 x 3584, only when named)")
+                    help="layers to run (the LM heads only when named)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods")
     ap.add_argument("--bits", type=int, nargs="+", default=[3], help="bit widths")
     ap.add_argument("--group-size", type=int, default=128, help="group size")

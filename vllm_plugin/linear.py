@@ -17,6 +17,7 @@ chosen kernel repacks the partition and its tensors replace the checkpoint param
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -120,12 +121,12 @@ class VlmptqLinearMethod(LinearMethodBase):
         self.kernel_cls, self.kernel_rejections = choose_kernel_explained(self.kernel_config, self.layer_name)
 
         inner = extra_weight_attrs["weight_loader"]
-        if isinstance(layer, VocabParallelEmbedding):  # the LM head: rows are the (padded) vocabulary
-            inner = lambda param, w, name: _load_vocab_rows(layer, name, b, param, w)  # noqa: E731
-        else:
-            inner = _dropping_name(inner)
         pack = Fraction(32, b)
-        loader = lambda name: self._make_loader(layer, name, inner)  # noqa: E731
+        if isinstance(layer, VocabParallelEmbedding):  # the LM head: rows are the (padded) vocabulary
+            loader = lambda name: self._make_loader(  # noqa: E731
+                layer, name, functools.partial(_load_vocab_rows, layer, name, b))
+        else:
+            loader = lambda name: self._make_loader(layer, name, inner)  # noqa: E731
         weight = PackedvLLMParameter(
             input_dim=1,
             output_dim=0,
@@ -190,7 +191,7 @@ class VlmptqLinearMethod(LinearMethodBase):
         def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
             shard_id = args[0] if args else kwargs.get("loaded_shard_id")
             loaded_weight = self._check_and_convert(layer, name, shard_id, loaded_weight)
-            inner(param, loaded_weight, *args, name=name, **kwargs)
+            inner(param, loaded_weight, *args, **kwargs)
             for sid in _expand_shard_ids(layer, shard_id):
                 layer.vlmptq_loaded.add((name, sid))
 
@@ -293,15 +294,6 @@ def slow_path_warning(kernel: str, config: WNA16LayerConfig, rejections: list[st
         "(or per-channel) for the Triton kernels, or try stock vLLM's own kernels for this checkpoint "
         "(--quantization compressed-tensors)."
     )
-
-
-def _dropping_name(loader: Callable) -> Callable:
-    """vLLM's loaders take no tensor name; ours for the LM head does."""
-
-    def load(param, loaded_weight, *args, name: str, **kwargs):
-        return loader(param, loaded_weight, *args, **kwargs)
-
-    return load
 
 
 def _load_vocab_rows(

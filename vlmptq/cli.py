@@ -30,8 +30,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="input columns sharing one scale/zero point (-1: one per output channel)")
     p.add_argument("--sym", action="store_true", help="symmetric grid without zero points (default: asymmetric)")
     p.add_argument("--lm-head-bits", type=int, default=None, choices=SUPPORTED_BITS,
-                   help="also quantize the lm_head (after the last layer, same method; tied embeddings are untied and "
-                        "stay 16-bit); default: keep it in 16-bit")
+                   help="also quantize the lm_head (after the last layer, same method and --sym; tied embeddings are "
+                        "untied and stay 16-bit); default: keep it in 16-bit")
     p.add_argument("--lm-head-group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
                    help="the lm_head's group size (default: --group-size)")
     c = p.add_argument_group("calibration data")

@@ -15,19 +15,13 @@ shape-determined allocations only, no host synchronization (CUDA-graph safe).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Optional
 
 import torch
 
 from vllm_plugin.kernels.base import WNA16Kernel, WNA16LayerConfig
-
-
-@functools.lru_cache(maxsize=None)
-def _sms(device: str) -> int:
-    dev = torch.device(device)
-    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+from vllm_plugin.kernels.ops import register_op
 
 
 def plan_w8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -38,13 +32,13 @@ def plan_w8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     import triton.language as tl
 
     from vllm_plugin.kernels.triton import w8 as W
-    from vllm_plugin.kernels.triton.ops import KernelLaunch
+    from vllm_plugin.kernels.triton.ops import KernelLaunch, _device_info
 
     m, k = x.shape
     n, groups = scale.shape
     group = k // groups
     act = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[x.dtype]
-    cfg = cfg or W.w8_config(m, n, k, group, sms or _sms(str(x.device)))
+    cfg = cfg or W.w8_config(m, n, k, group, sms or _device_info(str(x.device))[1])
     meta = dict(ACT=act, GROUP=group, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
     if cfg.path == "dequant":
         w = torch.empty((n, k), dtype=x.dtype, device=x.device)
@@ -83,16 +77,18 @@ def w8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
     return result()
 
 
-@torch.library.custom_op("vlmptq::w8_gemm", mutates_args=())
-def w8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-            bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _w8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+             bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``x [M, K] @ dequant(W).T + bias`` on the W8 layout."""
     return w8_launch(x.contiguous(), qweight, scale, zero, bias)
 
 
-@w8_gemm.register_fake
 def _w8_gemm_fake(x, qweight, scale, zero, bias):
     return x.new_empty((x.shape[0], scale.shape[0]))
+
+
+# ``torch.ops.vlmptq.w8_gemm`` (the plugin's lean registration: no custom_op per-call overhead)
+w8_gemm = register_op("w8_gemm", _w8_gemm, _w8_gemm_fake)
 
 
 def prepare_w8(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None,

@@ -203,7 +203,7 @@ def _solve_linear(lin: nn.Linear, full: str, solver: Solver, stats: InputStatist
     return qw, rec
 
 
-def _check_head_fits(adapter: ModelAdapter, scheme: WeightScheme) -> str:
+def _check_head_fits(adapter: ModelAdapter, scheme: WeightScheme) -> None:
     name, head = adapter.lm_head()
     adapter.final_norm()  # its input must be computable
     k = head.in_features
@@ -212,7 +212,6 @@ def _check_head_fits(adapter: ModelAdapter, scheme: WeightScheme) -> str:
             f"{name} has {k} input features, not divisible by the lm_head group size {scheme.group_size}; "
             f"choose one dividing {k} (or -1 per channel) with --lm-head-group-size"
         )
-    return name
 
 
 def _quantize_head(adapter: ModelAdapter, solver: Solver, scheme: WeightScheme, samples: Sequence[CalibrationSample],
@@ -221,18 +220,18 @@ def _quantize_head(adapter: ModelAdapter, solver: Solver, scheme: WeightScheme, 
     """The lm_head as one more input-sharing group: its inputs are the final norm's outputs on the
     quantized stream (X) and the full-precision stream (X~), after every decoder layer."""
     name, head = adapter.lm_head()
-    norm = adapter.final_norm().to(device)
     needs = solver.needs
     stats = None
     with torch.no_grad():
-        if streams is not None:
+        if streams is not None:  # the method needs statistics
+            norm = adapter.final_norm().to(device)
             acc = StatisticsAccumulator(head.in_features, device, fp_inputs=needs.fp_inputs, modality=needs.modality)
             for si, s in enumerate(tqdm(samples, desc="lm_head statistics", leave=False)):
                 x = norm(streams.quant[si].to(device))
                 x_fp = norm(streams.fp[si].to(device)) if streams.fp is not None else None
                 acc.add(x, x_fp, s.vision_mask if needs.modality else None, s.text_mask if needs.modality else None)
             stats = acc.finalize()
-        norm.to("cpu")
+            norm.to("cpu")
         head.to(device)
         qw, rec = _solve_linear(head, name, solver, stats, scheme, scale_dtype)
         head.to("cpu")

@@ -1,10 +1,9 @@
 """Triton W8A16 kernels: 8-bit codes read straight from the checkpoint layout.
 
 Why a separate kernel: the 2/3/4-bit kernels build two 16-bit floats from one masked word (the
-code lands in the float's mantissa); a bf16 mantissa has 7 bits, so 8-bit codes do not fit. Here a
-code is a byte: one shift and one mask, converted in fp32. 8-bit layers are rare in a 2/3/4-bit
-checkpoint -- the use is an 8-bit ``lm_head`` (``vlmptq quantize --lm-head-bits 8``), at W2 about a
-third of a 7B model's decode bytes -- so simplicity beats the last instruction here.
+code lands in the float's mantissa); a bf16 mantissa has 7 bits, so 8-bit codes do not fit. 8-bit
+layers are rare in a 2/3/4-bit checkpoint -- the use is an 8-bit ``lm_head`` (``vlmptq quantize
+--lm-head-bits 8``), at W2 about a third of a 7B model's decode bytes.
 
 Layout (what :class:`vllm_plugin.kernels.triton_w8.TritonW8A16Kernel` prepares):
     qweight  int32 [N, K/4]   the checkpoint's ``weight_packed`` unchanged: code k of row n is
@@ -12,19 +11,24 @@ Layout (what :class:`vllm_plugin.kernels.triton_w8.TritonW8A16Kernel` prepares):
     scale    act dtype [N, G] G = K / group (per-channel: G = 1, group = K)
     zero     act dtype [N, G] zero points unpacked (integers 0..255: exact in bf16 and fp16)
 
-Per K tile: ``W = ((code - zero) * scale)`` in fp32, rounded once to the act dtype (as the
-reference's dequantized weight), then ``tl.dot`` with fp32 accumulation.
-
-* ``_w8_mma_kernel`` (M <= 64): grid (N tiles, M tiles, K splits). With one split the kernel adds
-  the bias and writes the output; with several, each split writes fp32 partial sums to a workspace
-  ``[SPLIT_K, M, N]`` that the host sums in a fixed order (deterministic; no atomics, no memset).
-* ``_w8_dequant_kernel`` (larger M): writes ``dequant(W)`` in act dtype for a cuBLAS matmul.
+* ``_w8_mma_kernel`` (M <= 64): per K tile of BLOCK_K columns, one ``tl.dot`` per byte position J
+  of the words (:func:`_w8_byte_dot`: columns ``k0 + 4w + J``, activations loaded with stride 4), so
+  no reshape stands between the loaded words and the MMA. A byte becomes the fp32 ``2^23 + code`` by
+  or-ing the exponent in; subtracting ``2^23 + zero`` is exact, and ``code - zero`` is an exact
+  bf16/fp16 integer, so with one group per tile the row's scale multiplies the dot's fp32 result
+  (g32/g64: the tile's groups are scaled first; groups like 96: per-column scale lookup). Grid (N
+  tiles, M tiles, K splits); with one split the kernel adds the bias and writes the output, with
+  several each split writes fp32 partial sums to ``[SPLIT_K, M, N]`` that the host sums in a fixed
+  order (deterministic; no atomics, no memset).
+* ``_w8_dequant_kernel`` (larger M): writes ``dequant(W)`` in act dtype (:func:`_w8_tile`, fp32
+  arithmetic, one rounding) for a cuBLAS matmul.
 
 The launch shapes are heuristics (:func:`w8_config`), not tuned on a GPU yet.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import triton
@@ -59,7 +63,7 @@ def _w8_tile(qw_ptr, s_ptr, z_ptr, offs_n, mask_n, k0, K, G, ACT: tl.constexpr, 
 
 
 @triton.jit
-def _w8_byte_dot(acc, x_ptr, qw_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G,
+def _w8_byte_dot(acc, x_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G,
                  J: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, SCALE_AFTER: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, words):
     """``acc + x[:, k] @ W[:, k]^T`` over the columns k = k0 + 4 w + J of this K tile (byte J of
@@ -127,13 +131,13 @@ def _w8_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, G, K
             zf = tl.load(z_ptr + offs_n[:, None] * G + gzi[None, :], mask=mask_n[:, None] & (gzi[None, :] < G),
                          other=0.0).to(tl.float32) + 8388608.0
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        part = _w8_byte_dot(part, x_ptr, qw_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 0,
+        part = _w8_byte_dot(part, x_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 0,
                             ACT, GROUP, SCALE_AFTER, BLOCK_N, BLOCK_K, words)
-        part = _w8_byte_dot(part, x_ptr, qw_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 1,
+        part = _w8_byte_dot(part, x_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 1,
                             ACT, GROUP, SCALE_AFTER, BLOCK_N, BLOCK_K, words)
-        part = _w8_byte_dot(part, x_ptr, qw_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 2,
+        part = _w8_byte_dot(part, x_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 2,
                             ACT, GROUP, SCALE_AFTER, BLOCK_N, BLOCK_K, words)
-        part = _w8_byte_dot(part, x_ptr, qw_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 3,
+        part = _w8_byte_dot(part, x_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 3,
                             ACT, GROUP, SCALE_AFTER, BLOCK_N, BLOCK_K, words)
         if SCALE_AFTER:
             s = tl.load(s_ptr + offs_n * G + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
@@ -188,13 +192,14 @@ class W8Config:
 def dequant_block_k(group: int, k: int) -> int:
     """K tile of the dequantize kernel: 128 columns unless the group is neither a divisor nor a
     multiple of 128 (e.g. 96): then 32 (the group is a multiple of 32, the kernel's requirement).
-    The fused kernel always steps 128 columns (32 per byte dot; groups like 96 take its per-column
-    scale lookup)."""
+    The fused kernel steps 128 columns by default (64 allowed: at least 16 per byte dot); groups like
+    96 take its per-column scale lookup."""
     if group >= k or group % 128 == 0 or 128 % group == 0:
         return 128
     return 32
 
 
+@functools.lru_cache(maxsize=4096)
 def w8_config(m: int, n: int, k: int, group: int, sms: int) -> W8Config:
     """Heuristic launch shape (untuned): dot for M <= 64 with 16/32/64-row tiles and K split until
     the grid has two programs per SM; dequantize + cuBLAS above."""
