@@ -20,7 +20,7 @@ VENV="$(realpath -m "${VENV:-$ROOT/.venv}")"  # absolute: it ends up in .venv/bi
 PY="${PYTHON:-python3}"
 LOCK="$ROOT/requirements/cpu-dev.lock"
 STAMP="$VENV/.vlmptq-stamp"
-want="$(cat "$LOCK" "$ROOT/pyproject.toml" "$0" "$ROOT/scripts/vllm_cli.py" "$ROOT/scripts/setup_ct_oracle.sh" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$LOCK" "$ROOT/pyproject.toml" "$0" "$ROOT/scripts/vllm_cli.py" "$ROOT/scripts/setup_sidecars.sh" | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
@@ -49,6 +49,7 @@ install -m 755 "$ROOT/scripts/vllm_cli.py" "$VENV/bin/vllm"
 sed -i "1s|.*|#!$VENV/bin/python|" "$VENV/bin/vllm"
 "$VENV/bin/python" -c "import torch, torchvision, vllm, compressed_tensors, transformers, vlmptq, vllm_plugin" \
   || { echo "[setup] the environment does not import; see the errors above" >&2; exit 1; }
-VENV="$VENV" bash "$ROOT/scripts/setup_ct_oracle.sh" || echo "[setup] warning: compressed-tensors 0.20 oracle not installed; dense 3-bit golden tests will skip" >&2
+# test-only packages beside the venv (compressed-tensors 0.20, the GPU image's Triton); warns on failure
+VENV="$VENV" bash "$ROOT/scripts/setup_sidecars.sh" || true
 echo "$want" > "$STAMP"
 echo "[setup] ready: $VENV" >&2

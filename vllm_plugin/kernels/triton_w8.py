@@ -32,7 +32,7 @@ def plan_w8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     import triton.language as tl
 
     from vllm_plugin.kernels.triton import w8 as W
-    from vllm_plugin.kernels.triton.ops import KernelLaunch, _device_info
+    from vllm_plugin.kernels.triton.ops import KernelLaunch, _device_info, interpreting
 
     m, k = x.shape
     n, groups = scale.shape
@@ -54,7 +54,7 @@ def plan_w8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     args = (x, qweight, scale, zero, bias if bias is not None else out, dst, m, n, k, groups, k_per_split)
     launch = KernelLaunch(W._w8_mma_kernel, grid, args,
                           dict(meta, HAS_BIAS=bias is not None, SPLIT=split, BLOCK_M=cfg.block_m,
-                               num_stages=cfg.num_stages))
+                               INTERPRET=interpreting(), num_stages=cfg.num_stages))
 
     def result() -> torch.Tensor:
         if split == 1:

@@ -124,12 +124,14 @@ DEFAULT_TILES = {
     64: {2: (128, 8, 2), 3: (64, 4, 2), 4: (128, 8, 2)},
     128: {2: (128, 8, 2), 3: (128, 8, 1), 4: (128, 8, 2)},
 }
-# the same for sm_8x (mma.sync instead of wgmma; sm_80 compiles without spills, 144 KiB budget)
+# the same for sm_8x (mma.sync instead of wgmma; sm_80 compiles without spills, 144 KiB budget). The
+# 128-row M tile: 128-row N tiles at W2 / W4 (9.4 / 15.2 instructions per weight on sm_80 against
+# 16.8 / 17.5 for 64 x 8 warps, which Triton 3.6's ptxas also capped at 128 registers and spilled)
 DEFAULT_TILES_SM8X = {
     16: {2: (128, 4, 2), 3: (64, 4, 3), 4: (128, 4, 2)},  # the sm_80 sweep's leanest (kernels-static-sm80-*)
     32: {2: (128, 8, 2), 3: (64, 4, 3), 4: (128, 8, 2)},
     64: {2: (128, 8, 2), 3: (64, 8, 2), 4: (64, 4, 2)},
-    128: {2: (64, 8, 2), 3: (64, 8, 2), 4: (64, 8, 2)},
+    128: {2: (128, 8, 2), 3: (64, 8, 2), 4: (128, 8, 2)},
 }
 # sm_86 / sm_89 (A10, L4, RTX 30/40: 99 KiB of shared memory, 1536 threads per SM): ptxas caps this
 # 8-warp tile at 128 registers there and spills it with two stages (compiled 2026-11-28); one stage does not

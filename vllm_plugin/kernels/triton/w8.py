@@ -12,9 +12,10 @@ Layout (what :class:`vllm_plugin.kernels.triton_w8.TritonW8A16Kernel` prepares):
     zero     act dtype [N, G] zero points unpacked (integers 0..255: exact in bf16 and fp16)
 
 * ``_w8_mma_kernel`` (M <= 64): per K tile of BLOCK_K columns, one ``tl.dot`` per byte position J
-  of the words (:func:`_w8_byte_dot`: columns ``k0 + 4w + J``, activations loaded with stride 4), so
-  no reshape stands between the loaded words and the MMA. A byte becomes the fp32 ``2^23 + code`` by
-  or-ing the exponent in; subtracting ``2^23 + zero`` is exact, and ``code - zero`` is an exact
+  of the words (:func:`_w8_byte_dot`: columns ``k0 + 4w + J``), so no reshape stands between the
+  loaded words and the MMA; the activations are loaded once per tile (contiguous vectors) and split
+  into the four byte positions in registers. A byte becomes the fp32 ``2^23 + code`` with one
+  ``prmt`` (:func:`_byte_as_float`); subtracting ``2^23 + zero`` is exact, and ``code - zero`` is an exact
   bf16/fp16 integer, so with one group per tile the row's scale multiplies the dot's fp32 result
   (g32/g64: the tile's groups are scaled first; groups like 96: per-column scale lookup). Grid (N
   tiles, M tiles, K splits); with one split the kernel adds the bias and writes the output, with
@@ -63,9 +64,24 @@ def _w8_tile(qw_ptr, s_ptr, z_ptr, offs_n, mask_n, k0, K, G, ACT: tl.constexpr, 
 
 
 @triton.jit
-def _w8_byte_dot(acc, x_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G,
+def _byte_as_float(words, zf, J: tl.constexpr, ZF_BITS: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``2^23 + byte J`` of each word. With ZF_BITS (``zf``, fp32 ``2^23 + zero`` with zero < 256,
+    broadcasts to ``words``): one ``prmt`` per weight, byte J of the word and bytes 1-3 of ``zf``
+    (0, 0, the exponent 0x4B), a register already live, the selector an immediate (a constant
+    0x4B000000 would take the immediate slot and cost a register move per use). Else shift, and, or.
+    The interpreter cannot run PTX: there the same bits are built with integer ops."""
+    if ZF_BITS and not INTERPRET:
+        b = tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {0x7650 + J};", "=r,r,r",
+                                      [words, zf.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        b = ((words >> (8 * J)) & 0xFF) | 0x4B000000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _w8_byte_dot(acc, x, s_ptr, zf, offs_n, mask_n, k0, K, G,
                  J: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, SCALE_AFTER: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, words):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, words):
     """``acc + x[:, k] @ W[:, k]^T`` over the columns k = k0 + 4 w + J of this K tile (byte J of
     every word): no reshape, so the byte tile goes to the MMA without a layout shuffle. The code
     becomes ``2^23 + code`` by or-ing the fp32 exponent in (no int-to-float conversion); subtracting
@@ -73,15 +89,7 @@ def _w8_byte_dot(acc, x_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_en
     result (``code - zero`` is an exact bf16/fp16 integer), else the weights are scaled first."""
     W4: tl.constexpr = BLOCK_K // 4
     offs_k = k0 + 4 * tl.arange(0, W4) + J
-    x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < k_end),
-                other=0.0)
-    if J == 0:
-        b = words & 0xFF
-    elif J == 3:
-        b = (words >> 24) & 0xFF
-    else:
-        b = (words >> (8 * J)) & 0xFF
-    v = (b | 0x4B000000).to(tl.float32, bitcast=True)
+    v = _byte_as_float(words, zf[:, None] if SCALE_AFTER else zf, J, SCALE_AFTER, INTERPRET)
     if SCALE_AFTER:
         w = (v - zf[:, None]).to(ACT)
     elif BLOCK_K % GROUP == 0:  # several whole groups per tile: column w of byte J is in group w // (GROUP / 4)
@@ -101,7 +109,7 @@ def _w8_byte_dot(acc, x_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_en
 @triton.jit
 def _w8_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, G, K_PER_SPLIT,
                    ACT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
     """``out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n])`` over this program's K split; ``out`` is the
     act-dtype output (SPLIT = 1) or the fp32 workspace ``[SPLIT, M, N]``."""
     pid_n = tl.program_id(0)
@@ -130,15 +138,23 @@ def _w8_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, G, K
             gzi = (k0 + 4 * tl.arange(0, BLOCK_K // 4)) // GROUP  # byte J's columns share the group of byte 0's
             zf = tl.load(z_ptr + offs_n[:, None] * G + gzi[None, :], mask=mask_n[:, None] & (gzi[None, :] < G),
                          other=0.0).to(tl.float32) + 8388608.0
+        # the activations once, contiguous (vector loads), split into the 4 byte positions in registers:
+        # [BM, BK] -> [BM, BK/4, 2 (j // 2), 2 (j % 2)]; x_j = column 4 w + j
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < k_end),
+                     other=0.0)
+        x_even, x_odd = tl.split(tl.reshape(xt, (BLOCK_M, BLOCK_K // 4, 2, 2)))
+        x0, x2 = tl.split(x_even)
+        x1, x3 = tl.split(x_odd)
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        part = _w8_byte_dot(part, x_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 0,
-                            ACT, GROUP, SCALE_AFTER, BLOCK_N, BLOCK_K, words)
-        part = _w8_byte_dot(part, x_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 1,
-                            ACT, GROUP, SCALE_AFTER, BLOCK_N, BLOCK_K, words)
-        part = _w8_byte_dot(part, x_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 2,
-                            ACT, GROUP, SCALE_AFTER, BLOCK_N, BLOCK_K, words)
-        part = _w8_byte_dot(part, x_ptr, s_ptr, zf, offs_m, mask_m, offs_n, mask_n, k0, k_end, K, G, 3,
-                            ACT, GROUP, SCALE_AFTER, BLOCK_N, BLOCK_K, words)
+        part = _w8_byte_dot(part, x0, s_ptr, zf, offs_n, mask_n, k0, K, G, 0, ACT, GROUP, SCALE_AFTER, BLOCK_N,
+                            BLOCK_K, INTERPRET, words)
+        part = _w8_byte_dot(part, x1, s_ptr, zf, offs_n, mask_n, k0, K, G, 1, ACT, GROUP, SCALE_AFTER, BLOCK_N,
+                            BLOCK_K, INTERPRET, words)
+        part = _w8_byte_dot(part, x2, s_ptr, zf, offs_n, mask_n, k0, K, G, 2, ACT, GROUP, SCALE_AFTER, BLOCK_N,
+                            BLOCK_K, INTERPRET, words)
+        part = _w8_byte_dot(part, x3, s_ptr, zf, offs_n, mask_n, k0, K, G, 3, ACT, GROUP, SCALE_AFTER, BLOCK_N,
+                            BLOCK_K, INTERPRET, words)
         if SCALE_AFTER:
             s = tl.load(s_ptr + offs_n * G + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
             acc += part * s[None, :]
