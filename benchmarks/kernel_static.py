@@ -22,6 +22,10 @@ largest bound and states the best speed-up over bf16 it allows (per GEMM the lar
 memory time; bf16 taken as purely memory-bound at the same bandwidth). These are
 bounds from static code, not measurements: only ``benchmarks/kernels.py`` on the card times anything.
 
+Compiles with whatever Triton Python imports; the GPU machine's is 3.6 (``.venv/triton-gpu``, see
+``scripts/setup_sidecars.sh``): ``PYTHONPATH=.venv/triton-gpu python benchmarks/kernel_static.py``
+reports what that card will run. The result's machine line names the version.
+
 Writes ``benchmarks/results/kernels-static-sm<arch>-<date>.{json,md}``. ``--sweep`` adds a search over
 launch configs (tile sizes, warps, pipeline depth) on o_proj at each ``--m``, ranked by the issue bound.
 """
@@ -280,7 +284,8 @@ def run(args: argparse.Namespace) -> None:
         md += ["", "## Launch config sweep (o_proj 3584x3584)", "", *sweep_lines]
         extra["sweep"] = sweep
     print("\n".join(md))
-    header = dict(result_header(), machine=f"sm_{args.arch} (static, compiled on the CPU)")
+    header = dict(result_header(),
+                  machine=f"sm_{args.arch} (static, compiled on the CPU with Triton {extra['triton']})")
     stem = args.out / f"kernels-static-sm{args.arch}-{datetime.date.today().isoformat()}"
     write_results(stem, header, records, "\n".join(md), extra=extra)
 
