@@ -74,12 +74,16 @@ W8_CASES = [
     ("w8-dot-g32-m3", 32, 40, 256, 3, False, "fp16", dict(path="dot", block_n=32), True),  # 4 groups per K tile
     ("w8-dot-g96-lookup", 96, 24, 384, 2, True, "fp16", dict(path="dot", block_n=32, split_k=3), False),
     ("w8-dot-g32-bk64", 32, 24, 384, 2, False, "fp16", dict(path="dot", block_n=32, block_k=64), True),
+    # one group per 64-column tile (scale after the dot), 128-row N tile over 40 rows (masked), split K
+    ("w8-dot-g64-bk64-bn128", 64, 40, 384, 3, False, "fp16", dict(path="dot", block_n=128, block_k=64, split_k=2),
+     True),
     ("w8-dequant-g96-bk32", 96, 24, 384, 2, False, "bf16", dict(path="dequant", block_n=16, block_k=32), False),
     ("w8-dot-perchannel-raggedK", 200, 24, 200, 2, False, "fp16", dict(path="dot", block_n=32), True),
     ("w8-dot-m20-bm32-sym", 64, 40, 256, 20, True, "fp16", dict(path="dot", block_m=32, block_n=32), False),
     ("w8-dequant-g64", 64, 24, 320, 3, False, "bf16", dict(path="dequant", block_n=16), True),
     ("w8-dequant-perchannel-raggedK", 200, 24, 200, 2, True, "bf16", dict(path="dequant", block_n=16), False),
     ("w8-op-default-m1", 128, 40, 512, 1, False, "fp16", None, True),
+    ("w8-op-default-m1-g64", 64, 40, 512, 1, True, "fp16", None, False),
     ("w8-op-default-m100", 64, 24, 256, 100, False, "bf16", None, True),
 ]
 # relative Frobenius error against the fp32 reference: output rounding dominates

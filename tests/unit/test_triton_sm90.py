@@ -51,7 +51,9 @@ CASES = [
     ("sm89-dot-w2-m256-default", 2, 128, 3584, 3584, 256, False, "bfloat16", None, None),
     ("sm86-dot-w3-m64-default", 3, 128, 3584, 3584, 64, False, "bfloat16", None, None),
     # the 8-bit kernel (triton_w8: an 8-bit lm_head), heuristic launches: Qwen2.5-VL-7B's head at decode
-    ("w8-dot-m1-head", 8, 128, 152064, 3584, 1, False, "bfloat16", None, 6.0),  # 5.48 (Triton 3.9), 5.45 (3.6)
+    ("w8-dot-m1-head", 8, 128, 152064, 3584, 1, False, "bfloat16", None, 4.9),  # 4.34 (Triton 3.9), 4.46 (3.6)
+    ("w8-dot-m1-head-g64", 8, 64, 152064, 3584, 1, False, "bfloat16", None, 5.3),  # 4.62, 4.81: K tile 64
+    ("w8-dot-m1-head-g32", 8, 32, 152064, 3584, 1, False, "bfloat16", None, 7.2),  # 6.53, 6.55: 4 groups / tile
     ("w8-dot-m48-g32-bias-fp16", 8, 32, 4608, 3584, 48, True, "float16", None, None),
     ("w8-dot-perchannel-m16", 8, 3584, 3584, 3584, 16, False, "bfloat16", None, None),
     ("w8-dot-g96-m4", 8, 96, 4608, 3456, 4, False, "bfloat16", None, None),  # per-column scale lookup

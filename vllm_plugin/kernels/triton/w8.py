@@ -17,7 +17,9 @@ Layout (what :class:`vllm_plugin.kernels.triton_w8.TritonW8A16Kernel` prepares):
   into the four byte positions in registers. A byte becomes the fp32 ``2^23 + code`` with one
   ``prmt`` (:func:`_byte_as_float`); subtracting ``2^23 + zero`` is exact, and ``code - zero`` is an exact
   bf16/fp16 integer, so with one group per tile the row's scale multiplies the dot's fp32 result
-  (g32/g64: the tile's groups are scaled first; groups like 96: per-column scale lookup). Grid (N
+  (several groups per tile, e.g. g32: the weights are scaled first; zero point and scale of each
+  word's group are broadcast from ``[BN, groups]`` once per tile, or for groups like 96 that do not
+  tile evenly looked up per word -- a group is a multiple of 4 columns, so a word never spans two). Grid (N
   tiles, M tiles, K splits); with one split the kernel adds the bias and writes the output, with
   several each split writes fp32 partial sums to ``[SPLIT_K, M, N]`` that the host sums in a fixed
   order (deterministic; no atomics, no memset).
@@ -64,45 +66,32 @@ def _w8_tile(qw_ptr, s_ptr, z_ptr, offs_n, mask_n, k0, K, G, ACT: tl.constexpr, 
 
 
 @triton.jit
-def _byte_as_float(words, zf, J: tl.constexpr, ZF_BITS: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 ``2^23 + byte J`` of each word. With ZF_BITS (``zf``, fp32 ``2^23 + zero`` with zero < 256,
-    broadcasts to ``words``): one ``prmt`` per weight, byte J of the word and bytes 1-3 of ``zf``
-    (0, 0, the exponent 0x4B), a register already live, the selector an immediate (a constant
-    0x4B000000 would take the immediate slot and cost a register move per use). Else shift, and, or.
-    The interpreter cannot run PTX: there the same bits are built with integer ops."""
-    if ZF_BITS and not INTERPRET:
-        b = tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {0x7650 + J};", "=r,r,r",
-                                      [words, zf.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=True, pack=1)
-    else:
+def _byte_as_float(words, zw, J: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``2^23 + byte J`` of each word: one ``prmt`` per weight, byte J of the word and bytes 1-3
+    of ``zw`` (fp32 ``2^23 + zero`` with zero < 256, broadcasting to ``words``: bytes 0, 0 and the
+    exponent 0x4B), a register already live, so the selector is the immediate (a constant
+    0x4B000000 would take the immediate slot and cost a register move per use; shift + and + or
+    cost two more instructions). The interpreter cannot run PTX: there integer ops build the same bits."""
+    if INTERPRET:
         b = ((words >> (8 * J)) & 0xFF) | 0x4B000000
+    else:
+        b = tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {0x7650 + J};", "=r,r,r",
+                                      [words, zw.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=True, pack=1)
     return b.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _w8_byte_dot(acc, x, s_ptr, zf, offs_n, mask_n, k0, K, G,
-                 J: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, SCALE_AFTER: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, words):
+def _w8_byte_dot(acc, x, zw, sw, J: tl.constexpr, ACT: tl.constexpr, SCALE_AFTER: tl.constexpr,
+                 INTERPRET: tl.constexpr, words):
     """``acc + x[:, k] @ W[:, k]^T`` over the columns k = k0 + 4 w + J of this K tile (byte J of
-    every word): no reshape, so the byte tile goes to the MMA without a layout shuffle. The code
-    becomes ``2^23 + code`` by or-ing the fp32 exponent in (no int-to-float conversion); subtracting
-    ``zf = 2^23 + zero`` is exact. SCALE_AFTER: the tile's one scale per row multiplies the dot's
-    result (``code - zero`` is an exact bf16/fp16 integer), else the weights are scaled first."""
-    W4: tl.constexpr = BLOCK_K // 4
-    offs_k = k0 + 4 * tl.arange(0, W4) + J
-    v = _byte_as_float(words, zf[:, None] if SCALE_AFTER else zf, J, SCALE_AFTER, INTERPRET)
-    if SCALE_AFTER:
-        w = (v - zf[:, None]).to(ACT)
-    elif BLOCK_K % GROUP == 0:  # several whole groups per tile: column w of byte J is in group w // (GROUP / 4)
-        NG: tl.constexpr = BLOCK_K // GROUP
-        gi = k0 // GROUP + tl.arange(0, NG)
-        s = tl.load(s_ptr + offs_n[:, None] * G + gi[None, :], mask=mask_n[:, None] & (gi[None, :] < G), other=0.0)
-        t = tl.reshape(v, (BLOCK_N, NG, GROUP // 4)) - tl.reshape(zf, (BLOCK_N, NG))[:, :, None]
-        w = tl.reshape(t * s.to(tl.float32)[:, :, None], (BLOCK_N, W4)).to(ACT)
-    else:  # a group that neither divides nor is a multiple of the tile (e.g. 96): per-column lookup
-        gi = offs_k // GROUP
-        gm = mask_n[:, None] & (offs_k[None, :] < K)
-        s = tl.load(s_ptr + offs_n[:, None] * G + gi[None, :], mask=gm, other=0.0).to(tl.float32)
-        w = ((v - zf) * s).to(ACT)
+    every word): no reshape, so the byte tile goes to the MMA without a layout shuffle. ``zw``,
+    ``sw``: ``2^23 + zero`` and the scale of each word's group (shape ``[BN, 1]`` or ``[BN, BK/4]``;
+    a group is a multiple of 4 columns, so the 4 bytes of a word share it). The code becomes
+    ``2^23 + code``; subtracting ``zw`` is exact. SCALE_AFTER: the tile's one scale per row
+    multiplies the dot's result (``code - zero`` is an exact bf16/fp16 integer; ``sw`` unused), else
+    the weights are scaled first."""
+    t = _byte_as_float(words, zw, J, INTERPRET) - zw
+    w = t.to(ACT) if SCALE_AFTER else (t * sw).to(ACT)
     return acc + tl.dot(x, tl.trans(w))
 
 
@@ -121,45 +110,44 @@ def _w8_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, G, K
     mask_m = offs_m < M
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    W4: tl.constexpr = BLOCK_K // 4
     SCALE_AFTER: tl.constexpr = GROUP % BLOCK_K == 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_w = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        offs_w = k0 // 4 + tl.arange(0, W4)
         words = tl.load(qw_ptr + offs_n[:, None] * (K // 4) + offs_w[None, :],
                         mask=mask_n[:, None] & (offs_w[None, :] < K // 4), other=0)
-        if SCALE_AFTER or BLOCK_K % GROUP == 0:  # zero points per (row, group in this tile)
-            NZ: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
-            gz = k0 // GROUP + tl.arange(0, NZ)
-            z = tl.load(z_ptr + offs_n[:, None] * G + gz[None, :], mask=mask_n[:, None] & (gz[None, :] < G), other=0.0)
-            zf = z.to(tl.float32) + 8388608.0
-            if NZ == 1:
-                zf = tl.reshape(zf, (BLOCK_N,))
-        else:
-            gzi = (k0 + 4 * tl.arange(0, BLOCK_K // 4)) // GROUP  # byte J's columns share the group of byte 0's
-            zf = tl.load(z_ptr + offs_n[:, None] * G + gzi[None, :], mask=mask_n[:, None] & (gzi[None, :] < G),
-                         other=0.0).to(tl.float32) + 8388608.0
+        # zero point (+ 2^23) and scale of each word's group, shaped to broadcast to the words
+        if SCALE_AFTER:  # one group per row in this tile
+            zw = tl.load(z_ptr + offs_n * G + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)[:, None] + 8388608.0
+            sw = tl.load(s_ptr + offs_n * G + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+        elif BLOCK_K % GROUP == 0:  # NG whole groups: word w is in group w // (GROUP / 4)
+            NG: tl.constexpr = BLOCK_K // GROUP
+            gi = k0 // GROUP + tl.arange(0, NG)
+            gmask = mask_n[:, None] & (gi[None, :] < G)
+            z = tl.load(z_ptr + offs_n[:, None] * G + gi[None, :], mask=gmask, other=0.0).to(tl.float32) + 8388608.0
+            sg = tl.load(s_ptr + offs_n[:, None] * G + gi[None, :], mask=gmask, other=0.0).to(tl.float32)
+            zw = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, NG, GROUP // 4)), (BLOCK_N, W4))
+            sw = tl.reshape(tl.broadcast_to(sg[:, :, None], (BLOCK_N, NG, GROUP // 4)), (BLOCK_N, W4))
+        else:  # a group that neither divides nor is a multiple of the tile (e.g. 96): looked up per word
+            gi = (k0 + 4 * tl.arange(0, W4)) // GROUP
+            gmask = mask_n[:, None] & (gi[None, :] < G)
+            zw = tl.load(z_ptr + offs_n[:, None] * G + gi[None, :], mask=gmask, other=0.0).to(tl.float32) + 8388608.0
+            sw = tl.load(s_ptr + offs_n[:, None] * G + gi[None, :], mask=gmask, other=0.0).to(tl.float32)
         # the activations once, contiguous (vector loads), split into the 4 byte positions in registers:
         # [BM, BK] -> [BM, BK/4, 2 (j // 2), 2 (j % 2)]; x_j = column 4 w + j
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < k_end),
                      other=0.0)
-        x_even, x_odd = tl.split(tl.reshape(xt, (BLOCK_M, BLOCK_K // 4, 2, 2)))
+        x_even, x_odd = tl.split(tl.reshape(xt, (BLOCK_M, W4, 2, 2)))
         x0, x2 = tl.split(x_even)
         x1, x3 = tl.split(x_odd)
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        part = _w8_byte_dot(part, x0, s_ptr, zf, offs_n, mask_n, k0, K, G, 0, ACT, GROUP, SCALE_AFTER, BLOCK_N,
-                            BLOCK_K, INTERPRET, words)
-        part = _w8_byte_dot(part, x1, s_ptr, zf, offs_n, mask_n, k0, K, G, 1, ACT, GROUP, SCALE_AFTER, BLOCK_N,
-                            BLOCK_K, INTERPRET, words)
-        part = _w8_byte_dot(part, x2, s_ptr, zf, offs_n, mask_n, k0, K, G, 2, ACT, GROUP, SCALE_AFTER, BLOCK_N,
-                            BLOCK_K, INTERPRET, words)
-        part = _w8_byte_dot(part, x3, s_ptr, zf, offs_n, mask_n, k0, K, G, 3, ACT, GROUP, SCALE_AFTER, BLOCK_N,
-                            BLOCK_K, INTERPRET, words)
-        if SCALE_AFTER:
-            s = tl.load(s_ptr + offs_n * G + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
-            acc += part * s[None, :]
-        else:
-            acc += part
+        part = _w8_byte_dot(part, x0, zw, sw, 0, ACT, SCALE_AFTER, INTERPRET, words)
+        part = _w8_byte_dot(part, x1, zw, sw, 1, ACT, SCALE_AFTER, INTERPRET, words)
+        part = _w8_byte_dot(part, x2, zw, sw, 2, ACT, SCALE_AFTER, INTERPRET, words)
+        part = _w8_byte_dot(part, x3, zw, sw, 3, ACT, SCALE_AFTER, INTERPRET, words)
+        acc += part * sw[None, :] if SCALE_AFTER else part
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT == 1:
         if HAS_BIAS:
@@ -207,9 +195,7 @@ class W8Config:
 
 def dequant_block_k(group: int, k: int) -> int:
     """K tile of the dequantize kernel: 128 columns unless the group is neither a divisor nor a
-    multiple of 128 (e.g. 96): then 32 (the group is a multiple of 32, the kernel's requirement).
-    The fused kernel steps 128 columns by default (64 allowed: at least 16 per byte dot); groups like
-    96 take its per-column scale lookup."""
+    multiple of 128 (e.g. 96): then 32 (the group is a multiple of 32, the kernel's requirement)."""
     if group >= k or group % 128 == 0 or 128 % group == 0:
         return 128
     return 32
@@ -217,13 +203,21 @@ def dequant_block_k(group: int, k: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def w8_config(m: int, n: int, k: int, group: int, sms: int) -> W8Config:
-    """Heuristic launch shape (untuned): dot for M <= 64 with 16/32/64-row tiles and K split until
-    the grid has two programs per SM; dequantize + cuBLAS above."""
+    """Heuristic launch shape (untuned; the sm_90 SASS counts of 2026-11-28, Triton 3.6, in
+    instructions per weight): fused dot for M <= 64, dequantize + cuBLAS above.
+
+    * K tile 128, or 64 for g64 up to 32 rows so that a tile holds one group (its scale then
+      multiplies the dot's result: g64 decode 4.8 with 256-row N tiles vs 6.2 for two groups per tile);
+    * decode (16-row M tile) with one group per tile: 16384 weights per tile (g128 and per-channel 4.46
+      with 128 x 128, vs 5.34 for 64 x 128); otherwise 8192 (64 x 128, or 128 x 64 at K tile 64):
+      wider tiles spill from 32 rows up, and so does g32 (several groups per tile) near 230 registers;
+    * K split until the grid has two programs per SM."""
     if m > 64:
         return W8Config("dequant", block_n=32, block_k=dequant_block_k(group, k), num_stages=1)
-    bk = 128
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    bn = 64 if dequant_block_k(group, k) == 128 else 32  # per-column scale lookup (g96): fewer registers
+    bk = 64 if group == 64 and bm <= 32 else 128
+    one_group = group % bk == 0
+    bn = (16384 if bm == 16 and one_group else 8192) // bk
     tiles = -(-n // bn) * -(-m // bm)
     split = 1
     while split < 16 and tiles * split < 2 * sms and k // (2 * split) >= 2 * bk:
