@@ -187,8 +187,10 @@ def gemm_table(
     ms: list[int],
     threads: int,
     reps: int = 20,
+    reference: bool = False,
 ) -> list[dict]:
-    """Median ms for one decoder layer's GEMMs (sum of the four) per M and implementation."""
+    """Median ms per M and implementation, summed over ``shapes`` (one decoder layer's GEMMs, or
+    any ``{name: (N, K)}``); ``reference`` adds the torch reference kernel per bit width."""
     import torch
     import vllm._custom_ops  # noqa: F401  (loads vLLM's CPU GEMMs into torch.ops._C)
     from vllm import envs
@@ -222,6 +224,11 @@ def gemm_table(
     }
     for bits in bits_list:
         impls[f"vlmptq W{bits}"] = []
+    if reference:
+        from vllm_plugin.kernels.reference import ReferenceWNA16Kernel
+
+        for bits in bits_list:
+            impls[f"torch reference W{bits}"] = []
     names = {}
     for n, k in shapes.values():
         w = torch.randn(n, k, generator=g).to(torch.bfloat16)
@@ -238,6 +245,10 @@ def gemm_table(
             names[bits] = kern.name
             tensors = kern.prepare(wp, s, z)
             impls[f"vlmptq W{bits}"].append(lambda x, kern=kern, t=tensors: kern.apply(t, x))
+            if reference:
+                ref = ReferenceWNA16Kernel(cfg)
+                impls[f"torch reference W{bits}"].append(
+                    lambda x, ref=ref, t=ref.prepare(wp, s, z): ref.apply(t, x))
     rows = []
     for label, fns in impls.items():
         row = {

@@ -218,8 +218,9 @@ def test_bf16_engine_uses_cpu_kernels_and_stays_close_to_hf(
 
 HEAD_CASES = [
     (3, 3, "float32", {"reference"}, {"reference"}, FP32_TOL),
-    (2, 8, "float32", {"reference"}, {"reference"}, FP32_TOL),
+    (2, 8, "float32", {"reference"}, {"cpu_w8"}, FP32_TOL),
     (2, 4, "bfloat16", {"cpu_w4a8", "cpu_wna16"}, {"cpu_w4a8", "cpu_wna16"}, BF16_MAX_TOL),
+    (3, 8, "bfloat16", {"cpu_w4a8", "cpu_wna16"}, {"cpu_w8"}, BF16_MAX_TOL),
 ]
 
 

