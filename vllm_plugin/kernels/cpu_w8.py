@@ -9,12 +9,13 @@ machine, against 10 ms for the same head in bf16. Two paths, chosen by M:
       y = sum_g [ s_g * (x_g @ (q_g - 128)^T) ] - xsum @ (s * (z - 128))^T
   with ``x_g`` the activations of group g, ``xsum [M, G]`` their per-group sums: the codes are
   stored as the exact signed ``q - 128`` and the zero points fold into one small matmul. Products are
-  summed in fp32 (each group's comes back rounded to the activation dtype). bf16, SmolLM2's head,
-  M = 1: 8 ms. Its time grows linearly with M (it is a GEMV), hence
+  summed in fp32 (each group's comes back rounded to the activation dtype). Its time grows
+  linearly with M (it is a GEMV), hence
 * larger M: dequantize into an act-dtype buffer (``code - zero`` is an exact integer in bf16 / fp16,
-  then one rounding by the scale, as the reference) and ``F.linear``: ~50 ms for that head plus
+  then one rounding by the scale, as the reference) and ``F.linear``: ~35-70 ms for that head plus
   the dense matmul.
-The crossover (``INT8PACK_MAX_M``) was measured on this project's 2-core AVX512/AMX machines.
+The crossover (``INT8PACK_MAX_M``) was measured on this project's 2-core AVX512/AMX machines;
+``benchmarks/cpu_head.py`` times the result beside bf16 and the other kernels.
 
 torch bug worked around (torch 2.13, probed 2026-11-28 on AVX512-BF16 / AMX): with bf16 activations
 ``_weight_int8pack_mm`` returns garbage or crashes when K is not a multiple of 16; groups of such a
@@ -37,8 +38,9 @@ from vlmptq.checkpoint.packing import unpack_columns, unpack_rows
 from vllm_plugin.kernels.base import WNA16Kernel, WNA16LayerConfig
 from vllm_plugin.kernels.ops import register_op
 
-# largest M that takes the int8 GEMV (one call per group) instead of dequantize + matmul
-INT8PACK_MAX_M = {torch.bfloat16: 4, torch.float32: 1, torch.float16: 0}
+# largest M that takes the int8 GEMV (one call per group) instead of dequantize + matmul: the
+# crossover on SmolLM2's head, one thread (bf16 16 rows: 42 vs 69 ms; fp32 and fp16 have no fast GEMV)
+INT8PACK_MAX_M = {torch.bfloat16: 16, torch.float32: 2, torch.float16: 1}
 SUPPORTED_DTYPES = tuple(INT8PACK_MAX_M)
 
 
