@@ -52,6 +52,10 @@ def plan_w8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     dst = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (-(-n // cfg.block_n), -(-m // cfg.block_m), split)
     args = (x, qweight, scale, zero, bias if bias is not None else out, dst, m, n, k, groups, k_per_split)
+    # per-channel: one group per row whatever K; as a multiple of the K tile the fused kernel scales
+    # the dot's result (k0 // GROUP is 0 for every tile) instead of looking the scale up per word
+    if groups == 1:
+        meta["GROUP"] = -(-k // cfg.block_k) * cfg.block_k
     launch = KernelLaunch(W._w8_mma_kernel, grid, args,
                           dict(meta, HAS_BIAS=bias is not None, SPLIT=split, BLOCK_M=cfg.block_m,
                                INTERPRET=interpreting(), num_stages=cfg.num_stages))

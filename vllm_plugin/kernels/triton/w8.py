@@ -216,7 +216,7 @@ def w8_config(m: int, n: int, k: int, group: int, sms: int) -> W8Config:
         return W8Config("dequant", block_n=32, block_k=dequant_block_k(group, k), num_stages=1)
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bk = 64 if group == 64 and bm <= 32 else 128
-    one_group = group % bk == 0
+    one_group = group % bk == 0 or group >= k  # per-channel: one group whatever K (plan_w8_launch)
     bn = (16384 if bm == 16 and one_group else 8192) // bk
     tiles = -(-n // bn) * -(-m // bm)
     split = 1
