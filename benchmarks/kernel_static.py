@@ -234,6 +234,59 @@ def run_sweep(bits_list: list[int], ms: list[int], arch: int) -> tuple[list[str]
     return lines, recs
 
 
+# Qwen2.5-VL-7B's LM head (vocabulary x hidden) through the 8-bit kernel (triton_w8), per group size
+HEAD = kernel_bench.HEAD
+HEAD_GROUPS = (128, 64, 32, HEAD[1])
+
+
+def analyse_w8(n: int, k: int, m: int, group: int, arch: int) -> dict:
+    """The W8 launch ``plan_w8_launch`` makes (heuristic shape): registers, loop, issue bound vs the
+    memory time of its bytes (codes, scale and zero point per group in bf16, x, y)."""
+    import torch
+
+    from vllm_plugin.kernels.triton_w8 import plan_w8_launch
+
+    card = CARDS[arch]
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    scale = torch.empty((n, k // group), **meta)
+    launch, _ = plan_w8_launch(torch.empty((m, k), **meta), torch.empty((n, k // 4), dtype=torch.int32, device="meta"),
+                               scale, torch.empty_like(scale), None, sms=card.sms)
+    compiled = aot.compile_launch(launch, arch)
+    use = aot.resource_usage(compiled)
+    r = dict(N=n, K=k, M=m, group=group, kernel=launch.kernel.__name__, registers=use.registers, spills=use.spills,
+             bytes=n * k + 4 * n * (k // group) + 2 * m * (k + n))
+    if "dequant" in launch.kernel.__name__:
+        return r
+    loop = aot.hot_loop(aot.sass(compiled))
+    bm, bn, bk, warps = (launch.meta[x] for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"))
+    programs = math.prod(launch.grid)
+    iters = launch.grid[0] * launch.grid[1] * math.ceil(k / bk)  # K tiles of every output tile
+    rate = card.sms * card.clock_ghz * 1e3
+    r.update(cfg=f"bn{bn} bm{bm} bk{bk} w{warps} split{launch.grid[2]}", loop_instr=len(loop),
+             instr_per_weight=len(loop) * warps * 32 / (bn * bk), programs=programs,
+             issue_us=iters * len(loop) * warps / (4 * rate))
+    return r
+
+
+def head_table(arch: int, ms: list[int]) -> tuple[list[str], list[dict]]:
+    card = CARDS[arch]
+    a, b = card.mem_tbs
+    n, k = HEAD
+    recs = [analyse_w8(n, k, m, g, arch) for m in ms if m <= 64 for g in HEAD_GROUPS]
+    lines = [f"| M | group | config | regs | spills | loop instr | instr/weight | issue us | {a} mem us "
+             f"| {b} mem us | {a} best x bf16 | {b} best x bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        g = "per-channel" if r["group"] == k else f"g{r['group']}"
+        mems = {gpu: r["bytes"] / (tbs * 1e6) for gpu, tbs in card.mem_tbs.items()}
+        best = {gpu: 2 * (n * k + r["M"] * (k + n)) / (tbs * 1e6) / max(r["issue_us"], mems[gpu])
+                for gpu, tbs in card.mem_tbs.items()}
+        r.update({f"{gpu}_best_speedup": v for gpu, v in best.items()})
+        lines.append(f"| {r['M']} | {g} | {r['cfg']} | {r['registers']} | {r['spills']} | {r['loop_instr']} "
+                     f"| {r['instr_per_weight']:.2f} | {r['issue_us']:.1f} | {mems[a]:.1f} | {mems[b]:.1f} "
+                     f"| {best[a]:.2f} | {best[b]:.2f} |")
+    return lines, recs
+
+
 def positive_int(text: str) -> int:
     v = int(text)
     if v < 1:
@@ -250,6 +303,7 @@ def main() -> None:
     ap.add_argument("--m", type=positive_int, nargs="+", default=[1, 16, 64, 256], help="activation rows")
     ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     ap.add_argument("--sweep", action="store_true", help="also compare launch configs on o_proj at each --m")
+    ap.add_argument("--no-head", action="store_true", help="skip the 8-bit LM head table")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -279,6 +333,10 @@ def run(args: argparse.Namespace) -> None:
           "## Per GEMM", "", *layer_table(records, card)]
     extra = {"arch": args.arch, "sms": card.sms, "clock_ghz": card.clock_ghz, "mem_tbs": card.mem_tbs, "sums": sums,
              "triton": __import__("triton").__version__}
+    if not args.no_head:
+        head_lines, extra["head_w8"] = head_table(args.arch, args.m)
+        md += ["", f"## LM head {HEAD[0]}x{HEAD[1]} at W8 (triton_w8, heuristic launches; the bf16 head is "
+               "taken as memory-bound)", "", *head_lines]
     if args.sweep:
         sweep_lines, sweep = run_sweep(args.bits, args.m, args.arch)
         md += ["", "## Launch config sweep (o_proj 3584x3584)", "", *sweep_lines]
