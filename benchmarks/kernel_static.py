@@ -22,6 +22,9 @@ largest bound and states the best speed-up over bf16 it allows (per GEMM the lar
 memory time; bf16 taken as purely memory-bound at the same bandwidth). These are
 bounds from static code, not measurements: only ``benchmarks/kernels.py`` on the card times anything.
 
+A second table does the same for Qwen2.5-VL-7B's LM head through the 8-bit kernel (``triton_w8``,
+g128 / g64 / g32 / per-channel, M <= 64; ``--no-head`` skips it).
+
 Compiles with whatever Triton Python imports; the GPU machine's is 3.6 (``.venv/triton-gpu``, see
 ``scripts/setup_sidecars.sh``): ``PYTHONPATH=.venv/triton-gpu python benchmarks/kernel_static.py``
 reports what that card will run. The result's machine line names the version.

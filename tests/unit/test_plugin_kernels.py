@@ -255,7 +255,7 @@ def _op_cases():
 
     wp8, s8, zp8, _ = make_layer(8, 64, 128, 32, False, torch.bfloat16)
     t8 = CpuW8Kernel(WNA16LayerConfig(8, 32, False, 128, 64, torch.bfloat16, "cpu")).prepare(wp8, s8, zp8)
-    yield "cpu_w8", torch.ops.vlmptq.cpu_w8_gemm, (x[:1], t8["qweight"], t8["scale"], t8["zero"], None)
+    yield "cpu_w8", torch.ops.vlmptq.cpu_w8_gemm, (x[:1], t8["qweight"], t8["scale"], t8["zero"], t8["zterm"], None)
     if CpuW4A8Kernel.can_implement(cfg)[0]:
         t = CpuW4A8Kernel(cfg).prepare(wp, s, zp)
         yield (

@@ -11,7 +11,7 @@ Every case compiles twice, with the venv's Triton (3.9, torch 2.13's) and with t
 (3.6, SPEC section 6; ``scripts/setup_sidecars.sh`` puts it in ``.venv/triton-gpu``): the GPU runs
 3.6's code, and the same source can compile differently (3.6 spilled an sm_80 tile and issued 20% more
 instructions in the 8-bit head's decode loop than 3.9 before both were fixed). Each compiler's compiles
-run in one subprocess (no ``TRITON_INTERPRET`` there; ~20 s on one core) that prints one JSON line per
+run in one subprocess (no ``TRITON_INTERPRET`` there; ~40 s on one core with a cold cache) that prints one JSON line per
 case.
 """
 

@@ -25,7 +25,9 @@ length always take the dequantize path.
 Layout (what :meth:`CpuW8Kernel.prepare` returns; ``G`` groups of ``g`` columns):
     qweight  int8 [G, N, g]      codes - 128, group-major: each group's slice is contiguous
     scale    act dtype [G, N]
-    zero     act dtype [N, G]    zero point - 128 (exact); absent for symmetric layers (z = 128)
+    zero     act dtype [N, G]    zero point - 128 (exact; the dequantize path); absent for symmetric
+                                 layers (z = 128), like zterm
+    zterm    float32 [G, N]      scale * (zero point - 128) (the GEMV path's zero-point term)
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def uses_int8pack(m: int, group_len: int, dtype: torch.dtype) -> bool:
 
 
 def _cpu_w8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+                 zterm: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``x [..., K] @ dequant(W).T + bias`` on the layout in the module docstring."""
     groups, n, glen = qweight.shape
     x2 = x.reshape(-1, groups * glen).contiguous()
@@ -61,8 +63,8 @@ def _cpu_w8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
         acc = torch.zeros((m, n), dtype=torch.float32)
         for g in range(groups):
             acc.add_(torch._weight_int8pack_mm(xg[:, g], qweight[g], scale[g]))
-        if zero is not None:  # - sum_g xsum_g * s_g (z_g - 128)
-            acc.sub_(xg.float().sum(-1) @ (zero.float() * scale.t().float()).t())
+        if zterm is not None:  # - sum_g xsum_g * s_g (z_g - 128)
+            acc.sub_(xg.float().sum(-1) @ zterm)
         if bias is not None:
             acc.add_(bias.float())
         out = acc.to(x.dtype)
@@ -76,7 +78,7 @@ def _cpu_w8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     return out.reshape(*x.shape[:-1], n)
 
 
-def _cpu_w8_gemm_fake(x, qweight, scale, zero, bias):
+def _cpu_w8_gemm_fake(x, qweight, scale, zero, zterm, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
@@ -92,7 +94,9 @@ def prepare_cpu_w8(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weig
     tensors = {"qweight": codes.to(torch.int8).view(n, groups, glen).transpose(0, 1).contiguous(),
                "scale": weight_scale.t().to(act_dtype).contiguous()}
     if weight_zero_point is not None:
-        tensors["zero"] = (unpack_columns(weight_zero_point, 8, n).to(torch.int16) - 128).to(act_dtype).contiguous()
+        zero = unpack_columns(weight_zero_point, 8, n).to(torch.int16) - 128  # [N, G]
+        tensors["zero"] = zero.to(act_dtype).contiguous()
+        tensors["zterm"] = tensors["scale"].float() * zero.t()  # the scales the GEMV multiplies by
     return tensors
 
 
@@ -127,4 +131,4 @@ class CpuW8Kernel(WNA16Kernel):
         if x.dtype != self.config.act_dtype:
             raise TypeError(f"activations are {x.dtype} but the layer was prepared for {self.config.act_dtype}")
         op = torch.ops.vlmptq.cpu_w8_gemm if torch.compiler.is_compiling() else _cpu_w8_gemm
-        return op(x, tensors["qweight"], tensors["scale"], tensors.get("zero"), bias)
+        return op(x, tensors["qweight"], tensors["scale"], tensors.get("zero"), tensors.get("zterm"), bias)

@@ -65,7 +65,7 @@ def self_check(bits: int, group_size: int | None, act_dtype: torch.dtype, device
         else:
             logger.error("vlmptq: the %s kernel FAILED its self-check (%s): %s. Layers with this scheme are "
                          "served by the next kernel in the list; please report this with the output of "
-                         "`pytest tests/gpu/test_triton_kernels.py`.", kernel, what, _VERDICTS[key])
+                         "`pytest %s`.", kernel, what, _VERDICTS[key], _GPU_TESTS[kernel])
     return _VERDICTS[key]
 
 
@@ -91,6 +91,7 @@ def _w8(wp, scale, zp, bits, k, act_dtype, device):
 
 
 _KERNELS = {"triton": _wna16, "triton_w8": _w8}
+_GPU_TESTS = {"triton": "tests/gpu/test_triton_kernels.py", "triton_w8": "tests/gpu/test_triton_w8.py"}
 
 
 def _run(bits: int, group_size: int | None, act_dtype: torch.dtype, device: torch.device,
