@@ -1,9 +1,9 @@
 """CPU kernel for 8-bit layers (an 8-bit ``lm_head``, ``--bits 8``): torch's int8 weight GEMM per group.
 
 vLLM-CPU has no group-wise 8-bit kernel, and the torch reference unpacks and dequantizes the whole
-weight in fp32 on every call: 1.3 s per decode step for SmolLM2's 49152 x 576 head on a 2-core
-machine, against 11 ms for the same head in bf16 (``benchmarks/results/cpu-head-2026-11-28.md``:
-this kernel 9.5 ms). Two paths, chosen by M:
+weight in fp32 on every call: 1.6 s per decode step for SmolLM2's 49152 x 576 head on a 2-core
+machine, against 6 ms for the same head in bf16 (``benchmarks/results/cpu-head-2026-11-28.md``:
+this kernel 6.9 ms). Two paths, chosen by M:
 
 * small M: ``torch._weight_int8pack_mm(x, q, s) = (x @ q^T) * s`` (int8 ``q [N, K]``, one scale per
   output channel) is a fast CPU GEMV. A group-wise asymmetric layer is a sum of such products:
