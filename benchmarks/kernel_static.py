@@ -253,7 +253,7 @@ def analyse_w8(n: int, k: int, m: int, group: int, arch: int) -> dict:
     meta = dict(dtype=torch.bfloat16, device="meta")
     scale = torch.empty((n, k // group), **meta)
     launch, _ = plan_w8_launch(torch.empty((m, k), **meta), torch.empty((n, k // 4), dtype=torch.int32, device="meta"),
-                               scale, torch.empty_like(scale), None, sms=card.sms)
+                               scale, torch.empty_like(scale), None, sms=card.sms, arch=arch)
     compiled = aot.compile_launch(launch, arch)
     use = aot.resource_usage(compiled)
     r = dict(N=n, K=k, M=m, group=group, kernel=launch.kernel.__name__, registers=use.registers, spills=use.spills,

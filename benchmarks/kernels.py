@@ -55,7 +55,7 @@ from _results import git_commit  # noqa: E402
 
 from vlmptq.checkpoint.packing import pack_columns, pack_rows  # noqa: E402
 from vllm_plugin.kernels.triton.configs import (  # noqa: E402
-    CONFIG_DIR, KernelConfig, default_config, fit_smem, gpu_key,
+    CONFIG_DIR, KernelConfig, W8Config, default_config, fit_smem, gpu_key,
 )
 from vllm_plugin.kernels.triton.layout import effective_group, repack  # noqa: E402
 
@@ -255,9 +255,9 @@ class OursW8:
         return w8_launch(x, t["qweight"], t["scale"], t["zero"], bias, cfg)
 
     def config_for(self, m: int):
-        from vllm_plugin.kernels.triton.w8 import w8_config
+        from vllm_plugin.kernels.triton_w8 import _w8_config_for
 
-        return w8_config(m, self.n, self.k, self.group, META.get("sms", 132))
+        return _w8_config_for(str(self.copies[0]["qweight"].device), self.group, self.n, self.k, m, None, None)
 
 
 def bench_bf16(x, copies, bias, args, tag: dict) -> dict:
@@ -285,6 +285,7 @@ def bench_head(args, dev, dtype, gen, nc_fn) -> None:
         r = bench_bf16(xs[m], copies, None, args, tag)
         log(f"lm_head M={m:3d} bf16    {_fmt(r.get('t_us'), '8.1f')} us")
     del copies, w
+    w8 = None  # (prepared W8 head, references) kept for tuning
     for bits in (8, 4):
         if elapsed() > args.head_budget:
             META["notes"].append(f"lm_head: stopped for time before w{bits}")
@@ -297,9 +298,15 @@ def bench_head(args, dev, dtype, gen, nc_fn) -> None:
         for m in args.ms:
             r = record(**bench_ours(ours, xs[m], None, refs[m], args, tag=tag))
             log(f"lm_head M={m:3d} w{bits} vlmptq  {_fmt(r.get('t_us'), '8.1f')} us  err {_fmt(r.get('rel_err'), '.1e')}")
+        if bits == 8 and args.tune:
+            w8 = (ours, refs)  # tuned after the W4 head is timed: the search must not crowd out a measurement
         del ours, refs
         if not DRY:
             torch.cuda.empty_cache()
+    if w8 is not None and elapsed() < args.head_tune_budget:
+        tune_w8(args, w8[0], xs, w8[1], tag)
+        path = write_tuned(Path(args.out), META["gpu"], args.install)
+        META["tuned_file"] = str(path) if path else META.get("tuned_file")
 
 
 def bench_ours(ours: Ours, x, bias, ref, args, cfg=None, tag: dict | None = None) -> dict:
@@ -458,6 +465,15 @@ def _prewarm_one(spec: dict) -> str:
 
         bits, n, k, m, group = spec["bits"], spec["n"], spec["k"], spec["m"], spec["group"]
         dtype = getattr(torch, spec["dtype"])
+        if bits == 8:
+            from vllm_plugin.kernels.triton_w8 import w8_launch
+
+            qw = torch.randint(-2**31, 2**31 - 1, (n, k // 4), dtype=torch.int32, device="cuda")
+            s = torch.full((n, k // group), 0.01, dtype=dtype, device="cuda")
+            x = torch.randn(m, k, dtype=dtype, device="cuda")
+            w8_launch(x, qw, s, torch.full_like(s, 128.0), None, W8Config.from_dict(spec["cfg"]))
+            torch.cuda.synchronize()
+            return "ok"
         q_shape, sz_shape = kernel_shapes(bits, n, k, group)
         qw = torch.randint(-2**31, 2**31 - 1, q_shape, dtype=torch.int32, device="cuda")
         sz = torch.full(sz_shape, 0x3C003C00, dtype=torch.int32, device="cuda")
@@ -489,7 +505,7 @@ def prewarm(specs: list[dict], procs: int) -> None:
         log(f"prewarm failed ({type(e).__name__}: {e}); kernels compile on first use")
 
 
-def spec_for(bits, group, n, k, m, dtype, cfg: KernelConfig, bias: bool) -> dict:
+def spec_for(bits, group, n, k, m, dtype, cfg: KernelConfig | W8Config, bias: bool) -> dict:
     return dict(bits=bits, group=group, n=n, k=k, m=m, dtype=str(dtype).split(".")[-1], cfg=cfg.to_dict(), bias=bias)
 
 
@@ -520,6 +536,53 @@ def candidates(bits: int, m: int, sms: int, arch: int, dry: bool) -> list[Kernel
                                             num_stages=stages), bits, arch))
         out.append(KernelConfig("dequant", block_n=32))
     return list(dict.fromkeys(out))
+
+
+def w8_candidates(m: int, n: int, k: int, group: int, sms: int, arch: int, dry: bool) -> list[W8Config]:
+    """The 8-bit kernel's search space per M (the heuristic first): N / K tile and warps around it (more
+    weights per thread = fewer instructions per weight, more registers), and from 32 rows on the other
+    path (fused vs dequantize + cuBLAS)."""
+    from vllm_plugin.kernels.triton.w8 import dequant_block_k, k_splits, w8_config
+
+    base = w8_config(m, n, k, group, sms, arch)
+    if dry:
+        return list(dict.fromkeys([base, replace(base, split_k=2) if base.path == "dot" else base]))
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    shapes = {16: ((128, 128, 4, 3), (64, 128, 4, 3), (256, 64, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3),
+                   (128, 128, 4, 2), (128, 128, 4, 4), (128, 64, 4, 3)),
+              32: ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (256, 128, 8, 3)),
+              64: ((64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 2))}[bm]
+    out = [base]
+    for bn, bk, warps, stages in shapes:
+        out.append(W8Config("dot", block_m=bm, block_n=bn, block_k=bk, split_k=k_splits(m, n, k, bm, bn, bk, sms),
+                            num_warps=warps, num_stages=stages))
+    if m >= 32:
+        out.append(W8Config("dequant", block_n=32, block_k=dequant_block_k(group, k), num_stages=1))
+    return list(dict.fromkeys(out))
+
+
+def tune_w8(args, ours, xs: dict, refs: dict, tag: dict) -> None:
+    """Search the 8-bit kernel's launch per M in --tune-ms (compiled in parallel first), keep the
+    fastest correct one under ``w8g<group>:<N>x<K>``."""
+    ms = [m for m in args.ms if m in args.tune_ms]
+    plan = [(m, w8_candidates(m, ours.n, ours.k, ours.group, META["sms"], META["arch"], DRY)[: args.max_candidates])
+            for m in ms]
+    prewarm([spec_for(8, ours.group, ours.n, ours.k, m, xs[m].dtype, c, False) for m, cands in plan for c in cands],
+            args.procs)
+    for m, cands in plan:
+        best = None
+        for c in cands:
+            if elapsed() > args.head_tune_budget:
+                META["notes"].append(f"lm_head w8 tune: stopped for time at M={m}")
+                return
+            r = record(**bench_ours(ours, xs[m], None, refs[m], args, cfg=c, tag=dict(tag, tune=True)))
+            ok = r.get("t_us") is not None and r.get("finite") and (r.get("rel_err") or 1) < REL_ERR_MAX
+            if ok and (best is None or r["t_us"] < best[0]):
+                best = (r["t_us"], c)
+        if best is not None:
+            TUNE_BEST[("lm_head", 8, m)] = best[0]
+            TUNED.setdefault(f"w8g{ours.group}:{ours.n}x{ours.k}", {})[str(m)] = best[1].to_dict()
+            log(f"tuned lm_head w8 M={m}: {best[0]:.1f} us with {best[1].to_dict()}")
 
 
 def write_tuned(out_dir: Path, gpu: str, install: bool) -> Path | None:
@@ -632,6 +695,24 @@ def layer_lines() -> list[str]:
     return lines
 
 
+def head_lines() -> list[str]:
+    """The LM head per M: bf16, W8 with the plugin's launch, the best --tune found, W4 (x bf16)."""
+    heads = [r for r in RECORDS if r.get("layer") == "lm_head" and not r.get("tune")]
+    if not heads:
+        return []
+
+    def t(m, impl, bits=None):
+        return next((r.get("t_us") for r in heads if r["M"] == m and r["impl"] == impl and r.get("bits") == bits), None)
+
+    lines = ["| M | bf16 us | W8 us (x bf16) | W8 tuned us (x bf16) | W4 us (x bf16) |", "|---|---|---|---|---|"]
+    for m in sorted({r["M"] for r in heads}):
+        b = t(m, "bf16")
+        cells = [t(m, "vlmptq", 8), TUNE_BEST.get(("lm_head", 8, m)), t(m, "vlmptq", 4)]
+        lines.append(f"| {m} | {_fmt(b, '.1f')} | " + " | ".join(
+            f"{_fmt(v, '.1f')} ({_fmt(b / v if b and v else None, '.2f')}x)" for v in cells) + " |")
+    return lines
+
+
 def dump(args, final: bool) -> None:
     with _DUMP_LOCK:
         out_dir = Path(args.out)
@@ -651,12 +732,16 @@ def dump(args, final: bool) -> None:
               f"torch {META.get('torch')}, triton {META.get('triton')}, humming {META.get('humming')}", "",
               "Sum of the 4 GEMMs of a Qwen2.5-VL-7B decoder layer (asym g128, bf16 activations, CUDA graphs, "
               "weights from HBM). bw = bytes moved / time / copy bandwidth.", ""]
-        md += summary_lines(sums) + ["", "## Per layer", ""] + layer_lines()
+        md += summary_lines(sums)
+        if head_lines():
+            md += ["", f"## LM head {HEAD[0]}x{HEAD[1]} (asym g128; W8: triton_w8, W4: the 2/3/4-bit kernel)", ""]
+            md += head_lines()
+        md += ["", "## Per layer", ""] + layer_lines()
         (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
         print("\n" + "=" * 110)
         print(f"VLMPTQ KERNEL SUMMARY  gpu={gpu}  copyBW={_fmt(META.get('copy_bw_gbs'), '.0f')} GB/s  "
               f"elapsed={elapsed():.0f}s  files: {out_dir / stem}.{{json,md}}")
-        for line in summary_lines(sums):
+        for line in summary_lines(sums) + ([""] if head_lines() else []) + head_lines():
             print(line)
         errs = [r for r in RECORDS if r.get("error")]
         bad = [r for r in RECORDS if (r.get("rel_err") or 0) > REL_ERR_MAX or r.get("finite") is False]
@@ -891,6 +976,8 @@ def main() -> None:
     ap.add_argument("--tune-budget", type=float, default=400.0, help="soft budget (s, from start) for tuning")
     ap.add_argument("--head-budget", type=float, default=470.0,
                     help="soft budget (s, from start) for the lm_head timings (W8 / W4 / bf16, 152064 x 3584)")
+    ap.add_argument("--head-tune-budget", type=float, default=530.0,
+                    help="soft budget (s, from start) for the W8 lm_head launch search (with --tune)")
     ap.add_argument("--hard", type=float, default=560.0, help="hard limit (s): write what we have and exit")
     ap.add_argument("--no-humming", action="store_true", help="skip Humming")
     ap.add_argument("--no-graph", action="store_true", help="time eagerly instead of CUDA graphs")

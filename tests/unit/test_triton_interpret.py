@@ -202,10 +202,91 @@ def test_config_file_lookup(tmp_path, monkeypatch):
         assert select_config("Fake GPU 1", 3, 128, 100, 256, 999).block_m == 32  # largest bucket
         assert select_config("Fake GPU 1", 3, 128, 101, 256, 1) == default_config(3, 1)
         (tmp_path / "Fake_GPU_2.json").write_text(json.dumps({"configs": {"w3:1x1": {"1": {"path": "dot", "blk": 1}}}}))
-        with pytest.raises(ValueError, match="unknown kernel config field"):
+        with pytest.raises(ValueError, match="unknown KernelConfig field"):
             select_config("Fake GPU 2", 3, 128, 1, 1, 1)
     finally:
         load_table.cache_clear()
+
+
+def _plan_w8(n, k, group, m):
+    """The 8-bit launch the plugin plans for this shape on meta tensors (device name 'meta', an H100's
+    SM count and architecture), as (kernel name, meta, grid)."""
+    from vllm_plugin.kernels.triton_w8 import plan_w8_launch
+
+    s = torch.empty((n, k // group), dtype=torch.bfloat16, device="meta")
+    launch, _ = plan_w8_launch(torch.empty((m, k), dtype=torch.bfloat16, device="meta"),
+                               torch.empty((n, k // 4), dtype=torch.int32, device="meta"), s, torch.empty_like(s), None)
+    return launch.kernel.__name__, launch.meta, launch.grid
+
+
+def test_w8_config_file_lookup(tmp_path, monkeypatch):
+    """8-bit entries (keys w8...) in the tuned files are W8Configs and drive the 8-bit launch; shapes
+    without an entry keep the heuristic; a launch that cannot take the layer is reported."""
+    from vllm_plugin.kernels.triton.configs import W8Config, tuned_config
+    from vllm_plugin.kernels.triton_w8 import _w8_config_for
+
+    entry = {"1": {"path": "dot", "block_n": 32, "block_k": 64, "split_k": 2, "num_warps": 8},
+             "64": {"path": "dequant", "block_n": 16, "block_k": 32}}
+    (tmp_path / "meta.json").write_text(json.dumps({"configs": {"w8g96:200x384": entry}}))
+    monkeypatch.setenv("VLMPTQ_TRITON_CONFIG_DIR", str(tmp_path))
+    load_table.cache_clear()
+    _w8_config_for.cache_clear()
+    try:
+        assert tuned_config("meta", 8, 96, 200, 384, 1) == W8Config("dot", block_n=32, block_k=64, split_k=2,
+                                                                    num_warps=8)
+        name, meta, grid = _plan_w8(200, 384, 96, 1)
+        assert name == "_w8_mma_kernel" and (meta["BLOCK_N"], meta["BLOCK_K"], meta["num_warps"]) == (32, 64, 8)
+        assert grid == (7, 1, 2)
+        name, meta, _ = _plan_w8(200, 384, 96, 40)  # bucket 64: dequantize + cuBLAS
+        assert name == "_w8_dequant_kernel" and meta["BLOCK_K"] == 32
+        name, meta, _ = _plan_w8(200, 384, 128, 1)  # no entry for g128: the heuristic
+        assert name == "_w8_mma_kernel" and meta["BLOCK_N"] == 128
+        (tmp_path / "meta.json").write_text(json.dumps({"configs": {"w8g96:8x384": {"1": {
+            "path": "dequant", "block_n": 16, "block_k": 128}}}}))
+        load_table.cache_clear()
+        _w8_config_for.cache_clear()
+        with pytest.raises(ValueError, match="cannot take group 96"):
+            _plan_w8(8, 384, 96, 1)
+        (tmp_path / "meta.json").write_text(json.dumps({"configs": {"w8:8x384": {"1": {"path": "dot", "bk": 64}}}}))
+        load_table.cache_clear()
+        with pytest.raises(ValueError, match="bad kernel config file .*unknown W8Config field"):
+            tuned_config("meta", 8, 96, 8, 384, 1)
+    finally:
+        load_table.cache_clear()
+        _w8_config_for.cache_clear()
+
+
+def test_w8_heuristic_per_architecture():
+    """sm_8x takes a 128 x 64, 8-warp tile at 64 rows (sm_80 SASS: 10.8 instructions per weight, against
+    17-21 and a g32 spill for sm_90's 64 x 128 x 4 warps); decode and sm_90 are unchanged."""
+    from vllm_plugin.kernels.triton.configs import W8Config
+    from vllm_plugin.kernels.triton.w8 import w8_config
+
+    head = (152064, 3584)
+    assert w8_config(64, *head, 128, 108, 80) == W8Config("dot", block_m=64, block_n=128, block_k=64, num_warps=8)
+    assert w8_config(64, *head, 32, 108, 86).num_warps == 8
+    assert w8_config(64, *head, 128, 132, 90) == W8Config("dot", block_m=64, block_n=64, num_warps=4)
+    assert w8_config(1, *head, 128, 108, 80) == w8_config(1, *head, 128, 132, 90)
+    assert w8_config(65, *head, 128, 108, 80).path == "dequant"
+
+
+def test_w8_config_validation():
+    from vllm_plugin.kernels.triton.configs import W8Config
+
+    with pytest.raises(ValueError, match="64 or 128"):
+        W8Config("dot", block_k=32)
+    W8Config("dequant", block_k=32)  # the dequantize kernel takes 32-column tiles (groups like 96)
+    with pytest.raises(ValueError, match="power of two"):
+        W8Config("dot", block_n=48)
+    with pytest.raises(ValueError, match="split_k must be >= 1"):
+        W8Config("dot", split_k=0)
+    with pytest.raises(ValueError, match="path"):
+        W8Config("fast")
+    with pytest.raises(ValueError, match="block_m >= 16"):
+        W8Config("dot", block_m=8)
+    with pytest.raises(ValueError, match="cannot take group 96"):
+        W8Config("dequant", block_k=128).check(96, 384)
+    W8Config("dequant", block_k=128).check(200, 200)  # per-channel: one group spans K
 
 
 def test_config_validation():
@@ -279,7 +360,7 @@ def _run_case(name, bits, group, n, k, m, sym, dtype_name, cfg_kwargs, with_bias
 
 def _run_w8_case(name, group, n, k, m, sym, dtype_name, cfg_kwargs, with_bias) -> dict:
     from vllm_plugin.kernels.reference import reference_linear
-    from vllm_plugin.kernels.triton.w8 import W8Config
+    from vllm_plugin.kernels.triton.configs import W8Config
     from vllm_plugin.kernels.triton_w8 import prepare_w8, w8_launch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]

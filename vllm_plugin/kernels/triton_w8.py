@@ -9,12 +9,13 @@ Kernel layout (what ``prepare`` returns; kernels in :mod:`vllm_plugin.kernels.tr
     scale    act dtype [N, G]
     zero     act dtype [N, G]    unpacked zero points (exact: integers 0..255)
 Dispatch by M: fused dequant + ``tl.dot`` with a K split for M <= 64, dequantize + cuBLAS above
-(heuristic shapes, untuned). ``torch.ops.vlmptq.w8_gemm`` is a custom op with a fake implementation:
+(shapes from the GPU's tuned file, ``w8...`` keys, else heuristics). ``torch.ops.vlmptq.w8_gemm`` is a custom op with a fake implementation:
 shape-determined allocations only, no host synchronization (CUDA-graph safe).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Optional
 
@@ -24,21 +25,35 @@ from vllm_plugin.kernels.base import WNA16Kernel, WNA16LayerConfig
 from vllm_plugin.kernels.ops import register_op
 
 
+@functools.lru_cache(maxsize=4096)
+def _w8_config_for(device: str, group: int, n: int, k: int, m: int, sms: Optional[int], arch: Optional[int]):
+    """The GPU's tuned ``W8Config`` for this shape, else the heuristic (``sms`` / ``arch``: override
+    the device's, for ahead-of-time compiles on meta tensors)."""
+    from vllm_plugin.kernels.triton.configs import tuned_config
+    from vllm_plugin.kernels.triton.ops import _device_info
+    from vllm_plugin.kernels.triton.w8 import w8_config
+
+    name, dev_sms, dev_arch = _device_info(device)
+    return tuned_config(name, 8, group, n, k, m) or w8_config(m, n, k, group, sms or dev_sms, arch or dev_arch)
+
+
 def plan_w8_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                   bias: Optional[torch.Tensor], cfg=None, sms: Optional[int] = None):
-    """(the kernel launch, a function giving the output once it ran) for ``x [M, K]``; ``cfg`` (a
-    ``W8Config``) overrides the heuristic shape. Allocates on x's device (meta works: ahead-of-time
-    compiles plan with it)."""
+                   bias: Optional[torch.Tensor], cfg=None, sms: Optional[int] = None, arch: Optional[int] = None):
+    """(the kernel launch, a function giving the output once it ran) for ``x [M, K]``. The shape:
+    ``cfg`` (a ``W8Config``) if given, else the GPU's tuned file entry, else the heuristic for ``sms``
+    SMs of compute capability ``arch`` x 10 (default: x's device). Allocates on x's device (meta
+    works: ahead-of-time compiles plan with it)."""
     import triton.language as tl
 
     from vllm_plugin.kernels.triton import w8 as W
-    from vllm_plugin.kernels.triton.ops import KernelLaunch, _device_info, interpreting
+    from vllm_plugin.kernels.triton.ops import KernelLaunch, interpreting
 
     m, k = x.shape
     n, groups = scale.shape
     group = k // groups
     act = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[x.dtype]
-    cfg = cfg or W.w8_config(m, n, k, group, sms or _device_info(str(x.device))[1])
+    cfg = cfg or _w8_config_for(str(x.device), group, n, k, m, sms, arch)
+    cfg.check(group, k)
     meta = dict(ACT=act, GROUP=group, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
     if cfg.path == "dequant":
         w = torch.empty((n, k), dtype=x.dtype, device=x.device)

@@ -8,8 +8,10 @@ of non-alphanumerics replaced by ``_``, e.g. ``NVIDIA_H200.json``), or the direc
      "configs": {"w4g128:4608x3584": {"1": {"path": "dot", "block_n": 128, ...}, "16": {...}}}}
 
 Keys: ``w<bits>g<effective group>:<N>x<K>`` (tried first) or ``w<bits>:<N>x<K>``; inside, the
-M-bucket (the smallest listed M >= the call's M, else the largest listed). Unknown fields are an
-error, so a typo in a hand-edited file is reported instead of silently ignored.
+M-bucket (the smallest listed M >= the call's M, else the largest listed). 2/3/4-bit entries are
+:class:`KernelConfig` s, 8-bit ones (``w8...``, the ``triton_w8`` kernel; per-channel: the group is K)
+:class:`W8Config` s. Unknown fields are an error, so a typo in a hand-edited file is reported instead of
+silently ignored.
 """
 
 from __future__ import annotations
@@ -68,14 +70,65 @@ class KernelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> KernelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown kernel config field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return _from_dict(cls, d)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class W8Config:
+    """How one call of the 8-bit kernels is launched (:mod:`vllm_plugin.kernels.triton.w8`)."""
+
+    path: str  # "dot" (fused dequant + tl.dot, K split), "dequant" (dequantize, then cuBLAS)
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128  # "dot": 64 or 128 (16+ columns per byte position); "dequant": see check()
+    split_k: int = 1  # K splits, any count ("dot"; fp32 partial sums added in a fixed order)
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"W8 config path must be one of {PATHS}, got {self.path!r}")
+        for name in ("block_m", "block_n", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"W8 config {name} must be a power of two >= 1, got {v}")
+        if self.path == "dot" and self.block_k not in (64, 128):
+            raise ValueError(f"the fused W8 kernel steps 64 or 128 columns (16+ per byte dot), got {self.block_k}")
+        if self.path == "dot" and (self.block_m < 16 or self.block_n < 16):
+            raise ValueError("W8 config path 'dot' needs block_m >= 16 and block_n >= 16 (tl.dot tile minimum)")
+        if self.num_stages < 1 or self.split_k < 1:
+            raise ValueError(f"W8 config num_stages and split_k must be >= 1, got {self.num_stages}, {self.split_k}")
+
+    def check(self, group: int, k: int) -> None:
+        """Raise ValueError if this launch cannot take a layer with this group (``k``: per-channel):
+        the dequantize kernel needs one of group and K tile to divide the other (the fused one takes
+        any group that is a multiple of 4)."""
+        if self.path == "dequant" and group < k and group % self.block_k and self.block_k % group:
+            raise ValueError(f"W8 dequantize launch with block_k {self.block_k} cannot take group {group}: one "
+                             f"must divide the other (use dequant_block_k's choice, e.g. 32 for group 96)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> W8Config:
+        return _from_dict(cls, d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _from_dict(cls, d: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+
+def config_class(key: str) -> type:
+    """The config class of a tuned-file key: 8-bit shapes (``w8...``) launch the W8 kernels."""
+    return W8Config if key.startswith("w8") else KernelConfig
 
 
 def gpu_key(device_name: str) -> str:
@@ -96,9 +149,9 @@ def config_dirs() -> list[Path]:
 
 
 @functools.lru_cache(maxsize=None)
-def load_table(device_name: str) -> dict[str, dict[int, KernelConfig]]:
+def load_table(device_name: str) -> dict[str, dict[int, KernelConfig | W8Config]]:
     """Tuned configs for a GPU (merged over the config dirs, earlier dirs win); {} if none."""
-    table: dict[str, dict[int, KernelConfig]] = {}
+    table: dict[str, dict[int, KernelConfig | W8Config]] = {}
     for d in reversed(config_dirs()):
         path = d / f"{gpu_key(device_name)}.json"
         if not path.is_file():
@@ -106,7 +159,7 @@ def load_table(device_name: str) -> dict[str, dict[int, KernelConfig]]:
         try:
             raw = json.loads(path.read_text())
             for key, buckets in raw.get("configs", {}).items():
-                table[key] = {int(m): KernelConfig.from_dict(c) for m, c in buckets.items()}
+                table[key] = {int(m): config_class(key).from_dict(c) for m, c in buckets.items()}
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"bad kernel config file {path}: {e}. Fix or delete it (defaults apply without it).") from e
         logger.info("vlmptq triton: loaded %d tuned shapes from %s", len(raw.get("configs", {})), path)
@@ -180,9 +233,8 @@ def fit_smem(cfg: KernelConfig, bits: int, arch: int = HOPPER) -> KernelConfig:
     return cfg
 
 
-def select_config(device_name: str, bits: int, group: int, n: int, k: int, m: int,
-                  arch: int = HOPPER) -> KernelConfig:
-    """Tuned config for (GPU, bits, group, N, K, M-bucket), else :func:`default_config`."""
+def tuned_config(device_name: str, bits: int, group: int, n: int, k: int, m: int) -> KernelConfig | W8Config | None:
+    """The tuned config for (GPU, bits, group, N, K, M-bucket), None if the files have none."""
     table = load_table(device_name)
     for key in shape_keys(bits, group, n, k):
         buckets = table.get(key)
@@ -190,4 +242,10 @@ def select_config(device_name: str, bits: int, group: int, n: int, k: int, m: in
             ms = sorted(buckets)
             bucket = next((b for b in ms if b >= m), ms[-1])
             return buckets[bucket]
-    return default_config(bits, m, arch)
+    return None
+
+
+def select_config(device_name: str, bits: int, group: int, n: int, k: int, m: int,
+                  arch: int = HOPPER) -> KernelConfig:
+    """Tuned config for (GPU, bits, group, N, K, M-bucket), else :func:`default_config`."""
+    return tuned_config(device_name, bits, group, n, k, m) or default_config(bits, m, arch)

@@ -26,16 +26,18 @@ Layout (what :class:`vllm_plugin.kernels.triton_w8.TritonW8A16Kernel` prepares):
 * ``_w8_dequant_kernel`` (larger M): writes ``dequant(W)`` in act dtype (:func:`_w8_tile`, fp32
   arithmetic, one rounding) for a cuBLAS matmul.
 
-The launch shapes are heuristics (:func:`w8_config`), not tuned on a GPU yet.
+Launch shapes: the tuned files' ``w8...`` entries (``benchmarks/kernels.py --tune``), else the
+heuristics of :func:`w8_config` (from SASS counts; not timed on a GPU yet).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import triton
 import triton.language as tl
+
+from vllm_plugin.kernels.triton.configs import HOPPER, W8Config
 
 
 @triton.jit
@@ -169,30 +171,6 @@ def _w8_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, ACT: tl.constexpr, 
     tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w, mask=mask_n[:, None] & (offs_k[None, :] < K))
 
 
-@dataclass(frozen=True)
-class W8Config:
-    """One launch of the W8 kernels (``path``: "dot" or "dequant")."""
-
-    path: str
-    block_m: int = 16
-    block_n: int = 64
-    block_k: int = 128
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
-
-    def __post_init__(self) -> None:
-        if self.path not in ("dot", "dequant"):
-            raise ValueError(f"W8Config.path must be 'dot' or 'dequant', got {self.path!r}")
-        if self.path == "dot" and self.block_k not in (64, 128):
-            raise ValueError(f"the fused W8 kernel steps 64 or 128 columns (16+ per byte dot), got {self.block_k}")
-
-
 def dequant_block_k(group: int, k: int) -> int:
     """K tile of the dequantize kernel: 128 columns unless the group is neither a divisor nor a
     multiple of 128 (e.g. 96): then 32 (the group is a multiple of 32, the kernel's requirement)."""
@@ -202,24 +180,39 @@ def dequant_block_k(group: int, k: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def w8_config(m: int, n: int, k: int, group: int, sms: int) -> W8Config:
-    """Heuristic launch shape (untuned; the sm_90 SASS counts of 2026-11-28, Triton 3.6, in
-    instructions per weight): fused dot for M <= 64, dequantize + cuBLAS above.
+def w8_config(m: int, n: int, k: int, group: int, sms: int, arch: int = HOPPER) -> W8Config:
+    """Heuristic launch shape for a GPU with ``sms`` SMs of compute capability ``arch`` x 10, used
+    where the tuned files (:mod:`.configs`, keys ``w8g<group>:<N>x<K>``) have none. Fused dot for
+    M <= 64, dequantize + cuBLAS above. SASS instructions per weight (2026-11-28, Triton 3.6):
 
     * K tile 128, or 64 for g64 up to 32 rows so that a tile holds one group (its scale then
       multiplies the dot's result: g64 decode 4.8 with 256-row N tiles vs 6.2 for two groups per tile);
     * decode (16-row M tile) with one group per tile: 16384 weights per tile (g128 and per-channel 4.46
       with 128 x 128, vs 5.34 for 64 x 128); otherwise 8192 (64 x 128, or 128 x 64 at K tile 64):
-      wider tiles spill from 32 rows up, and so does g32 (several groups per tile) near 230 registers;
-    * K split until the grid has two programs per SM."""
+      wider tiles spill from 32 rows up on sm_90, and so does g32 (several groups per tile) near 230
+      registers;
+    * sm_8x, 64-row M tile: 128 x 64 with 8 warps (sm_80 10.8 / 11.3 at g128 / g32, 128-137 registers;
+      the sm_90 shape, 64 x 128 with 4 warps, takes 17-21 there and spills at g32; 128 x 128 with 8
+      warps takes 9.1-9.5 but spills under Triton 3.6 without FMA fusion);
+    * K split until the grid has two programs per SM (:func:`k_splits`)."""
     if m > 64:
         return W8Config("dequant", block_n=32, block_k=dequant_block_k(group, k), num_stages=1)
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bk = 64 if group == 64 and bm <= 32 else 128
     one_group = group % bk == 0 or group >= k  # per-channel: one group whatever K (plan_w8_launch)
     bn = (16384 if bm == 16 and one_group else 8192) // bk
+    warps = 4
+    if arch < 90 and bm == 64:
+        bn, bk, warps = 128, 64, 8
+    return W8Config("dot", block_m=bm, block_n=bn, block_k=bk, split_k=k_splits(m, n, k, bm, bn, bk, sms),
+                    num_warps=warps)
+
+
+def k_splits(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int) -> int:
+    """K splits (a power of two, at most 16) until the grid has two programs per SM, each split
+    keeping at least two K tiles."""
     tiles = -(-n // bn) * -(-m // bm)
     split = 1
     while split < 16 and tiles * split < 2 * sms and k // (2 * split) >= 2 * bk:
         split *= 2
-    return W8Config("dot", block_m=bm, block_n=bn, block_k=bk, split_k=split)
+    return split
