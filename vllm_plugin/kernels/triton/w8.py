@@ -191,9 +191,9 @@ def w8_config(m: int, n: int, k: int, group: int, sms: int, arch: int = HOPPER) 
       with 128 x 128, vs 5.34 for 64 x 128); otherwise 8192 (64 x 128, or 128 x 64 at K tile 64):
       wider tiles spill from 32 rows up on sm_90, and so does g32 (several groups per tile) near 230
       registers;
-    * sm_8x, 64-row M tile: 128 x 64 with 8 warps (sm_80 10.8 / 11.3 at g128 / g32, 128-137 registers;
-      the sm_90 shape, 64 x 128 with 4 warps, takes 17-21 there and spills at g32; 128 x 128 with 8
-      warps takes 9.1-9.5 but spills under Triton 3.6 without FMA fusion);
+    * sm_8x, 64-row M tile: 128 x 64 with 8 warps (sm_80 9.75 / 11.3 at g128 / g32, 10.8 without FMA
+      fusion, 128-142 registers; the sm_90 shape, 64 x 128 with 4 warps, takes 17-21 there and spills
+      at g32; 128 x 128 with 8 warps takes 9.1-9.5 but spills under Triton 3.6 without FMA fusion);
     * K split until the grid has two programs per SM (:func:`k_splits`)."""
     if m > 64:
         return W8Config("dequant", block_n=32, block_k=dequant_block_k(group, k), num_stages=1)
