@@ -25,6 +25,13 @@ def tiny_qwen2_5_vl(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory):
+    """Path of a tiny random Qwen3-VL checkpoint (bf16, 2 decoder layers; deepstack features from the
+    vision tower's 2 blocks are added after decoder layers 0 and 1)."""
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen3-vl"), arch="qwen3_vl")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2_vl_tied(tmp_path_factory):
     """A tiny Qwen2-VL with tied embeddings and a 2040-token vocabulary: quantizing the LM head must
     untie it; vLLM pads the head to 2048 rows (8 zero rows), and 3-bit zero points end mid-word

@@ -37,3 +37,47 @@ def test_family_quantizes_and_reloads(family, tiny_qwen2_vl, tmp_path):
     fresh_sd = fresh.state_dict()
     for k, v in model.state_dict().items():
         assert torch.equal(fresh_sd[k], v), k
+
+
+def test_qwen3_vl_deepstack_features_reach_both_streams(tiny_qwen3_vl):
+    """Qwen3-VL adds vision features to the hidden states after its first decoder layers (deepstack),
+    outside the layers. The pipeline runs the layers itself, so it must add them too: every layer's
+    input as the pipeline propagates it is what that layer receives in the model's own forward."""
+    from types import SimpleNamespace
+
+    from vlmptq.models.adapters import load_model
+    from vlmptq.pipeline.capture import advance
+    from vlmptq.pipeline.sequential import _capture_streams
+    from tests.support.checkpoints import image_prompt_inputs
+
+    model, adapter = load_model(tiny_qwen3_vl, torch.bfloat16)
+    _, layers = adapter.decoder_layers()
+    norm = adapter.final_norm()
+    inputs = image_prompt_inputs(tiny_qwen3_vl)
+    truth: list[torch.Tensor] = []  # the inputs of layer 0, layer 1, the final norm in the real forward
+    handles = [m.register_forward_pre_hook(lambda _m, args: truth.append(args[0].clone())) for m in (*layers, norm)]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    image_rows = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
+    sample = SimpleNamespace(inputs=inputs, sample_id="photo", vision_mask=None, text_mask=None)
+    cpu = torch.device("cpu")
+    streams = _capture_streams(model, layers, norm, [sample], cpu, cpu, need_fp=True)
+    for li in range(len(layers)):  # the tiny model's two vision blocks feed both decoder layers
+        after = streams.calls[li][0].after
+        assert after is not None and torch.equal(after.rows, image_rows), li
+    assert torch.equal(streams.fp[0], truth[0])
+    h, h_plain = streams.fp[0], streams.fp[0]
+    with torch.no_grad():
+        for li, layer in enumerate(layers):
+            call = streams.calls[li][0]
+            h = advance(layer, call, h, cpu)
+            h_plain = advance(layer, SimpleNamespace(kwargs=call.kwargs, after=None), h_plain, cpu)
+            # residues are kept in bf16 (one rounding of (x + v) - x): at most a bf16 step off, at image rows
+            want = truth[li + 1].float()
+            err = (h.float() - want).abs().max().item()
+            assert err <= want.abs().max().item() * 2**-7, (li, err)
+            assert (h_plain.float() - want).abs().max().item() > 20 * max(err, 1e-3)  # the features matter

@@ -1,4 +1,4 @@
-"""The quantizer end to end on tiny random Qwen2-VL / Qwen2.5-VL models (real transformers classes,
+"""The quantizer end to end on tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models (real transformers classes,
 real processors, the built-in calibration photos), through the public API and the CLI."""
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ CASES = [
     ("qwen2_5_vl", "gptaq", 2, 32, False),
     ("qwen2_5_vl", "rtn", 4, 64, False),
     ("qwen2_5_vl", "vlmptq", 2, 64, False),
+    ("qwen3_vl", "vlmptq", 3, 64, False),  # deepstack (vision features added between decoder layers)
 ]
 
 
 @pytest.fixture(scope="module")
-def models(tiny_qwen2_vl, tiny_qwen2_5_vl):
-    return {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+def models(tiny_qwen2_vl, tiny_qwen2_5_vl, tiny_qwen3_vl):
+    return {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
 
 
 @pytest.mark.parametrize("arch,method,bits,group,sym", CASES, ids=lambda v: str(v))

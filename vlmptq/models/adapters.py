@@ -136,10 +136,11 @@ class ModelAdapter:
         return f"{type(self.model).__name__}: {len(layers)} decoder layers at {prefix}"
 
 
-@register_adapter("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision", "internvl", "gemma3",
-                  "mistral3")
+@register_adapter("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "internvl",
+                  "gemma3", "mistral3")
 class VLMAdapter(ModelAdapter):
-    """Qwen2-VL, Qwen2.5-VL, LLaVA family, InternVL3, Gemma 3, Mistral 3: ``model.model.language_model``."""
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA family, InternVL3, Gemma 3, Mistral 3: ``model.model.language_model``
+    (Qwen3-VL's deepstack features, added between decoder layers, are carried by the pipeline)."""
 
 
 @register_adapter("idefics3", "smolvlm")

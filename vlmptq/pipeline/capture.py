@@ -17,11 +17,37 @@ class _StopForward(Exception):
 
 
 @dataclass
+class Residue:
+    """What a model adds to a decoder layer's output before the next layer sees it, at the token rows
+    it touches (Qwen3-VL's deepstack: vision features at the image tokens after the first layers)."""
+
+    rows: torch.Tensor  # int64 [R]: positions in the flattened [1 * T] tokens
+    values: torch.Tensor  # [R, hidden], the hidden states' dtype
+
+    @staticmethod
+    def between(before: torch.Tensor, after: torch.Tensor) -> Residue | None:
+        """``after - before`` where it is not zero; None if the model passed the tensor on untouched."""
+        if after is before or after.shape != before.shape:
+            return None
+        d = (after.float() - before.float()).reshape(-1, after.shape[-1])
+        rows = d.ne(0).any(dim=1).nonzero().squeeze(1)
+        return Residue(rows, d[rows].to(after.dtype)) if rows.numel() else None
+
+    def add_to(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = hidden_states.clone()
+        flat = out.view(-1, out.shape[-1])
+        rows = self.rows.to(out.device)
+        flat[rows] = (flat[rows].float() + self.values.to(out.device).float()).to(out.dtype)
+        return out
+
+
+@dataclass
 class LayerCall:
     """One decoder-layer call: the hidden states and every other argument the model passed."""
 
     hidden_states: torch.Tensor  # [1, T, hidden]
     kwargs: dict[str, Any]  # position embeddings (M-RoPE for Qwen), attention mask, position ids, ...
+    after: Residue | None = None  # what the model adds to this layer's output before the next layer
 
 
 def move_to(obj: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
@@ -67,21 +93,34 @@ class _Recorder(nn.Module):
 
 
 @contextmanager
-def record_layer_calls(layers: nn.ModuleList) -> Iterator[list[list[LayerCall]]]:
+def record_layer_calls(layers: nn.ModuleList, final_norm: nn.Module | None = None) -> Iterator[list[list[LayerCall]]]:
     """Replace every decoder layer by a recorder for the duration of the block.
 
     A forward pass through the model then costs only the embeddings (and the vision tower): the
-    recorders pass hidden states through untouched and the last one ends the pass. Yields
-    ``calls[layer_index] -> [LayerCall per forward]``; each layer's own arguments are kept
+    recorders pass hidden states through untouched, and the last one ends the pass -- or, given the
+    text model's ``final_norm``, the norm's input is recorded too (``calls[len(layers)]``, kwargs
+    empty) and ends the pass there, so what the model adds after the last layer is seen as well.
+    Yields ``calls[layer_index] -> [LayerCall per forward]``; each layer's own arguments are kept
     (Gemma 3, for instance, gives sliding-window and global layers different masks and rotary tables).
+    Whatever reaches a recorder other than the previous one's output was added by the model between
+    the layers (:meth:`Residue.between`).
     """
     originals = list(layers)
-    calls: list[list[LayerCall]] = [[] for _ in originals]
+    calls: list[list[LayerCall]] = [[] for _ in originals] + ([[]] if final_norm is not None else [])
     for i, layer in enumerate(originals):
-        layers[i] = _Recorder(layer, i, calls, last=i == len(originals) - 1)
+        layers[i] = _Recorder(layer, i, calls, last=final_norm is None and i == len(originals) - 1)
+    handle = None
+    if final_norm is not None:
+        def stop_at_norm(_mod: nn.Module, args: tuple) -> None:
+            calls[-1].append(LayerCall(args[0], {}))
+            raise _StopForward
+
+        handle = final_norm.register_forward_pre_hook(stop_at_norm)
     try:
         yield calls
     finally:
+        if handle is not None:
+            handle.remove()
         for i, layer in enumerate(originals):
             layers[i] = layer
 
@@ -115,6 +154,12 @@ def call_layer(layer: nn.Module, call: LayerCall, hidden_states: torch.Tensor, d
     """Run a decoder layer on ``hidden_states`` with the recorded arguments of ``call``."""
     out = layer(hidden_states.to(device), **move_to(call.kwargs, device))
     return out[0] if isinstance(out, tuple) else out
+
+
+def advance(layer: nn.Module, call: LayerCall, hidden_states: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """What the next decoder layer receives: this layer's output plus what the model adds in between."""
+    out = call_layer(layer, call, hidden_states, device)
+    return out if call.after is None else call.after.add_to(out)
 
 
 def layer_input_of(layer: nn.Module, linear: nn.Module, call: LayerCall, hidden_states: torch.Tensor,

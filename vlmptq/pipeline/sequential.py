@@ -31,10 +31,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlmptq.errors import ConfigError
+from vlmptq.errors import ConfigError, UnsupportedModelError
 from vlmptq.models.adapters import ModelAdapter
 from vlmptq.pipeline.capture import (
-    LayerCall, call_layer, input_sharing_groups, layer_input_of, move_to, record_layer_calls, run_until_stopped,
+    LayerCall, Residue, advance, input_sharing_groups, layer_input_of, move_to, record_layer_calls, run_until_stopped,
 )
 from vlmptq.quant.qweight import QuantizedWeight
 from vlmptq.quant.scheme import WeightScheme
@@ -124,30 +124,50 @@ def _without(parent: nn.Module, attr: str) -> Iterator[None]:
         setattr(parent, attr, held)
 
 
-def _capture_streams(model: nn.Module, layers: nn.ModuleList, samples: Sequence[CalibrationSample],
-                     device: torch.device, offload: torch.device, need_fp: bool) -> _Streams:
+def _capture_streams(model: nn.Module, layers: nn.ModuleList, final_norm: nn.Module | None,
+                     samples: Sequence[CalibrationSample], device: torch.device, offload: torch.device,
+                     need_fp: bool) -> _Streams:
     """Run every sample through the model with recorders in place of the decoder layers; only the
-    embeddings and the vision tower do any work, on the compute device."""
+    embeddings and the vision tower do any work, on the compute device. What the model adds between
+    two layers (Qwen3-VL's deepstack features) is kept with the earlier layer's call (``after``), so
+    both streams receive it when they move on."""
     parent, attr = _parent_of(model, layers)
     with _without(parent, attr):
         model.to(device)
     per_layer: list[list[LayerCall]] = [[] for _ in layers]
+    added: set[int] = set()
     try:
-        with record_layer_calls(layers) as calls, torch.no_grad():
+        with record_layer_calls(layers, final_norm) as calls, torch.no_grad():
             for s in tqdm(samples, desc="capturing layer inputs", leave=False):
                 run_until_stopped(model, **move_to(s.inputs, device), use_cache=False)
-                if len(calls[-1]) != 1:
+                if any(len(c) != 1 for c in calls):
                     raise RuntimeError(f"sample {s.sample_id}: the model did not call each decoder layer once")
+                seen = [c.pop() for c in calls]
                 memo: dict[int, Any] = {}  # keeps tensors shared between layers shared after the move
                 for li in range(len(layers)):
-                    c = calls[li].pop()
+                    c = seen[li]
+                    after = Residue.between(c.hidden_states, seen[li + 1].hidden_states) if li + 1 < len(seen) else None
+                    if after is not None:
+                        added.add(li)
+                        after = Residue(after.rows.to(offload), after.values.to(offload))
                     hidden = move_to(c.hidden_states, offload, memo) if li == 0 else None
-                    per_layer[li].append(LayerCall(hidden, move_to(c.kwargs, offload, memo)))
+                    per_layer[li].append(LayerCall(hidden, move_to(c.kwargs, offload, memo), after))
     finally:
         with _without(parent, attr):
             model.to("cpu")
+    if added:
+        logger.info("the model adds features to the hidden states after decoder layer(s) %s (e.g. Qwen3-VL's "
+                    "deepstack); both streams receive them", sorted(added))
     quant = [c.hidden_states for c in per_layer[0]]
     return _Streams(quant=quant, fp=[h.clone() for h in quant] if need_fp else None, calls=per_layer)
+
+
+def _final_norm_or_none(adapter: ModelAdapter) -> nn.Module | None:
+    """The text model's final norm, where the capture pass can stop (None: it stops at the last layer)."""
+    try:
+        return adapter.final_norm()
+    except UnsupportedModelError:
+        return None
 
 
 def _parent_of(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
@@ -266,7 +286,8 @@ def quantize_model(
         _check_head_fits(adapter, head_scheme)
         adapter.untie_lm_head()
 
-    streams = _capture_streams(model, layers, samples, device, offload, needs.fp_inputs) if needs.hessian else None
+    streams = (_capture_streams(model, layers, _final_norm_or_none(adapter), samples, device, offload, needs.fp_inputs)
+               if needs.hessian else None)
     quantized: dict[str, QuantizedWeight] = {}
     records: list[LinearRecord] = []
     frozen = list(adapter.frozen_linears())
@@ -297,9 +318,9 @@ def quantize_model(
             if streams is not None:
                 for si in range(len(samples)):
                     call = streams.calls[li][si]
-                    streams.quant[si] = call_layer(layer, call, streams.quant[si], device).to(offload)
+                    streams.quant[si] = advance(layer, call, streams.quant[si], device).to(offload)
                     if fp_layer is not None:
-                        streams.fp[si] = call_layer(fp_layer, call, streams.fp[si], device).to(offload)
+                        streams.fp[si] = advance(fp_layer, call, streams.fp[si], device).to(offload)
                 streams.calls[li] = []  # this layer's arguments are no longer needed
         del fp_layer
         layers[li] = layer.to("cpu")

@@ -1,4 +1,4 @@
-"""Small, randomly initialised Qwen2-VL / Qwen2.5-VL checkpoints built offline from configs.
+"""Small, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints built offline from configs.
 
 Real transformers model classes, a locally trained byte-level BPE tokenizer with Qwen's special
 tokens and chat template, and Qwen's real image processor. The defaults (the test fixtures) are
@@ -48,6 +48,7 @@ INTERMEDIATE = 448
 N_HEADS = 3  # head_dim 64; M-RoPE sections must sum to head_dim / 2
 N_KV_HEADS = 1
 MROPE_SECTION = [8, 12, 12]
+MROPE_SECTION_QWEN3 = [12, 10, 10]  # Qwen3-VL's interleaved layout (real models: [24, 20, 20] for head_dim 128)
 
 
 def _train_tokenizer():
@@ -92,7 +93,7 @@ def build_tiny_qwen_vl(
     tie_word_embeddings: bool = False,
     vocab_size: int = 2048,
 ) -> Path:
-    """Write a random ``arch`` ("qwen2_vl" or "qwen2_5_vl") checkpoint to ``out_dir``.
+    """Write a random ``arch`` ("qwen2_vl", "qwen2_5_vl" or "qwen3_vl") checkpoint to ``out_dir``.
 
     ``hidden / heads`` must be 64 (the M-RoPE sections are set for head_dim 64); ``init_std`` is the
     weights' spread (random init is otherwise near-uniform and degenerate); images are resized to at
@@ -103,7 +104,8 @@ def build_tiny_qwen_vl(
     from transformers import (
         Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
         Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-        Qwen2VLProcessor, Qwen2VLVideoProcessor,
+        Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor, Qwen3VLVideoProcessor,
     )
 
     out = Path(out_dir)
@@ -122,16 +124,26 @@ def build_tiny_qwen_vl(
         vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
                       out_hidden_size=hidden, fullatt_block_indexes=[1], window_size=112,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    elif arch == "qwen3_vl":
+        # deepstack: the vision tower's blocks 0 and 1 feed features that the text model adds to the
+        # hidden states after its decoder layers 0 and 1 (at the image tokens)
+        config_cls, model_cls, proc_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
+                      deepstack_visual_indexes=[0, 1], num_position_embeddings=144,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     else:
         raise ValueError(f"unknown tiny arch {arch!r}")
 
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": MROPE_SECTION, "type": "mrope"}
+    if arch == "qwen3_vl":
+        rope = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": MROPE_SECTION_QWEN3,
+                "mrope_interleaved": True}
     config = config_cls(
         text_config=dict(
             vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-            num_hidden_layers=num_layers, num_attention_heads=heads,
+            num_hidden_layers=num_layers, num_attention_heads=heads, head_dim=hidden // heads,
             num_key_value_heads=kv_heads, max_position_embeddings=8192, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                             "mrope_section": MROPE_SECTION, "type": "mrope"},
+            rope_parameters=rope,
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=tie_word_embeddings,
         ),
@@ -152,9 +164,15 @@ def build_tiny_qwen_vl(
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out)
 
-    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=max_pixels)
+    if arch == "qwen3_vl":  # 16-pixel patches, 2 x 2 merge: 32-pixel units
+        image_processor = Qwen2VLImageProcessor(patch_size=16, min_pixels=64 * 64, max_pixels=max_pixels,
+                                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        video_processor = Qwen3VLVideoProcessor()
+    else:
+        image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=max_pixels)
+        video_processor = Qwen2VLVideoProcessor()
     processor = proc_cls(image_processor=image_processor, tokenizer=hf_tok,
-                         video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+                         video_processor=video_processor, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(out)
     hf_tok.save_pretrained(out)
     return out
