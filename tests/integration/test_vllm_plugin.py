@@ -190,8 +190,9 @@ def test_fp32_engine_matches_hf_with_dequantized_weights(checkpoints, tmp_path, 
             False,
             {"cpu_w4a8", "cpu_wna16"},
         ),  # torch.compile'd model (vLLM default)
+        ("qwen3_vl", 4, {}, True, {"cpu_w4a8", "cpu_wna16"}),
     ],
-    ids=["qwen2_5_vl-w2", "qwen2_5_vl-w3-a16", "qwen2_5_vl-w4", "qwen2_vl-w3-compiled"],
+    ids=["qwen2_5_vl-w2", "qwen2_5_vl-w3-a16", "qwen2_5_vl-w4", "qwen2_vl-w3-compiled", "qwen3_vl-w4"],
 )
 def test_bf16_engine_uses_cpu_kernels_and_stays_close_to_hf(
     checkpoints, monkeypatch, arch, bits, env, eager, kernels
