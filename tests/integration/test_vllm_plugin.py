@@ -28,7 +28,9 @@ import torch
 from tests.support.quantized_checkpoint import (
     build_quantized_checkpoint,
     dequantized_hf_model,
+    generate,
     layer_methods,
+    logprob_errors,
     pattern_image,
     vllm_engine,
 )
@@ -76,47 +78,6 @@ def prompts(src):
         {"prompt": TEXT_PROMPT},
     ]
     return vllm_inputs, hf_inputs
-
-
-def generate(llm, vllm_inputs):
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, prompt_logprobs=0)
-    return llm.generate(vllm_inputs, params, use_tqdm=False)
-
-
-def logprob_errors(hf, hf_inputs, outputs) -> tuple[list[float], list[float]]:
-    """|vLLM - HF| for every prompt token after the first and every generated token, plus for each
-    generated token HF's margin ``max logprob - logprob(chosen)``."""
-    errs, margins = [], []
-    for inp, out in zip(hf_inputs, outputs, strict=True):
-        ids = list(out.prompt_token_ids)
-        assert ids == inp["input_ids"][0].tolist(), (
-            "vLLM and HF tokenized / expanded the prompt differently"
-        )
-        gen = list(out.outputs[0].token_ids)
-        assert len(gen) > 0
-        full = torch.tensor([ids + gen])
-        extra = {}
-        if "pixel_values" in inp:
-            mm = inp["mm_token_type_ids"]
-            extra = dict(
-                pixel_values=inp["pixel_values"],
-                image_grid_thw=inp["image_grid_thw"],
-                mm_token_type_ids=torch.cat([mm, torch.zeros(1, len(gen), dtype=mm.dtype)], 1),
-            )
-        with torch.no_grad():
-            logits = (
-                hf(input_ids=full, attention_mask=torch.ones_like(full), **extra).logits[0].float()
-            )
-        lp = torch.log_softmax(logits, -1)  # row i predicts token i + 1
-        for i in range(1, len(ids)):
-            errs.append(abs(out.prompt_logprobs[i][ids[i]].logprob - lp[i - 1, ids[i]].item()))
-        for j, tok in enumerate(gen):
-            row = lp[len(ids) - 1 + j]
-            errs.append(abs(out.outputs[0].logprobs[j][tok].logprob - row[tok].item()))
-            margins.append((row.max() - row[tok]).item())
-    return errs, margins
 
 
 def check_methods(methods, expect_kernel, head_kernel=None):

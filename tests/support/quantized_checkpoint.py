@@ -153,3 +153,42 @@ def layer_methods(llm, rank: int = 0) -> dict[str, tuple[str, str | None]]:
     """``{vLLM module name: (quant method class, vlmptq kernel name or None)}`` for every linear and LM head of
     ``rank``'s model (multi-process engines need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``)."""
     return llm.apply_model(_linear_methods)[rank]
+
+
+def generate(llm, vllm_inputs):
+    """Greedy, 8 tokens, with the logprob of each chosen token and of every prompt token."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, prompt_logprobs=0)
+    return llm.generate(vllm_inputs, params, use_tqdm=False)
+
+
+def logprob_errors(hf, hf_inputs, outputs) -> tuple[list[float], list[float]]:
+    """|vLLM - HF| for every prompt token after the first and every generated token, plus for each
+    generated token HF's margin ``max logprob - logprob(chosen)``. HF runs teacher-forced on prompt +
+    generated tokens with the processor's other inputs (per-token ones, e.g. ``mm_token_type_ids``,
+    extended with zeros over the generated tokens)."""
+    errs, margins = [], []
+    for inp, out in zip(hf_inputs, outputs, strict=True):
+        ids = list(out.prompt_token_ids)
+        assert ids == inp["input_ids"][0].tolist(), "vLLM and HF tokenized / expanded the prompt differently"
+        gen = list(out.outputs[0].token_ids)
+        assert len(gen) > 0
+        full = torch.tensor([ids + gen])
+        extra = {}
+        for key, v in inp.items():
+            if key in ("input_ids", "attention_mask"):
+                continue
+            if key != "pixel_values" and torch.is_tensor(v) and v.dim() == 2 and v.shape == (1, len(ids)):
+                v = torch.cat([v, torch.zeros(1, len(gen), dtype=v.dtype)], 1)
+            extra[key] = v
+        with torch.no_grad():
+            logits = hf(input_ids=full, attention_mask=torch.ones_like(full), **extra).logits[0].float()
+        lp = torch.log_softmax(logits, -1)  # row i predicts token i + 1
+        for i in range(1, len(ids)):
+            errs.append(abs(out.prompt_logprobs[i][ids[i]].logprob - lp[i - 1, ids[i]].item()))
+        for j, tok in enumerate(gen):
+            row = lp[len(ids) - 1 + j]
+            errs.append(abs(out.outputs[0].logprobs[j][tok].logprob - row[tok].item()))
+            margins.append((row.max() - row[tok]).item())
+    return errs, margins

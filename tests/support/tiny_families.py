@@ -118,4 +118,21 @@ def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | 
     out = Path(out_dir)
     model.to(torch.bfloat16).eval().save_pretrained(out)
     processor.save_pretrained(out)
+    if family == "llava":
+        _to_hub_clip_names(out)
     return out
+
+
+def _to_hub_clip_names(out: Path) -> None:
+    """Rename the CLIP tower's tensors to the layout of the llava-hf checkpoints on the hub
+    (``vision_tower.vision_model.*``). transformers 5 saves a freshly built CLIP tower without the
+    ``vision_model.`` level (it strips it on load); vLLM 0.32 cannot load that layout, so a checkpoint
+    written that way is not what users quantize. Quantized outputs keep the source's names."""
+    from safetensors.torch import load_file, save_file
+
+    for f in out.glob("*.safetensors"):
+        sd = load_file(f)
+        sd = {("vision_tower.vision_model." + k[len("vision_tower."):]
+               if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+              for k, v in sd.items()}
+        save_file(sd, f, metadata={"format": "pt"})
