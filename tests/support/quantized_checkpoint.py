@@ -92,6 +92,31 @@ def dequantized_hf_model(
     return model
 
 
+def dequantized_source_copy(model_dir: str | Path, ckpt: QuantizedCheckpoint, dst: str | Path) -> Path:
+    """A dense fp32 copy of the source checkpoint (its own tensor names and layout) with every quantized
+    linear's weight replaced by its exact dequantized value: what an unquantized engine compares with."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vlmptq.checkpoint.naming import module_disk_names
+
+    model = load_hf_model(model_dir, dtype=torch.float32)
+    names = module_disk_names(model, list(ckpt.quantized), model.state_dict().keys())
+    dst = Path(dst)
+    shutil.copytree(model_dir, dst)
+    done = set()
+    for f in dst.glob("*.safetensors"):
+        sd = {k: v.float() for k, v in load_file(f).items()}
+        for module, disk in names.items():
+            if f"{disk}.weight" in sd:
+                sd[f"{disk}.weight"] = exact_dequantize(ckpt.quantized[module])
+                done.add(module)
+        save_file(sd, f, metadata={"format": "pt"})
+    assert done == set(names), sorted(set(names) - done)
+    return dst
+
+
 # ----------------------------------------------------------------------------- serving helpers
 
 

@@ -1,4 +1,4 @@
-"""Tiny random LLaVA, Idefics3 and InternVL checkpoints (real transformers classes and processors).
+"""Tiny random LLaVA, Idefics3, InternVL and Gemma 3 checkpoints (real transformers classes and processors).
 
 Built from the tiny Qwen2-VL fixture's tokenizer plus each family's placeholder tokens and chat
 format; the language models keep the tiny Qwen fixture's shape (hidden 192, intermediate 448,
@@ -104,7 +104,42 @@ def _internvl(tok_src):
     return InternVLForConditionalGeneration(config), proc
 
 
-FAMILIES = {"llava": _llava, "idefics3": _idefics3, "internvl": _internvl}
+def gemma3_processor(tok_src):
+    """A real Gemma3Processor: SigLIP at 56 px (16 patches pooled to 4 tokens), Gemma 3's image tokens."""
+    from transformers import AutoTokenizer, Gemma3ImageProcessor, Gemma3Processor
+
+    from tokenizers import AddedToken
+
+    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    # Gemma's vocabulary has runs of 1-4 newlines as single tokens, and vLLM's Gemma 3 prompt processing
+    # looks them up to merge the newlines around each image the way the real tokenizer does
+    tok.add_tokens([AddedToken("\n" * i, normalized=False, special=False) for i in (4, 3, 2, 1)])
+    template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    return Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 56, "width": 56}), tokenizer=tok,
+                           image_seq_length=4, chat_template=template)
+
+
+def _gemma3(tok_src):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    proc = gemma3_processor(tok_src)
+    tok = proc.tokenizer
+    text = dict(TEXT, head_dim=64, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                query_pre_attn_scalar=64)
+    config = Gemma3Config(
+        vision_config=SiglipVisionConfig(image_size=56, patch_size=14, **VISION),
+        text_config=Gemma3TextConfig(vocab_size=len(tok) + 64, **text), mm_tokens_per_image=4,
+        boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"), tie_word_embeddings=False,
+    )
+    return Gemma3ForConditionalGeneration(config), proc
+
+
+FAMILIES = {"llava": _llava, "idefics3": _idefics3, "internvl": _internvl, "gemma3": _gemma3}
 
 
 def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | Path, seed: int = 0) -> Path:
@@ -118,16 +153,16 @@ def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | 
     out = Path(out_dir)
     model.to(torch.bfloat16).eval().save_pretrained(out)
     processor.save_pretrained(out)
-    if family == "llava":
-        _to_hub_clip_names(out)
+    if family in ("llava", "gemma3"):
+        _to_hub_vision_names(out)
     return out
 
 
-def _to_hub_clip_names(out: Path) -> None:
-    """Rename the CLIP tower's tensors to the layout of the llava-hf checkpoints on the hub
-    (``vision_tower.vision_model.*``). transformers 5 saves a freshly built CLIP tower without the
-    ``vision_model.`` level (it strips it on load); vLLM 0.32 cannot load that layout, so a checkpoint
-    written that way is not what users quantize. Quantized outputs keep the source's names."""
+def _to_hub_vision_names(out: Path) -> None:
+    """Rename the CLIP / SigLIP tower's tensors to the layout of the llava-hf and Gemma 3 checkpoints
+    on the hub (``vision_tower.vision_model.*``). transformers 5 saves a freshly built tower without
+    the ``vision_model.`` level (it strips it on load); vLLM 0.32 cannot load that layout, so a
+    checkpoint written that way is not what users quantize. Quantized outputs keep the source's names."""
     from safetensors.torch import load_file, save_file
 
     for f in out.glob("*.safetensors"):
