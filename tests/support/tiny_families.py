@@ -1,4 +1,4 @@
-"""Tiny random LLaVA, Idefics3, InternVL and Gemma 3 checkpoints (real transformers classes and processors).
+"""Tiny random LLaVA, Idefics3, InternVL, Gemma 3 and Mistral 3 checkpoints (real transformers classes and processors).
 
 Built from the tiny Qwen2-VL fixture's tokenizer plus each family's placeholder tokens and chat
 format; the language models keep the tiny Qwen fixture's shape (hidden 192, intermediate 448,
@@ -139,7 +139,33 @@ def _gemma3(tok_src):
     return Gemma3ForConditionalGeneration(config), proc
 
 
-FAMILIES = {"llava": _llava, "idefics3": _idefics3, "internvl": _internvl, "gemma3": _gemma3}
+def mistral3_processor(tok_src):
+    """A real PixtralProcessor: 56 px images, 14 px patches merged 2 x 2 (2 x 2 tokens plus row breaks)."""
+    from transformers import AutoTokenizer, PixtralImageProcessor, PixtralProcessor
+
+    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
+        "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"})
+    template = ("{% for m in messages %}[INST]{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}[IMG]{% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}[/INST]{% endfor %}")
+    return PixtralProcessor(image_processor=PixtralImageProcessor(size={"longest_edge": 56}, patch_size=14),
+                            tokenizer=tok, patch_size=14, spatial_merge_size=2, chat_template=template)
+
+
+def _mistral3(tok_src):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    proc = mistral3_processor(tok_src)
+    tok = proc.tokenizer
+    config = Mistral3Config(
+        vision_config=PixtralVisionConfig(image_size=56, patch_size=14, head_dim=32, **VISION),
+        text_config=MistralConfig(vocab_size=len(tok) + 64, head_dim=64, **TEXT), spatial_merge_size=2,
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"), tie_word_embeddings=False,
+    )
+    return Mistral3ForConditionalGeneration(config), proc
+
+
+FAMILIES = {"llava": _llava, "idefics3": _idefics3, "internvl": _internvl, "gemma3": _gemma3, "mistral3": _mistral3}
 
 
 def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | Path, seed: int = 0) -> Path:
