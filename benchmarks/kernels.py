@@ -542,12 +542,12 @@ def w8_candidates(m: int, n: int, k: int, group: int, sms: int, arch: int, dry: 
     """The 8-bit kernel's search space per M (the heuristic first): N / K tile and warps around it (more
     weights per thread = fewer instructions per weight, more registers), and from 32 rows on the other
     path (fused vs dequantize + cuBLAS)."""
-    from vllm_plugin.kernels.triton.w8 import dequant_block_k, k_splits, w8_config
+    from vllm_plugin.kernels.triton.w8 import dequant_block_k, k_splits, w8_block_m, w8_config
 
     base = w8_config(m, n, k, group, sms, arch)
     if dry:
         return list(dict.fromkeys([base, replace(base, split_k=2) if base.path == "dot" else base]))
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bm = w8_block_m(m)
     shapes = {16: ((128, 128, 4, 3), (64, 128, 4, 3), (256, 64, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3),
                    (128, 128, 4, 2), (128, 128, 4, 4), (128, 64, 4, 3)),
               32: ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (256, 128, 8, 3)),

@@ -57,14 +57,7 @@ class KernelConfig:
     num_stages: int = 2  # software-pipelining depth of the block loop (1 = none)
 
     def __post_init__(self) -> None:
-        if self.path not in PATHS:
-            raise ValueError(f"config path must be one of {PATHS}, got {self.path!r}")
-        for name in ("block_n", "block_m", "num_warps"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"config {name} must be a power of two >= 1, got {v}")
-        if self.path == "dot" and (self.block_m < 16 or self.block_n < 16):
-            raise ValueError("config path 'dot' needs block_m >= 16 and block_n >= 16 (tl.dot tile minimum)")
+        _check_tiles(self, "config", ("block_n", "block_m", "num_warps"))
         if self.programs < 0 or self.num_stages < 1:
             raise ValueError("config programs must be >= 0 and num_stages >= 1")
 
@@ -89,16 +82,9 @@ class W8Config:
     num_stages: int = 3
 
     def __post_init__(self) -> None:
-        if self.path not in PATHS:
-            raise ValueError(f"W8 config path must be one of {PATHS}, got {self.path!r}")
-        for name in ("block_m", "block_n", "block_k", "num_warps"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"W8 config {name} must be a power of two >= 1, got {v}")
+        _check_tiles(self, "W8 config", ("block_m", "block_n", "block_k", "num_warps"))
         if self.path == "dot" and self.block_k not in (64, 128):
             raise ValueError(f"the fused W8 kernel steps 64 or 128 columns (16+ per byte dot), got {self.block_k}")
-        if self.path == "dot" and (self.block_m < 16 or self.block_n < 16):
-            raise ValueError("W8 config path 'dot' needs block_m >= 16 and block_n >= 16 (tl.dot tile minimum)")
         if self.num_stages < 1 or self.split_k < 1:
             raise ValueError(f"W8 config num_stages and split_k must be >= 1, got {self.num_stages}, {self.split_k}")
 
@@ -116,6 +102,19 @@ class W8Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_tiles(cfg, what: str, pow2: tuple[str, ...]) -> None:
+    """The checks both config classes share: a known path, power-of-two tiles and warps, and the
+    tl.dot minimum tile on the "dot" path."""
+    if cfg.path not in PATHS:
+        raise ValueError(f"{what} path must be one of {PATHS}, got {cfg.path!r}")
+    for name in pow2:
+        v = getattr(cfg, name)
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{what} {name} must be a power of two >= 1, got {v}")
+    if cfg.path == "dot" and (cfg.block_m < 16 or cfg.block_n < 16):
+        raise ValueError(f"{what} path 'dot' needs block_m >= 16 and block_n >= 16 (tl.dot tile minimum)")
 
 
 def _from_dict(cls, d: dict):
@@ -160,6 +159,9 @@ def load_table(device_name: str) -> dict[str, dict[int, KernelConfig | W8Config]
             raw = json.loads(path.read_text())
             for key, buckets in raw.get("configs", {}).items():
                 table[key] = {int(m): config_class(key).from_dict(c) for m, c in buckets.items()}
+                shape = re.fullmatch(r"w8g(\d+):\d+x(\d+)", key)
+                for cfg in table[key].values() if shape else ():
+                    cfg.check(int(shape[1]), int(shape[2]))  # a launch the key's layer cannot take
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"bad kernel config file {path}: {e}. Fix or delete it (defaults apply without it).") from e
         logger.info("vlmptq triton: loaded %d tuned shapes from %s", len(raw.get("configs", {})), path)

@@ -197,7 +197,7 @@ def w8_config(m: int, n: int, k: int, group: int, sms: int, arch: int = HOPPER) 
     * K split until the grid has two programs per SM (:func:`k_splits`)."""
     if m > 64:
         return W8Config("dequant", block_n=32, block_k=dequant_block_k(group, k), num_stages=1)
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bm = w8_block_m(m)
     bk = 64 if group == 64 and bm <= 32 else 128
     one_group = group % bk == 0 or group >= k  # per-channel: one group whatever K (plan_w8_launch)
     bn = (16384 if bm == 16 and one_group else 8192) // bk
@@ -206,6 +206,11 @@ def w8_config(m: int, n: int, k: int, group: int, sms: int, arch: int = HOPPER) 
         bn, bk, warps = 128, 64, 8
     return W8Config("dot", block_m=bm, block_n=bn, block_k=bk, split_k=k_splits(m, n, k, bm, bn, bk, sms),
                     num_warps=warps)
+
+
+def w8_block_m(m: int) -> int:
+    """Rows per program of the fused kernel (M <= 64): 16, 32 or 64."""
+    return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
 def k_splits(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int) -> int:
