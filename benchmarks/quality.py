@@ -67,7 +67,7 @@ class Sizes:
     proxy_calib: int = 32  # built-in image-text calibration samples for the proxy
     kl_photos: int = 6  # held-out photos for the proxy KL (of BUILTIN_HOLDOUT)
     kl_questions: int = 4  # questions per photo
-    calib_seed: int = 0  # which random windows calibrate the ppl runs (0: the committed tables')
+    calib_seed: int = 0  # which text windows / built-in samples calibrate (0: the committed tables')
 
 
 QUICK = Sizes(calib_seqs=4, calib_len=64, eval_seqs=2, eval_len=128, proxy_calib=2, kl_photos=1, kl_questions=1)
@@ -243,7 +243,8 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
         from vlmptq.demo.evaluate import mean_kl, reference_logprobs
 
         samples = _kl_setup(run, proxy)
-        ref_path = work / f"kl-ref-{Run(run.model, 'kl', BASELINE, None, None, run.sizes).key()}.pt"
+        baseline = Run(run.model, 'kl', BASELINE, None, None, replace(run.sizes, calib_seed=0))
+        ref_path = work / f"kl-ref-{baseline.key()}.pt"
         if run.method == BASELINE:
             model, _ = load_model(proxy, torch.float32)
             ref = reference_logprobs(model, samples)
@@ -257,7 +258,8 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
             name, opts = _solver_options(run.method)
             config = make_config(method=name, bits=run.bits, group_size=run.group_size, solver=opts,
                                  lm_head_bits=run.lm_head_bits,
-                                 calib=CalibConfig(source="builtin", num_samples=run.sizes.proxy_calib),
+                                 calib=CalibConfig(source="builtin", num_samples=run.sizes.proxy_calib,
+                                                   seed=run.sizes.calib_seed),
                                  device="cpu", dtype="float32")
             with PeakRSS() as mem:
                 model, res, _n = quantize_in_memory(proxy, config)
@@ -285,14 +287,14 @@ def model_label(run: Run) -> str:
 
 # ----------------------------------------------------------------------------- orchestration
 def plan(models, tasks, bits, group_size, methods, sizes, lm_head_bits=None) -> list[Run]:
-    # the calibration seed draws text windows: only quantized ppl runs read them (baselines and the
-    # proxies' image-text calibration do not, so they keep seed 0's runs and cache keys)
+    # the calibration seed draws the text windows (ppl) and the built-in image-text samples (kl): only
+    # quantized runs read them, so the baselines keep seed 0's runs and cache keys
     unseeded = replace(sizes, calib_seed=0)
     runs = []
     for model in models:
         for task in tasks:
             runs.append(Run(model, task, BASELINE, None, None, unseeded))
-            runs += [Run(model, task, m, b, group_size, sizes if task == "ppl" else unseeded, lm_head_bits)
+            runs += [Run(model, task, m, b, group_size, sizes, lm_head_bits)
                      for b in bits
                      for m in methods if task == "kl" or m not in KL_ONLY]
     return runs
@@ -343,7 +345,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-seqs", type=int, default=Sizes.calib_seqs, help="text calibration windows")
     p.add_argument("--calib-len", type=int, default=Sizes.calib_len, help="tokens per calibration window")
     p.add_argument("--calib-seed", type=int, default=Sizes.calib_seed,
-                   help="draw other calibration windows (ppl runs; 0: the committed tables') to see the spread")
+                   help="draw other calibration data (text windows for ppl, built-in samples for kl; "
+                        "0: the committed tables') to see the draw-to-draw spread")
     p.add_argument("--eval-seqs", type=int, default=Sizes.eval_seqs, help="held-out text windows")
     p.add_argument("--eval-len", type=int, default=Sizes.eval_len, help="tokens per held-out window")
     p.add_argument("--proxy-calib", type=int, default=Sizes.proxy_calib, help="built-in calibration samples (proxy)")

@@ -67,3 +67,19 @@ def test_quick_smoke_run_on_a_tiny_model(tmp_path):
     assert all(v > 0 for v in kl.values())  # quantization changed the model
     md = out.with_suffix(".md").read_text()
     assert "## tiny: perplexity" in md and "## tiny-vlm-proxy: mean KL" in md
+
+
+def test_a_calibration_seed_reaches_every_quantized_run_but_no_baseline():
+    """--calib-seed redraws the text windows (ppl) and the built-in image-text samples (kl); the
+    baselines, and seed 0's cache keys (the committed tables'), stay as they were."""
+    import quality
+
+    seeded = quality.Sizes(calib_seed=2)
+    runs = quality.plan(["m"], ["ppl", "kl"], [4], 64, ["gptaq", "vlmptq"], seeded)
+    assert {r.task for r in runs} == {"ppl", "kl"}
+    for r in runs:
+        assert r.sizes.calib_seed == (0 if r.method == quality.BASELINE else 2), r
+    zero = {r.method: r.key() for r in quality.plan(["m"], ["kl"], [4], 64, ["vlmptq"], quality.Sizes())}
+    kl = {r.method: r.key() for r in runs if r.task == "kl"}
+    assert kl[quality.BASELINE] == zero[quality.BASELINE]  # one reference for every draw
+    assert kl["vlmptq"] != zero["vlmptq"]  # a redrawn run never reuses seed 0's cached result
