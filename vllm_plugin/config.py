@@ -8,8 +8,8 @@ disabling plugins with ``VLLM_PLUGINS=""``) keeps vLLM's stock path for the same
 
 Layer rule (:meth:`VlmptqConfig.get_quant_method`): linears named in ``ignore`` (matched with
 vLLM's compressed-tensors helpers, after the model's ``hf_to_vllm_mapper`` renamed the names, and
-across fused qkv / gate_up shards) and linears no config group targets get
-``UnquantizedLinearMethod``; the others get :class:`~vllm_plugin.linear.VlmptqLinearMethod` with
+across fused qkv / gate_up shards, by ``COMMON_FUSED`` where the model class maps none) and linears
+no config group targets get ``UnquantizedLinearMethod``; the others get :class:`~vllm_plugin.linear.VlmptqLinearMethod` with
 their group's scheme. The LM head (``ParallelLMHead``) is quantized when a group targets it by name
 (vlmptq writes ``re:^(.*\\.)?lm_head$``, which also matches vLLM's ``language_model.lm_head``; the
 class target ``Linear`` does not select it) and otherwise keeps vLLM's unquantized embedding method.
@@ -47,6 +47,10 @@ NAME = "vlmptq"
 MARKER = "vlmptq"  # key of our block in quantization_config (stock loaders ignore it)
 _QUANT_METHOD = "compressed-tensors"
 _FORMAT = "pack-quantized"
+# vLLM's usual fused linears and their checkpoint shards. A model class without a
+# ``packed_modules_mapping`` (vLLM 0.32's LLaVA-OneVision) leaves the quant config's mapping empty,
+# so an ignored vision ``qkv_proj`` would match no ignore entry and be taken as quantized.
+COMMON_FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
 
 def claims_checkpoint(hf_quant_cfg: dict[str, Any] | None, user_quant: str | None) -> bool:
@@ -199,9 +203,7 @@ class VlmptqConfig(QuantizationConfig):
             return None  # embeddings, attention: vLLM's defaults
         from vllm_plugin.linear import VlmptqLinearMethod
 
-        if should_ignore_layer(
-            prefix, ignore=self.ignore, fused_mapping=self.packed_modules_mapping
-        ):
+        if self._ignored(prefix):
             return None if is_head else UnquantizedLinearMethod()
         target = self._target(layer, prefix)
         if target is None:
@@ -210,6 +212,16 @@ class VlmptqConfig(QuantizationConfig):
             )
             return None if is_head else UnquantizedLinearMethod()
         return VlmptqLinearMethod(self.target_schemes[target], prefix, self.packed_modules_mapping)
+
+    def _ignored(self, prefix: str) -> bool:
+        """In ``ignore`` by name, or shard by shard through the model's fused mapping; where the model
+        maps no fused name, also through ``COMMON_FUSED`` (ignore means "served unquantized": an
+        explicit entry for every shard is evidence enough)."""
+        mapping = self.packed_modules_mapping
+        if should_ignore_layer(prefix, ignore=self.ignore, fused_mapping=mapping):
+            return True
+        common = {k: v for k, v in COMMON_FUSED.items() if k not in mapping}
+        return bool(common) and should_ignore_layer(prefix, ignore=self.ignore, fused_mapping=common)
 
     def _target(self, layer: torch.nn.Module, prefix: str) -> str | None:
         return find_matched_target(

@@ -13,7 +13,7 @@ import torch
 from vlmptq.checkpoint.writer import CheckpointSummary, check_destination, save_quantized_checkpoint
 from vlmptq.config import QuantizeConfig
 from vlmptq.errors import ConfigError
-from vlmptq.models.adapters import adapter_for_type, load_model, read_model_type
+from vlmptq.models.adapters import adapter_for_type, load_model, load_processor, read_model_type
 from vlmptq.pipeline.sequential import LinearRecord, PipelineResult, quantize_model
 from vlmptq.solvers import build_solver
 
@@ -58,14 +58,12 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None) 
     adapter_for_type(read_model_type(model_dir))  # unknown architectures fail before loading anything
     solver = build_solver(config.method, config.solver)
     device = config.torch_device()
+    processor = load_processor(model_dir) if solver.needs.hessian else None  # fails before the weights load
     hf_model, adapter = load_model(model_dir, config.torch_dtype(_checkpoint_dtype(model_dir)))
     samples = []
-    if solver.needs.hessian:
-        from transformers import AutoProcessor
-
+    if processor is not None:
         from vlmptq.calib import load_calibration
 
-        processor = AutoProcessor.from_pretrained(str(model_dir))
         samples = load_calibration(config.calib, processor, sorted(adapter.vision_token_ids()))
         logger.info("calibrating on %d samples from %s", len(samples), config.calib.source)
     result = quantize_model(

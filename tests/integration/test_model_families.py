@@ -1,5 +1,6 @@
-"""LLaVA, Idefics3, InternVL, Gemma 3 and Mistral 3 (tiny, random, real transformers classes and processors) quantize
-through the same pipeline as Qwen2-VL and reload from their checkpoints to the same weights."""
+"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3 and Mistral 3 (tiny, random, real
+transformers classes and processors) quantize through the same pipeline as Qwen2-VL and reload from their
+checkpoints to the same weights."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from tests.support.checkpoints import dense_copy
 from tests.support.tiny_families import build_tiny_family
 
 
-@pytest.mark.parametrize("family", ["llava", "idefics3", "internvl", "gemma3", "mistral3"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "gemma3",
+                                    "mistral3"])
 def test_family_quantizes_and_reloads(family, tiny_qwen2_vl, tmp_path):
     src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
     config = make_config(method="vlmptq", bits=3, group_size=64, calib=CalibConfig(num_samples=2), device="cpu")

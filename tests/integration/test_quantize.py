@@ -171,6 +171,22 @@ def test_unknown_architecture_lists_supported(tmp_path):
     _untouched(tmp_path / "out", None)
 
 
+
+def test_model_folder_without_processor_files_fails_before_loading(tiny_qwen2_vl, tmp_path):
+    """Weights and config but no tokenizer / preprocessor files: calibration cannot encode a sample,
+    so the run stops before the weights load, says which files to copy, and writes nothing."""
+    import shutil
+
+    src = tmp_path / "weights-only"
+    src.mkdir()
+    for f in tiny_qwen2_vl.iterdir():
+        if f.name == "config.json" or f.suffix == ".safetensors":
+            shutil.copy(f, src / f.name)
+    config = make_config(method="gptq", group_size=32, calib=CALIB, device="cpu")
+    with pytest.raises(UnsupportedModelError, match=r"has no usable processor .*preprocessor_config.json"):
+        vlmptq.quantize(src, tmp_path / "out", config)
+    _untouched(tmp_path / "out", None)
+
 def test_existing_output_is_refused_and_kept(tiny_qwen2_vl, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

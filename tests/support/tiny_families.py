@@ -1,4 +1,4 @@
-"""Tiny random LLaVA, Idefics3, InternVL, Gemma 3 and Mistral 3 checkpoints (real transformers classes and processors).
+"""Tiny random LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3 and Mistral 3 checkpoints (real transformers classes and processors).
 
 Built from the tiny Qwen2-VL fixture's tokenizer plus each family's placeholder tokens and chat
 format; the language models keep the tiny Qwen fixture's shape (hidden 192, intermediate 448,
@@ -16,20 +16,24 @@ TEXT = dict(hidden_size=192, intermediate_size=448, num_hidden_layers=2, num_att
             num_key_value_heads=1, max_position_embeddings=2048, tie_word_embeddings=False)
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 
+LLAVA_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                  "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
+                  "{% endfor %}\n{% endfor %}")
+
+IDEFICS3_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
+                     "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
+                     "{% endfor %}<end_of_utterance>\n{% endfor %}")
+
 
 def llava_processor(tok_src):
     """A real LlavaProcessor: CLIP image processor at 56 px (16 vision tokens), ``<image>``."""
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
 
     tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={"image_token": "<image>"})
-    template = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
-                "{% endfor %}\n{% endfor %}")
-    proc = LlavaProcessor(image_processor=CLIPImageProcessor(
+    return LlavaProcessor(image_processor=CLIPImageProcessor(
         size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}), tokenizer=tok,
         patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=template)
-    return proc
+        chat_template=LLAVA_TEMPLATE)
 
 
 def _llava(tok_src):
@@ -46,6 +50,64 @@ def _llava(tok_src):
     return LlavaForConditionalGeneration(config), proc
 
 
+PINPOINTS = [[56, 112], [112, 56], [112, 112]]  # anyres grids: 1 x 2, 2 x 1, 2 x 2 tiles of 56 px
+
+
+def llava_next_processor(tok_src):
+    """A real LlavaNextProcessor: CLIP at 56 px plus anyres tiles (``PINPOINTS``), ``<image>``."""
+    from transformers import AutoTokenizer, LlavaNextImageProcessor, LlavaNextProcessor
+
+    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={"image_token": "<image>"})
+    return LlavaNextProcessor(image_processor=LlavaNextImageProcessor(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, image_grid_pinpoints=PINPOINTS),
+        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE)
+
+
+def _llava_next(tok_src):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    proc = llava_next_processor(tok_src)
+    tok = proc.tokenizer
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(image_size=56, patch_size=14, **VISION),
+        text_config=LlamaConfig(vocab_size=len(tok) + 64, **TEXT), image_grid_pinpoints=PINPOINTS,
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        vision_feature_layer=-1, tie_word_embeddings=False,
+    )
+    return LlavaNextForConditionalGeneration(config), proc
+
+
+def llava_onevision_processor(tok_src):
+    """A real LlavaOnevisionProcessor: SigLIP at 56 px (16 tokens per tile) plus anyres tiles."""
+    from transformers import (AutoTokenizer, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
+                              LlavaOnevisionVideoProcessor)
+
+    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={"image_token": "<image>",
+                                                                       "video_token": "<video>"})
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size={"height": 56, "width": 56},
+                                                     image_grid_pinpoints=PINPOINTS),
+        tokenizer=tok, video_processor=LlavaOnevisionVideoProcessor(size={"height": 56, "width": 56}),
+        num_image_tokens=16, vision_feature_select_strategy="full", chat_template=LLAVA_TEMPLATE)
+
+
+def _llava_onevision(tok_src):
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    proc = llava_onevision_processor(tok_src)
+    tok = proc.tokenizer
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(image_size=56, patch_size=14, vision_use_head=False, **VISION),  # as the hub's
+        text_config=Qwen2Config(vocab_size=len(tok) + 64, **TEXT), image_grid_pinpoints=PINPOINTS,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_select_strategy="full",
+        vision_feature_layer=-1, tie_word_embeddings=False,
+    )
+    return LlavaOnevisionForConditionalGeneration(config), proc
+
+
 def idefics3_processor(tok_src):
     """A real Idefics3Processor: 64 px images, 4 tokens per image, Idefics3's special tokens."""
     from transformers import AutoTokenizer, Idefics3ImageProcessor, Idefics3Processor
@@ -53,12 +115,9 @@ def idefics3_processor(tok_src):
     tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
         "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
         "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
-    template = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
-                "{% endfor %}<end_of_utterance>\n{% endfor %}")
     proc = Idefics3Processor(image_processor=Idefics3ImageProcessor(
         size={"longest_edge": 128}, max_image_size={"longest_edge": 64}), tokenizer=tok,
-        image_seq_len=4, chat_template=template)
+        image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
     return proc
 
 
@@ -73,6 +132,31 @@ def _idefics3(tok_src):
         image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, tie_word_embeddings=False,
     )
     return Idefics3ForConditionalGeneration(config), proc
+
+
+def smolvlm_processor(tok_src):
+    """A real SmolVLMProcessor: Idefics3's tokens and image splitting (64 px tiles, 4 tokens each)."""
+    from transformers import AutoTokenizer, SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
+
+    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
+        "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+        "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
+    return SmolVLMProcessor(image_processor=SmolVLMImageProcessor(
+        size={"longest_edge": 128}, max_image_size={"longest_edge": 64}), tokenizer=tok,
+        video_processor=SmolVLMVideoProcessor(), image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
+
+
+def _smolvlm(tok_src):
+    from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMVisionConfig
+
+    proc = smolvlm_processor(tok_src)
+    tok = proc.tokenizer
+    config = SmolVLMConfig(
+        vision_config=SmolVLMVisionConfig(image_size=64, patch_size=16, **VISION),
+        text_config=LlamaConfig(vocab_size=len(tok) + 64, **TEXT),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, tie_word_embeddings=False,
+    )
+    return SmolVLMForConditionalGeneration(config), proc
 
 
 def internvl_processor(tok_src):
@@ -165,7 +249,8 @@ def _mistral3(tok_src):
     return Mistral3ForConditionalGeneration(config), proc
 
 
-FAMILIES = {"llava": _llava, "idefics3": _idefics3, "internvl": _internvl, "gemma3": _gemma3, "mistral3": _mistral3}
+FAMILIES = {"llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision, "idefics3": _idefics3,
+            "smolvlm": _smolvlm, "internvl": _internvl, "gemma3": _gemma3, "mistral3": _mistral3}
 
 
 def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | Path, seed: int = 0) -> Path:
@@ -179,7 +264,7 @@ def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | 
     out = Path(out_dir)
     model.to(torch.bfloat16).eval().save_pretrained(out)
     processor.save_pretrained(out)
-    if family in ("llava", "gemma3"):
+    if family in ("llava", "llava_next", "llava_onevision", "gemma3"):
         _to_hub_vision_names(out)
     return out
 

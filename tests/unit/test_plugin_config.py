@@ -188,6 +188,33 @@ def test_lm_head_target_selects_vllms_lm_head_only():
     assert unquantized_head.get_quant_method(head, "language_model.lm_head") is None
 
 
+
+def test_ignored_fused_shards_are_found_without_the_models_mapping():
+    """vLLM 0.32's LLaVA-OneVision class has no ``packed_modules_mapping``: its vision tower's fused
+    ``qkv_proj`` must still be served unquantized when the checkpoint ignores q, k and v (it was taken
+    as quantized and the dense weight then failed to load deep inside vLLM). A model's own mapping wins."""
+    import torch
+    from vllm.model_executor.layers.linear import LinearBase
+
+    qc = ours(3, 64)
+    tower = "vision_tower.vision_model.encoder.layers.0"
+    qc["ignore"] = [f"{tower}.self_attn.{p}_proj" for p in "qkv"] + [f"{tower}.mlp.{p}_proj" for p in ("gate", "up")]
+    cfg = VlmptqConfig.from_config(qc)
+    linear = LinearBase.__new__(LinearBase)
+    torch.nn.Module.__init__(linear)
+
+    def method(prefix):
+        return type(cfg.get_quant_method(linear, prefix)).__name__
+
+    assert cfg.packed_modules_mapping == {}
+    assert method(f"{tower}.self_attn.qkv_proj") == "UnquantizedLinearMethod"
+    assert method(f"{tower}.mlp.gate_up_proj") == "UnquantizedLinearMethod"
+    assert method("language_model.model.layers.0.self_attn.qkv_proj") == "VlmptqLinearMethod"
+    cfg.packed_modules_mapping = {"qkv_proj": ["qkv_proj"]}  # a model that stores qkv fused on disk
+    assert method(f"{tower}.self_attn.qkv_proj") == "VlmptqLinearMethod"  # its mapping, not ours
+    assert method(f"{tower}.mlp.gate_up_proj") == "UnquantizedLinearMethod"
+
+
 def test_vllm_name_mapping_renames_layer_paths_only():
     from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 

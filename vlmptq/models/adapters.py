@@ -197,6 +197,28 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[n
     return model, adapter
 
 
+def load_processor(path: str | Path):
+    """The checkpoint's processor (tokenizer + image processor + chat template) for calibration.
+
+    Loaded before the weights, so a processor that cannot load fails in seconds; a missing optional
+    package (SmolVLM's needs ``num2words``, some need ``torchvision``) is named with the fix."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(str(path))
+    except ImportError as e:
+        raise UnsupportedModelError(
+            f"the processor of {path} needs a package this environment lacks: {e} "
+            "Install it (pip install <package>) and run again; nothing was loaded or written."
+        ) from e
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UnsupportedModelError(
+            f"{path} has no usable processor (tokenizer, image processor, chat template) for image-text "
+            f"calibration: {type(e).__name__}: {e}. Copy the processor files of the original model "
+            "(preprocessor_config.json, tokenizer files, chat_template) into the folder."
+        ) from e
+
+
 def adapter_for_model(model: nn.Module) -> ModelAdapter:
     """The adapter for an already loaded model."""
     return adapter_for_type(model.config.model_type)(model)
