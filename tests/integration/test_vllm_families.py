@@ -32,7 +32,7 @@ from vlmptq.quant.scheme import WeightScheme
 pytestmark = pytest.mark.slow
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-FP32_TOL = 1e-4  # as test_vllm_plugin.py: measured <= 1.2e-5 for all five (2026-11-28)
+FP32_TOL = 1e-4  # as test_vllm_plugin.py: measured <= 1.2e-5 for all eight (2026-11-28)
 
 
 def _serve_quantized(src, ckpt, prompts):

@@ -8,6 +8,7 @@ per-family code beyond the adapter registry.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -108,55 +109,37 @@ def _llava_onevision(tok_src):
     return LlavaOnevisionForConditionalGeneration(config), proc
 
 
-def idefics3_processor(tok_src):
-    """A real Idefics3Processor: 64 px images, 4 tokens per image, Idefics3's special tokens."""
-    from transformers import AutoTokenizer, Idefics3ImageProcessor, Idefics3Processor
+def idefics3_processor(tok_src, smol: bool = False):
+    """A real Idefics3Processor (SmolVLMProcessor if ``smol``): 64 px tiles, 4 tokens each, Idefics3's
+    special tokens."""
+    import transformers
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
         "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
         "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
-    proc = Idefics3Processor(image_processor=Idefics3ImageProcessor(
-        size={"longest_edge": 128}, max_image_size={"longest_edge": 64}), tokenizer=tok,
-        image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
-    return proc
+    name = "SmolVLM" if smol else "Idefics3"
+    images = getattr(transformers, f"{name}ImageProcessor")(size={"longest_edge": 128},
+                                                            max_image_size={"longest_edge": 64})
+    video = {"video_processor": transformers.SmolVLMVideoProcessor()} if smol else {}
+    return getattr(transformers, f"{name}Processor")(image_processor=images, tokenizer=tok, image_seq_len=4,
+                                                     chat_template=IDEFICS3_TEMPLATE, **video)
 
 
-def _idefics3(tok_src):
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig, LlamaConfig
+def _idefics3(tok_src, smol: bool = False):
+    """Idefics3, or SmolVLM (same layout, its own classes and ``model_type``) if ``smol``."""
+    import transformers
+    from transformers import LlamaConfig
 
-    proc = idefics3_processor(tok_src)
+    name = "SmolVLM" if smol else "Idefics3"
+    proc = idefics3_processor(tok_src, smol)
     tok = proc.tokenizer
-    config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(image_size=64, patch_size=16, **VISION),
+    config = getattr(transformers, f"{name}Config")(
+        vision_config=getattr(transformers, f"{name}VisionConfig")(image_size=64, patch_size=16, **VISION),
         text_config=LlamaConfig(vocab_size=len(tok) + 64, **TEXT),
         image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, tie_word_embeddings=False,
     )
-    return Idefics3ForConditionalGeneration(config), proc
-
-
-def smolvlm_processor(tok_src):
-    """A real SmolVLMProcessor: Idefics3's tokens and image splitting (64 px tiles, 4 tokens each)."""
-    from transformers import AutoTokenizer, SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
-
-    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
-        "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
-        "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
-    return SmolVLMProcessor(image_processor=SmolVLMImageProcessor(
-        size={"longest_edge": 128}, max_image_size={"longest_edge": 64}), tokenizer=tok,
-        video_processor=SmolVLMVideoProcessor(), image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
-
-
-def _smolvlm(tok_src):
-    from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMVisionConfig
-
-    proc = smolvlm_processor(tok_src)
-    tok = proc.tokenizer
-    config = SmolVLMConfig(
-        vision_config=SmolVLMVisionConfig(image_size=64, patch_size=16, **VISION),
-        text_config=LlamaConfig(vocab_size=len(tok) + 64, **TEXT),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, tie_word_embeddings=False,
-    )
-    return SmolVLMForConditionalGeneration(config), proc
+    return getattr(transformers, f"{name}ForConditionalGeneration")(config), proc
 
 
 def internvl_processor(tok_src):
@@ -250,7 +233,7 @@ def _mistral3(tok_src):
 
 
 FAMILIES = {"llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision, "idefics3": _idefics3,
-            "smolvlm": _smolvlm, "internvl": _internvl, "gemma3": _gemma3, "mistral3": _mistral3}
+            "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3, "mistral3": _mistral3}
 
 
 def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | Path, seed: int = 0) -> Path:
