@@ -83,3 +83,28 @@ def test_a_calibration_seed_reaches_every_quantized_run_but_no_baseline():
     kl = {r.method: r.key() for r in runs if r.task == "kl"}
     assert kl[quality.BASELINE] == zero[quality.BASELINE]  # one reference for every draw
     assert kl["vlmptq"] != zero["vlmptq"]  # a redrawn run never reuses seed 0's cached result
+
+
+def test_draws_table_pairs_each_method_with_the_reference_per_draw(tmp_path):
+    """quality_draws.py: values per draw, mean / sd, and the paired relative difference against GPTAQ
+    (negative = better); a draw given twice keeps the later file's value."""
+    import quality_draws
+
+    def result(seed, values, name):
+        recs = [_rec("baseline", None, 10.0)] + [_rec(m, 4, v) for m, v in values.items()]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"sizes": {"calib_seed": seed}, "records": recs}))
+        return path
+
+    files = [result(0, {"gptaq": 10.0, "vlmptq": 11.0}, "s0"), result(1, {"gptaq": 10.0, "vlmptq": 9.0}, "s1"),
+             result(2, {"gptaq": 20.0, "vlmptq": 99.0}, "s2-old"), result(2, {"gptaq": 20.0, "vlmptq": 18.0}, "s2")]
+    out = tmp_path / "draws"
+    quality_draws.main([*map(str, files), "--bits", "4", "--out", str(out)])
+    summary = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())["summary"]}
+    assert summary["vlmptq"]["draws"] == {"0": 11.0, "1": 9.0, "2": 18.0}
+    vs = summary["vlmptq"]["vs_reference"]
+    assert vs["draws"] == 3 and vs["better_on"] == 2
+    assert vs["mean_rel_diff"] == pytest.approx((0.1 - 0.1 - 0.1) / 3)
+    assert "vs_reference" not in summary["gptaq"]
+    md = out.with_suffix(".md").read_text()
+    assert "| vlmptq (paper: diagonal C) | 11 | 9 | 18 |" in md and "better on 2/3" in md
