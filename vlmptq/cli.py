@@ -67,7 +67,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--ignore", nargs="+", default=[], metavar="REGEX",
                    help="decoder-layer linears to keep in 16-bit (regex on the module name); the vision tower and "
-                        "projector are always kept, the lm_head unless --lm-head-bits")
+                        "projector are always kept, the lm_head unless --lm-head-bits; q/k/v_proj and gate/up_proj "
+                        "all or none (vLLM fuses them)")
     r.add_argument("--device", default="auto", help="compute device: auto, cpu, cuda, cuda:N")
     r.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="model dtype")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -101,6 +102,18 @@ def test_solver_never_sees_the_vision_tower(tiny_qwen2_vl):
     assert not any("down_proj" in n for n in result.quantized)
     assert sum("down_proj" in n for n in result.frozen) == 2
 
+
+
+@pytest.mark.parametrize("pattern,left,kept", [(r"q_proj$", "self_attn.q_proj", "self_attn.k_proj"),
+                                               (r"layers\.1\.mlp\.up_proj", "1.mlp.up_proj", "1.mlp.gate_proj")])
+def test_ignore_that_splits_a_fused_group_is_refused(tiny_qwen2_vl, tmp_path, pattern, left, kept):
+    """vLLM fuses q/k/v and gate/up into one layer with one scheme: keeping part of one in 16-bit makes a
+    checkpoint no vLLM can serve, so it is refused before the model is calibrated, with a pattern that works."""
+    config = make_config(method="gptq", bits=4, group_size=32, calib=CALIB, device="cpu", ignore=(pattern,))
+    with pytest.raises(ConfigError, match=rf"--ignore keeps \S*{re.escape(left)} in 16-bit but not \S*"
+                                          rf"{re.escape(kept)}.*one fused layer.*--ignore '"):
+        vlmptq.quantize(tiny_qwen2_vl, tmp_path / "out", config)
+    _untouched(tmp_path / "out", None)
 
 @pytest.mark.parametrize("method,head_bits", [("vlmptq", 8), ("gptq", 3), ("rtn", 4)])
 def test_lm_head_quantized_after_the_layers_and_untied(tiny_qwen2_vl_tied, tmp_path, method, head_bits):

@@ -91,16 +91,37 @@ def _compile_ignore(patterns: Sequence[str]) -> list[re.Pattern]:
     return out
 
 
+# linears vLLM serves as one fused layer (qkv_proj, gate_up_proj): one scheme for all or none of them
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 def _check_layers_fit(layers: nn.ModuleList, prefix: str, ignore: list[re.Pattern], scheme: WeightScheme) -> None:
-    """Fail before any work if a linear cannot take the scheme (e.g. K not divisible by the group)."""
+    """Fail before any work if a linear cannot take the scheme (e.g. K not divisible by the group), or
+    if --ignore keeps part of a group vLLM fuses in 16-bit (the checkpoint could not be served)."""
     for li, layer in enumerate(layers):
-        for name in _quantizable(layer, f"{prefix}.{li}", ignore)[0]:
+        keep, skipped = _quantizable(layer, f"{prefix}.{li}", ignore)
+        _check_fused_siblings(f"{prefix}.{li}", keep, skipped)
+        for name in keep:
             k = layer.get_submodule(name).in_features
             if scheme.group_size != -1 and k % scheme.group_size:
                 raise ConfigError(
                     f"{prefix}.{li}.{name} has {k} input features, not divisible by group_size="
                     f"{scheme.group_size}; choose a group size dividing {k} (or -1 per channel), or keep "
                     f"the layer in 16-bit with --ignore"
+                )
+
+
+def _check_fused_siblings(prefix: str, keep: list[str], skipped: list[str]) -> None:
+    for siblings in FUSED_SIBLINGS:
+        for parent in {n.rpartition(".")[0] for n in skipped if n.rpartition(".")[2] in siblings}:
+            kept = [f"{parent}.{s}" for s in siblings if f"{parent}.{s}" in keep]
+            if kept:
+                left = [n for n in skipped if n.rpartition(".")[0] == parent and n.rpartition(".")[2] in siblings]
+                raise ConfigError(
+                    f"--ignore keeps {', '.join(f'{prefix}.{n}' for n in left)} in 16-bit but not "
+                    f"{', '.join(f'{prefix}.{n}' for n in kept)}: vLLM serves {' / '.join(siblings)} as one "
+                    f"fused layer with one scheme, so the checkpoint could not be served. Ignore all of them "
+                    f"or none, e.g. --ignore '{re.escape(parent)}\\.({'|'.join(siblings)})$'"
                 )
 
 
