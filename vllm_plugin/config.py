@@ -9,10 +9,11 @@ disabling plugins with ``VLLM_PLUGINS=""``) keeps vLLM's stock path for the same
 Layer rule (:meth:`VlmptqConfig.get_quant_method`): linears named in ``ignore`` (matched with
 vLLM's compressed-tensors helpers, after the model's ``hf_to_vllm_mapper`` renamed the names, and
 across fused qkv / gate_up shards, by ``COMMON_FUSED`` where the model class maps none) and linears
-no config group targets get ``UnquantizedLinearMethod``; the others get :class:`~vllm_plugin.linear.VlmptqLinearMethod` with
-their group's scheme. The LM head (``ParallelLMHead``) is quantized when a group targets it by name
-(vlmptq writes ``re:^(.*\\.)?lm_head$``, which also matches vLLM's ``language_model.lm_head``; the
-class target ``Linear`` does not select it) and otherwise keeps vLLM's unquantized embedding method.
+no config group targets get ``UnquantizedLinearMethod``; the others get
+:class:`~vllm_plugin.linear.VlmptqLinearMethod` with their group's scheme. The LM head
+(``ParallelLMHead``) is quantized when a group targets it by name (vlmptq writes
+``re:^(.*\\.)?lm_head$``, which also matches vLLM's ``language_model.lm_head``; the class target
+``Linear`` does not select it) and otherwise keeps vLLM's unquantized embedding method.
 Other non-linear layers (embeddings, attention) stay vLLM's defaults.
 """
 
