@@ -35,6 +35,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
 )
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
+from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS
 from vlmptq.errors import CheckpointError, ConfigError
 from vllm_plugin.validation import ServingScheme
 
@@ -51,7 +52,7 @@ _FORMAT = "pack-quantized"
 # vLLM's usual fused linears and their checkpoint shards. A model class without a
 # ``packed_modules_mapping`` (vLLM 0.32's LLaVA-OneVision) leaves the quant config's mapping empty,
 # so an ignored vision ``qkv_proj`` would match no ignore entry and be taken as quantized.
-COMMON_FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+COMMON_FUSED = {fused: list(parts) for fused, parts in VLLM_FUSED_LINEARS.items()}
 
 
 def claims_checkpoint(hf_quant_cfg: dict[str, Any] | None, user_quant: str | None) -> bool:

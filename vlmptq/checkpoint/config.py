@@ -41,6 +41,13 @@ from typing import Any
 from vlmptq.errors import CheckpointError, ConfigError
 from vlmptq.quant.scheme import WeightScheme
 
+# Linears vLLM loads into one fused layer (name: the checkpoint's sibling linears), which takes one
+# scheme: the writer's ignore list must hold all of a group's siblings or none (the quantizer refuses
+# an --ignore that splits one), and the plugin falls back to these names where a vLLM model class
+# declares no ``packed_modules_mapping``.
+VLLM_FUSED_LINEARS: dict[str, tuple[str, ...]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                                                  "gate_up_proj": ("gate_proj", "up_proj")}
+
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "compressed-tensors"

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS
 from vlmptq.errors import ConfigError, UnsupportedModelError
 from vlmptq.models.adapters import ModelAdapter
 from vlmptq.pipeline.capture import (
@@ -91,10 +92,6 @@ def _compile_ignore(patterns: Sequence[str]) -> list[re.Pattern]:
     return out
 
 
-# linears vLLM serves as one fused layer (qkv_proj, gate_up_proj): one scheme for all or none of them
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
 def _check_layers_fit(layers: nn.ModuleList, prefix: str, ignore: list[re.Pattern], scheme: WeightScheme) -> None:
     """Fail before any work if a linear cannot take the scheme (e.g. K not divisible by the group), or
     if --ignore keeps part of a group vLLM fuses in 16-bit (the checkpoint could not be served)."""
@@ -112,7 +109,7 @@ def _check_layers_fit(layers: nn.ModuleList, prefix: str, ignore: list[re.Patter
 
 
 def _check_fused_siblings(prefix: str, keep: list[str], skipped: list[str]) -> None:
-    for siblings in FUSED_SIBLINGS:
+    for siblings in VLLM_FUSED_LINEARS.values():  # vLLM serves each as one layer, one scheme
         for parent in {n.rpartition(".")[0] for n in skipped if n.rpartition(".")[2] in siblings}:
             kept = [f"{parent}.{s}" for s in siblings if f"{parent}.{s}" in keep]
             if kept:
