@@ -54,6 +54,10 @@ SOLVER_FOR = {
     "vlmptq-target": ("vlmptq", {"correction": "target", "alpha": 1.0}),
     "vlmptq-target-a025": ("vlmptq", {"correction": "target"}),
     "vlmptq-sum": ("vlmptq", {"modality_norm": "sum"}),
+    # the paper's ablation (--methods only): the correction C alone (GPTAQ's group parameters), and
+    # the modality-aware static group parameters with the searched mu alone (no correction)
+    "vlmptq-c-only": ("vlmptq", {"modality": False}),
+    "vlmptq-m-only": ("vlmptq", {"correction": "none"}),
 }
 BASELINE = "baseline"
 

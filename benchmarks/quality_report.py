@@ -9,6 +9,8 @@ LABELS = {
     "vlmptq-target": "vlmptq-target (least-squares target, alpha 1; beyond the paper)",
     "vlmptq-target-a025": "vlmptq-target-a025 (least-squares target, alpha 0.25; beyond the paper)",
     "vlmptq-sum": "vlmptq-sum (ablation: raw-sum modality diagonals)",
+    "vlmptq-c-only": "vlmptq-c-only (ablation: correction C alone)",
+    "vlmptq-m-only": "vlmptq-m-only (ablation: modality-aware parameters, searched mu, alone)",
 }
 METRIC_TITLE = {
     "ppl": "perplexity on held-out Wikipedia text (lower is better)",
