@@ -1,4 +1,5 @@
-"""Tiny random LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3 and Mistral 3 checkpoints (real transformers classes and processors).
+"""Tiny random LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3 and Mistral 3 checkpoints
+(real transformers classes and processors).
 
 Built from the tiny Qwen2-VL fixture's tokenizer plus each family's placeholder tokens and chat
 format; the language models keep the tiny Qwen fixture's shape (hidden 192, intermediate 448,
@@ -26,57 +27,39 @@ IDEFICS3_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for
                      "{% endfor %}<end_of_utterance>\n{% endfor %}")
 
 
-def llava_processor(tok_src):
-    """A real LlavaProcessor: CLIP image processor at 56 px (16 vision tokens), ``<image>``."""
-    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
-
-    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={"image_token": "<image>"})
-    return LlavaProcessor(image_processor=CLIPImageProcessor(
-        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}), tokenizer=tok,
-        patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE)
-
-
-def _llava(tok_src):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    proc = llava_processor(tok_src)
-    tok = proc.tokenizer
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(image_size=56, patch_size=14, **VISION),
-        text_config=LlamaConfig(vocab_size=len(tok) + 64, **TEXT),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
-        vision_feature_layer=-1, tie_word_embeddings=False,
-    )
-    return LlavaForConditionalGeneration(config), proc
-
-
 PINPOINTS = [[56, 112], [112, 56], [112, 112]]  # anyres grids: 1 x 2, 2 x 1, 2 x 2 tiles of 56 px
 
 
-def llava_next_processor(tok_src):
-    """A real LlavaNextProcessor: CLIP at 56 px plus anyres tiles (``PINPOINTS``), ``<image>``."""
-    from transformers import AutoTokenizer, LlavaNextImageProcessor, LlavaNextProcessor
+def llava_processor(tok_src, anyres: bool = False):
+    """A real LlavaProcessor: CLIP image processor at 56 px (16 vision tokens), ``<image>``; with
+    ``anyres`` a LlavaNextProcessor, which adds tiles of the image on one of ``PINPOINTS``' grids."""
+    import transformers
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={"image_token": "<image>"})
-    return LlavaNextProcessor(image_processor=LlavaNextImageProcessor(
-        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, image_grid_pinpoints=PINPOINTS),
-        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE)
+    crop = dict(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    images = (transformers.LlavaNextImageProcessor(**crop, image_grid_pinpoints=PINPOINTS) if anyres
+              else transformers.CLIPImageProcessor(**crop))
+    return getattr(transformers, "LlavaNextProcessor" if anyres else "LlavaProcessor")(
+        image_processor=images, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
 
 
-def _llava_next(tok_src):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+def _llava(tok_src, anyres: bool = False):
+    """LLaVA 1.5, or LLaVA-NeXT (same layout plus anyres tiles and ``image_newline``) if ``anyres``."""
+    import transformers
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    proc = llava_next_processor(tok_src)
+    name = "LlavaNext" if anyres else "Llava"
+    proc = llava_processor(tok_src, anyres)
     tok = proc.tokenizer
-    config = LlavaNextConfig(
+    config = getattr(transformers, f"{name}Config")(
         vision_config=CLIPVisionConfig(image_size=56, patch_size=14, **VISION),
-        text_config=LlamaConfig(vocab_size=len(tok) + 64, **TEXT), image_grid_pinpoints=PINPOINTS,
+        text_config=LlamaConfig(vocab_size=len(tok) + 64, **TEXT),
         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
-        vision_feature_layer=-1, tie_word_embeddings=False,
+        vision_feature_layer=-1, tie_word_embeddings=False, **({"image_grid_pinpoints": PINPOINTS} if anyres else {}),
     )
-    return LlavaNextForConditionalGeneration(config), proc
+    return getattr(transformers, f"{name}ForConditionalGeneration")(config), proc
 
 
 def llava_onevision_processor(tok_src):
@@ -232,8 +215,9 @@ def _mistral3(tok_src):
     return Mistral3ForConditionalGeneration(config), proc
 
 
-FAMILIES = {"llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision, "idefics3": _idefics3,
-            "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3, "mistral3": _mistral3}
+FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_onevision": _llava_onevision,
+            "idefics3": _idefics3, "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3,
+            "mistral3": _mistral3}
 
 
 def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | Path, seed: int = 0) -> Path:
