@@ -8,7 +8,7 @@ disabling plugins with ``VLLM_PLUGINS=""``) keeps vLLM's stock path for the same
 
 Layer rule (:meth:`VlmptqConfig.get_quant_method`): linears named in ``ignore`` (matched with
 vLLM's compressed-tensors helpers, after the model's ``hf_to_vllm_mapper`` renamed the names, and
-across fused qkv / gate_up shards, by ``COMMON_FUSED`` where the model class maps none) and linears
+across fused qkv / gate_up shards, by ``VLLM_FUSED_LINEARS`` where the model class maps none) and linears
 no config group targets get ``UnquantizedLinearMethod``; the others get
 :class:`~vllm_plugin.linear.VlmptqLinearMethod` with their group's scheme. The LM head
 (``ParallelLMHead``) is quantized when a group targets it by name (vlmptq writes
@@ -49,10 +49,6 @@ NAME = "vlmptq"
 MARKER = "vlmptq"  # key of our block in quantization_config (stock loaders ignore it)
 _QUANT_METHOD = "compressed-tensors"
 _FORMAT = "pack-quantized"
-# vLLM's usual fused linears and their checkpoint shards. A model class without a
-# ``packed_modules_mapping`` (vLLM 0.32's LLaVA-OneVision) leaves the quant config's mapping empty,
-# so an ignored vision ``qkv_proj`` would match no ignore entry and be taken as quantized.
-COMMON_FUSED = {fused: list(parts) for fused, parts in VLLM_FUSED_LINEARS.items()}
 
 
 def claims_checkpoint(hf_quant_cfg: dict[str, Any] | None, user_quant: str | None) -> bool:
@@ -217,12 +213,14 @@ class VlmptqConfig(QuantizationConfig):
 
     def _ignored(self, prefix: str) -> bool:
         """In ``ignore`` by name, or shard by shard through the model's fused mapping; where the model
-        maps no fused name, also through ``COMMON_FUSED`` (ignore means "served unquantized": an
-        explicit entry for every shard is evidence enough)."""
+        maps no fused name, also through vLLM's usual ones (``VLLM_FUSED_LINEARS``: a model class
+        without a ``packed_modules_mapping``, such as vLLM 0.32's LLaVA-OneVision, would otherwise have
+        its ignored vision ``qkv_proj`` taken as quantized). Ignore means "served unquantized", so an
+        explicit entry for every shard is evidence enough; the model's own mapping wins."""
         mapping = self.packed_modules_mapping
         if should_ignore_layer(prefix, ignore=self.ignore, fused_mapping=mapping):
             return True
-        common = {k: v for k, v in COMMON_FUSED.items() if k not in mapping}
+        common = {k: list(v) for k, v in VLLM_FUSED_LINEARS.items() if k not in mapping}
         return bool(common) and should_ignore_layer(prefix, ignore=self.ignore, fused_mapping=common)
 
     def _target(self, layer: torch.nn.Module, prefix: str) -> str | None:

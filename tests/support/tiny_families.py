@@ -26,7 +26,6 @@ IDEFICS3_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for
                      "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
                      "{% endfor %}<end_of_utterance>\n{% endfor %}")
 
-
 PINPOINTS = [[56, 112], [112, 56], [112, 112]]  # anyres grids: 1 x 2, 2 x 1, 2 x 2 tiles of 56 px
 
 
