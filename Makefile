@@ -27,7 +27,7 @@ demo: venv
 # engine binds its own.
 test: export OMP_NUM_THREADS ?= 1
 test: venv
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n 2 $(PYTEST_ARGS)
 
 clean:
 	rm -rf .cache .tmp demo-out

@@ -38,3 +38,31 @@ def tiny_qwen2_vl_tied(tmp_path_factory):
     (2040 x 3 bits = 191.25 words)."""
     return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen2-vl-tied"), arch="qwen2_vl",
                               tie_word_embeddings=True, vocab_size=2040)
+
+
+# `make test` runs two pytest-xdist workers, scheduled by whole work units: every test that starts a
+# vLLM engine or server is in one unit, so they run one after another on one worker (two engines at
+# once would fight over the 2 cores they bind and the ports they pick); every other module is its own
+# unit, so its module-scoped fixtures (interpreted kernels, AOT compiles, solver studies) are built
+# once. (xdist's own `--dist loadgroup` cannot be used: it renames node ids, which pytest 9 ignores.)
+ENGINE_MODULES = ("test_demo.py", "test_serve.py", "test_vllm_bad_checkpoints.py", "test_vllm_families.py",
+                  "test_vllm_plugin.py", "test_vllm_stock.py")
+ENGINE_TESTS = ("test_proxy.py::test_quantized_proxy_runs_in_vllm",)
+
+
+def work_unit(nodeid: str) -> str:
+    """The scheduling unit of a test: "vllm-engine" for tests that start vLLM, else its file."""
+    path = nodeid.split("::", 1)[0]
+    name = nodeid.split("[", 1)[0].rsplit("/", 1)[-1]
+    return "vllm-engine" if path.rsplit("/", 1)[-1] in ENGINE_MODULES or name in ENGINE_TESTS else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class EngineUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return work_unit(nodeid)
+
+    return EngineUnitScheduling(config, log)
