@@ -205,14 +205,14 @@ def _solver_options(method: str):
 
 
 def _kl_setup(run: Run, proxy: Path):
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     from vlmptq.calib import BUILTIN_HOLDOUT
     from vlmptq.demo.evaluate import EVAL_QUESTIONS, kl_samples
-    from vlmptq.models.adapters import adapter_for_type, read_model_type
+    from vlmptq.models.adapters import adapter_for_type, load_processor, read_model_type
 
     ids = adapter_for_type(read_model_type(proxy)).vision_token_ids_of(AutoConfig.from_pretrained(proxy))
-    processor = AutoProcessor.from_pretrained(proxy)
+    processor = load_processor(proxy)
     s = run.sizes
     return kl_samples(processor, ids, BUILTIN_HOLDOUT[:s.kl_photos], EVAL_QUESTIONS[:s.kl_questions])
 

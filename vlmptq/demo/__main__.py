@@ -61,13 +61,11 @@ def step(msg: str) -> None:
 
 
 def quality_row(model_dir: Path, checkpoint: Path, n_photos: int, label: str, method: str, scheme: str) -> str:
-    from transformers import AutoProcessor
-
     from vlmptq.calib import BUILTIN_HOLDOUT
     from vlmptq.demo.evaluate import EVAL_QUESTIONS, dequantize_into, kl_samples, mean_kl, reference_logprobs
-    from vlmptq.models.adapters import load_model
+    from vlmptq.models.adapters import load_model, load_processor
 
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
     ref_model, adapter = load_model(model_dir, torch.float32)
     samples = kl_samples(processor, adapter.vision_token_ids(), BUILTIN_HOLDOUT[:n_photos], EVAL_QUESTIONS[:1])
     ref = reference_logprobs(ref_model, samples)
