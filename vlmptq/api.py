@@ -14,6 +14,7 @@ from vlmptq.checkpoint.writer import CheckpointSummary, check_destination, save_
 from vlmptq.config import QuantizeConfig
 from vlmptq.errors import ConfigError
 from vlmptq.models.adapters import adapter_for_type, load_model, load_processor, read_model_type
+from vlmptq.pipeline.progress import LayerProgress, model_files_digest, progress_dir_for
 from vlmptq.pipeline.sequential import LinearRecord, PipelineResult, quantize_model
 from vlmptq.solvers import build_solver
 
@@ -44,18 +45,24 @@ def _checkpoint_dtype(model_dir: Path) -> torch.dtype | None:
     return getattr(torch, name, None) if isinstance(name, str) else None
 
 
-def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None) -> tuple[torch.nn.Module, PipelineResult, int]:
+def _check_model_dir(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model {model_dir} is not a directory; pass a local Hugging Face model folder")
+    adapter_for_type(read_model_type(model_dir))  # unknown architectures fail before loading anything
+
+
+def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, *,
+                       progress: LayerProgress | None = None) -> tuple[torch.nn.Module, PipelineResult, int]:
     """Load ``model``, calibrate and quantize it in memory (fake-quant weights), without writing.
 
     Returns the model (its decoder linears hold the dequantized weights), the pipeline's result (the
     quantized weights per linear and one record per linear) and the number of calibration samples.
-    The quality benchmark uses this directly; :func:`quantize` adds the checkpoint.
+    The quality benchmark uses this directly; :func:`quantize` adds the checkpoint (and ``progress``,
+    the store of finished layers an interrupted run resumes from).
     """
     config = config or QuantizeConfig()
     model_dir = Path(model)
-    if not model_dir.is_dir():
-        raise ConfigError(f"--model {model_dir} is not a directory; pass a local Hugging Face model folder")
-    adapter_for_type(read_model_type(model_dir))  # unknown architectures fail before loading anything
+    _check_model_dir(model_dir)
     solver = build_solver(config.method, config.solver)
     device = config.torch_device()
     processor = load_processor(model_dir) if solver.needs.hessian else None  # fails before the weights load
@@ -69,25 +76,24 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None) 
     result = quantize_model(
         hf_model, adapter, solver, config.scheme, samples,
         device=device, offload_device=config.offload_device, ignore=config.ignore, head_scheme=config.head_scheme,
+        progress=progress,
     )
     return hf_model, result, len(samples)
 
 
-def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | None = None) -> QuantizeReport:
-    """Quantize the Hugging Face VLM in ``model`` (a local directory) and write a compressed-tensors
-    ``pack-quantized`` checkpoint to ``out``.
+def _fingerprint(model_dir: Path, config: QuantizeConfig) -> dict:
+    """What a resumed run must share with the run it continues (the pipeline adds the calibration
+    inputs' digest and the number of layers). The devices may differ: a run started on one GPU can
+    continue on another, or on the CPU."""
+    from vlmptq import __version__
 
-    Everything that can be checked is checked before the model is loaded (config, output directory,
-    architecture); ``out`` is only ever replaced by a complete checkpoint.
-    """
-    t0 = time.perf_counter()
-    config = config or QuantizeConfig()
-    check_destination(Path(out).absolute(), config.overwrite, Path(model))
-    device = config.torch_device()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    hf_model, result, n_samples = quantize_in_memory(model, config)
-    metadata = {
+    settings = config.model_dump(mode="json", exclude={"overwrite", "resume", "device", "offload_device"})
+    return {"vlmptq": __version__, "model": model_files_digest(model_dir), "settings": settings}
+
+
+def _metadata(config: QuantizeConfig, result: PipelineResult, n_samples: int) -> dict:
+    """The run's settings, stored in the checkpoint's quantization_config under "vlmptq"."""
+    return {
         "method": config.method,
         "scheme": config.scheme.describe(),
         **({"lm_head": config.head_scheme.describe()} if config.head_scheme else {}),
@@ -96,9 +102,36 @@ def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | None =
                         "max_seq_len": config.calib.max_seq_len, "seed": config.calib.seed},
         "mu": {r.name: r.info["mu"] for r in result.records if "mu" in r.info},
     }
-    summary = save_quantized_checkpoint(
-        hf_model, result.quantized, out, scheme=config.scheme, ignore=result.frozen,
-        source_dir=model, metadata=metadata, overwrite=config.overwrite,
-    )
+
+
+def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | None = None) -> QuantizeReport:
+    """Quantize the Hugging Face VLM in ``model`` (a local directory) and write a compressed-tensors
+    ``pack-quantized`` checkpoint to ``out``.
+
+    Everything that can be checked is checked before the model is loaded (config, output directory,
+    architecture); ``out`` is only ever replaced by a complete checkpoint. The decoder layers finished
+    so far are kept in ``<out>.vlmptq-progress/`` until it is: ``config.resume`` continues a run that
+    stopped (``vlmptq.pipeline.progress``).
+    """
+    t0 = time.perf_counter()
+    config = config or QuantizeConfig()
+    check_destination(Path(out).absolute(), config.overwrite, Path(model))
+    _check_model_dir(Path(model))
+    progress = LayerProgress.open(progress_dir_for(out), _fingerprint(Path(model), config), config.resume)
+    device = config.torch_device()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        hf_model, result, n_samples = quantize_in_memory(model, config, progress=progress)
+        summary = save_quantized_checkpoint(
+            hf_model, result.quantized, out, scheme=config.scheme, ignore=result.frozen,
+            source_dir=model, metadata=_metadata(config, result, n_samples), overwrite=config.overwrite,
+        )
+    except BaseException:
+        if progress.layers_done:
+            logger.warning("%s kept in %s: run the same command with --resume to continue from them",
+                           progress.describe(), progress.root)
+        raise
+    progress.discard()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return QuantizeReport(summary, result.records, n_samples, time.perf_counter() - t0, peak)

@@ -72,6 +72,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--device", default="auto", help="compute device: auto, cpu, cuda, cuda:N")
     r.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="model dtype")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run with the same settings: the decoder layers it finished are "
+                        "kept in OUT.vlmptq-progress/ (removed once the checkpoint is written) and not solved again")
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -101,7 +104,7 @@ def _quantize(args: argparse.Namespace) -> int:
         method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.sym,
         lm_head_bits=args.lm_head_bits, lm_head_group_size=args.lm_head_group_size,
         solver=solver, calib=calib, ignore=tuple(args.ignore), device=args.device,
-        dtype=args.dtype, overwrite=args.overwrite,
+        dtype=args.dtype, overwrite=args.overwrite, resume=args.resume,
     )
     report = vlmptq.quantize(args.model, args.out, config)
     logging.getLogger("vlmptq").info("%s", report)

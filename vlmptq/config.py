@@ -36,6 +36,8 @@ class QuantizeConfig(BaseModel):
     offload_device: str = Field("cpu", description="where per-sample activations wait between layers")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="model dtype")
     overwrite: bool = Field(False, description="replace a non-empty output directory")
+    resume: bool = Field(False, description="continue an interrupted run from the layers it finished "
+                                            "(kept in <out>.vlmptq-progress/)")
 
     @field_validator("method")
     @classmethod

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ from vlmptq.quant.scheme import WeightScheme
 from vlmptq.solvers.base import Solver
 from vlmptq.solvers.modality import layer_loss
 from vlmptq.stats import InputStatistics, StatisticsAccumulator
+
+if TYPE_CHECKING:
+    from vlmptq.pipeline.progress import LayerProgress
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +244,49 @@ def _solve_linear(lin: nn.Linear, full: str, solver: Solver, stats: InputStatist
     return qw, rec
 
 
+def _solve_layer(layer: nn.Module, fp_layer: nn.Module | None, lprefix: str, names: list[str],
+                 streams: _Streams | None, li: int, samples: Sequence[CalibrationSample], solver: Solver,
+                 scheme: WeightScheme, scale_dtype: torch.dtype, device: torch.device
+                 ) -> tuple[dict[str, QuantizedWeight], list[LinearRecord]]:
+    """Quantize the layer's linears ``names``, one input-sharing group after another."""
+    if streams is not None and names:
+        groups = input_sharing_groups(layer, LayerCall(streams.quant[0], streams.calls[li][0].kwargs), device, names)
+    else:
+        groups = [[n] for n in names]
+    quantized: dict[str, QuantizedWeight] = {}
+    records: list[LinearRecord] = []
+    for group in groups:
+        in_features = layer.get_submodule(group[0]).in_features
+        stats = (_group_statistics(layer, fp_layer, group[0], streams, li, samples, solver, device, in_features)
+                 if streams is not None else None)
+        for name in group:
+            full = f"{lprefix}.{name}"
+            quantized[full], rec = _solve_linear(layer.get_submodule(name), full, solver, stats, scheme, scale_dtype)
+            records.append(rec)
+        del stats
+    return quantized, records
+
+
+def _restore_layer(layer: nn.Module, lprefix: str, names: list[str],
+                   stored: tuple[dict[str, QuantizedWeight], list[LinearRecord]]
+                   ) -> tuple[dict[str, QuantizedWeight], list[LinearRecord]]:
+    """Write a stored layer's fake-quant weights back (a resumed run), after checking it holds exactly
+    the linears this run quantizes, with their shapes."""
+    weights, records = stored
+    expected = {f"{lprefix}.{n}" for n in names}
+    if set(weights) != expected:
+        raise ConfigError(f"the stored progress of {lprefix} holds {sorted(weights)}, this run quantizes "
+                          f"{sorted(expected)}; delete the progress directory to start over")
+    for n in names:
+        lin, qw = layer.get_submodule(n), weights[f"{lprefix}.{n}"]
+        if tuple(lin.weight.shape) != qw.shape:
+            raise ConfigError(f"the stored progress of {lprefix}.{n} is {qw.shape}, the layer {tuple(lin.weight.shape)}; "
+                              f"delete the progress directory to start over")
+        lin.weight.data = qw.dequantize(lin.weight.dtype).to(lin.weight.device)
+    logger.info("%s: %d linears taken from the stored progress", lprefix, len(names))
+    return weights, records
+
+
 def _check_head_fits(adapter: ModelAdapter, scheme: WeightScheme) -> None:
     name, head = adapter.lm_head()
     adapter.final_norm()  # its input must be computable
@@ -287,10 +333,12 @@ def quantize_model(
     offload_device: torch.device | str = "cpu",
     ignore: Sequence[str] = (),
     head_scheme: WeightScheme | None = None,
+    progress: LayerProgress | None = None,
 ) -> PipelineResult:
     """Quantize every decoder-layer linear of ``model`` in place (fake-quant weights) and return the
     quantized weights. ``ignore``: regexes of full module names to leave in 16-bit. ``head_scheme``:
-    also quantize the lm_head (untied from the input embeddings first), after the last layer."""
+    also quantize the lm_head (untied from the input embeddings first), after the last layer.
+    ``progress``: where finished layers are stored, and taken from instead of solved again (resume)."""
     t_start = time.perf_counter()
     device, offload = torch.device(device), torch.device(offload_device)
     prefix, layers = adapter.decoder_layers()
@@ -303,6 +351,10 @@ def quantize_model(
     if head_scheme is not None:
         _check_head_fits(adapter, head_scheme)
         adapter.untie_lm_head()
+    if progress is not None:
+        from vlmptq.pipeline.progress import samples_digest
+
+        progress.bind(calibration=samples_digest(samples), decoder_layers=len(layers))
 
     streams = (_capture_streams(model, layers, _final_norm_or_none(adapter), samples, device, offload, needs.fp_inputs)
                if needs.hessian else None)
@@ -318,21 +370,15 @@ def quantize_model(
         for n in skipped:
             logger.info("leaving %s in 16-bit (matches --ignore)", n)
         fp_layer = copy.deepcopy(layer) if needs.fp_inputs else None
-        if streams is not None and names:
-            groups = input_sharing_groups(layer, LayerCall(streams.quant[0], streams.calls[li][0].kwargs), device, names)
-        else:
-            groups = [[n] for n in names]
+        stored = progress.load(li) if progress is not None else None
         with torch.no_grad():
-            for group in groups:
-                in_features = layer.get_submodule(group[0]).in_features
-                stats = (_group_statistics(layer, fp_layer, group[0], streams, li, samples, solver, device, in_features)
-                         if streams is not None else None)
-                for name in group:
-                    full = f"{lprefix}.{name}"
-                    quantized[full], rec = _solve_linear(layer.get_submodule(name), full, solver, stats, scheme,
-                                                         scale_dtype)
-                    records.append(rec)
-                del stats
+            if stored is not None:
+                layer_quantized, layer_records = _restore_layer(layer, lprefix, names, stored)
+            else:
+                layer_quantized, layer_records = _solve_layer(layer, fp_layer, lprefix, names, streams, li, samples,
+                                                              solver, scheme, scale_dtype, device)
+            quantized.update(layer_quantized)
+            records += layer_records
             if streams is not None:
                 for si in range(len(samples)):
                     call = streams.calls[li][si]
@@ -342,6 +388,8 @@ def quantize_model(
                 streams.calls[li] = []  # this layer's arguments are no longer needed
         del fp_layer
         layers[li] = layer.to("cpu")
+        if progress is not None and stored is None:
+            progress.save(li, layer_quantized, layer_records)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if head_scheme is not None:
