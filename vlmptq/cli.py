@@ -37,7 +37,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     c = p.add_argument_group("calibration data")
     c.add_argument("--calib", default="builtin",
                    help="'builtin' (offline photos + captions), a directory of images with .txt captions, a .jsonl "
-                        "file of {image, text[, prompt]}, or a Hugging Face dataset (name, local path or save_to_disk dir)")
+                        "file of {image, text[, prompt]} (or a .json list of them, LLaVA/ShareGPT4V 'conversations' "
+                        "records too), or a Hugging Face dataset (name, local path or save_to_disk dir)")
     c.add_argument("--num-samples", type=int, default=128, help="calibration image-text pairs")
     c.add_argument("--max-seq-len", type=int, default=2048, help="maximum tokens per calibration sample")
     c.add_argument("--seed", type=int, default=0, help="seed for sample selection and the built-in set's crops")
@@ -45,6 +46,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--image-column", default="image", help="dataset column / jsonl key with the image")
     c.add_argument("--text-column", default="text", help="dataset column / jsonl key with the caption (assistant turn)")
     c.add_argument("--prompt-column", default=None, help="dataset column with the question (default: a fixed prompt)")
+    c.add_argument("--image-root", default=None,
+                   help="folder that relative image paths in a .jsonl/.json file or dataset start from (default: the "
+                        "file's folder); e.g. ShareGPT4V's data/ folder")
     c.add_argument("--max-image-side", type=int, default=None, help="downscale images whose longer side exceeds this")
     c.add_argument("--skip-bad-samples", action="store_true",
                    help="skip (and count) unreadable or too-long samples instead of stopping at the first one")
@@ -97,7 +101,7 @@ def _quantize(args: argparse.Namespace) -> int:
     calib = CalibConfig(
         source=args.calib, num_samples=args.num_samples, max_seq_len=args.max_seq_len, seed=args.seed,
         split=args.split, image_column=args.image_column, text_column=args.text_column,
-        prompt_column=args.prompt_column, max_image_side=args.max_image_side,
+        prompt_column=args.prompt_column, max_image_side=args.max_image_side, image_root=args.image_root,
         on_bad_sample="skip" if args.skip_bad_samples else "error",
     )
     config = make_config(

@@ -127,6 +127,50 @@ def test_jsonl_source_paths_prompts_and_columns(tmp_path, qwen25):
         _check_masks(sample, processor, vision_ids[0])
 
 
+SHAREGPT4V = [  # the LLaVA / ShareGPT4V record format (paths relative to the dataset's data/ folder)
+    {"id": "a", "image": "coco/train2017/a.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat do you see happening in this image?"},
+        {"from": "gpt", "value": "A noisy test photo."}]},
+    {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    {"id": "b", "image": "sam/b.png", "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "Another photo."},
+        {"from": "human", "value": "And the colours?"}, {"from": "gpt", "value": "Mixed."}]},
+]
+
+
+def test_llava_conversation_records_in_a_json_list(tmp_path, qwen25, caplog):
+    processor, vision_ids = qwen25
+    _photo(tmp_path / "data" / "coco" / "train2017" / "a.jpg")
+    _photo(tmp_path / "data" / "sam" / "b.png", seed=4)
+    (tmp_path / "meta").mkdir()
+    src = tmp_path / "meta" / "share-captioner.json"
+    src.write_text(json.dumps(SHAREGPT4V))
+
+    cfg = CalibConfig(source=str(src), image_root=str(tmp_path / "data"), on_bad_sample="skip", seed=0)
+    with caplog.at_level(logging.WARNING):
+        samples = load_calibration(cfg, processor, vision_ids)
+    assert sorted(s.sample_id for s in samples) == [
+        "share-captioner.json[0] (coco/train2017/a.jpg)", "share-captioner.json[2] (sam/b.png)"]
+    assert "share-captioner.json[1]: is a text-only conversation (no 'image' key)" in caplog.text
+    texts = {s.sample_id[len("share-captioner.json["):][0]: processor.tokenizer.decode(s.inputs["input_ids"][0])
+             for s in samples}
+    assert "What do you see happening in this image?" in texts["0"] and "A noisy test photo." in texts["0"]
+    assert "<image>" not in texts["0"]  # the placeholder is the chat template's business
+    assert "Describe this image." in texts["2"] and "Another photo." in texts["2"]  # empty prompt: default
+    assert "And the colours?" not in texts["2"]  # one exchange per record
+    for sample in samples:
+        _check_masks(sample, processor, vision_ids[0])
+
+    # The same records as a Hugging Face dataset with a "conversations" column (e.g. ShareGPT4V's own).
+    rows = [r for r in SHAREGPT4V if "image" in r]
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "saved")
+    ds_samples = load_calibration(CalibConfig(source=str(tmp_path / "saved"), image_root=str(tmp_path / "data")),
+                                  processor, vision_ids)
+    assert sorted(s.sample_id for s in ds_samples) == ["saved[0]", "saved[1]"]
+    assert "Another photo." in processor.tokenizer.decode(
+        next(s for s in ds_samples if s.sample_id == "saved[1]").inputs["input_ids"][0])
+
+
 def _hf_dataset(tmp_path, n=4):
     images = [_photo(tmp_path / "src" / f"{i}.png", seed=10 + i) for i in range(n)]
     features = datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string"),

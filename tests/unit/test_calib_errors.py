@@ -44,6 +44,7 @@ def _load(qwen2, **kw):
     ({"source": ""}, "source"),
     ({"prompt_column": ""}, "prompt_column"),
     ({"max_image_side": 8}, "max_image_side"),
+    ({"image_root": ""}, "image_root"),
 ])
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field) as err:
@@ -95,7 +96,7 @@ def test_unknown_sources_list_the_accepted_forms(tmp_path, qwen2):
     with pytest.raises(CalibrationDataError, match="does not exist.*accepted sources"):
         _load(qwen2, source=str(tmp_path / "nope" / "calib.jsonl"))
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(CalibrationDataError, match="not a .jsonl file.*builtin"):
+    with pytest.raises(CalibrationDataError, match="not a .jsonl or .json file.*builtin"):
         _load(qwen2, source=str(tmp_path / "notes.txt"))
     with pytest.raises(CalibrationDataError, match="Hugging Face dataset.*Accepted sources"):
         _load(qwen2, source="no-such-org-vlmptq/no-such-dataset")
@@ -122,6 +123,45 @@ def test_missing_keys_and_columns(tmp_path, qwen2):
                                                                    "text": ["x"]})}
                              ).save_to_disk(tmp_path / "dd")
         _load(qwen2, source=str(tmp_path / "dd"), split="test")
+
+
+def test_json_lists_and_conversations(tmp_path, qwen2):
+    _jpeg(tmp_path / "root" / "a.jpg")
+    human = {"from": "human", "value": "<image>\nWhat is this?"}
+
+    def conv(*turns, image="a.jpg"):
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps([{"image": image, "conversations": list(turns)}]))
+        return str(path)
+
+    root = str(tmp_path / "root")
+    with pytest.raises(CalibrationDataError, match=r"c\.json\[0\]: has no user turn followed by an assistant "
+                                                   r"turn \(roles: \['human'\]\).*\"conversations\" as"):
+        _load(qwen2, source=conv(human), image_root=root)
+    with pytest.raises(CalibrationDataError, match=r"c\.json\[0\]: has a turn .* without a string 'from' and 'value'"):
+        _load(qwen2, source=conv(human, {"from": "gpt"}), image_root=root)
+    with pytest.raises(CalibrationDataError, match=r"c\.json\[0\]: the first assistant turn is '  '"):
+        _load(qwen2, source=conv(human, {"from": "gpt", "value": "  "}), image_root=root)
+    with pytest.raises(CalibrationDataError, match=r"'conversations' is 'hello', not a list of turns"):
+        _load(qwen2, source=_jsonl(tmp_path / "s.jsonl", [{"image": "a.jpg", "conversations": "hello"}]),
+              image_root=root)
+    ok = conv(human, {"role": "assistant", "content": "A gradient."})  # role/content spelling too
+    assert _load(qwen2, source=ok, image_root=root)[0].sample_id == "c.json[0] (a.jpg)"
+    # Relative paths start from the file's folder unless image_root says otherwise.
+    with pytest.raises(CalibrationDataError, match=r"c\.json\[0\] \(a\.jpg\): image file .*does not exist"):
+        _load(qwen2, source=ok)
+    with pytest.raises(CalibrationDataError, match=r"image_root '.*nowhere' is not a directory"):
+        _load(qwen2, source=ok, image_root=str(tmp_path / "nowhere"))
+
+    (tmp_path / "obj.json").write_text(json.dumps({"data": []}))
+    with pytest.raises(CalibrationDataError, match=r"holds a JSON dict, not a list of records"):
+        _load(qwen2, source=str(tmp_path / "obj.json"))
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(CalibrationDataError, match=r"broken\.json' is not valid JSON .*use \.jsonl"):
+        _load(qwen2, source=str(tmp_path / "broken.json"))
+    (tmp_path / "list.json").write_text(json.dumps([3]))
+    with pytest.raises(CalibrationDataError, match=r"list\.json\[0\]: is a JSON int, not an object"):
+        _load(qwen2, source=str(tmp_path / "list.json"))
 
 
 def test_too_long_errors_by_default_and_skip_replaces_and_counts(tmp_path, qwen2, caplog):

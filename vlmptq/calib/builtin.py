@@ -62,7 +62,7 @@ def builtin_photos(root: Path = BUILTIN_DIR) -> list[BuiltinPhoto]:
             f"the built-in calibration set is missing ({captions} not found); reinstall vlmptq "
             "with its package data or regenerate it with python -m vlmptq.data.make_builtin_calib.")
     photos = []
-    for lineno, row in parse_jsonl(captions):
+    for _, row in parse_jsonl(captions):
         if isinstance(row, CalibrationDataError):
             raise row
         photos.append(BuiltinPhoto(row["image"], row["text"], bool(row.get("flip", True))))

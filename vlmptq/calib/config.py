@@ -19,7 +19,7 @@ class CalibConfig:
     field, the value and the fix. See docs/calibration.md for the accepted sources.
     """
 
-    # "builtin", a directory of images + captions, a .jsonl file, or a Hugging Face dataset
+    # "builtin", a directory of images + captions, a .jsonl / .json file, or a Hugging Face dataset
     # (hub name, local dataset directory, or a directory written by Dataset.save_to_disk).
     source: str = "builtin"
     num_samples: int = 128  # pairs to return; fewer if the source has fewer (logged)
@@ -32,10 +32,12 @@ class CalibConfig:
     on_bad_sample: str = "error"  # "error": raise on the first bad sample; "skip": log it and go on
     default_prompt: str = DEFAULT_PROMPT  # user turn for samples without their own prompt
     max_image_side: int | None = None  # downscale images with a longer side (None: keep size)
+    image_root: str | None = None  # relative image paths of a .jsonl/.json file or dataset start here
 
     def __post_init__(self) -> None:
-        if isinstance(self.source, os.PathLike):
-            object.__setattr__(self, "source", os.fspath(self.source))
+        for field in ("source", "image_root"):
+            if isinstance(getattr(self, field), os.PathLike):
+                object.__setattr__(self, field, os.fspath(getattr(self, field)))
         _check_str(self, "source", 'use "builtin", a directory, a .jsonl file or a dataset name')
         _check_int(self, "num_samples", 1, "the paper calibrates on 128 image-caption pairs")
         _check_int(self, "max_seq_len", 16, "it bounds the tokens of one sample, e.g. 2048")
@@ -52,6 +54,8 @@ class CalibConfig:
                 f"on_bad_sample={self.on_bad_sample!r} is not a policy; use 'error' (stop at the "
                 "first bad sample) or 'skip' (log each bad sample, leave it out and go on)."
             )
+        if self.image_root is not None:
+            _check_str(self, "image_root", "name the folder the records' relative image paths start from")
         if self.max_image_side is not None:
             _check_int(self, "max_image_side", 28, "or None to keep images at their size")
 

@@ -1,4 +1,4 @@
-"""Calibration sources: an image directory, a .jsonl file, a Hugging Face dataset, the built-in set.
+"""Calibration sources: an image directory, a .jsonl / .json file, a Hugging Face dataset, the built-in set.
 
 A source is an indexable list of candidate samples. ``record(i)`` decodes candidate ``i`` and raises
 ``CalibrationDataError`` (naming the sample) when it is unusable, so the loader can apply the
@@ -29,9 +29,16 @@ CAPTIONS_FILE = "captions.jsonl"
 ACCEPTED_FORMS = (
     '"builtin" (the bundled photo set); a directory of images with same-named .txt captions '
     f"and/or a {CAPTIONS_FILE}; a .jsonl file with one {{\"image\": ..., \"text\": ...}} object "
-    "per line; or a Hugging Face dataset (hub name, local dataset directory, or a directory "
-    "written by Dataset.save_to_disk)"
+    "per line, or a .json file holding a list of them (LLaVA / ShareGPT4V \"conversations\" records "
+    "too); or a Hugging Face dataset (hub name, local dataset directory, or a directory written by "
+    "Dataset.save_to_disk)"
 )
+# LLaVA / ShareGPT4V records: {"image": "coco/train2017/x.jpg", "conversations": [{"from": "human",
+# "value": "<image>\nDescribe..."}, {"from": "gpt", "value": "A caption."}, ...]}
+CONVERSATION_KEY = "conversations"
+USER_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant")
+IMAGE_PLACEHOLDER = "<image>"
 
 
 class Source(ABC):
@@ -56,10 +63,10 @@ def open_source(config: CalibConfig) -> Source:
         return BuiltinSource(config)
     path = Path(config.source).expanduser()
     if path.is_file():
-        if path.suffix.lower() == ".jsonl":
+        if path.suffix.lower() in (".jsonl", ".json"):
             return JsonlSource(path, config)
         raise CalibrationDataError(
-            f"calibration source {config.source!r} is a file but not a .jsonl file; accepted "
+            f"calibration source {config.source!r} is a file but not a .jsonl or .json file; accepted "
             f"sources: {ACCEPTED_FORMS}."
         )
     if path.is_dir():
@@ -71,7 +78,7 @@ def open_source(config: CalibConfig) -> Source:
                 or not _has_images_or_captions(path)):
             return HFDatasetSource(config)
         return DirectorySource(path, config)
-    if config.source.endswith(".jsonl") or config.source.startswith(("/", "./", "../", "~")):
+    if config.source.endswith((".jsonl", ".json")) or config.source.startswith(("/", "./", "../", "~")):
         raise CalibrationDataError(
             f"calibration source {config.source!r} does not exist; check the path (accepted "
             f"sources: {ACCEPTED_FORMS})."
@@ -84,16 +91,28 @@ def open_source(config: CalibConfig) -> Source:
 
 def row_fields(row: Mapping, config: CalibConfig, sample_id: str, where: str
                ) -> tuple[object, str, str | None]:
-    """(image value, caption, prompt or None) from one jsonl object / dataset row."""
-    for key, field in ((config.image_column, "image_column"), (config.text_column, "text_column")):
-        if key not in row:
-            raise bad_sample(sample_id, f"has no {key!r} key (its keys: {sorted(row)})",
-                             f"add {key!r} to {where} or set {field}= to the key that holds it")
-    caption = row[config.text_column]
-    if isinstance(caption, (list, tuple)) and caption:  # e.g. COCO's five captions: take the first
-        caption = caption[0]
-    text = require_text(caption, f"the caption {config.text_column!r}", sample_id,
-                        f"give every sample a caption in {where}")
+    """(image value, caption, prompt or None) from one jsonl object / dataset row. A row without
+    ``text_column`` but with LLaVA-style ``conversations`` takes its first user -> assistant exchange."""
+    conversational = config.text_column not in row and CONVERSATION_KEY in row
+    if config.image_column not in row:
+        if conversational:
+            raise bad_sample(sample_id, f"is a text-only conversation (no {config.image_column!r} key)",
+                             "calibration needs an image per sample; leave such records out")
+        raise bad_sample(sample_id, f"has no {config.image_column!r} key (its keys: {sorted(row)})",
+                         f"add {config.image_column!r} to {where} or set image_column= to the key that holds it")
+    if conversational:
+        text, prompt = conversation_fields(row[CONVERSATION_KEY], sample_id)
+    else:
+        if config.text_column not in row:
+            raise bad_sample(sample_id, f"has no {config.text_column!r} key (its keys: {sorted(row)})",
+                             f"add {config.text_column!r} to {where} or set text_column= to the key that holds it")
+        caption = row[config.text_column]
+        if isinstance(caption, (list, tuple)) and caption:  # e.g. COCO's five captions: take the first
+            caption = caption[0]
+        text = require_text(caption, f"the caption {config.text_column!r}", sample_id,
+                            f"give every sample a caption in {where}")
+        value = row.get("prompt")
+        prompt = value.strip() if isinstance(value, str) and value.strip() else None
     if config.prompt_column is not None:
         if config.prompt_column not in row:
             raise bad_sample(sample_id, f"has no {config.prompt_column!r} key (its keys: "
@@ -101,35 +120,76 @@ def row_fields(row: Mapping, config: CalibConfig, sample_id: str, where: str
                              "default prompt")
         prompt = require_text(row[config.prompt_column], f"the prompt {config.prompt_column!r}",
                               sample_id, f"give every sample a prompt in {where}")
-    else:
-        value = row.get("prompt")
-        prompt = value.strip() if isinstance(value, str) and value.strip() else None
     return row[config.image_column], text, prompt
 
 
-def parse_jsonl(path: Path) -> list[tuple[int, dict | CalibrationDataError]]:
-    """``(line number, object or the error for that line)`` for each non-blank line of ``path``."""
+def conversation_fields(turns: object, sample_id: str) -> tuple[str, str | None]:
+    """(caption, prompt or None) from the first user turn followed by an assistant turn of a
+    LLaVA / ShareGPT4V conversation (``from``/``value``, or ``role``/``content`` with string content).
+    The ``<image>`` placeholder is removed from the prompt: the chat template places the image.
+    Later exchanges are not used (one image-text pair per record)."""
+    fix = ('write "conversations" as [{"from": "human", "value": "<image>\\n..."}, '
+           '{"from": "gpt", "value": "..."}]')
+    if not isinstance(turns, (list, tuple)) or not turns:
+        raise bad_sample(sample_id, f"{CONVERSATION_KEY!r} is {turns!r:.60}, not a list of turns", fix)
+    parsed = []
+    for turn in turns:
+        role = turn.get("from", turn.get("role")) if isinstance(turn, Mapping) else None
+        value = turn.get("value", turn.get("content")) if isinstance(turn, Mapping) else None
+        if not isinstance(role, str) or not isinstance(value, str):
+            raise bad_sample(sample_id, f"has a turn {turn!r:.80} without a string 'from' and 'value'", fix)
+        parsed.append((role.lower(), value))
+    for (role, value), (next_role, answer) in zip(parsed, parsed[1:]):
+        if role in USER_ROLES and next_role in ASSISTANT_ROLES:
+            caption = require_text(answer, "the first assistant turn", sample_id, "give it a non-empty answer")
+            prompt = value.replace(IMAGE_PLACEHOLDER, "").strip()
+            return caption, prompt or None
+    roles = [r for r, _ in parsed]
+    raise bad_sample(sample_id, f"has no user turn followed by an assistant turn (roles: {roles})", fix)
+
+
+def parse_jsonl(path: Path) -> list[tuple[str, dict | CalibrationDataError]]:
+    """``(sample id, object or the error for it)`` per record of ``path``: each non-blank line of a
+    .jsonl file (ids ``file.jsonl:LINE``), each element of a .json file's list (``file.json[i]``)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        content = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise CalibrationDataError(f"cannot read {str(path)!r} ({err}); it must be a UTF-8 text "
-                                   "file with one JSON object per line.") from err
-    out: list[tuple[int, dict | CalibrationDataError]] = []
-    for lineno, line in enumerate(lines, start=1):
+                                   "file of JSON records.") from err
+    if path.suffix.lower() == ".json":
+        return _parse_json_list(path, content)
+    out: list[tuple[str, dict | CalibrationDataError]] = []
+    for lineno, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
             continue
         sample_id = f"{path.name}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            out.append((lineno, bad_sample(sample_id, f"is not valid JSON ({err})",
-                                           "write one JSON object per line")))
+            out.append((sample_id, bad_sample(sample_id, f"is not valid JSON ({err})",
+                                              "write one JSON object per line")))
             continue
-        if not isinstance(obj, dict):
-            obj = bad_sample(sample_id, f"is a JSON {type(obj).__name__}, not an object",
-                             'write objects such as {"image": "cat.jpg", "text": "A cat."}')
-        out.append((lineno, obj))
+        out.append((sample_id, _object_or_error(obj, sample_id)))
     return out
+
+
+def _parse_json_list(path: Path, content: str) -> list[tuple[str, dict | CalibrationDataError]]:
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as err:
+        raise CalibrationDataError(f"{str(path)!r} is not valid JSON ({err}); a .json calibration file "
+                                   "holds one list of records (use .jsonl for one record per line).") from err
+    if not isinstance(data, list):
+        raise CalibrationDataError(f"{str(path)!r} holds a JSON {type(data).__name__}, not a list of records; "
+                                   'write [{"image": ..., "text": ...}, ...] (or LLaVA "conversations" records).')
+    return [(f"{path.name}[{i}]", _object_or_error(obj, f"{path.name}[{i}]")) for i, obj in enumerate(data)]
+
+
+def _object_or_error(obj: object, sample_id: str) -> dict | CalibrationDataError:
+    if isinstance(obj, dict):
+        return obj
+    return bad_sample(sample_id, f"is a JSON {type(obj).__name__}, not an object",
+                      'write objects such as {"image": "cat.jpg", "text": "A cat."}')
 
 
 # ------------------------------------------------------------------------------- image directory
@@ -154,8 +214,7 @@ class DirectorySource(Source):
         items: list[_DirItem] = []
         captions = root / CAPTIONS_FILE
         if captions.is_file():
-            for lineno, row in parse_jsonl(captions):
-                sid = f"{CAPTIONS_FILE}:{lineno}"
+            for sid, row in parse_jsonl(captions):
                 if isinstance(row, CalibrationDataError):
                     items.append(_DirItem(sid, captions, error=row))
                     continue
@@ -229,30 +288,42 @@ def _rel(path: Path, root: Path) -> str:
 
 
 class JsonlSource(Source):
-    """One ``{"image": path, "text": caption, "prompt": optional}`` object per line; relative image
-    paths are resolved against the file's directory."""
+    """Records ``{"image": path, "text": caption, "prompt": optional}`` (or LLaVA ``conversations``),
+    one per line (.jsonl) or as one list (.json); relative image paths are resolved against
+    ``image_root`` (default: the file's directory)."""
 
     def __init__(self, path: Path, config: CalibConfig) -> None:
         self.path, self.config, self.label = path, config, path.name
-        self.lines = parse_jsonl(path)
+        self.image_root = image_root(config, path.parent)
+        self.items = parse_jsonl(path)
 
     def __len__(self) -> int:
-        return len(self.lines)
+        return len(self.items)
 
     def record(self, index: int) -> Record:
-        lineno, row = self.lines[index]
-        sample_id = f"{self.path.name}:{lineno}"
+        sample_id, row = self.items[index]
         if isinstance(row, CalibrationDataError):
             raise row
         image, text, prompt = row_fields(row, self.config, sample_id, self.path.name)
         if not isinstance(image, str) or not image.strip():
             raise bad_sample(sample_id, f"{self.config.image_column!r} is {image!r}, not a path",
-                             "give the image's path (relative to the .jsonl file, or absolute)")
+                             "give the image's path (relative to image_root / the file's folder, or absolute)")
         path = Path(image).expanduser()
         if not path.is_absolute():
-            path = self.path.parent / path
+            path = self.image_root / path
         sample_id = f"{sample_id} ({image})"
         return Record(sample_id, load_image_file(path, sample_id), text, prompt)
+
+
+def image_root(config: CalibConfig, default: Path | None) -> Path | None:
+    """Where relative image paths point: ``config.image_root`` (checked) or ``default``."""
+    if config.image_root is None:
+        return default
+    root = Path(config.image_root).expanduser()
+    if not root.is_dir():
+        raise CalibrationDataError(f"image_root {config.image_root!r} is not a directory; give the folder "
+                                   "that the records' relative image paths start from.")
+    return root
 
 
 # ------------------------------------------------------------------------- Hugging Face datasets
@@ -301,8 +372,9 @@ class HFDatasetSource(Source):
                 f"dataset {config.source!r} loaded as {type(ds).__name__}; calibration needs a "
                 "map-style datasets.Dataset (not streaming).")
         columns = list(ds.column_names)
+        text_column = None if CONVERSATION_KEY in columns else config.text_column  # else LLaVA-style rows
         for column, field in ((config.image_column, "image_column"),
-                              (config.text_column, "text_column"),
+                              (text_column, "text_column"),
                               (config.prompt_column, "prompt_column")):
             if column is not None and column not in columns:
                 raise CalibrationDataError(
@@ -312,7 +384,7 @@ class HFDatasetSource(Source):
         if isinstance(feature, datasets.Image) and feature.decode:
             # Decode ourselves so one corrupt image is one bad sample, not a crash in datasets.
             ds = ds.cast_column(config.image_column, datasets.Image(decode=False))
-        self.ds, self.base_dir = ds, path if path.is_dir() else None
+        self.ds, self.base_dir = ds, image_root(config, path if path.is_dir() else None)
 
     def __len__(self) -> int:
         return len(self.ds)
