@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -13,7 +12,9 @@ import torch
 from vlmptq.checkpoint.writer import CheckpointSummary, check_destination, save_quantized_checkpoint
 from vlmptq.config import QuantizeConfig
 from vlmptq.errors import ConfigError
-from vlmptq.models.adapters import adapter_for_type, load_model, load_processor, read_model_type
+from vlmptq.models.adapters import (
+    adapter_for_type, load_model, load_processor, read_checkpoint_dtype, read_model_type,
+)
 from vlmptq.pipeline.progress import LayerProgress, model_files_digest, progress_dir_for
 from vlmptq.pipeline.sequential import LinearRecord, PipelineResult, quantize_model
 from vlmptq.solvers import build_solver
@@ -34,15 +35,6 @@ class QuantizeReport:
     def __str__(self) -> str:
         return (f"{self.checkpoint}\nquantized {len(self.records)} linears in {self.seconds:.1f}s "
                 f"with {self.num_calibration_samples} calibration samples")
-
-
-def _checkpoint_dtype(model_dir: Path) -> torch.dtype | None:
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
-    return getattr(torch, name, None) if isinstance(name, str) else None
 
 
 def _check_model_dir(model_dir: Path) -> None:
@@ -66,7 +58,7 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
     solver = build_solver(config.method, config.solver)
     device = config.torch_device()
     processor = load_processor(model_dir) if solver.needs.hessian else None  # fails before the weights load
-    hf_model, adapter = load_model(model_dir, config.torch_dtype(_checkpoint_dtype(model_dir)))
+    hf_model, adapter = load_model(model_dir, config.torch_dtype(read_checkpoint_dtype(model_dir)))
     samples = []
     if processor is not None:
         from vlmptq.calib import load_calibration

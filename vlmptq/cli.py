@@ -116,6 +116,47 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    from vlmptq.calib import BUILTIN_HOLDOUT
+
+    p = sub.add_parser(
+        "compare", help="measure how far quantized checkpoints' predictions are from the source model's",
+        description="Run the source model and each checkpoint (dequantized, in its dtype) on the same image+text "
+                    "prompts and report the mean KL divergence of their next-token distributions (nats per token) "
+                    "and how often their top-1 tokens agree, at the text positions after the image. Prompts: "
+                    "held-out photos never in the built-in calibration set, or your own pairs (--data).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="quantized checkpoint directories of --model")
+    p.add_argument("--model", required=True, help="the source Hugging Face model directory they were quantized from")
+    p.add_argument("--photos", type=int, default=len(BUILTIN_HOLDOUT),
+                   help=f"held-out photos to ask about (1-{len(BUILTIN_HOLDOUT)})")
+    p.add_argument("--questions", type=int, default=2, help="questions per photo (1-4)")
+    p.add_argument("--data", default=None,
+                   help="your own image-text pairs instead, in any --calib format of `vlmptq quantize` (best: pairs "
+                        "the checkpoints were not calibrated on)")
+    p.add_argument("--num-samples", type=int, default=16, help="pairs taken from --data")
+    p.add_argument("--image-root", default=None, help="folder that relative image paths in --data start from")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="longest prompt (tokens) taken from --data")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="model dtype (auto: the first checkpoint's)")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlmptq.calib import CalibConfig
+    from vlmptq.compare import compare, format_rows
+
+    data = (CalibConfig(source=args.data, num_samples=args.num_samples, image_root=args.image_root,
+                        max_seq_len=args.max_seq_len) if args.data else None)
+    rows = compare(args.model, args.checkpoints, data=data, photos=args.photos, questions=args.questions,
+                   device=args.device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
+    print(format_rows(rows))
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from vlmptq.checkpoint.reader import inspect_checkpoint
 
@@ -133,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print a vlmptq / compressed-tensors checkpoint's scheme, quantized and "
                                    "16-bit layers, sizes, bits per weight and compression ratio.")
     p.add_argument("dir", help="checkpoint directory")
+    _add_compare(sub)
     return parser
 
 
@@ -143,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     from vlmptq.errors import VlmptqError
 
     try:
-        return {"quantize": _quantize, "inspect": _inspect}[args.command](args)
+        return {"quantize": _quantize, "inspect": _inspect, "compare": _compare}[args.command](args)
     except VlmptqError as e:
         print(f"vlmptq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vlmptq: interrupted; nothing was written to --out", file=sys.stderr)
+        print("vlmptq: interrupted" + ("; nothing was written to --out" if args.command == "quantize" else ""),
+              file=sys.stderr)
         return 130
 
 

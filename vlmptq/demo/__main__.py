@@ -61,19 +61,12 @@ def step(msg: str) -> None:
 
 
 def quality_row(model_dir: Path, checkpoint: Path, n_photos: int, label: str, method: str, scheme: str) -> str:
-    from vlmptq.calib import BUILTIN_HOLDOUT
-    from vlmptq.demo.evaluate import EVAL_QUESTIONS, dequantize_into, kl_samples, mean_kl, reference_logprobs
-    from vlmptq.models.adapters import load_model, load_processor
+    from vlmptq.compare import compare
 
-    processor = load_processor(model_dir)
-    ref_model, adapter = load_model(model_dir, torch.float32)
-    samples = kl_samples(processor, adapter.vision_token_ids(), BUILTIN_HOLDOUT[:n_photos], EVAL_QUESTIONS[:1])
-    ref = reference_logprobs(ref_model, samples)
-    kl = mean_kl(dequantize_into(ref_model, checkpoint), samples, ref)  # one load, reused
-    positions = sum(int(s.positions.sum()) for s in samples)
-    return (f"| model | method | scheme | KL vs unquantized (nats/token) |\n|---|---|---|---|\n"
-            f"| {label} | {method} | {scheme} | {kl:.4f} over {positions} text positions, "
-            f"{len(samples)} prompts on held-out photos |")
+    (row,) = compare(model_dir, [checkpoint], photos=n_photos, questions=1, device="cpu", dtype=torch.float32)
+    return (f"| model | method | scheme | KL vs unquantized (nats/token) | top-1 agreement |\n|---|---|---|---|---|\n"
+            f"| {label} | {method} | {scheme} | {row.kl:.4f} over {row.positions} text positions, "
+            f"{row.prompts} prompts on held-out photos | {100 * row.top1:.1f}% |")
 
 
 def ask(base_url: str, photo: str, max_tokens: int) -> str:

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from vlmptq.calib import BUILTIN_HOLDOUT, CalibConfig, CalibSample
 from vlmptq.calib.encode import check_vision_token_ids, encode_record
 from vlmptq.calib.records import Record
+from vlmptq.errors import CheckpointError
 
 # Written from scikit-image's docstrings and by looking at the photos: nothing invented.
 HOLDOUT_CAPTIONS = {
@@ -75,38 +77,52 @@ def kl_samples(processor, vision_token_ids: Collection[int], photos: Sequence[st
         image = holdout_photo(name)
         for qi, question in enumerate(questions):
             rec = Record(f"holdout:{name}[{qi}]", image, HOLDOUT_CAPTIONS[name], question)
-            s = encode_record(rec, processor, ids, config)
-            last_vision = int(torch.nonzero(s.vision_mask).max())
-            after = torch.arange(s.vision_mask.numel()) > last_vision
-            out.append(KLSample(s, s.text_mask & after))
+            out.append(compared_positions(encode_record(rec, processor, ids, config)))
     return out
 
 
+def compared_positions(sample: CalibSample) -> KLSample:
+    """``sample`` with its text positions after the last vision token marked for comparison."""
+    last_vision = int(torch.nonzero(sample.vision_mask).max())
+    after = torch.arange(sample.vision_mask.numel()) > last_vision
+    return KLSample(sample, sample.text_mask & after)
+
+
 def _logprobs(model: torch.nn.Module, ks: KLSample) -> torch.Tensor:
-    logits = model(**ks.sample.inputs, use_cache=False).logits[0]  # [T, V]
-    return torch.log_softmax(logits[ks.positions].float(), dim=-1)  # [P, V]
+    from vlmptq.pipeline.capture import move_to
+
+    device = next(model.parameters()).device
+    logits = model(**move_to(ks.sample.inputs, device), use_cache=False).logits[0]  # [T, V]
+    return torch.log_softmax(logits[ks.positions.to(device)].float(), dim=-1).cpu()  # [P, V]
 
 
 @torch.no_grad()
-def reference_logprobs(model: torch.nn.Module, samples: Sequence[KLSample]) -> list[torch.Tensor]:
-    """The unquantized model's next-token log-probabilities at each sample's positions."""
-    return [_logprobs(model, ks) for ks in samples]
+def reference_logprobs(model: torch.nn.Module, samples: Sequence[KLSample], desc: str = "reference") -> list[torch.Tensor]:
+    """The model's next-token log-probabilities (fp32, on the CPU) at each sample's positions, on
+    the device the model is on."""
+    return [_logprobs(model, ks) for ks in tqdm(samples, desc=desc, leave=False)]
+
+
+def divergence(reference: Sequence[torch.Tensor], predicted: Sequence[torch.Tensor]) -> tuple[float, float, int]:
+    """(mean KL(reference || predicted) in nats, fraction of equal argmaxes, positions) over all positions."""
+    kl, same, count = 0.0, 0, 0
+    for ref, lp in zip(reference, predicted, strict=True):
+        kl += (ref.exp() * (ref - lp)).sum().item()
+        same += int((ref.argmax(-1) == lp.argmax(-1)).sum())
+        count += ref.shape[0]
+    return kl / max(count, 1), same / max(count, 1), count
 
 
 @torch.no_grad()
 def mean_kl(model: torch.nn.Module, samples: Sequence[KLSample], reference: Sequence[torch.Tensor]) -> float:
     """Mean over all compared positions of KL(reference || model), in nats."""
-    total, count = 0.0, 0
-    for ks, ref in zip(samples, reference, strict=True):
-        lp = _logprobs(model, ks)
-        total += (ref.exp() * (ref - lp)).sum().item()
-        count += ref.shape[0]
-    return total / max(count, 1)
+    return divergence(reference, [_logprobs(model, ks) for ks in samples])[0]
 
 
 def dequantize_into(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
     """Set every linear that ``checkpoint`` quantizes to its dequantized values (in the checkpoint's
-    dtype, exactly what a server computes with), in place; returns ``model``."""
+    dtype, exactly what a server computes with), in place; returns ``model``. A quantized lm_head
+    whose weight the model ties to the input embeddings is untied first (as the quantizer did)."""
     from vlmptq.checkpoint.naming import module_disk_names
     from vlmptq.checkpoint.reader import open_checkpoint
 
@@ -115,8 +131,17 @@ def dequantize_into(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module
     ckpt = open_checkpoint(checkpoint)
     missing = sorted(set(ckpt.layers) - set(on_disk))
     if missing:
-        raise RuntimeError(f"{checkpoint} quantizes modules {missing[:3]} that the model does not have")
+        raise CheckpointError(f"{checkpoint} quantizes modules {missing[:3]} that the model does not have; "
+                              f"is it a checkpoint of this model?")
+    emb = model.get_input_embeddings()
     with torch.no_grad():
         for name in ckpt.layers:
-            linears[on_disk[name]].weight.copy_(ckpt.quantized_weight(name).dequantize(torch.float32))
+            lin = linears[on_disk[name]]
+            if emb is not None and getattr(emb, "weight", None) is lin.weight:
+                lin.weight = torch.nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
+            qw = ckpt.quantized_weight(name)
+            if tuple(lin.weight.shape) != qw.shape:
+                raise CheckpointError(f"{checkpoint}: {name} is {qw.shape}, the model's {on_disk[name]} "
+                                      f"{tuple(lin.weight.shape)}; is it a checkpoint of this model?")
+            lin.weight.copy_(qw.dequantize(torch.float32))
     return model

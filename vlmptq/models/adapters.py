@@ -179,6 +179,20 @@ def read_model_type(path: str | Path) -> str:
         raise UnsupportedModelError(f"{cfg} is not a valid model config ({e})") from e
 
 
+def read_checkpoint_dtype(path: str | Path) -> torch.dtype | None:
+    """The dtype a checkpoint's config.json names (``dtype`` / ``torch_dtype``, also in
+    ``text_config``), or None if it names none or cannot be read."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def adapter_for_type(model_type: str) -> type[ModelAdapter]:
     if model_type not in ADAPTERS:
         raise UnsupportedModelError(
