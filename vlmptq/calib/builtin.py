@@ -18,7 +18,7 @@ from PIL import Image
 
 from vlmptq.calib.config import CalibConfig
 from vlmptq.calib.records import Record, load_image_file
-from vlmptq.calib.sources import CAPTIONS_FILE, Source, parse_jsonl
+from vlmptq.calib.sources import CAPTIONS_FILE, Source, parse_records
 from vlmptq.errors import CalibrationDataError
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data" / "builtin_calib"
@@ -62,7 +62,7 @@ def builtin_photos(root: Path = BUILTIN_DIR) -> list[BuiltinPhoto]:
             f"the built-in calibration set is missing ({captions} not found); reinstall vlmptq "
             "with its package data or regenerate it with python -m vlmptq.data.make_builtin_calib.")
     photos = []
-    for _, row in parse_jsonl(captions):
+    for _, row in parse_records(captions):
         if isinstance(row, CalibrationDataError):
             raise row
         photos.append(BuiltinPhoto(row["image"], row["text"], bool(row.get("flip", True))))

@@ -148,7 +148,7 @@ def conversation_fields(turns: object, sample_id: str) -> tuple[str, str | None]
     raise bad_sample(sample_id, f"has no user turn followed by an assistant turn (roles: {roles})", fix)
 
 
-def parse_jsonl(path: Path) -> list[tuple[str, dict | CalibrationDataError]]:
+def parse_records(path: Path) -> list[tuple[str, dict | CalibrationDataError]]:
     """``(sample id, object or the error for it)`` per record of ``path``: each non-blank line of a
     .jsonl file (ids ``file.jsonl:LINE``), each element of a .json file's list (``file.json[i]``)."""
     try:
@@ -214,7 +214,7 @@ class DirectorySource(Source):
         items: list[_DirItem] = []
         captions = root / CAPTIONS_FILE
         if captions.is_file():
-            for sid, row in parse_jsonl(captions):
+            for sid, row in parse_records(captions):
                 if isinstance(row, CalibrationDataError):
                     items.append(_DirItem(sid, captions, error=row))
                     continue
@@ -295,7 +295,7 @@ class JsonlSource(Source):
     def __init__(self, path: Path, config: CalibConfig) -> None:
         self.path, self.config, self.label = path, config, path.name
         self.image_root = image_root(config, path.parent)
-        self.items = parse_jsonl(path)
+        self.items = parse_records(path)
 
     def __len__(self) -> int:
         return len(self.items)
