@@ -68,7 +68,7 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
     result = quantize_model(
         hf_model, adapter, solver, config.scheme, samples,
         device=device, offload_device=config.offload_device, ignore=config.ignore, head_scheme=config.head_scheme,
-        progress=progress,
+        progress=progress, scheme_for=config.scheme_resolver() if config.overrides else None,
     )
     return hf_model, result, len(samples)
 
@@ -89,6 +89,7 @@ def _metadata(config: QuantizeConfig, result: PipelineResult, n_samples: int) ->
         "method": config.method,
         "scheme": config.scheme.describe(),
         **({"lm_head": config.head_scheme.describe()} if config.head_scheme else {}),
+        **({"overrides": [o.model_dump(exclude_none=True) for o in config.overrides]} if config.overrides else {}),
         "solver": config.solver.model_dump(mode="json", exclude_none=True),
         "calibration": {"source": config.calib.source, "num_samples": n_samples,
                         "max_seq_len": config.calib.max_seq_len, "seed": config.calib.seed},

@@ -34,6 +34,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "untied and stay 16-bit); default: keep it in 16-bit")
     p.add_argument("--lm-head-group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
                    help="the lm_head's group size (default: --group-size)")
+    p.add_argument("--override", nargs="+", default=[], metavar="REGEX=BITS[:GROUP]",
+                   help="mixed precision: decoder linears whose name matches REGEX take BITS (and GROUP) instead of "
+                        "--bits / --group-size, first match wins, e.g. 'mlp\\.down_proj$=4' 'layers\\.0\\.=8'; q/k/v_proj "
+                        "and gate/up_proj alike (vLLM fuses them)")
     c = p.add_argument_group("calibration data")
     c.add_argument("--calib", default="builtin",
                    help="'builtin' (offline photos + captions), a directory of images with .txt captions, a .jsonl "
@@ -84,8 +88,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 def _quantize(args: argparse.Namespace) -> int:
     import vlmptq
     from vlmptq.calib import CalibConfig
-    from vlmptq.config import make_config
+    from vlmptq.config import SchemeOverride, make_config
 
+    overrides = tuple(SchemeOverride.parse(spec) for spec in args.override)
     solver = {k: v for k, v in dict(
         alpha=args.alpha, correction=args.correction, mu_grid=tuple(args.mu_grid) if args.mu_grid else None,
         modality=False if args.no_modality else None, modality_norm=args.modality_norm,
@@ -107,7 +112,7 @@ def _quantize(args: argparse.Namespace) -> int:
     config = make_config(
         method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.sym,
         lm_head_bits=args.lm_head_bits, lm_head_group_size=args.lm_head_group_size,
-        solver=solver, calib=calib, ignore=tuple(args.ignore), device=args.device,
+        solver=solver, calib=calib, ignore=tuple(args.ignore), overrides=overrides, device=args.device,
         dtype=args.dtype, overwrite=args.overwrite, resume=args.resume,
     )
     report = vlmptq.quantize(args.model, args.out, config)

