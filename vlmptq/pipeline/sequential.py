@@ -297,8 +297,8 @@ def _restore_layer(layer: nn.Module, lprefix: str, names: list[str],
     for n in names:
         lin, qw = layer.get_submodule(n), weights[f"{lprefix}.{n}"]
         if tuple(lin.weight.shape) != qw.shape:
-            raise ConfigError(f"the stored progress of {lprefix}.{n} is {qw.shape}, the layer {tuple(lin.weight.shape)}; "
-                              f"delete the progress directory to start over")
+            raise ConfigError(f"the stored progress of {lprefix}.{n} is {qw.shape}, the layer "
+                              f"{tuple(lin.weight.shape)}; delete the progress directory to start over")
         lin.weight.data = qw.dequantize(lin.weight.dtype).to(lin.weight.device)
     logger.info("%s: %d linears taken from the stored progress", lprefix, len(names))
     return weights, records
