@@ -88,6 +88,7 @@ class Run:
     group_size: int | None
     sizes: Sizes = field(default_factory=Sizes)
     lm_head_bits: int | None = None  # also quantize the lm_head (group size as the layers')
+    overrides: tuple[str, ...] = ()  # mixed precision: vlmptq --override specs (REGEX=BITS[:GROUP])
 
     def key(self) -> str:
         d = asdict(self)
@@ -95,9 +96,12 @@ class Run:
             del d["sizes"]["calib_seed"]  # keys of the runs made before the seed existed stay valid
         if d["lm_head_bits"] is None:
             del d["lm_head_bits"]  # same for the lm_head option
+        if not d["overrides"]:
+            del d["overrides"]  # and for the overrides
         blob = json.dumps(d, sort_keys=True)
         head = f"-head{self.lm_head_bits}" if self.lm_head_bits else ""
-        tag = f"{self.model}-{self.task}-{self.method}-w{self.bits}g{self.group_size}{head}"
+        mixed = "-mixed" if self.overrides else ""
+        tag = f"{self.model}-{self.task}-{self.method}-w{self.bits}g{self.group_size}{head}{mixed}"
         return f"{tag}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
 
@@ -204,6 +208,28 @@ def _solver_options(method: str):
     return name, SolverOptions(**fields)
 
 
+def _overrides(run: Run):
+    from vlmptq.config import SchemeOverride
+
+    return tuple(SchemeOverride.parse(o) for o in run.overrides)
+
+
+def _scheme_for(run: Run):
+    """The run's per-linear scheme resolver (None: one scheme for all)."""
+    if not run.overrides:
+        return None
+    from vlmptq.config import make_config
+
+    return make_config(bits=run.bits, group_size=run.group_size, overrides=_overrides(run)).scheme_resolver()
+
+
+def _code_bits(res) -> float:
+    """Average code bits per decoder-linear weight (without scales and zero points)."""
+    layers = [qw for name, qw in res.quantized.items() if not name.endswith("lm_head")]
+    numel = sum(qw.codes.numel() for qw in layers)
+    return round(sum(qw.scheme.bits * qw.codes.numel() for qw in layers) / numel, 3)
+
+
 def _kl_setup(run: Run, proxy: Path):
     from transformers import AutoConfig
 
@@ -240,7 +266,7 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
             with PeakRSS() as mem:
                 res = quantize_model(model, adapter, build_solver(name, opts),
                                      WeightScheme(run.bits, run.group_size, False), text_samples(calib), device="cpu",
-                                     head_scheme=head)
+                                     head_scheme=head, scheme_for=_scheme_for(run))
             seconds, peak = res.seconds, mem.peak
         value = perplexity(model, evals)
     else:
@@ -261,7 +287,7 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
 
             name, opts = _solver_options(run.method)
             config = make_config(method=name, bits=run.bits, group_size=run.group_size, solver=opts,
-                                 lm_head_bits=run.lm_head_bits,
+                                 lm_head_bits=run.lm_head_bits, overrides=_overrides(run),
                                  calib=CalibConfig(source="builtin", num_samples=run.sizes.proxy_calib,
                                                    seed=run.sizes.calib_seed),
                                  device="cpu", dtype="float32")
@@ -274,6 +300,7 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
     rec = {
         "model": model_label(run), "method": run.method, "bits": run.bits, "group_size": run.group_size,
         **({"lm_head_bits": run.lm_head_bits} if run.lm_head_bits else {}),
+        **({"overrides": list(run.overrides), "code_bits": _code_bits(res)} if run.overrides else {}),
         "metric": run.task, "value": value, "quant_seconds": seconds,
         "peak_rss_mb": None if peak is None else round(peak / 2**20, 1),
         "wall_seconds": round(time.perf_counter() - t0, 1), "run": run.key(), "commit": git_commit(),
@@ -290,7 +317,7 @@ def model_label(run: Run) -> str:
 
 
 # ----------------------------------------------------------------------------- orchestration
-def plan(models, tasks, bits, group_size, methods, sizes, lm_head_bits=None) -> list[Run]:
+def plan(models, tasks, bits, group_size, methods, sizes, lm_head_bits=None, overrides=()) -> list[Run]:
     # the calibration seed draws the text windows (ppl) and the built-in image-text samples (kl): only
     # quantized runs read them, so the baselines keep seed 0's runs and cache keys
     unseeded = replace(sizes, calib_seed=0)
@@ -298,7 +325,7 @@ def plan(models, tasks, bits, group_size, methods, sizes, lm_head_bits=None) -> 
     for model in models:
         for task in tasks:
             runs.append(Run(model, task, BASELINE, None, None, unseeded))
-            runs += [Run(model, task, m, b, group_size, sizes, lm_head_bits)
+            runs += [Run(model, task, m, b, group_size, sizes, lm_head_bits, tuple(overrides))
                      for b in bits
                      for m in methods if task == "kl" or m not in KL_ONLY]
     return runs
@@ -346,6 +373,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "proxies, vlmptq-sum (raw-sum modality diagonals)")
     p.add_argument("--lm-head-bits", type=int, default=None, choices=[2, 3, 4, 8],
                    help="also quantize the lm_head (same method and group size; tied embeddings stay 16-bit)")
+    p.add_argument("--override", nargs="+", default=[], metavar="REGEX=BITS[:GROUP]",
+                   help="mixed precision, as vlmptq quantize --override (records get the average code bits)")
     p.add_argument("--calib-seqs", type=int, default=Sizes.calib_seqs, help="text calibration windows")
     p.add_argument("--calib-len", type=int, default=Sizes.calib_len, help="tokens per calibration window")
     p.add_argument("--calib-seed", type=int, default=Sizes.calib_seed,
@@ -377,7 +406,7 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.worker:
         d = json.loads(args.worker)
-        run = Run(**{**d, "sizes": Sizes(**d["sizes"])})
+        run = Run(**{**d, "sizes": Sizes(**d["sizes"]), "overrides": tuple(d.get("overrides", ()))})
         rec = execute(run, work, isolated=True)
         (work / "runs" / f"{run.key()}.json").write_text(json.dumps(rec, indent=1) + "\n")
         return
@@ -385,7 +414,7 @@ def main(argv=None) -> None:
                                            args.proxy_calib, calib_seed=args.calib_seed)
     models = ["tiny"] if args.tiny else args.models
     methods = list(args.methods) + ([m for m in EXTRA_METHODS if m not in args.methods] if args.extra else [])
-    runs = plan(models, args.tasks, args.bits, args.group_size, methods, sizes, args.lm_head_bits)
+    runs = plan(models, args.tasks, args.bits, args.group_size, methods, sizes, args.lm_head_bits, args.override)
     t0 = time.perf_counter()
     records, reused = run_all(runs, work, isolate=not (args.quick or args.no_isolate), threads=args.threads)
     header = {**result_header(), "threads": args.threads, "sizes": asdict(sizes),

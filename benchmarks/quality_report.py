@@ -59,9 +59,11 @@ def _ordering(cells: dict[tuple[str, int], float], bits: int) -> str:
 
 
 def _method(rec: dict) -> str:
-    """Row label: the method, plus the lm_head's bits when it was quantized too."""
+    """Row label: the method, plus the lm_head's bits when it was quantized too and the mixed-precision
+    overrides (with the average code bits they give)."""
     head = rec.get("lm_head_bits")
-    return rec["method"] + (f" + lm_head W{head}" if head else "")
+    mixed = (f" + {', '.join(rec['overrides'])} ({rec['code_bits']} bits avg)" if rec.get("overrides") else "")
+    return rec["method"] + (f" + lm_head W{head}" if head else "") + mixed
 
 
 def render_markdown(records: list[dict], header: dict) -> str:
