@@ -110,38 +110,31 @@ def test_stock_vllm_without_plugins_loads_a_marked_checkpoint(w4):
     check_against_hf(src, ckpt, result["ids"], result["logprobs"])
 
 
-def test_quantization_flag_compressed_tensors_bypasses_the_installed_plugin(w4_head):
-    """Stock vLLM's compressed-tensors path also serves our quantized LM head (its config group
-    names it; vLLM's ParallelLMHead takes CompressedTensorsLinearMethod) and matches HF."""
+def serve_stock(ckpt, head: str = "UnquantizedEmbeddingMethod") -> tuple[list[int], list[float | None]]:
+    """Prompt ids and logprobs from stock vLLM's compressed-tensors path (asked for by name while the
+    plugin is installed), after checking every layer's method."""
     from vllm import SamplingParams
 
-    src, ckpt = w4_head
     with vllm_engine(ckpt.path, quantization="compressed-tensors") as llm:
-        check_stock(layer_methods(llm), llm.llm_engine.vllm_config.model_config.quantization,
-                    head="CompressedTensorsLinearMethod")
+        check_stock(layer_methods(llm), llm.llm_engine.vllm_config.model_config.quantization, head=head)
         out = llm.generate(
             [PROMPT], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
         )[0]
     ids = list(out.prompt_token_ids)
-    check_against_hf(
-        src, ckpt, ids, [None] + [out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i]
-    )
+    return ids, [None] + [out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i]
+
+
+def test_quantization_flag_compressed_tensors_bypasses_the_installed_plugin(w4_head):
+    """Stock vLLM's compressed-tensors path also serves our quantized LM head (its config group
+    names it; vLLM's ParallelLMHead takes CompressedTensorsLinearMethod) and matches HF."""
+    src, ckpt = w4_head
+    check_against_hf(src, ckpt, *serve_stock(ckpt, head="CompressedTensorsLinearMethod"))
 
 
 def test_stock_vllm_serves_a_mixed_precision_checkpoint(tiny_qwen2_vl, tmp_path):
     """Mixed group sizes at 4 bits (vLLM-CPU's stock path serves 4-bit only): every down_proj and layer
     1's q/k/v (vLLM's fused qkv_proj, matched through its shards' named targets) at g32, the rest g64;
     a layer given the wrong group size would not load its scales."""
-    from vllm import SamplingParams
-
     ckpt = build_quantized_checkpoint(tiny_qwen2_vl, tmp_path / "q", WeightScheme(4, 64, False),
                                       overrides=(r"layers\.1\.self_attn\.(q|k|v)_proj$=4:32", r"down_proj$=4:32"))
-    with vllm_engine(ckpt.path, quantization="compressed-tensors") as llm:
-        check_stock(layer_methods(llm), llm.llm_engine.vllm_config.model_config.quantization)
-        out = llm.generate(
-            [PROMPT], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
-        )[0]
-    ids = list(out.prompt_token_ids)
-    check_against_hf(
-        tiny_qwen2_vl, ckpt, ids, [None] + [out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i]
-    )
+    check_against_hf(tiny_qwen2_vl, ckpt, *serve_stock(ckpt))
