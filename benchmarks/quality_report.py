@@ -1,6 +1,18 @@
-"""Markdown for benchmarks/quality.py: one table per model and metric, the ordering check, cost."""
+"""Markdown for benchmarks/quality.py: one table per model and metric, the ordering check, cost.
+
+Also a command that merges result files of quality.py into one table (e.g. mixed-precision runs,
+one per ``--override`` set, beside the uniform cells of the committed table):
+
+    python benchmarks/quality_report.py benchmarks/results/quality.json /tmp/qmix/*.json \\
+        --metrics kl --methods vlmptq --bits 2 3 --out benchmarks/results/quality-mixed-w2
+"""
 
 from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
 
 ORDER = ("rtn", "gptq", "gptaq", "vlmptq")  # the claimed ordering, worst to best
 LABELS = {
@@ -108,3 +120,35 @@ def render_markdown(records: list[dict], header: dict) -> str:
     if sizes:
         lines += [f"Sizes: {sizes}; torch threads per run: {header.get('threads')}.", ""]
     return "\n".join(lines)
+
+
+def merge(paths: list[Path], metrics: set[str] | None, methods: set[str] | None, bits: set[int] | None) -> list[dict]:
+    """The records of several quality.py result files (each run once, by its key), filtered."""
+    out: dict[str, dict] = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["records"]:
+            if ((metrics and r["metric"] not in metrics) or (methods and r["method"] not in methods)
+                    or (bits and r["bits"] not in bits)):
+                continue
+            out.setdefault(r["run"], {**r, "source": str(path)})
+    return list(out.values())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", type=Path, help="quality.py result files (.json)")
+    p.add_argument("--metrics", nargs="+", choices=sorted(METRIC_TITLE), help="keep these metrics (default: all)")
+    p.add_argument("--methods", nargs="+", help="keep these methods (default: all)")
+    p.add_argument("--bits", nargs="+", type=int, help="keep these (base) bit widths (default: all)")
+    p.add_argument("--out", type=Path, required=True, help="output stem: writes <out>.md and <out>.json")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _results import result_header, write_results
+
+    records = merge(args.results, set(args.metrics or ()), set(args.methods or ()), set(args.bits or ()))
+    header = result_header()
+    write_results(args.out, header, records, render_markdown(records, header))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from quality_report import render_markdown  # noqa: E402
+from quality_report import main as report_main, render_markdown  # noqa: E402
 
 RECORD_KEYS = {"model", "method", "bits", "group_size", "metric", "value", "quant_seconds", "peak_rss_mb"}
 
@@ -33,6 +33,20 @@ def test_report_checks_the_ordering_per_bit_width():
     assert "| baseline (dequantized GGUF, fp32) | 10.00" in md
     assert "| gptaq | 14.00 | 45.00 |" in md
     assert "| vlmptq (paper: diagonal C) | 13.00 | 30.00 |" in md
+
+
+def test_report_merges_result_files_and_labels_mixed_precision(tmp_path):
+    uniform = [{**_rec("vlmptq", b, v, "kl"), "run": f"u{b}"} for b, v in ((3, 0.4), (2, 1.4))]
+    mixed = {**_rec("vlmptq", 2, 0.9, "kl"), "run": "m2", "overrides": ["down_proj$=4"], "code_bits": 2.5}
+    (tmp_path / "a.json").write_text(json.dumps({"records": [*uniform, {**_rec("gptq", 2, 2.0, "kl"), "run": "g"}]}))
+    (tmp_path / "b.json").write_text(json.dumps({"records": [mixed, uniform[1]]}))  # u2 again: counted once
+    report_main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--methods", "vlmptq", "--out",
+                 str(tmp_path / "merged")])
+    data = json.loads((tmp_path / "merged.json").read_text())
+    assert sorted(r["run"] for r in data["records"]) == ["m2", "u2", "u3"]
+    md = (tmp_path / "merged.md").read_text()
+    assert "| vlmptq (paper: diagonal C) | 0.4000 | 1.4000 |" in md
+    assert "| vlmptq + down_proj$=4 (2.5 bits avg) | - | 0.9000 |" in md
 
 
 def test_calibration_and_held_out_articles_are_disjoint():
