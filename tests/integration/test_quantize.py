@@ -309,13 +309,13 @@ def test_cli_quantize_and_inspect(tiny_qwen2_vl, tmp_path, capsys):
     out = tmp_path / "cli-out"
     rc = main(["quantize", "--model", str(tiny_qwen2_vl), "--out", str(out), "--method", "gptq", "--bits", "3",
                "--group-size", "64", "--num-samples", "2", "--device", "cpu", "--lm-head-bits", "8",
-               "--lm-head-group-size", "32"])
+               "--lm-head-group-size", "32", "--override", r"layers\.1\.mlp\.down_proj$=4", "--resume"])
     assert rc == 0
-    assert "W3 g64 asym; lm_head W8 g32 asym" in capsys.readouterr().out
+    assert "lm_head W8 g32 asym" in capsys.readouterr().out
     assert main(["inspect", str(out)]) == 0
     report = capsys.readouterr().out
-    for needle in ("W3 g64 asym; lm_head W8 g32 asym", "compression", "model.layers.0.self_attn.q_proj",
-                   "lm_head                             2048 x 192"):
+    for needle in ("W3 g64 asym; lm_head W8 g32 asym; ", "model.layers.1.mlp.down_proj W4 g64 asym", "compression",
+                   "model.layers.0.self_attn.q_proj", "lm_head                             2048 x 192"):
         assert needle in report, needle
 
 
