@@ -37,7 +37,8 @@ class QuantizeReport:
                 f"with {self.num_calibration_samples} calibration samples")
 
 
-def _check_model_dir(model_dir: Path) -> None:
+def check_model_dir(model_dir: Path) -> None:
+    """A local folder of a supported architecture, or a clear error (before anything loads)."""
     if not model_dir.is_dir():
         raise ConfigError(f"--model {model_dir} is not a directory; pass a local Hugging Face model folder")
     adapter_for_type(read_model_type(model_dir))  # unknown architectures fail before loading anything
@@ -54,7 +55,7 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
     """
     config = config or QuantizeConfig()
     model_dir = Path(model)
-    _check_model_dir(model_dir)
+    check_model_dir(model_dir)
     solver = build_solver(config.method, config.solver)
     device = config.torch_device()
     processor = load_processor(model_dir) if solver.needs.hessian else None  # fails before the weights load
@@ -109,7 +110,7 @@ def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | None =
     t0 = time.perf_counter()
     config = config or QuantizeConfig()
     check_destination(Path(out).absolute(), config.overwrite, Path(model))
-    _check_model_dir(Path(model))
+    check_model_dir(Path(model))
     progress = LayerProgress.open(progress_dir_for(out), _fingerprint(Path(model), config), config.resume)
     device = config.torch_device()
     if device.type == "cuda":

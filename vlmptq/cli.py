@@ -80,6 +80,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--device", default="auto", help="compute device: auto, cpu, cuda, cuda:N")
     r.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="model dtype")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print which linears get which scheme and the checkpoint's size, from the config alone "
+                        "(no weights or calibration data are read), and stop")
     r.add_argument("--resume", action="store_true",
                    help="continue an interrupted run with the same settings: the decoder layers it finished are "
                         "kept in OUT.vlmptq-progress/ (removed once the checkpoint is written) and not solved again")
@@ -115,6 +118,11 @@ def _quantize(args: argparse.Namespace) -> int:
         solver=solver, calib=calib, ignore=tuple(args.ignore), overrides=overrides, device=args.device,
         dtype=args.dtype, overwrite=args.overwrite, resume=args.resume,
     )
+    if args.dry_run:
+        from vlmptq.plan import plan
+
+        print(plan(args.model, config).format())
+        return 0
     report = vlmptq.quantize(args.model, args.out, config)
     logging.getLogger("vlmptq").info("%s", report)
     print(report.checkpoint)

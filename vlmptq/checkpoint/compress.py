@@ -84,6 +84,19 @@ def compress_weight(qw: QuantizedWeight, scale_dtype: torch.dtype | None = None)
     return out
 
 
+def packed_nbytes(out_features: int, in_features: int, scheme: WeightScheme, scale_itemsize: int) -> int:
+    """Bytes :func:`compress_weight` writes for an ``[out_features, in_features]`` linear (without
+    packing anything): the size a run will produce, for planning."""
+    from vlmptq.checkpoint.packing import dense_width
+
+    n, k, b = out_features, in_features, scheme.bits
+    g = scheme.groups(k)
+    nbytes = 4 * n * dense_width(k, b) + n * g * scale_itemsize + 2 * 8  # packed codes, scales, shape
+    if not scheme.symmetric:
+        nbytes += 4 * dense_width(n, b) * g  # zero points packed along N
+    return nbytes
+
+
 def _check_code_range(x: torch.Tensor, scheme: WeightScheme, what: str) -> None:
     bad = x > scheme.maxq  # (comparisons are much cheaper than min/max reductions on uint8)
     if x.dtype != torch.uint8:

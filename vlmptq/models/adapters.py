@@ -64,6 +64,16 @@ class ModelAdapter:
         model.requires_grad_(False)
         return model
 
+    @classmethod
+    def skeleton(cls, path: str | Path, dtype: torch.dtype) -> nn.Module:
+        """The model's module tree on the meta device from its config alone (no weight is read)."""
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(str(path))
+        with torch.device("meta"):
+            model = getattr(transformers, cls.auto_class).from_config(config, dtype=dtype)
+        return model
+
     # -------------------------------------------------------------- structure
     def text_model(self) -> nn.Module:
         return getattr(self.model.model, self.text_attr)
@@ -209,6 +219,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[n
     adapter = cls(model)
     logger.info("loaded %s", adapter.describe())
     return model, adapter
+
+
+def load_skeleton(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, ModelAdapter]:
+    """The model at ``path`` on the meta device (structure and shapes, no weights) with its adapter."""
+    cls = adapter_for_type(read_model_type(path))
+    model = cls.skeleton(path, dtype)
+    return model, cls(model)
 
 
 def load_processor(path: str | Path):

@@ -85,7 +85,7 @@ class _Streams:
     calls: list[list[LayerCall]]  # [layer][sample]
 
 
-def _compile_ignore(patterns: Sequence[str]) -> list[re.Pattern]:
+def compile_ignore(patterns: Sequence[str]) -> list[re.Pattern]:
     out = []
     for p in patterns:
         try:
@@ -95,13 +95,13 @@ def _compile_ignore(patterns: Sequence[str]) -> list[re.Pattern]:
     return out
 
 
-def _check_layers_fit(layers: nn.ModuleList, prefix: str, ignore: list[re.Pattern],
+def check_layers_fit(layers: nn.ModuleList, prefix: str, ignore: list[re.Pattern],
                       scheme_for: Callable[[str], WeightScheme]) -> None:
     """Fail before any work if a linear cannot take its scheme (e.g. K not divisible by the group), if
     --ignore keeps part of a group vLLM fuses in 16-bit, or if --override gives such a group two
     schemes (either way the checkpoint could not be served)."""
     for li, layer in enumerate(layers):
-        keep, skipped = _quantizable(layer, f"{prefix}.{li}", ignore)
+        keep, skipped = quantizable_linears(layer, f"{prefix}.{li}", ignore)
         _check_fused_siblings(f"{prefix}.{li}", keep, skipped)
         for name in keep:
             full = f"{prefix}.{li}.{name}"
@@ -141,7 +141,7 @@ def _check_fused_siblings(prefix: str, keep: list[str], skipped: list[str]) -> N
                 )
 
 
-def _quantizable(layer: nn.Module, prefix: str, ignore: list[re.Pattern]) -> tuple[list[str], list[str]]:
+def quantizable_linears(layer: nn.Module, prefix: str, ignore: list[re.Pattern]) -> tuple[list[str], list[str]]:
     """Split the layer's linears into (to quantize, matched by --ignore); names relative to the layer."""
     keep, skipped = [], []
     for name, mod in layer.named_modules():
@@ -304,7 +304,7 @@ def _restore_layer(layer: nn.Module, lprefix: str, names: list[str],
     return weights, records
 
 
-def _check_head_fits(adapter: ModelAdapter, scheme: WeightScheme) -> None:
+def check_head_fits(adapter: ModelAdapter, scheme: WeightScheme) -> None:
     name, head = adapter.lm_head()
     adapter.final_norm()  # its input must be computable
     k = head.in_features
@@ -362,15 +362,15 @@ def quantize_model(
     t_start = time.perf_counter()
     device, offload = torch.device(device), torch.device(offload_device)
     prefix, layers = adapter.decoder_layers()
-    patterns = _compile_ignore(ignore)
+    patterns = compile_ignore(ignore)
     needs = solver.needs
     scale_dtype = next(model.parameters()).dtype
     if needs.hessian and not samples:
         raise ConfigError(f"method {solver.name!r} needs calibration samples, got none")
     scheme_for = scheme_for or (lambda name: scheme)
-    _check_layers_fit(layers, prefix, patterns, scheme_for)
+    check_layers_fit(layers, prefix, patterns, scheme_for)
     if head_scheme is not None:
-        _check_head_fits(adapter, head_scheme)
+        check_head_fits(adapter, head_scheme)
         adapter.untie_lm_head()
     if progress is not None:
         from vlmptq.pipeline.progress import samples_digest
@@ -386,7 +386,7 @@ def quantize_model(
     for li in tqdm(range(len(layers)), desc=f"quantizing ({solver.name}, {scheme.describe()})"):
         layer = layers[li].to(device)
         lprefix = f"{prefix}.{li}"
-        names, skipped = _quantizable(layer, lprefix, patterns)
+        names, skipped = quantizable_linears(layer, lprefix, patterns)
         frozen += [f"{lprefix}.{n}" for n in skipped]
         for n in skipped:
             logger.info("leaving %s in 16-bit (matches --ignore)", n)

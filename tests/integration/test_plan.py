@@ -1,0 +1,50 @@
+"""``vlmptq quantize --dry-run`` (``vlmptq/plan.py``): from the config alone, the schemes per linear
+and the checkpoint's size, exactly what a run then writes; the same errors as a run; nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+import vlmptq
+from vlmptq.config import SchemeOverride, make_config
+from vlmptq.errors import ConfigError
+from vlmptq.plan import plan
+
+MIXED = (SchemeOverride.parse(r"mlp\.down_proj$=4"), SchemeOverride.parse(r"layers\.1\.self_attn\.[qkv]_proj$=8:64"))
+
+
+@pytest.mark.parametrize("arch,fields", [
+    ("qwen2_vl", dict(bits=2, group_size=32, overrides=MIXED, lm_head_bits=8, ignore=(r"layers\.0\.mlp\.(gate|up)_proj$",))),
+    ("qwen2_5_vl", dict(bits=3, group_size=64, symmetric=True)),
+])
+def test_plan_is_what_the_run_writes(request, tmp_path, arch, fields):
+    src = request.getfixturevalue(f"tiny_{arch}")
+    config = make_config(method="rtn", **fields)
+    p = plan(src, config)
+    summary = vlmptq.quantize(src, tmp_path / "out", config).checkpoint
+    assert sum(s.nbytes for s in p.shares) == summary.bytes_quantized_layers
+    assert p.nbytes == summary.bytes_total
+    assert sum(s.linears for s in p.shares) == summary.n_quantized
+    assert p.decoder_layers == 2 and p.model_type == arch
+    text = p.format()
+    if arch == "qwen2_vl":
+        assert {s.scheme: s.linears for s in p.shares} == {"W2 g32 asym": 7, "W4 g32 asym": 2, "W8 g64 asym": 3,
+                                                           "lm_head W8 g32 asym": 1}
+        assert len(p.kept_linears) == 2 and "2 decoder linears kept by --ignore" in text
+    assert "x smaller than" in text
+
+
+def test_dry_run_checks_like_a_run_and_writes_nothing(tiny_qwen2_vl, tmp_path, capsys):
+    bad = make_config(method="rtn", bits=2, group_size=32, overrides=(SchemeOverride.parse(r"\.k_proj$=4"),))
+    with pytest.raises(ConfigError, match="vLLM serves q_proj / k_proj / v_proj as one fused layer"):
+        plan(tiny_qwen2_vl, bad)
+    with pytest.raises(ConfigError, match="not divisible by group_size=128"):
+        plan(tiny_qwen2_vl, make_config(group_size=128))
+    from vlmptq.cli import main
+
+    out = tmp_path / "never"
+    assert main(["quantize", "--model", str(tiny_qwen2_vl), "--out", str(out), "--bits", "3", "--group-size", "64",
+                 "--override", r"down_proj$=4", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "W3 g64 asym" in printed and "W4 g64 asym" in printed and "checkpoint  " in printed
+    assert not out.exists() and not list(tmp_path.iterdir())

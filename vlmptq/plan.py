@@ -1,0 +1,126 @@
+"""``vlmptq quantize --dry-run``: what a run would quantize, with which scheme, and how big the
+checkpoint will be, from the model's config alone (the model is built on the meta device: no weight
+is read, no calibration data is loaded; seconds even for a 72B model).
+
+The same checks as a real run (group sizes the layers can take, ``--ignore`` and ``--override`` that
+would split a group vLLM fuses) fail here with the same errors. Sizes are exact for the quantized
+linears (``checkpoint.compress.packed_nbytes``, the writer's layout) and count every other tensor at
+the model dtype's width.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlmptq.checkpoint.compress import packed_nbytes
+from vlmptq.config import QuantizeConfig
+from vlmptq.models.adapters import load_skeleton, read_checkpoint_dtype
+from vlmptq.pipeline.sequential import check_head_fits, check_layers_fit, compile_ignore, quantizable_linears
+
+
+@dataclass
+class SchemeShare:
+    """The linears that one scheme covers."""
+
+    scheme: str
+    linears: int
+    params: int
+    nbytes: int
+    example: str  # the first of them, e.g. model.language_model.layers.0.self_attn.q_proj
+
+
+@dataclass
+class QuantizationPlan:
+    model: str
+    model_type: str
+    dtype: torch.dtype
+    decoder_layers: int
+    shares: list[SchemeShare]
+    kept_linears: list[str]  # decoder linears --ignore keeps in 16-bit
+    other_params: int  # everything else (embeddings, norms, vision tower, projector, 16-bit lm_head)
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(s.params for s in self.shares)
+
+    @property
+    def nbytes(self) -> int:
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        return sum(s.nbytes for s in self.shares) + itemsize * self.other_params
+
+    def format(self) -> str:
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        total16 = itemsize * (self.quantized_params + self.other_params)
+        width = max(len(s.scheme) for s in self.shares) if self.shares else 6
+        lines = [f"model       {self.model} ({self.model_type}, {self.decoder_layers} decoder layers, "
+                 f"{str(self.dtype).removeprefix('torch.')})", "",
+                 f"{'scheme':<{width}}  {'linears':>7}  {'params':>14}  {'bytes':>15}  {'bits/w':>6}  first"]
+        for s in self.shares:
+            lines.append(f"{s.scheme:<{width}}  {s.linears:>7}  {s.params:>14,d}  {s.nbytes:>15,d}  "
+                         f"{8 * s.nbytes / s.params:>6.3f}  {s.example}")
+        lines += ["", f"16-bit: {len(self.kept_linears)} decoder linears kept by --ignore"
+                      + (f" ({', '.join(self.kept_linears[:3])}{', ...' if len(self.kept_linears) > 3 else ''})"
+                         if self.kept_linears else "")
+                  + f"; {self.other_params:,d} other parameters (embeddings, norms, vision tower, projector"
+                  + (", lm_head" if not any(s.scheme.startswith("lm_head") for s in self.shares) else "") + ")",
+                  f"checkpoint  {_size(self.nbytes)} ({total16 / self.nbytes:.2f}x smaller than {_size(total16)} "
+                  f"at 16 bits)"]
+        return "\n".join(lines)
+
+
+def plan(model: str | Path, config: QuantizeConfig) -> QuantizationPlan:
+    """The :class:`QuantizationPlan` of ``vlmptq.quantize(model, ..., config)``."""
+    from vlmptq.api import check_model_dir
+
+    model_dir = Path(model)
+    check_model_dir(model_dir)
+    dtype = config.torch_dtype(read_checkpoint_dtype(model_dir))
+    skeleton, adapter = load_skeleton(model_dir, dtype)
+    prefix, layers = adapter.decoder_layers()
+    patterns = compile_ignore(config.ignore)
+    scheme_for = config.scheme_resolver()
+    check_layers_fit(layers, prefix, patterns, scheme_for)
+    shares: dict[str, list] = defaultdict(lambda: [0, 0, 0, ""])
+    kept: list[str] = []
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    quantized_params = 0
+    for li, layer in enumerate(layers):
+        keep, skipped = quantizable_linears(layer, f"{prefix}.{li}", patterns)
+        kept += [f"{prefix}.{li}.{n}" for n in skipped]
+        for name in keep:
+            full = f"{prefix}.{li}.{name}"
+            lin, scheme = layer.get_submodule(name), scheme_for(full)
+            _add(shares[scheme.describe()], full, lin.out_features, lin.in_features,
+                 packed_nbytes(lin.out_features, lin.in_features, scheme, itemsize))
+            quantized_params += lin.weight.numel()
+    other = sum(p.numel() for p in skeleton.parameters()) - quantized_params
+    head = config.head_scheme
+    if head is not None:
+        check_head_fits(adapter, head)
+        name, lin = adapter.lm_head()
+        emb = skeleton.get_input_embeddings()
+        tied = emb is not None and getattr(emb, "weight", None) is lin.weight
+        _add(shares[f"lm_head {head.describe()}"], name, lin.out_features, lin.in_features,
+             packed_nbytes(lin.out_features, lin.in_features, head, itemsize))
+        if not tied:  # a tied head is untied: its 16-bit embedding stays in `other`
+            other -= lin.weight.numel()
+    rows = [SchemeShare(s, n, params, nbytes, first) for s, (n, params, nbytes, first) in shares.items()]
+    return QuantizationPlan(str(model_dir), skeleton.config.model_type, dtype, len(layers), rows, kept, other)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _add(share: list, name: str, n: int, k: int, nbytes: int) -> None:
+    share[0] += 1
+    share[1] += n * k
+    share[2] += nbytes
+    share[3] = share[3] or name
