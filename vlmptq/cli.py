@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 DESCRIPTION = """\
 Quantize a Hugging Face vision-language model's language-model linears to 2/3/4/8-bit weights
@@ -191,6 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a pre-empted job, ``kill``, Kubernetes' shutdown) as an interruption, so the run unwinds
+    like a Ctrl-C: no half-written output, the finished layers kept for ``--resume``, a message."""
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
@@ -198,14 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     from vlmptq.errors import VlmptqError
 
     try:
-        return {"quantize": _quantize, "inspect": _inspect, "compare": _compare}[args.command](args)
+        with _terminate_as_interrupt():
+            return {"quantize": _quantize, "inspect": _inspect, "compare": _compare}[args.command](args)
     except VlmptqError as e:
         print(f"vlmptq: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("vlmptq: interrupted" + ("; nothing was written to --out" if args.command == "quantize" else ""),
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"vlmptq: {what}" + ("; nothing was written to --out" if args.command == "quantize" else ""),
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

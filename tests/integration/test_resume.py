@@ -138,3 +138,34 @@ def test_a_store_that_cannot_be_written_does_not_stop_the_run(tiny_qwen2_vl, tmp
     assert "cannot be resumed from here" in caplog.text
     assert report.checkpoint.n_quantized == 14
     assert progress_dir_for(out).read_text() == "a file where the store would go"  # not ours: left alone
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_the_cli_resumes(tiny_qwen2_vl, tmp_path, monkeypatch, capsys, caplog):
+    """A pre-empted job gets SIGTERM: the CLI turns it into an interruption (exit 143), so the layers
+    finished so far are kept and announced, --out stays absent, and --resume completes the run."""
+    import os
+    import signal
+
+    from vlmptq.cli import main
+
+    out = tmp_path / "out"
+    argv = ["quantize", "--model", str(tiny_qwen2_vl), "--out", str(out), "--method", "gptq", "--bits", "3",
+            "--group-size", "32", "--num-samples", "2", "--device", "cpu"]
+    original = sequential._solve_linear
+
+    def solve(lin, full, *args, **kwargs):
+        if "layers.1." in full:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(lin, full, *args, **kwargs)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        m.setattr(sequential, "_solve_linear", solve)
+        with caplog.at_level(logging.WARNING, logger="vlmptq.api"):
+            assert main(argv) == 143
+    assert "vlmptq: terminated; nothing was written to --out" in capsys.readouterr().err
+    assert "1 finished decoder layer (0) kept in" in caplog.text and "--resume" in caplog.text
+    assert not out.exists() and (progress_dir_for(out) / "layer-00000.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the CLI's handler is gone again
+    assert main([*argv, "--resume"]) == 0
+    assert (out / "config.json").exists() and not progress_dir_for(out).exists()
