@@ -129,7 +129,7 @@ def build_quantization_config(
         if module in ignore:
             raise ConfigError(f"module {module!r} is both in ignore and quantized with {s.describe()}.")
         by_scheme.setdefault(s, []).append(module)
-    named_groups = sorted((sorted(modules, key=_natural_key), s) for s, modules in by_scheme.items())
+    named_groups = sorted((sorted(modules, key=natural_key), s) for s, modules in by_scheme.items())
     for i, (modules, s) in enumerate(named_groups, start=1):  # numbered by their first module's name
         groups[f"group_{i}"] = _group(s, [name_target(m) for m in modules])
     return {
@@ -137,7 +137,7 @@ def build_quantization_config(
         "format": FORMAT,
         "quantization_status": STATUS,
         "config_groups": groups,
-        "ignore": sorted(set(ignore), key=_natural_key),
+        "ignore": sorted(set(ignore), key=natural_key),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
         "sparsity_config": {},
@@ -151,7 +151,7 @@ def build_quantization_config(
     }
 
 
-def _natural_key(name: str) -> list:
+def natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in name.replace(".", " . ").split()]
 
 
@@ -215,13 +215,19 @@ class ParsedQuantConfig:
         )
 
     def describe(self) -> str:
-        """``W3 g128 asym`` or, with named groups, ``W3 g128 asym; lm_head W8 g128 asym``."""
+        """``W3 g128 asym`` or, with named groups, ``W3 g128 asym; lm_head W8 g128 asym`` (a long group
+        is shortened: ``model.layers.0.mlp.down_proj and 55 more W4 g128 asym``)."""
         parts = [self.scheme.describe()]
         for g in self.groups:
             if (g.targets, g.scheme) != (self.targets, self.scheme):  # the primary group is listed first
-                names = ", ".join(_target_label(t) for t in g.targets)
-                parts.append(f"{names} {g.scheme.describe()}")
+                parts.append(f"{summarize_names([_target_label(t) for t in g.targets])} {g.scheme.describe()}")
         return "; ".join(parts)
+
+
+def summarize_names(names: Sequence[str], limit: int = 3) -> str:
+    """``a, b, c`` or, past ``limit`` names, ``a and 27 more``."""
+    names = list(names)
+    return ", ".join(names) if len(names) <= limit else f"{names[0]} and {len(names) - 1} more"
 
 
 _NAME_PREFIX = "re:^(.*\\.)?"  # what name_target puts before the escaped module name
