@@ -140,6 +140,28 @@ def test_a_store_that_cannot_be_written_does_not_stop_the_run(tiny_qwen2_vl, tmp
     assert progress_dir_for(out).read_text() == "a file where the store would go"  # not ours: left alone
 
 
+def test_a_layer_file_that_cannot_be_written_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    """safetensors reports its I/O errors (a full disk) as SafetensorError, not OSError."""
+    from safetensors import SafetensorError
+
+    import vlmptq.pipeline.progress as progress
+    from vlmptq.quant.qweight import QuantizedWeight
+    from vlmptq.quant.scheme import WeightScheme
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(progress, "save_file", full_disk)
+    store = progress.LayerProgress(tmp_path / "store", {"x": 1})
+    qw = QuantizedWeight(torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1), torch.zeros(4, 1, dtype=torch.uint8),
+                         WeightScheme(4, 32, False))
+    with caplog.at_level(logging.WARNING, logger="vlmptq.pipeline.progress"):
+        store.save(0, {"m.0.q": qw}, [])
+        store.save(1, {"m.1.q": qw}, [])  # not attempted again after a failure
+    assert caplog.text.count("could not save the progress") == 1 and "No space left" in caplog.text
+    assert store.layers_done == [] and not list((tmp_path / "store").iterdir())  # no temp file left
+
+
 def test_sigterm_unwinds_like_ctrl_c_and_the_cli_resumes(tiny_qwen2_vl, tmp_path, monkeypatch, capsys, caplog):
     """A pre-empted job gets SIGTERM: the CLI turns it into an interruption (exit 143), so the layers
     finished so far are kept and announced, --out stays absent, and --resume completes the run."""

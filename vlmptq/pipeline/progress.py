@@ -262,7 +262,7 @@ class LayerProgress:
                               default=str)
             _write_atomically(self.root / MANIFEST, lambda p: p.write_text(text))
             self._layers = layers
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
             self._failed = True
             logger.warning("could not save the progress of decoder layer %d in %s (%s); the run goes on, "
                            "but cannot be resumed from here", index, self.root, e)
