@@ -29,6 +29,7 @@ from vlmptq.checkpoint.reader import inspect_checkpoint, read_config
 from vlmptq.demo.evaluate import (
     EVAL_QUESTIONS, KLSample, compared_positions, dequantize_into, divergence, kl_samples, reference_logprobs,
 )
+from vlmptq.config import resolve_device
 from vlmptq.errors import ConfigError
 from vlmptq.models.adapters import load_model, load_processor, read_checkpoint_dtype
 
@@ -66,9 +67,8 @@ def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: Calib
     if data is None and not (1 <= photos <= len(BUILTIN_HOLDOUT) and 1 <= questions <= len(EVAL_QUESTIONS)):
         raise ConfigError(f"photos takes 1..{len(BUILTIN_HOLDOUT)} and questions 1..{len(EVAL_QUESTIONS)}, "
                           f"got {photos} and {questions}")
+    dev = resolve_device(device)
     reports = [inspect_checkpoint(c) for c in checkpoints]  # unreadable checkpoints fail before any work
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
     dtype = dtype or read_checkpoint_dtype(checkpoints[0]) or torch.bfloat16
     source, adapter = load_model(model_dir, dtype)
     prompts = _prompts(model_dir, adapter, data, photos, questions)

@@ -135,17 +135,26 @@ class QuantizeConfig(BaseModel):
         return WeightScheme(bits=self.lm_head_bits, group_size=group, symmetric=self.symmetric)
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device={self.device!r} but CUDA is not available here; use --device cpu")
-        return dev
+        return resolve_device(self.device)
 
     def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
         if self.dtype == "auto":
             return checkpoint_dtype if checkpoint_dtype in DTYPES.values() else torch.bfloat16
         return DTYPES[self.dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``, ``cuda:N``; a clear error for a name
+    torch does not know or CUDA that is not there."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device {device!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available here; use --device cpu")
+    return dev
 
 
 def make_config(**fields) -> QuantizeConfig:

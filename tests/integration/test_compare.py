@@ -70,6 +70,11 @@ def test_bad_input_fails_before_loading(tiny_qwen2_vl, checkpoints, tmp_path, ca
         compare(tiny_qwen2_vl, [checkpoints["w4"]], photos=7, questions=1)
     with pytest.raises(ConfigError, match="at least one checkpoint"):
         compare(tiny_qwen2_vl, [])
+    with pytest.raises(ConfigError, match="device 'gpu' is not a torch device"):
+        compare(tiny_qwen2_vl, [checkpoints["w4"]], device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available here"):
+            compare(tiny_qwen2_vl, [checkpoints["w4"]], device="cuda")
     from vlmptq.cli import main
 
     assert main(["compare", "--model", str(tiny_qwen2_vl), str(tmp_path)]) == 2

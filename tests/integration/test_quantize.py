@@ -193,6 +193,12 @@ def test_mixed_precision_overrides(tiny_qwen2_vl, tmp_path):
     fresh_sd = fresh.state_dict()
     for k, v in model.state_dict().items():
         assert torch.equal(fresh_sd[k], v), k
+    # transformers' own compressed-tensors loader reads the packed mixed checkpoint (2/4/8 bit: the
+    # venv's compressed-tensors 0.17 reads those) into the same model
+    loaded = AutoModelForImageTextToText.from_pretrained(out).eval()
+    inputs = image_prompt_inputs(tiny_qwen2_vl)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
 
 
 def test_override_that_splits_a_fused_group_is_refused(tiny_qwen2_vl, tmp_path):

@@ -98,6 +98,9 @@ def test_resume_refuses_other_settings(tiny_qwen2_vl, tmp_path, monkeypatch):
     store = _interrupt_in_layer_1(tiny_qwen2_vl, out, monkeypatch, _config(method="gptq", lm_head_bits=None))
     with pytest.raises(ConfigError, match=r"other settings \(settings\.bits: 3 then, 4 now\)"):
         vlmptq.quantize(tiny_qwen2_vl, out, _config(method="gptq", lm_head_bits=None, bits=4, resume=True))
+    with pytest.raises(ConfigError, match=r"other settings \(settings\.bits: 3 then, 4 now\)\. Rerun with those "
+                                          r"settings and --resume"):  # without --resume: the same facts
+        vlmptq.quantize(tiny_qwen2_vl, out, _config(method="gptq", lm_head_bits=None, bits=4))
     assert (store / "manifest.json").exists() and not out.exists()
     # --resume with nothing stored simply starts from the first layer
     vlmptq.quantize(tiny_qwen2_vl, tmp_path / "fresh", _config(method="rtn", lm_head_bits=None, resume=True))

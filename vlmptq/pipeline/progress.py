@@ -182,16 +182,17 @@ class LayerProgress:
                 f"{root} is not a readable vlmptq progress directory ({e}); delete it to start over."
             ) from None
         done = _describe_layers(layers)
+        changed = _differences({k: v for k, v in stored_fp.items() if k in fingerprint}, fingerprint)
+        if changed:
+            raise ConfigError(
+                f"{'cannot resume from ' if resume else ''}{root}{':' if resume else ''} holds {done} of an "
+                f"earlier, interrupted run with other settings ({'; '.join(changed)}). Rerun with those "
+                f"settings{'' if resume else ' and --resume'} to continue it, or delete it to start over."
+            )
         if not resume:
             raise ConfigError(
                 f"{root} holds {done} of an earlier, interrupted run for this output; pass --resume "
                 f"(QuantizeConfig.resume=True) to continue from it, or delete it to start over."
-            )
-        changed = _differences({k: v for k, v in stored_fp.items() if k in fingerprint}, fingerprint)
-        if changed:
-            raise ConfigError(
-                f"cannot resume from {root}: it was written with other settings ({'; '.join(changed)}). "
-                f"Rerun with the earlier settings, or delete it to start over."
             )
         logger.info("resuming: %s already quantized (%s)", done, root)
         return cls(root, stored_fp, layers)
