@@ -10,7 +10,8 @@
 #
 # Phases, each time-boxed and in its own process (a GPU fault in one cannot take the others down):
 #   1. install the carried wheels into /tmp/site                                    (~10 s)
-#   2. pytest tests/gpu (correctness, NaN-poisoned outputs, torch.compile + CUDA graph) <= 140 s
+#   2. pytest tests/gpu (kernel correctness, NaN-poisoned outputs, torch.compile + CUDA graph; the quantizer
+#      and `compare` with --device cuda beside the same runs on the CPU, resume across devices)  <= 140 s
 #   3. benchmarks/kernels.py --tune: ours vs bf16 vs Humming on the Qwen2.5-VL-7B layer, M in
 #      {1,16,64,256}, bits 3/2/4 (g128 asym); then a decode config search; then sym/g32/g64; then
 #      the LM head (152064 x 3584) at W8 (triton_w8) and W4 beside bf16, then a W8 launch search <= 300 s
