@@ -147,6 +147,14 @@ def test_json_lists_and_conversations(tmp_path, qwen2):
               image_root=root)
     ok = conv(human, {"role": "assistant", "content": "A gradient."})  # role/content spelling too
     assert _load(qwen2, source=ok, image_root=root)[0].sample_id == "c.json[0] (a.jpg)"
+    # A caption key the user named (here misspelt) is not silently replaced by the conversation.
+    with pytest.raises(CalibrationDataError, match=r"c\.json\[0\]: has no 'capton' key .*leave text_column at "
+                                                   r"'text' to use its LLaVA 'conversations'"):
+        _load(qwen2, source=ok, image_root=root, text_column="capton")
+    datasets.Dataset.from_list([{"image": "a.jpg", "conversations": [human, {"from": "gpt", "value": "x"}]}]
+                               ).save_to_disk(tmp_path / "conv-ds")
+    with pytest.raises(CalibrationDataError, match=r"has no column 'capton' \(text_column\)"):
+        _load(qwen2, source=str(tmp_path / "conv-ds"), image_root=root, text_column="capton")
     # Relative paths start from the file's folder unless image_root says otherwise.
     with pytest.raises(CalibrationDataError, match=r"c\.json\[0\] \(a\.jpg\): image file .*does not exist"):
         _load(qwen2, source=ok)

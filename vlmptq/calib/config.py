@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from vlmptq.errors import ConfigError
 
 DEFAULT_PROMPT = "Describe this image."
+DEFAULT_TEXT_COLUMN = "text"
 BAD_SAMPLE_POLICIES = ("error", "skip")
 
 
@@ -27,7 +28,7 @@ class CalibConfig:
     seed: int = 0  # which samples are drawn (and the built-in set's crops/flips/prompts)
     split: str = "train"  # Hugging Face datasets only
     image_column: str = "image"  # HF dataset column / jsonl key holding the image (path)
-    text_column: str = "text"  # the caption or answer: the assistant turn
+    text_column: str = DEFAULT_TEXT_COLUMN  # the caption or answer: the assistant turn
     prompt_column: str | None = None  # the question (user turn); None: a "prompt" field or default
     on_bad_sample: str = "error"  # "error": raise on the first bad sample; "skip": log it and go on
     default_prompt: str = DEFAULT_PROMPT  # user turn for samples without their own prompt

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vlmptq.calib.config import CalibConfig
+from vlmptq.calib.config import DEFAULT_TEXT_COLUMN, CalibConfig
 from vlmptq.calib.records import (
     IMAGE_SUFFIXES, Record, bad_sample, load_image_bytes, load_image_file, require_text, to_rgb,
 )
@@ -92,8 +92,9 @@ def open_source(config: CalibConfig) -> Source:
 def row_fields(row: Mapping, config: CalibConfig, sample_id: str, where: str
                ) -> tuple[object, str, str | None]:
     """(image value, caption, prompt or None) from one jsonl object / dataset row. A row without
-    ``text_column`` but with LLaVA-style ``conversations`` takes its first user -> assistant exchange."""
-    conversational = config.text_column not in row and CONVERSATION_KEY in row
+    ``text_column`` but with LLaVA-style ``conversations`` takes its first user -> assistant exchange
+    (unless ``text_column`` was named: a misspelt column is an error, not a silent switch of source)."""
+    conversational = reads_conversations(config, row)
     if config.image_column not in row:
         if conversational:
             raise bad_sample(sample_id, f"is a text-only conversation (no {config.image_column!r} key)",
@@ -105,7 +106,9 @@ def row_fields(row: Mapping, config: CalibConfig, sample_id: str, where: str
     else:
         if config.text_column not in row:
             raise bad_sample(sample_id, f"has no {config.text_column!r} key (its keys: {sorted(row)})",
-                             f"add {config.text_column!r} to {where} or set text_column= to the key that holds it")
+                             f"add {config.text_column!r} to {where} or set text_column= to the key that holds it"
+                             + (f" (or leave text_column at {DEFAULT_TEXT_COLUMN!r} to use its LLaVA "
+                                f"{CONVERSATION_KEY!r})" if CONVERSATION_KEY in row else ""))
         caption = row[config.text_column]
         if isinstance(caption, (list, tuple)) and caption:  # e.g. COCO's five captions: take the first
             caption = caption[0]
@@ -121,6 +124,13 @@ def row_fields(row: Mapping, config: CalibConfig, sample_id: str, where: str
         prompt = require_text(row[config.prompt_column], f"the prompt {config.prompt_column!r}",
                               sample_id, f"give every sample a prompt in {where}")
     return row[config.image_column], text, prompt
+
+
+def reads_conversations(config: CalibConfig, keys) -> bool:
+    """Whether records / a dataset with these keys are read as LLaVA ``conversations``: only when the
+    caption key was left at its default and is absent."""
+    return (CONVERSATION_KEY in keys and config.text_column not in keys
+            and config.text_column == DEFAULT_TEXT_COLUMN)
 
 
 def conversation_fields(turns: object, sample_id: str) -> tuple[str, str | None]:
@@ -372,7 +382,7 @@ class HFDatasetSource(Source):
                 f"dataset {config.source!r} loaded as {type(ds).__name__}; calibration needs a "
                 "map-style datasets.Dataset (not streaming).")
         columns = list(ds.column_names)
-        text_column = None if CONVERSATION_KEY in columns else config.text_column  # else LLaVA-style rows
+        text_column = None if reads_conversations(config, columns) else config.text_column  # else LLaVA rows
         for column, field in ((config.image_column, "image_column"),
                               (text_column, "text_column"),
                               (config.prompt_column, "prompt_column")):
