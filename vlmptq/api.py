@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from vlmptq.checkpoint.lock import output_lock
 from vlmptq.checkpoint.writer import CheckpointSummary, check_destination, save_quantized_checkpoint
 from vlmptq.config import QuantizeConfig
 from vlmptq.errors import ConfigError
@@ -105,11 +106,16 @@ def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | None =
     Everything that can be checked is checked before the model is loaded (config, output directory,
     architecture); ``out`` is only ever replaced by a complete checkpoint. The decoder layers finished
     so far are kept in ``<out>.vlmptq-progress/`` until it is: ``config.resume`` continues a run that
-    stopped (``vlmptq.pipeline.progress``).
+    stopped (``vlmptq.pipeline.progress``). One run at a time may write ``out`` (``<out>.vlmptq-lock``).
     """
     t0 = time.perf_counter()
     config = config or QuantizeConfig()
-    check_destination(Path(out).absolute(), config.overwrite, Path(model))
+    with output_lock(out):
+        return _quantize_locked(Path(model), Path(out), config, t0)
+
+
+def _quantize_locked(model: Path, out: Path, config: QuantizeConfig, t0: float) -> QuantizeReport:
+    check_destination(out.absolute(), config.overwrite, model)
     check_model_dir(Path(model))
     progress = LayerProgress.open(progress_dir_for(out), _fingerprint(Path(model), config), config.resume)
     device = config.torch_device()

@@ -109,15 +109,33 @@ def samples_digest(samples: Sequence[Any]) -> str:
     return tensors_digest(parts)
 
 
+DIGEST_WINDOWS, DIGEST_WINDOW_BYTES = 16, 1 << 16
+
+
 def model_files_digest(model_dir: str | Path) -> str:
-    """The model folder's config.json bytes and its weight files' names and sizes (reading every
-    weight would take minutes on a large model; a changed file changes its size or the config)."""
+    """The model folder's config.json bytes, and per weight file its name, size and 16 windows of 64 KiB
+    spread over it (first and last included). Reading every weight would take minutes on a large model;
+    1 MiB per file does not, and a changed file (another fine-tune of the same architecture, same size)
+    differs in every window that holds weights."""
     model_dir = Path(model_dir)
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
     for f in sorted(model_dir.iterdir()):
         if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") or f.name.endswith(".index.json"):
-            h.update(f"{f.name}:{f.stat().st_size}\0".encode())
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}:".encode() + _sampled_content(f, size) + b"\0")
     return h.hexdigest()
+
+
+def _sampled_content(path: Path, size: int) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if size <= DIGEST_WINDOWS * DIGEST_WINDOW_BYTES:
+            h.update(fh.read())
+        else:
+            for i in range(DIGEST_WINDOWS):
+                fh.seek(i * (size - DIGEST_WINDOW_BYTES) // (DIGEST_WINDOWS - 1))
+                h.update(fh.read(DIGEST_WINDOW_BYTES))
+    return h.digest()
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
