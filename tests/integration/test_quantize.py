@@ -242,6 +242,23 @@ def test_unknown_architecture_lists_supported(tmp_path):
     _untouched(tmp_path / "out", None)
 
 
+@pytest.mark.parametrize("config,match", [
+    ({"model_type": "internvl_chat", "architectures": ["InternVLChatModel"]},
+     r"InternVLChatModel checkpoint in InternVL's original remote-code format .*InternVL3-<size>-hf\) or convert "
+     r"it with .*convert_internvl_weights_to_hf\.py"),
+    ({"model_type": "llava", "architectures": ["LlavaQwenForCausalLM"]},  # LLaVA-OneVision's own release
+     r"LlavaQwenForCausalLM checkpoint in the original LLaVA repository's format.*llava-hf"),
+    ({"model_type": "qwen3_vl_moe", "architectures": ["Qwen3VLMoeForConditionalGeneration"]},
+     r"mixture-of-experts models .* not supported yet: their experts are fused 3-D tensors"),
+])
+def test_known_unsupported_formats_say_what_to_use_instead(tmp_path, config, match):
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=match):
+        vlmptq.quantize(src, tmp_path / "out")
+    _untouched(tmp_path / "out", None)
+
 
 def test_model_folder_without_processor_files_fails_before_loading(tiny_qwen2_vl, tmp_path):
     """Weights and config but no tokenizer / preprocessor files: calibration cannot encode a sample,

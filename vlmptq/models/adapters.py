@@ -174,7 +174,35 @@ class CausalLMAdapter(ModelAdapter):
         return set()
 
 
+_LLAVA_ORIGINAL = (
+    "the original LLaVA repository's format, which transformers' LLaVA classes do not load",
+    "use the model's llava-hf conversion (e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf) "
+    "or convert it with the script in transformers' repository, src/transformers/models/llava/"
+    "convert_llava_weights_to_hf.py (llava_next/ and llava_onevision/ hold the later models' scripts)",
+)
+# Checkpoints in a model's original (remote-code) format, by the class config.json names: what they
+# are and what to use instead.
+ORIGINAL_FORMATS = {
+    "InternVLChatModel": (
+        "InternVL's original remote-code format (model_type internvl_chat), which transformers' InternVL "
+        "classes do not load",
+        "use the Hugging Face format of the same model (OpenGVLab/InternVL3-<size>-hf) or convert it with the "
+        "script in transformers' repository, src/transformers/models/internvl/convert_internvl_weights_to_hf.py",
+    ),
+    "LlavaLlamaForCausalLM": _LLAVA_ORIGINAL,
+    "LlavaMistralForCausalLM": _LLAVA_ORIGINAL,
+    "LlavaQwenForCausalLM": _LLAVA_ORIGINAL,
+}
+NOT_YET = {
+    "qwen3_vl_moe": "Qwen3-VL's mixture-of-experts models (30B-A3B, 235B-A22B) are not supported yet: their "
+                    "experts are fused 3-D tensors, not the linears the pipeline calibrates one by one; the dense "
+                    "Qwen3-VL models (model type qwen3_vl) are supported",
+}
+
+
 def read_model_type(path: str | Path) -> str:
+    """The config's ``model_type``; checkpoints in a known non-Hugging-Face format, or of a variant we do
+    not support yet, fail here with what to do instead."""
     import json
 
     cfg = Path(path) / "config.json"
@@ -184,9 +212,17 @@ def read_model_type(path: str | Path) -> str:
             "(downloading from a hub is not supported here)"
         )
     try:
-        return json.loads(cfg.read_text())["model_type"]
-    except (json.JSONDecodeError, KeyError) as e:
+        config = json.loads(cfg.read_text())
+        model_type = config["model_type"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UnsupportedModelError(f"{cfg} is not a valid model config ({e})") from e
+    for arch in config.get("architectures") or ():
+        if arch in ORIGINAL_FORMATS:
+            what, fix = ORIGINAL_FORMATS[arch]
+            raise UnsupportedModelError(f"{path} is a {arch} checkpoint in {what}; {fix}")
+    if model_type in NOT_YET:
+        raise UnsupportedModelError(f"{path}: {NOT_YET[model_type]}")
+    return model_type
 
 
 def read_checkpoint_dtype(path: str | Path) -> torch.dtype | None:
