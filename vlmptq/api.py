@@ -12,10 +12,8 @@ import torch
 from vlmptq.checkpoint.lock import output_lock
 from vlmptq.checkpoint.writer import CheckpointSummary, check_destination, save_quantized_checkpoint
 from vlmptq.config import QuantizeConfig
-from vlmptq.errors import ConfigError
-from vlmptq.models.adapters import (
-    adapter_for_type, load_model, load_processor, read_checkpoint_dtype, read_model_type,
-)
+from vlmptq.models.adapters import load_model, load_processor, read_checkpoint_dtype
+from vlmptq.models.source import model_dir_of
 from vlmptq.pipeline.progress import LayerProgress, model_files_digest, progress_dir_for
 from vlmptq.pipeline.sequential import LinearRecord, PipelineResult, quantize_model
 from vlmptq.solvers import build_solver
@@ -38,13 +36,6 @@ class QuantizeReport:
                 f"with {self.num_calibration_samples} calibration samples")
 
 
-def check_model_dir(model_dir: Path) -> None:
-    """A local folder of a supported architecture, or a clear error (before anything loads)."""
-    if not model_dir.is_dir():
-        raise ConfigError(f"--model {model_dir} is not a directory; pass a local Hugging Face model folder")
-    adapter_for_type(read_model_type(model_dir))  # unknown architectures fail before loading anything
-
-
 def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, *,
                        progress: LayerProgress | None = None) -> tuple[torch.nn.Module, PipelineResult, int]:
     """Load ``model``, calibrate and quantize it in memory (fake-quant weights), without writing.
@@ -55,8 +46,7 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
     the store of finished layers an interrupted run resumes from).
     """
     config = config or QuantizeConfig()
-    model_dir = Path(model)
-    check_model_dir(model_dir)
+    model_dir = model_dir_of(model)
     solver = build_solver(config.method, config.solver)
     device = config.torch_device()
     processor = load_processor(model_dir) if solver.needs.hessian else None  # fails before the weights load
@@ -111,13 +101,13 @@ def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | None =
     t0 = time.perf_counter()
     config = config or QuantizeConfig()
     with output_lock(out):
-        return _quantize_locked(Path(model), Path(out), config, t0)
+        return _quantize_locked(model, Path(out), config, t0)
 
 
-def _quantize_locked(model: Path, out: Path, config: QuantizeConfig, t0: float) -> QuantizeReport:
-    check_destination(out.absolute(), config.overwrite, model)
-    check_model_dir(Path(model))
-    progress = LayerProgress.open(progress_dir_for(out), _fingerprint(Path(model), config), config.resume)
+def _quantize_locked(model: str | Path, out: Path, config: QuantizeConfig, t0: float) -> QuantizeReport:
+    check_destination(out.absolute(), config.overwrite, model if Path(model).is_dir() else None)  # a Hub id: later
+    model = model_dir_of(model)
+    progress = LayerProgress.open(progress_dir_for(out), _fingerprint(model, config), config.resume)
     device = config.torch_device()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

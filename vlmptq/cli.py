@@ -23,7 +23,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "quantize", help="quantize a model and write a checkpoint",
         description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="local Hugging Face model directory (config.json, weights, processor)")
+    p.add_argument("--model", required=True,
+                   help="Hugging Face model directory (config.json, weights, processor) or Hub id such as "
+                        "Qwen/Qwen2.5-VL-7B-Instruct (taken from the Hugging Face cache, fetched if missing)")
     p.add_argument("--out", required=True, help="output directory for the quantized checkpoint (written atomically)")
     p.add_argument("--method", default="vlmptq", choices=sorted(SOLVERS), help="quantization algorithm")
     p.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS,
@@ -144,7 +146,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="quantized checkpoint directories of --model")
-    p.add_argument("--model", required=True, help="the source Hugging Face model directory they were quantized from")
+    p.add_argument("--model", required=True, help="the source model they were quantized from (directory or Hub id)")
     p.add_argument("--photos", type=int, default=len(BUILTIN_HOLDOUT),
                    help=f"held-out photos to ask about (1-{len(BUILTIN_HOLDOUT)})")
     p.add_argument("--questions", type=int, default=2, help="questions per photo (1-4)")

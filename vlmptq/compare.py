@@ -32,6 +32,7 @@ from vlmptq.demo.evaluate import (
 from vlmptq.config import resolve_device
 from vlmptq.errors import ConfigError
 from vlmptq.models.adapters import load_model, load_processor, read_checkpoint_dtype
+from vlmptq.models.source import model_dir_of
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: Calib
             photos: int = len(BUILTIN_HOLDOUT), questions: int = 2, device: str = "auto",
             dtype: torch.dtype | None = None) -> list[ComparisonRow]:
     """One :class:`ComparisonRow` per checkpoint of ``model`` (see the module docstring)."""
-    model_dir = Path(model)
     if not checkpoints:
         raise ConfigError("give at least one checkpoint to compare with the source model")
     if data is None and not (1 <= photos <= len(BUILTIN_HOLDOUT) and 1 <= questions <= len(EVAL_QUESTIONS)):
@@ -69,6 +69,7 @@ def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: Calib
                           f"got {photos} and {questions}")
     dev = resolve_device(device)
     reports = [inspect_checkpoint(c) for c in checkpoints]  # unreadable checkpoints fail before any work
+    model_dir = model_dir_of(model)
     dtype = dtype or read_checkpoint_dtype(checkpoints[0]) or torch.bfloat16
     source, adapter = load_model(model_dir, dtype)
     prompts = _prompts(model_dir, adapter, data, photos, questions)

@@ -19,6 +19,7 @@ import torch
 from vlmptq.checkpoint.compress import packed_nbytes
 from vlmptq.config import QuantizeConfig
 from vlmptq.models.adapters import load_skeleton, read_checkpoint_dtype
+from vlmptq.models.source import model_dir_of
 from vlmptq.pipeline.sequential import check_head_fits, check_layers_fit, compile_ignore, quantizable_linears
 
 
@@ -74,10 +75,7 @@ class QuantizationPlan:
 
 def plan(model: str | Path, config: QuantizeConfig) -> QuantizationPlan:
     """The :class:`QuantizationPlan` of ``vlmptq.quantize(model, ..., config)``."""
-    from vlmptq.api import check_model_dir
-
-    model_dir = Path(model)
-    check_model_dir(model_dir)
+    model_dir = model_dir_of(model, config_only=True)
     dtype = config.torch_dtype(read_checkpoint_dtype(model_dir))
     skeleton, adapter = load_skeleton(model_dir, dtype)
     prefix, layers = adapter.decoder_layers()
@@ -109,7 +107,7 @@ def plan(model: str | Path, config: QuantizeConfig) -> QuantizationPlan:
         if not tied:  # a tied head is untied: its 16-bit embedding stays in `other`
             other -= lin.weight.numel()
     rows = [SchemeShare(s, n, params, nbytes, first) for s, (n, params, nbytes, first) in shares.items()]
-    return QuantizationPlan(str(model_dir), skeleton.config.model_type, dtype, len(layers), rows, kept, other)
+    return QuantizationPlan(str(model), skeleton.config.model_type, dtype, len(layers), rows, kept, other)
 
 
 def _size(nbytes: int) -> str:
