@@ -226,8 +226,8 @@ def _scheme_for(run: Run):
 def _code_bits(res) -> float:
     """Average code bits per decoder-linear weight (without scales and zero points)."""
     layers = [qw for name, qw in res.quantized.items() if not name.endswith("lm_head")]
-    numel = sum(qw.codes.numel() for qw in layers)
-    return round(sum(qw.scheme.bits * qw.codes.numel() for qw in layers) / numel, 3)
+    numel = sum(qw.numel() for qw in layers)
+    return round(sum(qw.scheme.bits * qw.numel() for qw in layers) / numel, 3)
 
 
 def _kl_setup(run: Run, proxy: Path):

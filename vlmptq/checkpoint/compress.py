@@ -25,7 +25,6 @@ import torch
 from vlmptq.checkpoint.packing import (
     dense_width,
     pack_columns,
-    pack_rows,
     padded3_width,
     unpack_columns,
     unpack_rows_any,
@@ -57,8 +56,11 @@ def compress_weight(qw: QuantizedWeight, scale_dtype: torch.dtype | None = None)
     """
     scheme = qw.scheme
     n, k = qw.shape
-    codes, zero = qw.codes.detach().cpu(), qw.zero.detach().cpu()
-    _check_code_range(codes, scheme, "codes")
+    zero = qw.zero.detach().cpu()
+    try:
+        packed = qw.to("cpu").packed_rows()  # held packed (the pipeline's) or packed here, range checked
+    except ValueError as e:
+        raise CheckpointError(f"{e}; the solver produced out-of-range values.") from None
     scale = qw.scale.detach().cpu()
     if scale_dtype is not None and scale.dtype != scale_dtype:
         cast = scale.to(scale_dtype)
@@ -69,7 +71,7 @@ def compress_weight(qw: QuantizedWeight, scale_dtype: torch.dtype | None = None)
             )
         scale = cast
     out = {
-        PACKED: pack_rows(codes, scheme.bits),
+        PACKED: packed,
         SCALE: scale.contiguous(),
         SHAPE: torch.tensor([n, k], dtype=torch.int64),
     }

@@ -9,12 +9,10 @@ an uninterrupted run's (tests/integration/test_resume.py). The store is removed 
 is written.
 
 Layout (``<out>.vlmptq-progress/``, next to ``--out``):
-    manifest.json            {"format": 1, "fingerprint": {...}, "layers": {"<index>": {"file", "records"}}}
+    manifest.json            {"format": 2, "fingerprint": {...}, "layers": {"<index>": {"file", "records"}}}
     layer-00012.safetensors  for each quantized linear of decoder layer 12 (full module name ``m``):
-                             ``m.codes`` uint8 [N, ceil(K / p)]: the codes in fields of w = 2 (2-bit),
-                             4 (3- and 4-bit) or 8 bits, p = 8 / w per byte, code k of a row in byte
-                             k // p at bit (k % p) w (one shift-or per field: the checkpoint's
-                             bitstream packing costs ~15x more, seconds per 7B layer);
+                             ``m.packed`` int32 [N, ceil(K*b/32)]: the codes as the checkpoint packs
+                             them (``vlmptq.checkpoint.packing``; the pipeline holds them so already),
                              ``m.scale`` [N, G] in the model dtype, ``m.zero`` uint8 [N, G]; the file's
                              metadata holds each linear's K, bits, group size and symmetry.
 A layer file is written under a temporary name, flushed and renamed, then the manifest is rewritten the
@@ -46,35 +44,8 @@ from vlmptq.quant.scheme import WeightScheme
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 1: codes in 2/4/8-bit byte fields (before the pipeline held them packed)
 MANIFEST = "manifest.json"
-
-
-def _field_width(bits: int) -> int:
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes ``[N, K]`` -> ``[N, ceil(K / p)]`` bytes of p fields (layout in the module docstring)."""
-    w = _field_width(bits)
-    per = 8 // w
-    pad = (-codes.shape[1]) % per
-    c = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
-    c = c.reshape(c.shape[0], -1, per)
-    out = c[..., 0].clone()
-    for j in range(1, per):
-        out |= c[..., j] << (j * w)
-    return out
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`."""
-    w = _field_width(bits)
-    per = 8 // w
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != -(-cols // per):
-        raise ValueError(f"codes {packed.dtype} {tuple(packed.shape)} do not hold {cols} {bits}-bit codes per row")
-    fields = [(packed >> (j * w)) & ((1 << w) - 1) for j in range(per)]
-    return torch.stack(fields, dim=-1).reshape(packed.shape[0], -1)[:, :cols].contiguous()
 
 
 def progress_dir_for(out: str | Path) -> Path:
@@ -246,9 +217,9 @@ class LayerProgress:
             with safe_open(path, "pt") as f:
                 for name, m in json.loads(f.metadata()["linears"]).items():
                     scheme = WeightScheme(m["bits"], m["group_size"], m["symmetric"])
-                    codes = unpack_codes(f.get_tensor(f"{name}.codes"), m["bits"], m["in_features"])
-                    weights[name] = QuantizedWeight(codes, f.get_tensor(f"{name}.scale"),
-                                                    f.get_tensor(f"{name}.zero"), scheme)
+                    weights[name] = QuantizedWeight.from_packed(
+                        f.get_tensor(f"{name}.packed"), m["in_features"], f.get_tensor(f"{name}.scale"),
+                        f.get_tensor(f"{name}.zero"), scheme)
         except (OSError, SafetensorError, KeyError, ValueError, TypeError) as e:
             raise CheckpointError(
                 f"{path} (decoder layer {index} of the run being resumed) cannot be read ({e}); delete "
@@ -266,7 +237,7 @@ class LayerProgress:
         tensors, meta = {}, {}
         for full, qw in weights.items():
             s = qw.scheme
-            tensors[f"{full}.codes"] = pack_codes(qw.codes, s.bits)
+            tensors[f"{full}.packed"] = qw.packed_rows().contiguous()
             tensors[f"{full}.scale"] = qw.scale.contiguous()
             tensors[f"{full}.zero"] = qw.zero.contiguous()
             meta[full] = {"in_features": qw.shape[1], "bits": s.bits, "group_size": s.group_size,

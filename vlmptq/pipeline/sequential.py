@@ -250,7 +250,7 @@ def _solve_linear(lin: nn.Linear, full: str, solver: Solver, stats: InputStatist
     q = res.qweight.dequantize(w.dtype)
     sym, asym = _relative_errors(w, q, stats)
     lin.weight.data = q.to(w.device)
-    qw = QuantizedWeight(res.qweight.codes.cpu(), res.qweight.scale.cpu(), res.qweight.zero.cpu(), scheme)
+    qw = res.qweight.pack().to("cpu")  # packed on the compute device; held packed until the checkpoint
     rec = LinearRecord(full, tuple(w.shape), res.seconds, sym, asym,
                        {k: v for k, v in res.info.items() if k != "mu_scores"})
     logger.info("%s %s (%s): %.2fs%s%s%s", full, tuple(w.shape), scheme.describe(), res.seconds,

@@ -1,0 +1,110 @@
+"""Host memory of ``vlmptq quantize``: the peak resident set size of the CLI process (its own rusage from
+``os.wait4``), beside the floor a run cannot go under (the model's weights, loaded whole, in their dtype)
+and, with ``--baseline DIR``, the same commands run from another checkout (e.g. the commit before a
+memory change) in the same run, on the same machine. Each run is a fresh process.
+
+    python benchmarks/host_memory.py                            # SmolLM2-135M VLM proxy, RTN and GPTQ W3 g64
+    python benchmarks/host_memory.py --baseline /tmp/wt-base    # also the checkout in /tmp/wt-base
+
+Writes ``benchmarks/results/host-memory-<date>.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import REPO, result_header, write_results  # noqa: E402
+
+logger = logging.getLogger("host_memory")
+
+
+def _git_commit(tree: Path) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def run_cli(tree: Path, args: list[str], threads: int) -> tuple[float, int]:
+    """(seconds, peak RSS in bytes) of ``python -m vlmptq quantize ARGS`` importing vlmptq from ``tree``."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "vlmptq", "-q", "quantize", *args], env=env, cwd=tree,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vlmptq quantize {' '.join(args)} (from {tree}) exited with {proc.returncode}:\n"
+                           f"{err.decode(errors='replace')[-3000:]}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="model folder (default: the SmolLM2-135M VLM proxy)")
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    p.add_argument("--baseline", type=Path, default=None, help="another checkout to run the same commands from")
+    p.add_argument("--work-dir", type=Path, default=Path(".cache/vlmptq/host-memory"))
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results"
+                   / f"host-memory-{_dt.date.today().isoformat()}", help="output stem: <out>.md and <out>.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.model is None:
+        from vlmptq.proxy import proxy_dir
+
+        args.model = proxy_dir("smollm2-135m")
+    model = args.model.absolute()
+    from vlmptq.config import make_config
+    from vlmptq.plan import plan
+
+    quantized = plan(model, make_config(bits=args.bits, group_size=args.group_size)).quantized_params
+    weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    work = args.work_dir.absolute()
+    trees = [("this checkout", REPO)] + ([("baseline", args.baseline.absolute())] if args.baseline else [])
+    records = []
+    for method in args.methods:
+        for label, tree in trees:
+            out = work / f"{method}-{label.replace(' ', '-')}"
+            shutil.rmtree(out, ignore_errors=True)
+            cli = ["--model", str(model), "--out", str(out), "--method", method, "--bits", str(args.bits),
+                   "--group-size", str(args.group_size), "--num-samples", str(args.num_samples), "--device", "cpu"]
+            seconds, peak = run_cli(tree, cli, args.threads)
+            shutil.rmtree(out, ignore_errors=True)
+            rec = {"tree": label, "commit": _git_commit(tree), "method": method, "seconds": round(seconds, 1),
+                   "peak_rss_mib": round(peak / 2**20, 1), "over_weights_mib": round((peak - weights) / 2**20, 1)}
+            logger.info("%s", rec)
+            records.append(rec)
+
+    header = {**result_header(), "model": str(args.model), "threads": args.threads,
+              "scheme": f"W{args.bits} g{args.group_size}, {args.num_samples} calibration samples",
+              "weights_mib": round(weights / 2**20, 1), "quantized_params": quantized}
+    md = ["# Host memory of `vlmptq quantize` (peak RSS of the CLI process)", "",
+          f"Floor: the model's weights, {weights / 2**20:.1f} MiB on disk (loaded whole); "
+          f"{quantized / 1e6:.1f} M quantized weights (1 byte each as unpacked uint8 codes, "
+          f"{args.bits / 8:.3f} byte packed).", "",
+          "| method | tree | commit | peak RSS MiB | over the weights MiB | seconds |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['method']} | {r['tree']} | {r['commit']} | {r['peak_rss_mib']} | {r['over_weights_mib']} | "
+           f"{r['seconds']} |" for r in records]
+    print("\n".join(md))
+    write_results(args.out, header, records, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
