@@ -12,7 +12,6 @@ Writes ``benchmarks/results/host-memory-<date>.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import logging
 import os
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _cli_runs import add_run_args, model_dir  # noqa: E402
 from _results import REPO, result_header, write_results  # noqa: E402
 
 logger = logging.getLogger("host_memory")
@@ -54,23 +54,12 @@ def run_cli(tree: Path, args: list[str], threads: int) -> tuple[float, int]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=None, help="model folder (default: the SmolLM2-135M VLM proxy)")
+    add_run_args(p, "host-memory", num_samples=8)
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--num-samples", type=int, default=8)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--baseline", type=Path, default=None, help="another checkout to run the same commands from")
-    p.add_argument("--work-dir", type=Path, default=Path(".cache/vlmptq/host-memory"))
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results"
-                   / f"host-memory-{_dt.date.today().isoformat()}", help="output stem: <out>.md and <out>.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.model is None:
-        from vlmptq.proxy import proxy_dir
-
-        args.model = proxy_dir("smollm2-135m")
-    model = args.model.absolute()
+    model = model_dir(args)
     from vlmptq.config import make_config
     from vlmptq.plan import plan
 
@@ -92,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("%s", rec)
             records.append(rec)
 
-    header = {**result_header(), "model": str(args.model), "threads": args.threads,
+    header = {**result_header(), "model": str(model), "threads": args.threads,
               "scheme": f"W{args.bits} g{args.group_size}, {args.num_samples} calibration samples",
               "weights_mib": round(weights / 2**20, 1), "quantized_params": quantized}
     md = ["# Host memory of `vlmptq quantize` (peak RSS of the CLI process)", "",

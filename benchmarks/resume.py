@@ -9,7 +9,6 @@ stopped by SIGTERM (a pre-empted job) once ``--stop-after`` decoder layers are s
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _cli_runs import add_run_args, model_dir  # noqa: E402
 from _results import result_header, write_results  # noqa: E402
 
 logger = logging.getLogger("resume")
@@ -48,22 +48,12 @@ def _tensors(ckpt: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=None, help="model folder (default: the SmolLM2-135M VLM proxy)")
+    add_run_args(p, "resume", num_samples=16)
     p.add_argument("--method", default="vlmptq")
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--stop-after", type=int, default=20, help="SIGTERM once this many decoder layers are stored")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    p.add_argument("--work-dir", type=Path, default=Path(".cache/vlmptq/resume"))
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results"
-                   / f"resume-{_dt.date.today().isoformat()}", help="output stem: <out>.md and <out>.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.model is None:
-        from vlmptq.proxy import proxy_dir
-
-        args.model = proxy_dir("smollm2-135m")
+    args.model = model_dir(args)
     work = args.work_dir.absolute()
     full, stopped = work / "full", work / "stopped"
     store = stopped.parent / f"{stopped.name}.vlmptq-progress"
