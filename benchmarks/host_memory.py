@@ -5,6 +5,7 @@ memory change) in the same run, on the same machine. Each run is a fresh process
 
     python benchmarks/host_memory.py                            # SmolLM2-135M VLM proxy, RTN and GPTQ W3 g64
     python benchmarks/host_memory.py --baseline /tmp/wt-base    # also the checkout in /tmp/wt-base
+    python benchmarks/host_memory.py --lazy-load                # also each method with --lazy-load
 
 Writes ``benchmarks/results/host-memory-<date>.{md,json}``.
 """
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     add_run_args(p, "host-memory", num_samples=8)
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
     p.add_argument("--baseline", type=Path, default=None, help="another checkout to run the same commands from")
+    p.add_argument("--lazy-load", action="store_true", help="also run each method with --lazy-load")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model = model_dir(args)
@@ -66,18 +68,22 @@ def main(argv: list[str] | None = None) -> None:
     quantized = plan(model, make_config(bits=args.bits, group_size=args.group_size)).quantized_params
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     work = args.work_dir.absolute()
-    trees = [("this checkout", REPO)] + ([("baseline", args.baseline.absolute())] if args.baseline else [])
+    runs = [("this checkout", REPO, [])]  # (label, tree, extra CLI flags)
+    runs += [("this checkout", REPO, ["--lazy-load"])] if args.lazy_load else []
+    runs += [("baseline", args.baseline.absolute(), [])] if args.baseline else []
     records = []
     for method in args.methods:
-        for label, tree in trees:
-            out = work / f"{method}-{label.replace(' ', '-')}"
+        for label, tree, extra in runs:
+            out = work / f"{method}-{label.replace(' ', '-')}{''.join(extra)}"
             shutil.rmtree(out, ignore_errors=True)
             cli = ["--model", str(model), "--out", str(out), "--method", method, "--bits", str(args.bits),
-                   "--group-size", str(args.group_size), "--num-samples", str(args.num_samples), "--device", "cpu"]
+                   "--group-size", str(args.group_size), "--num-samples", str(args.num_samples), "--device", "cpu",
+                   *extra]
             seconds, peak = run_cli(tree, cli, args.threads)
             shutil.rmtree(out, ignore_errors=True)
-            rec = {"tree": label, "commit": _git_commit(tree), "method": method, "seconds": round(seconds, 1),
-                   "peak_rss_mib": round(peak / 2**20, 1), "over_weights_mib": round((peak - weights) / 2**20, 1)}
+            rec = {"tree": label, "commit": _git_commit(tree), "method": method, "flags": " ".join(extra),
+                   "seconds": round(seconds, 1), "peak_rss_mib": round(peak / 2**20, 1),
+                   "over_weights_mib": round((peak - weights) / 2**20, 1)}
             logger.info("%s", rec)
             records.append(rec)
 
@@ -88,9 +94,10 @@ def main(argv: list[str] | None = None) -> None:
           f"Floor: the model's weights, {weights / 2**20:.1f} MiB on disk (loaded whole); "
           f"{quantized / 1e6:.1f} M quantized weights (1 byte each as unpacked uint8 codes, "
           f"{args.bits / 8:.3f} byte packed).", "",
-          "| method | tree | commit | peak RSS MiB | over the weights MiB | seconds |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['method']} | {r['tree']} | {r['commit']} | {r['peak_rss_mib']} | {r['over_weights_mib']} | "
-           f"{r['seconds']} |" for r in records]
+          "| method | tree | commit | flags | peak RSS MiB | over the weights MiB | seconds |",
+          "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['method']} | {r['tree']} | {r['commit']} | {r['flags']} | {r['peak_rss_mib']} | "
+           f"{r['over_weights_mib']} | {r['seconds']} |" for r in records]
     print("\n".join(md))
     write_results(args.out, header, records, "\n".join(md))
 

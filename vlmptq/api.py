@@ -12,7 +12,7 @@ import torch
 from vlmptq.checkpoint.lock import output_lock
 from vlmptq.checkpoint.writer import CheckpointSummary, check_destination, save_quantized_checkpoint
 from vlmptq.config import QuantizeConfig
-from vlmptq.models.adapters import load_model, load_processor, read_checkpoint_dtype
+from vlmptq.models.adapters import load_model, load_model_lazily, load_processor, read_checkpoint_dtype
 from vlmptq.models.source import model_dir_of
 from vlmptq.pipeline.progress import LayerProgress, model_files_digest, progress_dir_for
 from vlmptq.pipeline.sequential import LinearRecord, PipelineResult, quantize_model
@@ -37,20 +37,36 @@ class QuantizeReport:
 
 
 def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, *,
-                       progress: LayerProgress | None = None) -> tuple[torch.nn.Module, PipelineResult, int]:
+                       progress: LayerProgress | None = None, keep_model: bool = True
+                       ) -> tuple[torch.nn.Module, PipelineResult, int]:
     """Load ``model``, calibrate and quantize it in memory (fake-quant weights), without writing.
 
     Returns the model (its decoder linears hold the dequantized weights), the pipeline's result (the
     quantized weights per linear and one record per linear) and the number of calibration samples.
     The quality benchmark uses this directly; :func:`quantize` adds the checkpoint (and ``progress``,
-    the store of finished layers an interrupted run resumes from).
+    the store of finished layers an interrupted run resumes from). With ``config.lazy_load`` and not
+    ``keep_model``, the returned model's quantized linears hold no weights (only the codes do).
     """
     config = config or QuantizeConfig()
     model_dir = model_dir_of(model)
     solver = build_solver(config.method, config.solver)
     device = config.torch_device()
     processor = load_processor(model_dir) if solver.needs.hessian else None  # fails before the weights load
-    hf_model, adapter = load_model(model_dir, config.torch_dtype(read_checkpoint_dtype(model_dir)))
+    dtype = config.torch_dtype(read_checkpoint_dtype(model_dir))
+    lazy = None
+    if config.lazy_load:
+        hf_model, adapter, lazy = load_model_lazily(model_dir, dtype)
+    else:
+        hf_model, adapter = load_model(model_dir, dtype)
+    try:
+        return _quantize_loaded(hf_model, adapter, processor, config, solver, device, progress, lazy, keep_model)
+    finally:
+        if lazy is not None:
+            lazy.close()
+
+
+def _quantize_loaded(hf_model, adapter, processor, config: QuantizeConfig, solver, device, progress, lazy,
+                     keep_model: bool) -> tuple[torch.nn.Module, PipelineResult, int]:
     samples = []
     if processor is not None:
         from vlmptq.calib import load_calibration
@@ -61,6 +77,7 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
         hf_model, adapter, solver, config.scheme, samples,
         device=device, offload_device=config.offload_device, ignore=config.ignore, head_scheme=config.head_scheme,
         progress=progress, scheme_for=config.scheme_resolver() if config.overrides else None,
+        lazy_layers=lazy, release_quantized=not keep_model,
     )
     return hf_model, result, len(samples)
 
@@ -71,7 +88,8 @@ def _fingerprint(model_dir: Path, config: QuantizeConfig) -> dict:
     continue on another, or on the CPU."""
     from vlmptq import __version__
 
-    settings = config.model_dump(mode="json", exclude={"overwrite", "resume", "device", "offload_device"})
+    settings = config.model_dump(mode="json", exclude={"overwrite", "resume", "device", "offload_device",
+                                                          "lazy_load"})
     return {"vlmptq": __version__, "model": model_files_digest(model_dir), "settings": settings}
 
 
@@ -112,7 +130,7 @@ def _quantize_locked(model: str | Path, out: Path, config: QuantizeConfig, t0: f
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        hf_model, result, n_samples = quantize_in_memory(model, config, progress=progress)
+        hf_model, result, n_samples = quantize_in_memory(model, config, progress=progress, keep_model=False)
         summary = save_quantized_checkpoint(
             hf_model, result.quantized, out, scheme=config.scheme, ignore=result.frozen,
             source_dir=model, metadata=_metadata(config, result, n_samples), overwrite=config.overwrite,

@@ -33,13 +33,14 @@ def tiny(tmp_path_factory):
     return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny"), "qwen2_vl")
 
 
-def quantize_on(model_dir, out, device: str, method: str, bits: int, offload: str, resume: bool = False):
+def quantize_on(model_dir, out, device: str, method: str, bits: int, offload: str, resume: bool = False,
+                lazy_load: bool = False):
     import vlmptq
     from vlmptq.calib import CalibConfig
     from vlmptq.config import make_config
 
     config = make_config(method=method, bits=bits, group_size=32, lm_head_bits=8, device=device,
-                         offload_device=offload if device != "cpu" else "cpu", resume=resume,
+                         offload_device=offload if device != "cpu" else "cpu", resume=resume, lazy_load=lazy_load,
                          calib=CalibConfig(source="builtin", num_samples=3, max_seq_len=512))
     return vlmptq.quantize(model_dir, out, config)
 
@@ -117,3 +118,15 @@ def test_a_run_stopped_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypatch):
     assert sorted(full) == sorted(got)
     layer0 = [k for k in full if ".layers.0." in k]
     assert layer0 and all(torch.equal(full[k], got[k]) for k in layer0)
+
+
+def test_lazy_load_on_cuda_writes_the_same_checkpoint(tiny, tmp_path):
+    """--lazy-load reads each decoder layer from the files on the CPU, then moves it to the GPU: the
+    checkpoint equals the whole-model run's on the same device, bit for bit."""
+    from safetensors.torch import load_file
+
+    quantize_on(tiny, tmp_path / "whole", "cuda", "vlmptq", 3, "cpu")
+    quantize_on(tiny, tmp_path / "lazy", "cuda", "vlmptq", 3, "cpu", lazy_load=True)
+    a, b = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+            for d in (tmp_path / "whole", tmp_path / "lazy"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -225,7 +225,11 @@ def _build_state_dict(model, modules, quantized) -> tuple[dict[str, torch.Tensor
     from transformers.pytorch_utils import id_tensor_storage
 
     state = dict(model.state_dict())
-    meta = [k for k, t in state.items() if t.device.type == "meta"]
+    # A quantized linear's weight may be on the meta device (released after a lazily loaded layer was
+    # quantized: its codes are all the checkpoint needs); any other meta tensor is missing data.
+    released = {f"{n}.weight" for n in quantized
+                if (w := state.get(f"{n}.weight")) is not None and w.device.type == "meta"}
+    meta = [k for k, t in state.items() if t.device.type == "meta" and k not in released]
     if meta:
         raise CheckpointError(
             f"{len(meta)} tensors (e.g. {meta[0]!r}) are on the meta device (offloaded); load the whole "
@@ -233,7 +237,8 @@ def _build_state_dict(model, modules, quantized) -> tuple[dict[str, torch.Tensor
         )
     storage = {}
     for k, t in state.items():
-        storage.setdefault(id_tensor_storage(t), []).append(k)
+        if k not in released:  # meta tensors all share one storage id
+            storage.setdefault(id_tensor_storage(t), []).append(k)
     keys: list[str] = []
     numel = 0
     for name, qw in quantized.items():
@@ -243,7 +248,7 @@ def _build_state_dict(model, modules, quantized) -> tuple[dict[str, torch.Tensor
             raise CheckpointError(
                 f"{wkey!r} is not in the model's state dict; cannot replace it with packed tensors."
             )
-        tied = [k for k in storage[id_tensor_storage(weight)] if k != wkey]
+        tied = [] if wkey in released else [k for k in storage[id_tensor_storage(weight)] if k != wkey]
         if tied:
             raise CheckpointError(
                 f"{wkey!r} shares its storage with {tied[0]!r} (tied weights); a tied weight cannot be "

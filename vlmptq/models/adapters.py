@@ -15,12 +15,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from vlmptq.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from vlmptq.models.lazy import LazyLayers
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +258,23 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[n
     adapter = cls(model)
     logger.info("loaded %s", adapter.describe())
     return model, adapter
+
+
+def load_model_lazily(path: str | Path, dtype: torch.dtype = torch.bfloat16
+                      ) -> tuple[nn.Module, ModelAdapter, "LazyLayers"]:
+    """Load the checkpoint at ``path`` with its decoder layers left in the files until
+    ``LazyLayers.load`` reads them (``vlmptq.models.lazy``)."""
+    import transformers
+
+    from vlmptq.models.lazy import load_lazily
+
+    cls = adapter_for_type(read_model_type(path))
+    skeleton = cls.skeleton(path, dtype)
+    prefix, layers = cls(skeleton).decoder_layers()
+    model, lazy = load_lazily(getattr(transformers, cls.auto_class), path, dtype, skeleton, prefix, len(layers))
+    adapter = cls(model)
+    logger.info("loaded %s; its %d decoder layers are read one at a time", adapter.describe(), len(layers))
+    return model, adapter, lazy
 
 
 def load_skeleton(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, ModelAdapter]:

@@ -44,6 +44,7 @@ from vlmptq.solvers.modality import layer_loss
 from vlmptq.stats import InputStatistics, StatisticsAccumulator
 
 if TYPE_CHECKING:
+    from vlmptq.models.lazy import LazyLayers
     from vlmptq.pipeline.progress import LayerProgress
 
 logger = logging.getLogger(__name__)
@@ -352,13 +353,18 @@ def quantize_model(
     head_scheme: WeightScheme | None = None,
     progress: LayerProgress | None = None,
     scheme_for: Callable[[str], WeightScheme] | None = None,
+    lazy_layers: LazyLayers | None = None,
+    release_quantized: bool = False,
 ) -> PipelineResult:
     """Quantize every decoder-layer linear of ``model`` in place (fake-quant weights) and return the
     quantized weights. ``ignore``: regexes of full module names to leave in 16-bit. ``head_scheme``:
     also quantize the lm_head (untied from the input embeddings first), after the last layer.
     ``progress``: where finished layers are stored, and taken from instead of solved again (resume).
     ``scheme_for``: a decoder linear's full name -> its scheme, where some differ from ``scheme``
-    (mixed precision); default: ``scheme`` for all."""
+    (mixed precision); default: ``scheme`` for all. ``lazy_layers``: the decoder layers are still in the
+    checkpoint files and are read as they come (``vlmptq.models.lazy``); with ``release_quantized``
+    their quantized linears' weights go back there (the meta device) once the layer is done, leaving
+    only the returned codes (a checkpoint is written from those; the fake-quant model is gone)."""
     t_start = time.perf_counter()
     device, offload = torch.device(device), torch.device(offload_device)
     prefix, layers = adapter.decoder_layers()
@@ -384,6 +390,8 @@ def quantize_model(
     frozen = list(adapter.frozen_linears())
 
     for li in tqdm(range(len(layers)), desc=f"quantizing ({solver.name}, {scheme.describe()})"):
+        if lazy_layers is not None:
+            lazy_layers.load(li, layers[li])
         layer = layers[li].to(device)
         lprefix = f"{prefix}.{li}"
         names, skipped = quantizable_linears(layer, lprefix, patterns)
@@ -409,6 +417,8 @@ def quantize_model(
                 streams.calls[li] = []  # this layer's arguments are no longer needed
         del fp_layer
         layers[li] = layer.to("cpu")
+        if lazy_layers is not None and release_quantized:
+            lazy_layers.release(layer, names)
         if progress is not None and stored is None:
             progress.save(li, layer_quantized, layer_records)
         if device.type == "cuda":

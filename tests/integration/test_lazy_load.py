@@ -1,0 +1,120 @@
+"""``--lazy-load`` (``vlmptq/models/lazy.py``): the decoder layers are read from the checkpoint files as the
+pipeline reaches them, and their quantized weights dropped once done. The checkpoint must be the one a
+whole-model run writes, bit for bit, on every supported family (their on-disk names differ: LLaVA's and
+Gemma 3's vision towers, Qwen2-VL's pre-transformers-5 layout), with deepstack features, --ignore,
+a W8 head and --resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import vlmptq
+import vlmptq.pipeline.sequential as sequential
+from vlmptq.calib import CalibConfig
+from vlmptq.config import make_config
+from tests.support.tiny_families import build_tiny_family
+
+CALIB = CalibConfig(source="builtin", num_samples=2, max_seq_len=512)
+
+
+def _config(**fields):
+    return make_config(**{**dict(method="vlmptq", bits=3, group_size=32, device="cpu", calib=CALIB), **fields})
+
+
+def _tensors(out):
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _same_checkpoint(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    qa, qb = (json.loads((d / "config.json").read_text())["quantization_config"] for d in (a, b))
+    assert qa == qb
+
+
+def _legacy_qwen2_vl(src, dst):
+    """The same checkpoint in Qwen2-VL's published layout (``model.layers.*``, ``visual.*``), which
+    transformers 5 renames while loading."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            sd = load_file(f)
+            sd = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+                  for k, v in sd.items()}
+            assert any(k.startswith("model.layers.") for k in sd)
+            save_file(sd, dst / f.name, metadata={"format": "pt"})
+        else:
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_vl_legacy_names", "qwen3_vl", "llava", "llava_onevision",
+                                    "idefics3", "internvl", "gemma3", "mistral3"])
+def test_lazy_run_writes_the_whole_model_runs_checkpoint(family, tiny_qwen2_vl, tiny_qwen3_vl, tmp_path):
+    if family == "qwen2_vl":
+        src = tiny_qwen2_vl
+    elif family == "qwen2_vl_legacy_names":
+        src = _legacy_qwen2_vl(tiny_qwen2_vl, tmp_path / "legacy")
+    elif family == "qwen3_vl":  # deepstack: features added between decoder layers
+        src = tiny_qwen3_vl
+    else:
+        src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
+    vlmptq.quantize(src, tmp_path / "whole", _config())
+    vlmptq.quantize(src, tmp_path / "lazy", _config(lazy_load=True))
+    _same_checkpoint(tmp_path / "whole", tmp_path / "lazy")
+
+
+def test_lazy_run_with_ignore_head_and_resume(tiny_qwen2_vl, tmp_path, monkeypatch):
+    fields = dict(ignore=(r"mlp\.down_proj",), lm_head_bits=8)
+    vlmptq.quantize(tiny_qwen2_vl, tmp_path / "whole", _config(**fields))
+
+    original = sequential._solve_linear
+
+    def stop_in_layer_1(lin, full, *args, **kwargs):
+        if ".layers.1." in full:
+            raise KeyboardInterrupt
+        return original(lin, full, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(sequential, "_solve_linear", stop_in_layer_1)
+        with pytest.raises(KeyboardInterrupt):
+            vlmptq.quantize(tiny_qwen2_vl, tmp_path / "lazy", _config(lazy_load=True, **fields))
+    vlmptq.quantize(tiny_qwen2_vl, tmp_path / "lazy", _config(lazy_load=True, resume=True, **fields))
+    _same_checkpoint(tmp_path / "whole", tmp_path / "lazy")
+    assert any(k.endswith("layers.0.mlp.down_proj.weight") for k in _tensors(tmp_path / "lazy"))  # kept 16-bit
+
+
+def test_what_a_lazy_run_keeps_in_memory(tiny_qwen2_vl):
+    """quantize() drops each quantized linear's weight once its layer is done (the codes are kept);
+    quantize_in_memory returns the whole fake-quant model unless told otherwise."""
+    whole, res_whole, _ = vlmptq.quantize_in_memory(tiny_qwen2_vl, _config())
+    kept, res_kept, _ = vlmptq.quantize_in_memory(tiny_qwen2_vl, _config(lazy_load=True))
+    a, b = whole.state_dict(), kept.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    lean, res_lean, _ = vlmptq.quantize_in_memory(tiny_qwen2_vl, _config(lazy_load=True), keep_model=False)
+    for name, p in lean.named_parameters():
+        quantized_weight = name.endswith(".weight") and name[: -len(".weight")] in res_lean.quantized
+        assert (p.device.type == "meta") == quantized_weight, name
+    assert sorted(res_lean.quantized) == sorted(res_whole.quantized)
+    for name, qw in res_lean.quantized.items():
+        assert torch.equal(qw.codes, res_whole.quantized[name].codes), name
+
+
+def test_layer_device_map_covers_every_tensor_once(tiny_qwen3_vl):
+    from vlmptq.models.adapters import load_skeleton
+    from vlmptq.models.lazy import layer_device_map
+
+    skeleton, adapter = load_skeleton(tiny_qwen3_vl)
+    prefix, layers = adapter.decoder_layers()
+    device_map = layer_device_map(skeleton, prefix, len(layers))
+    assert [k for k, v in device_map.items() if v == "disk"] == [f"{prefix}.{i}" for i in range(len(layers))]
+    for name, _ in [*skeleton.named_parameters(), *skeleton.named_buffers()]:
+        owners = [k for k in device_map if name == k or name.startswith(k + ".")]
+        assert len(owners) == 1, (name, owners)
