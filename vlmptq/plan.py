@@ -21,6 +21,7 @@ from vlmptq.config import QuantizeConfig
 from vlmptq.models.adapters import load_skeleton, read_checkpoint_dtype
 from vlmptq.models.source import model_dir_of
 from vlmptq.pipeline.sequential import check_head_fits, check_layers_fit, compile_ignore, quantizable_linears
+from vlmptq.solvers import build_solver
 
 
 @dataclass
@@ -43,6 +44,11 @@ class QuantizationPlan:
     shares: list[SchemeShare]
     kept_linears: list[str]  # decoder linears --ignore keeps in 16-bit
     other_params: int  # everything else (embeddings, norms, vision tower, projector, 16-bit lm_head)
+    total_params: int = 0  # every parameter of the model as loaded
+    layer_params: int = 0  # those of the decoder layers
+    largest_layer_params: int = 0
+    calib_bytes: int = 0  # upper bound of the calibration hidden states held between layers
+    calib_desc: str = ""
 
     @property
     def quantized_params(self) -> int:
@@ -70,7 +76,24 @@ class QuantizationPlan:
                   + (", lm_head" if not any(s.scheme.startswith("lm_head") for s in self.shares) else "") + ")",
                   f"checkpoint  {_size(self.nbytes)} ({total16 / self.nbytes:.2f}x smaller than {_size(total16)} "
                   f"at 16 bits)"]
+        lines += self._memory_lines(itemsize)
         return "\n".join(lines)
+
+    def _memory_lines(self, itemsize: int) -> list[str]:
+        """Host memory for weights and codes: the whole model loaded, or --lazy-load's rest of the model
+        plus the current layer; the packed codes (what the checkpoint's quantized part weighs) accumulate
+        in both. Activations come on top: an upper bound of the calibration hidden states."""
+        if not self.total_params:
+            return []
+        codes = sum(s.nbytes for s in self.shares)
+        lazy = itemsize * (self.total_params - self.layer_params + self.largest_layer_params)
+        lines = [f"host memory {_size(itemsize * self.total_params)} (the model) + up to {_size(codes)} of packed "
+                 f"codes; with --lazy-load {_size(lazy)} (the model without its decoder layers, plus the largest) "
+                 f"+ the same codes"]
+        if self.calib_bytes:
+            lines.append(f"            + the calibration hidden states held between layers, at most "
+                         f"{_size(self.calib_bytes)} ({self.calib_desc})")
+        return lines
 
 
 def plan(model: str | Path, config: QuantizeConfig) -> QuantizationPlan:
@@ -107,7 +130,19 @@ def plan(model: str | Path, config: QuantizeConfig) -> QuantizationPlan:
         if not tied:  # a tied head is untied: its 16-bit embedding stays in `other`
             other -= lin.weight.numel()
     rows = [SchemeShare(s, n, params, nbytes, first) for s, (n, params, nbytes, first) in shares.items()]
-    return QuantizationPlan(str(model), skeleton.config.model_type, dtype, len(layers), rows, kept, other)
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    needs = build_solver(config.method, config.solver).needs
+    streams = 0 if not needs.hessian else 2 if needs.fp_inputs else 1
+    hidden = skeleton.get_input_embeddings().weight.shape[1]
+    calib = config.calib
+    return QuantizationPlan(
+        str(model), skeleton.config.model_type, dtype, len(layers), rows, kept, other,
+        total_params=sum(p.numel() for p in skeleton.parameters()), layer_params=sum(per_layer),
+        largest_layer_params=max(per_layer, default=0),
+        calib_bytes=streams * calib.num_samples * calib.max_seq_len * hidden * itemsize,
+        calib_desc=(f"{calib.num_samples} samples x {calib.max_seq_len} tokens x {hidden} x {itemsize} B x "
+                    f"{streams} stream{'s' if streams > 1 else ''}"),
+    )
 
 
 def _size(nbytes: int) -> str:

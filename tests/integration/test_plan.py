@@ -48,3 +48,23 @@ def test_dry_run_checks_like_a_run_and_writes_nothing(tiny_qwen2_vl, tmp_path, c
     printed = capsys.readouterr().out
     assert "W3 g64 asym" in printed and "W4 g64 asym" in printed and "checkpoint  " in printed
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_plan_counts_the_host_memory_of_both_loading_modes(tiny_qwen2_vl):
+    """The memory line's parameter counts are the loaded model's; the calibration bound follows the
+    method's streams (two for the asymmetric methods, none for RTN)."""
+    from vlmptq.calib import CalibConfig
+    from vlmptq.models.adapters import load_model
+
+    model, adapter = load_model(tiny_qwen2_vl)
+    _, layers = adapter.decoder_layers()
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    p = plan(tiny_qwen2_vl, make_config(method="vlmptq", group_size=32,
+                                        calib=CalibConfig(num_samples=4, max_seq_len=100)))
+    assert p.total_params == sum(t.numel() for t in model.parameters())
+    assert (p.layer_params, p.largest_layer_params) == (sum(per_layer), max(per_layer))
+    hidden = model.get_input_embeddings().weight.shape[1]
+    assert p.calib_bytes == 2 * 4 * 100 * hidden * 2  # two streams, bf16
+    text = p.format()
+    assert "host memory" in text and "with --lazy-load" in text and "4 samples x 100 tokens" in text
+    assert plan(tiny_qwen2_vl, make_config(method="rtn", group_size=32)).calib_bytes == 0
