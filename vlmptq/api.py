@@ -13,6 +13,7 @@ from vlmptq.checkpoint.lock import output_lock
 from vlmptq.checkpoint.writer import CheckpointSummary, check_destination, save_quantized_checkpoint
 from vlmptq.config import QuantizeConfig
 from vlmptq.models.adapters import load_model, load_model_lazily, load_processor, read_checkpoint_dtype
+from vlmptq.models.lazy import warn_if_memory_is_short
 from vlmptq.models.source import model_dir_of
 from vlmptq.pipeline.progress import LayerProgress, model_files_digest, progress_dir_for
 from vlmptq.pipeline.sequential import LinearRecord, PipelineResult, quantize_model
@@ -57,6 +58,7 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
     if config.lazy_load:
         hf_model, adapter, lazy = load_model_lazily(model_dir, dtype)
     else:
+        warn_if_memory_is_short(model_dir)
         hf_model, adapter = load_model(model_dir, dtype)
     try:
         return _quantize_loaded(hf_model, adapter, processor, config, solver, device, progress, lazy, keep_model)

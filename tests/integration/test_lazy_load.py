@@ -118,3 +118,34 @@ def test_layer_device_map_covers_every_tensor_once(tiny_qwen3_vl):
     for name, _ in [*skeleton.named_parameters(), *skeleton.named_buffers()]:
         owners = [k for k in device_map if name == k or name.startswith(k + ".")]
         assert len(owners) == 1, (name, owners)
+
+
+def test_lazy_text_only_model(tiny_qwen2_vl, tmp_path):
+    """A text-only model (AutoModelForCausalLM, decoder layers at model.layers), RTN: no calibration."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=2048, tie_word_embeddings=False)
+    src = tmp_path / "llama"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(src)
+    AutoTokenizer.from_pretrained(tiny_qwen2_vl).save_pretrained(src)
+    vlmptq.quantize(src, tmp_path / "whole", _config(method="rtn"))
+    vlmptq.quantize(src, tmp_path / "lazy", _config(method="rtn", lazy_load=True))
+    _same_checkpoint(tmp_path / "whole", tmp_path / "lazy")
+
+
+def test_a_model_too_big_for_the_host_memory_is_pointed_to_lazy_load(tiny_qwen2_vl, monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    with caplog.at_level(logging.WARNING, logger="vlmptq.models.lazy"):
+        vlmptq.quantize_in_memory(tiny_qwen2_vl, _config(method="rtn"))
+    assert "may swap or fail; --lazy-load keeps one decoder layer" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlmptq.models.lazy"):
+        vlmptq.quantize_in_memory(tiny_qwen2_vl, _config(method="rtn", lazy_load=True))
+    assert "may swap" not in caplog.text

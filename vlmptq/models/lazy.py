@@ -87,6 +87,21 @@ class LazyLayers:
         self._offload_dir.cleanup()
 
 
+def warn_if_memory_is_short(model_dir: str | Path) -> None:
+    """Before a whole-model load: say so if the weight files will not fit in the host memory available
+    (the run would swap or be killed), and what avoids it."""
+    import psutil
+
+    weights = sum(f.stat().st_size for f in Path(model_dir).iterdir()
+                  if f.suffix in (".safetensors", ".bin", ".pt"))
+    available = psutil.virtual_memory().available
+    if weights > 0.8 * available:
+        logger.warning("the model's weights take %.1f GiB and %.1f GiB of host memory are available: loading the "
+                       "whole model may swap or fail; --lazy-load keeps one decoder layer of them in memory at a "
+                       "time (vlmptq quantize --dry-run --lazy-load shows how much it needs)", weights / 2**30,
+                       available / 2**30)
+
+
 def _tensors(module: nn.Module, prefix: str):
     for mname, mod in module.named_modules():
         for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
