@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmptq", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--version", action="version", version=f"vlmptq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     p = sub.add_parser("inspect", help="print a checkpoint's scheme, layers, sizes and compression",
@@ -238,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmptq: {what}" + ("; nothing was written to --out" if args.command == "quantize" else ""),
               file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+
+
+def _version() -> str:
+    from vlmptq import __version__
+
+    return __version__
 
 
 if __name__ == "__main__":

@@ -326,6 +326,15 @@ def test_invalid_options_name_the_field():
 
 
 # ------------------------------------------------------------------ the CLI
+def test_cli_version(capsys):
+    from vlmptq import __version__
+    from vlmptq.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"vlmptq {__version__}"
+
+
 def test_cli_quantize_and_inspect(tiny_qwen2_vl, tmp_path, capsys):
     from vlmptq.cli import main
 
