@@ -116,6 +116,10 @@ def load_lazily(auto_class, path: str | Path, dtype: torch.dtype, skeleton: nn.M
         from accelerate.hooks import remove_hook_from_module
     except ImportError as e:
         raise UnsupportedModelError(f"--lazy-load needs the accelerate package ({e}); pip install accelerate") from e
+    if not any(Path(path).glob("*.safetensors")):
+        logger.warning("%s has no safetensors files: --lazy-load first re-saves its decoder layers under %s "
+                       "(as much disk as the layers take); converting the checkpoint to safetensors avoids that",
+                       path, tempfile.gettempdir())
     offload = tempfile.TemporaryDirectory(prefix="vlmptq-offload-")
     try:
         quiet = logging.getLogger("accelerate.big_modeling")  # "parameters on the meta device": intended
