@@ -149,3 +149,22 @@ def test_a_model_too_big_for_the_host_memory_is_pointed_to_lazy_load(tiny_qwen2_
     with caplog.at_level(logging.WARNING, logger="vlmptq.models.lazy"):
         vlmptq.quantize_in_memory(tiny_qwen2_vl, _config(method="rtn", lazy_load=True))
     assert "may swap" not in caplog.text
+
+
+def test_lazy_load_of_a_checkpoint_without_safetensors(tiny_qwen2_vl, tmp_path, caplog):
+    """pytorch_model.bin: transformers re-saves the offloaded layers to a temporary folder; same result."""
+    import logging
+    import shutil
+
+    src = tmp_path / "bin"
+    shutil.copytree(tiny_qwen2_vl, src)
+    sd = {}
+    for f in src.glob("*.safetensors"):
+        sd.update(load_file(f))
+        f.unlink()
+    torch.save(sd, src / "pytorch_model.bin")
+    vlmptq.quantize(src, tmp_path / "whole", _config(method="rtn"))
+    with caplog.at_level(logging.WARNING, logger="vlmptq.models.lazy"):
+        vlmptq.quantize(src, tmp_path / "lazy", _config(method="rtn", lazy_load=True))
+    assert "has no safetensors files: --lazy-load first re-saves its decoder layers" in caplog.text
+    _same_checkpoint(tmp_path / "whole", tmp_path / "lazy")
