@@ -86,7 +86,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--lazy-load", action="store_true",
                    help="read the decoder layers from the model's files one at a time instead of loading the whole "
                         "model: host memory holds the rest of the model, one layer and the finished layers' packed "
-                        "codes (for a 72B model ~10%% of its size)")
+                        "codes (--dry-run --lazy-load prints how much); the checkpoint is the same")
     r.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="model dtype")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     r.add_argument("--dry-run", action="store_true",
