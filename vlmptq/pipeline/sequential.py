@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS
-from vlmptq.errors import ConfigError, UnsupportedModelError
+from vlmptq.errors import ConfigError, SolverError, UnsupportedModelError
 from vlmptq.models.adapters import ModelAdapter
 from vlmptq.pipeline.capture import (
     LayerCall, Residue, advance, input_sharing_groups, layer_input_of, move_to, record_layer_calls, run_until_stopped,
@@ -251,7 +251,10 @@ def _solve_linear(lin: nn.Linear, full: str, solver: Solver, stats: InputStatist
     q = res.qweight.dequantize(w.dtype)
     sym, asym = _relative_errors(w, q, stats)
     lin.weight.data = q.to(w.device)
-    qw = res.qweight.pack().to("cpu")  # packed on the compute device; held packed until the checkpoint
+    try:
+        qw = res.qweight.pack().to("cpu")  # packed on the compute device; held packed until the checkpoint
+    except ValueError as e:  # codes outside the grid: a solver bug, never a user's
+        raise SolverError(f"{full}: {e}") from None
     rec = LinearRecord(full, tuple(w.shape), res.seconds, sym, asym,
                        {k: v for k, v in res.info.items() if k != "mu_scores"})
     logger.info("%s %s (%s): %.2fs%s%s%s", full, tuple(w.shape), scheme.describe(), res.seconds,
