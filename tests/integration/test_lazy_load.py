@@ -168,3 +168,22 @@ def test_lazy_load_of_a_checkpoint_without_safetensors(tiny_qwen2_vl, tmp_path, 
         vlmptq.quantize(src, tmp_path / "lazy", _config(method="rtn", lazy_load=True))
     assert "has no safetensors files: --lazy-load first re-saves its decoder layers" in caplog.text
     _same_checkpoint(tmp_path / "whole", tmp_path / "lazy")
+
+
+def test_lazy_load_of_a_sharded_checkpoint(tiny_qwen2_vl, tmp_path):
+    """Real models come in shards with a model.safetensors.index.json: the offload index must point
+    each layer tensor into its own shard."""
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    src = tmp_path / "sharded"
+    AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.bfloat16).save_pretrained(
+        src, max_shard_size="300KB")
+    for f in tiny_qwen2_vl.iterdir():
+        if not f.name.startswith("model") and f.name != "config.json":
+            shutil.copy(f, src / f.name)
+    assert len(list(src.glob("*.safetensors"))) > 3 and (src / "model.safetensors.index.json").exists()
+    vlmptq.quantize(src, tmp_path / "whole", _config())
+    vlmptq.quantize(src, tmp_path / "lazy", _config(lazy_load=True))
+    _same_checkpoint(tmp_path / "whole", tmp_path / "lazy")
