@@ -13,7 +13,7 @@ from vlmptq.checkpoint.lock import output_lock
 from vlmptq.checkpoint.writer import CheckpointSummary, check_destination, save_quantized_checkpoint
 from vlmptq.config import QuantizeConfig
 from vlmptq.models.adapters import load_model, load_model_lazily, load_processor, read_checkpoint_dtype
-from vlmptq.models.lazy import warn_if_memory_is_short
+from vlmptq.models.lazy import choose_lazy_load
 from vlmptq.models.source import model_dir_of
 from vlmptq.pipeline.progress import LayerProgress, model_files_digest, progress_dir_for
 from vlmptq.pipeline.sequential import LinearRecord, PipelineResult, quantize_model
@@ -45,8 +45,8 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
     Returns the model (its decoder linears hold the dequantized weights), the pipeline's result (the
     quantized weights per linear and one record per linear) and the number of calibration samples.
     The quality benchmark uses this directly; :func:`quantize` adds the checkpoint (and ``progress``,
-    the store of finished layers an interrupted run resumes from). With ``config.lazy_load`` and not
-    ``keep_model``, the returned model's quantized linears hold no weights (only the codes do).
+    the store of finished layers an interrupted run resumes from). Loaded lazily (``config.lazy_load``)
+    and without ``keep_model``, the returned model's quantized linears hold no weights (the codes do).
     """
     config = config or QuantizeConfig()
     model_dir = model_dir_of(model)
@@ -55,10 +55,9 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
     processor = load_processor(model_dir) if solver.needs.hessian else None  # fails before the weights load
     dtype = config.torch_dtype(read_checkpoint_dtype(model_dir))
     lazy = None
-    if config.lazy_load:
+    if choose_lazy_load(model_dir, config.lazy_load):
         hf_model, adapter, lazy = load_model_lazily(model_dir, dtype)
     else:
-        warn_if_memory_is_short(model_dir)
         hf_model, adapter = load_model(model_dir, dtype)
     try:
         return _quantize_loaded(hf_model, adapter, processor, config, solver, device, progress, lazy, keep_model)

@@ -83,10 +83,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "projector are always kept, the lm_head unless --lm-head-bits; q/k/v_proj and gate/up_proj "
                         "all or none (vLLM fuses them)")
     r.add_argument("--device", default="auto", help="compute device: auto, cpu, cuda, cuda:N")
-    r.add_argument("--lazy-load", action="store_true",
+    r.add_argument("--lazy-load", action=argparse.BooleanOptionalAction, default=None,
                    help="read the decoder layers from the model's files one at a time instead of loading the whole "
                         "model: host memory holds the rest of the model, one layer and the finished layers' packed "
-                        "codes (--dry-run --lazy-load prints how much); the checkpoint is the same")
+                        "codes (--dry-run prints how much); the checkpoint is the same. Default: only when the "
+                        "weights would not fit in the available host memory")
     r.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="model dtype")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     r.add_argument("--dry-run", action="store_true",

@@ -73,8 +73,9 @@ class QuantizeConfig(BaseModel):
     device: str = Field("auto", description="compute device: auto (cuda if available), cpu, cuda, cuda:N")
     offload_device: str = Field("cpu", description="where per-sample activations wait between layers")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="model dtype")
-    lazy_load: bool = Field(False, description="read the decoder layers from the model's files one at a time "
-                                               "(vlmptq.models.lazy); the result is the same")
+    lazy_load: bool | None = Field(
+        None, description="read the decoder layers from the model's files one at a time (vlmptq.models.lazy; the "
+                          "result is the same); None: only when the weights would not fit in the available memory")
     overwrite: bool = Field(False, description="replace a non-empty output directory")
     resume: bool = Field(False, description="continue an interrupted run from the layers it finished "
                                             "(kept in <out>.vlmptq-progress/)")

@@ -16,6 +16,7 @@ import vlmptq
 import vlmptq.pipeline.sequential as sequential
 from vlmptq.calib import CalibConfig
 from vlmptq.config import make_config
+from vlmptq.models.adapters import load_model_lazily
 from tests.support.tiny_families import build_tiny_family
 
 CALIB = CalibConfig(source="builtin", num_samples=2, max_seq_len=512)
@@ -135,20 +136,27 @@ def test_lazy_text_only_model(tiny_qwen2_vl, tmp_path):
     _same_checkpoint(tmp_path / "whole", tmp_path / "lazy")
 
 
-def test_a_model_too_big_for_the_host_memory_is_pointed_to_lazy_load(tiny_qwen2_vl, monkeypatch, caplog):
+def test_a_model_too_big_for_the_host_memory_is_loaded_lazily(tiny_qwen2_vl, monkeypatch, caplog):
+    """By default (lazy_load=None) the decoder layers are read lazily when the weights would not fit;
+    forced whole, the run says that it may not fit."""
     import logging
     from types import SimpleNamespace
 
     import psutil
 
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    import vlmptq.api as api
+
+    loaded = []
+    monkeypatch.setattr(api, "load_model_lazily", lambda *a: loaded.append(a) or load_model_lazily(*a))
     with caplog.at_level(logging.WARNING, logger="vlmptq.models.lazy"):
+        vlmptq.quantize_in_memory(tiny_qwen2_vl, _config(method="rtn"))  # plenty of memory: whole
+        assert not loaded and not caplog.text
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
         vlmptq.quantize_in_memory(tiny_qwen2_vl, _config(method="rtn"))
-    assert "may swap or fail; --lazy-load keeps one decoder layer" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vlmptq.models.lazy"):
-        vlmptq.quantize_in_memory(tiny_qwen2_vl, _config(method="rtn", lazy_load=True))
-    assert "may swap" not in caplog.text
+        assert len(loaded) == 1 and "reading its decoder layers one at a time (--lazy-load" in caplog.text
+        caplog.clear()
+        vlmptq.quantize_in_memory(tiny_qwen2_vl, _config(method="rtn", lazy_load=False))
+        assert len(loaded) == 1 and "loading the whole model may swap or fail; --lazy-load" in caplog.text
 
 
 def test_lazy_load_of_a_checkpoint_without_safetensors(tiny_qwen2_vl, tmp_path, caplog):

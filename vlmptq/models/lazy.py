@@ -87,19 +87,25 @@ class LazyLayers:
         self._offload_dir.cleanup()
 
 
-def warn_if_memory_is_short(model_dir: str | Path) -> None:
-    """Before a whole-model load: say so if the weight files will not fit in the host memory available
-    (the run would swap or be killed), and what avoids it."""
+def choose_lazy_load(model_dir: str | Path, requested: bool | None) -> bool:
+    """Whether to load lazily: as ``requested``, or (None) when the weight files would take more than 80%
+    of the host memory available now. Either way a whole-model load that will not fit is named."""
     import psutil
 
     weights = sum(f.stat().st_size for f in Path(model_dir).iterdir()
                   if f.suffix in (".safetensors", ".bin", ".pt"))
     available = psutil.virtual_memory().available
-    if weights > 0.8 * available:
-        logger.warning("the model's weights take %.1f GiB and %.1f GiB of host memory are available: loading the "
-                       "whole model may swap or fail; --lazy-load keeps one decoder layer of them in memory at a "
-                       "time (vlmptq quantize --dry-run --lazy-load shows how much it needs)", weights / 2**30,
-                       available / 2**30)
+    short = weights > 0.8 * available
+    sizes = f"the model's weights take {weights / 2**30:.1f} GiB and {available / 2**30:.1f} GiB of host memory " \
+            "are available"
+    if requested is None and short:
+        logger.warning("%s: reading its decoder layers one at a time (--lazy-load; the checkpoint is the same, "
+                       "--no-lazy-load loads it whole)", sizes)
+        return True
+    if requested is False and short:
+        logger.warning("%s: loading the whole model may swap or fail; --lazy-load keeps one decoder layer of "
+                       "them in memory at a time (--dry-run --lazy-load shows how much it needs)", sizes)
+    return bool(requested)
 
 
 def _tensors(module: nn.Module, prefix: str):
