@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     quantized = plan(model, make_config(bits=args.bits, group_size=args.group_size)).quantized_params
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     work = args.work_dir.absolute()
-    runs = [("this checkout", REPO, [])]  # (label, tree, extra CLI flags)
+    runs = [("this checkout", REPO, ["--no-lazy-load"])]  # (label, tree, extra CLI flags); whole, not auto
     runs += [("this checkout", REPO, ["--lazy-load"])] if args.lazy_load else []
     runs += [("baseline", args.baseline.absolute(), [])] if args.baseline else []
     records = []
