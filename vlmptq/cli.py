@@ -150,7 +150,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                     "held-out photos never in the built-in calibration set, or your own pairs (--data).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="quantized checkpoint directories of --model")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="quantized checkpoints of --model (directories or Hub ids)")
     p.add_argument("--model", required=True, help="the source model they were quantized from (directory or Hub id)")
     p.add_argument("--photos", type=int, default=len(BUILTIN_HOLDOUT),
                    help=f"held-out photos to ask about (1-{len(BUILTIN_HOLDOUT)})")
@@ -183,7 +184,9 @@ def _compare(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from vlmptq.checkpoint.reader import inspect_checkpoint
 
-    print(inspect_checkpoint(args.dir).format())
+    from vlmptq.models.source import resolve_model
+
+    print(inspect_checkpoint(resolve_model(args.dir)).format())
     return 0
 
 
@@ -197,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a checkpoint's scheme, layers, sizes and compression",
                        description="Print a vlmptq / compressed-tensors checkpoint's scheme, quantized and "
                                    "16-bit layers, sizes, bits per weight and compression ratio.")
-    p.add_argument("dir", help="checkpoint directory")
+    p.add_argument("dir", help="checkpoint directory or Hugging Face Hub id")
     _add_compare(sub)
     return parser
 

@@ -32,7 +32,7 @@ from vlmptq.demo.evaluate import (
 from vlmptq.config import resolve_device
 from vlmptq.errors import ConfigError
 from vlmptq.models.adapters import load_model, load_processor, read_checkpoint_dtype
-from vlmptq.models.source import model_dir_of
+from vlmptq.models.source import model_dir_of, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: Calib
         raise ConfigError(f"photos takes 1..{len(BUILTIN_HOLDOUT)} and questions 1..{len(EVAL_QUESTIONS)}, "
                           f"got {photos} and {questions}")
     dev = resolve_device(device)
+    names = [str(c) for c in checkpoints]
+    checkpoints = [resolve_model(c) for c in checkpoints]  # folders, or Hub ids from the HF cache
     reports = [inspect_checkpoint(c) for c in checkpoints]  # unreadable checkpoints fail before any work
     model_dir = model_dir_of(model)
     dtype = dtype or read_checkpoint_dtype(checkpoints[0]) or torch.bfloat16
@@ -76,13 +78,13 @@ def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: Calib
     reference = reference_logprobs(source.to(dev).eval(), prompts, "source model")
     del source
     rows = []
-    for ckpt, report in zip(checkpoints, reports):
+    for name, ckpt, report in zip(names, checkpoints, reports):
         quantized, _ = load_model(model_dir, dtype)
         dequantize_into(quantized, Path(ckpt))
         kl, top1, n = divergence(reference, reference_logprobs(quantized.to(dev).eval(), prompts, Path(ckpt).name))
         del quantized
         marker = read_config(ckpt).get("quantization_config", {}).get("vlmptq", {})
-        rows.append(ComparisonRow(str(ckpt), marker.get("method", "?"), report.scheme, kl, top1, n, len(prompts)))
+        rows.append(ComparisonRow(name, marker.get("method", "?"), report.scheme, kl, top1, n, len(prompts)))
         logger.info("%s: KL %.4f nats/token, top-1 agreement %.1f%%", ckpt, kl, 100 * top1)
     return rows
 

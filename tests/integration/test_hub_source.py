@@ -62,6 +62,15 @@ def test_a_hub_id_is_quantized_from_the_cache(tiny_qwen2_vl, hub_cache, tmp_path
     assert p.model == "acme/tiny-qwen2-vl" and p.nbytes > 0
     assert snap.is_dir()
 
+    # a quantized checkpoint published on the Hub: inspect and compare take its id too
+    hub_cache("acme/tiny-qwen2-vl-w4", tmp_path / "out")
+    from vlmptq.cli import main
+    from vlmptq.compare import compare
+
+    assert main(["inspect", "acme/tiny-qwen2-vl-w4"]) == 0
+    row, = compare("acme/tiny-qwen2-vl", ["acme/tiny-qwen2-vl-w4"], photos=1, questions=1, device="cpu")
+    assert row.checkpoint == "acme/tiny-qwen2-vl-w4" and row.method == "gptq" and row.positions > 0
+
 
 def test_what_cannot_be_resolved_says_what_to_do(hub_cache, tmp_path):
     with pytest.raises(ConfigError, match=r"--model acme/absent is not a local folder and could not be taken "
