@@ -93,18 +93,11 @@ def test_a_run_stopped_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypatch):
     def tensors(out):
         return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
 
+    from tests.support.interrupt import interrupt_in_layer
+
     quantize_on(tiny, tmp_path / "full", "cuda", "vlmptq", 3, "cpu")
     original, solved = sequential._solve_linear, []
-
-    def stop_in_layer_1(lin, full, *args, **kwargs):
-        if ".layers.1." in full:
-            raise KeyboardInterrupt
-        return original(lin, full, *args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(sequential, "_solve_linear", stop_in_layer_1)
-        with pytest.raises(KeyboardInterrupt):
-            quantize_on(tiny, tmp_path / "out", "cuda", "vlmptq", 3, "cpu")
+    interrupt_in_layer(monkeypatch, lambda: quantize_on(tiny, tmp_path / "out", "cuda", "vlmptq", 3, "cpu"))
     assert progress_dir_for(tmp_path / "out").is_dir() and not (tmp_path / "out").exists()
 
     def count(lin, full, *args, **kwargs):

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vlmptq
-import vlmptq.pipeline.sequential as sequential
 from vlmptq.calib import CalibConfig
 from vlmptq.config import make_config
 from vlmptq.models.adapters import load_model_lazily
+from tests.support.interrupt import interrupt_in_layer
 from tests.support.tiny_families import build_tiny_family
 
 CALIB = CalibConfig(source="builtin", num_samples=2, max_seq_len=512)
@@ -75,17 +75,8 @@ def test_lazy_run_with_ignore_head_and_resume(tiny_qwen2_vl, tmp_path, monkeypat
     fields = dict(ignore=(r"mlp\.down_proj",), lm_head_bits=8)
     vlmptq.quantize(tiny_qwen2_vl, tmp_path / "whole", _config(**fields))
 
-    original = sequential._solve_linear
-
-    def stop_in_layer_1(lin, full, *args, **kwargs):
-        if ".layers.1." in full:
-            raise KeyboardInterrupt
-        return original(lin, full, *args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(sequential, "_solve_linear", stop_in_layer_1)
-        with pytest.raises(KeyboardInterrupt):
-            vlmptq.quantize(tiny_qwen2_vl, tmp_path / "lazy", _config(lazy_load=True, **fields))
+    interrupt_in_layer(monkeypatch, lambda: vlmptq.quantize(tiny_qwen2_vl, tmp_path / "lazy",
+                                                            _config(lazy_load=True, **fields)))
     vlmptq.quantize(tiny_qwen2_vl, tmp_path / "lazy", _config(lazy_load=True, resume=True, **fields))
     _same_checkpoint(tmp_path / "whole", tmp_path / "lazy")
     assert any(k.endswith("layers.0.mlp.down_proj.weight") for k in _tensors(tmp_path / "lazy"))  # kept 16-bit
