@@ -66,11 +66,11 @@ class LazyLayers:
                 value = self.reader[full]
             except KeyError:
                 raise UnsupportedModelError(
-                    f"{full} is not in the checkpoint files; the model cannot be loaded lazily (run without "
-                    "--lazy-load)") from None
+                    f"{full} is not in the checkpoint files; the model cannot be loaded lazily (run with "
+                    "--no-lazy-load)") from None
             if tuple(value.shape) != tuple(tensor.shape):
                 raise UnsupportedModelError(f"{full} is {tuple(value.shape)} in the checkpoint, the model expects "
-                                            f"{tuple(tensor.shape)}; run without --lazy-load")
+                                            f"{tuple(tensor.shape)}; run with --no-lazy-load")
             value = value.to(tensor.dtype if tensor.is_floating_point() else value.dtype)
             if attr in owner._parameters:
                 owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -92,8 +92,9 @@ def choose_lazy_load(model_dir: str | Path, requested: bool | None) -> bool:
     of the host memory available now. Either way a whole-model load that will not fit is named."""
     import psutil
 
-    weights = sum(f.stat().st_size for f in Path(model_dir).iterdir()
-                  if f.suffix in (".safetensors", ".bin", ".pt"))
+    files = list(Path(model_dir).glob("*.safetensors")) or [
+        f for f in Path(model_dir).iterdir() if f.suffix in (".bin", ".pt")]  # what transformers will read
+    weights = sum(f.stat().st_size for f in files)
     available = psutil.virtual_memory().available
     short = weights > 0.8 * available
     sizes = f"the model's weights take {weights / 2**30:.1f} GiB and {available / 2**30:.1f} GiB of host memory " \
@@ -104,7 +105,7 @@ def choose_lazy_load(model_dir: str | Path, requested: bool | None) -> bool:
         return True
     if requested is False and short:
         logger.warning("%s: loading the whole model may swap or fail; --lazy-load keeps one decoder layer of "
-                       "them in memory at a time (--dry-run --lazy-load shows how much it needs)", sizes)
+                       "them in memory at a time (--dry-run shows how much it needs)", sizes)
     return bool(requested)
 
 
@@ -143,7 +144,7 @@ def load_lazily(auto_class, path: str | Path, dtype: torch.dtype, skeleton: nn.M
         remove_hook_from_module(model, recurse=True)
         if len(readers) != 1:
             raise UnsupportedModelError(f"lazy loading found {len(readers)} offload readers, expected 1; run "
-                                        "without --lazy-load")
+                                        "with --no-lazy-load")
         for attr in ("hf_device_map",):  # the model now runs as a plain module, on the device we move it to
             if hasattr(model, attr):
                 delattr(model, attr)
