@@ -29,6 +29,8 @@ cd "$(dirname "$0")/.."
 WHEELS="humming-kernels==0.1.19 nvidia-cuda-cccl==13.0.85 nvidia-cuda-crt==13.0.88"
 # The solver benchmark's options are pydantic models (not in the GPU image).
 WHEELS="$WHEELS pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5"
+# tests/gpu/test_pipeline_cuda.py writes real checkpoints: the quantization_config comes from compressed-tensors.
+WHEELS="$WHEELS compressed-tensors==0.17.0 loguru==0.7.3"
 if [[ "${1:-}" == "--download-wheels" ]]; then
     mkdir -p .whl
     exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
