@@ -33,8 +33,9 @@ class QuantizeReport:
     peak_memory_bytes: int | None
 
     def __str__(self) -> str:
+        peak = f", peak GPU memory {self.peak_memory_bytes / 2**30:.2f} GiB" if self.peak_memory_bytes else ""
         return (f"{self.checkpoint}\nquantized {len(self.records)} linears in {self.seconds:.1f}s "
-                f"with {self.num_calibration_samples} calibration samples")
+                f"with {self.num_calibration_samples} calibration samples{peak}")
 
 
 def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, *,
