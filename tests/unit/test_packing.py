@@ -157,3 +157,19 @@ def test_dense_byte_identical_to_ct020_all_bits():
     assert out["version"] == "0.20.0"
     for mine, theirs in zip(ours, out["packed"]):
         assert torch.equal(mine, torch.tensor(theirs, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_in_row_blocks_is_the_same(bits, monkeypatch):
+    """Rows are packed in blocks (bounded working memory): blocks of 1 and 3 rows give the words one
+    block gives, and unpack back."""
+    import vlmptq.checkpoint.packing as packing
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (7, 100), generator=g, dtype=torch.uint8)
+    whole = packing.pack_rows(codes, bits)
+    for values in (100, 300):  # one row, three rows per block
+        monkeypatch.setattr(packing, "CHUNK_VALUES", values)
+        assert torch.equal(packing.pack_rows(codes, bits), whole)
+        assert torch.equal(packing.unpack_rows(whole, bits, 100), codes)
+    assert packing.pack_rows(codes[:0], bits).shape == (0, packing.dense_width(100, bits))

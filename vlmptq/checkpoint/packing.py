@@ -39,12 +39,25 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+CHUNK_VALUES = 1 << 24  # values per block of rows: bounds the int64 working copies to ~128 MiB each
+
+
+def _row_chunks(rows: int, cols: int) -> list[slice]:
+    step = max(1, CHUNK_VALUES // max(cols, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)] or [slice(0, 0)]
+
+
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes ``[R, C]`` (any integer dtype, values < 2^bits) into dense int32 ``[R, W]``."""
+    """Pack unsigned codes ``[R, C]`` (any integer dtype, values < 2^bits) into dense int32 ``[R, W]``
+    (in blocks of rows: a 152k-row LM head does not need 8 bytes per code of working memory)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [rows, cols], got shape {tuple(codes.shape)}")
+    return torch.cat([_pack_block(codes[rows], bits) for rows in _row_chunks(*codes.shape)])
+
+
+def _pack_block(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = codes.shape
     width = dense_width(cols, bits)
     padded = math.ceil(cols / 32) * 32  # 32 values fill exactly `bits` words
@@ -59,7 +72,7 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
         out[:, :, word] |= (v[:, :, i] << off) & _MASK32
         if off + bits > 32:  # straddles into the next word
             out[:, :, word + 1] |= v[:, :, i] >> (32 - off)
-    return _to_int32(out.view(rows, -1)[:, :width]).contiguous()
+    return _to_int32(out.view(rows, (padded // 32) * bits)[:, :width]).contiguous()
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
@@ -70,6 +83,11 @@ def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
             f"packed width {width} does not match {cols} values of {bits} bits "
             f"(expected {dense_width(cols, bits)} words)"
         )
+    return torch.cat([_unpack_block(packed[r], bits, cols) for r in _row_chunks(rows, cols)])
+
+
+def _unpack_block(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    rows, width = packed.shape
     blocks = math.ceil(cols / 32)
     w = packed.to(torch.int64) & _MASK32
     if blocks * bits != width:
@@ -83,7 +101,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
         if off + bits > 32:
             v = v | (w[:, :, word + 1] << (32 - off))
         out[:, :, i] = v & mask
-    return out.view(rows, -1)[:, :cols].to(torch.uint8)
+    return out.view(rows, blocks * 32)[:, :cols].to(torch.uint8)
 
 
 def unpack_rows_padded3(packed: torch.Tensor, cols: int) -> torch.Tensor:
