@@ -110,7 +110,7 @@ def _metadata(config: QuantizeConfig, result: PipelineResult, n_samples: int) ->
 
 
 def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | None = None) -> QuantizeReport:
-    """Quantize the Hugging Face VLM in ``model`` (a local directory) and write a compressed-tensors
+    """Quantize the Hugging Face VLM ``model`` (a local directory or a Hub id) and write a compressed-tensors
     ``pack-quantized`` checkpoint to ``out``.
 
     Everything that can be checked is checked before the model is loaded (config, output directory,

@@ -55,11 +55,15 @@ def _legacy_qwen2_vl(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_vl_legacy_names", "qwen3_vl", "llava", "llava_onevision",
-                                    "idefics3", "internvl", "gemma3", "mistral3"])
-def test_lazy_run_writes_the_whole_model_runs_checkpoint(family, tiny_qwen2_vl, tiny_qwen3_vl, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_vl_legacy_names", "qwen2_5_vl", "qwen3_vl", "llava",
+                                    "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "gemma3",
+                                    "mistral3"])
+def test_lazy_run_writes_the_whole_model_runs_checkpoint(family, tiny_qwen2_vl, tiny_qwen2_5_vl, tiny_qwen3_vl,
+                                                         tmp_path):
     if family == "qwen2_vl":
         src = tiny_qwen2_vl
+    elif family == "qwen2_5_vl":
+        src = tiny_qwen2_5_vl
     elif family == "qwen2_vl_legacy_names":
         src = _legacy_qwen2_vl(tiny_qwen2_vl, tmp_path / "legacy")
     elif family == "qwen3_vl":  # deepstack: features added between decoder layers

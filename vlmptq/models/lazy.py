@@ -53,8 +53,8 @@ class LazyLayers:
     """Puts decoder layers' tensors in place on demand (``load``) and takes the quantized ones out again
     (``release``); see the module docstring."""
 
-    def __init__(self, reader, prefix: str, dtype: torch.dtype, offload_dir: tempfile.TemporaryDirectory):
-        self.reader, self.prefix, self.dtype = reader, prefix, dtype
+    def __init__(self, reader, prefix: str, offload_dir: tempfile.TemporaryDirectory):
+        self.reader, self.prefix = reader, prefix
         self._offload_dir = offload_dir  # re-saved weights of non-safetensors checkpoints; removed with us
 
     def load(self, index: int, layer: nn.Module) -> None:
@@ -145,12 +145,11 @@ def load_lazily(auto_class, path: str | Path, dtype: torch.dtype, skeleton: nn.M
         if len(readers) != 1:
             raise UnsupportedModelError(f"lazy loading found {len(readers)} offload readers, expected 1; run "
                                         "with --no-lazy-load")
-        for attr in ("hf_device_map",):  # the model now runs as a plain module, on the device we move it to
-            if hasattr(model, attr):
-                delattr(model, attr)
+        if hasattr(model, "hf_device_map"):  # the model now runs as a plain module, on the device we move it to
+            del model.hf_device_map
     except BaseException:
         offload.cleanup()
         raise
     model.eval()
     model.requires_grad_(False)
-    return model, LazyLayers(next(iter(readers.values())), layers_prefix, dtype, offload)
+    return model, LazyLayers(next(iter(readers.values())), layers_prefix, offload)

@@ -43,7 +43,7 @@ def resolve_model(model: str | Path, *, config_only: bool = False) -> Path:
                               "weights) or a Hugging Face Hub id")
         return path
     name = str(model)
-    if not REPO_ID.match(name) or name.startswith((".", "/", "~")):
+    if not REPO_ID.match(name):  # "org/name"; local-looking paths (./x, /x, ~/x) never match
         raise ConfigError(f"--model {model} does not exist; pass a local Hugging Face model folder or a Hub id "
                           "such as Qwen/Qwen2.5-VL-7B-Instruct")
     folder = _snapshot(name, SIDE_FILES if config_only else SIDE_FILES + WEIGHTS)
