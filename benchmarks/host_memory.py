@@ -1,13 +1,15 @@
-"""Host memory of ``vlmptq quantize``: the peak resident set size of the CLI process (its own rusage from
-``os.wait4``), beside the floor a run cannot go under (the model's weights, loaded whole, in their dtype)
-and, with ``--baseline DIR``, the same commands run from another checkout (e.g. the commit before a
-memory change) in the same run, on the same machine. Each run is a fresh process.
+"""Host memory of ``vlmptq quantize`` (or ``vlmptq compare``): the peak resident set size of the CLI process
+(its own rusage from ``os.wait4``), beside the floor a run cannot go under (the model's weights, loaded
+whole, in their dtype) and, with ``--baseline DIR``, the same commands run from another checkout (e.g. the
+commit before a memory change) in the same run, on the same machine. Each run is a fresh process.
 
     python benchmarks/host_memory.py                            # SmolLM2-135M VLM proxy, RTN and GPTQ W3 g64
     python benchmarks/host_memory.py --baseline /tmp/wt-base    # also the checkout in /tmp/wt-base
     python benchmarks/host_memory.py --lazy-load                # also each method with --lazy-load
+    python benchmarks/host_memory.py --compare --lazy-load      # `vlmptq compare` of an RTN W4 and a W3
+                                                                # checkpoint (made first, by this checkout)
 
-Writes ``benchmarks/results/host-memory-<date>.{md,json}``.
+Writes ``benchmarks/results/host-memory-<date>.{md,json}`` (``host-memory-compare-<date>`` with --compare).
 """
 
 from __future__ import annotations
@@ -37,20 +39,40 @@ def _git_commit(tree: Path) -> str:
         return "unknown"
 
 
-def run_cli(tree: Path, args: list[str], threads: int) -> tuple[float, int]:
-    """(seconds, peak RSS in bytes) of ``python -m vlmptq quantize ARGS`` importing vlmptq from ``tree``."""
+def run_cli(tree: Path, args: list[str], threads: int, command: str = "quantize") -> tuple[float, int]:
+    """(seconds, peak RSS in bytes) of ``python -m vlmptq COMMAND ARGS`` importing vlmptq from ``tree``."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "vlmptq", "-q", "quantize", *args], env=env, cwd=tree,
+    proc = subprocess.Popen([sys.executable, "-m", "vlmptq", "-q", command, *args], env=env, cwd=tree,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"vlmptq quantize {' '.join(args)} (from {tree}) exited with {proc.returncode}:\n"
+        raise RuntimeError(f"vlmptq {command} {' '.join(args)} (from {tree}) exited with {proc.returncode}:\n"
                            f"{err.decode(errors='replace')[-3000:]}")
     return seconds, usage.ru_maxrss * 1024
+
+
+def _record(label: str, tree: Path, method: str, extra: list[str], seconds: float, peak: int, weights: int) -> dict:
+    rec = {"tree": label, "commit": _git_commit(tree), "method": method, "flags": " ".join(extra),
+           "seconds": round(seconds, 1), "peak_rss_mib": round(peak / 2**20, 1),
+           "over_weights_mib": round((peak - weights) / 2**20, 1)}
+    logger.info("%s", rec)
+    return rec
+
+
+def _compare_checkpoints(model: Path, work: Path, args: argparse.Namespace) -> list[Path]:
+    """An RTN W4 and a W(--bits) checkpoint of ``model`` to compare with it (made by this checkout)."""
+    out = []
+    for bits in (4, args.bits):
+        ckpt = work / f"compare-rtn-w{bits}"
+        shutil.rmtree(ckpt, ignore_errors=True)
+        run_cli(REPO, ["--model", str(model), "--out", str(ckpt), "--method", "rtn", "--bits", str(bits),
+                       "--group-size", str(args.group_size), "--device", "cpu"], args.threads)
+        out.append(ckpt)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,7 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
     p.add_argument("--baseline", type=Path, default=None, help="another checkout to run the same commands from")
     p.add_argument("--lazy-load", action="store_true", help="also run each method with --lazy-load")
+    p.add_argument("--compare", action="store_true",
+                   help="measure `vlmptq compare` (source + an RTN W4 and a W3 checkpoint, --photos 2 --questions 1) "
+                        "instead of quantize; --methods are ignored")
     args = p.parse_args(argv)
+    if args.compare and args.out.name.startswith("host-memory-"):
+        args.out = args.out.with_name(args.out.name.replace("host-memory-", "host-memory-compare-", 1))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model = model_dir(args)
     from vlmptq.config import make_config
@@ -72,7 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     runs += [("this checkout", REPO, ["--lazy-load"])] if args.lazy_load else []
     runs += [("baseline", args.baseline.absolute(), [])] if args.baseline else []
     records = []
-    for method in args.methods:
+    if args.compare:
+        ckpts = _compare_checkpoints(model, work, args)
+        for label, tree, extra in runs:
+            cli = ["--model", str(model), *map(str, ckpts), "--photos", "2", "--questions", "1", "--device", "cpu",
+                   *extra]
+            records.append(_record(label, tree, "compare", extra, *run_cli(tree, cli, args.threads, "compare"),
+                                   weights))
+    for method in [] if args.compare else args.methods:
         for label, tree, extra in runs:
             out = work / f"{method}-{label.replace(' ', '-')}{''.join(extra)}"
             shutil.rmtree(out, ignore_errors=True)
@@ -81,16 +115,13 @@ def main(argv: list[str] | None = None) -> None:
                    *extra]
             seconds, peak = run_cli(tree, cli, args.threads)
             shutil.rmtree(out, ignore_errors=True)
-            rec = {"tree": label, "commit": _git_commit(tree), "method": method, "flags": " ".join(extra),
-                   "seconds": round(seconds, 1), "peak_rss_mib": round(peak / 2**20, 1),
-                   "over_weights_mib": round((peak - weights) / 2**20, 1)}
-            logger.info("%s", rec)
-            records.append(rec)
+            records.append(_record(label, tree, method, extra, seconds, peak, weights))
 
     header = {**result_header(), "model": str(model), "threads": args.threads,
               "scheme": f"W{args.bits} g{args.group_size}, {args.num_samples} calibration samples",
               "weights_mib": round(weights / 2**20, 1), "quantized_params": quantized}
-    md = ["# Host memory of `vlmptq quantize` (peak RSS of the CLI process)", "",
+    what = "compare` of two checkpoints" if args.compare else "quantize`"
+    md = [f"# Host memory of `vlmptq {what} (peak RSS of the CLI process)", "",
           f"Floor: the model's weights, {weights / 2**20:.1f} MiB on disk (loaded whole); "
           f"{quantized / 1e6:.1f} M quantized weights (1 byte each as unpacked uint8 codes, "
           f"{args.bits / 8:.3f} byte packed).", "",

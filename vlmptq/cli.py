@@ -146,7 +146,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "compare", help="measure how far quantized checkpoints' predictions are from the source model's",
         description="Run the source model and each checkpoint (dequantized, in its dtype) on the same image+text "
                     "prompts and report the mean KL divergence of their next-token distributions (nats per token) "
-                    "and how often their top-1 tokens agree, at the text positions after the image. Prompts: "
+                    "and how often their top-1 tokens agree, at the text positions after the image. The model is "
+                    "loaded once and run one decoder layer at a time, each checkpoint's weights swapped in. Prompts: "
                     "held-out photos never in the built-in calibration set, or your own pairs (--data).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -162,7 +163,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=16, help="pairs taken from --data")
     p.add_argument("--image-root", default=None, help="folder that relative image paths in --data start from")
     p.add_argument("--max-seq-len", type=int, default=4096, help="longest prompt (tokens) taken from --data")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (it holds one decoder layer at a time)")
+    p.add_argument("--lazy-load", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the source model's decoder layers from its files one at a time instead of loading "
+                        "the whole model (the figures are the same). Default: only when the weights would not fit "
+                        "in the available host memory")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="model dtype (auto: the first checkpoint's)")
 
@@ -176,7 +181,8 @@ def _compare(args: argparse.Namespace) -> int:
     data = (CalibConfig(source=args.data, num_samples=args.num_samples, image_root=args.image_root,
                         max_seq_len=args.max_seq_len) if args.data else None)
     rows = compare(args.model, args.checkpoints, data=data, photos=args.photos, questions=args.questions,
-                   device=args.device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
+                   device=args.device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
+                   lazy_load=args.lazy_load)
     print(format_rows(rows))
     return 0
 

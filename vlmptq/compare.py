@@ -8,6 +8,10 @@ image we compare the next-token distributions:
     KL      mean KL(source || quantized) per position, nats (0 = identical predictions)
     top-1   fraction of positions where both predict the same next token
 
+The source model is loaded once (lazily, layer by layer, when it would not fit in host memory) and the
+checkpoints' weights are swapped in layer by layer (``vlmptq.pipeline.replay``): the device holds one
+decoder layer at a time, so a checkpoint of a model too large for the GPU can be checked on it.
+
 Prompts: the held-out photos that are never in the built-in calibration set, with several questions
 and a factual caption each (``vlmptq.demo.evaluate``), or the user's own image-text pairs in any
 calibration format (``--data``, ``docs/calibration.md``), preferably pairs the checkpoint was not
@@ -25,14 +29,18 @@ from pathlib import Path
 import torch
 
 from vlmptq.calib import BUILTIN_HOLDOUT, CalibConfig
-from vlmptq.checkpoint.reader import inspect_checkpoint, read_config
-from vlmptq.demo.evaluate import (
-    EVAL_QUESTIONS, KLSample, compared_positions, dequantize_into, divergence, kl_samples, reference_logprobs,
-)
+from vlmptq.checkpoint.reader import QuantizedCheckpoint, inspect_checkpoint, open_checkpoint, read_config
 from vlmptq.config import resolve_device
-from vlmptq.errors import ConfigError
-from vlmptq.models.adapters import load_model, load_processor, read_checkpoint_dtype
+from vlmptq.demo.evaluate import (
+    EVAL_QUESTIONS, KLSample, checkpoint_modules, compared_positions, divergence, kl_samples,
+)
+from vlmptq.errors import ConfigError, UnsupportedModelError
+from vlmptq.models.adapters import (
+    ModelAdapter, load_model, load_model_lazily, load_processor, load_skeleton, read_checkpoint_dtype,
+)
+from vlmptq.models.lazy import choose_lazy_load
 from vlmptq.models.source import model_dir_of, resolve_model
+from vlmptq.pipeline.replay import Variant, variant_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +56,9 @@ class ComparisonRow:
     prompts: int
 
 
-def _prompts(model_dir: Path, adapter, data: CalibConfig | None, photos: int, questions: int) -> list[KLSample]:
+def _prompts(model_dir: Path, ids: set[int], data: CalibConfig | None, photos: int, questions: int
+             ) -> list[KLSample]:
     processor = load_processor(model_dir)
-    ids = adapter.vision_token_ids()
     if data is None:
         return kl_samples(processor, ids, BUILTIN_HOLDOUT[:photos], EVAL_QUESTIONS[:questions])
     from vlmptq.calib import load_calibration
@@ -58,10 +66,30 @@ def _prompts(model_dir: Path, adapter, data: CalibConfig | None, photos: int, qu
     return [compared_positions(s) for s in load_calibration(data, processor, sorted(ids))]
 
 
+def _dequantized(ckpt: QuantizedCheckpoint, disk_name: str, dtype: torch.dtype):
+    """Reads and dequantizes one linear of ``ckpt`` on the device it is asked for (as dequantize_into does)."""
+    return lambda device: ckpt.quantized_weight(disk_name).to(device).dequantize(torch.float32).to(dtype)
+
+
+def _check_comparable(adapter: ModelAdapter, model_dir: Path) -> None:
+    """compare needs image-text prompts, and a final norm and lm_head to compute the logits layer by layer."""
+    if not adapter.vision_token_ids():
+        raise ConfigError(f"{model_dir} is a text-only model; compare measures vision-language models on "
+                          "image-text prompts")
+    try:
+        adapter.final_norm()
+        adapter.lm_head()
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"compare cannot compute the logits of {model_dir} layer by layer: "
+                                    f"{str(e).partition(';')[0]}") from None
+
+
 def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: CalibConfig | None = None,
             photos: int = len(BUILTIN_HOLDOUT), questions: int = 2, device: str = "auto",
-            dtype: torch.dtype | None = None) -> list[ComparisonRow]:
-    """One :class:`ComparisonRow` per checkpoint of ``model`` (see the module docstring)."""
+            dtype: torch.dtype | None = None, lazy_load: bool | None = None) -> list[ComparisonRow]:
+    """One :class:`ComparisonRow` per checkpoint of ``model`` (see the module docstring). ``lazy_load``:
+    read the source model's decoder layers from its files one at a time (None: when the weights would
+    not fit in the available host memory, as ``vlmptq quantize`` decides)."""
     if not checkpoints:
         raise ConfigError("give at least one checkpoint to compare with the source model")
     if data is None and not (1 <= photos <= len(BUILTIN_HOLDOUT) and 1 <= questions <= len(EVAL_QUESTIONS)):
@@ -73,19 +101,31 @@ def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: Calib
     reports = [inspect_checkpoint(c) for c in checkpoints]  # unreadable checkpoints fail before any work
     model_dir = model_dir_of(model)
     dtype = dtype or read_checkpoint_dtype(checkpoints[0]) or torch.bfloat16
-    source, adapter = load_model(model_dir, dtype)
-    prompts = _prompts(model_dir, adapter, data, photos, questions)
-    reference = reference_logprobs(source.to(dev).eval(), prompts, "source model")
-    del source
-    rows = []
-    for name, ckpt, report in zip(names, checkpoints, reports):
-        quantized, _ = load_model(model_dir, dtype)
-        dequantize_into(quantized, Path(ckpt))
-        kl, top1, n = divergence(reference, reference_logprobs(quantized.to(dev).eval(), prompts, Path(ckpt).name))
-        del quantized
-        marker = read_config(ckpt).get("quantization_config", {}).get("vlmptq", {})
-        rows.append(ComparisonRow(name, marker.get("method", "?"), report.scheme, kl, top1, n, len(prompts)))
-        logger.info("%s: KL %.4f nats/token, top-1 agreement %.1f%%", ckpt, kl, 100 * top1)
+    skeleton = load_skeleton(model_dir, dtype)[1]  # from config.json: no weights read yet
+    _check_comparable(skeleton, model_dir)
+    prompts = _prompts(model_dir, skeleton.vision_token_ids(), data, photos, questions)
+    lazy = None
+    if choose_lazy_load(model_dir, lazy_load):
+        source, adapter, lazy = load_model_lazily(model_dir, dtype)
+    else:
+        source, adapter = load_model(model_dir, dtype)
+    try:
+        opened = [open_checkpoint(c) for c in checkpoints]
+        variants = [Variant("source model")] + [
+            Variant(Path(c).name, {m: _dequantized(ck, d, dtype) for m, d in checkpoint_modules(source, ck).items()})
+            for c, ck in zip(checkpoints, opened)]  # a checkpoint of another model fails here, before any work
+        results = variant_logprobs(source, adapter, [p.sample for p in prompts], [p.positions for p in prompts],
+                                   variants, dev, lazy)
+        _, reference = next(results)
+        rows = []
+        for (_, predicted), name, ckpt, report in zip(results, names, checkpoints, reports, strict=True):
+            kl, top1, n = divergence(reference, predicted)
+            marker = read_config(ckpt).get("quantization_config", {}).get("vlmptq", {})
+            rows.append(ComparisonRow(name, marker.get("method", "?"), report.scheme, kl, top1, n, len(prompts)))
+            logger.info("%s: KL %.4f nats/token, top-1 agreement %.1f%%", ckpt, kl, 100 * top1)
+    finally:
+        if lazy is not None:
+            lazy.close()
     return rows
 
 

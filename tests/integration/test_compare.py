@@ -11,12 +11,15 @@ import torch
 from PIL import Image
 
 import vlmptq
-from vlmptq.calib import CalibConfig
-from vlmptq.compare import compare, format_rows
+from vlmptq.calib import BUILTIN_HOLDOUT, CalibConfig
+from vlmptq.checkpoint.reader import open_checkpoint
+from vlmptq.compare import _dequantized, compare, format_rows
 from vlmptq.config import make_config
-from vlmptq.demo.evaluate import dequantize_into
+from vlmptq.demo.evaluate import EVAL_QUESTIONS, checkpoint_modules, dequantize_into, kl_samples, reference_logprobs
 from vlmptq.errors import CheckpointError, ConfigError
-from vlmptq.models.adapters import load_model
+from vlmptq.models.adapters import load_model, load_model_lazily, load_processor
+from vlmptq.pipeline.replay import Variant, variant_logprobs
+from tests.support.tiny_families import build_tiny_family
 
 CALIB = CalibConfig(source="builtin", num_samples=3, max_seq_len=512)
 
@@ -98,3 +101,84 @@ def test_a_quantized_tied_head_is_untied_not_written_into_the_embeddings(tiny_qw
     assert torch.equal(model.get_input_embeddings().weight, emb_before)
     head = model.get_output_embeddings().weight
     assert not torch.equal(head, emb_before) and (head - emb_before).abs().max() < 0.05 * emb_before.abs().max()
+
+
+def _whole_model_logprobs(src, ckpt, samples):
+    """The oracle: the whole model's own forward pass, with the checkpoint's weights dequantized into it."""
+    model, _ = load_model(src, torch.bfloat16)
+    if ckpt is not None:
+        dequantize_into(model, ckpt)
+    return reference_logprobs(model, samples)
+
+
+def _max_gap(a, b):
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision",
+                                    "idefics3", "smolvlm", "internvl", "gemma3", "mistral3"])
+def test_layer_by_layer_equals_the_whole_models_forward(family, tiny_qwen2_vl, tiny_qwen2_5_vl, tiny_qwen3_vl,
+                                                        tmp_path):
+    """compare runs the source and every checkpoint as streams through one decoder layer at a time; their
+    log-probabilities must be what each model's own forward pass gives, on every family (deepstack
+    features, vision towers and heads differ)."""
+    src = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}.get(family) or \
+        build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
+    w4, w2 = tmp_path / "w4", tmp_path / "w2"
+    vlmptq.quantize(src, w4, make_config(method="rtn", bits=4, group_size=32, lm_head_bits=8))
+    vlmptq.quantize(src, w2, make_config(method="rtn", bits=2, group_size=32))
+    model, adapter, lazy = load_model_lazily(src, torch.bfloat16)
+    samples = kl_samples(load_processor(src), adapter.vision_token_ids(), BUILTIN_HOLDOUT[:2], EVAL_QUESTIONS[:1])
+    variants = [Variant("source")] + [
+        Variant(c.name, {m: _dequantized(ck, d, torch.bfloat16) for m, d in checkpoint_modules(model, ck).items()})
+        for c in (w4, w2) for ck in [open_checkpoint(c)]]
+    streamed = [lp for _, lp in variant_logprobs(model, adapter, [s.sample for s in samples],
+                                                 [s.positions for s in samples], variants, torch.device("cpu"), lazy)]
+    lazy.close()
+    assert all(p.is_meta for p in adapter.decoder_layers()[1].parameters())  # each layer dropped once done
+    for got, ckpt in zip(streamed, (None, w4, w2)):  # bit for bit
+        assert _max_gap(got, _whole_model_logprobs(src, ckpt, samples)) == 0, (family, ckpt)
+    assert _max_gap(streamed[0], streamed[2]) > 0.1  # the checkpoints' weights were in use
+
+
+def test_a_variant_that_replaces_modules_before_the_decoder_layers(tiny_qwen2_vl):
+    """A checkpoint of another tool may quantize the projector / merger too: that variant gets its own
+    capture pass, and the others are unaffected."""
+    model, adapter = load_model(tiny_qwen2_vl, torch.bfloat16)
+    samples = kl_samples(load_processor(tiny_qwen2_vl), adapter.vision_token_ids(), BUILTIN_HOLDOUT[:1],
+                         EVAL_QUESTIONS[:1])
+    merger = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "merger" in n)
+    halved = model.get_submodule(merger).weight.detach() * 0.5
+    variants = [Variant("source"), Variant("halved merger", {merger: lambda dev: halved.to(dev)})]
+    streamed = [lp for _, lp in variant_logprobs(model, adapter, [s.sample for s in samples],
+                                                 [s.positions for s in samples], variants, torch.device("cpu"))]
+    assert torch.equal(model.get_submodule(merger).weight, halved * 2)  # swapped back
+    assert _max_gap(streamed[0], reference_logprobs(model, samples)) == 0
+    with torch.no_grad():
+        model.get_submodule(merger).weight.mul_(0.5)
+    assert _max_gap(streamed[1], reference_logprobs(model, samples)) == 0
+    assert _max_gap(streamed[0], streamed[1]) > 0.01
+
+
+def test_lazily_loaded_source_gives_the_same_rows(tiny_qwen2_vl, checkpoints, capsys):
+    """--lazy-load reads the source's decoder layers one at a time (and drops them after): same figures."""
+    kw = dict(photos=2, questions=1, device="cpu")
+    ckpts = [checkpoints["w4"], checkpoints["w2"]]
+    assert compare(tiny_qwen2_vl, ckpts, lazy_load=True, **kw) == compare(tiny_qwen2_vl, ckpts, lazy_load=False, **kw)
+    from vlmptq.cli import main
+
+    assert main(["compare", "--model", str(tiny_qwen2_vl), str(checkpoints["w4"]), "--photos", "1", "--questions",
+                 "1", "--device", "cpu", "--lazy-load"]) == 0
+    assert f"| {checkpoints['w4']} | gptq | W4 g32 asym |" in capsys.readouterr().out
+
+
+def test_a_text_only_model_is_refused_before_loading(tmp_path, tiny_qwen2_vl, checkpoints, monkeypatch):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    src = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=256)).save_pretrained(src)
+    AutoTokenizer.from_pretrained(tiny_qwen2_vl).save_pretrained(src)
+    monkeypatch.setattr("vlmptq.compare.load_model", lambda *a: pytest.fail("loaded the model"))
+    with pytest.raises(ConfigError, match="is a text-only model; compare measures vision-language models"):
+        compare(src, [checkpoints["w4"]], device="cpu")

@@ -78,8 +78,6 @@ def test_qwen3_vl_deepstack_features_reach_both_streams(tiny_qwen3_vl):
             call = streams.calls[li][0]
             h = advance(layer, call, h, cpu)
             h_plain = advance(layer, SimpleNamespace(kwargs=call.kwargs, after=None), h_plain, cpu)
-            # residues are kept in bf16 (one rounding of (x + v) - x): at most a bf16 step off, at image rows
-            want = truth[li + 1].float()
-            err = (h.float() - want).abs().max().item()
-            assert err <= want.abs().max().item() * 2**-7, (li, err)
-            assert (h_plain.float() - want).abs().max().item() > 20 * max(err, 1e-3)  # the features matter
+            # the features as the model adds them (the recorders return zeros, so they arrive unrounded)
+            assert torch.equal(h, truth[li + 1]), li
+            assert (h_plain.float() - truth[li + 1].float()).abs().max().item() > 1e-2  # the features matter

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -26,6 +27,9 @@ from vlmptq.calib import BUILTIN_HOLDOUT, CalibConfig, CalibSample
 from vlmptq.calib.encode import check_vision_token_ids, encode_record
 from vlmptq.calib.records import Record
 from vlmptq.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from vlmptq.checkpoint.reader import QuantizedCheckpoint
 
 # Written from scikit-image's docstrings and by looking at the photos: nothing invented.
 HOLDOUT_CAPTIONS = {
@@ -119,29 +123,38 @@ def mean_kl(model: torch.nn.Module, samples: Sequence[KLSample], reference: Sequ
     return divergence(reference, [_logprobs(model, ks) for ks in samples])[0]
 
 
+def checkpoint_modules(model: torch.nn.Module, checkpoint: QuantizedCheckpoint) -> dict[str, str]:
+    """The linears of ``model`` that ``checkpoint`` quantizes: module name -> on-disk name, after checking
+    that each exists in the model with the checkpoint's shape (a checkpoint of another model fails here)."""
+    from vlmptq.checkpoint.naming import module_disk_names
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    on_disk = {d: n for n, d in module_disk_names(model, linears, model.state_dict().keys()).items()}
+    missing = sorted(set(checkpoint.layers) - set(on_disk))
+    if missing:
+        raise CheckpointError(f"{checkpoint.path} quantizes modules {missing[:3]} that the model does not have; "
+                              f"is it a checkpoint of this model?")
+    for disk, layout in checkpoint.layers.items():
+        name = on_disk[disk]
+        shape = (layout.out_features, layout.in_features)
+        if tuple(linears[name].weight.shape) != shape:
+            raise CheckpointError(f"{checkpoint.path}: {disk} is {shape}, the model's {name} "
+                                  f"{tuple(linears[name].weight.shape)}; is it a checkpoint of this model?")
+    return {on_disk[d]: d for d in checkpoint.layers}
+
+
 def dequantize_into(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
     """Set every linear that ``checkpoint`` quantizes to its dequantized values (in the checkpoint's
     dtype, exactly what a server computes with), in place; returns ``model``. A quantized lm_head
     whose weight the model ties to the input embeddings is untied first (as the quantizer did)."""
-    from vlmptq.checkpoint.naming import module_disk_names
     from vlmptq.checkpoint.reader import open_checkpoint
 
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    on_disk = {d: n for n, d in module_disk_names(model, linears, model.state_dict().keys()).items()}
     ckpt = open_checkpoint(checkpoint)
-    missing = sorted(set(ckpt.layers) - set(on_disk))
-    if missing:
-        raise CheckpointError(f"{checkpoint} quantizes modules {missing[:3]} that the model does not have; "
-                              f"is it a checkpoint of this model?")
     emb = model.get_input_embeddings()
     with torch.no_grad():
-        for name in ckpt.layers:
-            lin = linears[on_disk[name]]
+        for name, disk in checkpoint_modules(model, ckpt).items():
+            lin = model.get_submodule(name)
             if emb is not None and getattr(emb, "weight", None) is lin.weight:
                 lin.weight = torch.nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
-            qw = ckpt.quantized_weight(name)
-            if tuple(lin.weight.shape) != qw.shape:
-                raise CheckpointError(f"{checkpoint}: {name} is {qw.shape}, the model's {on_disk[name]} "
-                                      f"{tuple(lin.weight.shape)}; is it a checkpoint of this model?")
-            lin.weight.copy_(qw.dequantize(torch.float32))
+            lin.weight.copy_(ckpt.quantized_weight(disk).dequantize(torch.float32))
     return model

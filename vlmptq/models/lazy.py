@@ -10,7 +10,7 @@ model's own files), then the offloading hooks are removed, so the layers' parame
 meta device and the model runs as a plain module. :class:`LazyLayers` keeps the index's reader and
 puts a layer's tensors in place when the pipeline asks for it (``load``); once the layer is done,
 ``release`` puts the quantized linears' weights back on the meta device (the checkpoint writer takes
-their packed codes; norms and biases stay).
+their packed codes; norms and biases stay); ``unload`` puts back all it read (``vlmptq compare``).
 """
 
 from __future__ import annotations
@@ -56,9 +56,11 @@ class LazyLayers:
     def __init__(self, reader, prefix: str, offload_dir: tempfile.TemporaryDirectory):
         self.reader, self.prefix = reader, prefix
         self._offload_dir = offload_dir  # re-saved weights of non-safetensors checkpoints; removed with us
+        self._read: dict[int, list[tuple[nn.Module, str]]] = {}  # layer -> (owner, attribute) read by load
 
     def load(self, index: int, layer: nn.Module) -> None:
         """Read layer ``index``'s parameters and buffers from the checkpoint (those still on meta)."""
+        read = self._read.setdefault(index, [])
         for full, owner, attr, tensor in _tensors(layer, f"{self.prefix}.{index}"):
             if tensor.device.type != "meta":
                 continue
@@ -76,12 +78,21 @@ class LazyLayers:
                 owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
             else:
                 owner._buffers[attr] = value
+            read.append((owner, attr))
 
     def release(self, layer: nn.Module, linears: list[str]) -> None:
         """Put the weights of the quantized ``linears`` (names inside ``layer``) back on the meta device."""
         for name in linears:
             lin = layer.get_submodule(name)
             lin.weight = nn.Parameter(torch.empty_like(lin.weight, device="meta"), requires_grad=False)
+
+    def unload(self, index: int) -> None:
+        """Put every tensor ``load`` read for layer ``index`` back on the meta device (a later ``load``
+        reads them again); tensors the model computes itself (e.g. rotary tables) stay."""
+        for owner, attr in self._read.pop(index, []):
+            table = owner._parameters if attr in owner._parameters else owner._buffers
+            meta = torch.empty_like(table[attr], device="meta")
+            table[attr] = nn.Parameter(meta, requires_grad=False) if table is owner._parameters else meta
 
     def close(self) -> None:
         self._offload_dir.cleanup()

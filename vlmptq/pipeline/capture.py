@@ -3,13 +3,17 @@ always removes it; early exits use a private exception so real errors are never 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
@@ -25,13 +29,12 @@ class Residue:
     values: torch.Tensor  # [R, hidden], the hidden states' dtype
 
     @staticmethod
-    def between(before: torch.Tensor, after: torch.Tensor) -> Residue | None:
-        """``after - before`` where it is not zero; None if the model passed the tensor on untouched."""
-        if after is before or after.shape != before.shape:
-            return None
-        d = (after.float() - before.float()).reshape(-1, after.shape[-1])
-        rows = d.ne(0).any(dim=1).nonzero().squeeze(1)
-        return Residue(rows, d[rows].to(after.dtype)) if rows.numel() else None
+    def reaching(hidden_states: torch.Tensor) -> Residue | None:
+        """What the model added to a recorder's zeros before the next recorder saw them (its non-zero
+        rows, exactly); None if nothing."""
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        rows = flat.ne(0).any(dim=1).nonzero().squeeze(1)
+        return Residue(rows, flat[rows].clone()) if rows.numel() else None
 
     def add_to(self, hidden_states: torch.Tensor) -> torch.Tensor:
         out = hidden_states.clone()
@@ -67,7 +70,8 @@ def move_to(obj: Any, device: torch.device | str, memo: dict[int, Any] | None = 
 
 
 class _Recorder(nn.Module):
-    """Stands in for a decoder layer: records its call and passes the hidden states through."""
+    """Stands in for a decoder layer: records its call and returns zeros, so what reaches the next one is
+    exactly what the model adds in between (if anything)."""
 
     def __init__(self, layer: nn.Module, index: int, calls: list[list[LayerCall]], last: bool):
         super().__init__()
@@ -89,7 +93,7 @@ class _Recorder(nn.Module):
         self._calls[self._index].append(LayerCall(hidden_states, kwargs))
         if self._last:
             raise _StopForward
-        return hidden_states
+        return torch.zeros_like(hidden_states)
 
 
 @contextmanager
@@ -97,13 +101,14 @@ def record_layer_calls(layers: nn.ModuleList, final_norm: nn.Module | None = Non
     """Replace every decoder layer by a recorder for the duration of the block.
 
     A forward pass through the model then costs only the embeddings (and the vision tower): the
-    recorders pass hidden states through untouched, and the last one ends the pass -- or, given the
+    recorders return zeros, and the last one ends the pass -- or, given the
     text model's ``final_norm``, the norm's input is recorded too (``calls[len(layers)]``, kwargs
     empty) and ends the pass there, so what the model adds after the last layer is seen as well.
     Yields ``calls[layer_index] -> [LayerCall per forward]``; each layer's own arguments are kept
     (Gemma 3, for instance, gives sliding-window and global layers different masks and rotary tables).
-    Whatever reaches a recorder other than the previous one's output was added by the model between
-    the layers (:meth:`Residue.between`).
+    Whatever reaches a recorder other than the previous one's zeros was added by the model between the
+    layers (:meth:`Residue.reaching`), exactly: Qwen3-VL's deepstack features in its own bf16 values, so a
+    stream that adds them (:func:`advance`) rounds the sum as the model's forward does.
     """
     originals = list(layers)
     calls: list[list[LayerCall]] = [[] for _ in originals] + ([[]] if final_norm is not None else [])
@@ -131,6 +136,65 @@ def run_until_stopped(fn, *args: Any, **kwargs: Any) -> None:
         fn(*args, **kwargs)
     except _StopForward:
         pass
+
+
+class ModelInputs(Protocol):
+    inputs: dict[str, torch.Tensor]  # processor output, batch dim 1
+    sample_id: str
+
+
+@contextmanager
+def without_layers(model: nn.Module, layers: nn.ModuleList) -> Iterator[None]:
+    """Detach the decoder layers from ``model`` for the block, so ``model.to()`` leaves them where they are."""
+    for parent in model.modules():
+        for attr, child in parent.named_children():
+            if child is layers:
+                setattr(parent, attr, nn.ModuleList())
+                try:
+                    yield
+                finally:
+                    setattr(parent, attr, layers)
+                return
+    raise RuntimeError("decoder layers not found in the model")  # pragma: no cover
+
+
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, final_norm: nn.Module | None,
+                         samples: Sequence[ModelInputs], device: torch.device, offload: torch.device
+                         ) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
+    """Run every sample through the model with recorders in place of the decoder layers: only the
+    embeddings and the vision tower do any work, on ``device`` (the model without its layers moves there
+    for the pass, and back to the CPU). Returns the hidden states entering the first layer per sample
+    ([1, T, hidden], on ``offload``) and every layer's calls (``calls[layer][sample]``, their own
+    ``hidden_states`` None but the first layer's). What the model adds between two layers (Qwen3-VL's
+    deepstack features) is kept with the earlier layer's call (``after``), so any stream propagated with
+    :func:`advance` receives it."""
+    with without_layers(model, layers):
+        model.to(device)
+    per_layer: list[list[LayerCall]] = [[] for _ in layers]
+    added: set[int] = set()
+    try:
+        with record_layer_calls(layers, final_norm) as calls, torch.no_grad():
+            for s in tqdm(samples, desc="capturing layer inputs", leave=False):
+                run_until_stopped(model, **move_to(s.inputs, device), use_cache=False)
+                if any(len(c) != 1 for c in calls):
+                    raise RuntimeError(f"sample {s.sample_id}: the model did not call each decoder layer once")
+                seen = [c.pop() for c in calls]
+                memo: dict[int, Any] = {}  # keeps tensors shared between layers shared after the move
+                for li in range(len(layers)):
+                    c = seen[li]
+                    after = Residue.reaching(seen[li + 1].hidden_states) if li + 1 < len(seen) else None
+                    if after is not None:
+                        added.add(li)
+                        after = Residue(after.rows.to(offload), after.values.to(offload))
+                    hidden = move_to(c.hidden_states, offload, memo) if li == 0 else None
+                    per_layer[li].append(LayerCall(hidden, move_to(c.kwargs, offload, memo), after))
+    finally:
+        with without_layers(model, layers):
+            model.to("cpu")
+    if added:
+        logger.info("the model adds features to the hidden states after decoder layer(s) %s (e.g. Qwen3-VL's "
+                    "deepstack); every stream receives them", sorted(added))
+    return [c.hidden_states for c in per_layer[0]], per_layer
 
 
 @contextmanager

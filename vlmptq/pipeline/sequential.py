@@ -22,8 +22,7 @@ import copy
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,7 +34,7 @@ from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS
 from vlmptq.errors import ConfigError, SolverError, UnsupportedModelError
 from vlmptq.models.adapters import ModelAdapter
 from vlmptq.pipeline.capture import (
-    LayerCall, Residue, advance, input_sharing_groups, layer_input_of, move_to, record_layer_calls, run_until_stopped,
+    LayerCall, advance, capture_layer_inputs, input_sharing_groups, layer_input_of,
 )
 from vlmptq.quant.qweight import QuantizedWeight
 from vlmptq.quant.scheme import WeightScheme
@@ -151,53 +150,12 @@ def quantizable_linears(layer: nn.Module, prefix: str, ignore: list[re.Pattern])
     return keep, skipped
 
 
-@contextmanager
-def _without(parent: nn.Module, attr: str) -> Iterator[None]:
-    """Temporarily detach ``parent.attr`` (the decoder layers) so ``model.to()`` leaves it alone."""
-    held = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList())
-    try:
-        yield
-    finally:
-        setattr(parent, attr, held)
-
-
 def _capture_streams(model: nn.Module, layers: nn.ModuleList, final_norm: nn.Module | None,
                      samples: Sequence[CalibrationSample], device: torch.device, offload: torch.device,
                      need_fp: bool) -> _Streams:
-    """Run every sample through the model with recorders in place of the decoder layers; only the
-    embeddings and the vision tower do any work, on the compute device. What the model adds between
-    two layers (Qwen3-VL's deepstack features) is kept with the earlier layer's call (``after``), so
-    both streams receive it when they move on."""
-    parent, attr = _parent_of(model, layers)
-    with _without(parent, attr):
-        model.to(device)
-    per_layer: list[list[LayerCall]] = [[] for _ in layers]
-    added: set[int] = set()
-    try:
-        with record_layer_calls(layers, final_norm) as calls, torch.no_grad():
-            for s in tqdm(samples, desc="capturing layer inputs", leave=False):
-                run_until_stopped(model, **move_to(s.inputs, device), use_cache=False)
-                if any(len(c) != 1 for c in calls):
-                    raise RuntimeError(f"sample {s.sample_id}: the model did not call each decoder layer once")
-                seen = [c.pop() for c in calls]
-                memo: dict[int, Any] = {}  # keeps tensors shared between layers shared after the move
-                for li in range(len(layers)):
-                    c = seen[li]
-                    after = Residue.between(c.hidden_states, seen[li + 1].hidden_states) if li + 1 < len(seen) else None
-                    if after is not None:
-                        added.add(li)
-                        after = Residue(after.rows.to(offload), after.values.to(offload))
-                    hidden = move_to(c.hidden_states, offload, memo) if li == 0 else None
-                    per_layer[li].append(LayerCall(hidden, move_to(c.kwargs, offload, memo), after))
-    finally:
-        with _without(parent, attr):
-            model.to("cpu")
-    if added:
-        logger.info("the model adds features to the hidden states after decoder layer(s) %s (e.g. Qwen3-VL's "
-                    "deepstack); both streams receive them", sorted(added))
-    quant = [c.hidden_states for c in per_layer[0]]
-    return _Streams(quant=quant, fp=[h.clone() for h in quant] if need_fp else None, calls=per_layer)
+    """Both streams start from the hidden states entering the first decoder layer (``capture_layer_inputs``)."""
+    quant, calls = capture_layer_inputs(model, layers, final_norm, samples, device, offload)
+    return _Streams(quant=quant, fp=[h.clone() for h in quant] if need_fp else None, calls=calls)
 
 
 def _final_norm_or_none(adapter: ModelAdapter) -> nn.Module | None:
@@ -206,14 +164,6 @@ def _final_norm_or_none(adapter: ModelAdapter) -> nn.Module | None:
         return adapter.final_norm()
     except UnsupportedModelError:
         return None
-
-
-def _parent_of(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
-    for name, mod in model.named_modules():
-        for child_name, child in mod.named_children():
-            if child is target:
-                return mod, child_name
-    raise RuntimeError("decoder layers not found in the model")  # pragma: no cover
 
 
 def _group_statistics(layer: nn.Module, fp_layer: nn.Module | None, first: str, streams: _Streams, li: int,
