@@ -117,14 +117,15 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(out, ignore_errors=True)
             records.append(_record(label, tree, method, extra, seconds, peak, weights))
 
-    header = {**result_header(), "model": str(model), "threads": args.threads,
-              "scheme": f"W{args.bits} g{args.group_size}, {args.num_samples} calibration samples",
+    scheme = (f"compare with RTN W4 and W{args.bits} g{args.group_size} checkpoints, 2 photos x 1 question"
+              if args.compare else f"W{args.bits} g{args.group_size}, {args.num_samples} calibration samples")
+    header = {**result_header(), "model": str(model), "threads": args.threads, "scheme": scheme,
               "weights_mib": round(weights / 2**20, 1), "quantized_params": quantized}
     what = "compare` of two checkpoints" if args.compare else "quantize`"
+    codes = "" if args.compare else (f"; {quantized / 1e6:.1f} M quantized weights (1 byte each as unpacked uint8 "
+                                     f"codes, {args.bits / 8:.3f} byte packed)")
     md = [f"# Host memory of `vlmptq {what} (peak RSS of the CLI process)", "",
-          f"Floor: the model's weights, {weights / 2**20:.1f} MiB on disk (loaded whole); "
-          f"{quantized / 1e6:.1f} M quantized weights (1 byte each as unpacked uint8 codes, "
-          f"{args.bits / 8:.3f} byte packed).", "",
+          f"Floor: the model's weights, {weights / 2**20:.1f} MiB on disk (loaded whole){codes}.", "",
           "| method | tree | commit | flags | peak RSS MiB | over the weights MiB | seconds |",
           "|---|---|---|---|---|---|---|"]
     md += [f"| {r['method']} | {r['tree']} | {r['commit']} | {r['flags']} | {r['peak_rss_mib']} | "
