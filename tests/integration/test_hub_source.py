@@ -94,3 +94,18 @@ def test_an_unsupported_hub_model_fails_before_its_weights_are_fetched(hub_cache
     hub_cache("acme/bert", src)
     with pytest.raises(UnsupportedModelError, match=r"'bert' is not supported"):
         vlmptq.quantize("acme/bert", tmp_path / "out")
+
+
+def test_only_top_level_side_files_and_weights_are_fetched():
+    """The patterns as huggingface_hub applies them (its own filter; ``*`` crosses ``/`` in fnmatch): a
+    repository's onnx/ or gguf/ folders, remote code and extras are never downloaded."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from vlmptq.models.source import SIDE_FILES, SUBFOLDERS, WEIGHTS
+
+    files = ["config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer.model", "chat_template.jinja",
+             "model-00001-of-00002.safetensors", "model.safetensors.index.json", "onnx/config.json",
+             "onnx/model.onnx", "gguf/model.safetensors", "modeling_custom.py", "README.md", "pytorch_model.bin"]
+    got = list(filter_repo_objects(files, allow_patterns=SIDE_FILES + WEIGHTS, ignore_patterns=SUBFOLDERS))
+    assert got == ["config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer.model",
+                   "chat_template.jinja", "model-00001-of-00002.safetensors", "model.safetensors.index.json"]

@@ -2,7 +2,8 @@
 resolved through the Hugging Face cache, downloading what is missing when the Hub can be reached.
 
 Only what a run reads is fetched: config and tokenizer / processor files and the safetensors weights
-(``*.bin`` only for repositories without safetensors); never remote code, other formats or extras.
+(``*.bin`` only for repositories without safetensors), at the top of the repository (transformers reads
+nothing else from a model folder); never remote code, other formats or subfolders (onnx/, gguf/, ...).
 ``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE`` and ``HF_TOKEN`` work as everywhere in the Hugging Face tools.
 """
 
@@ -20,6 +21,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SIDE_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]  # config, processor, tokenizer; no code
 WEIGHTS = ["*.safetensors"]
 FALLBACK_WEIGHTS = ["*.bin"]
+SUBFOLDERS = ["*/*"]  # huggingface_hub's patterns are fnmatch's: "*" matches "/" too
 
 
 def model_dir_of(model: str | Path, *, config_only: bool = False) -> Path:
@@ -58,7 +60,7 @@ def _snapshot(repo_id: str, patterns: list[str]) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=SUBFOLDERS))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         raise ConfigError(
