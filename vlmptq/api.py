@@ -9,10 +9,14 @@ from pathlib import Path
 
 import torch
 
+from vlmptq.calib.text import check_text_source, load_text_calibration
 from vlmptq.checkpoint.lock import output_lock
 from vlmptq.checkpoint.writer import CheckpointSummary, check_destination, save_quantized_checkpoint
 from vlmptq.config import QuantizeConfig
-from vlmptq.models.adapters import load_model, load_model_lazily, load_processor, read_checkpoint_dtype
+from vlmptq.errors import ConfigError
+from vlmptq.models.adapters import (
+    adapter_for_type, load_model, load_model_lazily, load_processor, read_checkpoint_dtype, read_model_type,
+)
 from vlmptq.models.lazy import choose_lazy_load
 from vlmptq.models.source import model_dir_of
 from vlmptq.pipeline.progress import LayerProgress, model_files_digest, progress_dir_for
@@ -53,7 +57,10 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
     model_dir = model_dir_of(model)
     solver = build_solver(config.method, config.solver)
     device = config.torch_device()
-    processor = load_processor(model_dir) if solver.needs.hessian else None  # fails before the weights load
+    text_only = adapter_for_type(read_model_type(model_dir)).text_only
+    if solver.needs.hessian and text_only:
+        check_text_source(config.calib, str(model))
+    processor = load_processor(model_dir, text_only) if solver.needs.hessian else None  # fails before the weights
     dtype = config.torch_dtype(read_checkpoint_dtype(model_dir))
     lazy = None
     if choose_lazy_load(model_dir, config.lazy_load):
@@ -73,8 +80,10 @@ def _quantize_loaded(hf_model, adapter, processor, config: QuantizeConfig, solve
     if processor is not None:
         from vlmptq.calib import load_calibration
 
-        samples = load_calibration(config.calib, processor, sorted(adapter.vision_token_ids()))
+        samples = (load_text_calibration(config.calib, processor) if adapter.text_only else
+                   load_calibration(config.calib, processor, sorted(adapter.vision_token_ids())))
         logger.info("calibrating on %d samples from %s", len(samples), config.calib.source)
+        _check_token_ids(hf_model, samples)
     result = quantize_model(
         hf_model, adapter, solver, config.scheme, samples,
         device=device, offload_device=config.offload_device, ignore=config.ignore, head_scheme=config.head_scheme,
@@ -82,6 +91,15 @@ def _quantize_loaded(hf_model, adapter, processor, config: QuantizeConfig, solve
         lazy_layers=lazy, release_quantized=not keep_model,
     )
     return hf_model, result, len(samples)
+
+
+def _check_token_ids(model: torch.nn.Module, samples) -> None:
+    """Token ids past the input embeddings would fail deep inside the embedding lookup."""
+    rows = model.get_input_embeddings().num_embeddings
+    top = max((int(s.inputs["input_ids"].max()) for s in samples), default=-1)
+    if top >= rows:
+        raise ConfigError(f"the tokenizer produced token id {top}, but the model's input embeddings hold {rows} "
+                          "rows: the tokenizer / processor files in the model folder are not this model's")
 
 
 def _fingerprint(model_dir: Path, config: QuantizeConfig) -> dict:

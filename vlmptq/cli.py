@@ -47,13 +47,18 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--calib", default="builtin",
                    help="'builtin' (offline photos + captions), a directory of images with .txt captions, a .jsonl "
                         "file of {image, text[, prompt]} (or a .json list of them, LLaVA/ShareGPT4V 'conversations' "
-                        "records too), or a Hugging Face dataset (name, local path or save_to_disk dir)")
-    c.add_argument("--num-samples", type=int, default=128, help="calibration image-text pairs")
-    c.add_argument("--max-seq-len", type=int, default=2048, help="maximum tokens per calibration sample")
+                        "records too), or a Hugging Face dataset (name, local path or save_to_disk dir). Text-only "
+                        "models calibrate on text: a .txt file, a folder of .txt files, a .jsonl/.json of {text} "
+                        "records or a dataset with a text column")
+    c.add_argument("--num-samples", type=int, default=128,
+                   help="calibration image-text pairs (text-only models: windows of --max-seq-len tokens)")
+    c.add_argument("--max-seq-len", type=int, default=2048,
+                   help="maximum tokens per calibration sample (text-only models: the window length)")
     c.add_argument("--seed", type=int, default=0, help="seed for sample selection and the built-in set's crops")
     c.add_argument("--split", default="train", help="dataset split (Hugging Face datasets)")
     c.add_argument("--image-column", default="image", help="dataset column / jsonl key with the image")
-    c.add_argument("--text-column", default="text", help="dataset column / jsonl key with the caption (assistant turn)")
+    c.add_argument("--text-column", default="text", help="dataset column / jsonl key with the caption (assistant turn), or the text of a text-only model's "
+                        "calibration records")
     c.add_argument("--prompt-column", default=None, help="dataset column with the question (default: a fixed prompt)")
     c.add_argument("--image-root", default=None,
                    help="folder that relative image paths in a .jsonl/.json file or dataset start from (default: the "

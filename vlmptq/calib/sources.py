@@ -351,6 +351,36 @@ def _is_saved_dataset(path: Path) -> bool:
         (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
 
 
+def load_hf_dataset(config: CalibConfig):
+    """``config.source`` as a map-style ``datasets.Dataset`` (its ``split``): ``load_from_disk`` for a
+    directory written by ``save_to_disk``, else ``load_dataset`` (hub name or local dataset folder)."""
+    import datasets
+
+    path = Path(config.source).expanduser()
+    try:
+        if path.is_dir() and _is_saved_dataset(path):
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(config.source, split=config.split)
+    except Exception as err:  # datasets raises many types; the boundary turns them into one
+        raise CalibrationDataError(
+            f"cannot load calibration source {config.source!r} as a Hugging Face dataset "
+            f"({type(err).__name__}: {err}). Accepted sources: {ACCEPTED_FORMS}. Without "
+            "network access a hub dataset must already be in the local cache."
+        ) from err
+    if isinstance(ds, datasets.DatasetDict):
+        if config.split not in ds:
+            raise CalibrationDataError(
+                f"dataset {config.source!r} has no split {config.split!r}; set split= to one "
+                f"of {sorted(ds)}.")
+        ds = ds[config.split]
+    if not isinstance(ds, datasets.Dataset):
+        raise CalibrationDataError(
+            f"dataset {config.source!r} loaded as {type(ds).__name__}; calibration needs a "
+            "map-style datasets.Dataset (not streaming).")
+    return ds
+
+
 class HFDatasetSource(Source):
     """A ``datasets`` dataset: ``load_from_disk`` for saved directories, else ``load_dataset``."""
 
@@ -360,27 +390,7 @@ class HFDatasetSource(Source):
         self.config = config
         path = Path(config.source).expanduser()
         self.label = path.name if path.is_dir() else config.source
-        try:
-            if path.is_dir() and _is_saved_dataset(path):
-                ds = datasets.load_from_disk(str(path))
-            else:
-                ds = datasets.load_dataset(config.source, split=config.split)
-        except Exception as err:  # datasets raises many types; the boundary turns them into one
-            raise CalibrationDataError(
-                f"cannot load calibration source {config.source!r} as a Hugging Face dataset "
-                f"({type(err).__name__}: {err}). Accepted sources: {ACCEPTED_FORMS}. Without "
-                "network access a hub dataset must already be in the local cache."
-            ) from err
-        if isinstance(ds, datasets.DatasetDict):
-            if config.split not in ds:
-                raise CalibrationDataError(
-                    f"dataset {config.source!r} has no split {config.split!r}; set split= to one "
-                    f"of {sorted(ds)}.")
-            ds = ds[config.split]
-        if not isinstance(ds, datasets.Dataset):
-            raise CalibrationDataError(
-                f"dataset {config.source!r} loaded as {type(ds).__name__}; calibration needs a "
-                "map-style datasets.Dataset (not streaming).")
+        ds = load_hf_dataset(config)
         columns = list(ds.column_names)
         text_column = None if reads_conversations(config, columns) else config.text_column  # else LLaVA rows
         for column, field in ((config.image_column, "image_column"),

@@ -50,6 +50,7 @@ class ModelAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     text_attr: ClassVar[str] = "language_model"  # attribute of model.model holding the text model
     auto_class: ClassVar[str] = "AutoModelForImageTextToText"
+    text_only: ClassVar[bool] = False  # no vision tokens: calibrates on text (vlmptq.calib.text)
     token_id_keys: ClassVar[tuple[str, ...]] = ("image_token_id", "image_token_index", "video_token_id",
                                                 "video_token_index")
 
@@ -168,6 +169,7 @@ class CausalLMAdapter(ModelAdapter):
     """Text-only causal LMs (every token is a text token): the quality benchmark's real models."""
 
     auto_class = "AutoModelForCausalLM"
+    text_only = True
 
     def text_model(self) -> nn.Module:
         return self.model.model
@@ -284,21 +286,27 @@ def load_skeleton(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tupl
     return model, cls(model)
 
 
-def load_processor(path: str | Path):
-    """The checkpoint's processor (tokenizer + image processor + chat template) for calibration.
+def load_processor(path: str | Path, text_only: bool = False):
+    """The checkpoint's processor (tokenizer + image processor + chat template) for calibration; for a
+    ``text_only`` model its tokenizer.
 
     Loaded before the weights, so a processor that cannot load fails in seconds; a missing optional
     package (SmolVLM's needs ``num2words``, some need ``torchvision``) is named with the fix."""
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor, AutoTokenizer
 
     try:
-        return AutoProcessor.from_pretrained(str(path))
+        return (AutoTokenizer if text_only else AutoProcessor).from_pretrained(str(path))
     except ImportError as e:
         raise UnsupportedModelError(
             f"the processor of {path} needs a package this environment lacks: {e} "
             "Install it (pip install <package>) and run again; nothing was loaded or written."
         ) from e
     except (OSError, ValueError, TypeError, KeyError) as e:
+        if text_only:
+            raise UnsupportedModelError(
+                f"{path} has no usable tokenizer for calibration: {type(e).__name__}: {e}. Copy the tokenizer "
+                "files of the original model (tokenizer.json, tokenizer_config.json, ...) into the folder."
+            ) from e
         raise UnsupportedModelError(
             f"{path} has no usable processor (tokenizer, image processor, chat template) for image-text "
             f"calibration: {type(e).__name__}: {e}. Copy the processor files of the original model "
