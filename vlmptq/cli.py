@@ -164,10 +164,13 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--questions", type=int, default=2, help="questions per photo (1-4)")
     p.add_argument("--data", default=None,
                    help="your own image-text pairs instead, in any --calib format of `vlmptq quantize` (best: pairs "
-                        "the checkpoints were not calibrated on)")
-    p.add_argument("--num-samples", type=int, default=16, help="pairs taken from --data")
+                        "the checkpoints were not calibrated on); for a text-only model, text in any of its --calib "
+                        "formats (required)")
+    p.add_argument("--num-samples", type=int, default=16, help="pairs (text-only models: windows) taken from --data")
     p.add_argument("--image-root", default=None, help="folder that relative image paths in --data start from")
-    p.add_argument("--max-seq-len", type=int, default=4096, help="longest prompt (tokens) taken from --data")
+    p.add_argument("--text-column", default="text", help="the key / column of --data holding the caption or text")
+    p.add_argument("--max-seq-len", type=int, default=4096,
+                   help="longest prompt (tokens) taken from --data (text-only models: the window length)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (it holds one decoder layer at a time)")
     p.add_argument("--lazy-load", action=argparse.BooleanOptionalAction, default=None,
                    help="read the source model's decoder layers from its files one at a time instead of loading "
@@ -184,7 +187,7 @@ def _compare(args: argparse.Namespace) -> int:
     from vlmptq.compare import compare, format_rows
 
     data = (CalibConfig(source=args.data, num_samples=args.num_samples, image_root=args.image_root,
-                        max_seq_len=args.max_seq_len) if args.data else None)
+                        max_seq_len=args.max_seq_len, text_column=args.text_column) if args.data else None)
     rows = compare(args.model, args.checkpoints, data=data, photos=args.photos, questions=args.questions,
                    device=args.device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
                    lazy_load=args.lazy_load)

@@ -15,8 +15,9 @@ decoder layer at a time, so a checkpoint of a model too large for the GPU can be
 Prompts: the held-out photos that are never in the built-in calibration set, with several questions
 and a factual caption each (``vlmptq.demo.evaluate``), or the user's own image-text pairs in any
 calibration format (``--data``, ``docs/calibration.md``), preferably pairs the checkpoint was not
-calibrated on. Values are comparable between checkpoints of one model on the same prompts, not
-between models.
+calibrated on. A text-only model is compared on text (``--data``: text windows as it calibrates,
+``vlmptq.calib.text``) at every position. Values are comparable between checkpoints of one model on
+the same prompts, not between models.
 """
 
 from __future__ import annotations
@@ -56,9 +57,16 @@ class ComparisonRow:
     prompts: int
 
 
-def _prompts(model_dir: Path, ids: set[int], data: CalibConfig | None, photos: int, questions: int
+def _prompts(model_dir: Path, adapter: ModelAdapter, data: CalibConfig | None, photos: int, questions: int
              ) -> list[KLSample]:
-    processor = load_processor(model_dir)
+    """The held-out photo prompts, or ``data``'s pairs (a text-only model: ``data``'s text windows, compared
+    at every position)."""
+    processor = load_processor(model_dir, adapter.text_only)
+    if adapter.text_only:
+        from vlmptq.calib.text import load_text_calibration
+
+        return [KLSample(s, s.text_mask.clone()) for s in load_text_calibration(data, processor)]
+    ids = adapter.vision_token_ids()
     if data is None:
         return kl_samples(processor, ids, BUILTIN_HOLDOUT[:photos], EVAL_QUESTIONS[:questions])
     from vlmptq.calib import load_calibration
@@ -71,11 +79,13 @@ def _dequantized(ckpt: QuantizedCheckpoint, disk_name: str, dtype: torch.dtype):
     return lambda device: ckpt.quantized_weight(disk_name).to(device).dequantize(torch.float32).to(dtype)
 
 
-def _check_comparable(adapter: ModelAdapter, model_dir: Path) -> None:
-    """compare needs image-text prompts, and a final norm and lm_head to compute the logits layer by layer."""
-    if not adapter.vision_token_ids():
-        raise ConfigError(f"{model_dir} is a text-only model; compare measures vision-language models on "
-                          "image-text prompts")
+def _check_comparable(adapter: ModelAdapter, model_dir: Path, data: CalibConfig | None) -> None:
+    """compare needs prompts the model takes, and a final norm and lm_head to compute the logits layer by layer."""
+    if adapter.text_only and data is None:
+        from vlmptq.calib.text import TEXT_FORMS
+
+        raise ConfigError(f"{model_dir} is a text-only model and the held-out prompts are photos; compare it on "
+                          f"text with --data: {TEXT_FORMS}")
     try:
         adapter.final_norm()
         adapter.lm_head()
@@ -102,8 +112,8 @@ def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: Calib
     model_dir = model_dir_of(model)
     dtype = dtype or read_checkpoint_dtype(checkpoints[0]) or torch.bfloat16
     skeleton = load_skeleton(model_dir, dtype)[1]  # from config.json: no weights read yet
-    _check_comparable(skeleton, model_dir)
-    prompts = _prompts(model_dir, skeleton.vision_token_ids(), data, photos, questions)
+    _check_comparable(skeleton, model_dir, data)
+    prompts = _prompts(model_dir, skeleton, data, photos, questions)
     lazy = None
     if choose_lazy_load(model_dir, lazy_load):
         source, adapter, lazy = load_model_lazily(model_dir, dtype)

@@ -172,13 +172,56 @@ def test_lazily_loaded_source_gives_the_same_rows(tiny_qwen2_vl, checkpoints, ca
     assert f"| {checkpoints['w4']} | gptq | W4 g32 asym |" in capsys.readouterr().out
 
 
-def test_a_text_only_model_is_refused_before_loading(tmp_path, tiny_qwen2_vl, checkpoints, monkeypatch):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def _text_only(kind, tok_src, out):
+    """A tiny random text-only model with ``tok_src``'s tokenizer; Gemma 3's with its logit soft-capping on."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-    src = tmp_path / "llama"
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                                 vocab_size=256)).save_pretrained(src)
-    AutoTokenizer.from_pretrained(tiny_qwen2_vl).save_pretrained(src)
+    tok = AutoTokenizer.from_pretrained(tok_src)
+    torch.manual_seed(0)
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=len(tok))
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**dims, tie_word_embeddings=False))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**dims, head_dim=32, final_logit_softcapping=3.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0.0, 0.08)
+    model.to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
+def test_a_text_only_model_is_compared_on_text(kind, tiny_qwen2_vl, tmp_path, monkeypatch):
+    """Text windows (as it calibrates), every position compared; layer by layer equals the whole model's
+    forward (Gemma 3's soft-capped logits included); without --data it fails before loading."""
+    src = _text_only(kind, tiny_qwen2_vl, tmp_path / kind)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"Sentence {i} says the tide rose {i % 7} feet at the harbour." for i in range(120)))
+    data = CalibConfig(source=str(text), num_samples=3, max_seq_len=48)
+    w4 = tmp_path / "w4"
+    vlmptq.quantize(src, w4, make_config(method="gptq", bits=4, group_size=32, calib=data))
+    (row,) = compare(src, [w4], data=data, device="cpu")
+    assert row.prompts == 3 and row.positions == 3 * 48 and 0 < row.kl < 0.5, row
+
+    from vlmptq.calib.text import load_text_calibration
+    from vlmptq.demo.evaluate import KLSample
+
+    samples = [KLSample(s, s.text_mask) for s in load_text_calibration(data, load_processor(src, text_only=True))]
+    model, adapter = load_model(src, torch.bfloat16)
+    ck = open_checkpoint(w4)
+    variants = [Variant("source"), Variant("w4", {m: _dequantized(ck, d, torch.bfloat16)
+                                                  for m, d in checkpoint_modules(model, ck).items()})]
+    streamed = [lp for _, lp in variant_logprobs(model, adapter, [s.sample for s in samples],
+                                                 [s.positions for s in samples], variants, torch.device("cpu"))]
+    assert _max_gap(streamed[0], _whole_model_logprobs(src, None, samples)) == 0
+    assert _max_gap(streamed[1], _whole_model_logprobs(src, w4, samples)) == 0
+    if kind == "gemma3_text":  # the soft-cap bounds the logits: |logit| < 3 -> log-probs within 6 of each other
+        assert all(float(lp.max(-1).values.min() - lp.min(-1).values.max()) < 6 for lp in streamed[0])
+
     monkeypatch.setattr("vlmptq.compare.load_model", lambda *a: pytest.fail("loaded the model"))
-    with pytest.raises(ConfigError, match="is a text-only model; compare measures vision-language models"):
-        compare(src, [checkpoints["w4"]], device="cpu")
+    with pytest.raises(ConfigError, match="is a text-only model and the held-out prompts are photos; compare it on "
+                                          "text with --data: a .txt file"):
+        compare(src, [w4], device="cpu")
