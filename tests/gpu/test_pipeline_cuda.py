@@ -79,6 +79,10 @@ def test_compare_on_cuda_matches_the_cpu(tiny, tmp_path):
     assert on_gpu.positions == on_cpu.positions > 0
     assert math.isfinite(on_gpu.kl) and on_gpu.kl == pytest.approx(on_cpu.kl, rel=1e-2, abs=1e-5)
     assert on_gpu.top1 == pytest.approx(on_cpu.top1, abs=2 / on_cpu.positions)
+    # the source read one decoder layer at a time from its files: the same figures on the same device
+    lazily, = cmp.compare(tiny, [tmp_path / "w3"], photos=2, questions=1, device="cuda", dtype=torch.float32,
+                          lazy_load=True)
+    assert (lazily.kl, lazily.top1) == (on_gpu.kl, on_gpu.top1)
 
 
 def test_a_run_stopped_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypatch):
