@@ -178,13 +178,16 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                         "in the available host memory")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="model dtype (auto: the first checkpoint's)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also print, per decoder layer, each checkpoint's relative hidden-state error after it "
+                        "(where the error enters: a guide for --override)")
 
 
 def _compare(args: argparse.Namespace) -> int:
     import torch
 
     from vlmptq.calib import CalibConfig
-    from vlmptq.compare import compare, format_rows
+    from vlmptq.compare import compare, format_drift, format_rows
 
     data = (CalibConfig(source=args.data, num_samples=args.num_samples, image_root=args.image_root,
                         max_seq_len=args.max_seq_len, text_column=args.text_column) if args.data else None)
@@ -192,6 +195,9 @@ def _compare(args: argparse.Namespace) -> int:
                    device=args.device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
                    lazy_load=args.lazy_load)
     print(format_rows(rows))
+    if args.per_layer:
+        print("\nRelative hidden-state error after each decoder layer (||h_q - h|| / ||h||, compared positions):\n")
+        print(format_drift(rows))
     return 0
 
 

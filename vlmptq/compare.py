@@ -7,6 +7,8 @@ image we compare the next-token distributions:
 
     KL      mean KL(source || quantized) per position, nats (0 = identical predictions)
     top-1   fraction of positions where both predict the same next token
+    drift   after each decoder layer, the relative RMS error of the checkpoint's hidden states at those
+            positions, ||h_q - h||_2 / ||h||_2 (where the error enters: a guide for --override)
 
 The source model is loaded once (lazily, layer by layer, when it would not fit in host memory) and the
 checkpoints' weights are swapped in layer by layer (``vlmptq.pipeline.replay``): the device holds one
@@ -23,8 +25,9 @@ the same prompts, not between models.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,7 +44,7 @@ from vlmptq.models.adapters import (
 )
 from vlmptq.models.lazy import choose_lazy_load
 from vlmptq.models.source import model_dir_of, resolve_model
-from vlmptq.pipeline.replay import Variant, variant_logprobs
+from vlmptq.pipeline.replay import LayerHook, Variant, variant_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ class ComparisonRow:
     top1: float  # fraction of positions with the same argmax
     positions: int
     prompts: int
+    drift: list[float] = field(default_factory=list)  # per decoder layer: ||h_q - h|| / ||h|| at the positions
 
 
 def _prompts(model_dir: Path, adapter: ModelAdapter, data: CalibConfig | None, photos: int, questions: int
@@ -94,6 +98,17 @@ def _check_comparable(adapter: ModelAdapter, model_dir: Path, data: CalibConfig 
                                     f"{str(e).partition(';')[0]}") from None
 
 
+def _drift_recorder(drift: list[list[float]], positions: Sequence[torch.Tensor]) -> LayerHook:
+    """Appends each checkpoint's relative hidden-state error after every decoder layer to ``drift``."""
+    def record(_layer: int, hidden: list[list[torch.Tensor]]) -> None:
+        ref = [h[0][p].float() for h, p in zip(hidden[0], positions)]
+        norm = sum(float(r.pow(2).sum()) for r in ref)
+        for vi, errs in enumerate(drift, start=1):
+            diff = sum(float((h[0][p].float() - r).pow(2).sum()) for h, p, r in zip(hidden[vi], positions, ref))
+            errs.append(math.sqrt(diff / norm) if norm > 0 else float("nan"))
+    return record
+
+
 def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: CalibConfig | None = None,
             photos: int = len(BUILTIN_HOLDOUT), questions: int = 2, device: str = "auto",
             dtype: torch.dtype | None = None, lazy_load: bool | None = None) -> list[ComparisonRow]:
@@ -124,19 +139,30 @@ def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: Calib
         variants = [Variant("source model")] + [
             Variant(Path(c).name, {m: _dequantized(ck, d, dtype) for m, d in checkpoint_modules(source, ck).items()})
             for c, ck in zip(checkpoints, opened)]  # a checkpoint of another model fails here, before any work
+        drift: list[list[float]] = [[] for _ in checkpoints]
         results = variant_logprobs(source, adapter, [p.sample for p in prompts], [p.positions for p in prompts],
-                                   variants, dev, lazy)
+                                   variants, dev, lazy, on_layer=_drift_recorder(drift, [p.positions for p in prompts]))
         _, reference = next(results)
         rows = []
         for (_, predicted), name, ckpt, report in zip(results, names, checkpoints, reports, strict=True):
             kl, top1, n = divergence(reference, predicted)
             marker = read_config(ckpt).get("quantization_config", {}).get("vlmptq", {})
-            rows.append(ComparisonRow(name, marker.get("method", "?"), report.scheme, kl, top1, n, len(prompts)))
+            rows.append(ComparisonRow(name, marker.get("method", "?"), report.scheme, kl, top1, n, len(prompts),
+                                      drift[len(rows)]))
             logger.info("%s: KL %.4f nats/token, top-1 agreement %.1f%%", ckpt, kl, 100 * top1)
     finally:
         if lazy is not None:
             lazy.close()
     return rows
+
+
+def format_drift(rows: Sequence[ComparisonRow]) -> str:
+    """A markdown table: per decoder layer, each checkpoint's relative hidden-state error (%) after it."""
+    lines = ["| decoder layer | " + " | ".join(r.checkpoint for r in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for li in range(max((len(r.drift) for r in rows), default=0)):
+        lines.append(f"| {li} | " + " | ".join(f"{100 * r.drift[li]:.2f}%" for r in rows) + " |")
+    return "\n".join(lines)
 
 
 def format_rows(rows: Sequence[ComparisonRow]) -> str:

@@ -225,3 +225,45 @@ def test_a_text_only_model_is_compared_on_text(kind, tiny_qwen2_vl, tmp_path, mo
     with pytest.raises(ConfigError, match="is a text-only model and the held-out prompts are photos; compare it on "
                                           "text with --data: a .txt file"):
         compare(src, [w4], device="cpu")
+
+
+def test_per_layer_drift_is_the_hidden_state_error_of_the_whole_models(tiny_qwen2_vl, checkpoints, capsys):
+    """drift[i]: ||h_q - h|| / ||h|| after decoder layer i at the compared positions, as the whole models'
+    own hidden states give it; it follows the precision, and the CLI prints it with --per-layer."""
+    rows = compare(tiny_qwen2_vl, [checkpoints["w8"], checkpoints["w4"], checkpoints["w2"]], photos=2, questions=1,
+                   device="cpu")
+    w8, w4, w2 = rows
+    assert all(len(r.drift) == 2 for r in rows)  # the tiny model's two decoder layers
+    assert all(0 < a < b < c for a, b, c in zip(w8.drift, w4.drift, w2.drift)), [r.drift for r in rows]
+
+    adapter = load_model(tiny_qwen2_vl, torch.bfloat16)[1]
+    samples = kl_samples(load_processor(tiny_qwen2_vl), adapter.vision_token_ids(), BUILTIN_HOLDOUT[:2],
+                         EVAL_QUESTIONS[:1])
+
+    def layer_outputs(ckpt):  # what enters layer i + 1 (and the final norm) in the model's own forward
+        model, adapter = load_model(tiny_qwen2_vl, torch.bfloat16)
+        if ckpt is not None:
+            dequantize_into(model, ckpt)
+        _, layers = adapter.decoder_layers()
+        seen = [[] for _ in layers]
+        hooks = [layer.register_forward_hook(lambda _m, _a, out, i=i: seen[i].append(
+            (out[0] if isinstance(out, tuple) else out).detach())) for i, layer in enumerate(layers)]
+        with torch.no_grad():
+            for s in samples:
+                model(**s.sample.inputs, use_cache=False)
+        for h in hooks:
+            h.remove()
+        return [[h[0][s.positions].float() for h, s in zip(per, samples)] for per in seen]
+
+    ref, q = layer_outputs(None), layer_outputs(checkpoints["w4"])
+    for li in range(2):
+        num = sum(float((a - b).pow(2).sum()) for a, b in zip(q[li], ref[li]))
+        den = sum(float(b.pow(2).sum()) for b in ref[li])
+        assert w4.drift[li] == pytest.approx((num / den) ** 0.5, rel=1e-6), li
+
+    from vlmptq.cli import main
+
+    assert main(["compare", "--model", str(tiny_qwen2_vl), str(checkpoints["w4"]), "--photos", "1", "--questions",
+                 "1", "--device", "cpu", "--per-layer"]) == 0
+    out = capsys.readouterr().out
+    assert f"| decoder layer | {checkpoints['w4']} |" in out and "\n| 1 | " in out

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from vlmptq.models.lazy import LazyLayers
 
 WeightSource = Callable[[torch.device], torch.Tensor]  # makes the replacement weight on the device given
+LayerHook = Callable[[int, list[list[torch.Tensor]]], None]  # (decoder layer, hidden[variant][sample])
 
 
 @dataclass
@@ -92,11 +93,14 @@ def _plan(variant: Variant, prefix: str, num_layers: int, head: str) -> _Plan:
 @torch.no_grad()
 def variant_logprobs(model: nn.Module, adapter: ModelAdapter, samples: Sequence[ModelInputs],
                      positions: Sequence[torch.Tensor], variants: Sequence[Variant], device: torch.device,
-                     lazy: LazyLayers | None = None) -> Iterator[tuple[Variant, list[torch.Tensor]]]:
+                     lazy: LazyLayers | None = None, on_layer: LayerHook | None = None
+                     ) -> Iterator[tuple[Variant, list[torch.Tensor]]]:
     """For each variant in order: its next-token log-probabilities per sample at ``positions`` (bool [T]
     per sample), fp32 [P, vocab] on the CPU. ``lazy``: the decoder layers are still in the checkpoint
-    files (read as they come and dropped after). Yields once every layer is done, one variant at a
-    time, so only one variant's log-probabilities need be held at once (see the module docstring)."""
+    files (read as they come and dropped after). ``on_layer(index, hidden)`` sees every variant's hidden
+    states after each decoder layer (``hidden[variant][sample]``, [1, T, hidden] on the CPU). Yields once
+    every layer is done, one variant at a time, so only one variant's log-probabilities need be held at
+    once (see the module docstring)."""
     prefix, layers = adapter.decoder_layers()
     head_name, head = adapter.lm_head()
     norm = adapter.final_norm()
@@ -125,6 +129,8 @@ def variant_logprobs(model: nn.Module, adapter: ModelAdapter, samples: Sequence[
             with swapped_weights(model, plan.layers.get(li, {}), device):
                 for si in range(len(samples)):
                     hidden[vi][si] = advance(layer, calls[vi][li][si], hidden[vi][si], device).to(cpu)
+        if on_layer is not None:
+            on_layer(li, hidden)
         for c in calls:
             c[li] = []  # this layer's arguments are no longer needed
         layer.to(cpu)
