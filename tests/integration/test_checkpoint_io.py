@@ -186,6 +186,11 @@ def test_modules_with_another_scheme_get_a_named_group(model, quant, tmp_path):
     out = tmp_path / "o"
     summary = save_quantized_checkpoint(model, quantized, out, scheme=SCHEME, ignore=ignore)
     assert summary.scheme == "W4 g32 asym; lm_head W4 g32 asym; model.language_model.layers.1.mlp.down_proj W8 g64 sym"
+    from vlmptq.checkpoint.reader import inspect_checkpoint
+
+    # read back (on-disk names): the same modules, each counted once although the config names it twice
+    assert inspect_checkpoint(out).scheme == \
+        "W4 g32 asym; lm_head W4 g32 asym; model.layers.1.mlp.down_proj W8 g64 sym"
     groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
     assert groups["group_0"]["targets"] == ["Linear"]
     assert groups["group_1"]["targets"] == [r"re:^(.*\.)?lm_head$"]

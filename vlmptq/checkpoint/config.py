@@ -214,6 +214,16 @@ class ParsedQuantConfig:
             f"(targets: {[t for g in self.groups for t in g.targets]})."
         )
 
+    def named_schemes(self, modules: Sequence[str]) -> dict[str, WeightScheme]:
+        """The ``modules`` a group other than the primary one names, with that group's scheme."""
+        out = {}
+        for m in modules:
+            for g in self.groups:
+                if (g.targets, g.scheme) != (self.targets, self.scheme) and g.matches_by_name(m):
+                    out[m] = g.scheme
+                    break
+        return out
+
     def describe(self) -> str:
         """``W3 g128 asym`` or, with named groups, ``W3 g128 asym; lm_head W8 g128 asym`` (a long group
         is shortened: ``model.layers.0.mlp.down_proj and 55 more W4 g128 asym``)."""
@@ -222,6 +232,19 @@ class ParsedQuantConfig:
             if (g.targets, g.scheme) != (self.targets, self.scheme):  # the primary group is listed first
                 parts.append(f"{summarize_names([_target_label(t) for t in g.targets])} {g.scheme.describe()}")
         return "; ".join(parts)
+
+
+def describe_schemes(scheme: WeightScheme, named: Mapping[str, WeightScheme]) -> str:
+    """``W2 g128 asym; lm_head W8 g128 asym; model.layers.0.mlp.down_proj and 27 more W4 g128 asym``: the
+    primary scheme, then the modules ``named`` by a group of their own (an lm_head even at the primary
+    scheme), counted as modules, not as the config's targets (which name each module twice where
+    vLLM's and transformers' names differ)."""
+    by_scheme: dict[WeightScheme, list[str]] = {}
+    for name, s in named.items():
+        by_scheme.setdefault(s, []).append(name)
+    parts = sorted(f"{summarize_names(sorted(names, key=natural_key))} {s.describe()}"
+                   for s, names in by_scheme.items())
+    return "; ".join([scheme.describe(), *parts])
 
 
 def summarize_names(names: Sequence[str], limit: int = 3) -> str:

@@ -27,7 +27,7 @@ from vlmptq.checkpoint.compress import (
     check_layer_tensors,
     decompress_weight,
 )
-from vlmptq.checkpoint.config import ParsedQuantConfig, parse_quantization_config
+from vlmptq.checkpoint.config import ParsedQuantConfig, describe_schemes, parse_quantization_config
 from vlmptq.errors import CheckpointError
 from vlmptq.quant.qweight import QuantizedWeight
 
@@ -294,7 +294,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointReport:
     padded = any(lay.padded3 for lay in ckpt.layers.values())
     return CheckpointReport(
         path=ckpt.path,
-        scheme=ckpt.config.describe(),
+        scheme=describe_schemes(ckpt.config.scheme, ckpt.config.named_schemes(list(ckpt.layers))),
         layers=layers,
         ignore=[i for i in ckpt.config.ignore if f"{i}.weight" in store],
         ignore_aliases=[i for i in ckpt.config.ignore if f"{i}.weight" not in store],

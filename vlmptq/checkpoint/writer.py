@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from vlmptq.checkpoint.compress import compress_weight
-from vlmptq.checkpoint.config import build_quantization_config, natural_key, summarize_names
+from vlmptq.checkpoint.config import build_quantization_config, describe_schemes
 from vlmptq.checkpoint.naming import check_no_converter, disk_names, module_disk_names
 from vlmptq.errors import CheckpointError, ConfigError
 from vlmptq.quant.qweight import QuantizedWeight
@@ -129,7 +129,7 @@ def save_quantized_checkpoint(
 
     summary = CheckpointSummary(
         path=out,
-        scheme=_describe(scheme, named),
+        scheme=describe_schemes(scheme, named),
         n_quantized=len(quantized),
         n_ignored=len(set(ignore)),
         n_shards=n_shards,
@@ -142,16 +142,6 @@ def save_quantized_checkpoint(
     )
     logger.info("wrote %s", summary)
     return summary
-
-
-def _describe(scheme: WeightScheme, named: Mapping[str, WeightScheme]) -> str:
-    """``W2 g128 asym; lm_head W8 g128 asym; model.layers.0.mlp.down_proj and 27 more W4 g128 asym``."""
-    by_scheme: dict[WeightScheme, list[str]] = {}
-    for name, s in named.items():
-        by_scheme.setdefault(s, []).append(name)
-    parts = sorted(f"{summarize_names(sorted(names, key=natural_key))} {s.describe()}"
-                   for s, names in by_scheme.items())
-    return "; ".join([scheme.describe(), *parts])
 
 
 def _nbytes(t: torch.Tensor) -> int:
