@@ -19,7 +19,7 @@ from vlmptq.demo.evaluate import EVAL_QUESTIONS, checkpoint_modules, dequantize_
 from vlmptq.errors import CheckpointError, ConfigError
 from vlmptq.models.adapters import load_model, load_model_lazily, load_processor
 from vlmptq.pipeline.replay import Variant, variant_logprobs
-from tests.support.tiny_families import build_tiny_family
+from tests.support.tiny_families import build_tiny_family, build_tiny_text_lm
 
 CALIB = CalibConfig(source="builtin", num_samples=3, max_seq_len=512)
 
@@ -172,32 +172,11 @@ def test_lazily_loaded_source_gives_the_same_rows(tiny_qwen2_vl, checkpoints, ca
     assert f"| {checkpoints['w4']} | gptq | W4 g32 asym |" in capsys.readouterr().out
 
 
-def _text_only(kind, tok_src, out):
-    """A tiny random text-only model with ``tok_src``'s tokenizer; Gemma 3's with its logit soft-capping on."""
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tok_src)
-    torch.manual_seed(0)
-    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, vocab_size=len(tok))
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**dims, tie_word_embeddings=False))
-    else:
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**dims, head_dim=32, final_logit_softcapping=3.0))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.normal_(0.0, 0.08)
-    model.to(torch.bfloat16).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
 def test_a_text_only_model_is_compared_on_text(kind, tiny_qwen2_vl, tmp_path, monkeypatch):
     """Text windows (as it calibrates), every position compared; layer by layer equals the whole model's
     forward (Gemma 3's soft-capped logits included); without --data it fails before loading."""
-    src = _text_only(kind, tiny_qwen2_vl, tmp_path / kind)
+    src = build_tiny_text_lm(kind, tmp_path / kind, tiny_qwen2_vl)
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"Sentence {i} says the tide rose {i % 7} feet at the harbour." for i in range(120)))
     data = CalibConfig(source=str(text), num_samples=3, max_seq_len=48)

@@ -27,16 +27,9 @@ PARAGRAPHS = [
 @pytest.fixture(scope="module")
 def tiny_llama(tiny_qwen2_vl, tmp_path_factory):
     """A tiny random Llama with the Qwen2 tokenizer (the embeddings cover its whole vocabulary)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tests.support.tiny_families import build_tiny_text_lm
 
-    tok = AutoTokenizer.from_pretrained(tiny_qwen2_vl)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=len(tok), tie_word_embeddings=False)
-    src = tmp_path_factory.mktemp("text-only") / "llama"
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(src)
-    tok.save_pretrained(src)
-    return src
+    return build_tiny_text_lm("llama", tmp_path_factory.mktemp("text-only") / "llama", tiny_qwen2_vl)
 
 
 @pytest.fixture

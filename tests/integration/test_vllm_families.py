@@ -101,25 +101,16 @@ def test_gemma3_serves_through_the_plugin(tiny_qwen2_vl, tmp_path):
 def test_text_only_llama_calibrated_on_text_serves_through_the_plugin(tiny_qwen2_vl, tmp_path):
     """A text-only model quantized with GPTQ on text windows (``vlmptq.calib.text``) serves through the
     plugin and matches the HF model with the checkpoint's dequantized weights."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     import vlmptq
     from vlmptq.calib import CalibConfig
     from vlmptq.checkpoint.reader import open_checkpoint
     from tests.support.quantized_checkpoint import QuantizedCheckpoint
+    from tests.support.tiny_families import build_tiny_text_lm
 
-    tok = AutoTokenizer.from_pretrained(tiny_qwen2_vl)
-    torch.manual_seed(0)
-    src = tmp_path / "llama"
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
-                                         tie_word_embeddings=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.normal_(0.0, 0.08)
-    model.to(torch.bfloat16).save_pretrained(src)
-    tok.save_pretrained(src)
+    src = build_tiny_text_lm("llama", tmp_path / "llama", tiny_qwen2_vl)
+    tok = AutoTokenizer.from_pretrained(src)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(f"On day {i} the ferry left the harbour at {i % 12 + 1} o'clock." for i in range(200)))
     out = tmp_path / "w3"

@@ -4,7 +4,7 @@
 Built from the tiny Qwen2-VL fixture's tokenizer plus each family's placeholder tokens and chat
 format; the language models keep the tiny Qwen fixture's shape (hidden 192, intermediate 448,
 3 heads of 64, 1 KV head, 2 layers), so group sizes 32/64 fit. Used to show the quantizer needs no
-per-family code beyond the adapter registry.
+per-family code beyond the adapter registry. ``build_tiny_text_lm``: text-only Llama / Gemma 3 text.
 """
 
 from __future__ import annotations
@@ -219,19 +219,45 @@ FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_
             "mistral3": _mistral3}
 
 
-def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random ``family`` checkpoint (model + processor) to ``out_dir``."""
-    torch.manual_seed(seed)
-    model, processor = FAMILIES[family](tokenizer_source)
+def _randomize(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name:
                 p.normal_(0.0, 0.08)
+
+
+def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random ``family`` checkpoint (model + processor) to ``out_dir``."""
+    torch.manual_seed(seed)
+    model, processor = FAMILIES[family](tokenizer_source)
+    _randomize(model)
     out = Path(out_dir)
     model.to(torch.bfloat16).eval().save_pretrained(out)
     processor.save_pretrained(out)
     if family in ("llava", "llava_next", "llava_onevision", "gemma3"):
         _to_hub_vision_names(out)
+    return out
+
+
+def build_tiny_text_lm(kind: str, out_dir: str | Path, tokenizer_source: str | Path, seed: int = 0) -> Path:
+    """A tiny random text-only ``"llama"`` or ``"gemma3_text"`` (its logit soft-capping on, at 3.0) with the
+    tokenizer of ``tokenizer_source`` (the embeddings cover its whole vocabulary), hidden 64, 2 layers."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_source)
+    torch.manual_seed(seed)
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=len(tok))
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**dims, tie_word_embeddings=False))
+    elif kind == "gemma3_text":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**dims, head_dim=32, final_logit_softcapping=3.0))
+    else:
+        raise ValueError(f"unknown text-only kind {kind!r}")
+    _randomize(model)
+    out = Path(out_dir)
+    model.to(torch.bfloat16).eval().save_pretrained(out)
+    tok.save_pretrained(out)
     return out
 
 
