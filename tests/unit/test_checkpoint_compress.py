@@ -74,6 +74,10 @@ def test_out_of_range_codes_are_refused():
     qw.codes[0, 0] = 5
     with pytest.raises(CheckpointError, match=r"\[0, 3\]"):
         compress_weight(qw)
+    qw = _qw(2, 32, False)
+    qw.zero[1, 0] = 4
+    with pytest.raises(CheckpointError, match=r"zero points span \[\d, 4\] but 2-bit codes must lie in \[0, 3\]"):
+        compress_weight(qw)
 
 
 def _shapes(t):

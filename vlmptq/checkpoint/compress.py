@@ -76,8 +76,10 @@ def compress_weight(qw: QuantizedWeight, scale_dtype: torch.dtype | None = None)
         SHAPE: torch.tensor([n, k], dtype=torch.int64),
     }
     if not scheme.symmetric:
-        _check_code_range(zero, scheme, "zero points")
-        out[ZERO] = pack_columns(zero, scheme.bits)
+        try:
+            out[ZERO] = pack_columns(zero, scheme.bits, "zero points")
+        except ValueError as e:
+            raise CheckpointError(f"{e}; the solver produced out-of-range values.") from None
     elif not bool((zero == scheme.offset).all()):
         raise CheckpointError(
             f"symmetric {scheme.describe()} needs every zero point at {scheme.offset}, found others; "
@@ -97,17 +99,6 @@ def packed_nbytes(out_features: int, in_features: int, scheme: WeightScheme, sca
     if not scheme.symmetric:
         nbytes += 4 * dense_width(n, b) * g  # zero points packed along N
     return nbytes
-
-
-def _check_code_range(x: torch.Tensor, scheme: WeightScheme, what: str) -> None:
-    bad = x > scheme.maxq  # (comparisons are much cheaper than min/max reductions on uint8)
-    if x.dtype != torch.uint8:
-        bad |= x < 0
-    if bool(bad.any()):
-        raise CheckpointError(
-            f"{what} span [{int(x.min())}, {int(x.max())}] but {scheme.bits}-bit codes must lie in "
-            f"[0, {scheme.maxq}]; the solver produced out-of-range values."
-        )
 
 
 @dataclass(frozen=True)

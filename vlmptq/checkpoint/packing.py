@@ -47,13 +47,27 @@ def _row_chunks(rows: int, cols: int) -> list[slice]:
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)] or [slice(0, 0)]
 
 
-def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes ``[R, C]`` (any integer dtype, values < 2^bits) into dense int32 ``[R, W]``
-    (in blocks of rows: a 152k-row LM head does not need 8 bytes per code of working memory)."""
+def check_code_range(values: torch.Tensor, bits: int, what: str = "codes") -> None:
+    """ValueError unless every value lies in [0, 2^bits - 1] (packing one outside would corrupt its
+    neighbours in the word)."""
+    maxq = (1 << bits) - 1
+    bad = values > maxq  # (comparisons are much cheaper than min/max reductions on uint8)
+    if values.dtype != torch.uint8:
+        bad |= values < 0
+    if bool(bad.any()):
+        raise ValueError(f"{what} span [{int(values.min())}, {int(values.max())}] but {bits}-bit codes must lie "
+                         f"in [0, {maxq}]")
+
+
+def pack_rows(codes: torch.Tensor, bits: int, what: str = "codes") -> torch.Tensor:
+    """Pack unsigned codes ``[R, C]`` (any integer dtype, values < 2^bits, else ValueError naming ``what``)
+    into dense int32 ``[R, W]`` (in blocks of rows: a 152k-row LM head does not need 8 bytes per code of
+    working memory)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [rows, cols], got shape {tuple(codes.shape)}")
+    check_code_range(codes, bits, what)
     return torch.cat([_pack_block(codes[rows], bits) for rows in _row_chunks(*codes.shape)])
 
 
@@ -133,9 +147,9 @@ def unpack_rows_any(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     raise ValueError(f"packed width {width} fits neither layout for {cols} values of {bits} bits; expected {expected}")
 
 
-def pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_columns(codes: torch.Tensor, bits: int, what: str = "codes") -> torch.Tensor:
     """Pack along dim 0 (zero points): ``[N, G]`` -> ``[ceil(N*b/32), G]``."""
-    return pack_rows(codes.t().contiguous(), bits).t().contiguous()
+    return pack_rows(codes.t().contiguous(), bits, what).t().contiguous()
 
 
 def unpack_columns(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
