@@ -118,13 +118,16 @@ def test_text_only_model_quantized_with_calibration(method, tiny_llama, corpus, 
     assert len(rtn.records) == 14
 
 
-def test_text_only_model_on_the_builtin_image_set_fails_before_loading(tiny_llama, tmp_path, monkeypatch, capsys):
+def test_text_only_model_on_the_builtin_image_set_or_a_missing_file_fails_before_loading(tiny_llama, tmp_path, monkeypatch, capsys):
     import vlmptq.api as api
 
     monkeypatch.setattr(api, "load_model", lambda *a: pytest.fail("loaded the model"))
     with pytest.raises(CalibrationDataError, match="is a text-only model and the built-in calibration set holds "
                                                    "image-caption pairs; calibrate it on text: --calib a .txt file"):
         vlmptq.quantize(tiny_llama, tmp_path / "out", make_config(method="gptq"))
+    with pytest.raises(CalibrationDataError, match=r"'.*gone\.txt' does not exist; check the path"):
+        vlmptq.quantize(tiny_llama, tmp_path / "out", make_config(
+            method="gptq", calib=CalibConfig(source=str(tmp_path / "gone.txt"))))
     from vlmptq.cli import main
 
     assert main(["quantize", "--model", str(tiny_llama), "--out", str(tmp_path / "o"), "--method", "gptq"]) == 2

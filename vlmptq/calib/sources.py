@@ -74,8 +74,7 @@ def open_source(config: CalibConfig) -> Source:
             raise CalibrationDataError(
                 f"calibration source {config.source!r} is an empty directory; put images with "
                 f"same-named .txt captions (or a {CAPTIONS_FILE}) in it, or choose another source.")
-        if (_is_saved_dataset(path) or _is_image_folder_dataset(path)
-                or not _has_images_or_captions(path)):
+        if is_dataset_folder(path) or not _has_images_or_captions(path):
             return HFDatasetSource(config)
         return DirectorySource(path, config)
     if config.source.endswith((".jsonl", ".json")) or config.source.startswith(("/", "./", "../", "~")):
@@ -351,9 +350,15 @@ def _is_saved_dataset(path: Path) -> bool:
         (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
 
 
-def load_hf_dataset(config: CalibConfig):
+def is_dataset_folder(path: Path) -> bool:
+    """A ``save_to_disk`` directory or an ``imagefolder`` dataset (images plus a metadata file)."""
+    return _is_saved_dataset(path) or _is_image_folder_dataset(path)
+
+
+def load_hf_dataset(config: CalibConfig, accepted: str = ACCEPTED_FORMS):
     """``config.source`` as a map-style ``datasets.Dataset`` (its ``split``): ``load_from_disk`` for a
-    directory written by ``save_to_disk``, else ``load_dataset`` (hub name or local dataset folder)."""
+    directory written by ``save_to_disk``, else ``load_dataset`` (hub name or local dataset folder).
+    ``accepted``: the sources the caller takes, named when loading fails."""
     import datasets
 
     path = Path(config.source).expanduser()
@@ -365,7 +370,7 @@ def load_hf_dataset(config: CalibConfig):
     except Exception as err:  # datasets raises many types; the boundary turns them into one
         raise CalibrationDataError(
             f"cannot load calibration source {config.source!r} as a Hugging Face dataset "
-            f"({type(err).__name__}: {err}). Accepted sources: {ACCEPTED_FORMS}. Without "
+            f"({type(err).__name__}: {err}). Accepted sources: {accepted}. Without "
             "network access a hub dataset must already be in the local cache."
         ) from err
     if isinstance(ds, datasets.DatasetDict):

@@ -36,16 +36,29 @@ SEPARATOR = "\n\n"
 
 
 def check_text_source(config: CalibConfig, model: str) -> None:
-    """Fail before any weights load if ``config.source`` cannot calibrate a text-only model."""
+    """Fail before any weights load if ``config.source`` cannot calibrate a text-only model: the built-in
+    image set, or a local path that does not exist."""
     if config.source == "builtin":
         raise CalibrationDataError(
             f"{model} is a text-only model and the built-in calibration set holds image-caption pairs; "
             f"calibrate it on text: --calib {TEXT_FORMS}. (RTN needs no calibration.)")
+    _check_exists(config)
+
+
+def _check_exists(config: CalibConfig) -> None:
+    """A source that names a local file or folder (a suffix we read, or a path prefix) must exist; anything
+    else may be a Hugging Face dataset name."""
+    src = config.source
+    local = src.endswith((".txt", ".jsonl", ".json")) or src.startswith(("/", "./", "../", "~"))
+    if local and not Path(src).expanduser().exists():
+        raise CalibrationDataError(f"calibration source {src!r} does not exist; check the path (for a text-only "
+                                   f"model: {TEXT_FORMS})")
 
 
 def _texts(config: CalibConfig) -> Iterator[tuple[str, str | CalibrationDataError]]:
     """(id, text or what is wrong with that record) of the source's documents, in a seeded order (a
     single .txt file: itself)."""
+    _check_exists(config)
     path = Path(config.source).expanduser()
     if path.is_file() and path.suffix.lower() == ".txt":
         yield path.name, _read(path)
@@ -72,7 +85,7 @@ def _texts(config: CalibConfig) -> Iterator[tuple[str, str | CalibrationDataErro
                                    f"text-only model give {TEXT_FORMS}")
     from vlmptq.calib.sources import load_hf_dataset
 
-    ds = load_hf_dataset(config)
+    ds = load_hf_dataset(config, TEXT_FORMS)
     if config.text_column not in ds.column_names:
         raise CalibrationDataError(f"dataset {config.source!r} has no column {config.text_column!r}; its columns "
                                    f"are {list(ds.column_names)}. Set text_column= (--text-column) to the one "
@@ -86,10 +99,11 @@ def _texts(config: CalibConfig) -> Iterator[tuple[str, str | CalibrationDataErro
 
 
 def _is_dataset_dir(path: Path) -> bool:
-    from vlmptq.calib.sources import _is_saved_dataset
+    """A folder ``datasets`` loads: a ``save_to_disk`` folder, or data files with no .txt among them."""
+    from vlmptq.calib.sources import is_dataset_folder
 
-    return _is_saved_dataset(path) or any((path / f"metadata.{e}").is_file() for e in ("jsonl", "csv", "parquet")) \
-        or any(path.glob("*.parquet")) or any(path.glob("*/*.parquet"))
+    return is_dataset_folder(path) or (not any(path.glob("*.txt")) and any(
+        f.suffix in (".parquet", ".arrow", ".csv", ".jsonl") for f in path.rglob("*")))
 
 
 def _read(path: Path) -> str:
