@@ -45,6 +45,13 @@ def quantize_on(model_dir, out, device: str, method: str, bits: int, offload: st
     return vlmptq.quantize(model_dir, out, config)
 
 
+def tensors(out) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in ``out``."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 def relative_errors(report) -> dict[str, float]:
     return {r.name: r.rel_error for r in report.records}
 
@@ -89,14 +96,8 @@ def test_a_run_stopped_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypatch):
     """The progress store is device-neutral (a pre-empted GPU job may continue elsewhere): a run stopped in
     layer 1 on CUDA, resumed with --device cpu, solves only layer 1 and the head again, and keeps layer 0
     exactly as an uninterrupted CUDA run wrote it (which also shows the GPU run is deterministic)."""
-    from safetensors.torch import load_file
-
     import vlmptq.pipeline.sequential as sequential
     from vlmptq.pipeline.progress import progress_dir_for
-
-    def tensors(out):
-        return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
-
     from tests.support.interrupt import interrupt_in_layer
 
     quantize_on(tiny, tmp_path / "full", "cuda", "vlmptq", 3, "cpu")
@@ -120,10 +121,7 @@ def test_a_run_stopped_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypatch):
 def test_lazy_load_on_cuda_writes_the_same_checkpoint(tiny, tmp_path):
     """--lazy-load reads each decoder layer from the files on the CPU, then moves it to the GPU: the
     checkpoint equals the whole-model run's on the same device, bit for bit."""
-    from safetensors.torch import load_file
-
     quantize_on(tiny, tmp_path / "whole", "cuda", "vlmptq", 3, "cpu")
     quantize_on(tiny, tmp_path / "lazy", "cuda", "vlmptq", 3, "cpu", lazy_load=True)
-    a, b = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
-            for d in (tmp_path / "whole", tmp_path / "lazy"))
+    a, b = tensors(tmp_path / "whole"), tensors(tmp_path / "lazy")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
