@@ -57,8 +57,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--seed", type=int, default=0, help="seed for sample selection and the built-in set's crops")
     c.add_argument("--split", default="train", help="dataset split (Hugging Face datasets)")
     c.add_argument("--image-column", default="image", help="dataset column / jsonl key with the image")
-    c.add_argument("--text-column", default="text", help="dataset column / jsonl key with the caption (assistant turn), or the text of a text-only model's "
-                        "calibration records")
+    c.add_argument("--text-column", default="text",
+                   help="dataset column / jsonl key with the caption (assistant turn), or the text of a text-only "
+                        "model's calibration records")
     c.add_argument("--prompt-column", default=None, help="dataset column with the question (default: a fixed prompt)")
     c.add_argument("--image-root", default=None,
                    help="folder that relative image paths in a .jsonl/.json file or dataset start from (default: the "
@@ -153,7 +154,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                     "prompts and report the mean KL divergence of their next-token distributions (nats per token) "
                     "and how often their top-1 tokens agree, at the text positions after the image. The model is "
                     "loaded once and run one decoder layer at a time, each checkpoint's weights swapped in. Prompts: "
-                    "held-out photos never in the built-in calibration set, or your own pairs (--data).",
+                    "held-out photos never in the built-in calibration set, or your own pairs (--data); a text-only "
+                    "model is compared on --data's text, at every position.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
