@@ -118,7 +118,8 @@ def test_text_only_model_quantized_with_calibration(method, tiny_llama, corpus, 
     assert len(rtn.records) == 14
 
 
-def test_text_only_model_on_the_builtin_image_set_or_a_missing_file_fails_before_loading(tiny_llama, tmp_path, monkeypatch, capsys):
+def test_text_only_model_on_the_builtin_image_set_or_a_missing_file_fails_before_loading(tiny_llama, tmp_path,
+                                                                                       monkeypatch, capsys):
     import vlmptq.api as api
 
     monkeypatch.setattr(api, "load_model", lambda *a: pytest.fail("loaded the model"))
