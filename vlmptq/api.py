@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 
+from vlmptq.calib.encode import CalibSample
 from vlmptq.calib.text import check_text_source, load_text_calibration
 from vlmptq.checkpoint.lock import output_lock
 from vlmptq.checkpoint.writer import CheckpointSummary, check_destination, save_quantized_checkpoint
 from vlmptq.config import QuantizeConfig
 from vlmptq.errors import ConfigError
 from vlmptq.models.adapters import (
-    adapter_for_type, load_model, load_model_lazily, load_processor, read_checkpoint_dtype, read_model_type,
+    load_model, load_model_lazily, load_processor, load_skeleton, read_checkpoint_dtype,
 )
 from vlmptq.models.lazy import choose_lazy_load
 from vlmptq.models.source import model_dir_of
@@ -57,10 +58,7 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
     model_dir = model_dir_of(model)
     solver = build_solver(config.method, config.solver)
     device = config.torch_device()
-    text_only = adapter_for_type(read_model_type(model_dir)).text_only
-    if solver.needs.hessian and text_only:
-        check_text_source(config.calib, str(model))
-    processor = load_processor(model_dir, text_only) if solver.needs.hessian else None  # fails before the weights
+    samples = _calibration_samples(model_dir, config, str(model)) if solver.needs.hessian else []
     dtype = config.torch_dtype(read_checkpoint_dtype(model_dir))
     lazy = None
     if choose_lazy_load(model_dir, config.lazy_load):
@@ -68,29 +66,34 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
     else:
         hf_model, adapter = load_model(model_dir, dtype)
     try:
-        return _quantize_loaded(hf_model, adapter, processor, config, solver, device, progress, lazy, keep_model)
+        result = quantize_model(
+            hf_model, adapter, solver, config.scheme, samples,
+            device=device, offload_device=config.offload_device, ignore=config.ignore,
+            head_scheme=config.head_scheme, progress=progress,
+            scheme_for=config.scheme_resolver() if config.overrides else None,
+            lazy_layers=lazy, release_quantized=not keep_model,
+        )
     finally:
         if lazy is not None:
             lazy.close()
+    return hf_model, result, len(samples)
 
 
-def _quantize_loaded(hf_model, adapter, processor, config: QuantizeConfig, solver, device, progress, lazy,
-                     keep_model: bool) -> tuple[torch.nn.Module, PipelineResult, int]:
-    samples = []
-    if processor is not None:
+def _calibration_samples(model_dir: Path, config: QuantizeConfig, name: str) -> list[CalibSample]:
+    """The calibration samples, encoded before any weight is read (the model's structure comes from its
+    config on the meta device): a wrong source, a bad sample or a processor that is not the model's costs
+    seconds, not the load of a large model."""
+    skeleton, adapter = load_skeleton(model_dir, config.torch_dtype(read_checkpoint_dtype(model_dir)))
+    if adapter.text_only:
+        check_text_source(config.calib, name)
+        samples = load_text_calibration(config.calib, load_processor(model_dir, text_only=True))
+    else:
         from vlmptq.calib import load_calibration
 
-        samples = (load_text_calibration(config.calib, processor) if adapter.text_only else
-                   load_calibration(config.calib, processor, sorted(adapter.vision_token_ids())))
-        logger.info("calibrating on %d samples from %s", len(samples), config.calib.source)
-        _check_token_ids(hf_model, samples)
-    result = quantize_model(
-        hf_model, adapter, solver, config.scheme, samples,
-        device=device, offload_device=config.offload_device, ignore=config.ignore, head_scheme=config.head_scheme,
-        progress=progress, scheme_for=config.scheme_resolver() if config.overrides else None,
-        lazy_layers=lazy, release_quantized=not keep_model,
-    )
-    return hf_model, result, len(samples)
+        samples = load_calibration(config.calib, load_processor(model_dir), sorted(adapter.vision_token_ids()))
+    logger.info("calibrating on %d samples from %s", len(samples), config.calib.source)
+    _check_token_ids(skeleton, samples)
+    return samples
 
 
 def _check_token_ids(model: torch.nn.Module, samples) -> None:
@@ -132,7 +135,7 @@ def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | None =
     ``pack-quantized`` checkpoint to ``out``.
 
     Everything that can be checked is checked before the model is loaded (config, output directory,
-    architecture); ``out`` is only ever replaced by a complete checkpoint. The decoder layers finished
+    architecture, the calibration set: encoded first); ``out`` is only ever replaced by a complete checkpoint. The decoder layers finished
     so far are kept in ``<out>.vlmptq-progress/`` until it is: ``config.resume`` continues a run that
     stopped (``vlmptq.pipeline.progress``). One run at a time may write ``out`` (``<out>.vlmptq-lock``).
     """

@@ -286,7 +286,15 @@ def test_existing_output_is_refused_and_kept(tiny_qwen2_vl, tmp_path):
     _untouched(out, ["keep.txt"])
 
 
-def test_corrupt_calibration_image_names_the_sample(tiny_qwen2_vl, tmp_path):
+def test_bad_calibration_fails_before_the_weights_load(tiny_qwen2_vl, tmp_path, monkeypatch):
+    """The calibration set is encoded before any weight is read: a corrupt image (named), a source that does not
+    exist, or a tokenizer that is not the model's costs seconds, not the load of a 72B model."""
+    import shutil
+
+    import vlmptq.api as api
+
+    monkeypatch.setattr(api, "load_model", lambda *a: pytest.fail("loaded the model"))
+    monkeypatch.setattr(api, "load_model_lazily", lambda *a: pytest.fail("loaded the model"))
     data = tmp_path / "calib.jsonl"
     (tmp_path / "broken.png").write_text("not an image")
     data.write_text(json.dumps({"image": "broken.png", "text": "a cat"}) + "\n")
@@ -294,6 +302,17 @@ def test_corrupt_calibration_image_names_the_sample(tiny_qwen2_vl, tmp_path):
     config = make_config(method="vlmptq", group_size=32, calib=CalibConfig(source=str(data)), device="cpu")
     with pytest.raises(CalibrationDataError, match="broken.png"):
         vlmptq.quantize(tiny_qwen2_vl, out, config)
+    config = make_config(method="gptq", group_size=32, calib=CalibConfig(source=str(tmp_path / "gone")), device="cpu")
+    with pytest.raises(CalibrationDataError, match="'.*gone' does not exist; check the path"):
+        vlmptq.quantize(tiny_qwen2_vl, out, config)
+    small = tmp_path / "small-vocab"  # the same model with 64 embedding rows: the tokenizer's ids run past them
+    shutil.copytree(tiny_qwen2_vl, small)
+    cfg = json.loads((small / "config.json").read_text())
+    text_cfg = cfg.get("text_config", cfg)
+    text_cfg["vocab_size"] = 64
+    (small / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="input embeddings hold 64 rows: the tokenizer / processor files"):
+        vlmptq.quantize(small, out, make_config(method="gptq", group_size=32, calib=CALIB, device="cpu"))
     _untouched(out, None)
 
 
