@@ -61,6 +61,27 @@ def test_windows_are_cut_from_the_token_stream(tiny_llama, corpus):
     assert [s.sample_id for s in other] != [s.sample_id for s in samples]
 
 
+def test_a_large_txt_file_is_read_in_pieces_and_only_as_far_as_needed(tiny_llama, corpus, tmp_path, monkeypatch):
+    """Pieces cut at line breaks tokenize to the whole file's tokens, and reading stops once the stream holds
+    enough: a corpus whose tail is not UTF-8 still calibrates when that tail is never reached."""
+    import vlmptq.calib.text as text
+
+    tok = _tokenizer(tiny_llama)
+    config = CalibConfig(source=str(corpus), num_samples=16, max_seq_len=64)  # 4 x 16 windows: more than it holds
+    whole = load_text_calibration(config, tok)
+    monkeypatch.setattr(text, "CHUNK_CHARS", 150)
+    assert "".join(text._pieces(corpus)) == corpus.read_text() + "\n\n"
+    assert len(list(text._pieces(corpus))) > 20
+    pieced = load_text_calibration(config, tok)
+    assert [s.sample_id for s in pieced] == [s.sample_id for s in whole]
+    assert all(torch.equal(a.inputs["input_ids"], b.inputs["input_ids"]) for a, b in zip(pieced, whole))
+    big = tmp_path / "big.txt"
+    big.write_bytes(("\n\n".join(PARAGRAPHS * 3)).encode() + b"\n\xff\xfe not UTF-8")
+    assert len(load_text_calibration(CalibConfig(source=str(big), num_samples=2, max_seq_len=64), tok)) == 2
+    with pytest.raises(CalibrationDataError, match="it must be a UTF-8 text file"):
+        load_text_calibration(CalibConfig(source=str(big), num_samples=200, max_seq_len=64), tok)
+
+
 def test_every_text_source_form(tiny_llama, tmp_path):
     tok = _tokenizer(tiny_llama)
     folder = tmp_path / "texts"

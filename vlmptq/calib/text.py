@@ -33,6 +33,7 @@ TEXT_FORMS = ("a .txt file; a folder of .txt files; a .jsonl / .json file of {\"
               "Face dataset with a text column (hub name such as wikitext, local dataset folder, or a folder "
               "written by Dataset.save_to_disk); --text-column names another key or column")
 SEPARATOR = "\n\n"
+CHUNK_CHARS = 1 << 20  # a .txt file is read (and tokenized) this many characters at a time
 
 
 def check_text_source(config: CalibConfig, model: str) -> None:
@@ -56,12 +57,13 @@ def _check_exists(config: CalibConfig) -> None:
 
 
 def _texts(config: CalibConfig) -> Iterator[tuple[str, str | CalibrationDataError]]:
-    """(id, text or what is wrong with that record) of the source's documents, in a seeded order (a
-    single .txt file: itself)."""
+    """(id, text or what is wrong with that record) of the source's documents in a seeded order, each text
+    ending in ``SEPARATOR`` (a single .txt file: itself, in pieces read as they are needed)."""
     _check_exists(config)
     path = Path(config.source).expanduser()
     if path.is_file() and path.suffix.lower() == ".txt":
-        yield path.name, _read(path)
+        for piece in _pieces(path):
+            yield path.name, piece
         return
     if path.is_dir() and not _is_dataset_dir(path):
         files = sorted(path.glob("*.txt"))
@@ -70,7 +72,7 @@ def _texts(config: CalibConfig) -> Iterator[tuple[str, str | CalibrationDataErro
                                        f"for a text-only model give {TEXT_FORMS}")
         random.Random(config.seed).shuffle(files)
         for f in files:
-            yield f.name, _read(f)
+            yield f.name, _read(f) + SEPARATOR
         return
     if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
         from vlmptq.calib.sources import parse_records
@@ -106,6 +108,28 @@ def _is_dataset_dir(path: Path) -> bool:
         f.suffix in (".parquet", ".arrow", ".csv", ".jsonl") for f in path.rglob("*")))
 
 
+def _pieces(path: Path) -> Iterator[str]:
+    """A .txt file's text in pieces of about ``CHUNK_CHARS`` characters, each cut after a line break that a
+    non-space character follows (a boundary BPE pre-tokenizers split at anyway), the last with ``SEPARATOR``
+    added: tokenized one after another they give the whole file's tokens, and a corpus much larger than
+    calibration needs is read only as far as it needs."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            rest = ""
+            while chunk := f.read(CHUNK_CHARS):
+                text = rest + chunk
+                cut = max(text.rfind("\n", 0, len(text) - 1), 0)
+                while cut and text[cut + 1].isspace():  # a run of blank lines is one token: keep it whole
+                    cut = max(text.rfind("\n", 0, cut), 0)
+                if cut:
+                    yield text[:cut + 1]
+                    text = text[cut + 1:]
+                rest = text  # no usable break yet (a very long line): read on
+    except (OSError, UnicodeDecodeError) as err:
+        raise CalibrationDataError(f"cannot read {str(path)!r} ({err}); it must be a UTF-8 text file.") from err
+    yield rest + SEPARATOR
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -121,7 +145,7 @@ def _field(obj, config: CalibConfig, sid: str) -> str | CalibrationDataError:
                           "add it or set text_column= (--text-column) to the key that holds the text")
     try:
         return require_text(obj[config.text_column], f"the text {config.text_column!r}", sid,
-                            "give every record a non-empty text")
+                            "give every record a non-empty text") + SEPARATOR
     except CalibrationDataError as err:
         return err
 
@@ -143,7 +167,7 @@ def load_text_calibration(config: CalibConfig, tokenizer) -> list[CalibSample]:
             skipped += 1
             log.warning("skipping: %s", text)
             continue
-        stream += tokenizer(text + SEPARATOR, add_special_tokens=False).input_ids
+        stream += tokenizer(text, add_special_tokens=False).input_ids
         if len(stream) >= 4 * need:  # enough to draw from; a large dataset is not tokenized whole
             break
     if skipped:
