@@ -58,7 +58,7 @@ def _check_exists(config: CalibConfig) -> None:
 
 def _texts(config: CalibConfig) -> Iterator[tuple[str, str | CalibrationDataError]]:
     """(id, text or what is wrong with that record) of the source's documents in a seeded order, each text
-    ending in ``SEPARATOR`` (a single .txt file: itself, in pieces read as they are needed)."""
+    ending in ``SEPARATOR`` (.txt files in pieces, read as they are needed)."""
     _check_exists(config)
     path = Path(config.source).expanduser()
     if path.is_file() and path.suffix.lower() == ".txt":
@@ -72,7 +72,8 @@ def _texts(config: CalibConfig) -> Iterator[tuple[str, str | CalibrationDataErro
                                        f"for a text-only model give {TEXT_FORMS}")
         random.Random(config.seed).shuffle(files)
         for f in files:
-            yield f.name, _read(f) + SEPARATOR
+            for piece in _pieces(f):
+                yield f.name, piece
         return
     if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
         from vlmptq.calib.sources import parse_records
@@ -128,13 +129,6 @@ def _pieces(path: Path) -> Iterator[str]:
     except (OSError, UnicodeDecodeError) as err:
         raise CalibrationDataError(f"cannot read {str(path)!r} ({err}); it must be a UTF-8 text file.") from err
     yield rest + SEPARATOR
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise CalibrationDataError(f"cannot read {str(path)!r} ({err}); it must be a UTF-8 text file.") from err
 
 
 def _field(obj, config: CalibConfig, sid: str) -> str | CalibrationDataError:
