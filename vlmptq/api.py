@@ -16,12 +16,12 @@ from vlmptq.checkpoint.writer import CheckpointSummary, check_destination, save_
 from vlmptq.config import QuantizeConfig
 from vlmptq.errors import ConfigError
 from vlmptq.models.adapters import (
-    load_model, load_model_lazily, load_processor, load_skeleton, read_checkpoint_dtype,
+    ModelAdapter, load_model, load_model_lazily, load_processor, load_skeleton, read_checkpoint_dtype,
 )
 from vlmptq.models.lazy import choose_lazy_load
 from vlmptq.models.source import model_dir_of
 from vlmptq.pipeline.progress import LayerProgress, model_files_digest, progress_dir_for
-from vlmptq.pipeline.sequential import LinearRecord, PipelineResult, quantize_model
+from vlmptq.pipeline.sequential import LinearRecord, PipelineResult, check_model_fits, quantize_model
 from vlmptq.solvers import build_solver
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,10 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
     model_dir = model_dir_of(model)
     solver = build_solver(config.method, config.solver)
     device = config.torch_device()
-    samples = _calibration_samples(model_dir, config, str(model)) if solver.needs.hessian else []
     dtype = config.torch_dtype(read_checkpoint_dtype(model_dir))
+    skeleton, structure = load_skeleton(model_dir, dtype)  # from config.json: no weight is read
+    check_model_fits(structure, config.ignore, config.scheme_resolver(), config.head_scheme)
+    samples = _calibration_samples(model_dir, config, skeleton, structure, str(model)) if solver.needs.hessian else []
     lazy = None
     if choose_lazy_load(model_dir, config.lazy_load):
         hf_model, adapter, lazy = load_model_lazily(model_dir, dtype)
@@ -79,11 +81,11 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
     return hf_model, result, len(samples)
 
 
-def _calibration_samples(model_dir: Path, config: QuantizeConfig, name: str) -> list[CalibSample]:
-    """The calibration samples, encoded before any weight is read (the model's structure comes from its
-    config on the meta device): a wrong source, a bad sample or a processor that is not the model's costs
-    seconds, not the load of a large model."""
-    skeleton, adapter = load_skeleton(model_dir, config.torch_dtype(read_checkpoint_dtype(model_dir)))
+def _calibration_samples(model_dir: Path, config: QuantizeConfig, skeleton: torch.nn.Module, adapter: ModelAdapter,
+                         name: str) -> list[CalibSample]:
+    """The calibration samples, encoded before any weight is read (``skeleton``: the model on the meta
+    device): a wrong source, a bad sample or a processor that is not the model's costs seconds, not the
+    load of a large model."""
     if adapter.text_only:
         check_text_source(config.calib, name)
         samples = load_text_calibration(config.calib, load_processor(model_dir, text_only=True))

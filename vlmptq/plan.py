@@ -20,7 +20,7 @@ from vlmptq.checkpoint.compress import packed_nbytes
 from vlmptq.config import QuantizeConfig
 from vlmptq.models.adapters import load_skeleton, read_checkpoint_dtype
 from vlmptq.models.source import model_dir_of
-from vlmptq.pipeline.sequential import check_head_fits, check_layers_fit, compile_ignore, quantizable_linears
+from vlmptq.pipeline.sequential import check_model_fits, compile_ignore, quantizable_linears
 from vlmptq.solvers import build_solver
 
 
@@ -104,7 +104,7 @@ def plan(model: str | Path, config: QuantizeConfig) -> QuantizationPlan:
     prefix, layers = adapter.decoder_layers()
     patterns = compile_ignore(config.ignore)
     scheme_for = config.scheme_resolver()
-    check_layers_fit(layers, prefix, patterns, scheme_for)
+    check_model_fits(adapter, config.ignore, scheme_for, config.head_scheme)
     shares: dict[str, list] = defaultdict(lambda: [0, 0, 0, ""])
     kept: list[str] = []
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -121,7 +121,6 @@ def plan(model: str | Path, config: QuantizeConfig) -> QuantizationPlan:
     other = sum(p.numel() for p in skeleton.parameters()) - quantized_params
     head = config.head_scheme
     if head is not None:
-        check_head_fits(adapter, head)
         name, lin = adapter.lm_head()
         emb = skeleton.get_input_embeddings()
         tied = emb is not None and getattr(emb, "weight", None) is lin.weight

@@ -41,6 +41,15 @@ CASES = [
 ]
 
 
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fails the test if the model's weights are loaded: what is checked here needs config.json only."""
+    import vlmptq.api as api
+
+    monkeypatch.setattr(api, "load_model", lambda *a: pytest.fail("loaded the model"))
+    monkeypatch.setattr(api, "load_model_lazily", lambda *a: pytest.fail("loaded the model"))
+
+
 @pytest.fixture(scope="module")
 def models(tiny_qwen2_vl, tiny_qwen2_5_vl, tiny_qwen3_vl):
     return {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
@@ -106,9 +115,9 @@ def test_solver_never_sees_the_vision_tower(tiny_qwen2_vl):
 
 @pytest.mark.parametrize("pattern,left,kept", [(r"q_proj$", "self_attn.q_proj", "self_attn.k_proj"),
                                                (r"layers\.1\.mlp\.up_proj", "1.mlp.up_proj", "1.mlp.gate_proj")])
-def test_ignore_that_splits_a_fused_group_is_refused(tiny_qwen2_vl, tmp_path, pattern, left, kept):
+def test_ignore_that_splits_a_fused_group_is_refused(tiny_qwen2_vl, tmp_path, no_weights, pattern, left, kept):
     """vLLM fuses q/k/v and gate/up into one layer with one scheme: keeping part of one in 16-bit makes a
-    checkpoint no vLLM can serve, so it is refused before the model is calibrated, with a pattern that works."""
+    checkpoint no vLLM can serve, so it is refused before the weights load, with a pattern that works."""
     config = make_config(method="gptq", bits=4, group_size=32, calib=CALIB, device="cpu", ignore=(pattern,))
     with pytest.raises(ConfigError, match=rf"--ignore keeps \S*{re.escape(left)} in 16-bit but not \S*"
                                           rf"{re.escape(kept)}.*one fused layer.*--ignore '"):
@@ -145,7 +154,7 @@ def test_lm_head_quantized_after_the_layers_and_untied(tiny_qwen2_vl_tied, tmp_p
         torch.testing.assert_close(fresh(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
 
 
-def test_lm_head_options_are_checked_before_any_work(tiny_qwen2_vl, tmp_path):
+def test_lm_head_options_are_checked_before_any_work(tiny_qwen2_vl, tmp_path, no_weights):
     with pytest.raises(ConfigError, match="lm_head_group_size is set but lm_head_bits is not"):
         make_config(lm_head_group_size=64)
     with pytest.raises(ConfigError, match="lm_head_bits.*bits=5 is not supported"):
@@ -203,7 +212,7 @@ def test_mixed_precision_overrides(tiny_qwen2_vl, tmp_path):
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
 
 
-def test_override_that_splits_a_fused_group_is_refused(tiny_qwen2_vl, tmp_path):
+def test_override_that_splits_a_fused_group_is_refused(tiny_qwen2_vl, tmp_path, no_weights):
     from vlmptq.config import SchemeOverride
 
     config = make_config(method="rtn", bits=2, group_size=32, overrides=(SchemeOverride.parse(r"\.q_proj$=4"),))
@@ -227,7 +236,7 @@ def _untouched(out, before):
     assert not [p for p in out.parent.iterdir() if "vlmptq-tmp" in p.name]
 
 
-def test_group_size_the_layer_cannot_take(tiny_qwen2_vl, tmp_path):
+def test_group_size_the_layer_cannot_take(tiny_qwen2_vl, tmp_path, no_weights):
     out = tmp_path / "out"
     config = make_config(method="gptq", bits=4, group_size=128, calib=CALIB, device="cpu")
     with pytest.raises(ConfigError, match=r"has 192 input features, not divisible by group_size=128"):
@@ -286,15 +295,11 @@ def test_existing_output_is_refused_and_kept(tiny_qwen2_vl, tmp_path):
     _untouched(out, ["keep.txt"])
 
 
-def test_bad_calibration_fails_before_the_weights_load(tiny_qwen2_vl, tmp_path, monkeypatch):
+def test_bad_calibration_fails_before_the_weights_load(tiny_qwen2_vl, tmp_path, no_weights):
     """The calibration set is encoded before any weight is read: a corrupt image (named), a source that does not
     exist, or a tokenizer that is not the model's costs seconds, not the load of a 72B model."""
     import shutil
 
-    import vlmptq.api as api
-
-    monkeypatch.setattr(api, "load_model", lambda *a: pytest.fail("loaded the model"))
-    monkeypatch.setattr(api, "load_model_lazily", lambda *a: pytest.fail("loaded the model"))
     data = tmp_path / "calib.jsonl"
     (tmp_path / "broken.png").write_text("not an image")
     data.write_text(json.dumps({"image": "broken.png", "text": "a cat"}) + "\n")

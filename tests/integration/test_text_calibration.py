@@ -146,13 +146,14 @@ def test_text_only_model_on_the_builtin_image_set_or_a_missing_file_fails_before
     monkeypatch.setattr(api, "load_model", lambda *a: pytest.fail("loaded the model"))
     with pytest.raises(CalibrationDataError, match="is a text-only model and the built-in calibration set holds "
                                                    "image-caption pairs; calibrate it on text: --calib a .txt file"):
-        vlmptq.quantize(tiny_llama, tmp_path / "out", make_config(method="gptq"))
+        vlmptq.quantize(tiny_llama, tmp_path / "out", make_config(method="gptq", group_size=32))
     with pytest.raises(CalibrationDataError, match=r"'.*gone\.txt' does not exist; check the path"):
         vlmptq.quantize(tiny_llama, tmp_path / "out", make_config(
-            method="gptq", calib=CalibConfig(source=str(tmp_path / "gone.txt"))))
+            method="gptq", group_size=32, calib=CalibConfig(source=str(tmp_path / "gone.txt"))))
     from vlmptq.cli import main
 
-    assert main(["quantize", "--model", str(tiny_llama), "--out", str(tmp_path / "o"), "--method", "gptq"]) == 2
+    assert main(["quantize", "--model", str(tiny_llama), "--out", str(tmp_path / "o"), "--method", "gptq",
+                 "--group-size", "32"]) == 2
     assert "text-only model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 

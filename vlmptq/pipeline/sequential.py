@@ -114,6 +114,16 @@ def check_layers_fit(layers: nn.ModuleList, prefix: str, ignore: list[re.Pattern
         _check_fused_schemes(f"{prefix}.{li}", keep, scheme_for)
 
 
+def check_model_fits(adapter: ModelAdapter, ignore: Sequence[str], scheme_for: Callable[[str], WeightScheme],
+                     head_scheme: WeightScheme | None) -> None:
+    """:func:`check_layers_fit` for the decoder layers and :func:`check_head_fits` for a quantized lm_head: shapes
+    and names only, so it runs on the meta-device skeleton before any weight is read."""
+    prefix, layers = adapter.decoder_layers()
+    check_layers_fit(layers, prefix, compile_ignore(ignore), scheme_for)
+    if head_scheme is not None:
+        check_head_fits(adapter, head_scheme)
+
+
 def _check_fused_schemes(prefix: str, keep: list[str], scheme_for: Callable[[str], WeightScheme]) -> None:
     for siblings in VLLM_FUSED_LINEARS.values():
         for parent in sorted({n.rpartition(".")[0] for n in keep if n.rpartition(".")[2] in siblings}):
@@ -327,9 +337,8 @@ def quantize_model(
     if needs.hessian and not samples:
         raise ConfigError(f"method {solver.name!r} needs calibration samples, got none")
     scheme_for = scheme_for or (lambda name: scheme)
-    check_layers_fit(layers, prefix, patterns, scheme_for)
+    check_model_fits(adapter, ignore, scheme_for, head_scheme)
     if head_scheme is not None:
-        check_head_fits(adapter, head_scheme)
         adapter.untie_lm_head()
     if progress is not None:
         from vlmptq.pipeline.progress import samples_digest
