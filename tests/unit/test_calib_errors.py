@@ -102,6 +102,15 @@ def test_unknown_sources_list_the_accepted_forms(tmp_path, qwen2):
         _load(qwen2, source="no-such-org-vlmptq/no-such-dataset")
 
 
+def test_a_model_folder_given_as_calibration_names_what_it_holds(tmp_path, tiny_qwen2_vl, qwen2):
+    """A folder without images is read as a dataset; when that fails, the message gives datasets' innermost
+    error (not "An error occurred while generating the dataset") and the folder's files."""
+    with pytest.raises(CalibrationDataError, match=r"as a Hugging Face dataset \(CastError: Couldn't cast\)\. The "
+                                                   r"folder was read as a dataset folder and holds chat_template\.jinja, "
+                                                   r"config\.json, .*model\.safetensors"):
+        _load(qwen2, source=str(tiny_qwen2_vl))
+
+
 def test_missing_keys_and_columns(tmp_path, qwen2):
     _jpeg(tmp_path / "a.jpg")
     src = _jsonl(tmp_path / "c.jsonl", [{"image": "a.jpg", "caption": "A gradient."}])

@@ -370,7 +370,7 @@ def load_hf_dataset(config: CalibConfig, accepted: str = ACCEPTED_FORMS):
     except Exception as err:  # datasets raises many types; the boundary turns them into one
         raise CalibrationDataError(
             f"cannot load calibration source {config.source!r} as a Hugging Face dataset "
-            f"({type(err).__name__}: {err}). Accepted sources: {accepted}. Without "
+            f"({_root_cause(err)}).{_folder_hint(path)} Accepted sources: {accepted}. Without "
             "network access a hub dataset must already be in the local cache."
         ) from err
     if isinstance(ds, datasets.DatasetDict):
@@ -384,6 +384,25 @@ def load_hf_dataset(config: CalibConfig, accepted: str = ACCEPTED_FORMS):
             f"dataset {config.source!r} loaded as {type(ds).__name__}; calibration needs a "
             "map-style datasets.Dataset (not streaming).")
     return ds
+
+
+def _root_cause(err: BaseException) -> str:
+    """``Type: first line`` of the innermost cause (datasets wraps the useful error: "An error occurred while
+    generating the dataset" hides "CastError: Couldn't cast ...")."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+
+
+def _folder_hint(path: Path) -> str:
+    """For a local folder read as a dataset: what it holds (a model folder given by mistake shows its
+    config files)."""
+    if not path.is_dir():
+        return ""
+    from vlmptq.checkpoint.config import summarize_names
+
+    names = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    return f" The folder was read as a dataset folder and holds {summarize_names(names, 8)}."
 
 
 class HFDatasetSource(Source):
