@@ -208,7 +208,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from vlmptq.models.source import resolve_model
 
-    print(inspect_checkpoint(resolve_model(args.dir)).format())
+    print(inspect_checkpoint(resolve_model(args.dir, role="checkpoint")).format())
     return 0
 
 

@@ -122,7 +122,7 @@ def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: Calib
                           f"got {photos} and {questions}")
     dev = resolve_device(device)
     names = [str(c) for c in checkpoints]
-    checkpoints = [resolve_model(c) for c in checkpoints]  # folders, or Hub ids from the HF cache
+    checkpoints = [resolve_model(c, role="checkpoint") for c in checkpoints]  # folders, or Hub ids (HF cache)
     reports = [inspect_checkpoint(c) for c in checkpoints]  # unreadable checkpoints fail before any work
     model_dir = model_dir_of(model)
     dtype = dtype or read_checkpoint_dtype(checkpoints[0]) or torch.bfloat16

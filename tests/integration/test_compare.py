@@ -5,6 +5,7 @@ an 8-bit checkpoint is all but identical to the source, and bad input fails befo
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from vlmptq.checkpoint.reader import open_checkpoint
 from vlmptq.compare import _dequantized, compare, format_rows
 from vlmptq.config import make_config
 from vlmptq.demo.evaluate import EVAL_QUESTIONS, checkpoint_modules, dequantize_into, kl_samples, reference_logprobs
-from vlmptq.errors import CheckpointError, ConfigError
+from vlmptq.errors import CheckpointError, ConfigError, UnsupportedModelError
 from vlmptq.models.adapters import load_model, load_model_lazily, load_processor
 from vlmptq.pipeline.replay import Variant, variant_logprobs
 from tests.support.tiny_families import build_tiny_family, build_tiny_text_lm
@@ -83,6 +84,29 @@ def test_bad_input_fails_before_loading(tiny_qwen2_vl, checkpoints, tmp_path, ca
     assert main(["compare", "--model", str(tiny_qwen2_vl), str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "vlmptq: error:" in err and "config.json" in err and "Traceback" not in err
+    assert main(["compare", "--model", str(tiny_qwen2_vl), str(tmp_path / "gone")]) == 2
+    assert f"checkpoint {tmp_path / 'gone'} does not exist" in capsys.readouterr().err
+
+
+def test_a_quantized_checkpoint_as_the_source_model_is_refused(tiny_qwen2_vl, checkpoints, tmp_path, capsys):
+    """Given a quantized checkpoint as --model, transformers builds modules without .weight: quantize, --dry-run
+    and compare failed with an AttributeError deep inside. Now each says what --model must be."""
+    from vlmptq.plan import plan
+
+    w4 = checkpoints["w4"]
+    match = (rf"{re.escape(str(w4))} is already quantized \(quantization_config: compressed-tensors, pack-quantized, "
+             r"written by vlmptq\); --model must be a model with 16-bit weights")
+    with pytest.raises(UnsupportedModelError, match=match):
+        compare(w4, [w4])
+    with pytest.raises(UnsupportedModelError, match=match):
+        vlmptq.quantize(w4, tmp_path / "again", make_config(method="rtn", group_size=32))
+    with pytest.raises(UnsupportedModelError, match=match):
+        plan(w4, make_config(method="rtn", group_size=32))
+    assert not (tmp_path / "again").exists()
+    from vlmptq.cli import main
+
+    assert main(["inspect", str(tmp_path / "gone")]) == 2
+    assert f"checkpoint {tmp_path / 'gone'} does not exist" in capsys.readouterr().err
 
 
 def test_checkpoint_of_another_model_is_named(tiny_qwen2_vl, tiny_qwen3_vl, checkpoints):

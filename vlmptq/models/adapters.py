@@ -213,14 +213,15 @@ def read_model_type(path: str | Path) -> str:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         raise UnsupportedModelError(
-            f"{path} has no config.json; --model must be a local Hugging Face model directory "
-            "(downloading from a hub is not supported here)"
+            f"{path} has no config.json; --model must be a Hugging Face model folder (config.json, the weights "
+            "and the processor files) or a Hub id"
         )
     try:
         config = json.loads(cfg.read_text())
         model_type = config["model_type"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UnsupportedModelError(f"{cfg} is not a valid model config ({e})") from e
+    _check_not_quantized(path, config)
     for arch in config.get("architectures") or ():
         if arch in ORIGINAL_FORMATS:
             what, fix = ORIGINAL_FORMATS[arch]
@@ -228,6 +229,22 @@ def read_model_type(path: str | Path) -> str:
     if model_type in NOT_YET:
         raise UnsupportedModelError(f"{path}: {NOT_YET[model_type]}")
     return model_type
+
+
+def _check_not_quantized(path: str | Path, config: dict) -> None:
+    """A source model must hold 16/32-bit weights: a quantized checkpoint (ours, AWQ, GPTQ, FP8, ...) would
+    load with other modules (no ``weight``) or be quantized twice."""
+    qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if not qc:
+        return
+    method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+    fmt = qc.get("format") if isinstance(qc, dict) else None
+    ours = isinstance(qc, dict) and "vlmptq" in qc
+    raise UnsupportedModelError(
+        f"{path} is already quantized (quantization_config: {method}{f', {fmt}' if fmt else ''}"
+        f"{', written by vlmptq' if ours else ''}); --model must be a model with 16-bit weights: give the one it "
+        "was made from (the original bf16 / fp16 release)"
+    )
 
 
 def read_checkpoint_dtype(path: str | Path) -> torch.dtype | None:

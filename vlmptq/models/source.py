@@ -35,27 +35,28 @@ def model_dir_of(model: str | Path, *, config_only: bool = False) -> Path:
     return config_dir if config_only else resolve_model(model)
 
 
-def resolve_model(model: str | Path, *, config_only: bool = False) -> Path:
+def resolve_model(model: str | Path, *, config_only: bool = False, role: str = "--model") -> Path:
     """The local folder of ``model``: the folder itself, or the cached snapshot of a Hub id (fetched if
-    missing). ``config_only``: the configuration files are enough (``--dry-run``)."""
+    missing). ``config_only``: the configuration files are enough (``--dry-run``). ``role``: how errors
+    name it (``--model``, ``checkpoint``)."""
     path = Path(model)
     if path.exists():
         if not path.is_dir():
-            raise ConfigError(f"--model {model} is a file; pass the model's folder (with config.json and its "
+            raise ConfigError(f"{role} {model} is a file; pass the model's folder (with config.json and its "
                               "weights) or a Hugging Face Hub id")
         return path
     name = str(model)
     if not REPO_ID.match(name):  # "org/name"; local-looking paths (./x, /x, ~/x) never match
-        raise ConfigError(f"--model {model} does not exist; pass a local Hugging Face model folder or a Hub id "
+        raise ConfigError(f"{role} {model} does not exist; pass a local Hugging Face model folder or a Hub id "
                           "such as Qwen/Qwen2.5-VL-7B-Instruct")
-    folder = _snapshot(name, SIDE_FILES if config_only else SIDE_FILES + WEIGHTS)
+    folder = _snapshot(name, SIDE_FILES if config_only else SIDE_FILES + WEIGHTS, role)
     if not config_only and not any(folder.glob("*.safetensors")):
-        folder = _snapshot(name, SIDE_FILES + FALLBACK_WEIGHTS)
+        folder = _snapshot(name, SIDE_FILES + FALLBACK_WEIGHTS, role)
     logger.info("model %s: %s (Hugging Face cache)", name, folder)
     return folder
 
 
-def _snapshot(repo_id: str, patterns: list[str]) -> Path:
+def _snapshot(repo_id: str, patterns: list[str], role: str) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -64,7 +65,7 @@ def _snapshot(repo_id: str, patterns: list[str]) -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         raise ConfigError(
-            f"--model {repo_id} is not a local folder and could not be taken from the Hugging Face Hub or its "
+            f"{role} {repo_id} is not a local folder and could not be taken from the Hugging Face Hub or its "
             f"cache {constants.HF_HUB_CACHE}{offline}: {type(e).__name__}: {_first_line(e)}. Download it where "
             f"the Hub can be reached (`hf download {repo_id}`, into the same cache or a folder you then pass), "
             "or check the id and your HF_TOKEN for gated models"
