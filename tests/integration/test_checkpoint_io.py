@@ -327,6 +327,12 @@ def test_missing_config_or_weights(good, tmp_path):
     with pytest.raises(CheckpointError, match="not valid JSON"):
         inspect_checkpoint(d)
     shutil.copy2(good / "config.json", d / "config.json")
+    with open(d / "model.safetensors", "r+b") as f:  # an interrupted copy
+        f.truncate(os.path.getsize(d / "model.safetensors") - 1000)
+    for read in (dequantize_checkpoint, inspect_checkpoint):
+        with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors file \(.*file not "
+                                                  r"fully covered\): the checkpoint is incomplete or corrupt"):
+            read(d)
     os.remove(d / "model.safetensors")
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):
         inspect_checkpoint(d)

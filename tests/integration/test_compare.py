@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -88,9 +89,10 @@ def test_bad_input_fails_before_loading(tiny_qwen2_vl, checkpoints, tmp_path, ca
     assert f"checkpoint {tmp_path / 'gone'} does not exist" in capsys.readouterr().err
 
 
-def test_a_quantized_checkpoint_as_the_source_model_is_refused(tiny_qwen2_vl, checkpoints, tmp_path, capsys):
+def test_a_quantized_or_damaged_source_model_is_refused(tiny_qwen2_vl, checkpoints, tmp_path, capsys):
     """Given a quantized checkpoint as --model, transformers builds modules without .weight: quantize, --dry-run
-    and compare failed with an AttributeError deep inside. Now each says what --model must be."""
+    and compare failed with an AttributeError deep inside. Now each says what --model must be; a truncated
+    weights file is named."""
     from vlmptq.plan import plan
 
     w4 = checkpoints["w4"]
@@ -103,6 +105,13 @@ def test_a_quantized_checkpoint_as_the_source_model_is_refused(tiny_qwen2_vl, ch
     with pytest.raises(UnsupportedModelError, match=match):
         plan(w4, make_config(method="rtn", group_size=32))
     assert not (tmp_path / "again").exists()
+    src = tmp_path / "cut"  # a source model whose weights were cut short by an interrupted copy
+    shutil.copytree(tiny_qwen2_vl, src)
+    with open(src / "model.safetensors", "r+b") as f:
+        f.truncate(100_000)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors file .* the model is "
+                                              "incomplete or corrupt"):
+        compare(src, [w4])
     from vlmptq.cli import main
 
     assert main(["inspect", str(tmp_path / "gone")]) == 2

@@ -271,6 +271,27 @@ def test_known_unsupported_formats_say_what_to_use_instead(tmp_path, config, mat
     _untouched(tmp_path / "out", None)
 
 
+def test_missing_or_truncated_weights_are_named_before_loading(tiny_qwen2_vl, tmp_path, no_weights):
+    """A model folder without weights, or with a safetensors file cut short (an interrupted copy), failed inside
+    transformers' loader with a bare OSError / SafetensorError; now it is named before loading (compare's source
+    model: test_compare)."""
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_qwen2_vl, src)
+    weights = src / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    config = make_config(method="rtn", group_size=32)
+    match = r"model\.safetensors is not a readable safetensors file \(.*\): the model is incomplete or corrupt"
+    with pytest.raises(CheckpointError, match=match):
+        vlmptq.quantize(src, tmp_path / "out", config)
+    weights.unlink()
+    with pytest.raises(ConfigError, match=r"holds no weights \(model\.safetensors, its shards and index"):
+        vlmptq.quantize(src, tmp_path / "out", config)
+    _untouched(tmp_path / "out", None)
+
+
 def test_model_folder_without_processor_files_fails_before_loading(tiny_qwen2_vl, tmp_path):
     """Weights and config but no tokenizer / preprocessor files: calibration cannot encode a sample,
     so the run stops before the weights load, says which files to copy, and writes nothing."""

@@ -67,12 +67,23 @@ def read_quantization_config(path: str | Path) -> ParsedQuantConfig:
     return parse_quantization_config(cfg["quantization_config"], source=str(Path(path) / "config.json"))
 
 
+def open_safetensors(path: Path, what: str = "checkpoint"):
+    """``safe_open(path)``; a truncated or corrupt file (its header does not parse, or its tensors run past
+    the end: an interrupted copy or download) is a :class:`CheckpointError` naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}): the {what} is incomplete or corrupt "
+                              "(an interrupted copy or download?); copy or download it again") from None
+
+
 class TensorStore:
-    """Lazy access to a checkpoint's safetensors tensors by name (single file or sharded)."""
+    """Lazy access to a checkpoint's safetensors tensors by name (single file or sharded). ``what`` names the
+    folder in errors (``checkpoint``, ``model``)."""
 
-    def __init__(self, root: str | Path):
-        from safetensors import safe_open
-
+    def __init__(self, root: str | Path, what: str = "checkpoint"):
         self.root = Path(root)
         index = self.root / INDEX_NAME
         if index.is_file():
@@ -91,7 +102,7 @@ class TensorStore:
             fpath = self.root / fname
             if not fpath.is_file():
                 raise CheckpointError(f"{fpath} is listed in {INDEX_NAME} but missing.")
-            handle = safe_open(str(fpath), framework="pt")
+            handle = open_safetensors(fpath, what)
             self._files[fname] = handle
             for k in handle.keys():
                 self._where[k] = fname

@@ -32,7 +32,24 @@ def model_dir_of(model: str | Path, *, config_only: bool = False) -> Path:
 
     config_dir = resolve_model(model, config_only=True)
     adapter_for_type(read_model_type(config_dir))
-    return config_dir if config_only else resolve_model(model)
+    if config_only:
+        return config_dir
+    folder = resolve_model(model)
+    check_weight_files(folder)
+    return folder
+
+
+def check_weight_files(folder: Path) -> None:
+    """The model's weights are in ``folder`` and readable: every safetensors file (every shard its index
+    lists) is there and its header parses and fits the file. Milliseconds: the tensors are read later, and a
+    truncated file fails here by name instead of inside transformers' loader."""
+    from vlmptq.checkpoint.reader import TensorStore
+
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        TensorStore(folder, what="model")
+    elif not any(folder.glob("*.bin")):
+        raise ConfigError(f"{folder} holds no weights (model.safetensors, its shards and index, or pytorch_model.bin): "
+                          "copy them into the folder, or pass the model's Hub id")
 
 
 def resolve_model(model: str | Path, *, config_only: bool = False, role: str = "--model") -> Path:
