@@ -173,6 +173,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-column", default="text", help="the key / column of --data holding the caption or text")
     p.add_argument("--max-seq-len", type=int, default=4096,
                    help="longest prompt (tokens) taken from --data (text-only models: the window length)")
+    p.add_argument("--skip-bad-samples", action="store_true",
+                   help="skip (and count) unreadable or too-long pairs of --data instead of stopping at the first one")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (it holds one decoder layer at a time)")
     p.add_argument("--lazy-load", action=argparse.BooleanOptionalAction, default=None,
                    help="read the source model's decoder layers from its files one at a time instead of loading "
@@ -192,7 +194,8 @@ def _compare(args: argparse.Namespace) -> int:
     from vlmptq.compare import compare, format_drift, format_rows
 
     data = (CalibConfig(source=args.data, num_samples=args.num_samples, image_root=args.image_root,
-                        max_seq_len=args.max_seq_len, text_column=args.text_column) if args.data else None)
+                        max_seq_len=args.max_seq_len, text_column=args.text_column,
+                        on_bad_sample="skip" if args.skip_bad_samples else "error") if args.data else None)
     rows = compare(args.model, args.checkpoints, data=data, photos=args.photos, questions=args.questions,
                    device=args.device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
                    lazy_load=args.lazy_load)

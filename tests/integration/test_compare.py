@@ -68,6 +68,14 @@ def test_own_pairs_and_the_cli(tiny_qwen2_vl, checkpoints, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| checkpoint | method | scheme | KL vs source (nats/token) | top-1 agreement |" in out
     assert f"| {checkpoints['w4']} | gptq | W4 g32 asym |" in out
+    with (tmp_path / "pairs.jsonl").open("a") as f:  # a broken pair: an error naming the flag, or skipped with it
+        f.write(json.dumps({"image": "gone.png", "text": "Nothing."}) + "\n")
+    args = ["compare", "--model", str(tiny_qwen2_vl), str(checkpoints["w4"]), "--data", str(tmp_path / "pairs.jsonl"),
+            "--device", "cpu"]
+    assert main(args) == 2
+    assert "gone.png' does not exist" in capsys.readouterr().err
+    assert main(args + ["--skip-bad-samples"]) == 0
+    assert " (1) |" in capsys.readouterr().out  # one prompt: the good pair
 
 
 def test_bad_input_fails_before_loading(tiny_qwen2_vl, checkpoints, tmp_path, capsys):

@@ -12,7 +12,7 @@ from vlmptq.errors import CalibrationDataError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
-SKIP_HINT = "or set on_bad_sample='skip' to leave such samples out"
+SKIP_HINT = "or set on_bad_sample='skip' (--skip-bad-samples) to leave such samples out"
 
 
 @dataclass(frozen=True)
