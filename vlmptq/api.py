@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from vlmptq.calib.encode import CalibSample
 from vlmptq.calib.text import check_text_source, load_text_calibration
 from vlmptq.checkpoint.lock import output_lock
 from vlmptq.checkpoint.writer import CheckpointSummary, check_destination, save_quantized_checkpoint
-from vlmptq.config import QuantizeConfig
+from vlmptq.config import QuantizeConfig, as_config
 from vlmptq.errors import ConfigError
 from vlmptq.models.adapters import (
     ModelAdapter, load_model, load_model_lazily, load_processor, load_skeleton, read_checkpoint_dtype,
@@ -43,7 +44,7 @@ class QuantizeReport:
                 f"with {self.num_calibration_samples} calibration samples{peak}")
 
 
-def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, *,
+def quantize_in_memory(model: str | Path, config: QuantizeConfig | Mapping | None = None, *,
                        progress: LayerProgress | None = None, keep_model: bool = True
                        ) -> tuple[torch.nn.Module, PipelineResult, int]:
     """Load ``model``, calibrate and quantize it in memory (fake-quant weights), without writing.
@@ -54,7 +55,7 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | None = None, 
     the store of finished layers an interrupted run resumes from). Loaded lazily (``config.lazy_load``)
     and without ``keep_model``, the returned model's quantized linears hold no weights (the codes do).
     """
-    config = config or QuantizeConfig()
+    config = as_config(config)
     model_dir = model_dir_of(model)
     solver = build_solver(config.method, config.solver)
     device = config.torch_device()
@@ -132,9 +133,10 @@ def _metadata(config: QuantizeConfig, result: PipelineResult, n_samples: int) ->
     }
 
 
-def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | None = None) -> QuantizeReport:
+def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | Mapping | None = None) -> QuantizeReport:
     """Quantize the Hugging Face VLM ``model`` (a local directory or a Hub id) and write a compressed-tensors
-    ``pack-quantized`` checkpoint to ``out``.
+    ``pack-quantized`` checkpoint to ``out``. ``config``: a :class:`QuantizeConfig` (``vlmptq.make_config``), a
+    dict of its fields, or None for the defaults.
 
     Everything that can be checked is checked before the model is loaded (config, output directory,
     architecture, the calibration set: encoded first); ``out`` is only ever replaced by a complete checkpoint. The decoder layers finished
@@ -142,7 +144,7 @@ def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | None =
     stopped (``vlmptq.pipeline.progress``). One run at a time may write ``out`` (``<out>.vlmptq-lock``).
     """
     t0 = time.perf_counter()
-    config = config or QuantizeConfig()
+    config = as_config(config)
     with output_lock(out):
         return _quantize_locked(model, Path(out), config, t0)
 

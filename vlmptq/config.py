@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -167,3 +167,16 @@ def make_config(**fields) -> QuantizeConfig:
     except ValidationError as e:
         msgs = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors())
         raise ConfigError(msgs) from None
+
+
+def as_config(config: QuantizeConfig | Mapping[str, Any] | None) -> QuantizeConfig:
+    """``config`` as a :class:`QuantizeConfig`: None gives the defaults, a mapping is validated as
+    :func:`make_config` validates keyword arguments."""
+    if config is None:
+        return QuantizeConfig()
+    if isinstance(config, QuantizeConfig):
+        return config
+    if isinstance(config, Mapping):
+        return make_config(**config)
+    raise ConfigError(f"config must be a QuantizeConfig (vlmptq.make_config(method=..., bits=...)) or a dict of its "
+                      f"fields, not {type(config).__name__}")

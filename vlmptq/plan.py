@@ -11,13 +11,14 @@ the model dtype's width.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vlmptq.checkpoint.compress import packed_nbytes
-from vlmptq.config import QuantizeConfig
+from vlmptq.config import QuantizeConfig, as_config
 from vlmptq.models.adapters import load_skeleton, read_checkpoint_dtype
 from vlmptq.models.source import model_dir_of
 from vlmptq.pipeline.sequential import check_model_fits, compile_ignore, quantizable_linears
@@ -96,8 +97,9 @@ class QuantizationPlan:
         return lines
 
 
-def plan(model: str | Path, config: QuantizeConfig) -> QuantizationPlan:
+def plan(model: str | Path, config: QuantizeConfig | Mapping | None = None) -> QuantizationPlan:
     """The :class:`QuantizationPlan` of ``vlmptq.quantize(model, ..., config)``."""
+    config = as_config(config)
     model_dir = model_dir_of(model, config_only=True)
     dtype = config.torch_dtype(read_checkpoint_dtype(model_dir))
     skeleton, adapter = load_skeleton(model_dir, dtype)

@@ -372,6 +372,20 @@ def test_invalid_options_name_the_field():
         make_config(bitz=3)
 
 
+def test_a_dict_config_is_validated_like_make_config(tiny_qwen2_vl, tmp_path):
+    """quantize / plan take a dict of QuantizeConfig's fields (was: AttributeError 'dict' has no 'overwrite')."""
+    from vlmptq.plan import plan
+
+    report = vlmptq.quantize(tiny_qwen2_vl, tmp_path / "out", {"method": "rtn", "bits": 3, "group_size": 32})
+    assert report.checkpoint.scheme == "W3 g32 asym"
+    assert plan(tiny_qwen2_vl, {"method": "rtn", "group_size": 32}).shares
+    with pytest.raises(ConfigError, match="bitz: Extra inputs are not permitted"):
+        vlmptq.quantize(tiny_qwen2_vl, tmp_path / "o2", {"bitz": 3})
+    with pytest.raises(ConfigError, match=r"config must be a QuantizeConfig \(vlmptq\.make_config\(.*not list"):
+        vlmptq.quantize(tiny_qwen2_vl, tmp_path / "o2", ["rtn"])
+    assert not (tmp_path / "o2").exists()
+
+
 # ------------------------------------------------------------------ the CLI
 def test_cli_version(capsys):
     from vlmptq import __version__
