@@ -292,6 +292,40 @@ def test_missing_or_truncated_weights_are_named_before_loading(tiny_qwen2_vl, tm
     _untouched(tmp_path / "out", None)
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_weights_the_config_does_not_describe_are_refused(tiny_qwen2_vl, tmp_path, lazy):
+    """A weight missing from the files, or in another shape than config.json says, was filled with random values by
+    transformers (a load report in the log, nothing more) and quantized into a checkpoint that serves garbage."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config = make_config(method="rtn", group_size=32, lazy_load=lazy)
+    missing = tmp_path / "missing"
+    shutil.copytree(tiny_qwen2_vl, missing)
+    tensors = load_file(missing / "model.safetensors")
+    gone = next(k for k in tensors if k.endswith("layers.1.mlp.down_proj.weight"))
+    del tensors[gone]
+    save_file(tensors, missing / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"does not hold the model its config.json describes: 1 weight\(s\) "
+                                              r"missing from its files \(\S*layers\.1\.mlp\.down_proj\.weight\)"):
+        vlmptq.quantize(missing, tmp_path / "out", config)
+    other = tmp_path / "other-config"
+    shutil.copytree(tiny_qwen2_vl, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] = 96
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight (is )?\(448, 192\) in the (model's )?files, "
+                                              r"(but its config.json describes|\(96, 192\) in config.json)"):
+        vlmptq.quantize(other, tmp_path / "out", config)
+    cfg["text_config"]["hidden_size"] = 100  # no model at all: 100 is not divisible by the heads
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=r"transformers cannot build the model \S+config\.json describes "
+                                                    r"\(ValueError: hidden_size must be divisible"):
+        vlmptq.quantize(other, tmp_path / "out", config)
+    _untouched(tmp_path / "out", None)
+
+
 def test_model_folder_without_processor_files_fails_before_loading(tiny_qwen2_vl, tmp_path):
     """Weights and config but no tokenizer / preprocessor files: calibration cannot encode a sample,
     so the run stops before the weights load, says which files to copy, and writes nothing."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from vlmptq.errors import UnsupportedModelError
+from vlmptq.errors import CheckpointError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from vlmptq.models.lazy import LazyLayers
@@ -63,7 +63,9 @@ class ModelAdapter:
         import transformers
 
         auto = getattr(transformers, cls.auto_class)
-        model = auto.from_pretrained(str(path), dtype=dtype, low_cpu_mem_usage=True)
+        model, info = auto.from_pretrained(str(path), dtype=dtype, low_cpu_mem_usage=True, ignore_mismatched_sizes=True,
+                                           output_loading_info=True)
+        check_loading_info(path, info)
         model.eval()
         model.requires_grad_(False)
         return model
@@ -73,9 +75,15 @@ class ModelAdapter:
         """The model's module tree on the meta device from its config alone (no weight is read)."""
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(str(path))
-        with torch.device("meta"):
-            model = getattr(transformers, cls.auto_class).from_config(config, dtype=dtype)
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(path))
+            with torch.device("meta"):
+                model = getattr(transformers, cls.auto_class).from_config(config, dtype=dtype)
+        except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:  # a config transformers rejects
+            raise UnsupportedModelError(
+                f"transformers cannot build the model {Path(path) / 'config.json'} describes ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); use the config.json that came "
+                "with the weights") from None
         return model
 
     # -------------------------------------------------------------- structure
@@ -244,6 +252,29 @@ def _check_not_quantized(path: str | Path, config: dict) -> None:
         f"{path} is already quantized (quantization_config: {method}{f', {fmt}' if fmt else ''}"
         f"{', written by vlmptq' if ours else ''}); --model must be a model with 16-bit weights: give the one it "
         "was made from (the original bf16 / fp16 release)"
+    )
+
+
+def check_loading_info(path: str | Path, info: dict) -> None:
+    """Refuse a model whose files lack weights its config calls for, or hold them in other shapes: transformers
+    fills such weights with random values (a missing shard, a truncated conversion, another model's config.json)
+    and the checkpoint written from them would be garbage that serves without complaint."""
+    missing, mismatched = list(info.get("missing_keys") or ()), list(info.get("mismatched_keys") or ())
+    if not missing and not mismatched:
+        return
+    from vlmptq.checkpoint.config import summarize_names
+
+    what = []
+    if missing:
+        what.append(f"{len(missing)} weight(s) missing from its files ({summarize_names(sorted(missing), 4)})")
+    if mismatched:
+        shapes = [f"{k} {tuple(a)} in the files, {tuple(b)} in config.json" for k, a, b in mismatched[:3]]
+        what.append(f"{len(mismatched)} weight(s) in shapes its config.json does not describe ({'; '.join(shapes)}"
+                    f"{' ...' if len(mismatched) > 3 else ''})")
+    raise CheckpointError(
+        f"{path} does not hold the model its config.json describes: {' and '.join(what)}. transformers would fill "
+        "them with random values. Copy the missing shards (model.safetensors.index.json lists them), or use the "
+        "config.json that came with these weights"
     )
 
 

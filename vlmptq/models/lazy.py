@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlmptq.errors import UnsupportedModelError
+from vlmptq.errors import CheckpointError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ class LazyLayers:
                     f"{full} is not in the checkpoint files; the model cannot be loaded lazily (run with "
                     "--no-lazy-load)") from None
             if tuple(value.shape) != tuple(tensor.shape):
-                raise UnsupportedModelError(f"{full} is {tuple(value.shape)} in the checkpoint, the model expects "
-                                            f"{tuple(tensor.shape)}; run with --no-lazy-load")
+                raise CheckpointError(f"{full} is {tuple(value.shape)} in the model's files, but its config.json "
+                                      f"describes {tuple(tensor.shape)}: use the config.json that came with these "
+                                      "weights")
             value = value.to(tensor.dtype if tensor.is_floating_point() else value.dtype)
             if attr in owner._parameters:
                 owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -130,6 +131,8 @@ def _tensors(module: nn.Module, prefix: str):
 def load_lazily(auto_class, path: str | Path, dtype: torch.dtype, skeleton: nn.Module, layers_prefix: str,
                 num_layers: int) -> tuple[nn.Module, LazyLayers]:
     """``auto_class.from_pretrained(path)`` with the decoder layers left in the checkpoint files."""
+    from vlmptq.models.adapters import check_loading_info
+
     try:
         from accelerate.hooks import remove_hook_from_module
     except ImportError as e:
@@ -146,10 +149,12 @@ def load_lazily(auto_class, path: str | Path, dtype: torch.dtype, skeleton: nn.M
         try:
             with warnings.catch_warnings():  # accelerate names parameter keys (e.g. image_newline) "unmatched"
                 warnings.filterwarnings("ignore", message="The following device_map keys do not match")
-                model = auto_class.from_pretrained(str(path), dtype=dtype, offload_folder=offload.name,
-                                                   device_map=layer_device_map(skeleton, layers_prefix, num_layers))
+                model, info = auto_class.from_pretrained(
+                    str(path), dtype=dtype, offload_folder=offload.name, ignore_mismatched_sizes=True,
+                    output_loading_info=True, device_map=layer_device_map(skeleton, layers_prefix, num_layers))
         finally:
             quiet.setLevel(level)
+        check_loading_info(path, info)
         readers = {id(h.weights_map.dataset): h.weights_map.dataset for m in model.modules()
                    if (h := getattr(m, "_hf_hook", None)) is not None and getattr(h, "weights_map", None) is not None}
         remove_hook_from_module(model, recurse=True)
