@@ -61,7 +61,8 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | Mapping | Non
     device = config.torch_device()
     dtype = config.torch_dtype(read_checkpoint_dtype(model_dir))
     skeleton, structure = load_skeleton(model_dir, dtype)  # from config.json: no weight is read
-    check_model_fits(structure, config.ignore, config.scheme_resolver(), config.head_scheme)
+    check_model_fits(structure, config.ignore, config.scheme_resolver(), config.head_scheme,
+                     [o.pattern for o in config.overrides])
     samples = _calibration_samples(model_dir, config, skeleton, structure, str(model)) if solver.needs.hessian else []
     lazy = None
     if choose_lazy_load(model_dir, config.lazy_load):

@@ -106,7 +106,7 @@ def plan(model: str | Path, config: QuantizeConfig | Mapping | None = None) -> Q
     prefix, layers = adapter.decoder_layers()
     patterns = compile_ignore(config.ignore)
     scheme_for = config.scheme_resolver()
-    check_model_fits(adapter, config.ignore, scheme_for, config.head_scheme)
+    check_model_fits(adapter, config.ignore, scheme_for, config.head_scheme, [o.pattern for o in config.overrides])
     shares: dict[str, list] = defaultdict(lambda: [0, 0, 0, ""])
     kept: list[str] = []
     itemsize = torch.empty(0, dtype=dtype).element_size()

@@ -50,6 +50,29 @@ def test_dry_run_checks_like_a_run_and_writes_nothing(tiny_qwen2_vl, tmp_path, c
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("fields,match", [
+    (dict(ignore=("down_prj",)), r"--ignore 'down_prj' matches no decoder linear \(decoder linears are named like "
+                                 r"'model\.language_model\.layers\.0\.self_attn\.q_proj'; the vision tower"),
+    (dict(ignore=("visual",)), r"--ignore 'visual' matches no decoder linear .* always kept in 16-bit"),
+    (dict(overrides=(r"layer\.1\.=8",)), r"--override 'layer\\\.1\\\.' matches no decoder linear"),
+    (dict(overrides=(r"layers\.1\.=8", r"layers\.1\.mlp=3")),
+     r"--override 'layers\\\.1\\\.mlp' changes nothing: every decoder linear it matches \(\S+layers\.1\.mlp\.down_proj, "
+     r"\S+gate_proj, \S+up_proj\) is taken by an earlier --override \(the first match wins\)"),
+])
+def test_patterns_that_take_no_linear_are_refused(tiny_qwen2_vl, tmp_path, fields, match):
+    """A typo in --ignore / --override changed nothing, silently: the run quantized as if it were not there."""
+    if "overrides" in fields:
+        fields = dict(overrides=tuple(SchemeOverride.parse(o) for o in fields["overrides"]))
+    config = make_config(method="rtn", bits=2, group_size=32, **fields)
+    with pytest.raises(ConfigError, match=match):
+        plan(tiny_qwen2_vl, config)
+    with pytest.raises(ConfigError, match=match):
+        vlmptq.quantize(tiny_qwen2_vl, tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
+    ok = (SchemeOverride.parse(r"layers\.1\.mlp=3"), SchemeOverride.parse(r"layers\.1\.=8"))  # in the right order
+    assert plan(tiny_qwen2_vl, make_config(method="rtn", bits=2, group_size=32, overrides=ok)).shares
+
+
 def test_plan_counts_the_host_memory_of_both_loading_modes(tiny_qwen2_vl):
     """The memory line's parameter counts are the loaded model's; the calibration bound follows the
     method's streams (two for the asymmetric methods, none for RTN)."""

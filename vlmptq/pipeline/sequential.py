@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS
+from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS, natural_key, summarize_names
 from vlmptq.errors import ConfigError, SolverError, UnsupportedModelError
 from vlmptq.models.adapters import ModelAdapter
 from vlmptq.pipeline.capture import (
@@ -115,13 +115,42 @@ def check_layers_fit(layers: nn.ModuleList, prefix: str, ignore: list[re.Pattern
 
 
 def check_model_fits(adapter: ModelAdapter, ignore: Sequence[str], scheme_for: Callable[[str], WeightScheme],
-                     head_scheme: WeightScheme | None) -> None:
-    """:func:`check_layers_fit` for the decoder layers and :func:`check_head_fits` for a quantized lm_head: shapes
-    and names only, so it runs on the meta-device skeleton before any weight is read."""
+                     head_scheme: WeightScheme | None, overrides: Sequence[str] = ()) -> None:
+    """:func:`check_layers_fit` for the decoder layers, :func:`check_head_fits` for a quantized lm_head and
+    :func:`check_patterns_take_linears` for the ``ignore`` and ``overrides`` patterns: shapes and names only, so it
+    runs on the meta-device skeleton before any weight is read."""
     prefix, layers = adapter.decoder_layers()
-    check_layers_fit(layers, prefix, compile_ignore(ignore), scheme_for)
+    patterns = compile_ignore(ignore)
+    check_patterns_take_linears(layers, prefix, patterns, overrides)
+    check_layers_fit(layers, prefix, patterns, scheme_for)
     if head_scheme is not None:
         check_head_fits(adapter, head_scheme)
+
+
+def check_patterns_take_linears(layers: nn.ModuleList, prefix: str, ignore: list[re.Pattern],
+                                overrides: Sequence[str]) -> None:
+    """Every ``--ignore`` pattern must match a decoder linear, and every ``--override`` pattern a decoder linear that
+    no earlier override took (the first match wins): a pattern with a typo would otherwise change nothing,
+    silently."""
+    names = [f"{prefix}.{li}.{n}" for li, layer in enumerate(layers)
+             for n in quantizable_linears(layer, f"{prefix}.{li}", [])[0]]
+    like = f"decoder linears are named like {names[0]!r}" if names else "the model has no decoder linears"
+    for rx in ignore:
+        if not any(rx.search(n) for n in names):
+            raise ConfigError(f"--ignore '{rx.pattern}' matches no decoder linear ({like}; the vision tower and "
+                              "projector are always kept in 16-bit); correct the pattern or drop it")
+    taken: set[str] = set()
+    for pattern in overrides:
+        rx = re.compile(pattern)
+        hits = {n for n in names if rx.search(n)}
+        if not hits:
+            raise ConfigError(f"--override '{pattern}' matches no decoder linear ({like}); correct the pattern or "
+                              "drop it")
+        if hits <= taken:
+            raise ConfigError(f"--override '{pattern}' changes nothing: every decoder linear it matches "
+                              f"({summarize_names(sorted(hits, key=natural_key))}) is taken by an earlier --override "
+                              "(the first match wins); put it before them or drop it")
+        taken |= hits
 
 
 def _check_fused_schemes(prefix: str, keep: list[str], scheme_for: Callable[[str], WeightScheme]) -> None:
