@@ -140,9 +140,10 @@ def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | Mappin
     dict of its fields, or None for the defaults.
 
     Everything that can be checked is checked before the model is loaded (config, output directory,
-    architecture, the calibration set: encoded first); ``out`` is only ever replaced by a complete checkpoint. The decoder layers finished
-    so far are kept in ``<out>.vlmptq-progress/`` until it is: ``config.resume`` continues a run that
-    stopped (``vlmptq.pipeline.progress``). One run at a time may write ``out`` (``<out>.vlmptq-lock``).
+    architecture, the options against the layers' shapes, the weight files' headers, the calibration set:
+    encoded first); ``out`` is only ever replaced by a complete checkpoint. The decoder layers finished so
+    far are kept in ``<out>.vlmptq-progress/`` until it is: ``config.resume`` continues a run that stopped
+    (``vlmptq.pipeline.progress``). One run at a time may write ``out`` (``<out>.vlmptq-lock``).
     """
     t0 = time.perf_counter()
     config = as_config(config)

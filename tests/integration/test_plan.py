@@ -56,8 +56,9 @@ def test_dry_run_checks_like_a_run_and_writes_nothing(tiny_qwen2_vl, tmp_path, c
     (dict(ignore=("visual",)), r"--ignore 'visual' matches no decoder linear .* always kept in 16-bit"),
     (dict(overrides=(r"layer\.1\.=8",)), r"--override 'layer\\\.1\\\.' matches no decoder linear"),
     (dict(overrides=(r"layers\.1\.=8", r"layers\.1\.mlp=3")),
-     r"--override 'layers\\\.1\\\.mlp' changes nothing: every decoder linear it matches \(\S+layers\.1\.mlp\.down_proj, "
-     r"\S+gate_proj, \S+up_proj\) is taken by an earlier --override \(the first match wins\)"),
+     r"--override 'layers\\\.1\\\.mlp' changes nothing: every decoder linear it matches "
+     r"\(\S+layers\.1\.mlp\.down_proj, \S+gate_proj, \S+up_proj\) is taken by an earlier --override "
+     r"\(the first match wins\)"),
 ])
 def test_patterns_that_take_no_linear_are_refused(tiny_qwen2_vl, tmp_path, fields, match):
     """A typo in --ignore / --override changed nothing, silently: the run quantized as if it were not there."""

@@ -106,8 +106,8 @@ def test_a_model_folder_given_as_calibration_names_what_it_holds(tmp_path, tiny_
     """A folder without images is read as a dataset; when that fails, the message gives datasets' innermost
     error (not "An error occurred while generating the dataset") and the folder's files."""
     with pytest.raises(CalibrationDataError, match=r"as a Hugging Face dataset \(CastError: Couldn't cast\)\. The "
-                                                   r"folder was read as a dataset folder and holds chat_template\.jinja, "
-                                                   r"config\.json, .*model\.safetensors"):
+                                                   r"folder was read as a dataset folder and holds "
+                                                   r"chat_template\.jinja, config\.json, .*model\.safetensors"):
         _load(qwen2, source=str(tiny_qwen2_vl))
 
 
