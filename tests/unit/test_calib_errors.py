@@ -78,6 +78,17 @@ def test_truncated_jpeg_and_text_file_named_png(tmp_path, qwen2):
     assert "on_bad_sample='skip'" in str(err.value)
 
 
+def test_an_image_over_pils_safety_limit_says_to_downscale(tmp_path, qwen2, monkeypatch):
+    """PIL refuses images over twice MAX_IMAGE_PIXELS (178.9 M) before decoding; the limit is lowered here so a
+    64 x 64 photo stands in for a 15000 x 15000 scan."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    _jpeg(tmp_path / "big" / "scan.jpg")
+    (tmp_path / "big" / "scan.txt").write_text("A large scan.")
+    with pytest.raises(CalibrationDataError, match=r"scan\.jpg: image file .* is too large to decode safely "
+                                                   r"\(Image size \(4096 pixels\) exceeds limit.*\); downscale the file"):
+        _load(qwen2, source=str(tmp_path / "big"))
+
+
 def test_image_without_caption(tmp_path, qwen2):
     _jpeg(tmp_path / "sub" / "cat.jpg")
     with pytest.raises(CalibrationDataError, match=r"sub/cat\.jpg: has no caption.*sub/cat\.txt"):

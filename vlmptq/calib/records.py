@@ -42,25 +42,25 @@ def load_image_file(path: Path, sample_id: str) -> Image.Image:
     if not path.is_file():
         raise bad_sample(sample_id, f"image file {str(path)!r} does not exist",
                          "correct the path or add the file")
-    try:
-        with Image.open(path) as img:
-            return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError) as err:
-        raise bad_sample(sample_id, f"cannot decode image file {str(path)!r} ({err})",
-                         "replace it with a readable image (it may be truncated or not an image)"
-                         ) from err
+    return _decode(path, sample_id, f"image file {str(path)!r}", "replace it with a readable image (it may be "
+                   "truncated or not an image)")
 
 
 def load_image_bytes(data: bytes, sample_id: str) -> Image.Image:
     """Decode an encoded image held in memory (e.g. a datasets ``Image`` cell) to RGB."""
+    return _decode(io.BytesIO(data), sample_id, "the image bytes", "replace the image in the dataset with a readable "
+                   "one")
+
+
+def _decode(source: Path | io.BytesIO, sample_id: str, what: str, fix: str) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(source) as img:
             return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError) as err:
-        raise bad_sample(sample_id, f"cannot decode the image bytes ({err})",
-                         "replace the image in the dataset with a readable one") from err
+    except Image.DecompressionBombError as err:  # PIL refuses images over 2 x MAX_IMAGE_PIXELS before decoding
+        raise bad_sample(sample_id, f"{what} is too large to decode safely ({err})", "downscale the file (or, "
+                         "trusting it, raise PIL.Image.MAX_IMAGE_PIXELS in Python)") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise bad_sample(sample_id, f"cannot decode {what} ({err})", fix) from err
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
