@@ -60,6 +60,17 @@ def test_missing_image_file(tmp_path, qwen2):
         _load(qwen2, source=src)
 
 
+def test_images_named_by_url_are_refused_with_the_fix(tmp_path, qwen2):
+    """Web-scale caption sets (CC3M, LAION) name images by URL; they were reported as files that do not exist."""
+    url = "https://example.com/cat.jpg"
+    match = r"names its image by URL \(https://example\.com/cat\.jpg\); download the images first"
+    with pytest.raises(CalibrationDataError, match=rf"c\.jsonl:1 .*{match}"):
+        _load(qwen2, source=_jsonl(tmp_path / "c.jsonl", [{"image": url, "text": "A cat."}]))
+    datasets.Dataset.from_dict({"image": [url], "text": ["A cat."]}).save_to_disk(tmp_path / "web")
+    with pytest.raises(CalibrationDataError, match=rf"web\[0\]: {match}"):
+        _load(qwen2, source=str(tmp_path / "web"))
+
+
 def test_truncated_jpeg_and_text_file_named_png(tmp_path, qwen2):
     _jpeg(tmp_path / "full.jpg", size=(200, 200))
     data = (tmp_path / "full.jpg").read_bytes()

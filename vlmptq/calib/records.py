@@ -37,6 +37,16 @@ def require_text(value: object, what: str, sample_id: str, fix: str) -> str:
     return value.strip()
 
 
+def local_image_path(value: str, base: Path | None, sample_id: str) -> Path:
+    """The file an image reference names (relative ones under ``base``); a URL is refused: calibration reads
+    local files only (no network at run time)."""
+    if value.strip().lower().startswith(("http://", "https://", "s3://", "gs://")):
+        raise bad_sample(sample_id, f"names its image by URL ({value.strip()[:80]})", "download the images first "
+                         "(e.g. with img2dataset) and give their local paths")
+    path = Path(value).expanduser()
+    return base / path if base is not None and not path.is_absolute() else path
+
+
 def load_image_file(path: Path, sample_id: str) -> Image.Image:
     """Decode the image file at ``path`` to RGB, with errors that name the sample."""
     if not path.is_file():

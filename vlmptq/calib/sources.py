@@ -19,7 +19,7 @@ from PIL import Image
 
 from vlmptq.calib.config import DEFAULT_TEXT_COLUMN, CalibConfig
 from vlmptq.calib.records import (
-    IMAGE_SUFFIXES, Record, bad_sample, load_image_bytes, load_image_file, require_text, to_rgb,
+    IMAGE_SUFFIXES, Record, bad_sample, load_image_bytes, load_image_file, local_image_path, require_text, to_rgb,
 )
 from vlmptq.errors import CalibrationDataError
 
@@ -317,10 +317,8 @@ class JsonlSource(Source):
         if not isinstance(image, str) or not image.strip():
             raise bad_sample(sample_id, f"{self.config.image_column!r} is {image!r}, not a path",
                              "give the image's path (relative to image_root / the file's folder, or absolute)")
-        path = Path(image).expanduser()
-        if not path.is_absolute():
-            path = self.image_root / path
         sample_id = f"{sample_id} ({image})"
+        path = local_image_path(image, self.image_root, sample_id)
         return Record(sample_id, load_image_file(path, sample_id), text, prompt)
 
 
@@ -449,10 +447,7 @@ class HFDatasetSource(Source):
         if isinstance(value, bytes) and value:
             return load_image_bytes(value, sample_id)
         if isinstance(value, str) and value.strip():
-            path = Path(value).expanduser()
-            if not path.is_absolute() and self.base_dir is not None:
-                path = self.base_dir / path
-            return load_image_file(path, sample_id)
+            return load_image_file(local_image_path(value, self.base_dir, sample_id), sample_id)
         raise bad_sample(sample_id, f"column {self.config.image_column!r} holds no image "
                          f"({type(value).__name__})", "store an image (datasets.Image feature), "
                          "encoded image bytes or a path in that column")
