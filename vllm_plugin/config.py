@@ -136,12 +136,21 @@ class VlmptqConfig(QuantizationConfig):
     """vLLM quantization config for vlmptq (compressed-tensors ``pack-quantized``) checkpoints."""
 
     def __init__(
-        self, target_schemes: dict[str, ServingScheme], ignore: list[str], raw: dict[str, Any]
+        self,
+        target_schemes: dict[str, ServingScheme] | None = None,
+        ignore: list[str] | None = None,
+        raw: dict[str, Any] | None = None,
     ):
+        if target_schemes is None:  # vLLM builds a config without arguments for a model without quantization_config
+            raise CheckpointError(
+                "--quantization vlmptq serves quantized checkpoints, and this model's config.json has no "
+                "quantization_config: it holds 16-bit weights. Quantize it first (vlmptq quantize --model MODEL "
+                "--out CKPT) and serve CKPT, or serve this model without --quantization."
+            )
         super().__init__()
         self.target_schemes = target_schemes
-        self.ignore = list(ignore)
-        self.raw = raw
+        self.ignore = list(ignore or [])
+        self.raw = raw or {}
 
     def get_name(self) -> str:
         return NAME

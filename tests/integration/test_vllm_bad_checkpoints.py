@@ -131,12 +131,26 @@ def test_bad_checkpoint_fails_at_load_naming_what_was_expected(request, tmp_path
     with pytest.raises(Exception) as e:
         with vllm_engine(path, quantization="vlmptq"):
             pass
-    chain, err = [], e.value
+    _assert_ours(e.value, spec["message"])
+
+
+def _assert_ours(error: BaseException, message: str) -> None:
+    chain, err = [], error
     while err is not None:  # vLLM may wrap the error; ours is somewhere in the chain
         chain.append(f"{type(err).__name__}: {err}")
         err = err.__cause__ or err.__context__
     text = "\n".join(chain)
-    assert re.search(spec["message"], text), text
+    assert re.search(message, text), text
     assert re.search(r"^(CheckpointError|ConfigError): ", text, re.M), (
         text
     )  # ours, not an assert deep in vLLM
+
+
+def test_a_16_bit_model_served_with_our_method_says_to_quantize_it_first(tiny_qwen2_vl):
+    """vLLM builds the config without arguments when config.json has no quantization_config: that was a
+    TypeError about missing positional arguments."""
+    with pytest.raises(Exception) as e:
+        with vllm_engine(tiny_qwen2_vl, quantization="vlmptq"):
+            pass
+    _assert_ours(e.value, r"--quantization vlmptq serves quantized checkpoints, and this model's config\.json has no "
+                          r"quantization_config: .* Quantize it first")
