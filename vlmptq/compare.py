@@ -128,6 +128,9 @@ def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: Calib
     dtype = dtype or read_checkpoint_dtype(checkpoints[0]) or torch.bfloat16
     skeleton = load_skeleton(model_dir, dtype)[1]  # from config.json: no weights read yet
     _check_comparable(skeleton, model_dir, data)
+    opened = [open_checkpoint(c) for c in checkpoints]
+    for ck in opened:  # a checkpoint of another model fails here, before the model loads
+        checkpoint_modules(skeleton.model, ck)
     prompts = _prompts(model_dir, skeleton, data, photos, questions)
     lazy = None
     if choose_lazy_load(model_dir, lazy_load):
@@ -135,10 +138,9 @@ def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: Calib
     else:
         source, adapter = load_model(model_dir, dtype)
     try:
-        opened = [open_checkpoint(c) for c in checkpoints]
         variants = [Variant("source model")] + [
             Variant(Path(c).name, {m: _dequantized(ck, d, dtype) for m, d in checkpoint_modules(source, ck).items()})
-            for c, ck in zip(checkpoints, opened)]  # a checkpoint of another model fails here, before any work
+            for c, ck in zip(checkpoints, opened)]
         drift: list[list[float]] = [[] for _ in checkpoints]
         results = variant_logprobs(source, adapter, [p.sample for p in prompts], [p.positions for p in prompts],
                                    variants, dev, lazy, on_layer=_drift_recorder(drift, [p.positions for p in prompts]))

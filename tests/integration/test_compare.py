@@ -126,10 +126,15 @@ def test_a_quantized_or_damaged_source_model_is_refused(tiny_qwen2_vl, checkpoin
     assert f"checkpoint {tmp_path / 'gone'} does not exist" in capsys.readouterr().err
 
 
-def test_checkpoint_of_another_model_is_named(tiny_qwen2_vl, tiny_qwen3_vl, checkpoints):
+def test_checkpoint_of_another_model_is_named(tiny_qwen2_vl, tiny_qwen3_vl, checkpoints, monkeypatch):
     model, _ = load_model(tiny_qwen3_vl, torch.float32)
     with pytest.raises(CheckpointError, match="is it a checkpoint of this model"):
         dequantize_into(model, checkpoints["w4"])
+    import vlmptq.compare
+
+    monkeypatch.setattr(vlmptq.compare, "load_model", lambda *a: pytest.fail("loaded the model"))
+    with pytest.raises(CheckpointError, match="is it a checkpoint of this model"):  # checked on the skeleton
+        compare(tiny_qwen3_vl, [checkpoints["w4"]], photos=1, questions=1, device="cpu", lazy_load=False)
 
 
 def test_a_quantized_tied_head_is_untied_not_written_into_the_embeddings(tiny_qwen2_vl_tied, tmp_path):
