@@ -22,7 +22,8 @@ from vlmptq.models.adapters import (
 from vlmptq.models.lazy import choose_lazy_load
 from vlmptq.models.source import model_dir_of
 from vlmptq.pipeline.progress import LayerProgress, model_files_digest, progress_dir_for
-from vlmptq.pipeline.sequential import LinearRecord, PipelineResult, check_model_fits, quantize_model
+from vlmptq.plan import check_fits
+from vlmptq.pipeline.sequential import LinearRecord, PipelineResult, quantize_model
 from vlmptq.solvers import build_solver
 
 logger = logging.getLogger(__name__)
@@ -55,18 +56,21 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | Mapping | Non
     the store of finished layers an interrupted run resumes from). Loaded lazily (``config.lazy_load``)
     and without ``keep_model``, the returned model's quantized linears hold no weights (the codes do).
     """
-    config = as_config(config)
-    model_dir = model_dir_of(model)
+    return _quantize_dir(model_dir_of(model), as_config(config), progress, keep_model)
+
+
+def _quantize_dir(model_dir: Path, config: QuantizeConfig, progress: LayerProgress | None, keep_model: bool
+                  ) -> tuple[torch.nn.Module, PipelineResult, int]:
+    """:func:`quantize_in_memory` of a resolved, checked model folder (``model_dir_of``)."""
     solver = build_solver(config.method, config.solver)
     device = config.torch_device()
     dtype = config.torch_dtype(read_checkpoint_dtype(model_dir))
     skeleton, structure = load_skeleton(model_dir, dtype)  # from config.json: no weight is read
-    check_model_fits(structure, config.ignore, config.scheme_resolver(), config.head_scheme,
-                     [o.pattern for o in config.overrides])
-    samples = _calibration_samples(model_dir, config, skeleton, structure, str(model)) if solver.needs.hessian else []
+    check_fits(structure, config)
+    samples = _calibration_samples(model_dir, config, skeleton, structure) if solver.needs.hessian else []
     lazy = None
     if choose_lazy_load(model_dir, config.lazy_load):
-        hf_model, adapter, lazy = load_model_lazily(model_dir, dtype)
+        hf_model, adapter, lazy = load_model_lazily(model_dir, dtype, skeleton)
     else:
         hf_model, adapter = load_model(model_dir, dtype)
     try:
@@ -83,13 +87,13 @@ def quantize_in_memory(model: str | Path, config: QuantizeConfig | Mapping | Non
     return hf_model, result, len(samples)
 
 
-def _calibration_samples(model_dir: Path, config: QuantizeConfig, skeleton: torch.nn.Module, adapter: ModelAdapter,
-                         name: str) -> list[CalibSample]:
+def _calibration_samples(model_dir: Path, config: QuantizeConfig, skeleton: torch.nn.Module, adapter: ModelAdapter
+                         ) -> list[CalibSample]:
     """The calibration samples, encoded before any weight is read (``skeleton``: the model on the meta
     device): a wrong source, a bad sample or a processor that is not the model's costs seconds, not the
     load of a large model."""
     if adapter.text_only:
-        check_text_source(config.calib, name)
+        check_text_source(config.calib, str(model_dir))
         samples = load_text_calibration(config.calib, load_processor(model_dir, text_only=True))
     else:
         from vlmptq.calib import load_calibration
@@ -159,7 +163,7 @@ def _quantize_locked(model: str | Path, out: Path, config: QuantizeConfig, t0: f
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        hf_model, result, n_samples = quantize_in_memory(model, config, progress=progress, keep_model=False)
+        hf_model, result, n_samples = _quantize_dir(model, config, progress, keep_model=False)
         summary = save_quantized_checkpoint(
             hf_model, result.quantized, out, scheme=config.scheme, ignore=result.frozen,
             source_dir=model, metadata=_metadata(config, result, n_samples), overwrite=config.overwrite,

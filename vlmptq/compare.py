@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from vlmptq.calib import BUILTIN_HOLDOUT, CalibConfig
-from vlmptq.checkpoint.reader import QuantizedCheckpoint, inspect_checkpoint, open_checkpoint, read_config
+from vlmptq.checkpoint.reader import QuantizedCheckpoint, open_checkpoint, read_config
 from vlmptq.config import resolve_device
 from vlmptq.demo.evaluate import (
     EVAL_QUESTIONS, KLSample, checkpoint_modules, compared_positions, divergence, kl_samples,
@@ -123,18 +123,17 @@ def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: Calib
     dev = resolve_device(device)
     names = [str(c) for c in checkpoints]
     checkpoints = [resolve_model(c, role="checkpoint") for c in checkpoints]  # folders, or Hub ids (HF cache)
-    reports = [inspect_checkpoint(c) for c in checkpoints]  # unreadable checkpoints fail before any work
+    opened = [open_checkpoint(c) for c in checkpoints]  # unreadable checkpoints fail before any work
     model_dir = model_dir_of(model)
     dtype = dtype or read_checkpoint_dtype(checkpoints[0]) or torch.bfloat16
     skeleton = load_skeleton(model_dir, dtype)[1]  # from config.json: no weights read yet
     _check_comparable(skeleton, model_dir, data)
-    opened = [open_checkpoint(c) for c in checkpoints]
     for ck in opened:  # a checkpoint of another model fails here, before the model loads
         checkpoint_modules(skeleton.model, ck)
     prompts = _prompts(model_dir, skeleton, data, photos, questions)
     lazy = None
     if choose_lazy_load(model_dir, lazy_load):
-        source, adapter, lazy = load_model_lazily(model_dir, dtype)
+        source, adapter, lazy = load_model_lazily(model_dir, dtype, skeleton.model)
     else:
         source, adapter = load_model(model_dir, dtype)
     try:
@@ -146,11 +145,11 @@ def compare(model: str | Path, checkpoints: Sequence[str | Path], *, data: Calib
                                    variants, dev, lazy, on_layer=_drift_recorder(drift, [p.positions for p in prompts]))
         _, reference = next(results)
         rows = []
-        for (_, predicted), name, ckpt, report in zip(results, names, checkpoints, reports, strict=True):
+        for (_, predicted), name, ckpt, opened_ckpt in zip(results, names, checkpoints, opened, strict=True):
             kl, top1, n = divergence(reference, predicted)
             marker = read_config(ckpt).get("quantization_config", {}).get("vlmptq", {})
-            rows.append(ComparisonRow(name, marker.get("method", "?"), report.scheme, kl, top1, n, len(prompts),
-                                      drift[len(rows)]))
+            rows.append(ComparisonRow(name, marker.get("method", "?"), opened_ckpt.describe(), kl, top1, n,
+                                      len(prompts), drift[len(rows)]))
             logger.info("%s: KL %.4f nats/token, top-1 agreement %.1f%%", ckpt, kl, 100 * top1)
     finally:
         if lazy is not None:

@@ -19,7 +19,7 @@ import torch
 
 from vlmptq.checkpoint.compress import packed_nbytes
 from vlmptq.config import QuantizeConfig, as_config
-from vlmptq.models.adapters import load_skeleton, read_checkpoint_dtype
+from vlmptq.models.adapters import ModelAdapter, load_skeleton, read_checkpoint_dtype
 from vlmptq.models.source import model_dir_of
 from vlmptq.pipeline.sequential import check_model_fits, compile_ignore, quantizable_linears
 from vlmptq.solvers import build_solver
@@ -97,6 +97,13 @@ class QuantizationPlan:
         return lines
 
 
+def check_fits(adapter: ModelAdapter, config: QuantizeConfig) -> None:
+    """What a run checks of ``config`` against the model's structure (``adapter``: the skeleton is enough):
+    ``check_model_fits`` with the config's patterns and schemes."""
+    check_model_fits(adapter, config.ignore, config.scheme_resolver(), config.head_scheme,
+                     [o.pattern for o in config.overrides])
+
+
 def plan(model: str | Path, config: QuantizeConfig | Mapping | None = None) -> QuantizationPlan:
     """The :class:`QuantizationPlan` of ``vlmptq.quantize(model, ..., config)``."""
     config = as_config(config)
@@ -106,7 +113,7 @@ def plan(model: str | Path, config: QuantizeConfig | Mapping | None = None) -> Q
     prefix, layers = adapter.decoder_layers()
     patterns = compile_ignore(config.ignore)
     scheme_for = config.scheme_resolver()
-    check_model_fits(adapter, config.ignore, scheme_for, config.head_scheme, [o.pattern for o in config.overrides])
+    check_fits(adapter, config)
     shares: dict[str, list] = defaultdict(lambda: [0, 0, 0, ""])
     kept: list[str] = []
     itemsize = torch.empty(0, dtype=dtype).element_size()

@@ -162,6 +162,10 @@ class QuantizedCheckpoint:
     store: TensorStore
     layers: dict[str, LayerLayout]  # on-disk module name -> layout
 
+    def describe(self) -> str:
+        """``W3 g128 asym`` (+ the modules with other schemes, counted as modules): ``describe_schemes``."""
+        return describe_schemes(self.config.scheme, self.config.named_schemes(list(self.layers)))
+
     def quantized_weight(self, module: str) -> QuantizedWeight:
         names = {s: f"{module}.{s}" for s in SUFFIXES if f"{module}.{s}" in self.store}
         scheme = self.config.scheme_for(module)
@@ -305,7 +309,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointReport:
     padded = any(lay.padded3 for lay in ckpt.layers.values())
     return CheckpointReport(
         path=ckpt.path,
-        scheme=describe_schemes(ckpt.config.scheme, ckpt.config.named_schemes(list(ckpt.layers))),
+        scheme=ckpt.describe(),
         layers=layers,
         ignore=[i for i in ckpt.config.ignore if f"{i}.weight" in store],
         ignore_aliases=[i for i in ckpt.config.ignore if f"{i}.weight" not in store],

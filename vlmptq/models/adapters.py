@@ -310,16 +310,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[n
     return model, adapter
 
 
-def load_model_lazily(path: str | Path, dtype: torch.dtype = torch.bfloat16
+def load_model_lazily(path: str | Path, dtype: torch.dtype = torch.bfloat16, skeleton: nn.Module | None = None
                       ) -> tuple[nn.Module, ModelAdapter, "LazyLayers"]:
     """Load the checkpoint at ``path`` with its decoder layers left in the files until
-    ``LazyLayers.load`` reads them (``vlmptq.models.lazy``)."""
+    ``LazyLayers.load`` reads them (``vlmptq.models.lazy``). ``skeleton``: the model on the meta device
+    (:func:`load_skeleton`), if the caller built it already."""
     import transformers
 
     from vlmptq.models.lazy import load_lazily
 
     cls = adapter_for_type(read_model_type(path))
-    skeleton = cls.skeleton(path, dtype)
+    skeleton = skeleton if skeleton is not None else cls.skeleton(path, dtype)
     prefix, layers = cls(skeleton).decoder_layers()
     model, lazy = load_lazily(getattr(transformers, cls.auto_class), path, dtype, skeleton, prefix, len(layers))
     adapter = cls(model)
