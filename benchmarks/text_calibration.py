@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = proxy_dir("smollm2-135m")
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    corpus = args.work_dir / f"corpus-{args.mb:g}mb-seed{args.seed}.txt"
+    corpus = (args.work_dir / f"corpus-{args.mb:g}mb-seed{args.seed}.txt").resolve()  # children run in their tree
     size = corpus.stat().st_size if corpus.is_file() else build_corpus(corpus, args.mb, args.seed)
     trees = [("this checkout", REPO)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
     records = []
