@@ -42,7 +42,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--override", nargs="+", default=[], metavar="REGEX=BITS[:GROUP]",
                    help="mixed precision: decoder linears whose name matches REGEX take BITS (and GROUP) instead of "
                         "--bits / --group-size, first match wins, e.g. 'mlp\\.down_proj$=4' 'layers\\.0\\.=8'; q/k/v_proj "
-                        "and gate/up_proj alike (vLLM fuses them)")
+                        "and gate/up_proj alike (vLLM fuses them); a REGEX that takes no linear is an error")
     c = p.add_argument_group("calibration data")
     c.add_argument("--calib", default="builtin",
                    help="'builtin' (offline photos + captions), a directory of images with .txt captions, a .jsonl "
@@ -87,7 +87,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--ignore", nargs="+", default=[], metavar="REGEX",
                    help="decoder-layer linears to keep in 16-bit (regex on the module name); the vision tower and "
                         "projector are always kept, the lm_head unless --lm-head-bits; q/k/v_proj and gate/up_proj "
-                        "all or none (vLLM fuses them)")
+                        "all or none (vLLM fuses them); a REGEX that matches no decoder linear is an error")
     r.add_argument("--device", default="auto", help="compute device: auto, cpu, cuda, cuda:N")
     r.add_argument("--lazy-load", action=argparse.BooleanOptionalAction, default=None,
                    help="read the decoder layers from the model's files one at a time instead of loading the whole "
