@@ -33,6 +33,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+def tree_commit(tree: Path) -> str:
+    """Short HEAD of the checkout at ``tree`` (a ``--baseline`` worktree), or ``unknown``."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
 def machine() -> str:
     try:
         import torch

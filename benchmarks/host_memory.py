@@ -26,17 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cli_runs import add_run_args, model_dir  # noqa: E402
-from _results import REPO, result_header, write_results  # noqa: E402
+from _results import REPO, result_header, tree_commit, write_results  # noqa: E402
 
 logger = logging.getLogger("host_memory")
-
-
-def _git_commit(tree: Path) -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def run_cli(tree: Path, args: list[str], threads: int, command: str = "quantize") -> tuple[float, int]:
@@ -56,7 +48,7 @@ def run_cli(tree: Path, args: list[str], threads: int, command: str = "quantize"
 
 
 def _record(label: str, tree: Path, method: str, extra: list[str], seconds: float, peak: int, weights: int) -> dict:
-    rec = {"tree": label, "commit": _git_commit(tree), "method": method, "flags": " ".join(extra),
+    rec = {"tree": label, "commit": tree_commit(tree), "method": method, "flags": " ".join(extra),
            "seconds": round(seconds, 1), "peak_rss_mib": round(peak / 2**20, 1),
            "over_weights_mib": round((peak - weights) / 2**20, 1)}
     logger.info("%s", rec)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import REPO, result_header, write_results  # noqa: E402
+from _results import REPO, result_header, tree_commit, write_results  # noqa: E402
 
 logger = logging.getLogger("text_calibration")
 
@@ -83,14 +83,6 @@ def run_child(tree: Path, tokenizer: Path, corpus: Path, num_samples: int, max_s
     return res
 
 
-def _commit(tree: Path) -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--mb", type=float, default=50.0, help="corpus size in megabytes")
@@ -115,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%s (%s): %d x %d tokens from %.1f MB", label, tree, args.num_samples, args.max_seq_len,
                     size / 1e6)
         r = run_child(tree, tokenizer, corpus, args.num_samples, args.max_seq_len)
-        records.append({"tree": label, "commit": _commit(tree), "corpus_mb": round(size / 1e6, 1),
+        records.append({"tree": label, "commit": tree_commit(tree), "corpus_mb": round(size / 1e6, 1),
                         "num_samples": r["samples"], "tokens": r["tokens"], "seconds": round(r["seconds"], 2),
                         "wall_seconds": round(r["wall_s"], 1), "peak_rss_mib": round(r["peak_rss"] / 2**20, 1)})
     lines = ["# Text calibration of a large .txt corpus (load_text_calibration)", "",
