@@ -89,6 +89,7 @@ class Run:
     sizes: Sizes = field(default_factory=Sizes)
     lm_head_bits: int | None = None  # also quantize the lm_head (group size as the layers')
     overrides: tuple[str, ...] = ()  # mixed precision: vlmptq --override specs (REGEX=BITS[:GROUP])
+    target_bits: float | None = None  # automatic mixed precision (vlmptq --target-bits; bits: the column)
 
     def key(self) -> str:
         d = asdict(self)
@@ -98,9 +99,11 @@ class Run:
             del d["lm_head_bits"]  # same for the lm_head option
         if not d["overrides"]:
             del d["overrides"]  # and for the overrides
+        if d["target_bits"] is None:
+            del d["target_bits"]  # and the target
         blob = json.dumps(d, sort_keys=True)
         head = f"-head{self.lm_head_bits}" if self.lm_head_bits else ""
-        mixed = "-mixed" if self.overrides else ""
+        mixed = ("-mixed" if self.overrides else "") + (f"-auto{self.target_bits:g}" if self.target_bits else "")
         tag = f"{self.model}-{self.task}-{self.method}-w{self.bits}g{self.group_size}{head}{mixed}"
         return f"{tag}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
@@ -214,13 +217,25 @@ def _overrides(run: Run):
     return tuple(SchemeOverride.parse(o) for o in run.overrides)
 
 
-def _scheme_for(run: Run):
-    """The run's per-linear scheme resolver (None: one scheme for all)."""
-    if not run.overrides:
-        return None
+def _scheme_config(run: Run, **fields):
+    """The run's QuantizeConfig (its bits, or its target bits and their allocation)."""
     from vlmptq.config import make_config
 
-    return make_config(bits=run.bits, group_size=run.group_size, overrides=_overrides(run)).scheme_resolver()
+    bits = {"target_bits": run.target_bits} if run.target_bits else {"bits": run.bits}
+    return make_config(**bits, group_size=run.group_size, overrides=_overrides(run), **fields)
+
+
+def _scheme_for(run: Run, model, adapter, samples):
+    """The run's per-linear scheme resolver (None: one scheme for all); a target's allocation is measured
+    on ``samples`` (vlmptq.allocation.choose_bits, as vlmptq.quantize does)."""
+    if not run.overrides and not run.target_bits:
+        return None
+    config = _scheme_config(run, device="cpu")
+    if not run.target_bits:
+        return config.scheme_resolver()
+    from vlmptq.allocation import choose_bits
+
+    return config.scheme_resolver(choose_bits(model, adapter, samples, config))
 
 
 def _code_bits(res) -> float:
@@ -263,10 +278,11 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
 
             name, opts = _solver_options(run.method)
             head = WeightScheme(run.lm_head_bits, run.group_size, False) if run.lm_head_bits else None
+            samples = text_samples(calib)
             with PeakRSS() as mem:
                 res = quantize_model(model, adapter, build_solver(name, opts),
-                                     WeightScheme(run.bits, run.group_size, False), text_samples(calib), device="cpu",
-                                     head_scheme=head, scheme_for=_scheme_for(run))
+                                     WeightScheme(run.bits, run.group_size, False), samples, device="cpu",
+                                     head_scheme=head, scheme_for=_scheme_for(run, model, adapter, samples))
             seconds, peak = res.seconds, mem.peak
         value = perplexity(model, evals)
     else:
@@ -283,14 +299,12 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
         else:
             from vlmptq import quantize_in_memory
             from vlmptq.calib import CalibConfig
-            from vlmptq.config import make_config
 
             name, opts = _solver_options(run.method)
-            config = make_config(method=name, bits=run.bits, group_size=run.group_size, solver=opts,
-                                 lm_head_bits=run.lm_head_bits, overrides=_overrides(run),
-                                 calib=CalibConfig(source="builtin", num_samples=run.sizes.proxy_calib,
-                                                   seed=run.sizes.calib_seed),
-                                 device="cpu", dtype="float32")
+            config = _scheme_config(run, method=name, solver=opts, lm_head_bits=run.lm_head_bits,
+                                    calib=CalibConfig(source="builtin", num_samples=run.sizes.proxy_calib,
+                                                      seed=run.sizes.calib_seed),
+                                    device="cpu", dtype="float32")
             with PeakRSS() as mem:
                 model, res, _n = quantize_in_memory(proxy, config)
             seconds, peak = res.seconds, mem.peak
@@ -300,7 +314,9 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
     rec = {
         "model": model_label(run), "method": run.method, "bits": run.bits, "group_size": run.group_size,
         **({"lm_head_bits": run.lm_head_bits} if run.lm_head_bits else {}),
-        **({"overrides": list(run.overrides), "code_bits": _code_bits(res)} if run.overrides else {}),
+        **({"overrides": list(run.overrides)} if run.overrides else {}),
+        **({"target_bits": run.target_bits} if run.target_bits else {}),
+        **({"code_bits": _code_bits(res)} if run.overrides or run.target_bits else {}),
         "metric": run.task, "value": value, "quant_seconds": seconds,
         "peak_rss_mb": None if peak is None else round(peak / 2**20, 1),
         "wall_seconds": round(time.perf_counter() - t0, 1), "run": run.key(), "commit": git_commit(),
@@ -317,7 +333,8 @@ def model_label(run: Run) -> str:
 
 
 # ----------------------------------------------------------------------------- orchestration
-def plan(models, tasks, bits, group_size, methods, sizes, lm_head_bits=None, overrides=()) -> list[Run]:
+def plan(models, tasks, bits, group_size, methods, sizes, lm_head_bits=None, overrides=(), target_bits=None
+         ) -> list[Run]:
     # the calibration seed draws the text windows (ppl) and the built-in image-text samples (kl): only
     # quantized runs read them, so the baselines keep seed 0's runs and cache keys
     unseeded = replace(sizes, calib_seed=0)
@@ -325,7 +342,7 @@ def plan(models, tasks, bits, group_size, methods, sizes, lm_head_bits=None, ove
     for model in models:
         for task in tasks:
             runs.append(Run(model, task, BASELINE, None, None, unseeded))
-            runs += [Run(model, task, m, b, group_size, sizes, lm_head_bits, tuple(overrides))
+            runs += [Run(model, task, m, b, group_size, sizes, lm_head_bits, tuple(overrides), target_bits)
                      for b in bits
                      for m in methods if task == "kl" or m not in KL_ONLY]
     return runs
@@ -373,6 +390,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "proxies, vlmptq-sum (raw-sum modality diagonals)")
     p.add_argument("--lm-head-bits", type=int, default=None, choices=[2, 3, 4, 8],
                    help="also quantize the lm_head (same method and group size; tied embeddings stay 16-bit)")
+    p.add_argument("--target-bits", type=float, default=None, metavar="BITS",
+                   help="automatic mixed precision, as vlmptq quantize --target-bits (choices 2/3/4; the run is "
+                        "listed in the --bits column; records get the average code bits)")
     p.add_argument("--override", nargs="+", default=[], metavar="REGEX=BITS[:GROUP]",
                    help="mixed precision, as vlmptq quantize --override (records get the average code bits)")
     p.add_argument("--calib-seqs", type=int, default=Sizes.calib_seqs, help="text calibration windows")
@@ -414,7 +434,8 @@ def main(argv=None) -> None:
                                            args.proxy_calib, calib_seed=args.calib_seed)
     models = ["tiny"] if args.tiny else args.models
     methods = list(args.methods) + ([m for m in EXTRA_METHODS if m not in args.methods] if args.extra else [])
-    runs = plan(models, args.tasks, args.bits, args.group_size, methods, sizes, args.lm_head_bits, args.override)
+    runs = plan(models, args.tasks, args.bits, args.group_size, methods, sizes, args.lm_head_bits, args.override,
+                args.target_bits)
     t0 = time.perf_counter()
     records, reused = run_all(runs, work, isolate=not (args.quick or args.no_isolate), threads=args.threads)
     header = {**result_header(), "threads": args.threads, "sizes": asdict(sizes),

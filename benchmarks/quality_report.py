@@ -74,7 +74,9 @@ def _method(rec: dict) -> str:
     """Row label: the method, plus the lm_head's bits when it was quantized too and the mixed-precision
     overrides (with the average code bits they give)."""
     head = rec.get("lm_head_bits")
-    mixed = (f" + {', '.join(rec['overrides'])} ({rec['code_bits']} bits avg)" if rec.get("overrides") else "")
+    mixed = (f" + {', '.join(rec['overrides'])}" if rec.get("overrides") else "") + \
+        (f" + --target-bits {rec['target_bits']:g}" if rec.get("target_bits") else "")
+    mixed += f" ({rec['code_bits']} bits avg)" if mixed else ""
     return rec["method"] + (f" + lm_head W{head}" if head else "") + mixed
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from vlmptq.models.source import model_dir_of
 from vlmptq.pipeline.progress import LayerProgress, model_files_digest, progress_dir_for
 from vlmptq.plan import check_fits
 from vlmptq.pipeline.sequential import LinearRecord, PipelineResult, quantize_model
+from vlmptq.quant.scheme import WeightScheme
 from vlmptq.solvers import build_solver
 
 logger = logging.getLogger(__name__)
@@ -67,24 +69,45 @@ def _quantize_dir(model_dir: Path, config: QuantizeConfig, progress: LayerProgre
     dtype = config.torch_dtype(read_checkpoint_dtype(model_dir))
     skeleton, structure = load_skeleton(model_dir, dtype)  # from config.json: no weight is read
     check_fits(structure, config)
-    samples = _calibration_samples(model_dir, config, skeleton, structure) if solver.needs.hessian else []
+    needs_data = solver.needs.hessian or config.target_bits is not None
+    samples = _calibration_samples(model_dir, config, skeleton, structure) if needs_data else []
     lazy = None
     if choose_lazy_load(model_dir, config.lazy_load):
         hf_model, adapter, lazy = load_model_lazily(model_dir, dtype, skeleton)
     else:
         hf_model, adapter = load_model(model_dir, dtype)
     try:
+        allocated = _allocated_bits(hf_model, adapter, samples, config, progress, lazy)
         result = quantize_model(
             hf_model, adapter, solver, config.scheme, samples,
             device=device, offload_device=config.offload_device, ignore=config.ignore,
             head_scheme=config.head_scheme, progress=progress,
-            scheme_for=config.scheme_resolver() if config.overrides else None,
+            scheme_for=config.scheme_resolver(allocated) if config.overrides or allocated else None,
             lazy_layers=lazy, release_quantized=not keep_model,
         )
     finally:
         if lazy is not None:
             lazy.close()
     return hf_model, result, len(samples)
+
+
+def _allocated_bits(model: torch.nn.Module, adapter: ModelAdapter, samples, config: QuantizeConfig,
+                    progress: LayerProgress | None, lazy) -> dict[str, int] | None:
+    """``config.target_bits``' per-linear bits (``vlmptq.allocation``), or None without a target. A resumed run
+    takes the interrupted run's allocation from its progress store (the layers it finished were solved with
+    it), so the sensitivity pass runs once per output."""
+    if config.target_bits is None:
+        return None
+    stored = progress.fingerprint.get("allocation") if progress is not None and progress.layers_done else None
+    if stored is not None:
+        logger.info("resuming: taking the interrupted run's bit allocation")
+        return stored
+    from vlmptq.allocation import choose_bits
+
+    allocated = choose_bits(model, adapter, samples, config, lazy_layers=lazy)
+    if progress is not None:
+        progress.bind(allocation=allocated)
+    return allocated
 
 
 def _calibration_samples(model_dir: Path, config: QuantizeConfig, skeleton: torch.nn.Module, adapter: ModelAdapter
@@ -128,7 +151,9 @@ def _metadata(config: QuantizeConfig, result: PipelineResult, n_samples: int) ->
     """The run's settings, stored in the checkpoint's quantization_config under "vlmptq"."""
     return {
         "method": config.method,
-        "scheme": config.scheme.describe(),
+        "scheme": config.scheme.describe() if config.target_bits is None else
+                  f"auto {'/'.join(f'W{b}' for b in config.bits_choices)} (target {config.target_bits:g} bits)",
+        **({"target_bits": config.target_bits, "code_bits": _code_bits(result)} if config.target_bits else {}),
         **({"lm_head": config.head_scheme.describe()} if config.head_scheme else {}),
         **({"overrides": [o.model_dump(exclude_none=True) for o in config.overrides]} if config.overrides else {}),
         "solver": config.solver.model_dump(mode="json", exclude_none=True),
@@ -136,6 +161,20 @@ def _metadata(config: QuantizeConfig, result: PipelineResult, n_samples: int) ->
                         "max_seq_len": config.calib.max_seq_len, "seed": config.calib.seed},
         "mu": {r.name: r.info["mu"] for r in result.records if "mu" in r.info},
     }
+
+
+def _code_bits(result: PipelineResult) -> float:
+    """Average code bits per quantized decoder-linear weight (without scales and zero points, nor the lm_head)."""
+    layers = [qw for name, qw in result.quantized.items() if not name.endswith("lm_head")]
+    return round(sum(qw.scheme.bits * qw.numel() for qw in layers) / max(sum(qw.numel() for qw in layers), 1), 4)
+
+
+def _base_scheme(config: QuantizeConfig, result: PipelineResult) -> WeightScheme:
+    """The scheme of the checkpoint's default config group: the configured one, or with ``target_bits`` the
+    one most linears took (the others go to named groups)."""
+    if config.target_bits is None or not result.quantized:
+        return config.scheme
+    return Counter(qw.scheme for qw in result.quantized.values()).most_common(1)[0][0]
 
 
 def quantize(model: str | Path, out: str | Path, config: QuantizeConfig | Mapping | None = None) -> QuantizeReport:
@@ -165,7 +204,7 @@ def _quantize_locked(model: str | Path, out: Path, config: QuantizeConfig, t0: f
     try:
         hf_model, result, n_samples = _quantize_dir(model, config, progress, keep_model=False)
         summary = save_quantized_checkpoint(
-            hf_model, result.quantized, out, scheme=config.scheme, ignore=result.frozen,
+            hf_model, result.quantized, out, scheme=_base_scheme(config, result), ignore=result.frozen,
             source_dir=model, metadata=_metadata(config, result, n_samples), overwrite=config.overwrite,
         )
     except BaseException:

@@ -28,9 +28,17 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "Qwen/Qwen2.5-VL-7B-Instruct (taken from the Hugging Face cache, fetched if missing)")
     p.add_argument("--out", required=True, help="output directory for the quantized checkpoint (written atomically)")
     p.add_argument("--method", default="vlmptq", choices=sorted(SOLVERS), help="quantization algorithm")
-    p.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS,
-                   help="weight bits (the vLLM plugin's GPU kernels: a fused 2/3/4-bit kernel and an 8-bit one; "
-                        "docs/kernels.md)")
+    p.add_argument("--bits", type=int, default=argparse.SUPPRESS, choices=SUPPORTED_BITS,
+                   help="weight bits, default 4 (the vLLM plugin's GPU kernels: a fused 2/3/4-bit kernel and an "
+                        "8-bit one; docs/kernels.md)")
+    p.add_argument("--target-bits", type=float, default=None, metavar="BITS",
+                   help="automatic mixed precision instead of --bits: the average code bits per decoder-linear weight "
+                        "(e.g. 2.5). A sensitivity pass on the calibration data measures how much each layer's output "
+                        "changes with each linear at each of --bits-choices, then the choice with the least summed "
+                        "change within the budget is taken (q/k/v and gate/up together; --override'n linears keep "
+                        "their scheme and count in the average); docs/mixed-precision.md")
+    p.add_argument("--bits-choices", type=int, nargs="+", default=argparse.SUPPRESS, choices=SUPPORTED_BITS, metavar="BITS",
+                   help="the bit widths --target-bits chooses from (default: 2 3 4)")
     p.add_argument("--group-size", type=int, default=128, choices=SUPPORTED_GROUP_SIZES,
                    help="input columns sharing one scale/zero point (-1: one per output channel)")
     p.add_argument("--sym", action="store_true", help="symmetric grid without zero points (default: asymmetric)")
@@ -129,7 +137,10 @@ def _quantize(args: argparse.Namespace) -> int:
         on_bad_sample="skip" if args.skip_bad_samples else "error",
     )
     config = make_config(
-        method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.sym,
+        method=args.method, group_size=args.group_size, symmetric=args.sym,
+        **({"bits": args.bits} if "bits" in args else {}),
+        **({"target_bits": args.target_bits} if args.target_bits is not None else {}),
+        **({"bits_choices": tuple(args.bits_choices)} if "bits_choices" in args else {}),
         lm_head_bits=args.lm_head_bits, lm_head_group_size=args.lm_head_group_size,
         solver=solver, calib=calib, ignore=tuple(args.ignore), overrides=overrides, device=args.device,
         dtype=args.dtype, overwrite=args.overwrite, resume=args.resume, lazy_load=args.lazy_load,

@@ -70,6 +70,11 @@ class QuantizeConfig(BaseModel):
     ignore: tuple[str, ...] = Field((), description="regexes of decoder-layer linears to keep in 16-bit")
     overrides: tuple[SchemeOverride, ...] = Field(
         (), description="other bits / group sizes for some decoder linears (first match wins): mixed precision")
+    target_bits: float | None = Field(
+        None, description="automatic mixed precision: the average code bits per decoder-linear weight; each linear "
+                          "(q/k/v and gate/up together) takes one of bits_choices, chosen by a sensitivity pass "
+                          "(vlmptq.allocation); linears an override takes keep its scheme and count in the average")
+    bits_choices: tuple[int, ...] = Field((2, 3, 4), description="the bit widths target_bits chooses from")
     device: str = Field("auto", description="compute device: auto (cuda if available), cpu, cuda, cuda:N")
     offload_device: str = Field("cpu", description="where per-sample activations wait between layers")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="model dtype")
@@ -89,6 +94,7 @@ class QuantizeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeConfig":
+        self._check_target_bits()
         self.scheme  # validates bits / group size
         for i, o in enumerate(self.overrides):
             try:
@@ -111,21 +117,49 @@ class QuantizeConfig(BaseModel):
                     raise ValueError(f"device {dev!r} is not a torch device ({e}); use cpu, cuda or cuda:N")
         return self
 
+    def _check_target_bits(self) -> None:
+        if self.target_bits is None:
+            if "bits_choices" in self.model_fields_set:
+                raise ValueError("bits_choices is set but target_bits is not; set target_bits (the average bits per "
+                                 "weight) to choose each linear's bits from them")
+            return
+        if "bits" in self.model_fields_set:
+            raise ValueError("bits and target_bits exclude each other: with target_bits each linear's bits are "
+                             f"chosen from bits_choices {list(self.bits_choices)}; drop bits")
+        choices = self.bits_choices
+        for b in choices:
+            WeightScheme(bits=b, group_size=self.group_size, symmetric=self.symmetric)  # supported bits
+        if len(set(choices)) < 2 or list(choices) != sorted(set(choices)):
+            raise ValueError(f"bits_choices must be at least two different bit widths in increasing order, got "
+                             f"{list(choices)}")
+        if not choices[0] <= self.target_bits <= choices[-1]:
+            raise ValueError(f"target_bits={self.target_bits:g} is outside bits_choices {list(choices)}: an average "
+                             f"of their widths lies between {choices[0]} and {choices[-1]}")
+
     @property
     def scheme(self) -> WeightScheme:
-        return WeightScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+        """The decoder linears' scheme; with ``target_bits``, the fewest of ``bits_choices`` (the allocation
+        gives each linear its own)."""
+        bits = self.bits if self.target_bits is None else self.bits_choices[0]
+        return WeightScheme(bits=bits, group_size=self.group_size, symmetric=self.symmetric)
 
     def _override_scheme(self, o: SchemeOverride) -> WeightScheme:
         group = self.group_size if o.group_size is None else o.group_size
         return WeightScheme(bits=o.bits, group_size=group, symmetric=self.symmetric)
 
-    def scheme_resolver(self) -> Callable[[str], WeightScheme]:
-        """Full module name -> its scheme: the first matching override's, else the base scheme."""
+    def scheme_resolver(self, allocated: Mapping[str, int] | None = None) -> Callable[[str], WeightScheme]:
+        """Full module name -> its scheme: the first matching override's, else the bits ``allocated`` to it
+        (``target_bits``: vlmptq.allocation), else the base scheme."""
         rules = [(re.compile(o.pattern), self._override_scheme(o)) for o in self.overrides]
         base = self.scheme
+        auto = {b: WeightScheme(bits=b, group_size=self.group_size, symmetric=self.symmetric)
+                for b in set((allocated or {}).values())}
 
         def scheme_for(name: str) -> WeightScheme:
-            return next((s for rx, s in rules if rx.search(name)), base)
+            rule = next((s for rx, s in rules if rx.search(name)), None)
+            if rule is not None:
+                return rule
+            return auto[allocated[name]] if allocated and name in allocated else base
 
         return scheme_for
 

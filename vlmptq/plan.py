@@ -10,6 +10,7 @@ the model dtype's width.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -70,6 +71,9 @@ class QuantizationPlan:
         for s in self.shares:
             lines.append(f"{s.scheme:<{width}}  {s.linears:>7}  {s.params:>14,d}  {s.nbytes:>15,d}  "
                          f"{8 * s.nbytes / s.params:>6.3f}  {s.example}")
+        if any(s.scheme.startswith("auto ") for s in self.shares):
+            lines += ["auto: each linear's bits are chosen at run time by a sensitivity pass (--target-bits); the "
+                      "size assumes the budget is filled"]
         lines += ["", f"16-bit: {len(self.kept_linears)} decoder linears kept by --ignore"
                       + (f" ({', '.join(self.kept_linears[:3])}{', ...' if len(self.kept_linears) > 3 else ''})"
                          if self.kept_linears else "")
@@ -118,15 +122,29 @@ def plan(model: str | Path, config: QuantizeConfig | Mapping | None = None) -> Q
     kept: list[str] = []
     itemsize = torch.empty(0, dtype=dtype).element_size()
     quantized_params = 0
+    pinned = [re.compile(o.pattern) for o in config.overrides]
+    auto = f"auto {'/'.join(f'W{b}' for b in config.bits_choices)} {config.scheme.describe().partition(' ')[2]}"
+    pinned_bits = pinned_params = 0
     for li, layer in enumerate(layers):
         keep, skipped = quantizable_linears(layer, f"{prefix}.{li}", patterns)
         kept += [f"{prefix}.{li}.{n}" for n in skipped]
         for name in keep:
             full = f"{prefix}.{li}.{name}"
             lin, scheme = layer.get_submodule(name), scheme_for(full)
-            _add(shares[scheme.describe()], full, lin.out_features, lin.in_features,
+            label = scheme.describe()
+            if config.target_bits is not None:
+                if any(rx.search(full) for rx in pinned):
+                    pinned_bits, pinned_params = pinned_bits + scheme.bits * lin.weight.numel(), \
+                        pinned_params + lin.weight.numel()
+                else:
+                    label = auto  # scheme: the fewest bits; the codes' extra bits are added below
+            _add(shares[label], full, lin.out_features, lin.in_features,
                  packed_nbytes(lin.out_features, lin.in_features, scheme, itemsize))
             quantized_params += lin.weight.numel()
+    if auto in shares:  # the allocation fills the budget: its codes take the target's bits beyond the fewest
+        share = shares[auto]
+        extra = config.target_bits * (share[1] + pinned_params) - pinned_bits - config.scheme.bits * share[1]
+        share[2] += max(int(extra // 8), 0)
     other = sum(p.numel() for p in skeleton.parameters()) - quantized_params
     head = config.head_scheme
     if head is not None:

@@ -38,7 +38,7 @@ from vlmptq.pipeline.capture import (
 )
 from vlmptq.quant.qweight import QuantizedWeight
 from vlmptq.quant.scheme import WeightScheme
-from vlmptq.solvers.base import Solver
+from vlmptq.solvers.base import Solver, StatsRequest
 from vlmptq.solvers.modality import layer_loss
 from vlmptq.stats import InputStatistics, StatisticsAccumulator
 
@@ -206,9 +206,8 @@ def _final_norm_or_none(adapter: ModelAdapter) -> nn.Module | None:
 
 
 def _group_statistics(layer: nn.Module, fp_layer: nn.Module | None, first: str, streams: _Streams, li: int,
-                      samples: Sequence[CalibrationSample], solver: Solver, device: torch.device,
+                      samples: Sequence[CalibrationSample], needs: StatsRequest, device: torch.device,
                       in_features: int) -> InputStatistics:
-    needs = solver.needs
     acc = StatisticsAccumulator(in_features, device, fp_inputs=needs.fp_inputs, modality=needs.modality)
     lin = layer.get_submodule(first)
     lin_fp = fp_layer.get_submodule(first) if fp_layer is not None else None
@@ -266,7 +265,8 @@ def _solve_layer(layer: nn.Module, fp_layer: nn.Module | None, lprefix: str, nam
     records: list[LinearRecord] = []
     for group in groups:
         in_features = layer.get_submodule(group[0]).in_features
-        stats = (_group_statistics(layer, fp_layer, group[0], streams, li, samples, solver, device, in_features)
+        stats = (_group_statistics(layer, fp_layer, group[0], streams, li, samples, solver.needs, device,
+                                   in_features)
                  if streams is not None else None)
         for name in group:
             full = f"{lprefix}.{name}"
