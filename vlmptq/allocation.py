@@ -55,6 +55,7 @@ def allocate_bits(units: Sequence[Choice], target_bits: float, fixed_bits: int =
     docstring). ``fixed_bits`` / ``fixed_params``: code bits and weights of linears whose width is already
     chosen (they count in the average). Ties go to fewer bits."""
     if not units:
+        _check_budget(target_bits, fixed_bits, fixed_params)
         return []
     choices = sorted(units[0].losses)
     if any(sorted(u.losses) != choices for u in units):
@@ -63,13 +64,9 @@ def allocate_bits(units: Sequence[Choice], target_bits: float, fixed_bits: int =
         raise ValueError("unit losses must be finite")
     floor_bits = fixed_bits + choices[0] * sum(u.params for u in units)
     total_params = fixed_params + sum(u.params for u in units)
-    budget = math.floor(target_bits * total_params + 1e-9 * total_params) - floor_bits  # extra bit-weights
-    if budget < 0:
-        raise ConfigError(f"--target-bits {target_bits:g} is below what the linears take at the fewest bits "
-                          f"({floor_bits / total_params:.3f} code bits per weight, the --override'n linears "
-                          "included); raise it or lower the smallest --bits-choices")
+    budget = _check_budget(target_bits, floor_bits, total_params)
     extra = [[(b - choices[0]) * u.params for b in choices] for u in units]
-    step = math.gcd(*[c for row in extra for c in row if c])
+    step = math.gcd(*[c for row in extra for c in row if c]) or 1
     if budget // max(step, 1) > MAX_CELLS:
         step = math.ceil(budget / MAX_CELLS)
     cells = budget // step + 1
@@ -98,6 +95,17 @@ def allocate_bits(units: Sequence[Choice], target_bits: float, fixed_bits: int =
     return chosen[::-1]
 
 
+def _check_budget(target_bits: float, floor_bits: int, total_params: int) -> int:
+    """The code bits left above ``floor_bits`` (every linear at its fewest) within the target; an error if
+    none are."""
+    budget = math.floor(target_bits * total_params + 1e-9 * total_params) - floor_bits
+    if budget < 0:
+        raise ConfigError(f"--target-bits {target_bits:g} is below what the linears take at the fewest bits "
+                          f"({floor_bits / max(total_params, 1):.3f} code bits per weight, the --override'n "
+                          "linears included); raise it or lower the smallest --bits-choices")
+    return budget
+
+
 # ----------------------------------------------------------------------------- from a model to its allocation
 def choose_bits(model: nn.Module, adapter: ModelAdapter, samples: Sequence, config: QuantizeConfig, *,
                 lazy_layers: LazyLayers | None = None) -> dict[str, int]:
@@ -123,6 +131,22 @@ def choose_bits(model: nn.Module, adapter: ModelAdapter, samples: Sequence, conf
     allocated = {name: b for u, b in zip(units, bits) for name in u.names}
     logger.info("target %.3g bits: %s", config.target_bits, describe_allocation(units, bits, fixed_bits, fixed_params))
     return allocated
+
+
+def check_target_reachable(adapter: ModelAdapter, config: QuantizeConfig) -> None:
+    """``config.target_bits`` must leave room for every unpinned linear at the fewest bits, with the linears an
+    override pins at theirs; from shapes alone (the skeleton), so a run fails before it loads the model."""
+    if config.target_bits is None:
+        return
+    prefix, layers = adapter.decoder_layers()
+    ignore = compile_ignore(config.ignore)
+    total = sum(layer.get_submodule(n).weight.numel() for li, layer in enumerate(layers)
+                for n in quantizable_linears(layer, f"{prefix}.{li}", ignore)[0])
+    scheme_for = config.scheme_resolver()
+    pinned = pinned_linears(adapter, config)
+    floor = sum(scheme_for(name).bits * n for name, n in pinned) + config.bits_choices[0] * (
+        total - sum(n for _, n in pinned))
+    allocate_bits([], config.target_bits, floor, total)
 
 
 def pinned_linears(adapter: ModelAdapter, config: QuantizeConfig) -> list[tuple[str, int]]:

@@ -23,6 +23,7 @@ from vlmptq.config import QuantizeConfig, as_config
 from vlmptq.models.adapters import ModelAdapter, load_skeleton, read_checkpoint_dtype
 from vlmptq.models.source import model_dir_of
 from vlmptq.pipeline.sequential import check_model_fits, compile_ignore, quantizable_linears
+from vlmptq.quant.scheme import WeightScheme
 from vlmptq.solvers import build_solver
 
 
@@ -103,9 +104,12 @@ class QuantizationPlan:
 
 def check_fits(adapter: ModelAdapter, config: QuantizeConfig) -> None:
     """What a run checks of ``config`` against the model's structure (``adapter``: the skeleton is enough):
-    ``check_model_fits`` with the config's patterns and schemes."""
+    ``check_model_fits`` with the config's patterns and schemes, and room for ``target_bits``."""
+    from vlmptq.allocation import check_target_reachable
+
     check_model_fits(adapter, config.ignore, config.scheme_resolver(), config.head_scheme,
                      [o.pattern for o in config.overrides])
+    check_target_reachable(adapter, config)
 
 
 def plan(model: str | Path, config: QuantizeConfig | Mapping | None = None) -> QuantizationPlan:
@@ -124,7 +128,7 @@ def plan(model: str | Path, config: QuantizeConfig | Mapping | None = None) -> Q
     quantized_params = 0
     pinned = [re.compile(o.pattern) for o in config.overrides]
     auto = f"auto {'/'.join(f'W{b}' for b in config.bits_choices)} {config.scheme.describe().partition(' ')[2]}"
-    pinned_bits = pinned_params = 0
+    pinned_bits = pinned_params = auto_top = 0
     for li, layer in enumerate(layers):
         keep, skipped = quantizable_linears(layer, f"{prefix}.{li}", patterns)
         kept += [f"{prefix}.{li}.{n}" for n in skipped]
@@ -141,10 +145,13 @@ def plan(model: str | Path, config: QuantizeConfig | Mapping | None = None) -> Q
             _add(shares[label], full, lin.out_features, lin.in_features,
                  packed_nbytes(lin.out_features, lin.in_features, scheme, itemsize))
             quantized_params += lin.weight.numel()
-    if auto in shares:  # the allocation fills the budget: its codes take the target's bits beyond the fewest
-        share = shares[auto]
-        extra = config.target_bits * (share[1] + pinned_params) - pinned_bits - config.scheme.bits * share[1]
-        share[2] += max(int(extra // 8), 0)
+            if label == auto:
+                top = WeightScheme(config.bits_choices[-1], config.group_size, config.symmetric)
+                auto_top += packed_nbytes(lin.out_features, lin.in_features, top, itemsize)
+    if auto in shares:  # the allocation fills the budget; bytes are affine in the bits (codes and zero points)
+        share, lo, hi = shares[auto], config.bits_choices[0], config.bits_choices[-1]
+        avg = (config.target_bits * (share[1] + pinned_params) - pinned_bits) / share[1]
+        share[2] = round(share[2] + (min(max(avg, lo), hi) - lo) / (hi - lo) * (auto_top - share[2]))
     other = sum(p.numel() for p in skeleton.parameters()) - quantized_params
     head = config.head_scheme
     if head is not None:
