@@ -125,3 +125,34 @@ def test_lazy_load_on_cuda_writes_the_same_checkpoint(tiny, tmp_path):
     quantize_on(tiny, tmp_path / "lazy", "cuda", "vlmptq", 3, "cpu", lazy_load=True)
     a, b = tensors(tmp_path / "whole"), tensors(tmp_path / "lazy")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sensitivity_on_cuda_matches_the_cpu(tiny, tmp_path):
+    """--target-bits' pass on the GPU measures what it measures on the CPU (up to summation order), and the run
+    it leads to stays within the budget."""
+    import vlmptq
+    from vlmptq.api import _calibration_samples
+    from vlmptq.calib import CalibConfig
+    from vlmptq.checkpoint.reader import open_checkpoint
+    from vlmptq.config import make_config
+    from vlmptq.models.adapters import load_model, load_skeleton
+    from vlmptq.pipeline.sensitivity import measure_sensitivity
+    from vlmptq.quant.scheme import WeightScheme
+
+    config = make_config(method="vlmptq", target_bits=3, group_size=32, device="cuda",
+                         calib=CalibConfig(source="builtin", num_samples=3, max_seq_len=512))
+    skeleton, adapter = load_skeleton(tiny, torch.bfloat16)
+    samples = _calibration_samples(tiny, config, skeleton, adapter)
+    losses = {}
+    for device in ("cpu", "cuda"):
+        model, adapter = load_model(tiny, torch.bfloat16)
+        units = measure_sensitivity(model, adapter, samples, [WeightScheme(b, 32) for b in (2, 3, 4)], device=device)
+        losses[device] = {u.names: u.losses for u in units}
+    assert losses["cpu"].keys() == losses["cuda"].keys() and len(losses["cpu"]) == 8
+    for names, cpu in losses["cpu"].items():
+        for b, v in cpu.items():
+            assert losses["cuda"][names][b] == pytest.approx(v, rel=0.1), (names, b)
+    vlmptq.quantize(tiny, tmp_path / "auto", config)
+    ckpt = open_checkpoint(tmp_path / "auto")
+    weights = [ckpt.quantized_weight(n) for n in ckpt.layers]
+    assert sum(w.scheme.bits * w.numel() for w in weights) <= 3 * sum(w.numel() for w in weights)

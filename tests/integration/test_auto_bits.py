@@ -132,3 +132,12 @@ def test_cli_target_bits(tiny_qwen2_vl, tmp_path):
                           "32", "--dry-run"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert re.search(r"auto W3/W4 g32 asym\s+14", run.stdout)
+
+
+def test_lazy_load_allocates_and_writes_the_same(tiny_qwen2_vl, tmp_path):
+    """The pass reads each decoder layer from the files and puts it back; the quantizer then reads it again:
+    the same allocation and checkpoint as with the whole model loaded."""
+    vlmptq.quantize(tiny_qwen2_vl, tmp_path / "whole", _config(lazy_load=False))
+    vlmptq.quantize(tiny_qwen2_vl, tmp_path / "lazy", _config(lazy_load=True))
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "lazy")
+    assert sorted(a) == sorted(b) and all((a[k] == b[k]).all() for k in a)

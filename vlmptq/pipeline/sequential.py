@@ -365,6 +365,7 @@ def quantize_model(
     scale_dtype = next(model.parameters()).dtype
     if needs.hessian and not samples:
         raise ConfigError(f"method {solver.name!r} needs calibration samples, got none")
+    label = scheme.describe() if scheme_for is None else "mixed precision"
     scheme_for = scheme_for or (lambda name: scheme)
     check_model_fits(adapter, ignore, scheme_for, head_scheme)
     if head_scheme is not None:
@@ -380,7 +381,7 @@ def quantize_model(
     records: list[LinearRecord] = []
     frozen = list(adapter.frozen_linears())
 
-    for li in tqdm(range(len(layers)), desc=f"quantizing ({solver.name}, {scheme.describe()})"):
+    for li in tqdm(range(len(layers)), desc=f"quantizing ({solver.name}, {label})"):
         if lazy_layers is not None:
             lazy_layers.load(li, layers[li])
         layer = layers[li].to(device)
