@@ -1,5 +1,5 @@
 """Automatic mixed precision: which bit width each decoder linear takes so that the average is at most a
-target (``--target-bits 2.5``) and the summed output error is smallest.
+target (``--target-bits 2.5``) and the summed measured loss (the change of the layers' outputs) is least.
 
 The problem (a multiple-choice knapsack): units u (linears that must share a scheme), each with
 ``params_u`` weights and a measured loss ``L_u(b)`` per candidate bit width b
@@ -118,8 +118,8 @@ def choose_bits(model: nn.Module, adapter: ModelAdapter, samples: Sequence, conf
     units = measure_sensitivity(
         model, adapter, samples,
         [WeightScheme(b, config.group_size, config.symmetric) for b in config.bits_choices],
-        clip_search=config.solver.clip_search, device=config.torch_device(), offload_device=config.offload_device, ignore=config.ignore,
-        skip=lambda name: any(rx.search(name) for rx in pinned), lazy_layers=lazy_layers)
+        clip_search=config.solver.clip_search, device=config.torch_device(), offload_device=config.offload_device,
+        ignore=config.ignore, skip=lambda name: any(rx.search(name) for rx in pinned), lazy_layers=lazy_layers)
     fixed_bits = fixed_params = 0
     if pinned:
         scheme_for = config.scheme_resolver()
@@ -129,7 +129,8 @@ def choose_bits(model: nn.Module, adapter: ModelAdapter, samples: Sequence, conf
     bits = allocate_bits([Choice(u.params, u.losses) for u in units], config.target_bits, fixed_bits,
                          fixed_params)
     allocated = {name: b for u, b in zip(units, bits) for name in u.names}
-    logger.info("target %.3g bits: %s", config.target_bits, describe_allocation(units, bits, fixed_bits, fixed_params))
+    logger.info("target %.3g bits: %s", config.target_bits,
+                describe_allocation(units, bits, fixed_bits, fixed_params))
     return allocated
 
 
@@ -165,8 +166,8 @@ def pinned_linears(adapter: ModelAdapter, config: QuantizeConfig) -> list[tuple[
 
 
 def describe_allocation(units: Sequence[Unit], bits: Sequence[int], fixed_bits: int = 0, fixed_params: int = 0) -> str:
-    """E.g. "2.498 code bits per weight; q/k/v_proj W2 20 W3 8 W4 2; o_proj ...": units per bit width by
-    kind (the last part of the first linear's name)."""
+    """E.g. "2.500 code bits per weight; q_proj/k_proj/v_proj W2 x1 W3 x11 W4 x18; o_proj W2 x9 ...": units
+    per bit width by kind (their linears' last name parts)."""
     params = fixed_params + sum(u.params for u in units)
     avg = (fixed_bits + sum(u.params * b for u, b in zip(units, bits))) / max(params, 1)
     kinds: dict[str, Counter] = {}

@@ -37,7 +37,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "changes with each linear at each of --bits-choices, then the choice with the least summed "
                         "change within the budget is taken (q/k/v and gate/up together; --override'n linears keep "
                         "their scheme and count in the average); docs/mixed-precision.md")
-    p.add_argument("--bits-choices", type=int, nargs="+", default=argparse.SUPPRESS, choices=SUPPORTED_BITS, metavar="BITS",
+    p.add_argument("--bits-choices", type=int, nargs="+", default=argparse.SUPPRESS, choices=SUPPORTED_BITS,
+                   metavar="BITS",
                    help="the bit widths --target-bits chooses from (default: 2 3 4)")
     p.add_argument("--group-size", type=int, default=128, choices=SUPPORTED_GROUP_SIZES,
                    help="input columns sharing one scale/zero point (-1: one per output channel)")

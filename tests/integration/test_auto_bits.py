@@ -116,7 +116,8 @@ def test_resumed_run_takes_the_stored_allocation(tiny_qwen2_vl, tmp_path, monkey
      r"--target-bits 2\.2 is below .*\(3\.\d+ code bits per weight"),
     (dict(target_bits=3, ignore=["nothing_here"]), "--ignore 'nothing_here' matches no decoder linear"),
 ])
-def test_unreachable_targets_are_refused_before_loading(tiny_qwen2_vl, tmp_path, no_weights, fields, match):  # noqa: F811
+def test_unreachable_targets_are_refused_before_loading(tiny_qwen2_vl, tmp_path, no_weights,  # noqa: F811
+                                                        fields, match):
     with pytest.raises(ConfigError, match=match):
         vlmptq.quantize(tiny_qwen2_vl, tmp_path / "out", _config(**fields))
     assert not (tmp_path / "out").exists()
