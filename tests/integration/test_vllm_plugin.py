@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from tests.support.quantized_checkpoint import (
+    QuantizedCheckpoint,
     build_quantized_checkpoint,
     dequantized_hf_model,
     generate,
@@ -233,6 +234,37 @@ def test_mixed_precision_checkpoint(tiny_qwen2_vl, tmp_path, dtype, kernels, tol
     if dtype == "bfloat16":
         assert sum(errs) / len(errs) < BF16_MEAN_TOL
     assert max(margins) < tol
+
+
+def test_auto_mixed_precision_checkpoint(tiny_qwen2_vl, tmp_path):
+    """A --target-bits checkpoint (each unit 2, 3 or 4 bits, the default config group the most common scheme,
+    the others named): vLLM serves every layer with the bits the allocation gave it, and the logits match HF's
+    with the same dequantized weights."""
+    import vlmptq
+    from vlmptq.calib import CalibConfig
+    from vlmptq.config import make_config
+
+    src = tiny_qwen2_vl
+    config = make_config(method="gptq", target_bits=3, group_size=32, device="cpu",
+                         calib=CalibConfig(num_samples=2, max_seq_len=512))
+    vlmptq.quantize(src, tmp_path / "auto", config)
+    _model, result, _n = vlmptq.quantize_in_memory(src, config)  # the same run, in memory: what was written
+    bits = {n: qw.scheme.bits for n, qw in result.quantized.items()}
+    assert len(set(bits.values())) > 1
+    vllm_inputs, hf_inputs = prompts(src)
+    with vllm_engine(tmp_path / "auto", dtype="float32") as llm:
+        check_methods(layer_methods(llm), {"reference"})
+        schemes = layer_schemes(llm)
+        outputs = generate(llm, vllm_inputs)
+    for li in (0, 1):
+        hf, served = f"model.language_model.layers.{li}", f"language_model.model.layers.{li}"
+        for fused, member in (("self_attn.qkv_proj", "self_attn.q_proj"), ("self_attn.o_proj", "self_attn.o_proj"),
+                              ("mlp.gate_up_proj", "mlp.gate_proj"), ("mlp.down_proj", "mlp.down_proj")):
+            assert schemes[f"{served}.{fused}"] == (bits[f"{hf}.{member}"], 32, False), fused
+    ckpt = QuantizedCheckpoint(tmp_path / "auto", config.scheme, result.quantized, result.frozen)
+    errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
+    assert max(errs) < FP32_TOL, f"max |dlogprob| {max(errs):.2e}"
+    assert max(margins) < FP32_TOL
 
 
 def _to_padded3(ckpt_dir):
