@@ -238,13 +238,6 @@ def _scheme_for(run: Run, model, adapter, samples):
     return config.scheme_resolver(choose_bits(model, adapter, samples, config))
 
 
-def _code_bits(res) -> float:
-    """Average code bits per decoder-linear weight (without scales and zero points)."""
-    layers = [qw for name, qw in res.quantized.items() if not name.endswith("lm_head")]
-    numel = sum(qw.numel() for qw in layers)
-    return round(sum(qw.scheme.bits * qw.numel() for qw in layers) / numel, 3)
-
-
 def _kl_setup(run: Run, proxy: Path):
     from transformers import AutoConfig
 
@@ -316,7 +309,7 @@ def execute(run: Run, work: Path, isolated: bool) -> dict:
         **({"lm_head_bits": run.lm_head_bits} if run.lm_head_bits else {}),
         **({"overrides": list(run.overrides)} if run.overrides else {}),
         **({"target_bits": run.target_bits} if run.target_bits else {}),
-        **({"code_bits": _code_bits(res)} if run.overrides or run.target_bits else {}),
+        **({"code_bits": res.code_bits()} if run.overrides or run.target_bits else {}),
         "metric": run.task, "value": value, "quant_seconds": seconds,
         "peak_rss_mb": None if peak is None else round(peak / 2**20, 1),
         "wall_seconds": round(time.perf_counter() - t0, 1), "run": run.key(), "commit": git_commit(),

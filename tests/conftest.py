@@ -66,3 +66,12 @@ def pytest_xdist_make_scheduler(config, log):
             return work_unit(nodeid)
 
     return EngineUnitScheduling(config, log)
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fails the test if the model's weights are loaded: what is checked here needs config.json only."""
+    import vlmptq.api as api
+
+    monkeypatch.setattr(api, "load_model", lambda *a: pytest.fail("loaded the model"))
+    monkeypatch.setattr(api, "load_model_lazily", lambda *a: pytest.fail("loaded the model"))

@@ -8,8 +8,8 @@ The problem (a multiple-choice knapsack): units u (linears that must share a sch
 alike for every choice with the same group size).
 
 Solved exactly by dynamic programming over the budget, in steps of the greatest common divisor of the
-units' costs (transformer shapes share large factors: a Qwen2.5-7B layer's four units cost 18, 14, 148
-and 74 steps per bit). Where that would take more than ``MAX_CELLS`` steps the costs are rounded *up* to
+units' costs (transformer shapes share large factors: a Qwen2.5-7B layer's four units cost 9, 7, 74 and
+37 steps per bit). Where that would take more than ``MAX_CELLS`` steps the costs are rounded *up* to
 a coarser step, so the budget still holds and the result is optimal for the rounded costs.
 """
 
@@ -55,7 +55,6 @@ def allocate_bits(units: Sequence[Choice], target_bits: float, fixed_bits: int =
     docstring). ``fixed_bits`` / ``fixed_params``: code bits and weights of linears whose width is already
     chosen (they count in the average). Ties go to fewer bits."""
     if not units:
-        _check_budget(target_bits, fixed_bits, fixed_params)
         return []
     choices = sorted(units[0].losses)
     if any(sorted(u.losses) != choices for u in units):
@@ -145,9 +144,12 @@ def check_target_reachable(adapter: ModelAdapter, config: QuantizeConfig) -> Non
                 for n in quantizable_linears(layer, f"{prefix}.{li}", ignore)[0])
     scheme_for = config.scheme_resolver()
     pinned = pinned_linears(adapter, config)
-    floor = sum(scheme_for(name).bits * n for name, n in pinned) + config.bits_choices[0] * (
-        total - sum(n for _, n in pinned))
-    allocate_bits([], config.target_bits, floor, total)
+    free = total - sum(n for _, n in pinned)
+    if not free:
+        raise ConfigError(f"--target-bits {config.target_bits:g}: the --override patterns take every decoder linear, "
+                          "so there is nothing left to allocate; drop --target-bits or the override that takes all")
+    _check_budget(config.target_bits, sum(scheme_for(name).bits * n for name, n in pinned)
+                  + config.bits_choices[0] * free, total)
 
 
 def pinned_linears(adapter: ModelAdapter, config: QuantizeConfig) -> list[tuple[str, int]]:

@@ -153,7 +153,7 @@ def _metadata(config: QuantizeConfig, result: PipelineResult, n_samples: int) ->
         "method": config.method,
         "scheme": config.scheme.describe() if config.target_bits is None else
                   f"auto {'/'.join(f'W{b}' for b in config.bits_choices)} (target {config.target_bits:g} bits)",
-        **({"target_bits": config.target_bits, "code_bits": _code_bits(result)} if config.target_bits else {}),
+        **({"target_bits": config.target_bits, "code_bits": result.code_bits()} if config.target_bits else {}),
         **({"lm_head": config.head_scheme.describe()} if config.head_scheme else {}),
         **({"overrides": [o.model_dump(exclude_none=True) for o in config.overrides]} if config.overrides else {}),
         "solver": config.solver.model_dump(mode="json", exclude_none=True),
@@ -161,12 +161,6 @@ def _metadata(config: QuantizeConfig, result: PipelineResult, n_samples: int) ->
                         "max_seq_len": config.calib.max_seq_len, "seed": config.calib.seed},
         "mu": {r.name: r.info["mu"] for r in result.records if "mu" in r.info},
     }
-
-
-def _code_bits(result: PipelineResult) -> float:
-    """Average code bits per quantized decoder-linear weight (without scales and zero points, nor the lm_head)."""
-    layers = [qw for name, qw in result.quantized.items() if not name.endswith("lm_head")]
-    return round(sum(qw.scheme.bits * qw.numel() for qw in layers) / max(sum(qw.numel() for qw in layers), 1), 4)
 
 
 def _base_scheme(config: QuantizeConfig, result: PipelineResult) -> WeightScheme:

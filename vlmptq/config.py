@@ -120,12 +120,12 @@ class QuantizeConfig(BaseModel):
     def _check_target_bits(self) -> None:
         if self.target_bits is None:
             if "bits_choices" in self.model_fields_set:
-                raise ValueError("bits_choices is set but target_bits is not; set target_bits (the average bits per "
-                                 "weight) to choose each linear's bits from them")
+                raise ValueError("bits_choices (--bits-choices) is set but target_bits (--target-bits) is not; set "
+                                 "target_bits, the average bits per weight, to choose each linear's bits from them")
             return
         if "bits" in self.model_fields_set:
-            raise ValueError("bits and target_bits exclude each other: with target_bits each linear's bits are "
-                             f"chosen from bits_choices {list(self.bits_choices)}; drop bits")
+            raise ValueError("bits (--bits) and target_bits (--target-bits) exclude each other: with target_bits each "
+                             f"linear's bits are chosen from bits_choices {list(self.bits_choices)}; drop bits")
         choices = self.bits_choices
         for b in choices:
             WeightScheme(bits=b, group_size=self.group_size, symmetric=self.symmetric)  # supported bits

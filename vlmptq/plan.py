@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from vlmptq.allocation import check_target_reachable
 from vlmptq.checkpoint.compress import packed_nbytes
 from vlmptq.config import QuantizeConfig, as_config
 from vlmptq.models.adapters import ModelAdapter, load_skeleton, read_checkpoint_dtype
@@ -105,8 +106,6 @@ class QuantizationPlan:
 def check_fits(adapter: ModelAdapter, config: QuantizeConfig) -> None:
     """What a run checks of ``config`` against the model's structure (``adapter``: the skeleton is enough):
     ``check_model_fits`` with the config's patterns and schemes, and room for ``target_bits``."""
-    from vlmptq.allocation import check_target_reachable
-
     check_model_fits(adapter, config.ignore, config.scheme_resolver(), config.head_scheme,
                      [o.pattern for o in config.overrides])
     check_target_reachable(adapter, config)

@@ -19,7 +19,6 @@ from vlmptq.checkpoint.reader import open_checkpoint
 from vlmptq.config import make_config
 from vlmptq.errors import ConfigError
 from vlmptq.plan import plan
-from tests.integration.test_quantize import no_weights  # noqa: F401  (fixture)
 from tests.integration.test_resume import _interrupt_in_layer_1, _Solves, _tensors
 
 CALIB = CalibConfig(source="builtin", num_samples=3, max_seq_len=512)
@@ -52,7 +51,7 @@ def test_target_bits_writes_a_fused_consistent_checkpoint_within_budget(tiny_qwe
     avg = _average(out, bits)
     assert 2.75 < avg <= 3.0  # within the budget, and most of it spent (units are coarse on a tiny model)
     meta = json.loads((out / "config.json").read_text())["quantization_config"]["vlmptq"]
-    assert meta["target_bits"] == 3 and meta["code_bits"] == pytest.approx(avg, abs=1e-4)
+    assert meta["target_bits"] == 3 and meta["code_bits"] == pytest.approx(avg, abs=5e-4)
     assert meta["scheme"] == "auto W2/W3/W4 (target 3 bits)"
     assert len(report.records) == 14
     # the allocation is a function of the model and the calibration data: the same again
@@ -114,10 +113,10 @@ def test_resumed_run_takes_the_stored_allocation(tiny_qwen2_vl, tmp_path, monkey
 @pytest.mark.parametrize("fields, match", [
     (dict(target_bits=2.2, bits_choices=(2, 4), overrides=[{"pattern": r"mlp\.", "bits": 4}]),
      r"--target-bits 2\.2 is below .*\(3\.\d+ code bits per weight"),
+    (dict(target_bits=3, overrides=[{"pattern": "proj$", "bits": 4}]), "nothing left to allocate"),
     (dict(target_bits=3, ignore=["nothing_here"]), "--ignore 'nothing_here' matches no decoder linear"),
 ])
-def test_unreachable_targets_are_refused_before_loading(tiny_qwen2_vl, tmp_path, no_weights,  # noqa: F811
-                                                        fields, match):
+def test_unreachable_targets_are_refused_before_loading(tiny_qwen2_vl, tmp_path, no_weights, fields, match):
     with pytest.raises(ConfigError, match=match):
         vlmptq.quantize(tiny_qwen2_vl, tmp_path / "out", _config(**fields))
     assert not (tmp_path / "out").exists()
@@ -127,7 +126,7 @@ def test_cli_target_bits(tiny_qwen2_vl, tmp_path):
     run = subprocess.run([sys.executable, "-m", "vlmptq", "quantize", "--model", str(tiny_qwen2_vl), "--out",
                           str(tmp_path / "x"), "--target-bits", "2.5", "--bits", "3", "--dry-run"],
                          capture_output=True, text=True)
-    assert run.returncode != 0 and "bits and target_bits exclude each other" in run.stderr
+    assert run.returncode != 0 and "bits (--bits) and target_bits (--target-bits) exclude each other" in run.stderr
     run = subprocess.run([sys.executable, "-m", "vlmptq", "quantize", "--model", str(tiny_qwen2_vl), "--out",
                           str(tmp_path / "x"), "--target-bits", "3.5", "--bits-choices", "3", "4", "--group-size",
                           "32", "--dry-run"], capture_output=True, text=True)

@@ -41,15 +41,6 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Fails the test if the model's weights are loaded: what is checked here needs config.json only."""
-    import vlmptq.api as api
-
-    monkeypatch.setattr(api, "load_model", lambda *a: pytest.fail("loaded the model"))
-    monkeypatch.setattr(api, "load_model_lazily", lambda *a: pytest.fail("loaded the model"))
-
-
 @pytest.fixture(scope="module")
 def models(tiny_qwen2_vl, tiny_qwen2_5_vl, tiny_qwen3_vl):
     return {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}

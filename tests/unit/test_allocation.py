@@ -91,8 +91,8 @@ def test_fusion_units_follow_vllms_fused_layers():
 
 
 @pytest.mark.parametrize("fields, match", [
-    (dict(target_bits=2.5, bits=3), "bits and target_bits exclude each other"),
-    (dict(bits_choices=(2, 4)), "bits_choices is set but target_bits is not"),
+    (dict(target_bits=2.5, bits=3), r"bits \(--bits\) and target_bits \(--target-bits\) exclude each other"),
+    (dict(bits_choices=(2, 4)), r"bits_choices \(--bits-choices\) is set but target_bits \(--target-bits\) is not"),
     (dict(target_bits=2.5, bits_choices=(4, 2)), "at least two different bit widths in increasing order"),
     (dict(target_bits=2.5, bits_choices=(3,)), "at least two different"),
     (dict(target_bits=2.5, bits_choices=(2, 5)), "bits=5 is not supported"),

@@ -24,7 +24,8 @@ read, measured and put back on the meta device).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -124,22 +125,18 @@ def measure_sensitivity(
     return units
 
 
-class _quantized:
+@contextmanager
+def _quantized(layer: nn.Module, names: Sequence[str], scheme: WeightScheme, scale_dtype: torch.dtype,
+               clip_search: bool) -> Iterator[None]:
     """The linears ``names`` of ``layer`` hold their RTN-quantized weights inside the ``with`` block."""
-
-    def __init__(self, layer: nn.Module, names: Sequence[str], scheme: WeightScheme, scale_dtype: torch.dtype,
-                 clip_search: bool):
-        self.lins = [layer.get_submodule(n) for n in names]
-        self.args = (scheme, scale_dtype, clip_search)
-
-    def __enter__(self) -> None:
-        scheme, scale_dtype, clip_search = self.args
-        self.saved = [lin.weight.data for lin in self.lins]
-        for lin, w in zip(self.lins, self.saved):
+    lins = [layer.get_submodule(n) for n in names]
+    saved = [lin.weight.data for lin in lins]
+    try:
+        for lin, w in zip(lins, saved):
             lin.weight.data = quantize_rtn(w, scheme, scale_dtype, clip_search=clip_search).dequantize(w.dtype)
-
-    def __exit__(self, *exc) -> None:
-        for lin, w in zip(self.lins, self.saved):
+        yield
+    finally:
+        for lin, w in zip(lins, saved):
             lin.weight.data = w
 
 

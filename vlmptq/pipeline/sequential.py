@@ -75,6 +75,13 @@ class PipelineResult:
     frozen: list[str]  # Linear modules left in 16-bit
     seconds: float
 
+    def code_bits(self) -> float:
+        """Average code bits per quantized decoder-linear weight (without scales and zero points, nor the
+        lm_head)."""
+        layers = [qw for name, qw in self.quantized.items() if not name.endswith("lm_head")]
+        numel = sum(qw.numel() for qw in layers)
+        return round(sum(qw.scheme.bits * qw.numel() for qw in layers) / max(numel, 1), 3)
+
 
 @dataclass
 class _Streams:
