@@ -32,6 +32,13 @@ def tiny_qwen3_vl(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_vl_moe(tmp_path_factory):
+    """A tiny random Qwen3-VL-MoE (2 decoder layers, each MLP 8 routed experts, 2 per token; the experts
+    stored transposed, as Qwen3-VL-MoE's releases do)."""
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen3-vl-moe"), arch="qwen3_vl_moe")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2_vl_tied(tmp_path_factory):
     """A tiny Qwen2-VL with tied embeddings and a 2040-token vocabulary: quantizing the LM head must
     untie it; vLLM pads the head to 2048 rows (8 zero rows), and 3-bit zero points end mid-word

@@ -250,8 +250,6 @@ def test_unknown_architecture_lists_supported(tmp_path):
      r"it with .*convert_internvl_weights_to_hf\.py"),
     ({"model_type": "llava", "architectures": ["LlavaQwenForCausalLM"]},  # LLaVA-OneVision's own release
      r"LlavaQwenForCausalLM checkpoint in the original LLaVA repository's format.*llava-hf"),
-    ({"model_type": "qwen3_vl_moe", "architectures": ["Qwen3VLMoeForConditionalGeneration"]},
-     r"mixture-of-experts models .* not supported yet: their experts are fused 3-D tensors"),
 ])
 def test_known_unsupported_formats_say_what_to_use_instead(tmp_path, config, match):
     src = tmp_path / "model"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def rtn_quantize_decoder(model: torch.nn.Module, scheme: WeightScheme) -> tuple[
 
 def dense_copy(ckpt: Path, dst: Path) -> Path:
     """A plain 16-bit checkpoint from ``dequantize_checkpoint`` (config without quantization_config),
-    loadable by the model's own transformers class: the reload path every test compares against."""
+    loadable by the model's own transformers class: the reload path every test compares against.
+    Per-expert weights (``experts.{e}.gate_proj.weight``, ...) are stacked back into transformers' fused
+    ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj`` [E, H, I]."""
     dst.mkdir()
     for f in Path(ckpt).iterdir():
         if f.is_file() and not f.name.startswith("model"):
@@ -39,8 +42,27 @@ def dense_copy(ckpt: Path, dst: Path) -> Path:
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
     del cfg["quantization_config"]
     (dst / "config.json").write_text(json.dumps(cfg))
-    save_file(dequantize_checkpoint(ckpt), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file(fuse_experts(dequantize_checkpoint(ckpt)), str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
+
+
+def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``...experts.{e}.{gate,up,down}_proj.weight`` -> transformers' fused ``...experts.{gate_up,down}_proj``."""
+    rx = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for k, v in state.items():
+        if m := rx.match(k):
+            experts.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = v
+        else:
+            out[k] = v
+    for path, by_e in experts.items():
+        order = sorted(by_e)
+        assert order == list(range(len(order))), f"{path}: experts {order}"
+        out[f"{path}.gate_up_proj"] = torch.stack([torch.cat((by_e[e]["gate_proj"], by_e[e]["up_proj"]))
+                                                   for e in order])
+        out[f"{path}.down_proj"] = torch.stack([by_e[e]["down_proj"] for e in order])
+    return out
 
 
 def test_image(size: tuple[int, int] = (150, 100), seed: int = 0) -> Image.Image:

@@ -68,6 +68,16 @@ class ModelAdapter:
         check_loading_info(path, info)
         model.eval()
         model.requires_grad_(False)
+        cls.prepare(model)
+        return model
+
+    @classmethod
+    def prepare(cls, model: nn.Module) -> nn.Module:
+        """What every loaded model (and skeleton) goes through before use: fused mixture-of-experts modules
+        in the decoder layers become one linear per expert projection (``vlmptq.models.experts``)."""
+        from vlmptq.models.experts import unfuse_experts
+
+        unfuse_experts(cls(model).decoder_layers()[1])
         return model
 
     @classmethod
@@ -84,7 +94,7 @@ class ModelAdapter:
                 f"transformers cannot build the model {Path(path) / 'config.json'} describes ({type(e).__name__}: "
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); use the config.json that came "
                 "with the weights") from None
-        return model
+        return cls.prepare(model)
 
     # -------------------------------------------------------------- structure
     def text_model(self) -> nn.Module:
@@ -158,11 +168,12 @@ class ModelAdapter:
         return f"{type(self.model).__name__}: {len(layers)} decoder layers at {prefix}"
 
 
-@register_adapter("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "internvl",
-                  "gemma3", "mistral3")
+@register_adapter("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "llava_next", "llava_onevision",
+                  "internvl", "gemma3", "mistral3")
 class VLMAdapter(ModelAdapter):
-    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA family, InternVL3, Gemma 3, Mistral 3: ``model.model.language_model``
-    (Qwen3-VL's deepstack features, added between decoder layers, are carried by the pipeline)."""
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and mixture-of-experts), LLaVA family, InternVL3, Gemma 3, Mistral 3:
+    ``model.model.language_model`` (Qwen3-VL's deepstack features, added between decoder layers, are carried by
+    the pipeline)."""
 
 
 @register_adapter("idefics3", "smolvlm")
@@ -206,16 +217,11 @@ ORIGINAL_FORMATS = {
     "LlavaMistralForCausalLM": _LLAVA_ORIGINAL,
     "LlavaQwenForCausalLM": _LLAVA_ORIGINAL,
 }
-NOT_YET = {
-    "qwen3_vl_moe": "Qwen3-VL's mixture-of-experts models (30B-A3B, 235B-A22B) are not supported yet: their "
-                    "experts are fused 3-D tensors, not the linears the pipeline calibrates one by one; the dense "
-                    "Qwen3-VL models (model type qwen3_vl) are supported",
-}
 
 
 def read_model_type(path: str | Path) -> str:
-    """The config's ``model_type``; checkpoints in a known non-Hugging-Face format, or of a variant we do
-    not support yet, fail here with what to do instead."""
+    """The config's ``model_type``; checkpoints in a known non-Hugging-Face format fail here with what to
+    do instead."""
     import json
 
     cfg = Path(path) / "config.json"
@@ -234,8 +240,6 @@ def read_model_type(path: str | Path) -> str:
         if arch in ORIGINAL_FORMATS:
             what, fix = ORIGINAL_FORMATS[arch]
             raise UnsupportedModelError(f"{path} is a {arch} checkpoint in {what}; {fix}")
-    if model_type in NOT_YET:
-        raise UnsupportedModelError(f"{path}: {NOT_YET[model_type]}")
     return model_type
 
 
@@ -323,7 +327,7 @@ def load_model_lazily(path: str | Path, dtype: torch.dtype = torch.bfloat16, ske
     skeleton = skeleton if skeleton is not None else cls.skeleton(path, dtype)
     prefix, layers = cls(skeleton).decoder_layers()
     model, lazy = load_lazily(getattr(transformers, cls.auto_class), path, dtype, skeleton, prefix, len(layers))
-    adapter = cls(model)
+    adapter = cls(cls.prepare(model))
     logger.info("loaded %s; its %d decoder layers are read one at a time", adapter.describe(), len(layers))
     return model, adapter, lazy
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from vlmptq.errors import CheckpointError, UnsupportedModelError
+from vlmptq.models.experts import experts_modules
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +62,19 @@ class LazyLayers:
     def load(self, index: int, layer: nn.Module) -> None:
         """Read layer ``index``'s parameters and buffers from the checkpoint (those still on meta)."""
         read = self._read.setdefault(index, [])
+        for path, experts in experts_modules(layer).items():  # one linear per expert here, fused in the files
+            if experts[0].gate_proj.weight.device.type != "meta":
+                continue
+            fused = [self._read_tensor(f"{self.prefix}.{index}.{path}.{t}") for t in ("gate_up_proj", "down_proj")]
+            try:
+                read += [(lin, "weight") for lin in experts.fill(*fused)]
+            except UnsupportedModelError as e:
+                raise CheckpointError(f"{self.prefix}.{index}.{path} in the model's files does not match its "
+                                      f"config.json ({e}): use the config.json that came with these weights") from None
         for full, owner, attr, tensor in _tensors(layer, f"{self.prefix}.{index}"):
             if tensor.device.type != "meta":
                 continue
-            try:
-                value = self.reader[full]
-            except KeyError:
-                raise UnsupportedModelError(
-                    f"{full} is not in the checkpoint files; the model cannot be loaded lazily (run with "
-                    "--no-lazy-load)") from None
+            value = self._read_tensor(full)
             if tuple(value.shape) != tuple(tensor.shape):
                 raise CheckpointError(f"{full} is {tuple(value.shape)} in the model's files, but its config.json "
                                       f"describes {tuple(tensor.shape)}: use the config.json that came with these "
@@ -80,6 +85,13 @@ class LazyLayers:
             else:
                 owner._buffers[attr] = value
             read.append((owner, attr))
+
+    def _read_tensor(self, full: str) -> torch.Tensor:
+        try:
+            return self.reader[full]
+        except KeyError:
+            raise UnsupportedModelError(f"{full} is not in the checkpoint files; the model cannot be loaded lazily "
+                                        "(run with --no-lazy-load)") from None
 
     def release(self, layer: nn.Module, linears: list[str]) -> None:
         """Put the weights of the quantized ``linears`` (names inside ``layer``) back on the meta device."""

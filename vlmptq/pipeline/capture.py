@@ -198,12 +198,12 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, final_norm: nn
 
 
 @contextmanager
-def capture_input(module: nn.Module, stop: bool = True) -> Iterator[list[torch.Tensor]]:
-    """Record the first positional input of ``module`` on each call (and end the pass if ``stop``)."""
-    seen: list[torch.Tensor] = []
+def capture_args(module: nn.Module, stop: bool = True) -> Iterator[list[tuple]]:
+    """Record the positional arguments of ``module`` on each call (and end the pass if ``stop``)."""
+    seen: list[tuple] = []
 
     def hook(_mod: nn.Module, args: tuple) -> None:
-        seen.append(args[0].detach())
+        seen.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
         if stop:
             raise _StopForward
 
@@ -230,26 +230,35 @@ def layer_input_of(layer: nn.Module, linear: nn.Module, call: LayerCall, hidden_
                    device: torch.device) -> torch.Tensor:
     """The input of ``linear`` (a module inside ``layer``) when the layer runs on ``hidden_states``;
     the layer's forward stops right after it (nothing later in the layer is computed)."""
-    with capture_input(linear) as seen:
+    return layer_args_of(layer, linear, call, hidden_states, device)[0]
+
+
+def layer_args_of(layer: nn.Module, module: nn.Module, call: LayerCall, hidden_states: torch.Tensor,
+                  device: torch.device) -> tuple:
+    """The positional arguments of ``module`` (inside ``layer``) when the layer runs on ``hidden_states``;
+    the layer's forward stops there."""
+    with capture_args(module) as seen:
         run_until_stopped(call_layer, layer, call, hidden_states, device)
     if not seen:
-        raise RuntimeError(f"{type(linear).__name__} was never called during the decoder layer's forward")
+        raise RuntimeError(f"{type(module).__name__} was never called during the decoder layer's forward")
     return seen[0]
 
 
-def input_sharing_groups(layer: nn.Module, call: LayerCall, device: torch.device,
-                         names: list[str]) -> list[list[str]]:
+def input_sharing_groups(layer: nn.Module, call: LayerCall, device: torch.device, names: list[str],
+                         units: Sequence[str] = ()) -> list[list[str]]:
     """Group the linears ``names`` of ``layer`` by the tensor they read, in call order.
 
     q/k/v read the same normed hidden states, gate/up the same MLP input: each group shares one
     Hessian. Found by running the layer once and comparing the input tensors' storage, so fused
-    layouts (qkv_proj) and unusual orders need no per-architecture table.
+    layouts (qkv_proj) and unusual orders need no per-architecture table. ``units``: modules (paths in
+    ``layer``) handled as a whole, such as a mixture-of-experts block's experts; each is a group of its
+    own, ``[path]``, at the place of its first call.
     """
-    order: list[tuple[str, torch.Tensor]] = []
+    order: list[tuple[str, torch.Tensor | None]] = []
     handles = []
-    for name in names:
+    for name in [*names, *units]:
         def hook(_mod, args, _name=name):
-            order.append((_name, args[0]))
+            order.append((_name, args[0] if _name in names else None))
         handles.append(layer.get_submodule(name).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -258,17 +267,22 @@ def input_sharing_groups(layer: nn.Module, call: LayerCall, device: torch.device
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
-    keys: list[torch.Tensor] = []
+    keys: list[torch.Tensor | None] = []
     for name, x in order:
+        if x is None:  # a unit
+            if [name] not in groups:
+                keys.append(None)
+                groups.append([name])
+            continue
         for gi, key in enumerate(keys):
-            if x is key or (x.data_ptr() == key.data_ptr() and x.shape == key.shape):
+            if key is not None and (x is key or (x.data_ptr() == key.data_ptr() and x.shape == key.shape)):
                 if name not in groups[gi]:
                     groups[gi].append(name)
                 break
         else:
             keys.append(x)
             groups.append([name])
-    missing = [n for n in names if not any(n in g for g in groups)]
+    missing = [n for n in [*names, *units] if not any(n in g for g in groups)]
     if missing:
-        raise RuntimeError(f"linear layers {missing} were not called in the decoder layer's forward")
+        raise RuntimeError(f"modules {missing} were not called in the decoder layer's forward")
     return groups

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS
 from vlmptq.models.adapters import ModelAdapter
+from vlmptq.models.experts import expert_parent
 from vlmptq.pipeline.capture import advance
 from vlmptq.pipeline.sequential import (
     CalibrationSample, _capture_streams, _final_norm_or_none, compile_ignore, quantizable_linears,
@@ -59,8 +60,9 @@ class Unit:
 
 
 def fusion_units(names: Sequence[str]) -> list[tuple[str, ...]]:
-    """``names`` (module names of one layer, in order) grouped into the sets vLLM serves as one fused layer;
-    the others alone. Order follows the first member."""
+    """``names`` (module names of one layer, in order) grouped into the sets vLLM serves as one fused layer
+    (q/k/v, gate/up, and all the experts of a mixture-of-experts block); the others alone. Order follows
+    the first member."""
     units: list[tuple[str, ...]] = []
     seen: set[str] = set()
     for name in names:
@@ -69,6 +71,8 @@ def fusion_units(names: Sequence[str]) -> list[tuple[str, ...]]:
         parent, _, leaf = name.rpartition(".")
         siblings = next((s for s in VLLM_FUSED_LINEARS.values() if leaf in s), (leaf,))
         unit = tuple(m for m in (f"{parent}.{s}" if parent else s for s in siblings) if m in names)
+        if (experts := expert_parent(name)) is not None:
+            unit = tuple(m for m in names if expert_parent(m) == experts)
         seen.update(unit)
         units.append(unit)
     return units

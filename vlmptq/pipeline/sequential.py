@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS, natural_key, summarize_names
 from vlmptq.errors import ConfigError, SolverError, UnsupportedModelError
 from vlmptq.models.adapters import ModelAdapter
+from vlmptq.models.experts import UnfusedExperts, experts_modules, unfuse_experts
 from vlmptq.pipeline.capture import (
-    LayerCall, advance, capture_layer_inputs, input_sharing_groups, layer_input_of,
+    LayerCall, advance, capture_layer_inputs, input_sharing_groups, layer_args_of, layer_input_of,
 )
 from vlmptq.quant.qweight import QuantizedWeight
 from vlmptq.quant.scheme import WeightScheme
@@ -110,6 +111,7 @@ def check_layers_fit(layers: nn.ModuleList, prefix: str, ignore: list[re.Pattern
     for li, layer in enumerate(layers):
         keep, skipped = quantizable_linears(layer, f"{prefix}.{li}", ignore)
         _check_fused_siblings(f"{prefix}.{li}", keep, skipped)
+        _check_experts(f"{prefix}.{li}", layer, keep, skipped, scheme_for)
         for name in keep:
             full = f"{prefix}.{li}.{name}"
             k, scheme = layer.get_submodule(name).in_features, scheme_for(full)
@@ -171,6 +173,27 @@ def _check_fused_schemes(prefix: str, keep: list[str], scheme_for: Callable[[str
                     f"serves {' / '.join(siblings)} as one fused layer with one scheme. Override all of them "
                     f"alike, e.g. '{re.escape(prefix + '.' + parent)}\\.({'|'.join(siblings)})$=BITS'"
                 )
+
+
+def _check_experts(prefix: str, layer: nn.Module, keep: list[str], skipped: list[str],
+                   scheme_for: Callable[[str], WeightScheme]) -> None:
+    """vLLM serves a mixture-of-experts block's experts as one layer (FusedMoE) with one scheme: all of their
+    linears are quantized alike, or all kept in 16-bit."""
+    for path in experts_modules(layer):
+        kept = [n for n in keep if n.startswith(path + ".")]
+        left = [n for n in skipped if n.startswith(path + ".")]
+        where = f"{prefix}.{path}"
+        if kept and left:
+            raise ConfigError(
+                f"--ignore keeps {len(left)} of the {len(kept) + len(left)} expert linears of {where} in 16-bit (e.g. "
+                f"{prefix}.{left[0]}): vLLM serves a block's experts as one fused layer with one scheme. Ignore all "
+                f"of them or none, e.g. --ignore '{re.escape(where)}\\.'")
+        schemes = {scheme_for(f"{prefix}.{n}") for n in kept}
+        if len(schemes) > 1:
+            got = ", ".join(sorted(sc.describe() for sc in schemes))
+            raise ConfigError(
+                f"--override gives the experts of {where} different schemes ({got}): vLLM serves a block's experts "
+                f"as one fused layer with one scheme. Override all of them alike, e.g. '{re.escape(where)}\\.=BITS'")
 
 
 def _check_fused_siblings(prefix: str, keep: list[str], skipped: list[str]) -> None:
@@ -263,14 +286,24 @@ def _solve_layer(layer: nn.Module, fp_layer: nn.Module | None, lprefix: str, nam
                  streams: _Streams | None, li: int, samples: Sequence[CalibrationSample], solver: Solver,
                  scheme_for: Callable[[str], WeightScheme], scale_dtype: torch.dtype, device: torch.device
                  ) -> tuple[dict[str, QuantizedWeight], list[LinearRecord]]:
-    """Quantize the layer's linears ``names``, one input-sharing group after another."""
+    """Quantize the layer's linears ``names``, one input-sharing group after another; a mixture-of-experts
+    block's experts (all quantized or none, :func:`check_layers_fit`) where the layer calls them."""
+    experts = {path: m for path, m in experts_modules(layer).items() if any(n.startswith(path + ".") for n in names)}
     if streams is not None and names:
-        groups = input_sharing_groups(layer, LayerCall(streams.quant[0], streams.calls[li][0].kwargs), device, names)
+        plain = [n for n in names if not any(n.startswith(p + ".") for p in experts)]
+        groups = input_sharing_groups(layer, LayerCall(streams.quant[0], streams.calls[li][0].kwargs), device, plain,
+                                      units=list(experts))
     else:
         groups = [[n] for n in names]
     quantized: dict[str, QuantizedWeight] = {}
     records: list[LinearRecord] = []
     for group in groups:
+        if group[0] in experts:
+            got, recs = _solve_experts(layer, fp_layer, group[0], lprefix, streams, li, samples, solver, scheme_for,
+                                       scale_dtype, device)
+            quantized.update(got)
+            records += recs
+            continue
         in_features = layer.get_submodule(group[0]).in_features
         stats = (_group_statistics(layer, fp_layer, group[0], streams, li, samples, solver.needs, device,
                                    in_features)
@@ -281,6 +314,84 @@ def _solve_layer(layer: nn.Module, fp_layer: nn.Module | None, lprefix: str, nam
                                                  scale_dtype)
             records.append(rec)
         del stats
+    return quantized, records
+
+
+@dataclass
+class _RoutedInputs:
+    """What one sample sends into a mixture-of-experts block's experts (on the offload device)."""
+
+    x: torch.Tensor  # [T, H] the experts' input on the quantized stream
+    top_k: torch.Tensor  # [T, k] int64, the quantized stream's routing
+    x_fp: torch.Tensor | None  # [T, H] the full-precision stream's input at the same tokens
+    vision_mask: torch.Tensor  # [T] bool
+    text_mask: torch.Tensor  # [T] bool
+
+
+def _solve_experts(layer: nn.Module, fp_layer: nn.Module | None, path: str, lprefix: str, streams: _Streams, li: int,
+                   samples: Sequence[CalibrationSample], solver: Solver, scheme_for: Callable[[str], WeightScheme],
+                   scale_dtype: torch.dtype, device: torch.device
+                   ) -> tuple[dict[str, QuantizedWeight], list[LinearRecord]]:
+    """Quantize every expert of the :class:`UnfusedExperts` at ``path``, each on the tokens routed to it.
+
+    One partial layer forward per sample and stream gives the experts' input and the routing (the
+    quantized stream's: the tokens expert e serves in the quantized model); expert e's gate/up statistics
+    are those tokens' rows, paired by position with the full-precision stream's rows (X~ for GPTAQ and
+    VLM-PTQ), and its down projection's inputs are computed from them (``ExpertMLP.hidden``: quantized
+    gate/up on X, full-precision on X~), so no further layer forward is needed per expert. An expert no
+    calibration token reaches takes its statistics from every token instead (logged): all-zero statistics
+    would zero its weights, and vLLM may route to it."""
+    experts: UnfusedExperts = layer.get_submodule(path)
+    fp_experts = fp_layer.get_submodule(path) if fp_layer is not None else None
+    needs = solver.needs
+    offload = streams.quant[0].device
+    inputs: list[_RoutedInputs] = []
+    for si, s in enumerate(samples):
+        call = streams.calls[li][si]
+        args = layer_args_of(layer, experts, call, streams.quant[si], device)
+        if len(args) != 3:
+            raise UnsupportedModelError(f"{lprefix}.{path}: the model calls its experts with {len(args)} positional "
+                                        "arguments, not (hidden_states, top_k_index, top_k_weights)")
+        x, top_k, _ = args
+        x_fp = (layer_args_of(fp_layer, fp_experts, call, streams.fp[si], device)[0]
+                if fp_experts is not None else None)
+        inputs.append(_RoutedInputs(x.to(offload), top_k.to(offload), None if x_fp is None else x_fp.to(offload),
+                                    s.vision_mask.reshape(-1), s.text_mask.reshape(-1)))
+    quantized: dict[str, QuantizedWeight] = {}
+    records: list[LinearRecord] = []
+    unrouted = []
+    for e in tqdm(range(len(experts)), desc=f"{lprefix}.{path}", leave=False):
+        rows = [(r.top_k == e).any(dim=-1).nonzero().squeeze(1) for r in inputs]
+        tokens = sum(int(r.numel()) for r in rows)
+        if tokens == 0:
+            unrouted.append(e)
+            rows = [torch.arange(r.x.shape[0], device=offload) for r in inputs]
+        expert, fp_expert = experts[e], fp_experts[e] if fp_experts is not None else None
+        for projections, features in ((("gate_proj", "up_proj"), None), (("down_proj",), expert.hidden)):
+            acc = StatisticsAccumulator(expert.get_submodule(projections[0]).in_features, device,
+                                        fp_inputs=needs.fp_inputs, modality=needs.modality)
+            for r, idx in zip(inputs, rows):
+                if not idx.numel():
+                    continue
+                x = r.x[idx].to(device)
+                x_fp = r.x_fp[idx].to(device) if r.x_fp is not None else None
+                if features is not None:  # the down projection reads the expert's hidden activations
+                    x = features(x)
+                    x_fp = fp_expert.hidden(x_fp) if x_fp is not None else None
+                acc.add(x, x_fp, r.vision_mask[idx] if needs.modality else None,
+                        r.text_mask[idx] if needs.modality else None)
+            stats = acc.finalize()
+            for proj in projections:
+                full = f"{lprefix}.{path}.{e}.{proj}"
+                quantized[full], rec = _solve_linear(expert.get_submodule(proj), full, solver, stats, scheme_for(full),
+                                                     scale_dtype)
+                rec.info["routed_tokens"] = tokens
+                records.append(rec)
+            del stats
+    if unrouted:
+        logger.warning("%s.%s: no calibration token was routed to expert(s) %s; they were quantized with statistics "
+                       "from every token entering the block (more calibration samples reach more experts)",
+                       lprefix, path, unrouted)
     return quantized, records
 
 
@@ -367,6 +478,7 @@ def quantize_model(
     t_start = time.perf_counter()
     device, offload = torch.device(device), torch.device(offload_device)
     prefix, layers = adapter.decoder_layers()
+    unfuse_experts(layers)  # a model not loaded by its adapter: no fused experts may stay behind unquantized
     patterns = compile_ignore(ignore)
     needs = solver.needs
     scale_dtype = next(model.parameters()).dtype

@@ -79,6 +79,20 @@ def _train_tokenizer():
     return hf_tok
 
 
+def _experts_as_released(out: Path) -> None:
+    """Store the experts as Qwen3-VL-MoE's releases do, transposed ([E, H, 2I], [E, I, H]): transformers
+    transposes them back on load, so the tiny model exercises that conversion (save_pretrained keeps the
+    in-memory layout when the dimensions allow either)."""
+    from safetensors.torch import load_file, save_file
+
+    for f in out.glob("*.safetensors"):
+        sd = load_file(f)
+        for k in sd:
+            if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                sd[k] = sd[k].transpose(1, 2).contiguous()
+        save_file(sd, f, metadata={"format": "pt"})
+
+
 def build_tiny_qwen_vl(
     out_dir: str | Path,
     arch: str = "qwen2_vl",
@@ -93,7 +107,7 @@ def build_tiny_qwen_vl(
     tie_word_embeddings: bool = False,
     vocab_size: int = 2048,
 ) -> Path:
-    """Write a random ``arch`` ("qwen2_vl", "qwen2_5_vl" or "qwen3_vl") checkpoint to ``out_dir``.
+    """Write a random ``arch`` ("qwen2_vl", "qwen2_5_vl", "qwen3_vl" or "qwen3_vl_moe") checkpoint to ``out_dir``.
 
     ``hidden / heads`` must be 64 (the M-RoPE sections are set for head_dim 64); ``init_std`` is the
     weights' spread (random init is otherwise near-uniform and degenerate); images are resized to at
@@ -105,7 +119,7 @@ def build_tiny_qwen_vl(
         Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
         Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
         Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor, Qwen3VLVideoProcessor,
+        Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor,
     )
 
     out = Path(out_dir)
@@ -124,10 +138,14 @@ def build_tiny_qwen_vl(
         vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
                       out_hidden_size=hidden, fullatt_block_indexes=[1], window_size=112,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    elif arch == "qwen3_vl":
+    elif arch in ("qwen3_vl", "qwen3_vl_moe"):
         # deepstack: the vision tower's blocks 0 and 1 feed features that the text model adds to the
         # hidden states after its decoder layers 0 and 1 (at the image tokens)
         config_cls, model_cls, proc_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+        if arch == "qwen3_vl_moe":  # every decoder layer's MLP: 8 routed experts, 2 per token
+            config_cls, model_cls = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+            moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=intermediate // 2,
+                       decoder_sparse_step=1, mlp_only_layers=[])
         vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
                       deepstack_visual_indexes=[0, 1], num_position_embeddings=144,
                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
@@ -135,7 +153,7 @@ def build_tiny_qwen_vl(
         raise ValueError(f"unknown tiny arch {arch!r}")
 
     rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": MROPE_SECTION, "type": "mrope"}
-    if arch == "qwen3_vl":
+    if arch.startswith("qwen3_vl"):
         rope = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": MROPE_SECTION_QWEN3,
                 "mrope_interleaved": True}
     config = config_cls(
@@ -146,6 +164,7 @@ def build_tiny_qwen_vl(
             rope_parameters=rope,
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=tie_word_embeddings,
+            **(moe if arch == "qwen3_vl_moe" else {}),
         ),
         vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -157,14 +176,16 @@ def build_tiny_qwen_vl(
     # and outputs are not degenerate.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name and not (tie_word_embeddings and name == "lm_head.weight"):
+            if p.dim() in (2, 3) and "embed" not in name and not (tie_word_embeddings and name == "lm_head.weight"):
                 p.normal_(0.0, init_std)
     model = model.to(torch.bfloat16).eval()
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out)
+    if arch == "qwen3_vl_moe":
+        _experts_as_released(out)
 
-    if arch == "qwen3_vl":  # 16-pixel patches, 2 x 2 merge: 32-pixel units
+    if arch.startswith("qwen3_vl"):  # 16-pixel patches, 2 x 2 merge: 32-pixel units
         image_processor = Qwen2VLImageProcessor(patch_size=16, min_pixels=64 * 64, max_pixels=max_pixels,
                                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
         video_processor = Qwen3VLVideoProcessor()

@@ -1,0 +1,157 @@
+"""Mixture-of-experts layers as one ``nn.Linear`` per expert projection.
+
+transformers 5 holds a MoE layer's routed experts as two 3-D parameters (``@use_experts_implementation``):
+
+    gate_up_proj  [E, 2I, H]   expert e's gate rows [e, :I], up rows [e, I:]   (concatenated layout)
+    down_proj     [E, H, I]
+
+Everything in vlmptq that finds, names, checks, quantizes and writes weights works on ``nn.Linear``
+modules, and vLLM reads a quantized MoE checkpoint per expert (``experts.{e}.gate_proj.weight_packed``,
+the names llm-compressor writes too). :func:`unfuse_experts` therefore replaces each such module by an
+:class:`UnfusedExperts`, whose ``experts.{e}.{gate_proj,up_proj,down_proj}`` are ordinary linears holding
+the same values ([I, H], [I, H], [H, I]), with the same forward: outputs are bit for bit those of
+transformers' own loop (gate and up still run as one matmul). The router (``mlp.gate``) is not an
+``nn.Linear`` in transformers and stays 16-bit, as vLLM serves it.
+
+Only the standard layout is taken: concatenated gate/up, not transposed, no biases. Others
+(gpt-oss' interleaved, transposed experts with biases) are refused by name.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmptq.errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class ExpertMLP(nn.Module):
+    """One routed expert: ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden: int, intermediate: int, act_fn: nn.Module, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        kw = dict(bias=False, dtype=dtype, device=device)
+        self.gate_proj = nn.Linear(hidden, intermediate, **kw)
+        self.up_proj = nn.Linear(hidden, intermediate, **kw)
+        self.down_proj = nn.Linear(intermediate, hidden, **kw)
+        self.act_fn = act_fn
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``act(gate(x)) * up(x)``: the down projection's input. One matmul for gate and up, as transformers
+        computes them, so the result is the fused module's to the bit."""
+        gate, up = F.linear(x, torch.cat((self.gate_proj.weight, self.up_proj.weight))).chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.hidden(x), self.down_proj.weight)
+
+
+class UnfusedExperts(nn.ModuleList):
+    """Drop-in for a transformers fused-experts module: ``forward(hidden [T, H], top_k_index [T, k],
+    top_k_weights [T, k]) -> [T, H]``, expert by expert as transformers' eager loop. A list of
+    :class:`ExpertMLP`, so expert ``e``'s linears are ``<path>.{e}.gate_proj`` etc., as vLLM reads them."""
+
+    @property
+    def num_experts(self) -> int:
+        return len(self)
+
+    def fill(self, gate_up: torch.Tensor, down: torch.Tensor) -> list[nn.Linear]:
+        """Set the experts' weights from transformers' fused tensors (copies); returns the linears set."""
+        if tuple(gate_up.shape[:1]) != (len(self),) or gate_up.shape[0] != down.shape[0]:
+            raise UnsupportedModelError(f"fused experts of {gate_up.shape[0]} / {down.shape[0]} experts for a block of "
+                                        f"{len(self)}")
+        i = gate_up.shape[1] // 2
+        out = []
+        for e, mlp in enumerate(self):
+            pairs = ((mlp.gate_proj, gate_up[e, :i]), (mlp.up_proj, gate_up[e, i:]), (mlp.down_proj, down[e]))
+            for lin, value in pairs:
+                if tuple(value.shape) != tuple(lin.weight.shape):
+                    raise UnsupportedModelError(f"expert {e}: a fused tensor gives {tuple(value.shape)} for a "
+                                                f"{tuple(lin.weight.shape)} weight")
+                lin.weight = nn.Parameter(value.detach().clone().to(lin.weight.dtype), requires_grad=False)
+                out.append(lin)
+        return out
+
+    def routed_rows(self, top_k_index: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(top_k positions, token rows)`` that ``top_k_index`` sends to ``expert``, in transformers' order."""
+        return torch.where(top_k_index.t() == expert)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            if not 0 <= e < self.num_experts:  # transformers' padding index (expert parallelism)
+                continue
+            pos, rows = self.routed_rows(top_k_index, e)
+            y = self[e](hidden_states[rows]) * top_k_weights[rows, pos, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers fused-experts module (3-D ``gate_up_proj`` and ``down_proj`` parameters)."""
+    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3
+
+
+def _check_layout(name: str, module: nn.Module) -> None:
+    bad = [what for what, flag in (("transposed weights", getattr(module, "is_transposed", False)),
+                                   ("biases", getattr(module, "has_bias", False)),
+                                   ("interleaved gate/up rows", not getattr(module, "is_concatenated", True)),
+                                   ("no gate projection", not getattr(module, "has_gate", True)))
+           if flag]
+    if bad or not isinstance(getattr(module, "act_fn", None), nn.Module):
+        raise UnsupportedModelError(
+            f"{name} ({type(module).__name__}) holds its experts in a layout vlmptq does not quantize yet "
+            f"({', '.join(bad) or 'no act_fn module'}); supported: concatenated gate/up [E, 2I, H] and down "
+            "[E, H, I] without biases (Qwen3-VL-MoE, Qwen3-MoE, ...)")
+
+
+def unfuse(module: nn.Module, name: str = "experts") -> UnfusedExperts:
+    """An :class:`UnfusedExperts` holding copies of ``module``'s values (on the meta device, shapes only)."""
+    _check_layout(name, module)
+    gu, down = module.gate_up_proj, module.down_proj
+    n, two_i, h = gu.shape
+    if two_i % 2 or tuple(down.shape) != (n, h, two_i // 2):
+        raise UnsupportedModelError(f"{name}: gate_up_proj {tuple(gu.shape)} and down_proj {tuple(down.shape)} are "
+                                    "not [E, 2I, H] and [E, H, I]")
+    experts = UnfusedExperts(ExpertMLP(h, two_i // 2, module.act_fn, gu.dtype, torch.device("meta")) for _ in range(n))
+    experts.fill(gu, down)
+    return experts
+
+
+def unfuse_experts(layers: nn.ModuleList) -> int:
+    """Replace every fused-experts module inside the decoder ``layers`` by an :class:`UnfusedExperts`
+    (in place); returns how many. One layer's experts are held twice while it is converted."""
+    count = 0
+    for layer in layers:
+        for name, module in list(layer.named_modules()):
+            if name and is_fused_experts(module):
+                parent, _, attr = name.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, attr, unfuse(module, name))
+                count += 1
+    if count:
+        logger.info("%d mixture-of-experts module(s): each expert's gate/up/down projection is quantized as its own "
+                    "linear", count)
+    return count
+
+
+def experts_modules(layer: nn.Module) -> dict[str, UnfusedExperts]:
+    """``{path inside layer: module}`` of the layer's unfused experts."""
+    return {name: m for name, m in layer.named_modules() if isinstance(m, UnfusedExperts)}
+
+
+def expert_parent(name: str) -> str | None:
+    """``mlp.experts`` for ``mlp.experts.3.gate_proj`` (a linear of an :class:`UnfusedExperts`), else None;
+    by name, for code that has names but no modules (the checkpoint's, the plan's)."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-1] in PROJECTIONS and parts[-2].isdigit() and parts[-3] == "experts":
+        return ".".join(parts[:-2])
+    return None
