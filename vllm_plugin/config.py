@@ -20,6 +20,7 @@ Other non-linear layers (embeddings, attention) stay vLLM's defaults.
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,7 +36,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
 )
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS
+from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS, name_target, named_module
 from vlmptq.errors import CheckpointError, ConfigError
 from vllm_plugin.validation import ServingScheme
 
@@ -151,6 +152,8 @@ class VlmptqConfig(QuantizationConfig):
         self.target_schemes = target_schemes
         self.ignore = list(ignore or [])
         self.raw = raw or {}
+        self._mapper: WeightsMapper | None = None
+        self._stock = None  # vLLM's compressed-tensors config of the checkpoint, for MoE layers
 
     def get_name(self) -> str:
         return NAME
@@ -193,18 +196,30 @@ class VlmptqConfig(QuantizationConfig):
     def apply_vllm_mapper(self, hf_to_vllm_mapper: WeightsMapper) -> None:
         """Rename layer-path targets and ignore entries as the model renames its weights (regexes
         ``re:...`` and class names such as ``Linear`` are kept), like vLLM's compressed-tensors."""
+        self._mapper = hf_to_vllm_mapper
 
         def rename(target: str) -> str | None:
             if "." in target and not target.startswith("re:"):
                 return hf_to_vllm_mapper._map_name(target)
             return target
 
-        self.target_schemes = {
-            n: s for t, s in self.target_schemes.items() if (n := rename(t)) is not None
-        }
+        renamed: dict[str, ServingScheme] = {}
+        for t, s in self.target_schemes.items():
+            if (n := rename(t)) is not None:
+                renamed[n] = s
+            # vlmptq names a module by a regex of its checkpoint name (name_target), which a model that renames
+            # its prefixes (model.language_model. -> language_model.model.) would never match: add the renamed one
+            module = named_module(t)
+            if module is not None and (m := hf_to_vllm_mapper._map_name(module)) not in (None, module):
+                renamed.setdefault(name_target(m), s)
+        self.target_schemes = renamed
         self.ignore = [n for t in self.ignore if (n := rename(t)) is not None]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+        if isinstance(layer, RoutedExperts):
+            return self._experts_method(layer, prefix)
         is_head = isinstance(layer, ParallelLMHead)
         if not isinstance(layer, LinearBase) and not is_head:
             return None  # embeddings, attention: vLLM's defaults
@@ -219,6 +234,51 @@ class VlmptqConfig(QuantizationConfig):
             )
             return None if is_head else UnquantizedLinearMethod()
         return VlmptqLinearMethod(self.target_schemes[target], prefix, self.packed_modules_mapping)
+
+    def _experts_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        """A mixture-of-experts block (one ``RoutedExperts`` layer): its experts' scheme, read through the names
+        of expert 0's projections as the checkpoint holds them, served by :func:`vllm_plugin.moe.experts_method`;
+        None (vLLM's unquantized MoE method) when they are kept in 16-bit."""
+        from vllm_plugin.moe import experts_method
+
+        names = [f"{prefix}.0.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+        ignored = [self._ignored(n) for n in names]
+        if all(ignored):
+            return None
+        found = [self._name_or_class_scheme(n) for n in names]
+        if any(ignored) or len(set(found)) != 1 or None in found:
+            got = ", ".join(f"{n}: {'ignored' if i else s.describe() if s else 'no target'}"
+                            for n, s, i in zip(names, found, ignored))
+            raise CheckpointError(
+                f"{prefix}: the experts' projections have different schemes or are partly ignored ({got}); vLLM "
+                "serves a block's experts as one layer with one scheme. Re-quantize with vlmptq, which keeps them alike")
+        return experts_method(layer, prefix, found[0], self._stock_config())
+
+    def _name_or_class_scheme(self, name: str) -> ServingScheme | None:
+        """The scheme of a module vLLM does not build as its own layer (an expert's projection): a target naming it,
+        else the class target ``Linear``."""
+        for target, scheme in self.target_schemes.items():
+            if target.startswith("re:") and re.match(target[3:], name) or target == name:
+                return scheme
+        return self.target_schemes.get("Linear")
+
+    def _stock_config(self):
+        """vLLM's compressed-tensors config of the same checkpoint (its MoE methods read it), renamed as ours."""
+        from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+            CompressedTensorsConfig,
+        )
+
+        if self._stock is None:
+            stock = CompressedTensorsConfig.from_config(self.raw)
+            if self._mapper is not None:
+                stock.apply_vllm_mapper(self._mapper)
+                for target, scheme in list(stock.target_scheme_map.items()):  # as apply_vllm_mapper above
+                    module = named_module(target)
+                    if module is not None and (m := self._mapper._map_name(module)) not in (None, module):
+                        stock.target_scheme_map.setdefault(name_target(m), scheme)
+            stock.packed_modules_mapping = self.packed_modules_mapping
+            self._stock = stock
+        return self._stock
 
     def _ignored(self, prefix: str) -> bool:
         """In ``ignore`` by name, or shard by shard through the model's fused mapping; where the model

@@ -177,3 +177,14 @@ def test_experts_at_their_own_bits_or_kept_in_16_bit(tiny_qwen3_vl_moe, tmp_path
     keys = _tensors(tmp_path / "attn")
     assert "model.language_model.layers.0.mlp.experts.5.down_proj.weight" in keys
     assert "model.language_model.layers.0.self_attn.q_proj.weight_packed" in keys
+
+
+def test_dry_run_plans_what_the_run_writes(tiny_qwen3_vl_moe, tmp_path):
+    from vlmptq.plan import plan
+
+    config = _config(method="rtn", bits=2, overrides=[SchemeOverride.parse(r"self_attn\.=4")])
+    p = plan(tiny_qwen3_vl_moe, config)
+    summary = vlmptq.quantize(tiny_qwen3_vl_moe, tmp_path / "out", config).checkpoint
+    assert {s.scheme: s.linears for s in p.shares} == {"W2 g32 asym": LAYERS * 3 * EXPERTS, "W4 g32 asym": LAYERS * 4}
+    assert sum(s.nbytes for s in p.shares) == summary.bytes_quantized_layers
+    assert p.nbytes == summary.bytes_total

@@ -83,7 +83,8 @@ def dequantized_hf_model(
     model_dir: str | Path, ckpt: QuantizedCheckpoint, dtype: torch.dtype = torch.float32
 ):
     """The original model with every quantized linear's weight replaced by its dequantized value
-    (exact fp32 values, then cast to ``dtype``)."""
+    (exact fp32 values, then cast to ``dtype``); an expert's projection (``...experts.{e}.gate_proj``) goes to
+    its rows of transformers' fused ``experts.gate_up_proj`` / ``experts.down_proj``."""
     model = load_hf_model(model_dir, dtype=dtype)
     head = model.get_output_embeddings()
     if head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr() and "lm_head" in ckpt.quantized:
@@ -91,8 +92,18 @@ def dequantized_hf_model(
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, qw in ckpt.quantized.items():
-            modules[name].weight.copy_(exact_dequantize(qw).to(dtype))
+            _weight_of(modules, name).copy_(exact_dequantize(qw).to(dtype))
     return model
+
+
+def _weight_of(modules: dict[str, torch.nn.Module], name: str) -> torch.Tensor:
+    if name in modules:
+        return modules[name].weight
+    path, e, proj = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)", name).groups()
+    fused, e = modules[path], int(e)
+    i = fused.down_proj.shape[-1]
+    return {"gate_proj": fused.gate_up_proj[e, :i], "up_proj": fused.gate_up_proj[e, i:],
+            "down_proj": fused.down_proj[e]}[proj]
 
 
 def dequantized_source_copy(model_dir: str | Path, ckpt: QuantizedCheckpoint, dst: str | Path) -> Path:

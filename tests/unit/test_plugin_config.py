@@ -234,3 +234,28 @@ def test_vllm_name_mapping_renames_layer_paths_only():
         "language_model.model.layers.0.mlp.down_proj",
     ]
     assert list(cfg.target_schemes) == ["Linear"]
+
+
+@pytest.mark.parametrize("model", ["qwen2_vl.Qwen2VLForConditionalGeneration",
+                                   "qwen3_vl.Qwen3VLForConditionalGeneration"])
+def test_targets_naming_one_module_follow_the_models_renaming(model):
+    """Mixed precision names modules by a regex of their checkpoint name (``model.language_model.layers.0...``);
+    vLLM's Qwen-VL classes rename that prefix (``language_model.model.``), and a layer the regex no longer
+    matched fell back to the ``Linear`` group's scheme, then failed to load its tensors."""
+    import importlib
+
+    import torch
+    from vllm.model_executor.layers.linear import LinearBase
+
+    module, cls = model.split(".")
+    mapper = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), cls).hf_to_vllm_mapper
+    down0 = "model.language_model.layers.0.mlp.down_proj"
+    qc = json.loads(json.dumps(build_quantization_config(
+        WeightScheme(2, 32, False), ["model.visual.blocks.0.attn.qkv"], None, {down0: WeightScheme(4, 32, False)})))
+    cfg = VlmptqConfig.from_config(qc)
+    cfg.apply_vllm_mapper(mapper)
+    linear = LinearBase.__new__(LinearBase)
+    torch.nn.Module.__init__(linear)
+    for layer, bits in ((0, 4), (1, 2)):
+        method = cfg.get_quant_method(linear, f"language_model.model.layers.{layer}.mlp.down_proj")
+        assert method.scheme == ServingScheme(bits, 32, False)

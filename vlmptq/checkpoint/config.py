@@ -262,11 +262,16 @@ def name_target(module: str) -> str:
     return f"{_NAME_PREFIX}{re.escape(module)}$"
 
 
-def _target_label(target: str) -> str:
-    """The module name a :func:`name_target` regex names; other targets as they are."""
+def named_module(target: str) -> str | None:
+    """The module name a :func:`name_target` regex names, else None."""
     if target.startswith(_NAME_PREFIX) and target.endswith("$"):
         return re.sub(r"\\(.)", r"\1", target[len(_NAME_PREFIX):-1])
-    return target
+    return None
+
+
+def _target_label(target: str) -> str:
+    """The module name a :func:`name_target` regex names; other targets as they are."""
+    return named_module(target) or target
 
 
 def _parse_group(gname: str, group: Any, qc: Mapping[str, Any], source: str) -> SchemeGroup:

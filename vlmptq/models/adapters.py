@@ -123,10 +123,14 @@ class ModelAdapter:
         return ids
 
     def frozen_linears(self) -> list[str]:
-        """Names of every nn.Linear outside the decoder layers (kept in 16-bit)."""
-        prefix, _ = self.decoder_layers()
+        """Names of every nn.Linear outside the decoder layers (kept in 16-bit), and of the mixture-of-experts
+        routers inside them (linears to vLLM, which must not quantize them)."""
+        from vlmptq.models.experts import routers
+
+        prefix, layers = self.decoder_layers()
         return [n for n, m in self.model.named_modules()
-                if isinstance(m, nn.Linear) and not n.startswith(prefix + ".")]
+                if isinstance(m, nn.Linear) and not n.startswith(prefix + ".")] + [
+            f"{prefix}.{li}.{r}" for li, layer in enumerate(layers) for r in routers(layer)]
 
     def lm_head(self) -> tuple[str, nn.Linear]:
         """(module path, the output projection) of the language model."""

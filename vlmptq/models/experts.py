@@ -148,6 +148,21 @@ def experts_modules(layer: nn.Module) -> dict[str, UnfusedExperts]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, UnfusedExperts)}
 
 
+def routers(layer: nn.Module) -> list[str]:
+    """Paths (inside ``layer``) of the routers beside its unfused experts: a sibling module whose 2-D ``weight``
+    has one row per expert (``mlp.gate``). transformers does not make it an ``nn.Linear``, but vLLM does, and
+    would quantize it with the checkpoint's ``Linear`` target: it belongs in the ``ignore`` list."""
+    out = []
+    for path, experts in experts_modules(layer).items():
+        parent = path.rpartition(".")[0]
+        owner = layer.get_submodule(parent) if parent else layer
+        for name, module in owner.named_children():
+            w = getattr(module, "weight", None)
+            if module is not experts and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == len(experts):
+                out.append(f"{parent}.{name}" if parent else name)
+    return out
+
+
 def expert_parent(name: str) -> str | None:
     """``mlp.experts`` for ``mlp.experts.3.gate_proj`` (a linear of an :class:`UnfusedExperts`), else None;
     by name, for code that has names but no modules (the checkpoint's, the plan's)."""

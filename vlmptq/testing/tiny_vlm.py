@@ -144,8 +144,9 @@ def build_tiny_qwen_vl(
         config_cls, model_cls, proc_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
         if arch == "qwen3_vl_moe":  # every decoder layer's MLP: 8 routed experts, 2 per token
             config_cls, model_cls = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
-            moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=intermediate // 2,
-                       decoder_sparse_step=1, mlp_only_layers=[])
+            moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+                       decoder_sparse_step=1, mlp_only_layers=[],
+                       norm_topk_prob=True)  # transformers always renormalizes; vLLM reads the flag
         vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
                       deepstack_visual_indexes=[0, 1], num_position_embeddings=144,
                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)

@@ -1,0 +1,172 @@
+"""Mixture-of-experts layers of vlmptq checkpoints in vLLM: vLLM's own MoE kernels where they take the scheme,
+else a torch reference that takes every scheme.
+
+vLLM serves a block's experts as one ``RoutedExperts`` layer (gate/up fused as ``w13``, down as ``w2``) with one
+scheme. The checkpoint holds them per expert (``experts.{e}.gate_proj.weight_packed`` ...), as compressed-tensors
+writes them, so vLLM's compressed-tensors MoE method can load them: where it has a kernel for the scheme on
+this platform (GPU: Marlin / Triton WNA16 for 4 and 8 bits; CPU: symmetric 4-bit, group size other than 32,
+int8 activations), :func:`experts_method` returns it. Everything else (2 and 3 bits, asymmetric 4-bit on CPU)
+gets :class:`VlmptqReferenceMoEMethod`: exact, slow (each routed expert dequantized per call), a correct
+path rather than a fast one.
+
+Reference layout (one partition; ``E`` experts, ``H`` hidden, ``I`` intermediate, ``b`` bits, groups along K):
+    w13_weight_packed      int32 [E, 2, I, ceil(H*b/32)]   shard 0 gate_proj, 1 up_proj; packed along K
+    w13_weight_scale             [E, 2, I, H/g]
+    w13_weight_zero_point  int32 [E, 2, ceil(I*b/32), H/g] packed along N (asymmetric only)
+    w2_weight_packed       int32 [E, H, ceil(I*b/32)]
+    w2_weight_scale              [E, H, I/g]
+    w2_weight_zero_point   int32 [E, ceil(H*b/32), I/g]
+Each expert's tensors stay as the checkpoint packs them (gate and up apart: packed zero points of two
+projections do not concatenate word-exactly at 3 bits); the old padded 3-bit layout is converted on load.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.utils import set_weight_attrs
+
+from vlmptq.checkpoint.packing import dense_width, pack_rows, unpack_rows_padded3
+from vlmptq.errors import CheckpointError, ConfigError
+from vllm_plugin.kernels.reference import dequantize_packed
+from vllm_plugin.validation import ServingScheme, check_tensor
+
+logger = logging.getLogger(f"vllm.plugins.{__name__}")
+
+_SHARD = {"w1": 0, "w3": 1}  # vLLM's shard ids of gate_proj and up_proj within w13
+_PROJECTION = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def experts_method(layer: torch.nn.Module, prefix: str, scheme: ServingScheme, stock_config: Any
+                   ) -> FusedMoEMethodBase:
+    """vLLM's compressed-tensors MoE method for ``layer`` if it has a kernel for ``scheme`` here, else ours."""
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        CompressedTensorsMoEMethod,
+    )
+
+    try:
+        method = CompressedTensorsMoEMethod.get_moe_method(stock_config, layer, layer_name=prefix)
+        logger.info("vlmptq: %s (%s experts) served by vLLM's %s", prefix, scheme.describe(),
+                    type(method).__name__)
+        return method
+    except (NotImplementedError, KeyError, ValueError) as e:
+        logger.warning("vlmptq: vLLM has no MoE kernel for %s experts here (%s); %s is served by vlmptq's torch "
+                       "reference: exact but slow (every routed expert is dequantized per call)",
+                       scheme.describe(), str(e).splitlines()[0] if str(e) else type(e).__name__, prefix)
+        return VlmptqReferenceMoEMethod(layer.moe_config, scheme, prefix)
+
+
+class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
+    """Weight-only 2/3/4/8-bit experts, any group size, symmetric or not: see the module docstring."""
+
+    def __init__(self, moe, scheme: ServingScheme, prefix: str):
+        super().__init__(moe)
+        self.scheme, self.prefix = scheme, prefix
+        self._loaded: set[tuple[str, int, int]] = set()
+
+    # ------------------------------------------------------------------ weights
+    def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        moe = self.moe
+        if moe.moe_parallel_config.tp_size != 1 or moe.moe_parallel_config.use_ep:
+            raise ConfigError(
+                f"{self.prefix}: vlmptq's reference MoE path serves experts on one device (tensor parallel "
+                f"{moe.moe_parallel_config.tp_size}, expert parallel {moe.moe_parallel_config.use_ep}); serve with "
+                "--tensor-parallel-size 1, or quantize the experts at 4 bits, which vLLM's own MoE kernels take")
+        if not moe.is_act_and_mul or moe.activation.value not in _ACTIVATIONS:
+            raise ConfigError(f"{self.prefix}: vlmptq's reference MoE path serves gated experts (act(gate) * up) "
+                              f"with {' / '.join(_ACTIVATIONS)}, not {moe.activation.value}")
+        e, h, i, s = num_experts, hidden_size, intermediate_size_per_partition, self.scheme
+        self.dims = {"w13": (i, h), "w2": (h, i)}  # (N, K) of each projection
+        self.activation = moe.activation.value
+        shapes = {
+            "w13": {"weight_packed": (e, 2, i, dense_width(h, s.bits)), "weight_scale": (e, 2, i, self._groups(h)),
+                    "weight_zero_point": (e, 2, dense_width(i, s.bits), self._groups(h)), "weight_shape": (e, 2, 2)},
+            "w2": {"weight_packed": (e, h, dense_width(i, s.bits)), "weight_scale": (e, h, self._groups(i)),
+                   "weight_zero_point": (e, dense_width(h, s.bits), self._groups(i)), "weight_shape": (e, 2)},
+        }
+        for proj, tensors in shapes.items():
+            for t, shape in tensors.items():
+                if t == "weight_zero_point" and s.symmetric:
+                    continue
+                dtype = params_dtype if t == "weight_scale" else torch.int64 if t == "weight_shape" else torch.int32
+                param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+                layer.register_parameter(f"{proj}_{t}", param)
+                set_weight_attrs(param, {"weight_loader": self._loader(proj, t)})
+        self.expected = {(f"{proj}_{t}", x, k) for proj in shapes for t in shapes[proj]
+                         if not (t == "weight_zero_point" and s.symmetric)
+                         for x in range(e) for k in ((0, 1) if proj == "w13" else (0,))}
+
+    def _groups(self, k: int) -> int:
+        glen = self.scheme.group_len(k)
+        if k % glen:
+            raise ConfigError(f"{self.prefix}: {k} input features are not divisible by group_size={glen}")
+        return k // glen
+
+    def _loader(self, proj: str, tensor: str):
+        def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, weight_name: str = "", shard_id: str = "",
+                 expert_id: int = 0, return_success: bool = False, **_: Any) -> bool | None:
+            shard = _SHARD.get(shard_id, 0)
+            n, k = self.dims[proj]
+            value = loaded_weight
+            name = f"{self.prefix}.{expert_id}.{_PROJECTION.get(shard_id, shard_id)}.{tensor}"  # the checkpoint's
+            if tensor != "weight_shape":
+                padded3 = check_tensor(name, tensor, tuple(value.shape), self.scheme, n, k)
+                if padded3:  # the old 3-bit layout: 10 codes per word -> dense
+                    if tensor == "weight_packed":
+                        value = pack_rows(unpack_rows_padded3(value, k), 3)
+                    else:
+                        value = pack_rows(unpack_rows_padded3(value.t().contiguous(), n), 3).t().contiguous()
+            elif value.tolist() != [n, k]:
+                raise CheckpointError(f"{name}: {value.tolist()}, but the layer's projection is {[n, k]}")
+            target = param.data[expert_id, shard] if proj == "w13" else param.data[expert_id]
+            target.copy_(value.to(target.dtype))
+            self._loaded.add((f"{proj}_{tensor}", expert_id, shard))
+            return True if return_success else None
+
+        return load
+
+    def process_weights_after_loading(self, layer) -> None:
+        missing = sorted(self.expected - self._loaded)
+        if missing:
+            name, e, shard = missing[0]
+            proj = {("w13", 0): "gate_proj", ("w13", 1): "up_proj"}.get((name[:3], shard), "down_proj")
+            needed = [t for t in _TENSORS if not (t == "weight_zero_point" and self.scheme.symmetric)]
+            raise CheckpointError(
+                f"{self.prefix}: {len(missing)} expert tensor(s) missing from the checkpoint, e.g. expert {e}'s "
+                f"{proj}.{name.partition('_')[2]}; every expert projection needs {', '.join(needed)}")
+
+    def get_fused_moe_quant_config(self, layer) -> None:
+        return None
+
+    # ------------------------------------------------------------------ forward
+    def _weight(self, layer, proj: str, e: int, shard: int | None) -> torch.Tensor:
+        def part(t: str) -> torch.Tensor | None:
+            p = getattr(layer, f"{proj}_{t}", None)
+            if p is None:
+                return None
+            return p[e] if shard is None else p[e, shard]
+
+        n, k = self.dims[proj]
+        return dequantize_packed(part("weight_packed"), part("weight_scale"), part("weight_zero_point"),
+                                 self.scheme.bits, k)
+
+    def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared_experts=None, shared_experts_input=None) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in topk_ids.unique().tolist():
+            pos, rows = torch.where(topk_ids.t() == e)
+            w13 = torch.cat((self._weight(layer, "w13", e, 0), self._weight(layer, "w13", e, 1)))
+            gate, up = F.linear(x[rows], w13.to(x.dtype)).chunk(2, dim=-1)
+            h = _ACTIVATIONS[self.activation](gate) * up
+            y = F.linear(h, self._weight(layer, "w2", e, None).to(x.dtype))
+            out.index_add_(0, rows, (y * topk_weights[rows, pos, None].to(y.dtype)).to(out.dtype))
+        return out  # shared experts, if any, are the runner's (it runs them when the method has no modular kernel)
+
+
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}
