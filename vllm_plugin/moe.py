@@ -7,7 +7,7 @@ writes them, so vLLM's compressed-tensors MoE method can load them: where it has
 this platform (GPU: Marlin / Triton WNA16 for 4 and 8 bits; CPU: symmetric 4-bit, group size other than 32,
 int8 activations), :func:`experts_method` returns it. Everything else (2 and 3 bits, asymmetric 4-bit on CPU)
 gets :class:`VlmptqReferenceMoEMethod`: exact, slow (each routed expert dequantized per call), a correct
-path rather than a fast one.
+path rather than a fast one; on a GPU it needs ``--enforce-eager`` (a host loop over the routed experts).
 
 Reference layout (one partition; ``E`` experts, ``H`` hidden, ``I`` intermediate, ``b`` bits, groups along K):
     w13_weight_packed      int32 [E, 2, I, ceil(H*b/32)]   shard 0 gate_proj, 1 up_proj; packed along K
@@ -78,6 +78,7 @@ class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
                 f"{self.prefix}: vlmptq's reference MoE path serves experts on one device (tensor parallel "
                 f"{moe.moe_parallel_config.tp_size}, expert parallel {moe.moe_parallel_config.use_ep}); serve with "
                 "--tensor-parallel-size 1, or quantize the experts at 4 bits, which vLLM's own MoE kernels take")
+        _check_eager(self.prefix)
         if not moe.is_act_and_mul or moe.activation.value not in _ACTIVATIONS:
             raise ConfigError(f"{self.prefix}: vlmptq's reference MoE path serves gated experts (act(gate) * up) "
                               f"with {' / '.join(_ACTIVATIONS)}, not {moe.activation.value}")
@@ -167,6 +168,21 @@ class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
             y = F.linear(h, self._weight(layer, "w2", e, None).to(x.dtype))
             out.index_add_(0, rows, (y * topk_weights[rows, pos, None].to(y.dtype)).to(out.dtype))
         return out  # shared experts, if any, are the runner's (it runs them when the method has no modular kernel)
+
+
+def _check_eager(prefix: str) -> None:
+    """The reference loops over the routed experts on the host (a device sync per call), which CUDA graphs and
+    torch.compile cannot capture: on a GPU it needs an eager engine."""
+    from vllm.config import get_current_vllm_config_or_none
+    from vllm.platforms import current_platform
+
+    config = get_current_vllm_config_or_none()
+    eager = config is None or config.model_config is None or config.model_config.enforce_eager
+    if current_platform.is_cuda_alike() and not eager:
+        raise ConfigError(
+            f"{prefix}: vLLM has no MoE kernel for these experts' scheme, and vlmptq's reference MoE path (exact, "
+            "slow) cannot run inside CUDA graphs: serve with --enforce-eager, or quantize the experts at 4 or 8 "
+            "bits (e.g. vlmptq quantize ... --override 'mlp\\.experts\\.=4'), which vLLM's own kernels serve")
 
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}

@@ -156,3 +156,24 @@ def test_sensitivity_on_cuda_matches_the_cpu(tiny, tmp_path):
     ckpt = open_checkpoint(tmp_path / "auto")
     weights = [ckpt.quantized_weight(n) for n in ckpt.layers]
     assert sum(w.scheme.bits * w.numel() for w in weights) <= 3 * sum(w.numel() for w in weights)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "cuda"])
+def test_moe_on_cuda_matches_the_cpu_run(tmp_path, offload):
+    """Mixture-of-experts blocks on CUDA: the experts' inputs wait on the offload device and move expert by
+    expert; every expert is solved on its routed tokens (near-tie routing may differ between devices, the total
+    cannot: each token reaches 2 experts per layer)."""
+    from vlmptq.testing.tiny_vlm import build_tiny_qwen_vl
+
+    src = build_tiny_qwen_vl(tmp_path / "moe", "qwen3_vl_moe")
+    cpu = quantize_on(src, tmp_path / "cpu", "cpu", "vlmptq", 3, offload)
+    gpu = quantize_on(src, tmp_path / "gpu", "cuda", "vlmptq", 3, offload)
+    a, b = relative_errors(cpu), relative_errors(gpu)
+    assert a.keys() == b.keys() and len(a) == 2 * (4 + 3 * 8) + 1
+    for name in a:
+        assert math.isfinite(b[name]) and 0 < b[name] < 0.5, (name, b[name])
+    assert sum(b.values()) == pytest.approx(sum(a.values()), rel=0.05)
+    for layer in (0, 1):
+        routed = [{r.name: r.info["routed_tokens"] for r in rep.records if "routed_tokens" in r.info
+                   and f"layers.{layer}." in r.name and r.name.endswith("gate_proj")} for rep in (cpu, gpu)]
+        assert sum(routed[0].values()) == sum(routed[1].values()) > 0

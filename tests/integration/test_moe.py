@@ -151,6 +151,10 @@ def test_lazy_run_writes_the_whole_model_runs_checkpoint(tiny_qwen3_vl_moe, tmp_
     a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "lazy")
     assert sorted(a) == sorted(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    from vlmptq.checkpoint.reader import inspect_checkpoint
+
+    # one VLM-PTQ mu per linear: inspect counts the values instead of printing 56 names
+    assert re.search(rf"\n  mu: {LINEARS} linears: [01]\.\d x \d+", inspect_checkpoint(tmp_path / "lazy").format())
 
 
 @pytest.mark.parametrize("fields,match", [

@@ -255,7 +255,7 @@ class CheckpointReport:
             lines.append(f"written by  vlmptq ({desc})" if desc else "written by  vlmptq")
             for k, v in m.items():
                 if k not in ("vlmptq_version", "method", "format_version", "packing"):
-                    lines.append(f"  {k}: {json.dumps(v, sort_keys=True)}")
+                    lines.append(f"  {k}: {_summary(v)}")
         else:
             lines.append("written by  (no vlmptq marker: another exporter)")
         width = max([len(r.name) for r in self.layers] + [len("quantized linear")])
@@ -280,6 +280,18 @@ class CheckpointReport:
         return "\n".join(lines)
 
     __str__ = format
+
+
+def _summary(value, limit: int = 8) -> str:
+    """A metadata value as JSON; a per-linear table (VLM-PTQ's mu: one entry per linear, 18,624 for a 30B MoE) as
+    how often each value occurs."""
+    if isinstance(value, dict) and len(value) > limit and all(isinstance(v, (int, float, str)) for v in value.values()):
+        from collections import Counter
+
+        counts = sorted(Counter(value.values()).items(), key=lambda kv: (-kv[1], str(kv[0])))
+        shown = ", ".join(f"{json.dumps(v)} x {n}" for v, n in counts[:limit])
+        return f"{len(value)} linears: {shown}{', ...' if len(counts) > limit else ''}"
+    return json.dumps(value, sort_keys=True)
 
 
 def inspect_checkpoint(path: str | Path) -> CheckpointReport:
