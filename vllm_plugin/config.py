@@ -251,7 +251,8 @@ class VlmptqConfig(QuantizationConfig):
                             for n, s, i in zip(names, found, ignored))
             raise CheckpointError(
                 f"{prefix}: the experts' projections have different schemes or are partly ignored ({got}); vLLM "
-                "serves a block's experts as one layer with one scheme. Re-quantize with vlmptq, which keeps them alike")
+                "serves a block's experts as one layer with one scheme. Re-quantize with vlmptq, which keeps them "
+                "alike")
         return experts_method(layer, prefix, found[0], self._stock_config())
 
     def _name_or_class_scheme(self, name: str) -> ServingScheme | None:
