@@ -35,12 +35,18 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 FP32_TOL = 1e-4  # as test_vllm_plugin.py: measured <= 1.2e-5 for all eight (2026-11-28)
 
 
-def _serve_quantized(src, ckpt, prompts):
+def _serve_quantized(src, ckpt, prompts, moe: bool = False):
+    """Served in fp32 by the plugin: 2 layers x qkv, o, gate_up, down (with ``moe``: qkv, o and a block of experts
+    on the reference MoE path)."""
+    from tests.integration.test_vllm_moe import _moe_methods
+
     with vllm_engine(ckpt.path, dtype="float32", quantization="vlmptq") as llm:
         methods = layer_methods(llm)
+        blocks = llm.apply_model(_moe_methods)[0]
         outputs = generate(llm, prompts)
     ours = {n: k for n, (m, k) in methods.items() if m == "VlmptqLinearMethod"}
-    assert len(ours) == 8 and set(ours.values()) == {"reference"}, ours  # 2 layers x qkv, o, gate_up, down
+    assert len(ours) == (4 if moe else 8) and set(ours.values()) == {"reference"}, ours
+    assert [m for m, _ in blocks.values()] == (["VlmptqReferenceMoEMethod"] * 2 if moe else []), blocks
     assert all(".layers." in n for n in ours)
     others = {m for n, (m, _) in methods.items() if n not in ours}
     assert others <= {"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"}, others  # vision tower, projector
@@ -98,9 +104,11 @@ def test_gemma3_serves_through_the_plugin(tiny_qwen2_vl, tmp_path):
     assert max(errs) < FP32_TOL, f"max |dlogprob| {max(errs):.2e}"
 
 
-def test_text_only_llama_calibrated_on_text_serves_through_the_plugin(tiny_qwen2_vl, tmp_path):
-    """A text-only model quantized with GPTQ on text windows (``vlmptq.calib.text``) serves through the
-    plugin and matches the HF model with the checkpoint's dequantized weights."""
+@pytest.mark.parametrize("kind", ["llama", "qwen3_moe"])
+def test_text_only_model_calibrated_on_text_serves_through_the_plugin(tiny_qwen2_vl, tmp_path, kind):
+    """A text-only model (Llama; Qwen3-MoE, its experts on the reference MoE path) quantized with GPTQ on text
+    windows (``vlmptq.calib.text``) serves through the plugin and matches the HF model with the checkpoint's
+    dequantized weights."""
     from transformers import AutoTokenizer
 
     import vlmptq
@@ -109,18 +117,18 @@ def test_text_only_llama_calibrated_on_text_serves_through_the_plugin(tiny_qwen2
     from tests.support.quantized_checkpoint import QuantizedCheckpoint
     from tests.support.tiny_families import build_tiny_text_lm
 
-    src = build_tiny_text_lm("llama", tmp_path / "llama", tiny_qwen2_vl)
+    src = build_tiny_text_lm(kind, tmp_path / kind, tiny_qwen2_vl)
     tok = AutoTokenizer.from_pretrained(src)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(f"On day {i} the ferry left the harbour at {i % 12 + 1} o'clock." for i in range(200)))
     out = tmp_path / "w3"
     vlmptq.quantize(src, out, vlmptq.make_config(method="gptq", bits=3, group_size=64, device="cpu",
                                                  calib=CalibConfig(source=str(corpus), num_samples=4, max_seq_len=64)))
-    stored = open_checkpoint(out)  # a text-only Llama's on-disk names are its module names
+    stored = open_checkpoint(out)  # a text-only model's on-disk names are its module names
     ckpt = QuantizedCheckpoint(out, WeightScheme(3, 64, False), {m: stored.quantized_weight(m) for m in stored.layers},
                                [])
     text = "The quick brown fox jumps over the lazy dog, and then it runs into the forest"
-    outputs = _serve_quantized(src, ckpt, [{"prompt": text}])
+    outputs = _serve_quantized(src, ckpt, [{"prompt": text}], moe=kind == "qwen3_moe")
     hf = dequantized_hf_model(src, ckpt, torch.float32)
     errs, margins = logprob_errors(hf, [dict(tok(text, return_tensors="pt"))], outputs)
     assert max(errs) < FP32_TOL and max(margins) < FP32_TOL, (max(errs), max(margins))

@@ -222,7 +222,7 @@ FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_
 def _randomize(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
+            if p.dim() in (2, 3) and "embed" not in name:  # 3-D: a mixture-of-experts block's fused experts
                 p.normal_(0.0, 0.08)
 
 
@@ -240,9 +240,13 @@ def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | 
 
 
 def build_tiny_text_lm(kind: str, out_dir: str | Path, tokenizer_source: str | Path, seed: int = 0) -> Path:
-    """A tiny random text-only ``"llama"`` or ``"gemma3_text"`` (its logit soft-capping on, at 3.0) with the
-    tokenizer of ``tokenizer_source`` (the embeddings cover its whole vocabulary), hidden 64, 2 layers."""
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+    """A tiny random text-only ``"llama"``, ``"gemma3_text"`` (its logit soft-capping on, at 3.0) or ``"qwen3_moe"``
+    (4 routed experts, 2 per token) with the tokenizer of ``tokenizer_source`` (the embeddings cover its whole
+    vocabulary), hidden 64, 2 layers."""
+    from transformers import (
+        AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     tok = AutoTokenizer.from_pretrained(tokenizer_source)
     torch.manual_seed(seed)
@@ -252,6 +256,10 @@ def build_tiny_text_lm(kind: str, out_dir: str | Path, tokenizer_source: str | P
         model = LlamaForCausalLM(LlamaConfig(**dims, tie_word_embeddings=False))
     elif kind == "gemma3_text":
         model = Gemma3ForCausalLM(Gemma3TextConfig(**dims, head_dim=32, final_logit_softcapping=3.0))
+    elif kind == "qwen3_moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**dims, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                                   moe_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[],
+                                                   norm_topk_prob=True, tie_word_embeddings=False))
     else:
         raise ValueError(f"unknown text-only kind {kind!r}")
     _randomize(model)

@@ -187,7 +187,7 @@ class Idefics3Adapter(ModelAdapter):
     text_attr = "text_model"
 
 
-@register_adapter("llama", "qwen2", "qwen3", "gemma3_text", "mistral")
+@register_adapter("llama", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "mistral")
 class CausalLMAdapter(ModelAdapter):
     """Text-only causal LMs (every token is a text token): the quality benchmark's real models."""
 
