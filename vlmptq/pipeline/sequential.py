@@ -356,7 +356,7 @@ def _solve_experts(layer: nn.Module, fp_layer: nn.Module | None, path: str, lpre
         x_fp = (layer_args_of(fp_layer, fp_experts, call, streams.fp[si], device)[0]
                 if fp_experts is not None else None)
         inputs.append(_RoutedInputs(x.to(offload), top_k.to(offload), None if x_fp is None else x_fp.to(offload),
-                                    s.vision_mask.reshape(-1), s.text_mask.reshape(-1)))
+                                    s.vision_mask.reshape(-1).to(offload), s.text_mask.reshape(-1).to(offload)))
     quantized: dict[str, QuantizedWeight] = {}
     records: list[LinearRecord] = []
     unrouted = []
