@@ -12,6 +12,7 @@ Writes benchmarks/results/solvers-<device>-<date>.{json,md}.
 
     python benchmarks/solvers.py --device cuda            # the GPU run (H100/H200)
     python benchmarks/solvers.py --device cpu --layers qkv o
+    python benchmarks/solvers.py --layers expert_gate expert_down    # Qwen3-VL-30B-A3B's experts
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ LAYERS = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "dow
 # --lm-head-bits: the 7B vocabulary projection, and SmolLM2-135M's (a CPU-sized one; group 64: K = 576);
 # opt-in (--layers lm_head / lm_head_smollm2)
 HEAD = {"lm_head": (152064, 3584), "lm_head_smollm2": (49152, 576)}
+# one routed expert of Qwen3-VL-30B-A3B (hidden 2048, expert intermediate 768; gate and up are solved apart, down
+# once): a MoE layer solves 128 x 3 of them; opt-in (--layers expert_gate expert_down)
+EXPERT = {"expert_gate": (768, 2048), "expert_down": (2048, 768)}
 METHODS = {
     "rtn": ("rtn", SolverOptions()),
     "gptq": ("gptq", SolverOptions()),
@@ -86,8 +90,8 @@ def _sync(device: torch.device) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS | HEAD),
-                    help="layers to run (the LM heads only when named)")
+    ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS | HEAD | EXPERT),
+                    help="layers to run (the LM heads and MoE experts only when named)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods")
     ap.add_argument("--bits", type=int, nargs="+", default=[3], help="bit widths")
     ap.add_argument("--group-size", type=int, default=128, help="group size")
@@ -102,7 +106,7 @@ def main() -> None:
     header = result_header()
     records = []
     for layer in args.layers:
-        n, k = (LAYERS | HEAD)[layer]
+        n, k = (LAYERS | HEAD | EXPERT)[layer]
         stats = synthetic_statistics(k, device=device)
         w = synthetic_weight(n, k, device=device)
         ref = layer_loss(torch.zeros_like(w), w, stats.hessian).item()
@@ -132,7 +136,8 @@ def main() -> None:
         del stats, w
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    lines = [f"# Solver loss and time, Qwen2.5-VL-7B shapes, {header['machine']}\n",
+    shapes = "Qwen3-VL-30B-A3B expert" if set(args.layers) <= set(EXPERT) else "Qwen2.5-VL-7B"
+    lines = [f"# Solver loss and time, {shapes} shapes, {header['machine']}\n",
              "| layer | N x K | bits | method | seconds | x GPTQ time | rel. error (sym) | rel. error (asym) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
