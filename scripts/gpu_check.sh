@@ -22,7 +22,8 @@
 # Knobs: PHASES="tests,bench" (default both), BENCH_ARGS="..." (extra benchmark flags).
 # Second call, if device time remains (~2-3 min):  PHASES=solvers bash scripts/gpu_check.sh
 #   5. benchmarks/solvers.py --device cuda: each method's loss and time on Qwen2.5-VL-7B layer
-#      shapes (issue: VLM-PTQ <= 1.15x GPTQ's time on the GPU) -> $OUT/solvers-<gpu>-<date>.{json,md}
+#      shapes (issue: VLM-PTQ <= 1.15x GPTQ's time on the GPU) -> $OUT/solvers-<gpu>-<date>.{json,md}, and on
+#      a Qwen3-VL-30B-A3B expert's shapes -> $OUT/solvers-moe-<gpu>-<date>.{json,md}
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -92,6 +93,10 @@ if [[ ",$PHASES," == *",solvers,"* ]]; then
     timeout -k 10 400 python3 benchmarks/solvers.py --device cuda --repeats 2 \
         --out "$OUT/solvers-$(python3 -c 'import torch; print(torch.cuda.get_device_name(0).replace(" ", "-"))')-$(date +%F)"
     SOLVERS_RC=$?
+    # one Qwen3-VL-30B-A3B routed expert (docs/moe.md: 384 of them per MoE layer), seconds on a GPU
+    timeout -k 10 120 python3 benchmarks/solvers.py --device cuda --repeats 3 --layers expert_gate expert_down \
+        --out "$OUT/solvers-moe-$(python3 -c 'import torch; print(torch.cuda.get_device_name(0).replace(" ", "-"))')-$(date +%F)" \
+        || SOLVERS_RC="$SOLVERS_RC, experts: $?"
     echo "$(el) solver benchmark exit code $SOLVERS_RC"
 fi
 
