@@ -35,8 +35,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="automatic mixed precision instead of --bits: the average code bits per decoder-linear weight "
                         "(e.g. 2.5). A sensitivity pass on the calibration data measures how much each layer's output "
                         "changes with each linear at each of --bits-choices, then the choice with the least summed "
-                        "change within the budget is taken (q/k/v and gate/up together; --override'n linears keep "
-                        "their scheme and count in the average); docs/mixed-precision.md")
+                        "change within the budget is taken (q/k/v, gate/up, a MoE block's experts together; "
+                        "--override'n linears keep their scheme and count in the average); docs/mixed-precision.md")
     p.add_argument("--bits-choices", type=int, nargs="+", default=argparse.SUPPRESS, choices=SUPPORTED_BITS,
                    metavar="BITS",
                    help="the bit widths --target-bits chooses from (default: 2 3 4)")
@@ -51,7 +51,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--override", nargs="+", default=[], metavar="REGEX=BITS[:GROUP]",
                    help="mixed precision: decoder linears whose name matches REGEX take BITS (and GROUP) instead of "
                         "--bits / --group-size, first match wins, e.g. 'mlp\\.down_proj$=4' 'layers\\.0\\.=8'; q/k/v_proj "
-                        "and gate/up_proj alike (vLLM fuses them); a REGEX that takes no linear is an error")
+                        "and gate/up_proj alike, and a MoE block's experts (vLLM fuses them); a REGEX that takes no "
+                        "linear is an error")
     c = p.add_argument_group("calibration data")
     c.add_argument("--calib", default="builtin",
                    help="'builtin' (offline photos + captions), a directory of images with .txt captions, a .jsonl "
@@ -96,7 +97,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--ignore", nargs="+", default=[], metavar="REGEX",
                    help="decoder-layer linears to keep in 16-bit (regex on the module name); the vision tower and "
                         "projector are always kept, the lm_head unless --lm-head-bits; q/k/v_proj and gate/up_proj "
-                        "all or none (vLLM fuses them); a REGEX that matches no decoder linear is an error")
+                        "all or none, and a MoE block's experts (vLLM fuses them); a REGEX that matches no decoder "
+                        "linear is an error")
     r.add_argument("--device", default="auto", help="compute device: auto, cpu, cuda, cuda:N")
     r.add_argument("--lazy-load", action=argparse.BooleanOptionalAction, default=None,
                    help="read the decoder layers from the model's files one at a time instead of loading the whole "
