@@ -23,6 +23,7 @@ from tests.support.quantized_checkpoint import (
     generate,
     layer_methods,
     logprob_errors,
+    moe_methods,
     pattern_image,
     vllm_engine,
 )
@@ -38,11 +39,9 @@ FP32_TOL = 1e-4  # as test_vllm_plugin.py: measured <= 1.2e-5 for all eight (202
 def _serve_quantized(src, ckpt, prompts, moe: bool = False):
     """Served in fp32 by the plugin: 2 layers x qkv, o, gate_up, down (with ``moe``: qkv, o and a block of experts
     on the reference MoE path)."""
-    from tests.integration.test_vllm_moe import _moe_methods
-
     with vllm_engine(ckpt.path, dtype="float32", quantization="vlmptq") as llm:
         methods = layer_methods(llm)
-        blocks = llm.apply_model(_moe_methods)[0]
+        blocks = moe_methods(llm)
         outputs = generate(llm, prompts)
     ours = {n: k for n, (m, k) in methods.items() if m == "VlmptqLinearMethod"}
     assert len(ours) == (4 if moe else 8) and set(ours.values()) == {"reference"}, ours

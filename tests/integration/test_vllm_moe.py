@@ -21,6 +21,7 @@ from tests.support.quantized_checkpoint import (
     dequantized_hf_model,
     generate,
     logprob_errors,
+    moe_methods,
     vllm_engine,
 )
 
@@ -37,17 +38,6 @@ def _quantized(src, out, **fields):
     return QuantizedCheckpoint(out, config.scheme, result.quantized, result.frozen), result
 
 
-def _moe_methods(model) -> dict[str, tuple[str, tuple | None]]:
-    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
-
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, RoutedExperts):
-            s = getattr(m.quant_method, "scheme", None)  # ours; vLLM's methods keep theirs elsewhere
-            out[name] = (type(m.quant_method).__name__, (s.bits, s.group_size, s.symmetric) if s else None)
-    return out
-
-
 def _served(llm, src, ckpt, dtype):
     vllm_inputs, hf_inputs = prompts(src)
     outputs = generate(llm, vllm_inputs)
@@ -58,7 +48,7 @@ def _served(llm, src, ckpt, dtype):
 def test_experts_vllm_has_no_kernel_for_run_on_the_reference(tiny_qwen3_vl_moe, tmp_path, bits, sym):
     ckpt, _ = _quantized(tiny_qwen3_vl_moe, tmp_path / "ckpt", bits=bits, symmetric=sym)
     with vllm_engine(tmp_path / "ckpt", dtype="float32") as llm:
-        methods = llm.apply_model(_moe_methods)[0]
+        methods = moe_methods(llm)
         errs, margins = _served(llm, tiny_qwen3_vl_moe, ckpt, torch.float32)
     assert sorted(methods) == [f"language_model.model.layers.{i}.mlp.experts.routed_experts" for i in (0, 1)]
     assert {m for m, _ in methods.values()} == {"VlmptqReferenceMoEMethod"}
@@ -72,7 +62,7 @@ def test_experts_vllm_has_a_kernel_for_run_on_it(tiny_qwen3_vl_moe, tmp_path):
     like its dense 4-bit path: bf16 tolerances, and closer to the dequantized weights than to the source's."""
     ckpt, _ = _quantized(tiny_qwen3_vl_moe, tmp_path / "ckpt", bits=4, symmetric=True, group_size=64)
     with vllm_engine(tmp_path / "ckpt", dtype="bfloat16") as llm:
-        methods = llm.apply_model(_moe_methods)[0]
+        methods = moe_methods(llm)
         vllm_inputs, hf_inputs = prompts(tiny_qwen3_vl_moe)
         outputs = generate(llm, vllm_inputs)
     assert {m for m, _ in methods.values()} == {"CompressedTensorsWNA16MoEMethod"}, methods
@@ -93,7 +83,7 @@ def test_auto_mixed_precision_experts(tiny_qwen3_vl_moe, tmp_path):
     experts_bits = [bits[f"model.language_model.layers.{i}.mlp.experts.0.gate_proj"] for i in (0, 1)]
     assert len(set(bits.values())) > 1
     with vllm_engine(tmp_path / "auto", dtype="float32") as llm:
-        methods = llm.apply_model(_moe_methods)[0]
+        methods = moe_methods(llm)
         errs, margins = _served(llm, tiny_qwen3_vl_moe, ckpt, torch.float32)
     for i in (0, 1):
         method, scheme = methods[f"language_model.model.layers.{i}.mlp.experts.routed_experts"]

@@ -204,6 +204,23 @@ def layer_methods(llm, rank: int = 0) -> dict[str, tuple[str, str | None]]:
     return llm.apply_model(_linear_methods)[rank]
 
 
+def _moe_methods(model) -> dict[str, tuple[str, tuple[int, int, bool] | None]]:
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, RoutedExperts):
+            s = getattr(m.quant_method, "scheme", None)  # ours; vLLM's methods keep theirs elsewhere
+            out[name] = (type(m.quant_method).__name__, (s.bits, s.group_size, s.symmetric) if s else None)
+    return out
+
+
+def moe_methods(llm, rank: int = 0) -> dict[str, tuple[str, tuple[int, int, bool] | None]]:
+    """``{vLLM module name: (quant method class, (bits, group size, symmetric) for ours)}`` for every
+    mixture-of-experts block (``RoutedExperts``)."""
+    return llm.apply_model(_moe_methods)[rank]
+
+
 def generate(llm, vllm_inputs):
     """Greedy, 8 tokens, with the logprob of each chosen token and of every prompt token."""
     from vllm import SamplingParams
