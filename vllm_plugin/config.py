@@ -20,7 +20,6 @@ Other non-linear layers (embeddings, attention) stay vLLM's defaults.
 from __future__ import annotations
 
 import logging
-import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -70,6 +69,16 @@ def claims_checkpoint(hf_quant_cfg: dict[str, Any] | None, user_quant: str | Non
             )
         return True
     return is_ct and MARKER in hf_quant_cfg
+
+
+def _add_renamed_twins(target_map: dict[str, Any], mapper: WeightsMapper) -> None:
+    """vlmptq names a module by a regex of its checkpoint name (``name_target``), which a model that renames its
+    prefixes (``model.language_model.`` -> ``language_model.model.``) would never match, and vLLM renames plain
+    names only: add each such target's renamed twin, with the same value (in place)."""
+    for target, value in list(target_map.items()):
+        module = named_module(target)
+        if module is not None and (m := mapper._map_name(module)) not in (None, module):
+            target_map.setdefault(name_target(m), value)
 
 
 def parse_config_groups(config: dict[str, Any]) -> dict[str, ServingScheme]:
@@ -203,16 +212,10 @@ class VlmptqConfig(QuantizationConfig):
                 return hf_to_vllm_mapper._map_name(target)
             return target
 
-        renamed: dict[str, ServingScheme] = {}
-        for t, s in self.target_schemes.items():
-            if (n := rename(t)) is not None:
-                renamed[n] = s
-            # vlmptq names a module by a regex of its checkpoint name (name_target), which a model that renames
-            # its prefixes (model.language_model. -> language_model.model.) would never match: add the renamed one
-            module = named_module(t)
-            if module is not None and (m := hf_to_vllm_mapper._map_name(module)) not in (None, module):
-                renamed.setdefault(name_target(m), s)
-        self.target_schemes = renamed
+        self.target_schemes = {
+            n: s for t, s in self.target_schemes.items() if (n := rename(t)) is not None
+        }
+        _add_renamed_twins(self.target_schemes, hf_to_vllm_mapper)
         self.ignore = [n for t in self.ignore if (n := rename(t)) is not None]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
@@ -256,12 +259,10 @@ class VlmptqConfig(QuantizationConfig):
         return experts_method(layer, prefix, found[0], self._stock_config())
 
     def _name_or_class_scheme(self, name: str) -> ServingScheme | None:
-        """The scheme of a module vLLM does not build as its own layer (an expert's projection): a target naming it,
-        else the class target ``Linear``."""
-        for target, scheme in self.target_schemes.items():
-            if target.startswith("re:") and re.match(target[3:], name) or target == name:
-                return scheme
-        return self.target_schemes.get("Linear")
+        """The scheme of a module vLLM does not build as its own layer (an expert's projection): a target naming it
+        (vLLM's matcher), else the class target ``Linear``."""
+        target = find_matched_target(name, torch.nn.Module(), self.target_schemes.keys())
+        return self.target_schemes[target] if target is not None else self.target_schemes.get("Linear")
 
     def _stock_config(self):
         """vLLM's compressed-tensors config of the same checkpoint (its MoE methods read it), renamed as ours."""
@@ -273,10 +274,7 @@ class VlmptqConfig(QuantizationConfig):
             stock = CompressedTensorsConfig.from_config(self.raw)
             if self._mapper is not None:
                 stock.apply_vllm_mapper(self._mapper)
-                for target, scheme in list(stock.target_scheme_map.items()):  # as apply_vllm_mapper above
-                    module = named_module(target)
-                    if module is not None and (m := self._mapper._map_name(module)) not in (None, module):
-                        stock.target_scheme_map.setdefault(name_target(m), scheme)
+                _add_renamed_twins(stock.target_scheme_map, self._mapper)
             stock.packed_modules_mapping = self.packed_modules_mapping
             self._stock = stock
         return self._stock

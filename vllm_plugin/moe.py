@@ -32,6 +32,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from vlmptq.checkpoint.packing import dense_width, pack_rows, unpack_rows_padded3
 from vlmptq.errors import CheckpointError, ConfigError
+from vlmptq.models.experts import mix_routed
 from vllm_plugin.kernels.reference import dequantize_packed
 from vllm_plugin.validation import ServingScheme, check_tensor
 
@@ -153,21 +154,18 @@ class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
                 return None
             return p[e] if shard is None else p[e, shard]
 
-        n, k = self.dims[proj]
         return dequantize_packed(part("weight_packed"), part("weight_scale"), part("weight_zero_point"),
-                                 self.scheme.bits, k)
+                                 self.scheme.bits, self.dims[proj][1])
 
     def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               shared_experts=None, shared_experts_input=None) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        for e in topk_ids.unique().tolist():
-            pos, rows = torch.where(topk_ids.t() == e)
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
             w13 = torch.cat((self._weight(layer, "w13", e, 0), self._weight(layer, "w13", e, 1)))
-            gate, up = F.linear(x[rows], w13.to(x.dtype)).chunk(2, dim=-1)
-            h = _ACTIVATIONS[self.activation](gate) * up
-            y = F.linear(h, self._weight(layer, "w2", e, None).to(x.dtype))
-            out.index_add_(0, rows, (y * topk_weights[rows, pos, None].to(y.dtype)).to(out.dtype))
-        return out  # shared experts, if any, are the runner's (it runs them when the method has no modular kernel)
+            gate, up = F.linear(rows, w13.to(x.dtype)).chunk(2, dim=-1)
+            return F.linear(_ACTIVATIONS[self.activation](gate) * up, self._weight(layer, "w2", e, None).to(x.dtype))
+
+        # shared experts, if any, are the runner's (it runs them when the method has no modular kernel)
+        return mix_routed(x, topk_ids, topk_weights, layer.w13_weight_packed.shape[0], expert)
 
 
 def _check_eager(prefix: str) -> None:

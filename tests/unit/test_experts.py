@@ -10,7 +10,7 @@ from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as hf
 from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
 
 from vlmptq.errors import UnsupportedModelError
-from vlmptq.models.experts import UnfusedExperts, expert_parent, routers, unfuse, unfuse_experts
+from vlmptq.models.experts import UnfusedExperts, routers, unfuse, unfuse_experts
 
 
 def _block(seed: int = 0) -> nn.Module:
@@ -58,8 +58,10 @@ def test_layouts_we_do_not_take_are_refused(flag, value, what):
         unfuse(experts, "model.layers.0.mlp.experts")
 
 
-def test_expert_parent_by_name():
-    assert expert_parent("model.layers.3.mlp.experts.17.down_proj") == "model.layers.3.mlp.experts"
-    assert expert_parent("mlp.experts.0.gate_proj") == "mlp.experts"
-    assert expert_parent("model.layers.3.mlp.down_proj") is None
-    assert expert_parent("model.layers.3.mlp.shared_expert.gate_proj") is None
+def test_a_blocks_experts_are_one_allocation_unit():
+    from vlmptq.pipeline.sensitivity import fusion_units
+
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.experts.0.gate_proj",
+             "mlp.experts.0.up_proj", "mlp.experts.0.down_proj", "mlp.experts.1.gate_proj", "mlp.experts.1.up_proj",
+             "mlp.experts.1.down_proj"]
+    assert fusion_units(names, ["mlp.experts"]) == [tuple(names[:3]), tuple(names[3:])]

@@ -20,6 +20,7 @@ Only the standard layout is taken: concatenated gate/up, not transposed, no bias
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,6 @@ from torch import nn
 from vlmptq.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
-
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
 
 class ExpertMLP(nn.Module):
     """One routed expert: ``down(act(gate(x)) * up(x))``."""
@@ -79,20 +77,25 @@ class UnfusedExperts(nn.ModuleList):
                 out.append(lin)
         return out
 
-    def routed_rows(self, top_k_index: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(top_k positions, token rows)`` that ``top_k_index`` sends to ``expert``, in transformers' order."""
-        return torch.where(top_k_index.t() == expert)
-
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
-        for e in top_k_index.unique().tolist():
-            if not 0 <= e < self.num_experts:  # transformers' padding index (expert parallelism)
-                continue
-            pos, rows = self.routed_rows(top_k_index, e)
-            y = self[e](hidden_states[rows]) * top_k_weights[rows, pos, None]
-            out.index_add_(0, rows, y.to(out.dtype))
-        return out
+        return mix_routed(hidden_states, top_k_index, top_k_weights, len(self), lambda e, x: self[e](x))
+
+
+def mix_routed(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+               num_experts: int, expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``sum_k top_k_weights[t, k] * expert(top_k_index[t, k], hidden_states[t])`` per token, expert by expert in
+    transformers' order (so its eager loop's sums, to the bit): ``hidden_states`` [T, H], the routing [T, k].
+    Indices outside ``[0, num_experts)`` (transformers' padding for expert parallelism) are skipped. The loop
+    reads the routed experts on the host: not capturable by CUDA graphs."""
+    out = torch.zeros_like(hidden_states)
+    for e in top_k_index.unique().tolist():
+        if not 0 <= e < num_experts:
+            continue
+        pos, rows = torch.where(top_k_index.t() == e)
+        y = expert(e, hidden_states[rows]) * top_k_weights[rows, pos, None]
+        out.index_add_(0, rows, y.to(out.dtype))
+    return out
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -161,12 +164,3 @@ def routers(layer: nn.Module) -> list[str]:
             if module is not experts and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == len(experts):
                 out.append(f"{parent}.{name}" if parent else name)
     return out
-
-
-def expert_parent(name: str) -> str | None:
-    """``mlp.experts`` for ``mlp.experts.3.gate_proj`` (a linear of an :class:`UnfusedExperts`), else None;
-    by name, for code that has names but no modules (the checkpoint's, the plan's)."""
-    parts = name.split(".")
-    if len(parts) >= 3 and parts[-1] in PROJECTIONS and parts[-2].isdigit() and parts[-3] == "experts":
-        return ".".join(parts[:-2])
-    return None

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS
 from vlmptq.models.adapters import ModelAdapter
-from vlmptq.models.experts import expert_parent
+from vlmptq.models.experts import experts_modules
 from vlmptq.pipeline.capture import advance
 from vlmptq.pipeline.sequential import (
     CalibrationSample, _capture_streams, _final_norm_or_none, compile_ignore, quantizable_linears,
@@ -59,10 +59,10 @@ class Unit:
     losses: dict[int, float] = field(default_factory=dict)  # candidate bits -> the layer's relative output change
 
 
-def fusion_units(names: Sequence[str]) -> list[tuple[str, ...]]:
+def fusion_units(names: Sequence[str], blocks: Sequence[str] = ()) -> list[tuple[str, ...]]:
     """``names`` (module names of one layer, in order) grouped into the sets vLLM serves as one fused layer
-    (q/k/v, gate/up, and all the experts of a mixture-of-experts block); the others alone. Order follows
-    the first member."""
+    (q/k/v, gate/up, and the linears under each of ``blocks``: a mixture-of-experts block's experts); the others
+    alone. Order follows the first member."""
     units: list[tuple[str, ...]] = []
     seen: set[str] = set()
     for name in names:
@@ -71,8 +71,8 @@ def fusion_units(names: Sequence[str]) -> list[tuple[str, ...]]:
         parent, _, leaf = name.rpartition(".")
         siblings = next((s for s in VLLM_FUSED_LINEARS.values() if leaf in s), (leaf,))
         unit = tuple(m for m in (f"{parent}.{s}" if parent else s for s in siblings) if m in names)
-        if (experts := expert_parent(name)) is not None:
-            unit = tuple(m for m in names if expert_parent(m) == experts)
+        if (block := next((b for b in blocks if name.startswith(b + ".")), None)) is not None:
+            unit = tuple(m for m in names if m.startswith(block + "."))
         seen.update(unit)
         units.append(unit)
     return units
@@ -109,7 +109,7 @@ def measure_sensitivity(
         calls = streams.calls[li]
         with torch.no_grad():
             outs = [advance(layer, calls[si], streams.quant[si], device) for si in range(len(samples))]
-            for unit in fusion_units(names):
+            for unit in fusion_units(names, list(experts_modules(layer))):
                 cost = Unit(tuple(f"{lprefix}.{n}" for n in unit), li,
                             sum(layer.get_submodule(n).weight.numel() for n in unit))
                 for scheme in candidates:

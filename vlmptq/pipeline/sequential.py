@@ -367,7 +367,7 @@ def _solve_experts(layer: nn.Module, fp_layer: nn.Module | None, path: str, lpre
             unrouted.append(e)
             rows = [torch.arange(r.x.shape[0], device=offload) for r in inputs]
         expert, fp_expert = experts[e], fp_experts[e] if fp_experts is not None else None
-        for projections, features in ((("gate_proj", "up_proj"), None), (("down_proj",), expert.hidden)):
+        for projections in (("gate_proj", "up_proj"), ("down_proj",)):  # gate/up solved before down reads them
             acc = StatisticsAccumulator(expert.get_submodule(projections[0]).in_features, device,
                                         fp_inputs=needs.fp_inputs, modality=needs.modality)
             for r, idx in zip(inputs, rows):
@@ -375,8 +375,8 @@ def _solve_experts(layer: nn.Module, fp_layer: nn.Module | None, path: str, lpre
                     continue
                 x = r.x[idx].to(device)
                 x_fp = r.x_fp[idx].to(device) if r.x_fp is not None else None
-                if features is not None:  # the down projection reads the expert's hidden activations
-                    x = features(x)
+                if projections == ("down_proj",):  # it reads the expert's hidden activations
+                    x = expert.hidden(x)
                     x_fp = fp_expert.hidden(x_fp) if x_fp is not None else None
                 acc.add(x, x_fp, r.vision_mask[idx] if needs.modality else None,
                         r.text_mask[idx] if needs.modality else None)
