@@ -24,6 +24,10 @@
 #   5. benchmarks/solvers.py --device cuda: each method's loss and time on Qwen2.5-VL-7B layer
 #      shapes (issue: VLM-PTQ <= 1.15x GPTQ's time on the GPU) -> $OUT/solvers-<gpu>-<date>.{json,md}, and on
 #      a Qwen3-VL-30B-A3B expert's shapes -> $OUT/solvers-moe-<gpu>-<date>.{json,md}
+# Then, if time remains (~4 min):  PHASES=moe bash scripts/gpu_check.sh
+#   6. pytest tests/gpu/test_triton_moe.py (the fused MoE kernel against the reference, CUDA graphs) and
+#      benchmarks/moe_kernels.py (a Qwen3-VL-30B-A3B MoE block, W4/W3/W2 vs bf16 grouped GEMM, T in
+#      {1,16,64,256}) -> $OUT/moe-pytest.log, $OUT/moe-kernels-<gpu>-<date>.{json,md}
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,7 +76,7 @@ if [[ ",$PHASES," == *",tests,"* ]]; then
     XDIST=""
     python3 -c "import xdist" 2>/dev/null && XDIST="-n $NPROC"
     timeout -k 5 140 python3 -m pytest tests/gpu -q -ra --tb=short -p no:cacheprovider --confcutdir=tests/gpu \
-        $XDIST --maxfail=25 > "$OUT/pytest.log" 2>&1
+        --ignore=tests/gpu/test_triton_moe.py $XDIST --maxfail=25 > "$OUT/pytest.log" 2>&1
     TEST_RC=$?
     tail -n 40 "$OUT/pytest.log"
     echo "$(el) pytest exit code $TEST_RC (124 = timed out)"
@@ -100,10 +104,25 @@ if [[ ",$PHASES," == *",solvers,"* ]]; then
     echo "$(el) solver benchmark exit code $SOLVERS_RC"
 fi
 
+MOE_RC="not run"
+if [[ ",$PHASES," == *",moe,"* ]]; then
+    echo "$(el) === fused MoE: pytest tests/gpu/test_triton_moe.py, benchmarks/moe_kernels.py"
+    NPROC=$(( $(nproc) > 12 ? 12 : $(nproc) ))
+    XDIST=""
+    python3 -c "import xdist" 2>/dev/null && XDIST="-n $NPROC"
+    timeout -k 5 150 python3 -m pytest tests/gpu/test_triton_moe.py -q -ra --tb=short -p no:cacheprovider \
+        --confcutdir=tests/gpu $XDIST --maxfail=10 > "$OUT/moe-pytest.log" 2>&1
+    MOE_RC="tests $?"
+    tail -n 25 "$OUT/moe-pytest.log"
+    timeout -k 10 150 python3 benchmarks/moe_kernels.py --out "$OUT"
+    MOE_RC="$MOE_RC, benchmark $?"
+    echo "$(el) fused MoE exit codes: $MOE_RC"
+fi
+
 echo
 echo "==================================== GPU CHECK SUMMARY ($(el)) ===================================="
 echo "gpu: $(python3 -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null)  commit: $VLMPTQ_COMMIT"
-echo "pytest tests/gpu: exit $TEST_RC    benchmark: exit $BENCH_RC    solvers: exit $SOLVERS_RC"
+echo "pytest tests/gpu: exit $TEST_RC    benchmark: exit $BENCH_RC    solvers: exit $SOLVERS_RC    moe: $MOE_RC"
 MD=$(ls -t "$OUT"/kernels-*.md 2>/dev/null | head -1)
 if [[ -n "$MD" ]]; then
     echo "decoder-layer sums (from $(basename "$MD")):"

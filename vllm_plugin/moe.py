@@ -1,15 +1,24 @@
-"""Mixture-of-experts layers of vlmptq checkpoints in vLLM: vLLM's own MoE kernels where they take the scheme,
-else a torch reference that takes every scheme.
+"""Mixture-of-experts layers of vlmptq checkpoints in vLLM: vlmptq's fused Triton kernel, vLLM's own MoE kernels,
+or a torch reference, whichever fits the scheme and platform first.
 
 vLLM serves a block's experts as one ``RoutedExperts`` layer (gate/up fused as ``w13``, down as ``w2``) with one
 scheme. The checkpoint holds them per expert (``experts.{e}.gate_proj.weight_packed`` ...), as compressed-tensors
-writes them, so vLLM's compressed-tensors MoE method can load them: where it has a kernel for the scheme on
-this platform (GPU: Marlin / Triton WNA16 for 4 and 8 bits; CPU: symmetric 4-bit, group size other than 32,
-int8 activations), :func:`experts_method` returns it. Everything else (2 and 3 bits, asymmetric 4-bit on CPU)
-gets :class:`VlmptqReferenceMoEMethod`: exact, slow (each routed expert dequantized per call), a correct
-path rather than a fast one; on a GPU it needs ``--enforce-eager`` (a host loop over the routed experts).
+writes them. :func:`experts_method` picks, per block:
 
-Reference layout (one partition; ``E`` experts, ``H`` hidden, ``I`` intermediate, ``b`` bits, groups along K):
+1. :class:`VlmptqFusedMoEMethod` for 2 and 3-bit experts on a CUDA GPU (sm80+, bf16/fp16, groups that are
+   multiples of 32 or per-channel; passes its first-use self-check): the grouped Triton kernel of
+   :mod:`vllm_plugin.kernels.triton.moe`, CUDA-graph safe;
+2. vLLM's compressed-tensors MoE method, where vLLM has a kernel for the scheme on this platform (GPU: Marlin /
+   Triton WNA16 for 4 and 8 bits; CPU: symmetric 4-bit, group size other than 32, int8 activations);
+3. the fused method for any other scheme it takes (e.g. 4-bit schemes vLLM lacks a kernel for);
+4. :class:`VlmptqReferenceMoEMethod` for the rest (the CPU's 2/3-bit and asymmetric 4-bit experts): exact, slow
+   (each routed expert dequantized per call); on a GPU it needs ``--enforce-eager`` (a host loop).
+
+``VLMPTQ_DISABLED_KERNELS=triton_moe`` removes step 1 and 3. Both vlmptq methods serve one device (tensor
+parallel 1, no expert parallelism).
+
+Checkpoint layout as loaded (one partition; ``E`` experts, ``H`` hidden, ``I`` intermediate, ``b`` bits, groups
+along K):
     w13_weight_packed      int32 [E, 2, I, ceil(H*b/32)]   shard 0 gate_proj, 1 up_proj; packed along K
     w13_weight_scale             [E, 2, I, H/g]
     w13_weight_zero_point  int32 [E, 2, ceil(I*b/32), H/g] packed along N (asymmetric only)
@@ -17,7 +26,9 @@ Reference layout (one partition; ``E`` experts, ``H`` hidden, ``I`` intermediate
     w2_weight_scale              [E, H, I/g]
     w2_weight_zero_point   int32 [E, ceil(H*b/32), I/g]
 Each expert's tensors stay as the checkpoint packs them (gate and up apart: packed zero points of two
-projections do not concatenate word-exactly at 3 bits); the old padded 3-bit layout is converted on load.
+projections do not concatenate word-exactly at 3 bits); the old padded 3-bit layout is converted on load. The
+fused method then repacks them into the kernel layout (``w13_qweight``, ``w13_sz``, ``w2_qweight``, ``w2_sz``:
+see :mod:`vllm_plugin.kernels.triton.moe`) and drops them.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from vlmptq.checkpoint.packing import dense_width, pack_rows, unpack_rows_padded
 from vlmptq.errors import CheckpointError, ConfigError
 from vlmptq.models.experts import mix_routed
 from vllm_plugin.kernels.reference import dequantize_packed
+from vllm_plugin.kernels.triton.moe import ACTIVATIONS
 from vllm_plugin.validation import ServingScheme, check_tensor
 
 logger = logging.getLogger(f"vllm.plugins.{__name__}")
@@ -45,21 +57,65 @@ _TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"
 
 def experts_method(layer: torch.nn.Module, prefix: str, scheme: ServingScheme, stock_config: Any
                    ) -> FusedMoEMethodBase:
-    """vLLM's compressed-tensors MoE method for ``layer`` if it has a kernel for ``scheme`` here, else ours."""
+    """The method serving ``layer``'s experts (module docstring: the order)."""
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
         CompressedTensorsMoEMethod,
     )
 
+    moe = layer.moe_config
+    fused, why_not = fused_verdict(moe, scheme)
+    if fused and scheme.bits < 4:
+        logger.info("vlmptq: %s (%s experts) served by vlmptq's fused Triton MoE kernel", prefix, scheme.describe())
+        return VlmptqFusedMoEMethod(moe, scheme, prefix)
     try:
         method = CompressedTensorsMoEMethod.get_moe_method(stock_config, layer, layer_name=prefix)
         logger.info("vlmptq: %s (%s experts) served by vLLM's %s", prefix, scheme.describe(),
                     type(method).__name__)
         return method
     except (NotImplementedError, KeyError, ValueError) as e:
-        logger.warning("vlmptq: vLLM has no MoE kernel for %s experts here (%s); %s is served by vlmptq's torch "
-                       "reference: exact but slow (every routed expert is dequantized per call)",
-                       scheme.describe(), str(e).splitlines()[0] if str(e) else type(e).__name__, prefix)
-        return VlmptqReferenceMoEMethod(layer.moe_config, scheme, prefix)
+        stock = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if fused:
+        logger.info("vlmptq: %s (%s experts) served by vlmptq's fused Triton MoE kernel (vLLM has none: %s)",
+                    prefix, scheme.describe(), stock)
+        return VlmptqFusedMoEMethod(moe, scheme, prefix)
+    logger.warning("vlmptq: neither vLLM (%s) nor vlmptq's fused kernel (%s) takes %s experts here; %s is served by "
+                   "vlmptq's torch reference: exact but slow (every routed expert is dequantized per call)",
+                   stock, why_not, scheme.describe(), prefix)
+    return VlmptqReferenceMoEMethod(moe, scheme, prefix)
+
+
+def fused_verdict(moe, scheme: ServingScheme) -> tuple[bool, str | None]:
+    """(True, None) if :class:`VlmptqFusedMoEMethod` can serve experts of ``scheme`` in the block ``moe`` (a
+    vLLM ``FusedMoEConfig``) here, else (False, why): the Triton kernels' needs for both projections, gated
+    experts without biases, and, once per scheme and device, the fused path's self-check."""
+    from vllm.platforms import current_platform
+
+    from vllm_plugin.kernels import DISABLED_KERNELS_ENV, disabled_kernels
+    from vllm_plugin.kernels.base import WNA16LayerConfig
+    from vllm_plugin.kernels.triton.selfcheck import SELF_CHECK_ENV, self_check_enabled
+    from vllm_plugin.kernels.triton_wna16 import SUPPORTED_BITS, triton_reasons
+
+    if "triton_moe" in disabled_kernels():
+        return False, f"disabled by {DISABLED_KERNELS_ENV}"
+    reasons = [] if scheme.bits in SUPPORTED_BITS else [f"{scheme.bits}-bit weights (takes {SUPPORTED_BITS})"]
+    h, i = moe.hidden_dim, moe.intermediate_size_per_partition
+    for n, k in ((2 * i, h), (h, i)):
+        reasons += triton_reasons(WNA16LayerConfig(scheme.bits, scheme.group_len(k), scheme.symmetric, k, n,
+                                                   moe.in_dtype, current_platform.device_type))
+    if not moe.is_act_and_mul or moe.activation.value not in ACTIVATIONS:
+        reasons.append(f"activation {moe.activation.value} (takes gated {' / '.join(ACTIVATIONS)})")
+    if moe.has_bias or getattr(moe, "swiglu_limit", None) is not None:
+        reasons.append("experts with biases or a clamped SwiGLU")
+    if reasons:
+        return False, "; ".join(dict.fromkeys(reasons))
+    if self_check_enabled():
+        from vllm_plugin.kernels.triton.moe import moe_self_check
+
+        group = None if scheme.group_size == -1 else scheme.group_size
+        failed = moe_self_check(scheme.bits, group, moe.in_dtype, torch.cuda.current_device())
+        if failed:
+            return False, f"failed its self-check on this GPU ({failed}; {SELF_CHECK_ENV}=0 skips the check)"
+    return True, None
 
 
 class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
@@ -76,13 +132,13 @@ class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
         moe = self.moe
         if moe.moe_parallel_config.tp_size != 1 or moe.moe_parallel_config.use_ep:
             raise ConfigError(
-                f"{self.prefix}: vlmptq's reference MoE path serves experts on one device (tensor parallel "
+                f"{self.prefix}: vlmptq's MoE paths serve experts on one device (tensor parallel "
                 f"{moe.moe_parallel_config.tp_size}, expert parallel {moe.moe_parallel_config.use_ep}); serve with "
                 "--tensor-parallel-size 1, or quantize the experts at 4 bits, which vLLM's own MoE kernels take")
-        _check_eager(self.prefix)
-        if not moe.is_act_and_mul or moe.activation.value not in _ACTIVATIONS:
-            raise ConfigError(f"{self.prefix}: vlmptq's reference MoE path serves gated experts (act(gate) * up) "
-                              f"with {' / '.join(_ACTIVATIONS)}, not {moe.activation.value}")
+        self._check_serving()
+        if not moe.is_act_and_mul or moe.activation.value not in ACTIVATIONS:
+            raise ConfigError(f"{self.prefix}: vlmptq's MoE paths serve gated experts (act(gate) * up) "
+                              f"with {' / '.join(ACTIVATIONS)}, not {moe.activation.value}")
         e, h, i, s = num_experts, hidden_size, intermediate_size_per_partition, self.scheme
         self.dims = {"w13": (i, h), "w2": (h, i)}  # (N, K) of each projection
         self.activation = moe.activation.value
@@ -103,6 +159,9 @@ class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
         self.expected = {(f"{proj}_{t}", x, k) for proj in shapes for t in shapes[proj]
                          if not (t == "weight_zero_point" and s.symmetric)
                          for x in range(e) for k in ((0, 1) if proj == "w13" else (0,))}
+
+    def _check_serving(self) -> None:
+        _check_eager(self.prefix)
 
     def _groups(self, k: int) -> int:
         glen = self.scheme.group_len(k)
@@ -162,7 +221,7 @@ class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
         def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
             w13 = torch.cat((self._weight(layer, "w13", e, 0), self._weight(layer, "w13", e, 1)))
             gate, up = F.linear(rows, w13.to(x.dtype)).chunk(2, dim=-1)
-            return F.linear(_ACTIVATIONS[self.activation](gate) * up, self._weight(layer, "w2", e, None).to(x.dtype))
+            return F.linear(ACTIVATIONS[self.activation](gate) * up, self._weight(layer, "w2", e, None).to(x.dtype))
 
         # shared experts, if any, are the runner's (it runs them when the method has no modular kernel)
         return mix_routed(x, topk_ids, topk_weights, layer.w13_weight_packed.shape[0], expert)
@@ -178,9 +237,44 @@ def _check_eager(prefix: str) -> None:
     eager = config is None or config.model_config is None or config.model_config.enforce_eager
     if current_platform.is_cuda_alike() and not eager:
         raise ConfigError(
-            f"{prefix}: vLLM has no MoE kernel for these experts' scheme, and vlmptq's reference MoE path (exact, "
-            "slow) cannot run inside CUDA graphs: serve with --enforce-eager, or quantize the experts at 4 or 8 "
-            "bits (e.g. vlmptq quantize ... --override 'mlp\\.experts\\.=4'), which vLLM's own kernels serve")
+            f"{prefix}: neither vLLM's MoE kernels nor vlmptq's fused one take these experts here (the log above "
+            "says why), and vlmptq's reference MoE path (exact, slow) cannot run inside CUDA graphs: serve with "
+            "--enforce-eager, or quantize the experts with a scheme a fast path takes (vlmptq's fused kernel: 2/3/4 "
+            "bits, groups that are multiples of 32 or per-channel; vLLM's: 4 or 8 bits, e.g. vlmptq quantize ... "
+            "--override 'mlp\\.experts\\.=4')")
 
 
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}
+class VlmptqFusedMoEMethod(VlmptqReferenceMoEMethod):
+    """2/3/4-bit experts through vlmptq's grouped Triton kernel (:mod:`vllm_plugin.kernels.triton.moe`): loads
+    like the reference, then repacks every expert into the kernel layout once; CUDA-graph safe."""
+
+    def _check_serving(self) -> None:  # no host loop: CUDA graphs are fine
+        pass
+
+    def process_weights_after_loading(self, layer) -> None:
+        super().process_weights_after_loading(layer)
+        from vllm_plugin.kernels.triton.moe import repack_experts  # registers torch.ops.vlmptq.wna16_moe
+
+        def shard(proj: str, e: int, k: int | None) -> tuple:
+            parts = (getattr(layer, f"{proj}_{t}", None) for t in _TENSORS[:3])
+            return tuple(None if p is None else (p[e] if k is None else p[e, k]) for p in parts)
+
+        experts = layer.w13_weight_packed.shape[0]
+        hidden, inter = self.dims["w2"]
+        dt = self.moe.in_dtype
+        w13 = repack_experts([[shard("w13", e, 0), shard("w13", e, 1)] for e in range(experts)], self.scheme.bits,
+                             hidden, dt)
+        w2 = repack_experts([[shard("w2", e, None)] for e in range(experts)], self.scheme.bits, inter, dt)
+        for name in [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(("w13_weight", "w2_weight"))]:
+            delattr(layer, name)
+        for name, t in zip(("w13_qweight", "w13_sz", "w2_qweight", "w2_sz"), (*w13, *w2)):
+            layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+        logger.debug("vlmptq: %s repacked %d experts for the fused MoE kernel", self.prefix, experts)
+
+    def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared_experts=None, shared_experts_input=None) -> torch.Tensor:
+        if x.dtype != self.moe.in_dtype:
+            raise TypeError(f"{self.prefix}: activations are {x.dtype}, the experts were prepared for "
+                            f"{self.moe.in_dtype}")
+        return torch.ops.vlmptq.wna16_moe(x, topk_ids, topk_weights, layer.w13_qweight, layer.w13_sz,
+                                          layer.w2_qweight, layer.w2_sz, self.scheme.bits, self.activation)

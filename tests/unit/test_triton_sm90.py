@@ -63,6 +63,33 @@ CASES = [
     ("sm80-w8-dot-m64-head-g32", 8, 32, 152064, 3584, 64, False, "bfloat16", None, 12.5),  # 11.2; spilled before
 ]
 
+# the fused MoE path's grouped launches (vllm_plugin/kernels/triton/moe.py) with their default tiles, on
+# Qwen3-VL-30B-A3B's experts (128 x [1536 x 2048] gate/up, [2048 x 768] down): name, bits, group, N, K, routed
+# rows (decode: one token, 8 experts; prefill: 4096 tokens), routing weights applied, dtype, max instr/weight
+MOE_CASES = [
+    ("moe-w4-gate_up-decode", 4, 128, 1536, 2048, 8, False, "bfloat16", None),
+    ("moe-w3-down-decode", 3, 128, 2048, 768, 8, True, "bfloat16", None),
+    ("moe-w2-gate_up-decode-fp16", 2, 64, 1536, 2048, 8, False, "float16", None),
+    ("moe-w3-gate_up-prefill", 3, 128, 1536, 2048, 32768, False, "bfloat16", None),
+    ("moe-w4-down-prefill-g32", 4, 32, 2048, 768, 32768, True, "bfloat16", None),
+]
+
+
+def _moe_compile(aot, name, bits, group, n, k, rows, weighted, dtype):
+    import torch
+
+    from vllm_plugin.kernels.triton.moe import moe_config
+
+    cfg = moe_config("meta", bits, group, n, k, -(-rows // 128))
+    launch = aot.meta_moe_launch(bits, n, k, 128, rows, cfg, group, getattr(torch, dtype), weighted)
+    compiled = aot.compile_launch(launch, aot.H100_ARCH)
+    use = aot.resource_usage(compiled)
+    loop = aot.hot_loop(aot.sass(compiled))
+    return {"name": name, "path": "dot", "registers": use.registers, "spills": use.spills,
+            "shared": use.dynamic_shared + use.static_shared, "loop": len(loop),
+            "instr_per_weight": aot.instructions_per_weight(launch, loop),
+            "loads": sorted({op for op in loop if op.startswith(("LDG.", "LDGSTS."))})}
+
 
 def _w8_compile(aot, name, group, n, k, m, bias, dtype, arch):
     import torch
@@ -121,6 +148,14 @@ def _worker() -> None:
         except Exception as e:  # reported per case by the test
             res = {"name": name, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
         print("CASE " + json.dumps(res), flush=True)
+    for name, *case, _ in MOE_CASES:
+        try:
+            res = _moe_compile(aot, name, *case)
+        except aot.AotUnavailable as e:
+            res = {"name": name, "unavailable": str(e)}
+        except Exception as e:
+            res = {"name": name, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
+        print("CASE " + json.dumps(res), flush=True)
 
 
 @pytest.fixture(scope="module", params=list(COMPILERS))
@@ -148,7 +183,7 @@ def compiled(request):
     return cases
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", CASES + MOE_CASES, ids=[c[0] for c in CASES + MOE_CASES])
 def test_compiles_for_sm90_without_spills(compiled, case):
     r = compiled.get(case[0])
     assert r is not None, f"no result for {case[0]}"

@@ -31,6 +31,10 @@ KERNELS: list[tuple[str, str]] = [
 ]
 
 
+# kernels chosen outside this list that VLMPTQ_DISABLED_KERNELS can also name
+OTHER_KERNELS = {"triton_moe": "the fused 2/3/4-bit mixture-of-experts path (vllm_plugin/moe.py)"}
+
+
 class NoKernelError(ConfigError):
     """No kernel in the candidate list can run a layer."""
 
@@ -46,12 +50,10 @@ def disabled_kernels() -> set[str]:
     """Kernel names listed in ``VLMPTQ_DISABLED_KERNELS`` (comma separated, spaces ignored)."""
     raw = os.environ.get(DISABLED_KERNELS_ENV, "")
     names = {n.strip() for n in raw.split(",") if n.strip()}
-    unknown = names - {n for n, _ in KERNELS}
+    known = [n for n, _ in KERNELS] + list(OTHER_KERNELS)
+    unknown = names - set(known)
     if unknown:
-        raise ConfigError(
-            f"{DISABLED_KERNELS_ENV} names unknown kernel(s) {sorted(unknown)}; "
-            f"known kernels are {[n for n, _ in KERNELS]}."
-        )
+        raise ConfigError(f"{DISABLED_KERNELS_ENV} names unknown kernel(s) {sorted(unknown)}; known kernels are {known}.")
     return names
 
 
@@ -105,6 +107,7 @@ __all__ = [
     "KERNELS",
     "Candidate",
     "NoKernelError",
+    "OTHER_KERNELS",
     "WNA16Kernel",
     "WNA16LayerConfig",
     "candidates",

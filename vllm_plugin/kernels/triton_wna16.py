@@ -45,10 +45,24 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 def triton_verdict(kernel: str, config: WNA16LayerConfig, reasons: list[str]) -> tuple[bool, str | None]:
     """``can_implement`` of a Triton kernel (``kernel``: its name in the selection list): the
-    kernel-specific ``reasons`` plus what every Triton kernel here needs (bf16/fp16 activations,
-    groups that are multiples of 32 or per-channel, an sm80+ CUDA GPU, triton), then, once per
-    scheme and device, its first-use self-check against the reference."""
-    reasons = list(reasons)
+    kernel-specific ``reasons`` plus what every Triton kernel here needs (:func:`triton_reasons`), then,
+    once per scheme and device, its first-use self-check against the reference."""
+    reasons = list(reasons) + triton_reasons(config)
+    if reasons:
+        return False, "; ".join(reasons)
+    g = config.group_size
+    if self_check_enabled():  # once per scheme and device: the kernel must match the reference here
+        failed = self_check(config.bits, None if g == config.in_features else g, config.act_dtype,
+                            torch.cuda.current_device(), kernel)
+        if failed:
+            return False, f"failed its self-check on this GPU ({failed}; {SELF_CHECK_ENV}=0 skips the check)"
+    return True, None
+
+
+def triton_reasons(config: WNA16LayerConfig) -> list[str]:
+    """Why no Triton kernel here can take ``config`` (empty: they can): bf16/fp16 activations, groups that
+    are multiples of 32 or per-channel, an sm80+ CUDA GPU, triton installed."""
+    reasons = []
     if config.act_dtype not in SUPPORTED_DTYPES:
         reasons.append(f"activation dtype {config.act_dtype} (takes bfloat16, float16)")
     g, k = config.group_size, config.in_features
@@ -66,13 +80,7 @@ def triton_verdict(kernel: str, config: WNA16LayerConfig, reasons: list[str]) ->
             reasons.append(f"needs compute capability >= 8.0 (bf16 tensor cores), GPU has {major}.{minor}")
     if importlib.util.find_spec("triton") is None:
         reasons.append("triton is not installed")
-    if reasons:
-        return False, "; ".join(reasons)
-    if self_check_enabled():  # once per scheme and device: the kernel must match the reference here
-        failed = self_check(config.bits, None if g == k else g, config.act_dtype, torch.cuda.current_device(), kernel)
-        if failed:
-            return False, f"failed its self-check on this GPU ({failed}; {SELF_CHECK_ENV}=0 skips the check)"
-    return True, None
+    return reasons
 
 
 class TritonWNA16Kernel(WNA16Kernel):

@@ -10,7 +10,8 @@ of non-alphanumerics replaced by ``_``, e.g. ``NVIDIA_H200.json``), or the direc
 Keys: ``w<bits>g<effective group>:<N>x<K>`` (tried first) or ``w<bits>:<N>x<K>``; inside, the
 M-bucket (the smallest listed M >= the call's M, else the largest listed). 2/3/4-bit entries are
 :class:`KernelConfig` s, 8-bit ones (``w8...``, the ``triton_w8`` kernel; per-channel: the group is K)
-:class:`W8Config` s. Unknown fields are an error, so a typo in a hand-edited file is reported instead of
+:class:`W8Config` s. Keys ``moe-w<bits>...`` are the fused mixture-of-experts launches (:mod:`.moe`; their M
+bucket is the routed rows per expert, ``programs`` is ignored). Unknown fields are an error, so a typo in a hand-edited file is reported instead of
 silently ignored.
 """
 
@@ -135,8 +136,8 @@ def gpu_key(device_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
 
 
-def shape_keys(bits: int, group: int, n: int, k: int) -> tuple[str, str]:
-    return f"w{bits}g{group}:{n}x{k}", f"w{bits}:{n}x{k}"
+def shape_keys(bits: int, group: int, n: int, k: int, prefix: str = "") -> tuple[str, str]:
+    return f"{prefix}w{bits}g{group}:{n}x{k}", f"{prefix}w{bits}:{n}x{k}"
 
 
 def config_dirs() -> list[Path]:
@@ -235,10 +236,12 @@ def fit_smem(cfg: KernelConfig, bits: int, arch: int = HOPPER) -> KernelConfig:
     return cfg
 
 
-def tuned_config(device_name: str, bits: int, group: int, n: int, k: int, m: int) -> KernelConfig | W8Config | None:
-    """The tuned config for (GPU, bits, group, N, K, M-bucket), None if the files have none."""
+def tuned_config(device_name: str, bits: int, group: int, n: int, k: int, m: int, prefix: str = ""
+                 ) -> KernelConfig | W8Config | None:
+    """The tuned config for (GPU, bits, group, N, K, M-bucket), None if the files have none; ``prefix`` selects
+    another launch family's keys (``moe-``: the grouped expert GEMMs, M = routed rows per expert)."""
     table = load_table(device_name)
-    for key in shape_keys(bits, group, n, k):
+    for key in shape_keys(bits, group, n, k, prefix):
         buckets = table.get(key)
         if buckets:
             ms = sorted(buckets)

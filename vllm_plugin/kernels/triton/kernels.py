@@ -25,6 +25,8 @@ Per weight: <= 0.5 shift, 0.5 LOP3, 0.5 FMA, the conversion and the MMA (sm_90 S
   ``[128, BLOCK_M]`` slice of ``x^T`` (``out^T = W x^T``: small M sits in the MMA's N dimension,
   M = 1 included), fp32 accumulators.
 * ``_dequant_kernel`` (large prefill): writes ``dequant(W)`` in act dtype for a cuBLAS matmul.
+* ``_moe_mma_kernel`` (mixture of experts, :mod:`.moe`): the MMA loop per (block of one expert's routed rows,
+  N tile), rows gathered, no K split.
 
 The MMA kernel is persistent and splits the tiles x K-blocks iteration space evenly over its
 programs (stream-K); a tile shared by several programs gets its partial sums through an fp32
@@ -306,3 +308,62 @@ def _dequant_kernel(
             tl.store(dst, v, mask=nmask[:, None])
         else:
             tl.store(dst, v, mask=nmask[:, None] & (k < K)[None, :])
+
+
+@triton.jit
+def _moe_mma_kernel(
+    x_ptr, qw_ptr, sz_ptr, out_ptr, rows_ptr, block_expert_ptr, nblocks_ptr, rw_ptr,
+    R, N, K, U, G, ROW_DIV,
+    BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, TPG: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Grouped GEMM of the routed experts (:mod:`.moe`): ``out[r] = dequant(W_e) @ x[r // ROW_DIV]`` for
+    every routed row ``r`` (a (token, slot) pair) of expert ``e``, times the row's routing weight ``rw[r]``
+    if MUL_WEIGHT.
+
+    Rows come sorted by expert in blocks of BLOCK_M (``rows[BLOCK_M * b ...]``, padded with ``R``) that
+    each belong to one expert (``block_expert[b]``); only the first ``nblocks[0]`` blocks are real, the
+    grid covers the most there can be (a shape-only bound) and the rest return at once. Program
+    ``(b, n)`` computes rows block ``b`` x output channels tile ``n`` over the whole K range with the
+    dense kernel's chunk tile and ``tl.dot`` (``out^T = W x^T``); no K split, so no workspace. Weights:
+    ``qw [E, PLANES, N, U]``, ``sz [E, G, N]`` (the dense layout per expert)."""
+    SUB: tl.constexpr = 16
+    CPB: tl.constexpr = BK // 128
+    SCALED: tl.constexpr = BLOCK_M >= 64 or TPG < 4
+    ACT: tl.constexpr = x_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m >= tl.load(nblocks_ptr):
+        return
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    rows = tl.load(rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    mmask = rows < R
+    src = (rows // ROW_DIV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_j = tl.arange(0, SUB)
+    offs_c = tl.arange(0, 128)
+    rz = N >> 31  # an opaque 0, see _lanes
+    w_ptrs = qw_ptr + e * PLANES * N * U + offs_n[:, None] * U + offs_j[None, :]
+    sz_e = sz_ptr + e * G * N
+    x_ptrs = x_ptr + src[None, :] * K + offs_c[:, None]  # [128, BLOCK_M]: the gathered rows' x^T slice
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for b in range(0, U // SUB):
+        w0, w1, w2 = _load_unit(w_ptrs + b * SUB, N * U, nmask[:, None], PLANES)
+        for ci in tl.static_range(CPB):
+            sza, szb, szc, szd = _chunk_sz(sz_e, b * GPB + ci * (GPB // CPB), N, offs_n, nmask, TPG)
+            q = _chunk_tile(w0, w1, w2, sza, szb, szc, szd, 4 * ci, BITS, ACT, BLOCK_N, rz, SCALED, INTERPRET)
+            k0 = b * BK + ci * 128
+            if EVEN_K:
+                xt = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
+            else:
+                xt = tl.load(x_ptrs + k0, mask=mmask[None, :] & ((k0 + offs_c) < K)[:, None], other=0.0)
+            if SCALED:
+                acc = tl.dot(q, xt, acc)
+            else:
+                acc += _scale_zero(sza, ACT)[0][:, None] * tl.dot(q, xt)
+    if MUL_WEIGHT:
+        acc = acc * tl.load(rw_ptr + rows, mask=mmask, other=0.0).to(tl.float32)[None, :]
+    dst = out_ptr + rows[None, :].to(tl.int64) * N + offs_n[:, None]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])

@@ -1,0 +1,289 @@
+"""The fused low-bit mixture-of-experts path (vllm_plugin/kernels/triton/moe.py): routing alignment and expert
+repacking in torch here, the grouped Triton kernel through the Triton interpreter (a subprocess, as in
+test_triton_interpret.py: the interpreter must be on before triton is imported; fp16 only there, bf16 and the
+PTX run in tests/gpu/test_triton_moe.py), and its sm_90 compile in test_triton_sm90.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_plugin.kernels.triton import moe
+from vllm_plugin.kernels.triton.configs import KernelConfig, load_table
+from vllm_plugin.kernels.triton.layout import repack
+
+REPO = Path(__file__).resolve().parents[2]
+
+# name, bits, group (None: per-channel), hidden, intermediate, experts, top-k, tokens, symmetric,
+# (block_m, block_n) of both launches (None: the registered op with its default configs)
+CASES = [
+    ("w2-g32-t1", 2, 32, 256, 128, 4, 2, 1, False, None),
+    ("w3-g64-sym-t5-raggedK", 3, 64, 512, 128, 5, 2, 5, True, (16, 128)),  # I = 128 < W3's 512-column block
+    ("w4-g64-raggedK-t7", 4, 64, 192, 320, 3, 2, 7, False, (16, 128)),  # N = 192: a masked tile
+    ("w4-perchannel-bm64-scaled", 4, None, 256, 128, 4, 3, 40, False, (64, 32)),
+    ("w2-g128-16experts-top4", 2, 128, 256, 256, 16, 4, 3, False, (16, 128)),  # most experts get no row
+    ("w3-g32-blocks-per-expert", 3, 32, 512, 64, 2, 1, 37, False, (16, 128)),  # 3 blocks for one expert
+    ("w4-g32-sym-op-t300", 4, 32, 128, 128, 6, 2, 300, True, None),  # default: 128-row blocks, scaled
+]
+TOLERANCE = 2e-3  # fp16 output rounding; a wrong row, expert or scale gives > 0.1
+
+
+# ----------------------------------------------------------------------------- routing (torch)
+def _check_alignment(ids: torch.Tensor, num_experts: int, bm: int) -> None:
+    rows, block_expert, nblocks = moe.align_routed(ids, num_experts, bm)
+    r = ids.numel()
+    flat = ids.reshape(-1)
+    counts = torch.bincount(flat, minlength=num_experts)
+    want_blocks = int(((counts + bm - 1) // bm).sum())
+    assert int(nblocks) == want_blocks <= block_expert.numel() == moe.block_capacity(r, num_experts, bm)
+    assert rows.numel() == bm * block_expert.numel()
+    real = rows[: want_blocks * bm].view(want_blocks, bm)
+    assert sorted(real[real < r].tolist()) == list(range(r))  # every routed row exactly once
+    assert (rows[want_blocks * bm:] == r).all()
+    for b in range(want_blocks):  # a block holds one expert's rows, in token order
+        got = real[b][real[b] < r]
+        assert len(got) > 0 and (flat[got.long()] == block_expert[b]).all()
+        assert got.tolist() == sorted(got.tolist())
+
+
+@pytest.mark.parametrize("tokens,top_k,experts,bm", [(1, 8, 128, 16), (3, 2, 4, 16), (37, 1, 2, 16),
+                                                      (64, 8, 128, 64), (5, 4, 16, 128)])
+def test_align_routed_covers_every_row_once(tokens, top_k, experts, bm):
+    gen = torch.Generator().manual_seed(tokens * 100 + experts)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    _check_alignment(ids, experts, bm)
+
+
+def test_align_routed_capacity_is_tight_for_skewed_routing():
+    """All rows on one expert, and one row per expert: the two ends of the capacity bound."""
+    _check_alignment(torch.zeros(50, 1, dtype=torch.int64), 8, 16)  # 4 blocks of one expert
+    _check_alignment(torch.arange(8).view(1, 8), 8, 16)  # 8 blocks of one row
+    assert moe.block_capacity(8, 128, 16) == 8 and moe.block_capacity(65536, 128, 64) == 1150
+
+
+def test_repack_experts_stacks_per_expert_repacks():
+    gen = torch.Generator().manual_seed(0)
+    experts = moe.random_experts(3, 128, 96, 3, 32, torch.bfloat16, gen)
+    q, sz = moe.repack_experts(experts["w13"], 3, 128, torch.bfloat16)
+    assert q.shape[:3] == (3, 3, 192) and sz.shape[0] == 3 and sz.shape[2] == 192
+    for e in range(3):
+        gate, up = (repack(*p, 3, 128, torch.bfloat16) for p in experts["w13"][e])
+        assert torch.equal(q[e], torch.cat((gate[0], up[0]), dim=1))
+        assert torch.equal(sz[e], torch.cat((gate[1], up[1]), dim=1))
+    with pytest.raises(ValueError, match="no experts"):
+        moe.repack_experts([], 3, 128, torch.bfloat16)
+
+
+def test_moe_config_tuned_prefix(tmp_path, monkeypatch):
+    """``moe-`` keys of a tuned file drive the grouped launches (M bucket: routed rows per expert); the dense
+    keys of the same shape do not."""
+    entry = {"1": {"path": "dot", "block_n": 32, "block_m": 16, "num_warps": 4, "num_stages": 3}}
+    (tmp_path / "meta.json").write_text(json.dumps({"configs": {
+        "moe-w4g128:1536x2048": entry, "w4g128:768x2048": {"1": {"path": "dot", "block_n": 16}}}}))
+    monkeypatch.setenv("VLMPTQ_TRITON_CONFIG_DIR", str(tmp_path))
+    load_table.cache_clear()
+    moe.moe_config.cache_clear()
+    try:
+        assert moe.moe_config("meta", 4, 128, 1536, 2048, 1) == KernelConfig("dot", block_n=32, num_stages=3)
+        assert moe.moe_config("meta", 4, 128, 768, 2048, 1).block_n == 128  # dense key ignored: the default
+        assert moe.moe_config("meta", 4, 128, 768, 2048, 1000).path == "dot"  # never the dequantize path
+    finally:
+        load_table.cache_clear()
+        moe.moe_config.cache_clear()
+
+
+# ----------------------------------------------------------------------------- kernels (interpreter)
+def _run_case(name, bits, group, hidden, inter, experts, top_k, tokens, sym, tiles) -> dict:
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    ex = moe.random_experts(experts, hidden, inter, bits, group, torch.float16, gen, symmetric=sym)
+    w13 = moe.repack_experts(ex["w13"], bits, hidden, torch.float16)
+    w2 = moe.repack_experts(ex["w2"], bits, inter, torch.float16)
+    x = torch.randn(tokens, hidden, generator=gen).half()
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=-1)
+    if tiles is None:
+        y = torch.ops.vlmptq.wna16_moe(x, ids, weights, *w13, *w2, bits, "silu")
+    else:
+        cfg = KernelConfig("dot", block_m=tiles[0], block_n=tiles[1], num_stages=1)
+        y = moe.fused_moe(x, ids, weights, *w13, *w2, bits, "silu", configs=(cfg, cfg))
+    ref = moe.reference_moe(x, ids, weights, ex, bits, "silu")
+    return {"name": name, "rel_err": ((y.float() - ref).norm() / ref.norm()).item(),
+            "finite": bool(torch.isfinite(y).all()), "shape": list(y.shape), "dtype": str(y.dtype)}
+
+
+def _self_check_verdicts() -> dict:
+    """The first-use check in the interpreter: the kernel passes; a kernel 1 % off, or one that raises, is
+    refused with the reason."""
+    real = moe.fused_moe
+    res = {"name": "self-check", "ok": moe.moe_self_check(2, 64, torch.float16, "cpu")}
+    try:
+        moe.fused_moe = lambda *a, **kw: real(*a, **kw) * 1.01
+        res["off_by_1pc"] = moe._check(4, 32, torch.float16, torch.device("cpu"), TOLERANCE)
+
+        def broken(*a, **kw):
+            raise RuntimeError("PTX does not assemble")
+
+        moe.fused_moe = broken
+        moe._VERDICTS.clear()
+        res["raises"] = moe.moe_self_check(4, 32, torch.float16, "cpu")
+    finally:
+        moe.fused_moe = real
+        moe._VERDICTS.clear()
+    return res
+
+
+def _moe_config(experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype):
+    """vLLM's own description of a MoE block (what its FusedMoE layer hands the quantization method)."""
+    from vllm.model_executor.layers.fused_moe.config import (
+        FusedMoEConfig,
+        FusedMoEParallelConfig,
+        MoEActivation,
+        RoutingMethodType,
+    )
+
+    return FusedMoEConfig(num_experts=experts, experts_per_token=top_k, hidden_dim=hidden, intermediate_size=inter,
+                          num_local_experts=experts, num_logical_experts=experts, activation=MoEActivation.SILU,
+                          device="cpu", routing_method=RoutingMethodType.Renormalize,
+                          moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(), in_dtype=dtype)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without CUDA")
+def test_fused_verdict_says_why_not(monkeypatch):
+    """Where the plugin cannot use the fused kernel, experts_method's log gets the reasons (then vLLM's kernels
+    or the reference serve the block)."""
+    from vllm_plugin.moe import fused_verdict
+    from vllm_plugin.validation import ServingScheme
+
+    cfg = _moe_config(8, 256, 128, 2, torch.bfloat16)
+    ok, why = fused_verdict(cfg, ServingScheme(3, 64, False))
+    assert not ok and why == "needs a CUDA device, the layer is on 'cpu'"
+    ok, why = fused_verdict(cfg, ServingScheme(8, 16, True))
+    assert not ok and "8-bit weights" in why and "group size 16 is not a multiple of 32" in why
+    assert why.count("needs a CUDA device") == 1  # both projections' reasons, once each
+    assert "activation dtype torch.float32" in fused_verdict(_moe_config(8, 256, 128, 2, torch.float32),
+                                                             ServingScheme(4, 64, False))[1]
+    monkeypatch.setenv("VLMPTQ_DISABLED_KERNELS", "triton_moe")
+    assert fused_verdict(cfg, ServingScheme(3, 64, False)) == (False, "disabled by VLMPTQ_DISABLED_KERNELS")
+
+
+def _plugin_methods() -> dict:
+    """vllm_plugin.moe's fused method beside its reference method, with vLLM's own config class, on the same
+    checkpoint tensors handed over as vLLM's loader does (per expert and shard): create_weights, weight_loader,
+    process_weights_after_loading (the repack), apply. (On a CPU experts_method never picks the fused method: it
+    needs CUDA; here it runs on the interpreter.)"""
+    from vllm_plugin.moe import VlmptqFusedMoEMethod, VlmptqReferenceMoEMethod
+    from vllm_plugin.validation import ServingScheme
+
+    e_, h, i, top_k, bits, group = 4, 256, 192, 2, 3, 64
+    cfg = _moe_config(e_, h, i, top_k, torch.float16)
+    gen = torch.Generator().manual_seed(5)
+    ex = moe.random_experts(e_, h, i, bits, group, torch.float16, gen)
+    x = torch.randn(6, h, generator=gen).half()
+    ids = torch.stack([torch.randperm(e_, generator=gen)[:top_k] for _ in range(6)]).to(torch.int32)
+    weights = torch.softmax(torch.randn(6, top_k, generator=gen), dim=-1)
+    ref = moe.reference_moe(x, ids, weights, ex, bits, "silu")
+    res = {"name": "plugin-methods"}
+    for cls in (VlmptqReferenceMoEMethod, VlmptqFusedMoEMethod):
+        method = cls(cfg, ServingScheme(bits, group, False), "model.layers.0.mlp.experts")
+        layer = torch.nn.Module()
+        method.create_weights(layer, e_, h, i, torch.float16)
+        for e in range(e_):
+            for proj, shard, (wp, scale, zp), n, k in [("w13", "w1", ex["w13"][e][0], i, h),
+                                                       ("w13", "w3", ex["w13"][e][1], i, h),
+                                                       ("w2", "w2", ex["w2"][e][0], h, i)]:
+                for t, v in (("weight_packed", wp), ("weight_scale", scale), ("weight_zero_point", zp),
+                             ("weight_shape", torch.tensor([n, k]))):
+                    param = getattr(layer, f"{proj}_{t}")
+                    param.weight_loader(param, v, weight_name=f"experts.{e}.{t}", shard_id=shard, expert_id=e)
+        method.process_weights_after_loading(layer)
+        y = method.apply(layer, x, weights, ids)
+        res[cls.__name__] = {"rel_err": ((y.float() - ref).norm() / ref.norm()).item(), "dtype": str(y.dtype),
+                             "params": sorted(n for n, _ in layer.named_parameters())}
+    return res
+
+
+def _worker() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    for case in CASES:
+        try:
+            res = _run_case(*case)
+        except Exception as e:  # reported per case by the parent test
+            res = {"name": case[0], "error": f"{type(e).__name__}: {e}"}
+        print("CASE " + json.dumps(res), flush=True)
+    for name, run in (("self-check", _self_check_verdicts), ("plugin-methods", _plugin_methods)):
+        try:
+            res = run()
+        except Exception as e:
+            res = {"name": name, "error": f"{type(e).__name__}: {e}"}
+        print("CASE " + json.dumps(res), flush=True)
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, __file__, "--worker"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    results = {}
+    for line in p.stdout.splitlines():
+        if line.startswith("CASE "):
+            r = json.loads(line[5:])
+            results[r["name"]] = r
+    if not results:
+        pytest.fail(f"interpreter worker produced no results (rc={p.returncode}):\n{p.stderr[-3000:]}")
+    return results
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fused_moe_matches_reference(interpreted, case):
+    r = interpreted.get(case[0])
+    assert r is not None, f"case {case[0]} did not run"
+    assert "error" not in r, r["error"]
+    assert r["finite"] and r["shape"] == [case[7], case[3]] and r["dtype"] == "torch.float16"
+    assert r["rel_err"] < TOLERANCE, f"relative error {r['rel_err']:.2e}"
+
+
+def test_moe_self_check_accepts_the_kernel_and_refuses_a_wrong_one(interpreted):
+    r = interpreted.get("self-check")
+    assert r is not None and "error" not in r, r
+    assert r["ok"] is None
+    assert r["off_by_1pc"] and r["off_by_1pc"].startswith("relative error") and "at T = 1 " in r["off_by_1pc"]
+    assert r["raises"] == "RuntimeError: PTX does not assemble"
+
+
+
+def test_plugin_fused_method_matches_its_reference_method(interpreted):
+    r = interpreted.get("plugin-methods")
+    assert r is not None and "error" not in r, r
+    for name in ("VlmptqReferenceMoEMethod", "VlmptqFusedMoEMethod"):
+        assert r[name]["dtype"] == "torch.float16" and r[name]["rel_err"] < TOLERANCE, (name, r[name])
+    assert r["VlmptqFusedMoEMethod"]["params"] == ["w13_qweight", "w13_sz", "w2_qweight", "w2_sz"]
+    assert "w13_weight_packed" in r["VlmptqReferenceMoEMethod"]["params"]
+
+
+
+def test_benchmark_dry_run(tmp_path):
+    """benchmarks/moe_kernels.py --dry: the GPU benchmark's flow on a tiny block (interpreter), its result file."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("TRITON_INTERPRET", None)  # the benchmark sets it itself for --dry
+    p = subprocess.run([sys.executable, "benchmarks/moe_kernels.py", "--dry", "--bits", "4", "--tokens", "3",
+                        "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    data = json.loads(next(tmp_path.glob("moe-kernels-*.json")).read_text())
+    assert {"gpu", "date", "commit", "command", "copy_bw_gbs", "records"} <= set(data)
+    recs = {r["impl"]: r for r in data["records"]}
+    assert set(recs) == {"vlmptq", "bf16"} and all("error" not in r for r in recs.values()), recs
+    assert recs["vlmptq"]["rel_err"] < TOLERANCE and recs["bf16"]["rel_err"] < TOLERANCE
+    assert recs["vlmptq"]["bits"] == 4 and recs["vlmptq"]["t_us"] > 0 and recs["vlmptq"]["experts_touched"] >= 2
+    assert "| 3 | vlmptq | 4 |" in next(tmp_path.glob("moe-kernels-*.md")).read_text()
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker()

@@ -1,0 +1,273 @@
+"""Host side of the fused low-bit mixture-of-experts path: routing alignment, expert repacking, launches, and
+the ``vlmptq::wna16_moe`` op. Imports torch only (triton at the first launch), never vLLM.
+
+``torch.ops.vlmptq.wna16_moe(x, topk_ids, topk_weights, w13_qweight, w13_sz, w2_qweight, w2_sz, bits,
+activation)`` computes, for ``x [T, H]`` routed to ``k`` experts per token,
+
+    out[t] = sum_j topk_weights[t, j] * W2_e @ (act(W1_e @ x[t]) * (W3_e @ x[t])),   e = topk_ids[t, j]
+
+in three steps: (1) :func:`align_routed` sorts the ``R = T * k`` (token, slot) rows by expert into blocks of
+``BLOCK_M`` rows of one expert each (torch, on the device, no host synchronization); (2) the grouped Triton
+kernel (:func:`.kernels._moe_mma_kernel`) runs gate/up on the gathered tokens into ``[R, 2I]``, the activation
+runs in torch, and the kernel runs down on those rows into ``[R, H]``, scaled by the routing weights; (3) the
+``k`` rows of a token are summed. Shapes are fixed by ``T``, ``k`` and ``E`` alone, so CUDA graphs capture it.
+
+Layouts (``E`` experts, ``H`` hidden, ``I`` intermediate; per expert, the dense kernels' layout of
+:mod:`.layout`):
+    w13_qweight int32 [E, PLANES, 2I, U_H]     rows 0..I-1 gate_proj, I..2I-1 up_proj; U_H = pad(H) / VPW
+    w13_sz      int32 [E, pad(H) / ge, 2I]     (scale | zero << 16) words, group-major
+    w2_qweight  int32 [E, PLANES, H, U_I]
+    w2_sz       int32 [E, pad(I) / ge, H]
+(:func:`repack_experts` builds them from the checkpoint's per-expert compressed-tensors tensors.)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from vllm_plugin.kernels.ops import register_op
+from vllm_plugin.kernels.triton.configs import KernelConfig, default_config, fit_smem, tuned_config
+from vllm_plugin.kernels.triton.layout import repack
+from vllm_plugin.kernels.triton.ops import KernelLaunch, _device_info, geometry, interpreting, triton_cdiv
+
+logger = logging.getLogger(f"vllm.plugins.{__name__}")
+
+# the gated activations the fused path takes: act(gate) * up
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}
+TUNED_PREFIX = "moe-"  # tuned-file keys of the MoE launches: moe-w<bits>g<ge>:<N>x<K>
+
+
+# ----------------------------------------------------------------------------- routing
+def block_capacity(rows: int, num_experts: int, block_m: int) -> int:
+    """The most blocks :func:`align_routed` can fill: each expert that gets ``c`` rows fills ``ceil(c / BM)``
+    blocks, so at most ``(R + min(E, R) * (BM - 1)) // BM`` and at most ``R`` (a shape-only bound)."""
+    return max(1, min(rows, (rows + min(num_experts, rows) * (block_m - 1)) // block_m))
+
+
+def align_routed(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the routed rows by expert, padded per expert to whole blocks of ``block_m``.
+
+    ``topk_ids [T, k]`` -> (``rows`` int32 ``[C * BM]``: row ``r = t * k + j`` of each routed (token, slot),
+    expert by expert, in token order within an expert, padded with ``R = T * k``; ``block_expert`` int32
+    ``[C]``: the expert of each block; ``nblocks`` int32 ``[1]``: how many blocks are real), ``C`` from
+    :func:`block_capacity`. Device ops only (no host synchronization): CUDA-graph safe."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    r, dev = flat.numel(), flat.device
+    cap = block_capacity(r, num_experts, block_m)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)  # rows grouped by expert, token order inside
+    expert = flat[order]
+    rank = torch.arange(r, device=dev) - (torch.cumsum(counts, 0) - counts)[expert]  # position within its expert
+    rows = torch.full((cap * block_m,), r, dtype=torch.int32, device=dev)
+    rows.scatter_(0, (ends - padded)[expert] + rank, order.to(torch.int32))
+    block_ends = ends // block_m
+    block_expert = torch.searchsorted(block_ends, torch.arange(cap, device=dev), right=True)
+    block_expert = block_expert.clamp_(max=num_experts - 1).to(torch.int32)
+    return rows, block_expert, block_ends[-1:].to(torch.int32)
+
+
+# ----------------------------------------------------------------------------- weights
+def repack_experts(
+    experts: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]],
+    bits: int, in_features: int, act_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per expert, its projections' checkpoint tensors ``(weight_packed, weight_scale, weight_zero_point)``
+    (one or more shards along N, e.g. gate then up) -> the stacked kernel layout (``qweight [E, PLANES, N, U]``,
+    ``sz [E, G, N]``), filled expert by expert into tensors allocated once (load-time memory: the layout plus
+    one expert's shards)."""
+    qweight = sz = None
+    for e, shards in enumerate(experts):
+        parts = [repack(wp, s, z, bits, in_features, act_dtype)[:2] for wp, s, z in shards]
+        q = torch.cat([p[0] for p in parts], dim=1)
+        g = torch.cat([p[1] for p in parts], dim=1)
+        if qweight is None:
+            qweight = q.new_empty((len(experts), *q.shape))
+            sz = g.new_empty((len(experts), *g.shape))
+        qweight[e].copy_(q)
+        sz[e].copy_(g)
+    if qweight is None:
+        raise ValueError("no experts to repack")
+    return qweight, sz
+
+
+# ----------------------------------------------------------------------------- launches
+@functools.lru_cache(maxsize=4096)
+def moe_config(device: str, bits: int, group: int, n: int, k: int, rows_per_expert: int) -> KernelConfig:
+    """Launch of one grouped GEMM: tuned (``moe-w<b>g<ge>:<N>x<K>`` keys, M bucket = the average routed rows
+    per active expert) or the dense kernel's tile for that many rows (a "dot" tile: the grouped kernel has no
+    dequantize path)."""
+    name, _, arch = _device_info(device)
+    cfg = tuned_config(name, bits, group, n, k, rows_per_expert, prefix=TUNED_PREFIX)
+    if cfg is None or cfg.path != "dot":
+        cfg = default_config(bits, min(rows_per_expert, 256), arch)
+        if cfg.path != "dot":
+            cfg = KernelConfig("dot", block_n=64, block_m=128, num_warps=8, num_stages=2)
+    return fit_smem(replace(cfg, programs=0), bits, arch)
+
+
+def plan_moe_launch(x, qweight, sz, out, rows, block_expert, nblocks, weights, row_div: int, bits: int,
+                    cfg: KernelConfig) -> KernelLaunch:
+    """The grouped launch ``out[r] = dequant(W_e) x[r // row_div]`` (times ``weights[r]`` if given) for the
+    aligned ``rows`` (:func:`align_routed` with ``cfg.block_m``). Allocates nothing (meta tensors work)."""
+    from vllm_plugin.kernels.triton import kernels as K_
+
+    e, _, n, _ = qweight.shape
+    k = x.shape[1]
+    geo = geometry(bits, k, qweight[0], sz[0])
+    grid = (block_expert.shape[0], triton_cdiv(n, cfg.block_n))
+    args = (x, qweight, sz, out, rows, block_expert, nblocks, weights if weights is not None else out,
+            out.shape[0], n, k, geo["U"], sz.shape[1], row_div)
+    meta = dict(BITS=bits, PLANES=geo["PLANES"], BK=geo["BK"], GPB=geo["GPB"], TPG=geo["TPG"], BLOCK_N=cfg.block_n,
+                BLOCK_M=cfg.block_m, MUL_WEIGHT=weights is not None, EVEN_K=geo["EVEN_K"], INTERPRET=interpreting(),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
+    return KernelLaunch(K_._moe_mma_kernel, grid, args, meta)
+
+
+def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13_qweight: torch.Tensor,
+              w13_sz: torch.Tensor, w2_qweight: torch.Tensor, w2_sz: torch.Tensor, bits: int, activation: str,
+              configs: Optional[tuple[KernelConfig, KernelConfig]] = None) -> torch.Tensor:
+    """``x [T, H]`` through its routed experts (module docstring) -> ``[T, H]`` in x's dtype. ``configs``:
+    the (gate/up, down) launches (both must have the same ``block_m``); None: :func:`moe_config`'s."""
+    t, h = x.shape
+    e, _, n13, _ = w13_qweight.shape
+    inter = n13 // 2
+    top_k = topk_ids.shape[1]
+    r = t * top_k
+    if t == 0:
+        return torch.empty_like(x)
+    if configs is None:
+        per_expert = triton_cdiv(r, min(e, r))
+        dev = str(x.device)
+        c13 = moe_config(dev, bits, geometry(bits, h, w13_qweight[0], w13_sz[0])["group"], n13, h, per_expert)
+        c2 = moe_config(dev, bits, geometry(bits, inter, w2_qweight[0], w2_sz[0])["group"], h, inter, per_expert)
+        configs = (c13, replace(c2, block_m=c13.block_m))
+    c13, c2 = configs
+    if c13.block_m != c2.block_m:
+        raise ValueError(f"the two grouped GEMMs share one row alignment: block_m {c13.block_m} != {c2.block_m}")
+    rows, block_expert, nblocks = align_routed(topk_ids, e, c13.block_m)
+    gate_up = torch.empty((r, n13), dtype=x.dtype, device=x.device)
+    plan_moe_launch(x.contiguous(), w13_qweight, w13_sz, gate_up, rows, block_expert, nblocks, None, top_k, bits,
+                    c13).run()
+    hidden = (ACTIVATIONS[activation](gate_up[:, :inter]) * gate_up[:, inter:]).contiguous()
+    down = torch.empty((r, h), dtype=x.dtype, device=x.device)
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    plan_moe_launch(hidden, w2_qweight, w2_sz, down, rows, block_expert, nblocks, weights, 1, bits, c2).run()
+    return down.view(t, top_k, h).sum(dim=1)
+
+
+def _wna16_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13_qweight: torch.Tensor,
+               w13_sz: torch.Tensor, w2_qweight: torch.Tensor, w2_sz: torch.Tensor, bits: int,
+               activation: str) -> torch.Tensor:
+    """The fused routed experts of :func:`fused_moe` with the configured launches."""
+    return fused_moe(x, topk_ids, topk_weights, w13_qweight, w13_sz, w2_qweight, w2_sz, bits, activation)
+
+
+def _wna16_moe_fake(x, topk_ids, topk_weights, w13_qweight, w13_sz, w2_qweight, w2_sz, bits, activation):
+    return torch.empty_like(x)
+
+
+wna16_moe = register_op("wna16_moe", _wna16_moe, _wna16_moe_fake)
+
+
+# ----------------------------------------------------------------------------- first-use check
+_VERDICTS: dict[tuple, Optional[str]] = {}
+
+
+def moe_self_check(bits: int, group_size: Optional[int], act_dtype: torch.dtype, device: torch.device | str
+                   ) -> Optional[str]:
+    """``None`` if the fused path matches the torch reference on ``device`` for this scheme, else why not (once
+    per process and scheme; see :mod:`.selfcheck`): 6 experts, top-2, at 1, 5 and 300 tokens (one block per
+    routed row, partly filled blocks, blocks of 64+ rows with the scales fused into the tile)."""
+    from vllm_plugin.kernels.triton.selfcheck import TOLERANCE
+
+    device = torch.device(device)
+    key = (bits, group_size, act_dtype, str(device))
+    if key not in _VERDICTS:
+        t0 = time.perf_counter()
+        try:
+            _VERDICTS[key] = _check(bits, group_size, act_dtype, device, TOLERANCE[act_dtype])
+        except Exception as e:  # a kernel that cannot run here is refused, not fatal
+            _VERDICTS[key] = f"{type(e).__name__}: {str(e)[:500]}"
+        what = f"w{bits} {'per-channel' if group_size is None else f'g{group_size}'} {str(act_dtype)[6:]} on {device}"
+        if _VERDICTS[key] is None:
+            logger.info("vlmptq: fused MoE kernel self-check passed (%s) in %.1f s", what, time.perf_counter() - t0)
+        else:
+            logger.error("vlmptq: the fused MoE kernel FAILED its self-check (%s): %s. These experts are served by "
+                         "the next MoE path; please report this with the output of "
+                         "`pytest tests/gpu/test_triton_moe.py`", what, _VERDICTS[key])
+    return _VERDICTS[key]
+
+
+def random_experts(num_experts: int, hidden: int, inter: int, bits: int, group_size: Optional[int],
+                   act_dtype: torch.dtype, gen: torch.Generator, symmetric: bool = False) -> dict:
+    """Random checkpoint tensors of ``num_experts`` gated experts (``{"w13": [[gate, up], ...], "w2": [[down],
+    ...]}`` of ``(weight_packed, weight_scale, weight_zero_point)``), for checks and benchmarks."""
+    from vlmptq.checkpoint.packing import pack_columns, pack_rows
+
+    def proj(n: int, k: int):
+        g = k if group_size is None else group_size
+        codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+        scale = ((torch.rand(n, k // g, generator=gen) + 0.5) * 2.0 / (k**0.5 * 2**bits)).to(act_dtype)
+        zp = None if symmetric else pack_columns(torch.randint(0, 2**bits, (n, k // g), generator=gen), bits)
+        return pack_rows(codes, bits), scale, zp
+
+    return {"w13": [[proj(inter, hidden), proj(inter, hidden)] for _ in range(num_experts)],
+            "w2": [[proj(hidden, inter)] for _ in range(num_experts)]}
+
+
+def reference_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: dict, bits: int,
+                  activation: str) -> torch.Tensor:
+    """The routed experts of :func:`random_experts`' layout in fp32 torch (dequantized weights), on x's device."""
+    from vllm_plugin.kernels.reference import dequantize_packed
+
+    hidden = x.shape[1]
+    inter = experts["w13"][0][0][1].shape[0]  # gate_proj's rows
+
+    def dense(t, k):
+        wp, s, z = (None if v is None else v.to(x.device) for v in t)
+        return dequantize_packed(wp, s.float(), z, bits, k)
+
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in topk_ids.unique().tolist():
+        tok, slot = torch.where(topk_ids == e)
+        xe = x[tok].float()
+        gate, up = (xe @ dense(p, hidden).t() for p in experts["w13"][e])
+        y = (ACTIVATIONS[activation](gate) * up) @ dense(experts["w2"][e][0], inter).t()
+        out.index_add_(0, tok, y * topk_weights[tok, slot, None].float())
+    return out
+
+
+def _check(bits: int, group_size: Optional[int], act_dtype: torch.dtype, device: torch.device, tol: float
+           ) -> Optional[str]:
+    hidden, inter, num_experts = (256, 384, 6) if group_size is None else (4 * group_size, 6 * group_size, 6)
+    gen = torch.Generator().manual_seed(7 * bits + (group_size or 0))
+    experts = random_experts(num_experts, hidden, inter, bits, group_size, act_dtype, gen)
+    w13 = repack_experts([[tuple(None if v is None else v.to(device) for v in p) for p in ps] for ps in experts["w13"]],
+                         bits, hidden, act_dtype)
+    w2 = repack_experts([[tuple(None if v is None else v.to(device) for v in p) for p in ps] for ps in experts["w2"]],
+                        bits, inter, act_dtype)
+    for tokens in (1, 5, 300):
+        x = torch.randn(tokens, hidden, generator=gen).to(act_dtype)
+        ids = torch.stack([torch.randperm(num_experts, generator=gen)[:2] for _ in range(tokens)])
+        weights = torch.softmax(torch.randn(tokens, 2, generator=gen), dim=-1)
+        y = torch.ops.vlmptq.wna16_moe(x.to(device), ids.to(device), weights.to(device), *w13, *w2, bits, "silu")
+        y = y.float().cpu()
+        if not torch.isfinite(y).all():
+            return f"non-finite output at T = {tokens}"
+        ref = reference_moe(x, ids, weights, experts, bits, "silu")
+        err = ((y - ref).norm() / ref.norm()).item()
+        if not err < tol:
+            return f"relative error {err:.3g} at T = {tokens} (a correct kernel stays below {tol:g})"
+    return None
