@@ -110,7 +110,7 @@ def main() -> None:
             routes = routings(t, e_, top_k, gen, dev)
             ref = moe.reference_moe(x, *routes[0], ex, bits, "silu")
             touched = sum(len(torch.unique(ids)) for ids, _ in routes) / len(routes)
-            act_bytes = t * h * 2 * 2 + t * top_k * 3 * i * 2 * 2
+            act_bytes = 2 * (2 * t * h + 2 * t * top_k * (i + h))  # x, out; [R, I] and [R, H] written and read
             impls = {"vlmptq": (lambda ids, w: torch.ops.vlmptq.wna16_moe(x, ids, w, *w13, *w2, bits, "silu"),
                                 per_expert),
                      "bf16": (lambda ids, w: bf16_block(x, ids, w, dense["w13"], dense["w2"]), 3 * h * i * 2)}

@@ -5,8 +5,8 @@ vLLM serves a block's experts as one ``RoutedExperts`` layer (gate/up fused as `
 scheme. The checkpoint holds them per expert (``experts.{e}.gate_proj.weight_packed`` ...), as compressed-tensors
 writes them. :func:`experts_method` picks, per block:
 
-1. :class:`VlmptqFusedMoEMethod` for 2 and 3-bit experts on a CUDA GPU (sm80+, bf16/fp16, groups that are
-   multiples of 32 or per-channel; passes its first-use self-check): the grouped Triton kernel of
+1. :class:`VlmptqFusedMoEMethod` for 2 and 3-bit SiLU-gated experts on a CUDA GPU (sm80+, bf16/fp16, groups that
+   are multiples of 32 or per-channel; passes its first-use self-check): the grouped Triton kernel of
    :mod:`vllm_plugin.kernels.triton.moe`, CUDA-graph safe;
 2. vLLM's compressed-tensors MoE method, where vLLM has a kernel for the scheme on this platform (GPU: Marlin /
    Triton WNA16 for 4 and 8 bits; CPU: symmetric 4-bit, group size other than 32, int8 activations);
@@ -45,7 +45,7 @@ from vlmptq.checkpoint.packing import dense_width, pack_rows, unpack_rows_padded
 from vlmptq.errors import CheckpointError, ConfigError
 from vlmptq.models.experts import mix_routed
 from vllm_plugin.kernels.reference import dequantize_packed
-from vllm_plugin.kernels.triton.moe import ACTIVATIONS
+from vllm_plugin.kernels.triton.moe import ACTIVATIONS, FUSED_ACTIVATIONS
 from vllm_plugin.validation import ServingScheme, check_tensor
 
 logger = logging.getLogger(f"vllm.plugins.{__name__}")
@@ -102,8 +102,8 @@ def fused_verdict(moe, scheme: ServingScheme) -> tuple[bool, str | None]:
     for n, k in ((2 * i, h), (h, i)):
         reasons += triton_reasons(WNA16LayerConfig(scheme.bits, scheme.group_len(k), scheme.symmetric, k, n,
                                                    moe.in_dtype, current_platform.device_type))
-    if not moe.is_act_and_mul or moe.activation.value not in ACTIVATIONS:
-        reasons.append(f"activation {moe.activation.value} (takes gated {' / '.join(ACTIVATIONS)})")
+    if not moe.is_act_and_mul or moe.activation.value not in FUSED_ACTIVATIONS:
+        reasons.append(f"activation {moe.activation.value} (takes gated {' / '.join(FUSED_ACTIVATIONS)})")
     if moe.has_bias or getattr(moe, "swiglu_limit", None) is not None:
         reasons.append("experts with biases or a clamped SwiGLU")
     if reasons:

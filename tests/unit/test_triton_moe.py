@@ -23,9 +23,12 @@ from vllm_plugin.kernels.triton.layout import repack
 REPO = Path(__file__).resolve().parents[2]
 
 # name, bits, group (None: per-channel), hidden, intermediate, experts, top-k, tokens, symmetric,
-# (block_m, block_n) of both launches (None: the registered op with its default configs)
+# (block_m, block_n) of both launches (None: the registered op with its default configs), sort the rows by expert
+# (None: the op's choice, moe.sorts)
 CASES = [
-    ("w2-g32-t1", 2, 32, 256, 128, 4, 2, 1, False, None),
+    ("w2-g32-t1", 2, 32, 256, 128, 4, 2, 1, False, None),  # decode: unsorted, a block per routed row
+    ("w4-g128-unsorted-shared-experts", 4, 128, 256, 128, 4, 2, 6, False, (16, 128), False),
+    ("w2-g64-t1-sorted", 2, 64, 256, 128, 4, 2, 1, True, (16, 128), True),
     ("w3-g64-sym-t5-raggedK", 3, 64, 512, 128, 5, 2, 5, True, (16, 128)),  # I = 128 < W3's 512-column block
     ("w4-g64-raggedK-t7", 4, 64, 192, 320, 3, 2, 7, False, (16, 128)),  # N = 192: a masked tile
     ("w4-perchannel-bm64-scaled", 4, None, 256, 128, 4, 3, 40, False, (64, 32)),
@@ -69,17 +72,29 @@ def test_align_routed_capacity_is_tight_for_skewed_routing():
     assert moe.block_capacity(8, 128, 16) == 8 and moe.block_capacity(65536, 128, 64) == 1150
 
 
+def test_rows_are_sorted_beyond_a_few():
+    assert not moe.sorts(8, 128, 8) and not moe.sorts(32, 128, 8) and moe.sorts(33, 128, 8)  # 30B-A3B: T <= 4
+    assert not moe.sorts(2, 8, 2) and moe.sorts(4, 8, 2)  # few experts: only one token's rows go unsorted
+
+
 def test_repack_experts_stacks_per_expert_repacks():
+    """Gate and up rows interleave (gate row j at 2j, up row j at 2j + 1: the kernel's SiLU-and-multiply
+    epilogue finds a pair in one tile); a single projection stacks as repacked."""
     gen = torch.Generator().manual_seed(0)
     experts = moe.random_experts(3, 128, 96, 3, 32, torch.bfloat16, gen)
     q, sz = moe.repack_experts(experts["w13"], 3, 128, torch.bfloat16)
     assert q.shape[:3] == (3, 3, 192) and sz.shape[0] == 3 and sz.shape[2] == 192
     for e in range(3):
         gate, up = (repack(*p, 3, 128, torch.bfloat16) for p in experts["w13"][e])
-        assert torch.equal(q[e], torch.cat((gate[0], up[0]), dim=1))
-        assert torch.equal(sz[e], torch.cat((gate[1], up[1]), dim=1))
+        assert torch.equal(q[e][:, 0::2], gate[0]) and torch.equal(q[e][:, 1::2], up[0])
+        assert torch.equal(sz[e][:, 0::2], gate[1]) and torch.equal(sz[e][:, 1::2], up[1])
+    q2, sz2 = moe.repack_experts(experts["w2"], 3, 96, torch.bfloat16)
+    assert torch.equal(q2[1], repack(*experts["w2"][1][0], 3, 96, torch.bfloat16)[0])
     with pytest.raises(ValueError, match="no experts"):
         moe.repack_experts([], 3, 128, torch.bfloat16)
+    with pytest.raises(ValueError, match="gate and up of one shape"):
+        narrow = moe.random_experts(1, 128, 64, 3, 32, torch.bfloat16, gen)["w13"][0][1]  # up with 64 rows
+        moe.repack_experts([[experts["w13"][0][0], narrow]], 3, 128, torch.bfloat16)
 
 
 def test_moe_config_tuned_prefix(tmp_path, monkeypatch):
@@ -101,7 +116,7 @@ def test_moe_config_tuned_prefix(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- kernels (interpreter)
-def _run_case(name, bits, group, hidden, inter, experts, top_k, tokens, sym, tiles) -> dict:
+def _run_case(name, bits, group, hidden, inter, experts, top_k, tokens, sym, tiles, sort=None) -> dict:
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     ex = moe.random_experts(experts, hidden, inter, bits, group, torch.float16, gen, symmetric=sym)
     w13 = moe.repack_experts(ex["w13"], bits, hidden, torch.float16)
@@ -113,7 +128,7 @@ def _run_case(name, bits, group, hidden, inter, experts, top_k, tokens, sym, til
         y = torch.ops.vlmptq.wna16_moe(x, ids, weights, *w13, *w2, bits, "silu")
     else:
         cfg = KernelConfig("dot", block_m=tiles[0], block_n=tiles[1], num_stages=1)
-        y = moe.fused_moe(x, ids, weights, *w13, *w2, bits, "silu", configs=(cfg, cfg))
+        y = moe.fused_moe(x, ids, weights, *w13, *w2, bits, "silu", configs=(cfg, cfg), sort=sort)
     ref = moe.reference_moe(x, ids, weights, ex, bits, "silu")
     return {"name": name, "rel_err": ((y.float() - ref).norm() / ref.norm()).item(),
             "finite": bool(torch.isfinite(y).all()), "shape": list(y.shape), "dtype": str(y.dtype)}

@@ -65,7 +65,8 @@ CASES = [
 
 # the fused MoE path's grouped launches (vllm_plugin/kernels/triton/moe.py) with their default tiles, on
 # Qwen3-VL-30B-A3B's experts (128 x [1536 x 2048] gate/up, [2048 x 768] down): name, bits, group, N, K, routed
-# rows (decode: one token, 8 experts; prefill: 4096 tokens), routing weights applied, dtype, max instr/weight
+# rows (decode: one token, 8 experts; prefill: 4096 tokens), the down launch (else gate/up with its SiLU-and-
+# multiply epilogue), dtype, max instr/weight
 MOE_CASES = [
     ("moe-w4-gate_up-decode", 4, 128, 1536, 2048, 8, False, "bfloat16", None),
     ("moe-w3-down-decode", 3, 128, 2048, 768, 8, True, "bfloat16", None),
@@ -75,13 +76,14 @@ MOE_CASES = [
 ]
 
 
-def _moe_compile(aot, name, bits, group, n, k, rows, weighted, dtype):
+def _moe_compile(aot, name, bits, group, n, k, rows, down, dtype):
     import torch
 
-    from vllm_plugin.kernels.triton.moe import moe_config
+    from vllm_plugin.kernels.triton.moe import moe_config, sorts
 
-    cfg = moe_config("meta", bits, group, n, k, -(-rows // 128))
-    launch = aot.meta_moe_launch(bits, n, k, 128, rows, cfg, group, getattr(torch, dtype), weighted)
+    sort = sorts(rows, 128, 8)  # decode (8 rows): unsorted, one block per routed row
+    cfg = moe_config("meta", bits, group, n, k, -(-rows // 128) if sort else 1)
+    launch = aot.meta_moe_launch(bits, n, k, 128, rows, cfg, group, getattr(torch, dtype), down, sort)
     compiled = aot.compile_launch(launch, aot.H100_ARCH)
     use = aot.resource_usage(compiled)
     loop = aot.hot_loop(aot.sass(compiled))

@@ -53,7 +53,8 @@ def disabled_kernels() -> set[str]:
     known = [n for n, _ in KERNELS] + list(OTHER_KERNELS)
     unknown = names - set(known)
     if unknown:
-        raise ConfigError(f"{DISABLED_KERNELS_ENV} names unknown kernel(s) {sorted(unknown)}; known kernels are {known}.")
+        raise ConfigError(f"{DISABLED_KERNELS_ENV} names unknown kernel(s) {sorted(unknown)}; "
+                          f"known kernels are {known}.")
     return names
 
 

@@ -101,21 +101,23 @@ def meta_launch(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool
 
 
 def meta_moe_launch(bits: int, n: int, k: int, experts: int, rows: int, cfg: KernelConfig, group: int = 128,
-                    dtype: torch.dtype = torch.bfloat16, weighted: bool = False) -> KernelLaunch:
+                    dtype: torch.dtype = torch.bfloat16, down: bool = False, sort: bool = True) -> KernelLaunch:
     """The fused MoE path's grouped launch (:func:`.moe.plan_moe_launch`) for ``experts`` experts of ``[n, k]``
-    and ``rows`` routed rows, on meta tensors; ``weighted``: the down projection's (routing weights applied)."""
+    and ``rows`` routed rows (top-8 routing), on meta tensors: the gate/up launch (SiLU-and-multiply epilogue)
+    or, ``down``, the down launch (routing weights applied)."""
     from vllm_plugin.kernels.triton.moe import block_capacity, plan_moe_launch
 
     q_shape, sz_shape = kernel_shapes(bits, n, k, group)
     meta = dict(device="meta")
-    cap = block_capacity(rows, experts, cfg.block_m)
     i32 = dict(dtype=torch.int32, **meta)
+    cap = block_capacity(rows, experts, cfg.block_m) if sort else rows
     return plan_moe_launch(torch.empty((rows, k), dtype=dtype, **meta), torch.empty((experts, *q_shape), **i32),
-                           torch.empty((experts, *sz_shape), **i32), torch.empty((rows, n), dtype=dtype, **meta),
+                           torch.empty((experts, *sz_shape), **i32),
+                           torch.empty((rows, n if down else n // 2), dtype=dtype, **meta),
                            torch.empty((cap * cfg.block_m,), **i32), torch.empty((cap,), **i32),
                            torch.empty((1,), **i32),
-                           torch.empty((rows,), dtype=torch.float32, **meta) if weighted else None,
-                           1 if weighted else 8, bits, cfg)  # gate/up: 8 routed rows per token (top-8)
+                           torch.empty((rows,), dtype=torch.float32, **meta) if down else None,
+                           1 if down else 8, bits, cfg, sort, gated=not down)
 
 
 def weights_per_iteration(launch: KernelLaunch) -> int:

@@ -11,8 +11,8 @@ Keys: ``w<bits>g<effective group>:<N>x<K>`` (tried first) or ``w<bits>:<N>x<K>``
 M-bucket (the smallest listed M >= the call's M, else the largest listed). 2/3/4-bit entries are
 :class:`KernelConfig` s, 8-bit ones (``w8...``, the ``triton_w8`` kernel; per-channel: the group is K)
 :class:`W8Config` s. Keys ``moe-w<bits>...`` are the fused mixture-of-experts launches (:mod:`.moe`; their M
-bucket is the routed rows per expert, ``programs`` is ignored). Unknown fields are an error, so a typo in a hand-edited file is reported instead of
-silently ignored.
+bucket is the routed rows per expert, ``programs`` is ignored). Unknown fields are an error, so a typo in a
+hand-edited file is reported instead of silently ignored.
 """
 
 from __future__ import annotations

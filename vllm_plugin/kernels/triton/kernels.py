@@ -316,15 +316,20 @@ def _moe_mma_kernel(
     R, N, K, U, G, ROW_DIV,
     BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, TPG: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    MUL_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr, GATED: tl.constexpr, SORTED: tl.constexpr, EVEN_K: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Grouped GEMM of the routed experts (:mod:`.moe`): ``out[r] = dequant(W_e) @ x[r // ROW_DIV]`` for
     every routed row ``r`` (a (token, slot) pair) of expert ``e``, times the row's routing weight ``rw[r]``
-    if MUL_WEIGHT.
+    if MUL_WEIGHT. GATED (the gate/up launch): W's rows alternate gate and up (row ``2j`` gate_proj row ``j``,
+    ``2j + 1`` up_proj row ``j``), and the epilogue writes ``silu(gate) * up`` (fp32, one rounding) as
+    ``out [R, N / 2]``.
 
     Rows come sorted by expert in blocks of BLOCK_M (``rows[BLOCK_M * b ...]``, padded with ``R``) that
     each belong to one expert (``block_expert[b]``); only the first ``nblocks[0]`` blocks are real, the
-    grid covers the most there can be (a shape-only bound) and the rest return at once. Program
+    grid covers the most there can be (a shape-only bound) and the rest return at once. Unless SORTED (a few
+    rows, e.g. decode) there is no alignment: block ``b`` is routed row ``b`` alone, ``block_expert`` is the
+    routing itself (``topk_ids`` flattened) and the grid has one block per row. Program
     ``(b, n)`` computes rows block ``b`` x output channels tile ``n`` over the whole K range with the
     dense kernel's chunk tile and ``tl.dot`` (``out^T = W x^T``); no K split, so no workspace. Weights:
     ``qw [E, PLANES, N, U]``, ``sz [E, G, N]`` (the dense layout per expert)."""
@@ -334,10 +339,13 @@ def _moe_mma_kernel(
     ACT: tl.constexpr = x_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if pid_m >= tl.load(nblocks_ptr):
-        return
+    if SORTED:
+        if pid_m >= tl.load(nblocks_ptr):
+            return
+        rows = tl.load(rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    else:
+        rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, R)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    rows = tl.load(rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     mmask = rows < R
     src = (rows // ROW_DIV).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -365,5 +373,12 @@ def _moe_mma_kernel(
                 acc += _scale_zero(sza, ACT)[0][:, None] * tl.dot(q, xt)
     if MUL_WEIGHT:
         acc = acc * tl.load(rw_ptr + rows, mask=mmask, other=0.0).to(tl.float32)[None, :]
-    dst = out_ptr + rows[None, :].to(tl.int64) * N + offs_n[:, None]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
+    if GATED:  # rows 2j / 2j+1 of the tile are gate / up of output channel pid_n * BLOCK_N / 2 + j
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N // 2, 2, BLOCK_M)), (0, 2, 1)))
+        offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        dst = out_ptr + rows[None, :].to(tl.int64) * (N // 2) + offs_h[:, None]
+        tl.store(dst, (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty),
+                 mask=(offs_h < N // 2)[:, None] & mmask[None, :])
+    else:
+        dst = out_ptr + rows[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])

@@ -4,18 +4,20 @@ the ``vlmptq::wna16_moe`` op. Imports torch only (triton at the first launch), n
 ``torch.ops.vlmptq.wna16_moe(x, topk_ids, topk_weights, w13_qweight, w13_sz, w2_qweight, w2_sz, bits,
 activation)`` computes, for ``x [T, H]`` routed to ``k`` experts per token,
 
-    out[t] = sum_j topk_weights[t, j] * W2_e @ (act(W1_e @ x[t]) * (W3_e @ x[t])),   e = topk_ids[t, j]
+    out[t] = sum_j topk_weights[t, j] * W2_e @ (silu(W1_e @ x[t]) * (W3_e @ x[t])),   e = topk_ids[t, j]
 
 in three steps: (1) :func:`align_routed` sorts the ``R = T * k`` (token, slot) rows by expert into blocks of
-``BLOCK_M`` rows of one expert each (torch, on the device, no host synchronization); (2) the grouped Triton
-kernel (:func:`.kernels._moe_mma_kernel`) runs gate/up on the gathered tokens into ``[R, 2I]``, the activation
-runs in torch, and the kernel runs down on those rows into ``[R, H]``, scaled by the routing weights; (3) the
-``k`` rows of a token are summed. Shapes are fixed by ``T``, ``k`` and ``E`` alone, so CUDA graphs capture it.
+``BLOCK_M`` rows of one expert each (torch, on the device, no host synchronization; skipped for a few rows, e.g.
+at decode, where every routed row is its own block: :func:`sorts`); (2) the grouped Triton
+kernel (:func:`.kernels._moe_mma_kernel`) runs gate/up on the gathered tokens with SiLU-and-multiply in its
+epilogue into ``[R, I]``, and down on those rows into ``[R, H]``, scaled by the routing weights; (3) the ``k`` rows
+of a token are summed (torch). A decode step is three launches. Shapes are fixed by ``T``, ``k`` and ``E``
+alone, so CUDA graphs capture it.
 
 Layouts (``E`` experts, ``H`` hidden, ``I`` intermediate; per expert, the dense kernels' layout of
 :mod:`.layout`):
-    w13_qweight int32 [E, PLANES, 2I, U_H]     rows 0..I-1 gate_proj, I..2I-1 up_proj; U_H = pad(H) / VPW
-    w13_sz      int32 [E, pad(H) / ge, 2I]     (scale | zero << 16) words, group-major
+    w13_qweight int32 [E, PLANES, 2I, U_H]     row 2j gate_proj row j, row 2j+1 up_proj row j; U_H = pad(H) / VPW
+    w13_sz      int32 [E, pad(H) / ge, 2I]     (scale | zero << 16) words, group-major, rows interleaved alike
     w2_qweight  int32 [E, PLANES, H, U_I]
     w2_sz       int32 [E, pad(I) / ge, H]
 (:func:`repack_experts` builds them from the checkpoint's per-expert compressed-tensors tensors.)
@@ -40,9 +42,10 @@ from vllm_plugin.kernels.triton.ops import KernelLaunch, _device_info, geometry,
 
 logger = logging.getLogger(f"vllm.plugins.{__name__}")
 
-# the gated activations the fused path takes: act(gate) * up
+# gated expert activations, act(gate) * up: the torch reference takes all, the fused kernel SiLU
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}
+FUSED_ACTIVATIONS = ("silu",)
 TUNED_PREFIX = "moe-"  # tuned-file keys of the MoE launches: moe-w<bits>g<ge>:<N>x<K>
 
 
@@ -84,14 +87,17 @@ def repack_experts(
     bits: int, in_features: int, act_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per expert, its projections' checkpoint tensors ``(weight_packed, weight_scale, weight_zero_point)``
-    (one or more shards along N, e.g. gate then up) -> the stacked kernel layout (``qweight [E, PLANES, N, U]``,
-    ``sz [E, G, N]``), filled expert by expert into tensors allocated once (load-time memory: the layout plus
-    one expert's shards)."""
+    (one shard, e.g. down; or gate and up, whose rows are interleaved: gate row j at 2j, up row j at 2j + 1)
+    -> the stacked kernel layout (``qweight [E, PLANES, N, U]``, ``sz [E, G, N]``), filled expert by expert
+    into tensors allocated once (load-time memory: the layout plus one expert's shards)."""
     qweight = sz = None
     for e, shards in enumerate(experts):
         parts = [repack(wp, s, z, bits, in_features, act_dtype)[:2] for wp, s, z in shards]
-        q = torch.cat([p[0] for p in parts], dim=1)
-        g = torch.cat([p[1] for p in parts], dim=1)
+        if len(parts) not in (1, 2) or len({p[0].shape for p in parts}) != 1:
+            raise ValueError(f"expert {e}: expected one projection or gate and up of one shape, got "
+                             f"{[tuple(p[0].shape) for p in parts]}")
+        q = torch.stack([p[0] for p in parts], dim=2).flatten(1, 2)  # [PLANES, N, (shard), U]
+        g = torch.stack([p[1] for p in parts], dim=2).flatten(1, 2)  # [G, N, (shard)]
         if qweight is None:
             qweight = q.new_empty((len(experts), *q.shape))
             sz = g.new_empty((len(experts), *g.shape))
@@ -117,10 +123,19 @@ def moe_config(device: str, bits: int, group: int, n: int, k: int, rows_per_expe
     return fit_smem(replace(cfg, programs=0), bits, arch)
 
 
+def sorts(rows: int, num_experts: int, top_k: int) -> bool:
+    """Whether :func:`fused_moe` aligns ``rows`` routed rows by expert: not for a few rows (decode), where
+    alignment's kernels would cost more than the experts two tokens share (expected share of rows whose expert
+    another row also has: about rows / (2 E) <= 1/8 below the threshold)."""
+    return rows > max(top_k, num_experts // 4)
+
+
 def plan_moe_launch(x, qweight, sz, out, rows, block_expert, nblocks, weights, row_div: int, bits: int,
-                    cfg: KernelConfig) -> KernelLaunch:
+                    cfg: KernelConfig, sort: bool = True, gated: bool = False) -> KernelLaunch:
     """The grouped launch ``out[r] = dequant(W_e) x[r // row_div]`` (times ``weights[r]`` if given) for the
-    aligned ``rows`` (:func:`align_routed` with ``cfg.block_m``). Allocates nothing (meta tensors work)."""
+    aligned ``rows`` (:func:`align_routed` with ``cfg.block_m``); ``sort`` False: one block per routed row, expert
+    ``block_expert[r]`` (the flat routing; ``rows`` and ``nblocks`` unused); ``gated``: W holds interleaved
+    gate/up rows and ``out [R, N / 2]`` gets ``silu(gate) * up``. Allocates nothing (meta tensors work)."""
     from vllm_plugin.kernels.triton import kernels as K_
 
     e, _, n, _ = qweight.shape
@@ -130,25 +145,32 @@ def plan_moe_launch(x, qweight, sz, out, rows, block_expert, nblocks, weights, r
     args = (x, qweight, sz, out, rows, block_expert, nblocks, weights if weights is not None else out,
             out.shape[0], n, k, geo["U"], sz.shape[1], row_div)
     meta = dict(BITS=bits, PLANES=geo["PLANES"], BK=geo["BK"], GPB=geo["GPB"], TPG=geo["TPG"], BLOCK_N=cfg.block_n,
-                BLOCK_M=cfg.block_m, MUL_WEIGHT=weights is not None, EVEN_K=geo["EVEN_K"], INTERPRET=interpreting(),
+                BLOCK_M=cfg.block_m, MUL_WEIGHT=weights is not None, GATED=gated, SORTED=sort, EVEN_K=geo["EVEN_K"],
+                INTERPRET=interpreting(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
     return KernelLaunch(K_._moe_mma_kernel, grid, args, meta)
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13_qweight: torch.Tensor,
               w13_sz: torch.Tensor, w2_qweight: torch.Tensor, w2_sz: torch.Tensor, bits: int, activation: str,
-              configs: Optional[tuple[KernelConfig, KernelConfig]] = None) -> torch.Tensor:
+              configs: Optional[tuple[KernelConfig, KernelConfig]] = None, sort: Optional[bool] = None
+              ) -> torch.Tensor:
     """``x [T, H]`` through its routed experts (module docstring) -> ``[T, H]`` in x's dtype. ``configs``:
-    the (gate/up, down) launches (both must have the same ``block_m``); None: :func:`moe_config`'s."""
+    the (gate/up, down) launches (both must have the same ``block_m``); None: :func:`moe_config`'s. ``sort``:
+    align the rows by expert (None: :func:`sorts`' choice); unsorted, each routed row is its own block, which
+    costs no alignment kernels and re-reads an expert routed from several tokens."""
     t, h = x.shape
     e, _, n13, _ = w13_qweight.shape
     inter = n13 // 2
     top_k = topk_ids.shape[1]
     r = t * top_k
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"the fused MoE kernel computes {' / '.join(FUSED_ACTIVATIONS)}(gate) * up, not {activation}")
     if t == 0:
         return torch.empty_like(x)
+    sort = sorts(r, e, top_k) if sort is None else sort
     if configs is None:
-        per_expert = triton_cdiv(r, min(e, r))
+        per_expert = triton_cdiv(r, min(e, r)) if sort else 1
         dev = str(x.device)
         c13 = moe_config(dev, bits, geometry(bits, h, w13_qweight[0], w13_sz[0])["group"], n13, h, per_expert)
         c2 = moe_config(dev, bits, geometry(bits, inter, w2_qweight[0], w2_sz[0])["group"], h, inter, per_expert)
@@ -156,14 +178,17 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     c13, c2 = configs
     if c13.block_m != c2.block_m:
         raise ValueError(f"the two grouped GEMMs share one row alignment: block_m {c13.block_m} != {c2.block_m}")
-    rows, block_expert, nblocks = align_routed(topk_ids, e, c13.block_m)
-    gate_up = torch.empty((r, n13), dtype=x.dtype, device=x.device)
-    plan_moe_launch(x.contiguous(), w13_qweight, w13_sz, gate_up, rows, block_expert, nblocks, None, top_k, bits,
-                    c13).run()
-    hidden = (ACTIVATIONS[activation](gate_up[:, :inter]) * gate_up[:, inter:]).contiguous()
+    if sort:
+        rows, block_expert, nblocks = align_routed(topk_ids, e, c13.block_m)
+    else:
+        block_expert = topk_ids.reshape(-1)
+        rows = nblocks = block_expert  # unused
+    hidden = torch.empty((r, inter), dtype=x.dtype, device=x.device)
+    plan_moe_launch(x.contiguous(), w13_qweight, w13_sz, hidden, rows, block_expert, nblocks, None, top_k, bits,
+                    c13, sort, gated=True).run()
     down = torch.empty((r, h), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    plan_moe_launch(hidden, w2_qweight, w2_sz, down, rows, block_expert, nblocks, weights, 1, bits, c2).run()
+    plan_moe_launch(hidden, w2_qweight, w2_sz, down, rows, block_expert, nblocks, weights, 1, bits, c2, sort).run()
     return down.view(t, top_k, h).sum(dim=1)
 
 
