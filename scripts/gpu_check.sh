@@ -25,7 +25,7 @@
 #      shapes (issue: VLM-PTQ <= 1.15x GPTQ's time on the GPU) -> $OUT/solvers-<gpu>-<date>.{json,md}, and on
 #      a Qwen3-VL-30B-A3B expert's shapes -> $OUT/solvers-moe-<gpu>-<date>.{json,md}
 # Then, if time remains (~4 min):  PHASES=moe bash scripts/gpu_check.sh
-#   6. pytest tests/gpu/test_triton_moe.py (the fused MoE kernel against the reference, CUDA graphs) and
+#   6. pytest tests/gpu/test_triton_moe_cuda.py (the fused MoE kernel against the reference, CUDA graphs) and
 #      benchmarks/moe_kernels.py (a Qwen3-VL-30B-A3B MoE block, W4/W3/W2 vs bf16 grouped GEMM, T in
 #      {1,16,64,256}) -> $OUT/moe-pytest.log, $OUT/moe-kernels-<gpu>-<date>.{json,md}
 set -uo pipefail
@@ -76,7 +76,7 @@ if [[ ",$PHASES," == *",tests,"* ]]; then
     XDIST=""
     python3 -c "import xdist" 2>/dev/null && XDIST="-n $NPROC"
     timeout -k 5 140 python3 -m pytest tests/gpu -q -ra --tb=short -p no:cacheprovider --confcutdir=tests/gpu \
-        --ignore=tests/gpu/test_triton_moe.py $XDIST --maxfail=25 > "$OUT/pytest.log" 2>&1
+        --ignore=tests/gpu/test_triton_moe_cuda.py $XDIST --maxfail=25 > "$OUT/pytest.log" 2>&1
     TEST_RC=$?
     tail -n 40 "$OUT/pytest.log"
     echo "$(el) pytest exit code $TEST_RC (124 = timed out)"
@@ -106,11 +106,11 @@ fi
 
 MOE_RC="not run"
 if [[ ",$PHASES," == *",moe,"* ]]; then
-    echo "$(el) === fused MoE: pytest tests/gpu/test_triton_moe.py, benchmarks/moe_kernels.py"
+    echo "$(el) === fused MoE: pytest tests/gpu/test_triton_moe_cuda.py, benchmarks/moe_kernels.py"
     NPROC=$(( $(nproc) > 12 ? 12 : $(nproc) ))
     XDIST=""
     python3 -c "import xdist" 2>/dev/null && XDIST="-n $NPROC"
-    timeout -k 5 150 python3 -m pytest tests/gpu/test_triton_moe.py -q -ra --tb=short -p no:cacheprovider \
+    timeout -k 5 150 python3 -m pytest tests/gpu/test_triton_moe_cuda.py -q -ra --tb=short -p no:cacheprovider \
         --confcutdir=tests/gpu $XDIST --maxfail=10 > "$OUT/moe-pytest.log" 2>&1
     MOE_RC="tests $?"
     tail -n 25 "$OUT/moe-pytest.log"

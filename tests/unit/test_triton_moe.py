@@ -1,7 +1,7 @@
 """The fused low-bit mixture-of-experts path (vllm_plugin/kernels/triton/moe.py): routing alignment and expert
 repacking in torch here, the grouped Triton kernel through the Triton interpreter (a subprocess, as in
 test_triton_interpret.py: the interpreter must be on before triton is imported; fp16 only there, bf16 and the
-PTX run in tests/gpu/test_triton_moe.py), and its sm_90 compile in test_triton_sm90.py.
+PTX run in tests/gpu/test_triton_moe_cuda.py), and its sm_90 compile in test_triton_sm90.py.
 """
 
 from __future__ import annotations

@@ -231,7 +231,7 @@ def moe_self_check(bits: int, group_size: Optional[int], act_dtype: torch.dtype,
         else:
             logger.error("vlmptq: the fused MoE kernel FAILED its self-check (%s): %s. These experts are served by "
                          "the next MoE path; please report this with the output of "
-                         "`pytest tests/gpu/test_triton_moe.py`", what, _VERDICTS[key])
+                         "`pytest tests/gpu/test_triton_moe_cuda.py`", what, _VERDICTS[key])
     return _VERDICTS[key]
 
 
