@@ -14,11 +14,12 @@ writes them. :func:`experts_method` picks, per block:
 4. :class:`VlmptqReferenceMoEMethod` for the rest (the CPU's 2/3-bit and asymmetric 4-bit experts): exact, slow
    (each routed expert dequantized per call); on a GPU it needs ``--enforce-eager`` (a host loop).
 
-``VLMPTQ_DISABLED_KERNELS=triton_moe`` removes step 1 and 3. Both vlmptq methods serve one device (tensor
-parallel 1, no expert parallelism).
+``VLMPTQ_DISABLED_KERNELS=triton_moe`` removes step 1 and 3. Both vlmptq methods shard experts by tensor
+parallelism (each rank keeps its slice of the intermediate features, cut from the checkpoint's full tensors
+at load) and refuse expert parallelism.
 
-Checkpoint layout as loaded (one partition; ``E`` experts, ``H`` hidden, ``I`` intermediate, ``b`` bits, groups
-along K):
+Checkpoint layout as loaded (one partition; ``E`` experts, ``H`` hidden, ``I`` this rank's intermediate features,
+``b`` bits, groups along K):
     w13_weight_packed      int32 [E, 2, I, ceil(H*b/32)]   shard 0 gate_proj, 1 up_proj; packed along K
     w13_weight_scale             [E, 2, I, H/g]
     w13_weight_zero_point  int32 [E, 2, ceil(I*b/32), H/g] packed along N (asymmetric only)
@@ -41,7 +42,14 @@ import torch.nn.functional as F
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
-from vlmptq.checkpoint.packing import dense_width, pack_rows, unpack_rows_padded3
+from vlmptq.checkpoint.packing import (
+    dense_width,
+    pack_columns,
+    pack_rows,
+    unpack_columns,
+    unpack_rows,
+    unpack_rows_padded3,
+)
 from vlmptq.errors import CheckpointError, ConfigError
 from vlmptq.models.experts import mix_routed
 from vllm_plugin.kernels.reference import dequantize_packed
@@ -130,11 +138,14 @@ class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
                        params_dtype: torch.dtype, **extra_weight_attrs) -> None:
         moe = self.moe
-        if moe.moe_parallel_config.tp_size != 1 or moe.moe_parallel_config.use_ep:
+        par = moe.moe_parallel_config
+        if par.use_ep:
             raise ConfigError(
-                f"{self.prefix}: vlmptq's MoE paths serve experts on one device (tensor parallel "
-                f"{moe.moe_parallel_config.tp_size}, expert parallel {moe.moe_parallel_config.use_ep}); serve with "
-                "--tensor-parallel-size 1, or quantize the experts at 4 bits, which vLLM's own MoE kernels take")
+                f"{self.prefix}: vlmptq's MoE paths shard experts by tensor parallelism, not expert parallelism; "
+                "serve without --enable-expert-parallel, or quantize the experts at 4 bits, which vLLM's own MoE "
+                "kernels take")
+        self.tp = (par.tp_rank, par.tp_size)
+        self._check_tp(intermediate_size_per_partition)
         self._check_serving()
         if not moe.is_act_and_mul or moe.activation.value not in ACTIVATIONS:
             raise ConfigError(f"{self.prefix}: vlmptq's MoE paths serve gated experts (act(gate) * up) "
@@ -163,6 +174,17 @@ class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
     def _check_serving(self) -> None:
         _check_eager(self.prefix)
 
+    def _check_tp(self, inter: int) -> None:
+        """Each rank holds ``inter`` of the experts' intermediate features: down's input slice must be whole
+        groups."""
+        size = self.tp[1]
+        g = self.scheme.group_size
+        if size > 1 and g != -1 and inter % g:
+            raise ConfigError(
+                f"{self.prefix}: tensor parallel {size} gives each rank {inter} of the experts' {inter * size} "
+                f"intermediate features, not a whole number of group_size={g} groups (down_proj's scales cannot be "
+                f"split there); serve with a tensor-parallel size that divides {inter * size // g}")
+
     def _groups(self, k: int) -> int:
         glen = self.scheme.group_len(k)
         if k % glen:
@@ -173,7 +195,7 @@ class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
         def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, weight_name: str = "", shard_id: str = "",
                  expert_id: int = 0, return_success: bool = False, **_: Any) -> bool | None:
             shard = _SHARD.get(shard_id, 0)
-            n, k = self.dims[proj]
+            n, k = self._full_dims(proj)
             value = loaded_weight
             name = f"{self.prefix}.{expert_id}.{_PROJECTION.get(shard_id, shard_id)}.{tensor}"  # the checkpoint's
             if tensor != "weight_shape":
@@ -183,6 +205,7 @@ class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
                         value = pack_rows(unpack_rows_padded3(value, k), 3)
                     else:
                         value = pack_rows(unpack_rows_padded3(value.t().contiguous(), n), 3).t().contiguous()
+                value = self._rank_slice(proj, tensor, value)
             elif value.tolist() != [n, k]:
                 raise CheckpointError(f"{name}: {value.tolist()}, but the layer's projection is {[n, k]}")
             target = param.data[expert_id, shard] if proj == "w13" else param.data[expert_id]
@@ -191,6 +214,32 @@ class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
             return True if return_success else None
 
         return load
+
+    def _full_dims(self, proj: str) -> tuple[int, int]:
+        """(N, K) of the checkpoint's projection: the intermediate features of every rank."""
+        n, k = self.dims[proj]
+        size = self.tp[1]
+        return (n * size, k) if proj == "w13" else (n, k * size)
+
+    def _rank_slice(self, proj: str, tensor: str, value: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor (validated, dense layout): gate/up keep rows (outputs)
+        ``[r*I_p, (r+1)*I_p)``, down keeps those inputs. Packed dimensions are unpacked, cut and packed again, so
+        any boundary works (3-bit words included)."""
+        rank, size = self.tp
+        if size == 1:
+            return value
+        bits = self.scheme.bits
+        n, k = self.dims[proj]
+        if proj == "w13":
+            if tensor == "weight_zero_point":
+                return pack_columns(unpack_columns(value, bits, n * size)[rank * n:(rank + 1) * n], bits)
+            return value[rank * n:(rank + 1) * n]
+        if tensor == "weight_packed":
+            return pack_rows(unpack_rows(value, bits, k * size)[:, rank * k:(rank + 1) * k], bits)
+        groups = value.shape[1]
+        if groups == 1:  # per-channel: every input slice has the row's one scale / zero point
+            return value
+        return value[:, rank * groups // size:(rank + 1) * groups // size]
 
     def process_weights_after_loading(self, layer) -> None:
         missing = sorted(self.expected - self._loaded)

