@@ -94,6 +94,20 @@ def test_cuda_graph_capture():
         assert torch.equal(out, torch.ops.vlmptq.wna16_moe(x2, ids2, w2_, *w13, *w2, 3, "silu"))
 
 
+@pytest.mark.parametrize("tokens,top_k,experts,bm", [(5, 8, 128, 16), (128, 8, 128, 16), (128, 8, 128, 64),
+                                                      (100, 6, 60, 16), (256, 4, 256, 128), (1, 2, 8, 16)])
+def test_align_kernel_matches_torch(tokens, top_k, experts, bm):
+    """The one-program alignment (batched decode, up to 1024 routed rows) gives align_routed's blocks."""
+    gen = torch.Generator().manual_seed(tokens + experts)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to(torch.int32).cuda()
+    launch, (rows, block_expert, nblocks) = moe.plan_align_launch(ids, experts, bm)
+    launch.run()
+    want_rows, want_experts, want_n = moe.align_routed(ids, experts, bm)
+    n = int(want_n)
+    assert int(nblocks) == n
+    assert torch.equal(rows[:n * bm], want_rows[:n * bm]) and torch.equal(block_expert[:n], want_experts[:n])
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_self_check_passes(bits):
     moe._VERDICTS.clear()

@@ -134,6 +134,27 @@ def _run_case(name, bits, group, hidden, inter, experts, top_k, tokens, sym, til
             "finite": bool(torch.isfinite(y).all()), "shape": list(y.shape), "dtype": str(y.dtype)}
 
 
+ALIGN_CASES = [(1, 8, 128, 16), (3, 2, 4, 16), (37, 1, 2, 16), (64, 8, 128, 64), (5, 4, 16, 128), (100, 6, 60, 16),
+               (128, 8, 128, 16)]  # tokens, top-k, experts, block_m
+
+
+def _align_cases() -> dict:
+    """The one-program Triton alignment against align_routed (torch): the same rows and experts per real block."""
+    bad = []
+    for t, k, e, bm in ALIGN_CASES:
+        gen = torch.Generator().manual_seed(t * 100 + e)
+        ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+        for dtype in (torch.int32, torch.int64):
+            launch, (rows, block_expert, nblocks) = moe.plan_align_launch(ids.to(dtype), e, bm)
+            launch.run()
+            want_rows, want_experts, want_n = moe.align_routed(ids, e, bm)
+            n = int(want_n)
+            if not (int(nblocks) == n and torch.equal(rows[:n * bm], want_rows[:n * bm])
+                    and torch.equal(block_expert[:n], want_experts[:n])):
+                bad.append([t, k, e, bm, str(dtype)])
+    return {"name": "align", "cases": len(ALIGN_CASES) * 2, "mismatches": bad}
+
+
 def _self_check_verdicts() -> dict:
     """The first-use check in the interpreter: the kernel passes; a kernel 1 % off, or one that raises, is
     refused with the reason."""
@@ -256,7 +277,7 @@ def _worker() -> None:
         except Exception as e:  # reported per case by the parent test
             res = {"name": case[0], "error": f"{type(e).__name__}: {e}"}
         print("CASE " + json.dumps(res), flush=True)
-    for name, run in (("self-check", _self_check_verdicts), ("plugin-methods", _plugin_methods)):
+    for name, run in (("align", _align_cases), ("self-check", _self_check_verdicts), ("plugin-methods", _plugin_methods)):
         try:
             res = run()
         except Exception as e:
@@ -286,6 +307,12 @@ def test_fused_moe_matches_reference(interpreted, case):
     assert "error" not in r, r["error"]
     assert r["finite"] and r["shape"] == [case[7], case[3]] and r["dtype"] == "torch.float16"
     assert r["rel_err"] < TOLERANCE, f"relative error {r['rel_err']:.2e}"
+
+
+def test_align_kernel_matches_torch_alignment(interpreted):
+    r = interpreted.get("align")
+    assert r is not None and "error" not in r, r
+    assert r["cases"] == 2 * len(ALIGN_CASES) and r["mismatches"] == []
 
 
 def test_moe_self_check_accepts_the_kernel_and_refuses_a_wrong_one(interpreted):

@@ -26,7 +26,7 @@ Per weight: <= 0.5 shift, 0.5 LOP3, 0.5 FMA, the conversion and the MMA (sm_90 S
   M = 1 included), fp32 accumulators.
 * ``_dequant_kernel`` (large prefill): writes ``dequant(W)`` in act dtype for a cuBLAS matmul.
 * ``_moe_mma_kernel`` (mixture of experts, :mod:`.moe`): the MMA loop per (block of one expert's routed rows,
-  N tile), rows gathered, no K split.
+  N tile), rows gathered, no K split; ``_moe_align_kernel`` sorts the routed rows into those blocks.
 
 The MMA kernel is persistent and splits the tiles x K-blocks iteration space evenly over its
 programs (stream-K); a tile shared by several programs gets its partial sums through an fp32
@@ -382,3 +382,42 @@ def _moe_mma_kernel(
     else:
         dst = out_ptr + rows[None, :].to(tl.int64) * N + offs_n[:, None]
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
+
+
+@triton.jit
+def _moe_align_kernel(ids_ptr, rows_ptr, block_expert_ptr, nblocks_ptr, R, E, CAP,
+                      EP: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """:func:`.moe.align_routed` in one program (its torch version is the reference: same ``rows`` and
+    ``block_expert`` over the ``nblocks`` real blocks; ``rows`` beyond them is left unwritten, nothing reads it).
+
+    Pass 1 counts each expert's rows (one-hot sums over chunks of CHUNK rows; EP = E rounded up to a power of
+    two), then every expert's first slot is the exclusive prefix sum of its count padded to whole blocks. Pass 2
+    places each row at its expert's first slot + the rows of that expert before it (earlier chunks: a running
+    count; this chunk: a prefix sum of the one-hot columns), so rows keep token order within an expert. Then the
+    padding slots of each expert's last block get ``R`` and each block its expert."""
+    offs_e = tl.arange(0, EP)
+    counts = tl.zeros([EP], dtype=tl.int32)
+    for c0 in range(0, R, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < R, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    seen = tl.zeros([EP], dtype=tl.int32)
+    for c0 in range(0, R, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < R, other=-1).to(tl.int32)
+        hit = (ids[:, None] == offs_e[None, :]).to(tl.int32)  # [CHUNK, EP]
+        before = tl.cumsum(hit, axis=0) - hit  # rows of the same expert earlier in this chunk
+        dest = tl.sum(hit * (before + (starts + seen)[None, :]), axis=1)
+        tl.store(rows_ptr + dest, offs, mask=offs < R)
+        seen += tl.sum(hit, axis=0)
+    for j in range(0, BLOCK_M - 1):  # the padding of each expert's last block
+        tl.store(rows_ptr + starts + counts + j, R, mask=counts + j < padded)
+    block_ends = ends // BLOCK_M
+    for b0 in range(0, CAP, CHUNK):
+        b = b0 + tl.arange(0, CHUNK)
+        e = tl.sum((b[:, None] >= block_ends[None, :]).to(tl.int32), axis=1)  # experts wholly before block b
+        tl.store(block_expert_ptr + b, tl.minimum(e, E - 1), mask=b < CAP)
+    tl.store(nblocks_ptr, tl.sum(padded, axis=0) // BLOCK_M)

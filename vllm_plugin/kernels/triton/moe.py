@@ -6,13 +6,14 @@ activation)`` computes, for ``x [T, H]`` routed to ``k`` experts per token,
 
     out[t] = sum_j topk_weights[t, j] * W2_e @ (silu(W1_e @ x[t]) * (W3_e @ x[t])),   e = topk_ids[t, j]
 
-in three steps: (1) :func:`align_routed` sorts the ``R = T * k`` (token, slot) rows by expert into blocks of
-``BLOCK_M`` rows of one expert each (torch, on the device, no host synchronization; skipped for a few rows, e.g.
-at decode, where every routed row is its own block: :func:`sorts`); (2) the grouped Triton
+in three steps: (1) :func:`route` sorts the ``R = T * k`` (token, slot) rows by expert into blocks of ``BLOCK_M``
+rows of one expert each (on the device, no host synchronization: one Triton program up to 1024 rows, else
+:func:`align_routed` in torch; skipped for a few rows, e.g. at decode, where every routed row is its own block:
+:func:`sorts`); (2) the grouped Triton
 kernel (:func:`.kernels._moe_mma_kernel`) runs gate/up on the gathered tokens with SiLU-and-multiply in its
 epilogue into ``[R, I]``, and down on those rows into ``[R, H]``, scaled by the routing weights; (3) the ``k`` rows
-of a token are summed (torch). A decode step is three launches. Shapes are fixed by ``T``, ``k`` and ``E``
-alone, so CUDA graphs capture it.
+of a token are summed (torch). A decode step is three launches, a batch of up to 128 tokens (top-8) four. Shapes are fixed by
+``T``, ``k`` and ``E`` alone, so CUDA graphs capture it.
 
 Layouts (``E`` experts, ``H`` hidden, ``I`` intermediate; per expert, the dense kernels' layout of
 :mod:`.layout`):
@@ -79,6 +80,36 @@ def align_routed(topk_ids: torch.Tensor, num_experts: int, block_m: int
     block_expert = torch.searchsorted(block_ends, torch.arange(cap, device=dev), right=True)
     block_expert = block_expert.clamp_(max=num_experts - 1).to(torch.int32)
     return rows, block_expert, block_ends[-1:].to(torch.int32)
+
+
+ALIGN_KERNEL_MAX_ROWS = 1024  # up to this many routed rows one Triton program aligns them (one launch, not ~25)
+
+
+def plan_align_launch(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                      ) -> tuple[KernelLaunch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`align_routed` as one Triton launch (:func:`.kernels._moe_align_kernel`, a single program: for a
+    few hundred rows, e.g. batched decode), and its outputs once it ran (``rows`` beyond the real blocks
+    unwritten)."""
+    from vllm_plugin.kernels.triton import kernels as K_
+
+    flat = topk_ids.reshape(-1)
+    r, dev = flat.numel(), flat.device
+    cap = block_capacity(r, num_experts, block_m)
+    out = (torch.empty((cap * block_m,), dtype=torch.int32, device=dev),
+           torch.empty((cap,), dtype=torch.int32, device=dev), torch.empty((1,), dtype=torch.int32, device=dev))
+    ep = 1 << max(4, (num_experts - 1).bit_length())
+    meta = dict(EP=ep, BLOCK_M=block_m, CHUNK=min(256, max(16, 4096 // ep)), num_warps=4, num_stages=1)
+    return KernelLaunch(K_._moe_align_kernel, (1,), (flat, *out, r, num_experts, cap), meta), out
+
+
+def route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`align_routed`'s blocks: one Triton launch for up to :data:`ALIGN_KERNEL_MAX_ROWS` rows on a GPU (or
+    in the interpreter), the torch version (about 25 small kernels, parallel) beyond."""
+    if topk_ids.numel() <= ALIGN_KERNEL_MAX_ROWS and (topk_ids.is_cuda or interpreting()):
+        launch, out = plan_align_launch(topk_ids, num_experts, block_m)
+        launch.run()
+        return out
+    return align_routed(topk_ids, num_experts, block_m)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -179,7 +210,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if c13.block_m != c2.block_m:
         raise ValueError(f"the two grouped GEMMs share one row alignment: block_m {c13.block_m} != {c2.block_m}")
     if sort:
-        rows, block_expert, nblocks = align_routed(topk_ids, e, c13.block_m)
+        rows, block_expert, nblocks = route(topk_ids, e, c13.block_m)
     else:
         block_expert = topk_ids.reshape(-1)
         rows = nblocks = block_expert  # unused
