@@ -277,7 +277,8 @@ def _worker() -> None:
         except Exception as e:  # reported per case by the parent test
             res = {"name": case[0], "error": f"{type(e).__name__}: {e}"}
         print("CASE " + json.dumps(res), flush=True)
-    for name, run in (("align", _align_cases), ("self-check", _self_check_verdicts), ("plugin-methods", _plugin_methods)):
+    for name, run in (("align", _align_cases), ("self-check", _self_check_verdicts),
+                      ("plugin-methods", _plugin_methods)):
         try:
             res = run()
         except Exception as e:

@@ -9,11 +9,10 @@ activation)`` computes, for ``x [T, H]`` routed to ``k`` experts per token,
 in three steps: (1) :func:`route` sorts the ``R = T * k`` (token, slot) rows by expert into blocks of ``BLOCK_M``
 rows of one expert each (on the device, no host synchronization: one Triton program up to 1024 rows, else
 :func:`align_routed` in torch; skipped for a few rows, e.g. at decode, where every routed row is its own block:
-:func:`sorts`); (2) the grouped Triton
-kernel (:func:`.kernels._moe_mma_kernel`) runs gate/up on the gathered tokens with SiLU-and-multiply in its
-epilogue into ``[R, I]``, and down on those rows into ``[R, H]``, scaled by the routing weights; (3) the ``k`` rows
-of a token are summed (torch). A decode step is three launches, a batch of up to 128 tokens (top-8) four. Shapes are fixed by
-``T``, ``k`` and ``E`` alone, so CUDA graphs capture it.
+:func:`sorts`); (2) the grouped Triton kernel (:func:`.kernels._moe_mma_kernel`) runs gate/up on the gathered
+tokens with SiLU-and-multiply in its epilogue into ``[R, I]``, and down on those rows into ``[R, H]``, scaled by
+the routing weights; (3) the ``k`` rows of a token are summed (torch). A decode step is three launches, a batch
+of up to 128 tokens (top-8) four. Shapes are fixed by ``T``, ``k`` and ``E`` alone, so CUDA graphs capture it.
 
 Layouts (``E`` experts, ``H`` hidden, ``I`` intermediate; per expert, the dense kernels' layout of
 :mod:`.layout`):
