@@ -71,10 +71,12 @@ def experts_method(layer: torch.nn.Module, prefix: str, scheme: ServingScheme, s
     )
 
     moe = layer.moe_config
-    fused, why_not = fused_verdict(moe, scheme)
-    if fused and scheme.bits < 4:
-        logger.info("vlmptq: %s (%s experts) served by vlmptq's fused Triton MoE kernel", prefix, scheme.describe())
-        return VlmptqFusedMoEMethod(moe, scheme, prefix)
+    if scheme.bits < 4:
+        fused, why_not = fused_verdict(moe, scheme)
+        if fused:
+            logger.info("vlmptq: %s (%s experts) served by vlmptq's fused Triton MoE kernel", prefix,
+                        scheme.describe())
+            return VlmptqFusedMoEMethod(moe, scheme, prefix)
     try:
         method = CompressedTensorsMoEMethod.get_moe_method(stock_config, layer, layer_name=prefix)
         logger.info("vlmptq: %s (%s experts) served by vLLM's %s", prefix, scheme.describe(),
@@ -82,6 +84,8 @@ def experts_method(layer: torch.nn.Module, prefix: str, scheme: ServingScheme, s
         return method
     except (NotImplementedError, KeyError, ValueError) as e:
         stock = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if scheme.bits >= 4:  # vLLM had no kernel: only now is the fused kernel's check worth its cost
+        fused, why_not = fused_verdict(moe, scheme)
     if fused:
         logger.info("vlmptq: %s (%s experts) served by vlmptq's fused Triton MoE kernel (vLLM has none: %s)",
                     prefix, scheme.describe(), stock)
