@@ -23,16 +23,14 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # relative Frobenius error, o
 
 
 def _problem(experts, hidden, inter, bits, group, sym, dtype, tokens, top_k, seed):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     ex = moe.random_experts(experts, hidden, inter, bits, group, dtype, gen, symmetric=sym)
-    cuda = [[tuple(None if v is None else v.cuda() for v in p) for p in ps] for ps in ex["w13"]]
-    w13 = moe.repack_experts(cuda, bits, hidden, dtype)
-    cuda = [[tuple(None if v is None else v.cuda() for v in p) for p in ps] for ps in ex["w2"]]
-    w2 = moe.repack_experts(cuda, bits, inter, dtype)
-    x = torch.randn(tokens, hidden, generator=gen).to(dtype).cuda()
-    scores = torch.randn(tokens, experts, generator=gen)
+    w13 = moe.repack_experts(ex["w13"], bits, hidden, dtype)
+    w2 = moe.repack_experts(ex["w2"], bits, inter, dtype)
+    x = torch.randn(tokens, hidden, generator=gen, device="cuda").to(dtype)
+    scores = torch.randn(tokens, experts, generator=gen, device="cuda")
     weights, ids = torch.softmax(scores, dim=-1).topk(top_k, dim=-1)
-    return ex, w13, w2, x, ids.to(torch.int32).cuda(), (weights / weights.sum(-1, keepdim=True)).cuda()
+    return ex, w13, w2, x, ids.to(torch.int32), weights / weights.sum(-1, keepdim=True)
 
 
 def _check(y, ref, dtype):

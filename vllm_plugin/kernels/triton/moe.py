@@ -268,14 +268,17 @@ def moe_self_check(bits: int, group_size: Optional[int], act_dtype: torch.dtype,
 def random_experts(num_experts: int, hidden: int, inter: int, bits: int, group_size: Optional[int],
                    act_dtype: torch.dtype, gen: torch.Generator, symmetric: bool = False) -> dict:
     """Random checkpoint tensors of ``num_experts`` gated experts (``{"w13": [[gate, up], ...], "w2": [[down],
-    ...]}`` of ``(weight_packed, weight_scale, weight_zero_point)``), for checks and benchmarks."""
+    ...]}`` of ``(weight_packed, weight_scale, weight_zero_point)``) on ``gen``'s device, for checks and
+    benchmarks."""
     from vlmptq.checkpoint.packing import pack_columns, pack_rows
+
+    on = dict(generator=gen, device=gen.device)
 
     def proj(n: int, k: int):
         g = k if group_size is None else group_size
-        codes = torch.randint(0, 2**bits, (n, k), generator=gen)
-        scale = ((torch.rand(n, k // g, generator=gen) + 0.5) * 2.0 / (k**0.5 * 2**bits)).to(act_dtype)
-        zp = None if symmetric else pack_columns(torch.randint(0, 2**bits, (n, k // g), generator=gen), bits)
+        codes = torch.randint(0, 2**bits, (n, k), **on)
+        scale = ((torch.rand(n, k // g, **on) + 0.5) * 2.0 / (k**0.5 * 2**bits)).to(act_dtype)
+        zp = None if symmetric else pack_columns(torch.randint(0, 2**bits, (n, k // g), **on), bits)
         return pack_rows(codes, bits), scale, zp
 
     return {"w13": [[proj(inter, hidden), proj(inter, hidden)] for _ in range(num_experts)],
