@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.case_worker import emit, parse_cases
 from vlmptq.checkpoint.packing import pack_columns, pack_rows
 from vllm_plugin.kernels.triton.configs import KernelConfig, default_config, load_table, select_config
 from vllm_plugin.kernels.triton.layout import (
@@ -432,16 +433,8 @@ def _worker() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     for run, cases in ((_run_case, CASES), (_run_w8_case, W8_CASES)):
         for case in cases:
-            try:
-                res = run(*case)
-            except Exception as e:  # reported per case by the parent test
-                res = {"name": case[0], "error": f"{type(e).__name__}: {e}"}
-            print("CASE " + json.dumps(res), flush=True)
-    try:
-        res = _self_check_verdicts()
-    except Exception as e:
-        res = {"name": "self-check", "error": f"{type(e).__name__}: {e}"}
-    print("CASE " + json.dumps(res), flush=True)
+            emit(case[0], lambda: run(*case))
+    emit("self-check", _self_check_verdicts)
     try:
         for res in _model_cases():
             print("CASE " + json.dumps(res), flush=True)
@@ -476,11 +469,7 @@ def subprocess_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def interpreted(subprocess_runs):
     rc, out, err = subprocess_runs["done"]["worker"]
-    results = {}
-    for line in out.splitlines():
-        if line.startswith("CASE "):
-            r = json.loads(line[5:])
-            results[r["name"]] = r
+    results = parse_cases(out)
     if not results:
         pytest.fail(f"interpreter worker produced no results (rc={rc}):\n{err[-3000:]}")
     return results

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.case_worker import emit, parse_cases
 from vllm_plugin.kernels.triton import moe
 from vllm_plugin.kernels.triton.configs import KernelConfig, load_table
 from vllm_plugin.kernels.triton.layout import repack
@@ -272,18 +273,10 @@ def _plugin_methods() -> dict:
 def _worker() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     for case in CASES:
-        try:
-            res = _run_case(*case)
-        except Exception as e:  # reported per case by the parent test
-            res = {"name": case[0], "error": f"{type(e).__name__}: {e}"}
-        print("CASE " + json.dumps(res), flush=True)
+        emit(case[0], lambda: _run_case(*case))
     for name, run in (("align", _align_cases), ("self-check", _self_check_verdicts),
                       ("plugin-methods", _plugin_methods)):
-        try:
-            res = run()
-        except Exception as e:
-            res = {"name": name, "error": f"{type(e).__name__}: {e}"}
-        print("CASE " + json.dumps(res), flush=True)
+        emit(name, run)
 
 
 @pytest.fixture(scope="module")
@@ -291,11 +284,7 @@ def interpreted():
     env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
     p = subprocess.run([sys.executable, __file__, "--worker"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
-    results = {}
-    for line in p.stdout.splitlines():
-        if line.startswith("CASE "):
-            r = json.loads(line[5:])
-            results[r["name"]] = r
+    results = parse_cases(p.stdout)
     if not results:
         pytest.fail(f"interpreter worker produced no results (rc={p.returncode}):\n{p.stderr[-3000:]}")
     return results

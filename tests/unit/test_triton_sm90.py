@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.case_worker import emit, parse_cases
+
 REPO = Path(__file__).resolve().parents[2]
 # compiler -> folder put first on the worker's PYTHONPATH (None: the venv's own Triton)
 COMPILERS = {"venv": None, "gpu-image": Path(os.environ.get("TRITON_GPU_DIR") or Path(sys.prefix) / "triton-gpu")}
@@ -163,13 +165,8 @@ def _worker() -> None:
             res = {"name": name, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
         print("CASE " + json.dumps(res), flush=True)
     for name, *case, _ in MOE_CASES:
-        try:
-            res = _moe_align_compile(aot) if name == "moe-align" else _moe_compile(aot, name, *case)
-        except aot.AotUnavailable as e:
-            res = {"name": name, "unavailable": str(e)}
-        except Exception as e:
-            res = {"name": name, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
-        print("CASE " + json.dumps(res), flush=True)
+        emit(name, lambda: _moe_align_compile(aot) if name == "moe-align" else _moe_compile(aot, name, *case),
+             (aot.AotUnavailable,))
 
 
 @pytest.fixture(scope="module", params=list(COMPILERS))
@@ -185,11 +182,7 @@ def compiled(request):
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.run([sys.executable, __file__, "--worker"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=900)
-    cases = {}
-    for line in p.stdout.splitlines():
-        if line.startswith("CASE "):
-            r = json.loads(line[5:])
-            cases[r["name"]] = r
+    cases = parse_cases(p.stdout)
     assert cases, f"compile worker printed nothing (rc {p.returncode}):\n{p.stderr[-3000:]}"
     version = cases.pop("triton", {}).get("version")
     if sidecar is not None:

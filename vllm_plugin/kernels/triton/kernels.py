@@ -194,6 +194,32 @@ def _scale_zero(sz, ACT: tl.constexpr):
 
 
 @triton.jit
+def _block_mma(acc, b, w_ptrs, x_ptrs, sz_ptr, N, K, U, offs_n, nmask, mmask, offs_c, rz,
+               BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, TPG: tl.constexpr,
+               BLOCK_N: tl.constexpr, SCALED: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc [BLOCK_N, BLOCK_M]`` plus layout block ``b`` of the rows at ``w_ptrs`` times the activations'
+    ``x^T`` slices at ``x_ptrs`` (``[128, BLOCK_M]`` pointers of columns 0-127): one ``tl.dot`` per 128-column
+    chunk tile (scaled after the dot unless SCALED, see :func:`_mma_kernel`)."""
+    SUB: tl.constexpr = 16
+    CPB: tl.constexpr = BK // 128  # chunks per block
+    ACT: tl.constexpr = x_ptrs.dtype.element_ty
+    w0, w1, w2 = _load_unit(w_ptrs + b * SUB, N * U, nmask[:, None], PLANES)
+    for ci in tl.static_range(CPB):
+        sza, szb, szc, szd = _chunk_sz(sz_ptr, b * GPB + ci * (GPB // CPB), N, offs_n, nmask, TPG)
+        q = _chunk_tile(w0, w1, w2, sza, szb, szc, szd, 4 * ci, BITS, ACT, BLOCK_N, rz, SCALED, INTERPRET)
+        k0 = b * BK + ci * 128
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
+        else:
+            xt = tl.load(x_ptrs + k0, mask=mmask[None, :] & ((k0 + offs_c) < K)[:, None], other=0.0)
+        if SCALED:
+            acc = tl.dot(q, xt, acc)
+        else:
+            acc += _scale_zero(sza, ACT)[0][:, None] * tl.dot(q, xt)
+    return acc
+
+
+@triton.jit
 def _finish(y, offs_n, offs_m, M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr, tile, part, parts, HAS_BIAS: tl.constexpr):
     """Write ``y [BLOCK_N, BLOCK_M]`` (fp32, part ``part`` of ``parts`` of a tile's K range) to
     ``out[m, n]``: directly if it is the whole range, else through the workspace (slot ``part``),
@@ -238,9 +264,7 @@ def _mma_kernel(
     (SCALED) a second packed FMA scales the tile (0.5 per weight, fewer registers, and the only way
     when a chunk holds several groups)."""
     SUB: tl.constexpr = 16
-    CPB: tl.constexpr = BK // 128  # chunks per block
     SCALED: tl.constexpr = BLOCK_M >= 64 or TPG < 4
-    ACT: tl.constexpr = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     nblk = U // SUB
@@ -261,19 +285,8 @@ def _mma_kernel(
         x_ptrs = x_ptr + offs_m[None, :] * K + offs_c[:, None]  # [128, BLOCK_M]: x^T slice
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for b in range(it - t0, b_end):
-            w0, w1, w2 = _load_unit(w_ptrs + b * SUB, N * U, nmask[:, None], PLANES)
-            for ci in tl.static_range(CPB):
-                sza, szb, szc, szd = _chunk_sz(sz_ptr, b * GPB + ci * (GPB // CPB), N, offs_n, nmask, TPG)
-                q = _chunk_tile(w0, w1, w2, sza, szb, szc, szd, 4 * ci, BITS, ACT, BLOCK_N, rz, SCALED, INTERPRET)
-                k0 = b * BK + ci * 128
-                if EVEN_K:
-                    xt = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
-                else:
-                    xt = tl.load(x_ptrs + k0, mask=mmask[None, :] & ((k0 + offs_c) < K)[:, None], other=0.0)
-                if SCALED:
-                    acc = tl.dot(q, xt, acc)
-                else:
-                    acc += _scale_zero(sza, ACT)[0][:, None] * tl.dot(q, xt)
+            acc = _block_mma(acc, b, w_ptrs, x_ptrs, sz_ptr, N, K, U, offs_n, nmask, mmask, offs_c, rz, BITS, PLANES,
+                             BK, GPB, TPG, BLOCK_N, SCALED, EVEN_K, INTERPRET)
         # the programs sharing this tile: those holding its first and its last iteration
         first = ((t0 + 1).to(tl.int64) * n_prog + iters - 1) // iters - 1
         last = ((t0 + nblk).to(tl.int64) * n_prog + iters - 1) // iters - 1
@@ -334,9 +347,7 @@ def _moe_mma_kernel(
     dense kernel's chunk tile and ``tl.dot`` (``out^T = W x^T``); no K split, so no workspace. Weights:
     ``qw [E, PLANES, N, U]``, ``sz [E, G, N]`` (the dense layout per expert)."""
     SUB: tl.constexpr = 16
-    CPB: tl.constexpr = BK // 128
     SCALED: tl.constexpr = BLOCK_M >= 64 or TPG < 4
-    ACT: tl.constexpr = x_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if SORTED:
@@ -358,19 +369,8 @@ def _moe_mma_kernel(
     x_ptrs = x_ptr + src[None, :] * K + offs_c[:, None]  # [128, BLOCK_M]: the gathered rows' x^T slice
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for b in range(0, U // SUB):
-        w0, w1, w2 = _load_unit(w_ptrs + b * SUB, N * U, nmask[:, None], PLANES)
-        for ci in tl.static_range(CPB):
-            sza, szb, szc, szd = _chunk_sz(sz_e, b * GPB + ci * (GPB // CPB), N, offs_n, nmask, TPG)
-            q = _chunk_tile(w0, w1, w2, sza, szb, szc, szd, 4 * ci, BITS, ACT, BLOCK_N, rz, SCALED, INTERPRET)
-            k0 = b * BK + ci * 128
-            if EVEN_K:
-                xt = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
-            else:
-                xt = tl.load(x_ptrs + k0, mask=mmask[None, :] & ((k0 + offs_c) < K)[:, None], other=0.0)
-            if SCALED:
-                acc = tl.dot(q, xt, acc)
-            else:
-                acc += _scale_zero(sza, ACT)[0][:, None] * tl.dot(q, xt)
+        acc = _block_mma(acc, b, w_ptrs, x_ptrs, sz_e, N, K, U, offs_n, nmask, mmask, offs_c, rz, BITS, PLANES, BK,
+                         GPB, TPG, BLOCK_N, SCALED, EVEN_K, INTERPRET)
     if MUL_WEIGHT:
         acc = acc * tl.load(rw_ptr + rows, mask=mmask, other=0.0).to(tl.float32)[None, :]
     if GATED:  # rows 2j / 2j+1 of the tile are gate / up of output channel pid_n * BLOCK_N / 2 + j
