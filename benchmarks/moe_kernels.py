@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15, help="timed graph replays (median reported)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results directory")
     args = ap.parse_args()
+    if not DRY and not torch.cuda.is_available():
+        sys.exit("benchmarks/moe_kernels.py times a CUDA GPU and torch sees none here; --dry runs its flow on the CPU")
     dev = torch.device("cpu" if DRY else "cuda")
     dtype = torch.float16 if DRY else torch.bfloat16  # the interpreter's tl.dot cannot take bf16
     shape = DRY_BLOCK if DRY else BLOCK

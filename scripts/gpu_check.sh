@@ -68,13 +68,13 @@ else
     echo "WARNING: no .whl/ folder (carry=[\".whl\"] and run --download-wheels first); Humming will be skipped"
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# pytest-xdist workers (at most 12) when the image has xdist
+XDIST=""
+python3 -c "import xdist" 2>/dev/null && XDIST="-n $(( $(nproc) > 12 ? 12 : $(nproc) ))"
 
 TEST_RC="not run"
 if [[ ",$PHASES," == *",tests,"* ]]; then
     echo "$(el) === pytest tests/gpu"
-    NPROC=$(( $(nproc) > 12 ? 12 : $(nproc) ))
-    XDIST=""
-    python3 -c "import xdist" 2>/dev/null && XDIST="-n $NPROC"
     timeout -k 5 140 python3 -m pytest tests/gpu -q -ra --tb=short -p no:cacheprovider --confcutdir=tests/gpu \
         --ignore=tests/gpu/test_triton_moe_cuda.py $XDIST --maxfail=25 > "$OUT/pytest.log" 2>&1
     TEST_RC=$?
@@ -107,9 +107,6 @@ fi
 MOE_RC="not run"
 if [[ ",$PHASES," == *",moe,"* ]]; then
     echo "$(el) === fused MoE: pytest tests/gpu/test_triton_moe_cuda.py, benchmarks/moe_kernels.py"
-    NPROC=$(( $(nproc) > 12 ? 12 : $(nproc) ))
-    XDIST=""
-    python3 -c "import xdist" 2>/dev/null && XDIST="-n $NPROC"
     timeout -k 5 150 python3 -m pytest tests/gpu/test_triton_moe_cuda.py -q -ra --tb=short -p no:cacheprovider \
         --confcutdir=tests/gpu $XDIST --maxfail=10 > "$OUT/moe-pytest.log" 2>&1
     MOE_RC="tests $?"
@@ -127,6 +124,11 @@ MD=$(ls -t "$OUT"/kernels-*.md 2>/dev/null | head -1)
 if [[ -n "$MD" ]]; then
     echo "decoder-layer sums (from $(basename "$MD")):"
     awk '/^\| M \| bits/{p=1} p&&/^$/{exit} p' "$MD"
+fi
+MOEMD=$(ls -t "$OUT"/moe-kernels-*.md 2>/dev/null | head -1)
+if [[ -n "$MOEMD" ]]; then
+    echo "fused MoE block (from $(basename "$MOEMD")):"
+    awk '/^\| T \|/{p=1} p' "$MOEMD"
 fi
 ls "$OUT"/tuned/*.json 2>/dev/null | sed 's/^/tuned configs: /'
 echo "files in \$OUT: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
