@@ -54,7 +54,7 @@ from vlmptq.errors import CheckpointError, ConfigError
 from vlmptq.models.experts import mix_routed
 from vllm_plugin.kernels.reference import dequantize_packed
 from vllm_plugin.kernels.triton.moe import ACTIVATIONS, FUSED_ACTIVATIONS
-from vllm_plugin.validation import ServingScheme, check_tensor
+from vllm_plugin.validation import PartitionError, ServingScheme, check_tensor
 
 logger = logging.getLogger(f"vllm.plugins.{__name__}")
 
@@ -104,7 +104,7 @@ def fused_verdict(moe, scheme: ServingScheme) -> tuple[bool, str | None]:
 
     from vllm_plugin.kernels import DISABLED_KERNELS_ENV, disabled_kernels
     from vllm_plugin.kernels.base import WNA16LayerConfig
-    from vllm_plugin.kernels.triton.selfcheck import SELF_CHECK_ENV, self_check_enabled
+    from vllm_plugin.kernels.triton.selfcheck import SELF_CHECK_ENV, self_check, self_check_enabled
     from vllm_plugin.kernels.triton_wna16 import SUPPORTED_BITS, triton_reasons
 
     if "triton_moe" in disabled_kernels():
@@ -121,10 +121,8 @@ def fused_verdict(moe, scheme: ServingScheme) -> tuple[bool, str | None]:
     if reasons:
         return False, "; ".join(dict.fromkeys(reasons))
     if self_check_enabled():
-        from vllm_plugin.kernels.triton.moe import moe_self_check
-
         group = None if scheme.group_size == -1 else scheme.group_size
-        failed = moe_self_check(scheme.bits, group, moe.in_dtype, torch.cuda.current_device())
+        failed = self_check(scheme.bits, group, moe.in_dtype, torch.cuda.current_device(), "triton_moe")
         if failed:
             return False, f"failed its self-check on this GPU ({failed}; {SELF_CHECK_ENV}=0 skips the check)"
     return True, None
@@ -180,11 +178,12 @@ class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
 
     def _check_tp(self, inter: int) -> None:
         """Each rank holds ``inter`` of the experts' intermediate features: down's input slice must be whole
-        groups."""
+        groups (unlike :func:`vllm_plugin.validation.validate_partition`, not whole packed words: the loader
+        unpacks and repacks its slice)."""
         size = self.tp[1]
         g = self.scheme.group_size
         if size > 1 and g != -1 and inter % g:
-            raise ConfigError(
+            raise PartitionError(
                 f"{self.prefix}: tensor parallel {size} gives each rank {inter} of the experts' {inter * size} "
                 f"intermediate features, not a whole number of group_size={g} groups (down_proj's scales cannot be "
                 f"split there); serve with a tensor-parallel size that divides {inter * size // g}")

@@ -122,6 +122,8 @@ def test_tiny_moe_model_through_the_fused_kernel(tmp_path, bits, group, sym):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_self_check_passes(bits):
-    moe._VERDICTS.clear()
-    assert moe.moe_self_check(bits, 64, torch.bfloat16, torch.cuda.current_device()) is None
-    assert moe.moe_self_check(bits, None, torch.float16, torch.cuda.current_device()) is None
+    from vllm_plugin.kernels.triton import selfcheck
+
+    selfcheck._VERDICTS.clear()
+    for group, dtype in ((64, torch.bfloat16), (None, torch.float16)):
+        assert selfcheck.self_check(bits, group, dtype, torch.cuda.current_device(), "triton_moe") is None

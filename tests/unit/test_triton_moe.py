@@ -111,6 +111,10 @@ def test_moe_config_tuned_prefix(tmp_path, monkeypatch):
         assert moe.moe_config("meta", 4, 128, 1536, 2048, 1) == KernelConfig("dot", block_n=32, num_stages=3)
         assert moe.moe_config("meta", 4, 128, 768, 2048, 1).block_n == 128  # dense key ignored: the default
         assert moe.moe_config("meta", 4, 128, 768, 2048, 1000).path == "dot"  # never the dequantize path
+        (tmp_path / "meta.json").write_text(json.dumps({"configs": {"moe-w4:8x256": {"1": {"path": "dequant"}}}}))
+        load_table.cache_clear()
+        with pytest.raises(ValueError, match="bad kernel config file .*moe-w4:8x256: the grouped MoE kernel has only"):
+            moe.moe_config("meta", 4, 128, 8, 256, 1)
     finally:
         load_table.cache_clear()
         moe.moe_config.cache_clear()
@@ -158,22 +162,23 @@ def _align_cases() -> dict:
 
 def _self_check_verdicts() -> dict:
     """The first-use check in the interpreter: the kernel passes; a kernel 1 % off, or one that raises, is
-    refused with the reason."""
+    refused with the reason (through the plugin's shared self-check, kernel "triton_moe")."""
+    from vllm_plugin.kernels.triton import selfcheck
+
     real = moe.fused_moe
-    res = {"name": "self-check", "ok": moe.moe_self_check(2, 64, torch.float16, "cpu")}
+    res = {"name": "self-check", "ok": selfcheck.self_check(2, 64, torch.float16, "cpu", "triton_moe")}
     try:
         moe.fused_moe = lambda *a, **kw: real(*a, **kw) * 1.01
-        res["off_by_1pc"] = moe._check(4, 32, torch.float16, torch.device("cpu"), TOLERANCE)
+        res["off_by_1pc"] = selfcheck.self_check(4, 32, torch.float16, "cpu", "triton_moe")
 
         def broken(*a, **kw):
             raise RuntimeError("PTX does not assemble")
 
         moe.fused_moe = broken
-        moe._VERDICTS.clear()
-        res["raises"] = moe.moe_self_check(4, 32, torch.float16, "cpu")
+        res["raises"] = selfcheck.self_check(4, 64, torch.float16, "cpu", "triton_moe")
     finally:
         moe.fused_moe = real
-        moe._VERDICTS.clear()
+        selfcheck._VERDICTS.clear()
     return res
 
 

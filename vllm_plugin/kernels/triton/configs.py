@@ -11,8 +11,8 @@ Keys: ``w<bits>g<effective group>:<N>x<K>`` (tried first) or ``w<bits>:<N>x<K>``
 M-bucket (the smallest listed M >= the call's M, else the largest listed). 2/3/4-bit entries are
 :class:`KernelConfig` s, 8-bit ones (``w8...``, the ``triton_w8`` kernel; per-channel: the group is K)
 :class:`W8Config` s. Keys ``moe-w<bits>...`` are the fused mixture-of-experts launches (:mod:`.moe`; their M
-bucket is the routed rows per expert, ``programs`` is ignored). Unknown fields are an error, so a typo in a
-hand-edited file is reported instead of silently ignored.
+bucket is the routed rows per expert, path "dot" only, ``programs`` ignored). Unknown fields are an error, so a
+typo in a hand-edited file is reported instead of silently ignored.
 """
 
 from __future__ import annotations
@@ -163,6 +163,8 @@ def load_table(device_name: str) -> dict[str, dict[int, KernelConfig | W8Config]
                 shape = re.fullmatch(r"w8g(\d+):\d+x(\d+)", key)
                 for cfg in table[key].values() if shape else ():
                     cfg.check(int(shape[1]), int(shape[2]))  # a launch the key's layer cannot take
+                if key.startswith("moe-") and any(c.path != "dot" for c in table[key].values()):
+                    raise ValueError(f"{key}: the grouped MoE kernel has only the 'dot' path")
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"bad kernel config file {path}: {e}. Fix or delete it (defaults apply without it).") from e
         logger.info("vlmptq triton: loaded %d tuned shapes from %s", len(raw.get("configs", {})), path)

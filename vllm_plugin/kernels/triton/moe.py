@@ -26,8 +26,6 @@ Layouts (``E`` experts, ``H`` hidden, ``I`` intermediate; per expert, the dense 
 from __future__ import annotations
 
 import functools
-import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Optional
@@ -39,8 +37,6 @@ from vllm_plugin.kernels.ops import register_op
 from vllm_plugin.kernels.triton.configs import KernelConfig, default_config, fit_smem, tuned_config
 from vllm_plugin.kernels.triton.layout import repack
 from vllm_plugin.kernels.triton.ops import KernelLaunch, _device_info, geometry, interpreting, triton_cdiv
-
-logger = logging.getLogger(f"vllm.plugins.{__name__}")
 
 # gated expert activations, act(gate) * up: the torch reference takes all, the fused kernel SiLU
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -145,11 +141,8 @@ def moe_config(device: str, bits: int, group: int, n: int, k: int, rows_per_expe
     per active expert) or the dense kernel's tile for that many rows (a "dot" tile: the grouped kernel has no
     dequantize path)."""
     name, _, arch = _device_info(device)
-    cfg = tuned_config(name, bits, group, n, k, rows_per_expert, prefix=TUNED_PREFIX)
-    if cfg is None or cfg.path != "dot":
-        cfg = default_config(bits, min(rows_per_expert, 256), arch)
-        if cfg.path != "dot":
-            cfg = KernelConfig("dot", block_n=64, block_m=128, num_warps=8, num_stages=2)
+    cfg = (tuned_config(name, bits, group, n, k, rows_per_expert, prefix=TUNED_PREFIX)
+           or default_config(bits, min(rows_per_expert, 256), arch))  # the "dot" tiles up to 256 rows
     return fit_smem(replace(cfg, programs=0), bits, arch)
 
 
@@ -168,8 +161,7 @@ def plan_moe_launch(x, qweight, sz, out, rows, block_expert, nblocks, weights, r
     gate/up rows and ``out [R, N / 2]`` gets ``silu(gate) * up``. Allocates nothing (meta tensors work)."""
     from vllm_plugin.kernels.triton import kernels as K_
 
-    e, _, n, _ = qweight.shape
-    k = x.shape[1]
+    n, k = qweight.shape[2], x.shape[1]
     geo = geometry(bits, k, qweight[0], sz[0])
     grid = (block_expert.shape[0], triton_cdiv(n, cfg.block_n))
     args = (x, qweight, sz, out, rows, block_expert, nblocks, weights if weights is not None else out,
@@ -237,32 +229,7 @@ wna16_moe = register_op("wna16_moe", _wna16_moe, _wna16_moe_fake)
 
 
 # ----------------------------------------------------------------------------- first-use check
-_VERDICTS: dict[tuple, Optional[str]] = {}
-
-
-def moe_self_check(bits: int, group_size: Optional[int], act_dtype: torch.dtype, device: torch.device | str
-                   ) -> Optional[str]:
-    """``None`` if the fused path matches the torch reference on ``device`` for this scheme, else why not (once
-    per process and scheme; see :mod:`.selfcheck`): 6 experts, top-2, at 1, 5 and 300 tokens (one block per
-    routed row, partly filled blocks, blocks of 64+ rows with the scales fused into the tile)."""
-    from vllm_plugin.kernels.triton.selfcheck import TOLERANCE
-
-    device = torch.device(device)
-    key = (bits, group_size, act_dtype, str(device))
-    if key not in _VERDICTS:
-        t0 = time.perf_counter()
-        try:
-            _VERDICTS[key] = _check(bits, group_size, act_dtype, device, TOLERANCE[act_dtype])
-        except Exception as e:  # a kernel that cannot run here is refused, not fatal
-            _VERDICTS[key] = f"{type(e).__name__}: {str(e)[:500]}"
-        what = f"w{bits} {'per-channel' if group_size is None else f'g{group_size}'} {str(act_dtype)[6:]} on {device}"
-        if _VERDICTS[key] is None:
-            logger.info("vlmptq: fused MoE kernel self-check passed (%s) in %.1f s", what, time.perf_counter() - t0)
-        else:
-            logger.error("vlmptq: the fused MoE kernel FAILED its self-check (%s): %s. These experts are served by "
-                         "the next MoE path; please report this with the output of "
-                         "`pytest tests/gpu/test_triton_moe_cuda.py`", what, _VERDICTS[key])
-    return _VERDICTS[key]
+# (run through vllm_plugin.kernels.triton.selfcheck.self_check(..., kernel="triton_moe"), which caches and logs)
 
 
 def random_experts(num_experts: int, hidden: int, inter: int, bits: int, group_size: Optional[int],
@@ -287,28 +254,28 @@ def random_experts(num_experts: int, hidden: int, inter: int, bits: int, group_s
 
 def reference_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: dict, bits: int,
                   activation: str) -> torch.Tensor:
-    """The routed experts of :func:`random_experts`' layout in fp32 torch (dequantized weights), on x's device."""
+    """The routed experts of :func:`random_experts`' layout in fp32 torch (dequantized weights; transformers' loop,
+    :func:`vlmptq.models.experts.mix_routed`), on x's device."""
+    from vlmptq.models.experts import mix_routed
     from vllm_plugin.kernels.reference import dequantize_packed
 
-    hidden = x.shape[1]
-    inter = experts["w13"][0][0][1].shape[0]  # gate_proj's rows
+    hidden, inter = x.shape[1], experts["w13"][0][0][1].shape[0]  # gate_proj's rows
 
     def dense(t, k):
         wp, s, z = (None if v is None else v.to(x.device) for v in t)
         return dequantize_packed(wp, s.float(), z, bits, k)
 
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in topk_ids.unique().tolist():
-        tok, slot = torch.where(topk_ids == e)
-        xe = x[tok].float()
-        gate, up = (xe @ dense(p, hidden).t() for p in experts["w13"][e])
-        y = (ACTIVATIONS[activation](gate) * up) @ dense(experts["w2"][e][0], inter).t()
-        out.index_add_(0, tok, y * topk_weights[tok, slot, None].float())
-    return out
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = (rows @ dense(p, hidden).t() for p in experts["w13"][e])
+        return (ACTIVATIONS[activation](gate) * up) @ dense(experts["w2"][e][0], inter).t()
+
+    return mix_routed(x.float(), topk_ids, topk_weights.float(), len(experts["w2"]), expert)
 
 
-def _check(bits: int, group_size: Optional[int], act_dtype: torch.dtype, device: torch.device, tol: float
-           ) -> Optional[str]:
+def check_fused_moe(bits: int, group_size: Optional[int], act_dtype: torch.dtype, device: torch.device, tol: float
+                    ) -> Optional[str]:
+    """The fused path's first-use check (:mod:`.selfcheck`): None, or why it is wrong here. 6 experts, top-2, at
+    1, 5 and 300 tokens (unsorted rows, partly filled blocks, blocks of 64+ rows with the scales in the tile)."""
     hidden, inter, num_experts = (256, 384, 6) if group_size is None else (4 * group_size, 6 * group_size, 6)
     gen = torch.Generator().manual_seed(7 * bits + (group_size or 0))
     experts = random_experts(num_experts, hidden, inter, bits, group_size, act_dtype, gen)

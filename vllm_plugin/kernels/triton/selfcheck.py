@@ -51,8 +51,9 @@ def self_check_enabled() -> bool:
 
 def self_check(bits: int, group_size: int | None, act_dtype: torch.dtype, device: torch.device | str,
                kernel: str = "triton") -> str | None:
-    """``None`` if ``kernel`` ("triton": 2/3/4-bit, "triton_w8") matches the reference on ``device``
-    for this scheme, else why not (cached per process). ``group_size`` None: per-channel scales."""
+    """``None`` if ``kernel`` ("triton": 2/3/4-bit, "triton_w8", "triton_moe": the fused MoE block) matches the
+    reference on ``device`` for this scheme, else why not (cached per process). ``group_size`` None:
+    per-channel scales."""
     device = torch.device(device)
     key = (kernel, bits, group_size, act_dtype, str(device))
     if key not in _VERDICTS:
@@ -60,11 +61,10 @@ def self_check(bits: int, group_size: int | None, act_dtype: torch.dtype, device
         _VERDICTS[key] = _run(bits, group_size, act_dtype, device, kernel)
         what = f"w{bits} {'per-channel' if group_size is None else f'g{group_size}'} {str(act_dtype)[6:]} on {device}"
         if _VERDICTS[key] is None:
-            logger.info("vlmptq: %s kernel self-check passed (%s, M in %s) in %.1f s", kernel, what, CHECK_ROWS,
-                        time.perf_counter() - t0)
+            logger.info("vlmptq: %s kernel self-check passed (%s) in %.1f s", kernel, what, time.perf_counter() - t0)
         else:
             logger.error("vlmptq: the %s kernel FAILED its self-check (%s): %s. Layers with this scheme are "
-                         "served by the next kernel in the list; please report this with the output of "
+                         "served by the next kernel or MoE path; please report this with the output of "
                          "`pytest %s`.", kernel, what, _VERDICTS[key], _GPU_TESTS[kernel])
     return _VERDICTS[key]
 
@@ -91,11 +91,24 @@ def _w8(wp, scale, zp, bits, k, act_dtype, device):
 
 
 _KERNELS = {"triton": _wna16, "triton_w8": _w8}
-_GPU_TESTS = {"triton": "tests/gpu/test_triton_kernels.py", "triton_w8": "tests/gpu/test_triton_w8.py"}
+_GPU_TESTS = {"triton": "tests/gpu/test_triton_kernels.py", "triton_w8": "tests/gpu/test_triton_w8.py",
+              "triton_moe": "tests/gpu/test_triton_moe_cuda.py"}
 
 
 def _run(bits: int, group_size: int | None, act_dtype: torch.dtype, device: torch.device,
          kernel: str = "triton") -> str | None:
+    try:
+        if kernel == "triton_moe":  # a whole expert block, not one linear: its own problem
+            from vllm_plugin.kernels.triton.moe import check_fused_moe
+
+            return check_fused_moe(bits, group_size, act_dtype, device, TOLERANCE[act_dtype])
+        return _run_linear(bits, group_size, act_dtype, device, kernel)
+    except Exception as e:  # a kernel that cannot run here is refused, not fatal
+        return f"{type(e).__name__}: {str(e)[:500]}"
+
+
+def _run_linear(bits: int, group_size: int | None, act_dtype: torch.dtype, device: torch.device,
+                kernel: str) -> str | None:
     from vllm_plugin.kernels.reference import reference_linear
     from vlmptq.checkpoint.packing import pack_columns, pack_rows
 
@@ -107,20 +120,17 @@ def _run(bits: int, group_size: int | None, act_dtype: torch.dtype, device: torc
     scale = ((torch.rand(CHECK_N, k // group, generator=gen) + 0.5) * 0.02).to(act_dtype)
     bias = torch.randn(CHECK_N, generator=gen).to(act_dtype)
     wp, zp = pack_rows(codes, bits), pack_columns(zeros, bits)
-    try:
-        apply = _KERNELS[kernel](wp, scale, zp, bits, k, act_dtype, device)
-        for m in CHECK_ROWS:
-            x = torch.randn(m, k, generator=gen).to(act_dtype)
-            y, problem = apply(x.to(device), bias.to(device))
-            y = y.float().cpu()
-            ref = reference_linear(x.float(), wp, scale.float(), zp, bits, k, bias.float())
-            if not torch.isfinite(y).all():
-                return f"non-finite output at M = {m}"
-            err = ((y - ref).norm() / ref.norm()).item()
-            if not err < TOLERANCE[act_dtype]:
-                return f"relative error {err:.3g} at M = {m} (a correct kernel stays below {TOLERANCE[act_dtype]:g})"
-            if problem:
-                return f"{problem} at M = {m}"
-    except Exception as e:  # a kernel that cannot run here is refused, not fatal
-        return f"{type(e).__name__}: {str(e)[:500]}"
+    apply = _KERNELS[kernel](wp, scale, zp, bits, k, act_dtype, device)
+    for m in CHECK_ROWS:
+        x = torch.randn(m, k, generator=gen).to(act_dtype)
+        y, problem = apply(x.to(device), bias.to(device))
+        y = y.float().cpu()
+        ref = reference_linear(x.float(), wp, scale.float(), zp, bits, k, bias.float())
+        if not torch.isfinite(y).all():
+            return f"non-finite output at M = {m}"
+        err = ((y - ref).norm() / ref.norm()).item()
+        if not err < TOLERANCE[act_dtype]:
+            return f"relative error {err:.3g} at M = {m} (a correct kernel stays below {TOLERANCE[act_dtype]:g})"
+        if problem:
+            return f"{problem} at M = {m}"
     return None
