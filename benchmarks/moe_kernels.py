@@ -99,13 +99,15 @@ def main() -> None:
     gen = torch.Generator(device=dev).manual_seed(0)  # weights made on the device: 128 experts in seconds
     records = []
     grouped = hasattr(torch, "_grouped_mm") and not DRY
-    for bits in [int(b) for b in args.bits.split(",")]:
+    bit_widths = [int(b) for b in args.bits.split(",")]
+    for bits in bit_widths:
         ex = moe.random_experts(e_, h, i, bits, args.group, dtype, gen)
         w13 = moe.repack_experts(ex["w13"], bits, h, dtype)
         w2 = moe.repack_experts(ex["w2"], bits, i, dtype)
         per_expert = sum(t.numel() * t.element_size() for t in (*w13, *w2)) / e_
+        anchor = bits == bit_widths[0]  # the bf16 anchor is the same for every bit width: once per T
         dense = {"w13": torch.stack([torch.cat([dequantize_packed(*p, bits, h) for p in s]) for s in ex["w13"]]),
-                 "w2": torch.stack([dequantize_packed(*s[0], bits, i) for s in ex["w2"]])}
+                 "w2": torch.stack([dequantize_packed(*s[0], bits, i) for s in ex["w2"]])} if anchor else None
         for t in tokens:
             x = torch.randn(t, h, generator=gen, device=dev).to(dtype)
             routes = routings(t, e_, top_k, gen)
@@ -118,8 +120,8 @@ def main() -> None:
             for impl, (fn, expert_bytes) in impls.items():
                 rec = {"T": t, "impl": impl, "bits": bits if impl == "vlmptq" else None, "group_size": args.group,
                        "experts": e_, "hidden": h, "inter": i, "top_k": top_k, "experts_touched": touched}
-                if impl == "bf16" and bits != int(args.bits.split(",")[0]):
-                    continue  # the anchor is the same for every bit width: once per T
+                if impl == "bf16" and not anchor:
+                    continue
                 try:
                     if impl == "bf16" and grouped:
                         try:
