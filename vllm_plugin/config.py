@@ -8,7 +8,7 @@ disabling plugins with ``VLLM_PLUGINS=""``) keeps vLLM's stock path for the same
 
 Layer rule (:meth:`VlmptqConfig.get_quant_method`): linears named in ``ignore`` (matched with
 vLLM's compressed-tensors helpers, after the model's ``hf_to_vllm_mapper`` renamed the names, and
-across fused qkv / gate_up shards, by ``VLLM_FUSED_LINEARS`` where the model class maps none) and linears
+across fused qkv / gate_up shards, by the model's mapping or vLLM's usual ``VLLM_FUSED_LINEARS``) and linears
 no config group targets get ``UnquantizedLinearMethod``; the others get
 :class:`~vllm_plugin.linear.VlmptqLinearMethod` with their group's scheme. The LM head
 (``ParallelLMHead``) is quantized when a group targets it by name (vlmptq writes
@@ -280,16 +280,17 @@ class VlmptqConfig(QuantizationConfig):
         return self._stock
 
     def _ignored(self, prefix: str) -> bool:
-        """In ``ignore`` by name, or shard by shard through the model's fused mapping; where the model
-        maps no fused name, also through vLLM's usual ones (``VLLM_FUSED_LINEARS``: a model class
-        without a ``packed_modules_mapping``, such as vLLM 0.32's LLaVA-OneVision, would otherwise have
-        its ignored vision ``qkv_proj`` taken as quantized). Ignore means "served unquantized", so an
-        explicit entry for every shard is evidence enough; the model's own mapping wins."""
-        mapping = self.packed_modules_mapping
-        if should_ignore_layer(prefix, ignore=self.ignore, fused_mapping=mapping):
+        """In ``ignore`` by name, or shard by shard through the model's fused mapping, or through vLLM's usual
+        fused names (``VLLM_FUSED_LINEARS``). The second covers a model class without a
+        ``packed_modules_mapping`` (vLLM 0.32's LLaVA-OneVision: its ignored vision ``qkv_proj`` was taken as
+        quantized) and one whose mapping describes another part of the model (GLM-4.1V / 4.5V map
+        ``gate_up_proj`` to itself, the language model's fused tensor on disk, while the vision tower's
+        ``gate_up_proj`` is stored as ``gate_proj`` + ``up_proj``). Ignore means "served unquantized", so an
+        explicit entry for every shard is evidence enough."""
+        if should_ignore_layer(prefix, ignore=self.ignore, fused_mapping=self.packed_modules_mapping):
             return True
-        common = {k: list(v) for k, v in VLLM_FUSED_LINEARS.items() if k not in mapping}
-        return bool(common) and should_ignore_layer(prefix, ignore=self.ignore, fused_mapping=common)
+        common = {k: list(v) for k, v in VLLM_FUSED_LINEARS.items()}
+        return should_ignore_layer(prefix, ignore=self.ignore, fused_mapping=common)
 
     def _target(self, layer: torch.nn.Module, prefix: str) -> str | None:
         return find_matched_target(

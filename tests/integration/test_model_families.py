@@ -1,6 +1,6 @@
-"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3 and Mistral 3 (tiny, random, real
-transformers classes and processors) quantize through the same pipeline as Qwen2-VL and reload from their
-checkpoints to the same weights."""
+"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V and GLM-4.5V (tiny,
+random, real transformers classes and processors) quantize through the same pipeline as Qwen2-VL and reload
+from their checkpoints to the same weights (GLM-4.5V's routed experts: to the same logits)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ from tests.support.tiny_families import build_tiny_family
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "gemma3",
-                                    "mistral3"])
+                                    "mistral3", "glm4v"])
 def test_family_quantizes_and_reloads(family, tiny_qwen2_vl, tmp_path):
     src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
     config = make_config(method="vlmptq", bits=3, group_size=64, calib=CalibConfig(num_samples=2), device="cpu")
     model, result, n = vlmptq.quantize_in_memory(src, config)
-    assert n == 2 and len(result.quantized) == 14
+    per_layer = 6 if family == "glm4v" else 7  # q, k, v, o, gate, up, down; GLM-4.1V stores gate_up as one linear
+    assert n == 2 and len(result.quantized) == 2 * per_layer
     assert all(".layers." in name for name in result.quantized)
-    assert any("vision" in name for name in result.frozen) and "lm_head" in result.frozen
+    assert any("vision" in name or "visual" in name for name in result.frozen) and "lm_head" in result.frozen
     assert all("mu" in r.info for r in result.records)
 
     from vlmptq.checkpoint.writer import save_quantized_checkpoint
@@ -81,3 +82,35 @@ def test_qwen3_vl_deepstack_features_reach_both_streams(tiny_qwen3_vl):
             # the features as the model adds them (the recorders return zeros, so they arrive unrounded)
             assert torch.equal(h, truth[li + 1]), li
             assert (h_plain.float() - truth[li + 1].float()).abs().max().item() > 1e-2  # the features matter
+
+
+def test_glm4_5v_routed_and_shared_experts_quantize_and_reload(tiny_qwen2_vl, tmp_path):
+    """GLM-4.5V: a dense first layer, then routed experts beside a shared expert. Every routed expert and the
+    shared one are quantized (the shared one on every token), the router (with its correction bias) stays
+    16-bit and is named in ``ignore``, and the checkpoint reloads into transformers' own classes as the
+    fake-quant model: the same logits on an image prompt."""
+    from safetensors.torch import load_file
+
+    from vlmptq.checkpoint.writer import save_quantized_checkpoint
+    from tests.support.checkpoints import image_prompt_inputs
+
+    src = build_tiny_family("glm4v_moe", tmp_path / "glm4v_moe", tiny_qwen2_vl)
+    config = make_config(method="vlmptq", bits=3, group_size=64, calib=CalibConfig(num_samples=2), device="cpu")
+    model, result, _ = vlmptq.quantize_in_memory(src, config)
+    layer1 = "model.language_model.layers.1.mlp"
+    routed = {f"{layer1}.experts.{e}.{p}" for e in range(8) for p in ("gate_proj", "up_proj", "down_proj")}
+    shared = {f"{layer1}.shared_experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert routed | shared <= set(result.quantized) and len(result.quantized) == 4 + 3 + 4 + 24 + 3
+    assert f"{layer1}.gate" in result.frozen
+    out = tmp_path / "ckpt"
+    save_quantized_checkpoint(model, result.quantized, out, scheme=config.scheme, ignore=result.frozen, source_dir=src)
+    keys = {k for f in out.glob("*.safetensors") for k in load_file(f)}
+    assert {f"{layer1}.gate.weight", f"{layer1}.gate.e_score_correction_bias"} <= keys
+    assert all(f"{m}.weight_packed" in keys for m in routed | shared)
+    # transformers' eager expert loop, which ours follows to the bit (its default for GLM-4.5V, grouped_mm,
+    # rounds differently in bf16)
+    fresh = AutoModelForImageTextToText.from_pretrained(dense_copy(out, tmp_path / "dense"),
+                                                        experts_implementation="eager").eval()
+    inputs = image_prompt_inputs(src)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)

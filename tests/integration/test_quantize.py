@@ -315,6 +315,30 @@ def test_weights_the_config_does_not_describe_are_refused(tiny_qwen2_vl, tmp_pat
     _untouched(tmp_path / "out", None)
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_tensors_the_model_does_not_use_are_named(tiny_qwen2_vl, tmp_path, caplog, lazy):
+    """Tensors transformers does not load (GLM-4.5V's multi-token-prediction layer) are left out of the output;
+    a warning names them, where the run used to drop them without a word."""
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "extra"
+    shutil.copytree(tiny_qwen2_vl, src)
+    tensors = load_file(src / "model.safetensors")
+    extra = next(k for k in tensors if k.endswith("layers.1.mlp.down_proj.weight")).replace("layers.1.", "layers.2.")
+    tensors[extra] = torch.zeros(4, 4, dtype=torch.bfloat16)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="vlmptq"):
+        vlmptq.quantize(src, tmp_path / "out", make_config(method="rtn", group_size=32, lazy_load=lazy))
+    assert re.search(r"1 tensor\(s\) in its files are not part of the model .* "
+                     r"\(\S*layers\.2\.mlp\.down_proj\.weight\); they are not quantized and not written",
+                     caplog.text), caplog.text
+    written = {k for f in (tmp_path / "out").glob("*.safetensors") for k in load_file(f)}
+    assert not any(".layers.2." in k for k in written)
+
+
 def test_model_folder_without_processor_files_fails_before_loading(tiny_qwen2_vl, tmp_path):
     """Weights and config but no tokenizer / preprocessor files: calibration cannot encode a sample,
     so the run stops before the weights load, says which files to copy, and writes nothing."""

