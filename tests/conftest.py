@@ -39,6 +39,20 @@ def tiny_qwen3_vl_moe(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_5(tmp_path_factory):
+    """A tiny random Qwen3.5 (4 decoder layers: three Gated DeltaNet linear-attention layers, then one full
+    attention layer)."""
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen3-5"), arch="qwen3_5", num_layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_5_moe(tmp_path_factory):
+    """The same with a mixture-of-experts MLP in every layer: 8 routed experts (2 per token) and a gated shared
+    expert."""
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen3-5-moe"), arch="qwen3_5_moe", num_layers=4)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2_vl_tied(tmp_path_factory):
     """A tiny Qwen2-VL with tied embeddings and a 2040-token vocabulary: quantizing the LM head must
     untie it; vLLM pads the head to 2048 rows (8 zero rows), and 3-bit zero points end mid-word

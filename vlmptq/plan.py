@@ -79,7 +79,8 @@ class QuantizationPlan:
         lines += ["", f"16-bit: {len(self.kept_linears)} decoder linears kept by --ignore"
                       + (f" ({', '.join(self.kept_linears[:3])}{', ...' if len(self.kept_linears) > 3 else ''})"
                          if self.kept_linears else "")
-                  + f"; {self.other_params:,d} other parameters (embeddings, norms, vision tower, projector"
+                  + f"; {self.other_params:,d} other parameters (embeddings, norms, routers and gates, vision tower, "
+                    "projector"
                   + (", lm_head" if not any(s.scheme.startswith("lm_head") for s in self.shares) else "") + ")",
                   f"checkpoint  {_size(self.nbytes)} ({total16 / self.nbytes:.2f}x smaller than {_size(total16)} "
                   f"at 16 bits)"]

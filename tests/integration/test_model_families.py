@@ -114,3 +114,63 @@ def test_glm4_5v_routed_and_shared_experts_quantize_and_reload(tiny_qwen2_vl, tm
     inputs = image_prompt_inputs(src)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_hybrid_layers_quantize_and_reload(arch, request, tmp_path):
+    """Qwen3.5: three Gated DeltaNet layers, then a full attention layer. Each layer is run with the arguments
+    the model gives that kind of layer (its own mask), so the pipeline's propagated inputs are the model's own;
+    DeltaNet's in_proj_qkv / in_proj_z / out_proj are quantized, its in_proj_b / in_proj_a and the MoE's
+    shared_expert_gate stay 16-bit and are named in ``ignore``; the checkpoint reloads to the same logits."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from vlmptq.checkpoint.writer import save_quantized_checkpoint
+    from vlmptq.models.adapters import load_model
+    from vlmptq.pipeline.capture import advance
+    from vlmptq.pipeline.sequential import _capture_streams
+    from tests.support.checkpoints import image_prompt_inputs
+
+    src = request.getfixturevalue(f"tiny_{arch}")
+    inputs = image_prompt_inputs(src)
+    model, adapter = load_model(src, torch.float32)
+    _, layers = adapter.decoder_layers()
+    truth: list[torch.Tensor] = []  # each layer's input in the model's own forward, then the final norm's
+    hooks = [m.register_forward_pre_hook(lambda _m, args: truth.append(args[0].clone()))
+             for m in (*layers, adapter.final_norm())]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    sample = SimpleNamespace(inputs=inputs, sample_id="photo", vision_mask=None, text_mask=None)
+    cpu = torch.device("cpu")
+    streams = _capture_streams(model, layers, adapter.final_norm(), [sample], cpu, cpu, need_fp=False)
+    h = streams.quant[0]
+    with torch.no_grad():
+        for li, layer in enumerate(layers):
+            h = advance(layer, streams.calls[li][0], h, cpu)
+            assert torch.equal(h, truth[li + 1]), li
+
+    config = make_config(method="vlmptq", bits=3, group_size=64, calib=CalibConfig(num_samples=2), device="cpu")
+    model, result, _ = vlmptq.quantize_in_memory(src, config)
+    prefix = "model.language_model.layers"
+    mlp = 3 * 8 + 3 if arch == "qwen3_5_moe" else 3  # routed experts and the shared one, or gate/up/down
+    assert len(result.quantized) == 3 * (3 + mlp) + (4 + mlp)
+    kept = {f"{prefix}.{li}.linear_attn.in_proj_{p}" for li in range(3) for p in "ab"}
+    if arch == "qwen3_5_moe":
+        kept |= {f"{prefix}.{li}.mlp.{m}" for li in range(4) for m in ("shared_expert_gate", "gate")}
+    assert kept <= set(result.frozen) and not kept & set(result.quantized)
+    assert {f"{prefix}.0.linear_attn.{p}" for p in ("in_proj_qkv", "in_proj_z", "out_proj")} <= set(result.quantized)
+    out = tmp_path / "ckpt"
+    save_quantized_checkpoint(model, result.quantized, out, scheme=config.scheme, ignore=result.frozen, source_dir=src)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert kept <= set(qc["ignore"])
+    keys = {k for f in out.glob("*.safetensors") for k in load_file(f)}
+    assert {f"{k}.weight" for k in kept} <= keys
+    fresh = AutoModelForImageTextToText.from_pretrained(dense_copy(out, tmp_path / "dense"),
+                                                        experts_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)

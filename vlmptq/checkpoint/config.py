@@ -46,7 +46,10 @@ from vlmptq.quant.scheme import WeightScheme
 # an --ignore that splits one), and the plugin falls back to these names where a vLLM model class
 # declares no ``packed_modules_mapping``.
 VLLM_FUSED_LINEARS: dict[str, tuple[str, ...]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
-                                                  "gate_up_proj": ("gate_proj", "up_proj")}
+                                                  "gate_up_proj": ("gate_proj", "up_proj"),
+                                                  # Qwen3.5's Gated DeltaNet input projections
+                                                  "in_proj_qkvz": ("in_proj_qkv", "in_proj_z"),
+                                                  "in_proj_ba": ("in_proj_b", "in_proj_a")}
 
 logger = logging.getLogger(__name__)
 

@@ -7,12 +7,14 @@ An adapter answers three questions for the pipeline, so that the pipeline stays 
 Everything that is an ``nn.Linear`` outside the decoder layers (vision tower, projector/merger,
 ``lm_head``) stays in 16-bit, except the ``lm_head`` when asked for (``lm_head()``, ``final_norm()``:
 its input; ``untie_lm_head()``: tied embeddings stay 16-bit); that list is computed, not
-hand-written, so it always holds the real module names.
+hand-written, so it always holds the real module names. Inside the decoder layers, the routers of
+mixture-of-experts blocks and the linears an adapter names in ``kept_16bit`` stay 16-bit too.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ADAPTERS: dict[str, type["ModelAdapter"]] = {}
+KEPT_16BIT = "vlmptq_kept_16bit"  # attribute set on a decoder linear the model keeps in 16-bit (kept_16bit)
 
 
 def register_adapter(*model_types: str) -> Callable[[type], type]:
@@ -53,6 +56,10 @@ class ModelAdapter:
     text_only: ClassVar[bool] = False  # no vision tokens: calibrates on text (vlmptq.calib.text)
     token_id_keys: ClassVar[tuple[str, ...]] = ("image_token_id", "image_token_index", "video_token_id",
                                                 "video_token_index")
+    # Linears inside the decoder layers that stay 16-bit whatever the flags (regexes searched in their path inside
+    # a layer): ones vLLM builds without a quantization method, so that a checkpoint quantizing them could not
+    # load. They are marked at load (``KEPT_16BIT``), never solved, and listed in the checkpoint's ``ignore``.
+    kept_16bit: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -77,7 +84,12 @@ class ModelAdapter:
         in the decoder layers become one linear per expert projection (``vlmptq.models.experts``)."""
         from vlmptq.models.experts import unfuse_experts
 
-        unfuse_experts(cls(model).decoder_layers()[1])
+        layers = cls(model).decoder_layers()[1]
+        unfuse_experts(layers)
+        for layer in layers:
+            for name, module in layer.named_modules():
+                if isinstance(module, nn.Linear) and any(re.search(p, name) for p in cls.kept_16bit):
+                    setattr(module, KEPT_16BIT, True)
         return model
 
     @classmethod
@@ -123,14 +135,17 @@ class ModelAdapter:
         return ids
 
     def frozen_linears(self) -> list[str]:
-        """Names of every nn.Linear outside the decoder layers (kept in 16-bit), and of the mixture-of-experts
-        routers inside them (linears to vLLM, which must not quantize them)."""
+        """Names of every nn.Linear outside the decoder layers (kept in 16-bit), of the mixture-of-experts
+        routers inside them (linears to vLLM, which must not quantize them) and of the linears the adapter keeps
+        in 16-bit (``kept_16bit``)."""
         from vlmptq.models.experts import routers
 
         prefix, layers = self.decoder_layers()
         return [n for n, m in self.model.named_modules()
                 if isinstance(m, nn.Linear) and not n.startswith(prefix + ".")] + [
-            f"{prefix}.{li}.{r}" for li, layer in enumerate(layers) for r in routers(layer)]
+            f"{prefix}.{li}.{r}" for li, layer in enumerate(layers) for r in routers(layer)] + [
+            f"{prefix}.{li}.{n}" for li, layer in enumerate(layers) for n, m in layer.named_modules()
+            if getattr(m, KEPT_16BIT, False)]
 
     def lm_head(self) -> tuple[str, nn.Linear]:
         """(module path, the output projection) of the language model."""
@@ -179,6 +194,19 @@ class VLMAdapter(ModelAdapter):
     GLM-4.1V and GLM-4.5V (routed experts beside a shared one; its ``gate`` router stays 16-bit):
     ``model.model.language_model`` (Qwen3-VL's deepstack features, added between decoder layers, are carried by
     the pipeline)."""
+
+
+@register_adapter("qwen3_5", "qwen3_5_moe")
+class Qwen3_5Adapter(ModelAdapter):
+    """Qwen3.5 (dense and mixture-of-experts; natively multimodal): hybrid decoder layers, Gated DeltaNet linear
+    attention (``linear_attn.in_proj_qkv / in_proj_z / out_proj`` quantized) in three of every four, gated full
+    attention in the fourth. Kept 16-bit: the MoE blocks' ``shared_expert_gate`` (one row; vLLM builds it
+    without a quantization method) and DeltaNet's ``in_proj_b`` / ``in_proj_a`` (one row per value head, the
+    inputs of the recurrence's write strength and decay, a thousandth of the layer's weights): vLLM fuses them
+    into one ``in_proj_ba`` whose per-shard packed zero points only split on whole 32-bit words, which a few
+    dozen rows at 3 bits do not fill."""
+
+    kept_16bit = (r"(^|\.)linear_attn\.in_proj_[ab]$", r"(^|\.)mlp\.shared_expert_gate$")
 
 
 @register_adapter("idefics3", "smolvlm")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS, natural_key, summarize_names
 from vlmptq.errors import ConfigError, SolverError, UnsupportedModelError
-from vlmptq.models.adapters import ModelAdapter
+from vlmptq.models.adapters import KEPT_16BIT, ModelAdapter
 from vlmptq.models.experts import UnfusedExperts, experts_modules, unfuse_experts
 from vlmptq.pipeline.capture import (
     LayerCall, advance, capture_layer_inputs, input_sharing_groups, layer_args_of, layer_input_of,
@@ -211,10 +211,11 @@ def _check_fused_siblings(prefix: str, keep: list[str], skipped: list[str]) -> N
 
 
 def quantizable_linears(layer: nn.Module, prefix: str, ignore: list[re.Pattern]) -> tuple[list[str], list[str]]:
-    """Split the layer's linears into (to quantize, matched by --ignore); names relative to the layer."""
+    """Split the layer's linears into (to quantize, matched by --ignore); names relative to the layer. Linears the
+    model keeps in 16-bit (``ModelAdapter.kept_16bit``) are in neither: they are the adapter's ``frozen_linears``."""
     keep, skipped = [], []
     for name, mod in layer.named_modules():
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) and not getattr(mod, KEPT_16BIT, False):
             (skipped if any(p.search(f"{prefix}.{name}") for p in ignore) else keep).append(name)
     return keep, skipped
 

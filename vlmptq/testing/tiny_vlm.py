@@ -1,4 +1,4 @@
-"""Small, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints built offline from configs.
+"""Small, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 checkpoints built offline from configs.
 
 Real transformers model classes, a locally trained byte-level BPE tokenizer with Qwen's special
 tokens and chat template, and Qwen's real image processor. The defaults (the test fixtures) are
@@ -49,6 +49,10 @@ N_HEADS = 3  # head_dim 64; M-RoPE sections must sum to head_dim / 2
 N_KV_HEADS = 1
 MROPE_SECTION = [8, 12, 12]
 MROPE_SECTION_QWEN3 = [12, 10, 10]  # Qwen3-VL's interleaved layout (real models: [24, 20, 20] for head_dim 128)
+MROPE_SECTION_QWEN3_5 = [2, 3, 3]  # Qwen3.5 rotates a quarter of each head: 16 of 64 dims (real: [11, 11, 10])
+# Qwen3.5's Gated DeltaNet: vLLM-CPU's kernel takes 128-dim heads only (and bf16 only)
+QWEN3_5_LINEAR = dict(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                      linear_num_key_heads=1, linear_num_value_heads=2)
 
 
 def _train_tokenizer():
@@ -107,7 +111,10 @@ def build_tiny_qwen_vl(
     tie_word_embeddings: bool = False,
     vocab_size: int = 2048,
 ) -> Path:
-    """Write a random ``arch`` ("qwen2_vl", "qwen2_5_vl", "qwen3_vl" or "qwen3_vl_moe") checkpoint to ``out_dir``.
+    """Write a random ``arch`` ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5" or "qwen3_5_moe")
+    checkpoint to ``out_dir``. Qwen3.5's decoder layers alternate three Gated DeltaNet (linear attention) layers
+    with one full attention layer (``num_layers`` 4 gives one of each kind of block); its MoE has 8 routed experts
+    (2 per token) and a gated shared expert per layer.
 
     ``hidden / heads`` must be 64 (the M-RoPE sections are set for head_dim 64); ``init_std`` is the
     weights' spread (random init is otherwise near-uniform and degenerate); images are resized to at
@@ -120,6 +127,7 @@ def build_tiny_qwen_vl(
         Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
         Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
         Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor,
+        Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration,
     )
 
     out = Path(out_dir)
@@ -128,6 +136,7 @@ def build_tiny_qwen_vl(
     hf_tok = _train_tokenizer()
     ids = {t: hf_tok.convert_tokens_to_ids(t) for t in SPECIAL}
 
+    extra = {}  # text_config fields of the architecture
     if arch == "qwen2_vl":
         config_cls, model_cls, proc_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
         vision = dict(depth=2, embed_dim=64, hidden_size=hidden, num_heads=2, mlp_ratio=2,
@@ -144,12 +153,23 @@ def build_tiny_qwen_vl(
         config_cls, model_cls, proc_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
         if arch == "qwen3_vl_moe":  # every decoder layer's MLP: 8 routed experts, 2 per token
             config_cls, model_cls = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
-            moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
-                       decoder_sparse_step=1, mlp_only_layers=[],
-                       norm_topk_prob=True)  # transformers always renormalizes; vLLM reads the flag
+            extra = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+                         decoder_sparse_step=1, mlp_only_layers=[],
+                         norm_topk_prob=True)  # transformers always renormalizes; vLLM reads the flag
         vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
                       deepstack_visual_indexes=[0, 1], num_position_embeddings=144,
                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    elif arch in ("qwen3_5", "qwen3_5_moe"):
+        config_cls, model_cls, proc_cls = Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
+        extra = dict(QWEN3_5_LINEAR, layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention"
+                                                  for i in range(num_layers)])
+        if arch == "qwen3_5_moe":
+            config_cls, model_cls = Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+            extra.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+                         shared_expert_intermediate_size=128)
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
+                      num_position_embeddings=144, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                      in_channels=3)
     else:
         raise ValueError(f"unknown tiny arch {arch!r}")
 
@@ -157,6 +177,9 @@ def build_tiny_qwen_vl(
     if arch.startswith("qwen3_vl"):
         rope = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": MROPE_SECTION_QWEN3,
                 "mrope_interleaved": True}
+    elif arch.startswith("qwen3_5"):
+        rope = {"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": MROPE_SECTION_QWEN3_5,
+                "mrope_interleaved": True, "partial_rotary_factor": 0.25}
     config = config_cls(
         text_config=dict(
             vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
@@ -165,7 +188,7 @@ def build_tiny_qwen_vl(
             rope_parameters=rope,
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=tie_word_embeddings,
-            **(moe if arch == "qwen3_vl_moe" else {}),
+            **extra,
         ),
         vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -186,7 +209,7 @@ def build_tiny_qwen_vl(
     if arch == "qwen3_vl_moe":
         _experts_as_released(out)
 
-    if arch.startswith("qwen3_vl"):  # 16-pixel patches, 2 x 2 merge: 32-pixel units
+    if arch.startswith(("qwen3_vl", "qwen3_5")):  # 16-pixel patches, 2 x 2 merge: 32-pixel units
         image_processor = Qwen2VLImageProcessor(patch_size=16, min_pixels=64 * 64, max_pixels=max_pixels,
                                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
         video_processor = Qwen3VLVideoProcessor()
