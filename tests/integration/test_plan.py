@@ -92,3 +92,18 @@ def test_plan_counts_the_host_memory_of_both_loading_modes(tiny_qwen2_vl):
     text = p.format()
     assert "host memory" in text and "with --lazy-load" in text and "4 samples x 100 tokens" in text
     assert plan(tiny_qwen2_vl, make_config(method="rtn", group_size=32)).calib_bytes == 0
+
+
+def test_linears_the_model_keeps_in_16bit(tiny_qwen3_5, caplog):
+    """Qwen3.5 keeps DeltaNet's in_proj_b / in_proj_a in 16-bit whatever the flags: --ignore naming them asks for
+    what holds already (logged, not refused); --override naming only them is refused with the reason."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="vlmptq"):
+        p = plan(tiny_qwen3_5, make_config(method="rtn", bits=3, group_size=64, ignore=(r"in_proj_[ab]$",)))
+    assert "matches only linears this model always keeps in 16-bit" in caplog.text
+    assert not p.kept_linears and sum(s.linears for s in p.shares) == 25
+    config = make_config(method="rtn", bits=3, group_size=64, overrides=(SchemeOverride.parse(r"in_proj_a$=4"),))
+    with pytest.raises(ConfigError, match=r"--override 'in_proj_a\$' matches only linears this model keeps in 16-bit "
+                                          r"\(\S+layers\.0\.linear_attn\.in_proj_a, .*vLLM serves them unquantized"):
+        plan(tiny_qwen3_5, config)

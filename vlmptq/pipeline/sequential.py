@@ -143,15 +143,26 @@ def check_patterns_take_linears(layers: nn.ModuleList, prefix: str, ignore: list
     silently."""
     names = [f"{prefix}.{li}.{n}" for li, layer in enumerate(layers)
              for n in quantizable_linears(layer, f"{prefix}.{li}", [])[0]]
+    kept = [f"{prefix}.{li}.{n}" for li, layer in enumerate(layers) for n, m in layer.named_modules()
+            if getattr(m, KEPT_16BIT, False)]  # the model's own 16-bit linears (ModelAdapter.kept_16bit)
     like = f"decoder linears are named like {names[0]!r}" if names else "the model has no decoder linears"
     for rx in ignore:
         if not any(rx.search(n) for n in names):
+            if any(rx.search(n) for n in kept):  # what it asks for holds already
+                logger.info("--ignore '%s' matches only linears this model always keeps in 16-bit (%s)", rx.pattern,
+                            summarize_names(sorted((n for n in kept if rx.search(n)), key=natural_key)))
+                continue
             raise ConfigError(f"--ignore '{rx.pattern}' matches no decoder linear ({like}; the vision tower and "
                               "projector are always kept in 16-bit); correct the pattern or drop it")
     taken: set[str] = set()
     for pattern in overrides:
         rx = re.compile(pattern)
         hits = {n for n in names if rx.search(n)}
+        if not hits and any(rx.search(n) for n in kept):
+            raise ConfigError(
+                f"--override '{pattern}' matches only linears this model keeps in 16-bit "
+                f"({summarize_names(sorted((n for n in kept if rx.search(n)), key=natural_key))}): vLLM serves them "
+                "unquantized (see the model's adapter in vlmptq/models/adapters.py); drop the pattern")
         if not hits:
             raise ConfigError(f"--override '{pattern}' matches no decoder linear ({like}); correct the pattern or "
                               "drop it")
