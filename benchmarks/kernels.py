@@ -35,7 +35,6 @@ import functools  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -585,28 +584,32 @@ def tune_w8(args, ours, xs: dict, refs: dict, tag: dict) -> None:
             log(f"tuned lm_head w8 M={m}: {best[0]:.1f} us with {best[1].to_dict()}")
 
 
-def write_tuned(out_dir: Path, gpu: str, install: bool) -> Path | None:
-    if not TUNED:
+def write_tuned(out_dir: Path, gpu: str, install: bool, tuned: dict | None = None) -> Path | None:
+    """Merge ``tuned`` (``{key: {M bucket: config dict}}``; default this run's ``TUNED``) into
+    ``<out_dir>/tuned/<gpu>.json``, and with ``install`` into the plugin's config dir's file for the GPU too
+    (entries of other launch families there, e.g. the dense kernels' when the MoE tuner installs, are kept)."""
+    tuned = TUNED if tuned is None else tuned
+    if not tuned:
         return None
-    d = out_dir / "tuned"
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{gpu_key(gpu)}.json"
-    old = {}
-    if path.is_file():
-        with contextlib.suppress(Exception):
-            old = json.loads(path.read_text()).get("configs", {})
-    for key, buckets in TUNED.items():
-        old.setdefault(key, {}).update(buckets)
     import triton
 
-    payload = {"gpu": gpu, "triton": triton.__version__, "torch": torch.__version__,
-               "date": datetime.date.today().isoformat(), "configs": old}
-    path.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    log(f"tuned configs for {len(old)} shapes -> {path}")
+    def merge_into(path: Path) -> int:
+        old = {}
+        if path.is_file():
+            with contextlib.suppress(Exception):
+                old = json.loads(path.read_text()).get("configs", {})
+        for key, buckets in tuned.items():
+            old.setdefault(key, {}).update(buckets)
+        payload = {"gpu": gpu, "triton": triton.__version__, "torch": torch.__version__,
+                   "date": datetime.date.today().isoformat(), "configs": old}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=1, sort_keys=True))
+        return len(old)
+
+    path = out_dir / "tuned" / f"{gpu_key(gpu)}.json"
+    log(f"tuned configs for {merge_into(path)} shapes -> {path}")
     if install:
-        CONFIG_DIR.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, CONFIG_DIR / path.name)
-        log(f"installed -> {CONFIG_DIR / path.name}")
+        log(f"installed -> {CONFIG_DIR / path.name} ({merge_into(CONFIG_DIR / path.name)} shapes)")
     return path
 
 

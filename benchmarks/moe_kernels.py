@@ -14,18 +14,25 @@ touches come from HBM, not from L2 (a routing touches ~8 x T experts' 4.7 M weig
 Everything is checked against the fp32 dequantized reference (relative Frobenius error).
 
   python benchmarks/moe_kernels.py            GPU: writes moe-kernels-<gpu>-<date>.{json,md} under --out
+  python benchmarks/moe_kernels.py --tune     also search each T's two launches (gate/up, then down with its
+                                              row tile), write <out>/tuned/<gpu>.json (moe- keys; --install:
+                                              also into the plugin's config dir, where moe_config reads them)
   python benchmarks/moe_kernels.py --dry      CPU, Triton interpreter, tiny shapes: control flow only
+
+A tuned entry is keyed by the launch's weight shape and the M bucket the kernel looks up at run time (routed
+rows per active expert, ``moe.rows_per_expert``); only configs whose output matches the reference are kept.
 """
 
 from __future__ import annotations
 
 import sys
 
-from kernels import DRY, REPO, log, measure_copy_bw, time_calls  # noqa: E402  (first: --dry sets the interpreter)
+from kernels import DRY, REPO, elapsed, log, measure_copy_bw, time_calls, write_tuned  # noqa: E402  (first: --dry)
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -34,11 +41,12 @@ from _results import git_commit  # noqa: E402
 
 from vllm_plugin.kernels.reference import dequantize_packed  # noqa: E402
 from vllm_plugin.kernels.triton import moe  # noqa: E402
-from vllm_plugin.kernels.triton.configs import gpu_key  # noqa: E402
+from vllm_plugin.kernels.triton.configs import HOPPER, KernelConfig, fit_smem, gpu_key  # noqa: E402
 
 BLOCK = dict(experts=128, hidden=2048, inter=768, top_k=8)  # Qwen3-VL-30B-A3B
 DRY_BLOCK = dict(experts=8, hidden=256, inter=128, top_k=2)
 ROUTINGS = 16
+REL_ERR_MAX = 2e-2  # a tuned launch must match the fp32 reference like the default does (measured ~4e-3 in bf16)
 
 
 def routings(tokens: int, experts: int, top_k: int, gen: torch.Generator) -> list[tuple]:
@@ -85,6 +93,11 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=128, help="group size")
     ap.add_argument("--reps", type=int, default=15, help="timed graph replays (median reported)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results directory")
+    ap.add_argument("--tune", action="store_true", help="search each launch's tile per T (see the module docstring)")
+    ap.add_argument("--tune-budget", type=float, default=300.0,
+                    help="seconds of searching (from the start of the run) after which --tune stops, noted in the log")
+    ap.add_argument("--max-candidates", type=int, default=10, help="candidate tiles per launch and T")
+    ap.add_argument("--install", action="store_true", help="with --tune: copy the tuned file into the plugin")
     args = ap.parse_args()
     if not DRY and not torch.cuda.is_available():
         sys.exit("benchmarks/moe_kernels.py times a CUDA GPU and torch sees none here; --dry runs its flow on the CPU")
@@ -98,6 +111,7 @@ def main() -> None:
     log(f"{gpu}: copy bandwidth {copy_bw:.0f} GB/s; block {shape}, {dtype}, tokens {tokens}")
     gen = torch.Generator(device=dev).manual_seed(0)  # weights made on the device: 128 experts in seconds
     records = []
+    tuned: dict = {}
     grouped = hasattr(torch, "_grouped_mm") and not DRY
     bit_widths = [int(b) for b in args.bits.split(",")]
     for bits in bit_widths:
@@ -146,7 +160,83 @@ def main() -> None:
                 records.append(rec)
                 log(f"w{bits} T={t} {impl}: " + (rec.get("error") or f"{rec['t_us']:.1f} us ({rec['mode']}), "
                     f"{rec['bw_frac']:.0%} of copy BW, rel_err {rec['rel_err']:.1e}"))
+            ours = next((r for r in records if r["T"] == t and r["impl"] == "vlmptq" and r["bits"] == bits), {})
+            if args.tune and "t_us" in ours:
+                rec = tune_block(args, x, routes, ref, w13, w2, bits, tuned, ours)
+                records += [rec] if rec else []
     write(args, gpu, copy_bw, records)
+    if args.tune:
+        write_tuned(Path(args.out), gpu, args.install, tuned)
+
+
+def moe_candidates(bits: int, rows: int, arch: int, dry: bool) -> list[KernelConfig]:
+    """A small, ordered search space of grouped-GEMM tiles for ``rows`` routed rows per expert (the kernel's
+    default first): row tiles from 16 (decode, unsorted rows) up to the rows' size, output tiles, warps and
+    pipelining depth. Every one is a "dot" tile (the grouped kernel has no dequantize path)."""
+    base = moe.default_moe_config(bits, rows, arch)
+    out = [base]
+    if dry:
+        return list(dict.fromkeys([base, replace(base, block_n=64 if base.block_n != 64 else 32)]))
+    row_tiles = [bm for bm in (16, 32, 64, 128) if bm <= max(16, rows)] or [16]
+    for bm in row_tiles[-2:]:
+        for bn, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 4, 4), (256, 8, 3), (128, 8, 3), (64, 4, 4)):
+            out.append(fit_smem(KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages), bits,
+                                arch))
+    return list(dict.fromkeys(out))
+
+
+def tune_block(args, x, routes, ref, w13, w2, bits: int, tuned: dict, default_rec: dict) -> dict | None:
+    """Search the gate/up launch's tile (down at its default with the same row tile), then the down launch's with
+    the winner's row tile, on this T's routings; a pair that matches the reference and beats the default
+    (``default_rec``, the untuned timing) goes under its two ``moe-`` keys in ``tuned``, and its record (impl
+    "vlmptq-tuned") is returned."""
+    t, h = x.shape
+    e, _, n13, _ = w13[0].shape
+    inter, top_k = n13 // 2, routes[0][0].shape[1]
+    sort = moe.sorts(t * top_k, e, top_k)
+    bucket = moe.rows_per_expert(t * top_k, e, sort)
+    arch = HOPPER if DRY else 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]
+    cands = moe_candidates(bits, bucket, arch, DRY)[: args.max_candidates]
+    default2 = moe.moe_config(str(x.device), bits, args.group, h, inter, bucket)  # what the kernel uses now
+
+    def timed(c13, c2):
+        fn = lambda ids, w: moe.fused_moe(x, ids, w, *w13, *w2, bits, "silu", configs=(c13, c2), sort=sort)  # noqa
+        try:
+            y = fn(*routes[0])
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            if not (torch.isfinite(y).all() and err < REL_ERR_MAX):
+                return None
+            return time_calls([lambda r=r: fn(*r) for r in routes], args.reps)[0], err
+        except Exception as exc:  # e.g. out of shared memory on this card: not a candidate
+            log(f"  tune w{bits} T={t}: {c13} / {c2} failed ({type(exc).__name__}: {str(exc)[:120]})")
+            return None
+
+    best = None  # (us, rel_err, c13, c2)
+    for stage in ("gate/up", "down"):
+        for c in cands:
+            if elapsed() > args.tune_budget:
+                log(f"tune: stopped for time at w{bits} T={t} ({stage}); the rest keeps the defaults")
+                return None
+            pair = (c, replace(default2, block_m=c.block_m)) if stage == "gate/up" else (
+                best[2], replace(c, block_m=best[2].block_m))
+            r = timed(*pair)
+            if r is not None and (best is None or r[0] < best[0]):
+                best = (r[0], r[1], *pair)
+        if best is None:
+            log(f"tune w{bits} T={t}: no candidate matched the reference")
+            return None
+    if best[0] >= default_rec["t_us"] and not DRY:  # (--dry times are the interpreter's: the flow is what counts)
+        log(f"tune w{bits} T={t}: no tile beat the default ({default_rec['t_us']:.1f} us)")
+        return None
+    key13, key2 = (f"moe-w{bits}g{args.group}:{n}x{k}" for n, k in ((n13, h), (h, inter)))
+    tuned.setdefault(key13, {})[str(bucket)] = best[2].to_dict()
+    tuned.setdefault(key2, {})[str(bucket)] = best[3].to_dict()
+    log(f"tune w{bits} T={t}: {best[0]:.1f} us (default {default_rec['t_us']:.1f}) with gate/up "
+        f"{best[2].to_dict()}, down {best[3].to_dict()}")
+    faster = default_rec["t_us"] / best[0]  # the same bytes moved, in less time
+    return dict(default_rec, impl="vlmptq-tuned", t_us=best[0], rel_err=best[1], mode=default_rec["mode"],
+                gbs=default_rec["gbs"] * faster, bw_frac=default_rec["bw_frac"] * faster, rows_per_expert=bucket,
+                configs={"gate_up": best[2].to_dict(), "down": best[3].to_dict()})
 
 
 def write(args, gpu: str, copy_bw: float, records: list[dict]) -> None:

@@ -28,6 +28,9 @@
 #   6. pytest tests/gpu/test_triton_moe_cuda.py (the fused MoE kernel against the reference, CUDA graphs) and
 #      benchmarks/moe_kernels.py (a Qwen3-VL-30B-A3B MoE block, W4/W3/W2 vs bf16 grouped GEMM, T in
 #      {1,16,64,256}) -> $OUT/moe-pytest.log, $OUT/moe-kernels-<gpu>-<date>.{json,md}
+#      MOE_ARGS="--tune --tune-budget 250" MOE_TIMEOUT=290 adds the MoE launch search (the budget counts from the
+#      benchmark's start; T's past it keep their defaults) -> $OUT/tuned/<gpu>.json (moe- keys; merge it into
+#      vllm_plugin/kernels/configs/<gpu>.json here: the benchmark's --install does that where it runs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -111,7 +114,7 @@ if [[ ",$PHASES," == *",moe,"* ]]; then
         --confcutdir=tests/gpu $XDIST --maxfail=10 > "$OUT/moe-pytest.log" 2>&1
     MOE_RC="tests $?"
     tail -n 25 "$OUT/moe-pytest.log"
-    timeout -k 10 150 python3 benchmarks/moe_kernels.py --out "$OUT"
+    timeout -k 10 "${MOE_TIMEOUT:-150}" python3 benchmarks/moe_kernels.py --out "$OUT" ${MOE_ARGS:-}
     MOE_RC="$MOE_RC, benchmark $?"
     echo "$(el) fused MoE exit codes: $MOE_RC"
 fi

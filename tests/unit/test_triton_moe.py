@@ -351,17 +351,30 @@ def test_plugin_fused_method_matches_its_reference_method(interpreted):
 
 
 
-def test_benchmark_dry_run(tmp_path):
-    """benchmarks/moe_kernels.py --dry: the GPU benchmark's flow on a tiny block (interpreter), its result file."""
+def test_benchmark_dry_run(tmp_path, monkeypatch):
+    """benchmarks/moe_kernels.py --dry --tune: the GPU benchmark's flow on a tiny block (interpreter), its result
+    file, and the tuner's file, which the plugin's lookup reads back under the two launches' ``moe-`` keys."""
+    from vllm_plugin.kernels.triton import configs
+
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("TRITON_INTERPRET", None)  # the benchmark sets it itself for --dry
-    p = subprocess.run([sys.executable, "benchmarks/moe_kernels.py", "--dry", "--bits", "4", "--tokens", "3",
+    p = subprocess.run([sys.executable, "benchmarks/moe_kernels.py", "--dry", "--bits", "4", "--tokens", "3", "--tune",
                         "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     data = json.loads(next(tmp_path.glob("moe-kernels-*.json")).read_text())
     assert {"gpu", "date", "commit", "command", "copy_bw_gbs", "records"} <= set(data)
     recs = {r["impl"]: r for r in data["records"]}
-    assert set(recs) == {"vlmptq", "bf16"} and all("error" not in r for r in recs.values()), recs
+    assert set(recs) == {"vlmptq", "bf16", "vlmptq-tuned"} and all("error" not in r for r in recs.values()), recs
+    tuned = recs.pop("vlmptq-tuned")
+    assert tuned["rel_err"] < TOLERANCE and tuned["rows_per_expert"] == 1  # 6 routed rows: unsorted decode
+    monkeypatch.setenv(configs.CONFIG_DIR_ENV, str(tmp_path / "tuned"))
+    configs.load_table.cache_clear()
+    try:  # gate/up: [2 x 128 interleaved rows, hidden 256]; down: [hidden 256, 128]
+        for launch, (n, k) in (("gate_up", (256, 256)), ("down", (256, 128))):
+            found = configs.tuned_config("dry-cpu", 4, 128, n, k, 1, prefix="moe-")
+            assert found == configs.KernelConfig.from_dict(tuned["configs"][launch]), launch
+    finally:
+        configs.load_table.cache_clear()
     assert recs["vlmptq"]["rel_err"] < TOLERANCE and recs["bf16"]["rel_err"] < TOLERANCE
     assert recs["vlmptq"]["bits"] == 4 and recs["vlmptq"]["t_us"] > 0 and recs["vlmptq"]["experts_touched"] >= 2
     assert "| 3 | vlmptq | 4 |" in next(tmp_path.glob("moe-kernels-*.md")).read_text()

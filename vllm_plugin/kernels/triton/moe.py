@@ -141,9 +141,15 @@ def moe_config(device: str, bits: int, group: int, n: int, k: int, rows_per_expe
     per active expert) or the dense kernel's tile for that many rows (a "dot" tile: the grouped kernel has no
     dequantize path)."""
     name, _, arch = _device_info(device)
-    cfg = (tuned_config(name, bits, group, n, k, rows_per_expert, prefix=TUNED_PREFIX)
-           or default_config(bits, min(rows_per_expert, 256), arch))  # the "dot" tiles up to 256 rows
-    return fit_smem(replace(cfg, programs=0), bits, arch)
+    tuned = tuned_config(name, bits, group, n, k, rows_per_expert, prefix=TUNED_PREFIX)
+    if tuned is None:
+        return default_moe_config(bits, rows_per_expert, arch)
+    return fit_smem(replace(tuned, programs=0), bits, arch)
+
+
+def default_moe_config(bits: int, rows_per_expert: int, arch: int) -> KernelConfig:
+    """The untuned launch: the dense kernel's "dot" tile for that many rows (up to 256), fitted to the card."""
+    return fit_smem(replace(default_config(bits, min(rows_per_expert, 256), arch), programs=0), bits, arch)
 
 
 def sorts(rows: int, num_experts: int, top_k: int) -> bool:
@@ -151,6 +157,12 @@ def sorts(rows: int, num_experts: int, top_k: int) -> bool:
     alignment's kernels would cost more than the experts two tokens share (expected share of rows whose expert
     another row also has: about rows / (2 E) <= 1/8 below the threshold)."""
     return rows > max(top_k, num_experts // 4)
+
+
+def rows_per_expert(rows: int, num_experts: int, sort: bool) -> int:
+    """The M bucket of a call's launch configs (and of the ``moe-`` tuned keys): the routed rows per active expert
+    if every expert a row could reach got its share (1 when unsorted: each row is its own block)."""
+    return triton_cdiv(rows, min(num_experts, rows)) if sort else 1
 
 
 def plan_moe_launch(x, qweight, sz, out, rows, block_expert, nblocks, weights, row_div: int, bits: int,
@@ -192,7 +204,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         return torch.empty_like(x)
     sort = sorts(r, e, top_k) if sort is None else sort
     if configs is None:
-        per_expert = triton_cdiv(r, min(e, r)) if sort else 1
+        per_expert = rows_per_expert(r, e, sort)
         dev = str(x.device)
         c13 = moe_config(dev, bits, geometry(bits, h, w13_qweight[0], w13_sz[0])["group"], n13, h, per_expert)
         c2 = moe_config(dev, bits, geometry(bits, inter, w2_qweight[0], w2_sz[0])["group"], h, inter, per_expert)
