@@ -51,8 +51,7 @@ MROPE_SECTION = [8, 12, 12]
 MROPE_SECTION_QWEN3 = [12, 10, 10]  # Qwen3-VL's interleaved layout (real models: [24, 20, 20] for head_dim 128)
 MROPE_SECTION_QWEN3_5 = [2, 3, 3]  # Qwen3.5 rotates a quarter of each head: 16 of 64 dims (real: [11, 11, 10])
 # Qwen3.5's Gated DeltaNet: vLLM-CPU's kernel takes 128-dim heads only (and bf16 only)
-QWEN3_5_LINEAR = dict(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
-                      linear_num_key_heads=1, linear_num_value_heads=2)
+QWEN3_5_LINEAR = dict(linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128)
 
 
 def _train_tokenizer():
@@ -110,11 +109,12 @@ def build_tiny_qwen_vl(
     max_pixels: int = 224 * 224,
     tie_word_embeddings: bool = False,
     vocab_size: int = 2048,
+    linear_heads: tuple[int, int] = (1, 2),
 ) -> Path:
     """Write a random ``arch`` ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5" or "qwen3_5_moe")
     checkpoint to ``out_dir``. Qwen3.5's decoder layers alternate three Gated DeltaNet (linear attention) layers
     with one full attention layer (``num_layers`` 4 gives one of each kind of block); its MoE has 8 routed experts
-    (2 per token) and a gated shared expert per layer.
+    (2 per token) and a gated shared expert per layer; ``linear_heads``: its DeltaNet (key, value) heads.
 
     ``hidden / heads`` must be 64 (the M-RoPE sections are set for head_dim 64); ``init_std`` is the
     weights' spread (random init is otherwise near-uniform and degenerate); images are resized to at
@@ -161,8 +161,9 @@ def build_tiny_qwen_vl(
                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     elif arch in ("qwen3_5", "qwen3_5_moe"):
         config_cls, model_cls, proc_cls = Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
-        extra = dict(QWEN3_5_LINEAR, layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention"
-                                                  for i in range(num_layers)])
+        extra = dict(QWEN3_5_LINEAR, linear_num_key_heads=linear_heads[0], linear_num_value_heads=linear_heads[1],
+                     layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention"
+                                  for i in range(num_layers)])
         if arch == "qwen3_5_moe":
             config_cls, model_cls = Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
             extra.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
