@@ -42,6 +42,19 @@ def test_family_quantizes_and_reloads(family, tiny_qwen2_vl, tmp_path):
         assert torch.equal(fresh_sd[k], v), k
 
 
+def _inputs_in_forward(model, inputs: dict, modules) -> list[torch.Tensor]:
+    """The first argument each of ``modules`` receives in the model's own forward on ``inputs``, in call order."""
+    seen: list[torch.Tensor] = []
+    handles = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone())) for m in modules]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def test_qwen3_vl_deepstack_features_reach_both_streams(tiny_qwen3_vl):
     """Qwen3-VL adds vision features to the hidden states after its first decoder layers (deepstack),
     outside the layers. The pipeline runs the layers itself, so it must add them too: every layer's
@@ -57,14 +70,7 @@ def test_qwen3_vl_deepstack_features_reach_both_streams(tiny_qwen3_vl):
     _, layers = adapter.decoder_layers()
     norm = adapter.final_norm()
     inputs = image_prompt_inputs(tiny_qwen3_vl)
-    truth: list[torch.Tensor] = []  # the inputs of layer 0, layer 1, the final norm in the real forward
-    handles = [m.register_forward_pre_hook(lambda _m, args: truth.append(args[0].clone())) for m in (*layers, norm)]
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    truth = _inputs_in_forward(model, inputs, (*layers, norm))  # layer 0's, layer 1's, the final norm's
     image_rows = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
     sample = SimpleNamespace(inputs=inputs, sample_id="photo", vision_mask=None, text_mask=None)
     cpu = torch.device("cpu")
@@ -136,15 +142,7 @@ def test_qwen3_5_hybrid_layers_quantize_and_reload(arch, request, tmp_path):
     inputs = image_prompt_inputs(src)
     model, adapter = load_model(src, torch.float32)
     _, layers = adapter.decoder_layers()
-    truth: list[torch.Tensor] = []  # each layer's input in the model's own forward, then the final norm's
-    hooks = [m.register_forward_pre_hook(lambda _m, args: truth.append(args[0].clone()))
-             for m in (*layers, adapter.final_norm())]
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    truth = _inputs_in_forward(model, inputs, (*layers, adapter.final_norm()))
     sample = SimpleNamespace(inputs=inputs, sample_id="photo", vision_mask=None, text_mask=None)
     cpu = torch.device("cpu")
     streams = _capture_streams(model, layers, adapter.final_norm(), [sample], cpu, cpu, need_fp=False)
