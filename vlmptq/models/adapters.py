@@ -57,8 +57,8 @@ class ModelAdapter:
     token_id_keys: ClassVar[tuple[str, ...]] = ("image_token_id", "image_token_index", "video_token_id",
                                                 "video_token_index")
     # Linears inside the decoder layers that stay 16-bit whatever the flags (regexes searched in their path inside
-    # a layer): ones vLLM builds without a quantization method, so that a checkpoint quantizing them could not
-    # load. They are marked at load (``KEPT_16BIT``), never solved, and listed in the checkpoint's ``ignore``.
+    # a layer): ones vLLM builds without a quantization method or could not load packed, so that a checkpoint
+    # quantizing them would not serve. Marked at load (``KEPT_16BIT``), never solved, listed in ``ignore``.
     kept_16bit: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module):
