@@ -316,9 +316,10 @@ def test_weights_the_config_does_not_describe_are_refused(tiny_qwen2_vl, tmp_pat
 
 
 @pytest.mark.parametrize("lazy", [False, True])
-def test_tensors_the_model_does_not_use_are_named(tiny_qwen2_vl, tmp_path, caplog, lazy):
-    """Tensors transformers does not load (GLM-4.5V's multi-token-prediction layer) are left out of the output;
-    a warning names them, where the run used to drop them without a word."""
+def test_tensors_the_model_does_not_use_are_named(tiny_qwen2_vl, tmp_path, caplog, monkeypatch, lazy):
+    """Tensors transformers does not load are left out of the output; a warning names them, where the run used to
+    drop them without a word: ones it reports, and ones the model class tells it to drop unreported (GLM-4.5V's and
+    Qwen3.5's multi-token-prediction layers; here a pattern set on the tiny model's class)."""
     import logging
     import shutil
 
@@ -329,14 +330,19 @@ def test_tensors_the_model_does_not_use_are_named(tiny_qwen2_vl, tmp_path, caplo
     tensors = load_file(src / "model.safetensors")
     extra = next(k for k in tensors if k.endswith("layers.1.mlp.down_proj.weight")).replace("layers.1.", "layers.2.")
     tensors[extra] = torch.zeros(4, 4, dtype=torch.bfloat16)
+    tensors["mtp.fc.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    from transformers import Qwen2VLForConditionalGeneration
+
+    monkeypatch.setattr(Qwen2VLForConditionalGeneration, "_keys_to_ignore_on_load_unexpected", [r"^mtp.*"],
+                        raising=False)
     with caplog.at_level(logging.WARNING, logger="vlmptq"):
         vlmptq.quantize(src, tmp_path / "out", make_config(method="rtn", group_size=32, lazy_load=lazy))
-    assert re.search(r"1 tensor\(s\) in its files are not part of the model .* "
-                     r"\(\S*layers\.2\.mlp\.down_proj\.weight\); they are not quantized and not written",
-                     caplog.text), caplog.text
+    assert re.search(r"2 tensor\(s\) in its files are not part of the model .* "
+                     r"\(\S*layers\.2\.mlp\.down_proj\.weight, mtp\.fc\.weight\); they are not quantized and "
+                     r"not written", caplog.text), caplog.text
     written = {k for f in (tmp_path / "out").glob("*.safetensors") for k in load_file(f)}
-    assert not any(".layers.2." in k for k in written)
+    assert not any(".layers.2." in k or k.startswith("mtp.") for k in written)
 
 
 def test_model_folder_without_processor_files_fails_before_loading(tiny_qwen2_vl, tmp_path):

@@ -72,7 +72,7 @@ class ModelAdapter:
         auto = getattr(transformers, cls.auto_class)
         model, info = auto.from_pretrained(str(path), dtype=dtype, low_cpu_mem_usage=True, ignore_mismatched_sizes=True,
                                            output_loading_info=True)
-        check_loading_info(path, info)
+        check_loading_info(path, info, model)
         model.eval()
         model.requires_grad_(False)
         cls.prepare(model)
@@ -292,15 +292,16 @@ def _check_not_quantized(path: str | Path, config: dict) -> None:
     )
 
 
-def check_loading_info(path: str | Path, info: dict) -> None:
+def check_loading_info(path: str | Path, info: dict, model: nn.Module | None = None) -> None:
     """Refuse a model whose files lack weights its config calls for, or hold them in other shapes: transformers
     fills such weights with random values (a missing shard, a truncated conversion, another model's config.json)
     and the checkpoint written from them would be garbage that serves without complaint. Tensors the model does
-    not use are named in a warning: they are left out of the output."""
+    not use are named in a warning: they are left out of the output (``model``: the loaded model, whose class
+    may tell transformers to drop some without a word, see :func:`silently_dropped`)."""
     from vlmptq.checkpoint.config import summarize_names
 
-    unexpected = sorted(info.get("unexpected_keys") or ())
-    if unexpected:  # e.g. GLM-4.5(V)'s multi-token-prediction layer, which transformers does not build
+    unexpected = sorted(set(info.get("unexpected_keys") or ()) | set(silently_dropped(path, model)))
+    if unexpected:  # e.g. GLM-4.5V's and Qwen3.5's multi-token-prediction layers, which transformers does not build
         logger.warning("%s: %d tensor(s) in its files are not part of the model transformers builds from its "
                        "config.json (%s); they are not quantized and not written to the output (a "
                        "multi-token-prediction layer among them means the output cannot serve speculative decoding "
@@ -321,6 +322,22 @@ def check_loading_info(path: str | Path, info: dict) -> None:
         "them with random values. Copy the missing shards (model.safetensors.index.json lists them), or use the "
         "config.json that came with these weights"
     )
+
+
+def silently_dropped(path: str | Path, model: nn.Module | None) -> list[str]:
+    """Tensors of the checkpoint at ``path`` that ``model``'s class tells transformers to drop without reporting
+    them (``_keys_to_ignore_on_load_unexpected``: GLM-4.5V's ``model.layers.46.*``, Qwen3.5's ``mtp.*``); [] if it
+    names none or the files cannot be listed (the load itself reports those)."""
+    from vlmptq.checkpoint.reader import TensorStore
+
+    patterns = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    if not patterns:
+        return []
+    try:
+        names = TensorStore(path, "model").keys()
+    except CheckpointError:
+        return []
+    return sorted(k for k in names if any(re.search(p, k) for p in patterns))
 
 
 def read_checkpoint_dtype(path: str | Path) -> torch.dtype | None:
