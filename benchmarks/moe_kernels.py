@@ -41,7 +41,8 @@ from _results import git_commit  # noqa: E402
 
 from vllm_plugin.kernels.reference import dequantize_packed  # noqa: E402
 from vllm_plugin.kernels.triton import moe  # noqa: E402
-from vllm_plugin.kernels.triton.configs import HOPPER, KernelConfig, fit_smem, gpu_key  # noqa: E402
+from vllm_plugin.kernels.triton.configs import KernelConfig, fit_smem, gpu_key  # noqa: E402
+from vllm_plugin.kernels.triton.ops import _device_info  # noqa: E402
 
 BLOCK = dict(experts=128, hidden=2048, inter=768, top_k=8)  # Qwen3-VL-30B-A3B
 DRY_BLOCK = dict(experts=8, hidden=256, inter=128, top_k=2)
@@ -195,7 +196,7 @@ def tune_block(args, x, routes, ref, w13, w2, bits: int, tuned: dict, default_re
     inter, top_k = n13 // 2, routes[0][0].shape[1]
     sort = moe.sorts(t * top_k, e, top_k)
     bucket = moe.rows_per_expert(t * top_k, e, sort)
-    arch = HOPPER if DRY else 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]
+    arch = _device_info(str(x.device))[2]  # the CPU under --dry counts as an H100, as in the kernel
     cands = moe_candidates(bits, bucket, arch, DRY)[: args.max_candidates]
     default2 = moe.moe_config(str(x.device), bits, args.group, h, inter, bucket)  # what the kernel uses now
 

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(f"vllm.plugins.{__name__}")
 
 NAME = "vlmptq"
+_USUAL_FUSED = {k: list(v) for k, v in VLLM_FUSED_LINEARS.items()}  # vLLM's helpers take lists
 MARKER = "vlmptq"  # key of our block in quantization_config (stock loaders ignore it)
 _QUANT_METHOD = "compressed-tensors"
 _FORMAT = "pack-quantized"
@@ -289,8 +290,7 @@ class VlmptqConfig(QuantizationConfig):
         explicit entry for every shard is evidence enough."""
         if should_ignore_layer(prefix, ignore=self.ignore, fused_mapping=self.packed_modules_mapping):
             return True
-        common = {k: list(v) for k, v in VLLM_FUSED_LINEARS.items()}
-        return should_ignore_layer(prefix, ignore=self.ignore, fused_mapping=common)
+        return should_ignore_layer(prefix, ignore=self.ignore, fused_mapping=_USUAL_FUSED)
 
     def _target(self, layer: torch.nn.Module, prefix: str) -> str | None:
         return find_matched_target(

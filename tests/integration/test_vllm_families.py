@@ -202,7 +202,8 @@ def test_text_only_model_calibrated_on_text_serves_through_the_plugin(tiny_qwen2
     ckpt = QuantizedCheckpoint(out, WeightScheme(3, 64, False), {m: stored.quantized_weight(m) for m in stored.layers},
                                [])
     text = "The quick brown fox jumps over the lazy dog, and then it runs into the forest"
-    outputs = _serve_quantized(src, ckpt, [{"prompt": text}], *((4, 2) if kind == "qwen3_moe" else ()))
+    layout = dict(linears=4, moe_blocks=2) if kind == "qwen3_moe" else {}
+    outputs = _serve_quantized(src, ckpt, [{"prompt": text}], **layout)
     hf = dequantized_hf_model(src, ckpt, torch.float32)
     errs, margins = logprob_errors(hf, [dict(tok(text, return_tensors="pt"))], outputs)
     assert max(errs) < FP32_TOL and max(margins) < FP32_TOL, (max(errs), max(margins))

@@ -246,7 +246,8 @@ def _glm4v(tok_src, moe: bool = False):
     if moe:
         text.update(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128,
                     first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
-                    norm_topk_prob=True, partial_rotary_factor=0.5, use_qk_norm=False)  # vLLM reads the last
+                    norm_topk_prob=True, partial_rotary_factor=0.5,
+                    use_qk_norm=False)  # vLLM's GLM-4.5 reads it (GLM-4.5V's config.json has it)
     name = "Glm4vMoe" if moe else "Glm4v"
     ids = {key: tok.convert_tokens_to_ids(t) for key, t in (
         ("image_token_id", "<|image|>"), ("video_token_id", "<|video|>"),

@@ -33,6 +33,12 @@ ADAPTERS: dict[str, type["ModelAdapter"]] = {}
 KEPT_16BIT = "vlmptq_kept_16bit"  # attribute set on a decoder linear the model keeps in 16-bit (kept_16bit)
 
 
+def kept_16bit_linears(layer: nn.Module) -> list[str]:
+    """Paths (inside the decoder ``layer``) of the linears its model keeps in 16-bit (``ModelAdapter.kept_16bit``,
+    marked at load)."""
+    return [n for n, m in layer.named_modules() if getattr(m, KEPT_16BIT, False)]
+
+
 def register_adapter(*model_types: str) -> Callable[[type], type]:
     """Register an adapter class for the given ``config.model_type`` values."""
 
@@ -81,7 +87,8 @@ class ModelAdapter:
     @classmethod
     def prepare(cls, model: nn.Module) -> nn.Module:
         """What every loaded model (and skeleton) goes through before use: fused mixture-of-experts modules
-        in the decoder layers become one linear per expert projection (``vlmptq.models.experts``)."""
+        in the decoder layers become one linear per expert projection (``vlmptq.models.experts``), and the
+        linears named by ``kept_16bit`` are marked (``KEPT_16BIT``)."""
         from vlmptq.models.experts import unfuse_experts
 
         layers = cls(model).decoder_layers()[1]
@@ -144,8 +151,7 @@ class ModelAdapter:
         return [n for n, m in self.model.named_modules()
                 if isinstance(m, nn.Linear) and not n.startswith(prefix + ".")] + [
             f"{prefix}.{li}.{r}" for li, layer in enumerate(layers) for r in routers(layer)] + [
-            f"{prefix}.{li}.{n}" for li, layer in enumerate(layers) for n, m in layer.named_modules()
-            if getattr(m, KEPT_16BIT, False)]
+            f"{prefix}.{li}.{n}" for li, layer in enumerate(layers) for n in kept_16bit_linears(layer)]
 
     def lm_head(self) -> tuple[str, nn.Linear]:
         """(module path, the output projection) of the language model."""

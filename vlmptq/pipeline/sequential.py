@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS, natural_key, summarize_names
 from vlmptq.errors import ConfigError, SolverError, UnsupportedModelError
-from vlmptq.models.adapters import KEPT_16BIT, ModelAdapter
+from vlmptq.models.adapters import KEPT_16BIT, ModelAdapter, kept_16bit_linears
 from vlmptq.models.experts import UnfusedExperts, experts_modules, unfuse_experts
 from vlmptq.pipeline.capture import (
     LayerCall, advance, capture_layer_inputs, input_sharing_groups, layer_args_of, layer_input_of,
@@ -143,8 +143,7 @@ def check_patterns_take_linears(layers: nn.ModuleList, prefix: str, ignore: list
     silently."""
     names = [f"{prefix}.{li}.{n}" for li, layer in enumerate(layers)
              for n in quantizable_linears(layer, f"{prefix}.{li}", [])[0]]
-    kept = [f"{prefix}.{li}.{n}" for li, layer in enumerate(layers) for n, m in layer.named_modules()
-            if getattr(m, KEPT_16BIT, False)]  # the model's own 16-bit linears (ModelAdapter.kept_16bit)
+    kept = [f"{prefix}.{li}.{n}" for li, layer in enumerate(layers) for n in kept_16bit_linears(layer)]
     like = f"decoder linears are named like {names[0]!r}" if names else "the model has no decoder linears"
     for rx in ignore:
         if not any(rx.search(n) for n in names):
