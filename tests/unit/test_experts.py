@@ -65,3 +65,45 @@ def test_a_blocks_experts_are_one_allocation_unit():
              "mlp.experts.0.up_proj", "mlp.experts.0.down_proj", "mlp.experts.1.gate_proj", "mlp.experts.1.up_proj",
              "mlp.experts.1.down_proj"]
     assert fusion_units(names, ["mlp.experts"]) == [tuple(names[:3]), tuple(names[3:])]
+
+
+def test_llama4_block_is_transformers_own_with_inputs_scaled_per_expert():
+    """Llama 4: transposed experts run as one bmm over every token, the sigmoid router score scaling the expert's
+    input. The converted block gives transformers' output (bf16: to the bit) and feeds each expert only its routed
+    tokens, already scaled: what vLLM's apply_router_weight_on_input gives the expert."""
+    from transformers.models.llama4 import modeling_llama4 as l4
+    from transformers.models.llama4.configuration_llama4 import Llama4TextConfig
+
+    from vlmptq.models.llama4 import Llama4RoutedMoE, unfuse_llama4_moe
+
+    torch.manual_seed(0)
+    config = Llama4TextConfig(hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=1)
+    block = l4.Llama4TextMoe(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.1)
+    layers = nn.ModuleList([nn.Module()])
+    layers[0].feed_forward = block
+    assert unfuse_llama4_moe(layers) == 1
+    ours = layers[0].feed_forward
+    assert isinstance(ours, Llama4RoutedMoE) and ours.router is block.router
+    x = torch.randn(2, 24, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want, want_logits = block(x)
+        seen = {}
+        hooks = [ours.experts[e].register_forward_pre_hook(lambda m, a, e=e: seen.setdefault(e, a[0]))
+                 for e in range(4)]
+        got, logits = ours(x)
+        for h in hooks:
+            h.remove()
+    assert torch.equal(got, want) and torch.equal(logits, want_logits)
+    flat = x.reshape(-1, 64)
+    scores, _ = block.router(flat)
+    for e, rows in seen.items():
+        routed = scores[:, e] > 0
+        assert torch.equal(rows, flat[routed] * scores[routed, e, None])
+    assert sum(r.shape[0] for r in seen.values()) == flat.shape[0]
+    with torch.no_grad():  # the fused tensors' columns became the linears' rows
+        torch.testing.assert_close(ours.experts[2].up_proj.weight, block.experts.gate_up_proj[2, :, 32:].t(),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(ours.experts[2].down_proj.weight, block.experts.down_proj[2].t(), rtol=0, atol=0)

@@ -148,10 +148,10 @@ class ModelAdapter:
         from vlmptq.models.experts import routers
 
         prefix, layers = self.decoder_layers()
-        return [n for n, m in self.model.named_modules()
-                if isinstance(m, nn.Linear) and not n.startswith(prefix + ".")] + [
+        return list(dict.fromkeys([n for n, m in self.model.named_modules()
+                                   if isinstance(m, nn.Linear) and not n.startswith(prefix + ".")] + [
             f"{prefix}.{li}.{r}" for li, layer in enumerate(layers) for r in routers(layer)] + [
-            f"{prefix}.{li}.{n}" for li, layer in enumerate(layers) for n in kept_16bit_linears(layer)]
+            f"{prefix}.{li}.{n}" for li, layer in enumerate(layers) for n in kept_16bit_linears(layer)]))
 
     def lm_head(self) -> tuple[str, nn.Linear]:
         """(module path, the output projection) of the language model."""
@@ -213,6 +213,28 @@ class Qwen3_5Adapter(ModelAdapter):
     dozen rows at 3 bits do not fill."""
 
     kept_16bit = (r"(^|\.)linear_attn\.in_proj_[ab]$", r"(^|\.)mlp\.shared_expert_gate$")
+
+
+@register_adapter("llama4")
+class Llama4Adapter(ModelAdapter):
+    """Llama 4 (Scout, Maverick): the text model is ``model.language_model.model``; its mixture-of-experts blocks
+    (transposed experts, routing weight on the expert's input, a shared expert) are converted by
+    :mod:`vlmptq.models.llama4`. Kept 16-bit: the ``router`` (an ``nn.Linear`` in transformers, vLLM builds it
+    without a quantization method) and the attention's q/k/v projections: vLLM permutes the rows of q_proj and
+    k_proj at load (to its rotary layout) together with their scales but not their packed zero points, so an
+    asymmetric q/k would serve wrong; v_proj joins them in vLLM's fused qkv_proj (about 2% of a layer's weights)."""
+
+    kept_16bit = (r"(^|\.)feed_forward\.router$", r"(^|\.)self_attn\.[qkv]_proj$")
+
+    def text_model(self) -> nn.Module:
+        return self.model.language_model.model
+
+    @classmethod
+    def prepare(cls, model: nn.Module) -> nn.Module:
+        from vlmptq.models.llama4 import unfuse_llama4_moe
+
+        unfuse_llama4_moe(cls(model).decoder_layers()[1])
+        return super().prepare(model)
 
 
 @register_adapter("idefics3", "smolvlm")

@@ -14,8 +14,9 @@ transformers' own eager loop (gate and up still run as one matmul; ``experts_imp
 where a model defaults to ``grouped_mm``, e.g. GLM-4.5V, whose bf16 sums round differently). The router
 (``mlp.gate``) is not an ``nn.Linear`` in transformers and stays 16-bit, as vLLM serves it.
 
-Only the standard layout is taken: concatenated gate/up, not transposed, no biases. Others
-(gpt-oss' interleaved, transposed experts with biases) are refused by name.
+Only concatenated gate/up without biases is taken, in the standard layout or transposed (Llama 4, whose
+blocks :mod:`vlmptq.models.llama4` converts: ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``, run as one
+``bmm``). Others (gpt-oss' interleaved, transposed experts with biases) are refused by name.
 """
 
 from __future__ import annotations
@@ -55,14 +56,23 @@ class ExpertMLP(nn.Module):
 class UnfusedExperts(nn.ModuleList):
     """Drop-in for a transformers fused-experts module: ``forward(hidden [T, H], top_k_index [T, k],
     top_k_weights [T, k]) -> [T, H]``, expert by expert as transformers' eager loop. A list of
-    :class:`ExpertMLP`, so expert ``e``'s linears are ``<path>.{e}.gate_proj`` etc., as vLLM reads them."""
+    :class:`ExpertMLP`, so expert ``e``'s linears are ``<path>.{e}.gate_proj`` etc., as vLLM reads them.
+
+    ``transposed``: the fused tensors it is filled from are ``[E, H, 2I]`` / ``[E, I, H]`` (Llama 4) rather than
+    ``[E, 2I, H]`` / ``[E, H, I]``. ``weight_on_input``: the routing weight scales the expert's input, not its
+    output (Llama 4; vLLM's ``apply_router_weight_on_input``)."""
+
+    transposed: bool = False
+    weight_on_input: bool = False
 
     @property
     def num_experts(self) -> int:
         return len(self)
 
     def fill(self, gate_up: torch.Tensor, down: torch.Tensor) -> list[nn.Linear]:
-        """Set the experts' weights from transformers' fused tensors (copies); returns the linears set."""
+        """Set the experts' weights from the model's fused tensors (copies); returns the linears set."""
+        if self.transposed:
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         if tuple(gate_up.shape[:1]) != (len(self),) or gate_up.shape[0] != down.shape[0]:
             raise UnsupportedModelError(f"fused experts of {gate_up.shape[0]} / {down.shape[0]} experts for a block of "
                                         f"{len(self)}")
@@ -80,21 +90,29 @@ class UnfusedExperts(nn.ModuleList):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        return mix_routed(hidden_states, top_k_index, top_k_weights, len(self), lambda e, x: self[e](x))
+        return mix_routed(hidden_states, top_k_index, top_k_weights, len(self), lambda e, x: self[e](x),
+                          self.weight_on_input)
 
 
 def mix_routed(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-               num_experts: int, expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+               num_experts: int, expert: Callable[[int, torch.Tensor], torch.Tensor],
+               weight_on_input: bool = False) -> torch.Tensor:
     """``sum_k top_k_weights[t, k] * expert(top_k_index[t, k], hidden_states[t])`` per token, expert by expert in
-    transformers' order (so its eager loop's sums, to the bit): ``hidden_states`` [T, H], the routing [T, k].
-    Indices outside ``[0, num_experts)`` (transformers' padding for expert parallelism) are skipped. The loop
-    reads the routed experts on the host: not capturable by CUDA graphs."""
+    transformers' order (so its eager loop's sums, to the bit): ``hidden_states`` [T, H], the routing [T, k];
+    with ``weight_on_input``, ``expert(index, weight * hidden_states[t])`` (Llama 4; the weight cast to the
+    activations' dtype first, as transformers and vLLM do). Indices outside ``[0, num_experts)``
+    (transformers' padding for expert parallelism) are skipped. The loop reads the routed experts on the host:
+    not capturable by CUDA graphs."""
     out = torch.zeros_like(hidden_states)
     for e in top_k_index.unique().tolist():
         if not 0 <= e < num_experts:
             continue
         pos, rows = torch.where(top_k_index.t() == e)
-        y = expert(e, hidden_states[rows]) * top_k_weights[rows, pos, None]
+        weight = top_k_weights[rows, pos, None]
+        if weight_on_input:
+            y = expert(e, hidden_states[rows] * weight.to(hidden_states.dtype))
+        else:
+            y = expert(e, hidden_states[rows]) * weight
         out.index_add_(0, rows, y.to(out.dtype))
     return out
 
@@ -118,15 +136,20 @@ def _check_layout(name: str, module: nn.Module) -> None:
             "[E, H, I] without biases (Qwen3-VL-MoE, Qwen3-MoE, ...)")
 
 
-def unfuse(module: nn.Module, name: str = "experts") -> UnfusedExperts:
-    """An :class:`UnfusedExperts` holding copies of ``module``'s values (on the meta device, shapes only)."""
+def unfuse(module: nn.Module, name: str = "experts", transposed: bool = False,
+           weight_on_input: bool = False) -> UnfusedExperts:
+    """An :class:`UnfusedExperts` holding copies of ``module``'s values (on the meta device, shapes only);
+    ``transposed`` and ``weight_on_input`` as there."""
     _check_layout(name, module)
     gu, down = module.gate_up_proj, module.down_proj
-    n, two_i, h = gu.shape
-    if two_i % 2 or tuple(down.shape) != (n, h, two_i // 2):
+    n, h, two_i = gu.shape if transposed else (gu.shape[0], gu.shape[2], gu.shape[1])
+    want = (n, two_i // 2, h) if transposed else (n, h, two_i // 2)
+    if two_i % 2 or tuple(down.shape) != want:
+        layout = "[E, H, 2I] and [E, I, H]" if transposed else "[E, 2I, H] and [E, H, I]"
         raise UnsupportedModelError(f"{name}: gate_up_proj {tuple(gu.shape)} and down_proj {tuple(down.shape)} are "
-                                    "not [E, 2I, H] and [E, H, I]")
+                                    f"not {layout}")
     experts = UnfusedExperts(ExpertMLP(h, two_i // 2, module.act_fn, gu.dtype, torch.device("meta")) for _ in range(n))
+    experts.transposed, experts.weight_on_input = transposed, weight_on_input
     experts.fill(gu, down)
     return experts
 

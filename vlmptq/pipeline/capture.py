@@ -158,6 +158,13 @@ def without_layers(model: nn.Module, layers: nn.ModuleList) -> Iterator[None]:
     raise RuntimeError("decoder layers not found in the model")  # pragma: no cover
 
 
+def pixels_in(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``inputs`` with floating-point ``pixel_values*`` in the model's ``dtype``: processors return fp32 (Llama 4's:
+    bf16) and most vision towers cast them, but not all (Llama 4's does not)."""
+    return {k: v.to(dtype) if k.startswith("pixel_values") and torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in inputs.items()}
+
+
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, final_norm: nn.Module | None,
                          samples: Sequence[ModelInputs], device: torch.device, offload: torch.device
                          ) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
@@ -175,7 +182,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, final_norm: nn
     try:
         with record_layer_calls(layers, final_norm) as calls, torch.no_grad():
             for s in tqdm(samples, desc="capturing layer inputs", leave=False):
-                run_until_stopped(model, **move_to(s.inputs, device), use_cache=False)
+                run_until_stopped(model, **pixels_in(move_to(s.inputs, device), model.dtype), use_cache=False)
                 if any(len(c) != 1 for c in calls):
                     raise RuntimeError(f"sample {s.sample_id}: the model did not call each decoder layer once")
                 seen = [c.pop() for c in calls]
