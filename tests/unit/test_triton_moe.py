@@ -255,6 +255,9 @@ def _plugin_methods() -> dict:
     ids = torch.stack([torch.randperm(e_, generator=gen)[:top_k] for _ in range(6)]).to(torch.int32)
     weights = torch.softmax(torch.randn(6, top_k, generator=gen), dim=-1)
     ref = moe.reference_moe(x, ids, weights, ex, bits, "silu")
+    # Llama 4's blocks: one expert per token, its weight scaling the expert's input (apply_router_weight_on_input)
+    ids1, weights1 = ids[:, :1].contiguous(), weights[:, :1]
+    ref1 = moe.reference_moe(x * weights1.to(x.dtype), ids1, torch.ones_like(weights1), ex, bits, "silu")
     res = {"name": "plugin-methods"}
     for cls in (VlmptqReferenceMoEMethod, VlmptqFusedMoEMethod):
         method = cls(cfg, ServingScheme(bits, group, False), "model.layers.0.mlp.experts")
@@ -272,6 +275,13 @@ def _plugin_methods() -> dict:
         y = method.apply(layer, x, weights, ids)
         res[cls.__name__] = {"rel_err": ((y.float() - ref).norm() / ref.norm()).item(), "dtype": str(y.dtype),
                              "params": sorted(n for n, _ in layer.named_parameters())}
+        layer.apply_router_weight_on_input = True
+        y1 = method.apply(layer, x, weights1, ids1)
+        res[cls.__name__]["on_input_rel_err"] = ((y1.float() - ref1).norm() / ref1.norm()).item()
+        try:
+            method.apply(layer, x, weights, ids)
+        except Exception as e:  # two experts per token cannot take the weight on the input
+            res[cls.__name__]["on_input_top2"] = f"{type(e).__name__}: {e}"
     return res
 
 
@@ -346,6 +356,8 @@ def test_plugin_fused_method_matches_its_reference_method(interpreted):
     assert r is not None and "error" not in r, r
     for name in ("VlmptqReferenceMoEMethod", "VlmptqFusedMoEMethod"):
         assert r[name]["dtype"] == "torch.float16" and r[name]["rel_err"] < TOLERANCE, (name, r[name])
+        assert r[name]["on_input_rel_err"] < TOLERANCE, (name, r[name])
+        assert "one expert per token" in r[name]["on_input_top2"], (name, r[name])
     assert r["VlmptqFusedMoEMethod"]["params"] == ["w13_qweight", "w13_sz", "w2_qweight", "w2_sz"]
     assert "w13_weight_packed" in r["VlmptqReferenceMoEMethod"]["params"]
 
