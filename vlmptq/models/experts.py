@@ -154,16 +154,24 @@ def unfuse(module: nn.Module, name: str = "experts", transposed: bool = False,
     return experts
 
 
-def unfuse_experts(layers: nn.ModuleList) -> int:
-    """Replace every fused-experts module inside the decoder ``layers`` by an :class:`UnfusedExperts`
-    (in place); returns how many. One layer's experts are held twice while it is converted."""
+def replace_modules(layers: nn.ModuleList, match: Callable[[nn.Module], bool],
+                    build: Callable[[nn.Module, str], nn.Module]) -> int:
+    """Replace every module inside the decoder ``layers`` that ``match`` takes by ``build(module, path inside its
+    layer)`` (in place); returns how many."""
     count = 0
     for layer in layers:
         for name, module in list(layer.named_modules()):
-            if name and is_fused_experts(module):
+            if name and match(module):
                 parent, _, attr = name.rpartition(".")
-                setattr(layer.get_submodule(parent) if parent else layer, attr, unfuse(module, name))
+                setattr(layer.get_submodule(parent) if parent else layer, attr, build(module, name))
                 count += 1
+    return count
+
+
+def unfuse_experts(layers: nn.ModuleList) -> int:
+    """Replace every fused-experts module inside the decoder ``layers`` by an :class:`UnfusedExperts`
+    (in place); returns how many. One layer's experts are held twice while it is converted."""
+    count = replace_modules(layers, is_fused_experts, unfuse)
     if count:
         logger.info("%d mixture-of-experts module(s): each expert's gate/up/down projection is quantized as its own "
                     "linear", count)

@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from vlmptq.models.experts import is_fused_experts, unfuse
+from vlmptq.models.experts import is_fused_experts, replace_modules, unfuse
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +55,7 @@ def is_llama4_moe(module: nn.Module) -> bool:
 def unfuse_llama4_moe(layers: nn.ModuleList) -> int:
     """Replace every Llama 4 MoE block (``feed_forward``) inside the decoder ``layers`` by a
     :class:`Llama4RoutedMoE` (in place); returns how many."""
-    count = 0
-    for layer in layers:
-        for name, module in list(layer.named_modules()):
-            if name and is_llama4_moe(module):
-                parent, _, attr = name.rpartition(".")
-                setattr(layer.get_submodule(parent) if parent else layer, attr, Llama4RoutedMoE(module, name))
-                count += 1
+    count = replace_modules(layers, is_llama4_moe, Llama4RoutedMoE)
     if count:
         logger.info("%d Llama 4 mixture-of-experts block(s): each expert's gate/up/down projection is quantized as "
                     "its own linear, calibrated on its routed tokens scaled by their router score", count)
