@@ -9,7 +9,8 @@ writes them. :func:`experts_method` picks, per block:
    are multiples of 32 or per-channel; passes its first-use self-check): the grouped Triton kernel of
    :mod:`vllm_plugin.kernels.triton.moe`, CUDA-graph safe;
 2. vLLM's compressed-tensors MoE method, where vLLM has a kernel for the scheme on this platform (GPU: Marlin /
-   Triton WNA16 for 4 and 8 bits; CPU: symmetric 4-bit, group size other than 32, int8 activations);
+   Triton WNA16 for 4 and 8 bits; CPU: symmetric 4-bit, group size other than 32, int8 activations; not on a CPU
+   for blocks that weigh the experts' input, Llama 4's, which vLLM's CPU int4 experts refuse at the first forward);
 3. the fused method for any other scheme it takes (e.g. 4-bit schemes vLLM lacks a kernel for);
 4. :class:`VlmptqReferenceMoEMethod` for the rest (the CPU's 2/3-bit and asymmetric 4-bit experts): exact, slow
    (each routed expert dequantized per call); on a GPU it needs ``--enforce-eager`` (a host loop).
@@ -69,6 +70,7 @@ def experts_method(layer: torch.nn.Module, prefix: str, scheme: ServingScheme, s
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
         CompressedTensorsMoEMethod,
     )
+    from vllm.platforms import current_platform
 
     moe = layer.moe_config
     if scheme.bits < 4:
@@ -77,13 +79,17 @@ def experts_method(layer: torch.nn.Module, prefix: str, scheme: ServingScheme, s
             logger.info("vlmptq: %s (%s experts) served by vlmptq's fused Triton MoE kernel", prefix,
                         scheme.describe())
             return VlmptqFusedMoEMethod(moe, scheme, prefix)
-    try:
-        method = CompressedTensorsMoEMethod.get_moe_method(stock_config, layer, layer_name=prefix)
-        logger.info("vlmptq: %s (%s experts) served by vLLM's %s", prefix, scheme.describe(),
-                    type(method).__name__)
-        return method
-    except (NotImplementedError, KeyError, ValueError) as e:
-        stock = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if getattr(layer, "apply_router_weight_on_input", False) and current_platform.is_cpu():
+        # vLLM 0.32's CPU int4 experts raise at the first forward on such a block (Llama 4)
+        stock = "its CPU MoE kernels do not take the routing weight on the experts' input"
+    else:
+        try:
+            method = CompressedTensorsMoEMethod.get_moe_method(stock_config, layer, layer_name=prefix)
+            logger.info("vlmptq: %s (%s experts) served by vLLM's %s", prefix, scheme.describe(),
+                        type(method).__name__)
+            return method
+        except (NotImplementedError, KeyError, ValueError) as e:
+            stock = str(e).splitlines()[0] if str(e) else type(e).__name__
     if scheme.bits >= 4:  # vLLM had no kernel: only now is the fused kernel's check worth its cost
         fused, why_not = fused_verdict(moe, scheme)
     if fused:

