@@ -61,21 +61,39 @@ def tiny_qwen2_vl_tied(tmp_path_factory):
                               tie_word_embeddings=True, vocab_size=2040)
 
 
-# `make test` runs two pytest-xdist workers, scheduled by whole work units: every test that starts a
-# vLLM engine or server is in one unit, so they run one after another on one worker (two engines at
-# once would fight over the 2 cores they bind and the ports they pick); every other module is its own
-# unit, so its module-scoped fixtures (interpreted kernels, AOT compiles, solver studies) are built
-# once. (xdist's own `--dist loadgroup` cannot be used: it renames node ids, which pytest 9 ignores.)
-ENGINE_MODULES = ("test_demo.py", "test_serve.py", "test_vllm_bad_checkpoints.py", "test_vllm_families.py",
-                  "test_vllm_moe.py", "test_vllm_plugin.py", "test_vllm_stock.py")
-ENGINE_TESTS = ("test_proxy.py::test_quantized_proxy_runs_in_vllm",)
+# `make test` runs two pytest-xdist workers, scheduled by whole work units: the tests that start a vLLM
+# engine or server are in two units, so each worker runs at most one engine at a time, and each worker's
+# engines are bound to a core of their own (VLLM_CPU_OMP_THREADS_BIND below; unbound, both would pick the same
+# one); every other module is its own unit, so its module-scoped fixtures (interpreted kernels, AOT compiles,
+# solver studies) are built once. (xdist's own `--dist loadgroup` cannot be used: it renames node ids, which
+# pytest 9 ignores.)
+ENGINE_UNITS = {
+    "vllm-engine-a": ("test_demo.py", "test_serve.py", "test_vllm_plugin.py"),
+    "vllm-engine-b": ("test_vllm_bad_checkpoints.py", "test_vllm_families.py", "test_vllm_moe.py",
+                      "test_vllm_stock.py", "test_proxy.py::test_quantized_proxy_runs_in_vllm"),
+}
 
 
 def work_unit(nodeid: str) -> str:
-    """The scheduling unit of a test: "vllm-engine" for tests that start vLLM, else its file."""
+    """The scheduling unit of a test: one of ``ENGINE_UNITS`` for tests that start vLLM, else its file."""
     path = nodeid.split("::", 1)[0]
     name = nodeid.split("[", 1)[0].rsplit("/", 1)[-1]
-    return "vllm-engine" if path.rsplit("/", 1)[-1] in ENGINE_MODULES or name in ENGINE_TESTS else path
+    for unit, members in ENGINE_UNITS.items():
+        if path.rsplit("/", 1)[-1] in members or name in members:
+            return unit
+    return path
+
+
+def _bind_engines_to_this_workers_core() -> None:
+    """Under xdist (``gwN``), vLLM-CPU engines started by this worker use core N of the ones we may run on,
+    unless the caller chose (tensor-parallel tests bind both ranks themselves)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    cpus = sorted(os.sched_getaffinity(0))
+    if worker.startswith("gw") and len(cpus) > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpus[int(worker[2:]) % len(cpus)])
+
+
+_bind_engines_to_this_workers_core()
 
 
 @pytest.hookimpl(optionalhook=True)
