@@ -47,7 +47,8 @@ class Llama4RoutedMoE(nn.Module):
 
 def is_llama4_moe(module: nn.Module) -> bool:
     """A transformers ``Llama4TextMoe``: fused experts beside a ``router`` and a ``shared_expert``."""
-    return (is_fused_experts(getattr(module, "experts", None) or nn.Module())
+    experts = getattr(module, "experts", None)
+    return (isinstance(experts, nn.Module) and is_fused_experts(experts)
             and isinstance(getattr(module, "router", None), nn.Linear)
             and isinstance(getattr(module, "shared_expert", None), nn.Module))
 
