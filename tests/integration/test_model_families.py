@@ -19,7 +19,7 @@ from tests.support.tiny_families import build_tiny_family
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "gemma3",
-                                    "mistral3", "glm4v"])
+                                    "mistral3", "glm4v", "cohere2_vision"])
 def test_family_quantizes_and_reloads(family, tiny_qwen2_vl, tmp_path):
     src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
     config = make_config(method="vlmptq", bits=3, group_size=64, calib=CalibConfig(num_samples=2), device="cpu")

@@ -61,7 +61,7 @@ def _chat(proc) -> str:
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl",
-                                    "mistral3", "glm4v", "glm4v_moe", "llama4"])
+                                    "mistral3", "glm4v", "glm4v_moe", "llama4", "cohere2_vision"])
 def test_family_serves_through_the_plugin(family, tiny_qwen2_vl, tmp_path):
     """GLM-4.5V's experts: routed within groups by biased sigmoid scores, scaled, beside a shared expert (vLLM's
     router, our MoE method); its checkpoint names the vision tower's gate and up projections apart while vLLM

@@ -1,5 +1,5 @@
 """Tiny random LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V,
-GLM-4.5V and Llama 4 checkpoints (real transformers classes and processors).
+GLM-4.5V, Llama 4 and Command A Vision checkpoints (real transformers classes and processors).
 
 Built from the tiny Qwen2-VL fixture's tokenizer plus each family's placeholder tokens and chat
 format; the language models keep the tiny Qwen fixture's shape (hidden 192, intermediate 448,
@@ -307,9 +307,51 @@ def _llama4(tok_src):
     return Llama4ForConditionalGeneration(config), proc
 
 
+COHERE_TEMPLATE = ("{% for m in messages %}<|START_OF_TURN_TOKEN|>"
+                   "{{ '<|USER_TOKEN|>' if m['role'] == 'user' else '<|CHATBOT_TOKEN|>' }}{% for c in m['content'] %}"
+                   "{% if c['type'] == 'image' %}<|IMG_PATCH|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                   "<|END_OF_TURN_TOKEN|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>{% endif %}")
+
+
+def cohere2_vision_processor(tok_src):
+    """A real Cohere2VisionProcessor: 56 px tiles of 2 x 2 tokens (SigLIP patches pixel-shuffled by 2) plus a
+    line break each, up to 4 tiles and the global view, between Command A Vision's image tokens."""
+    from transformers import AutoTokenizer, Cohere2VisionImageProcessor, Cohere2VisionProcessor
+
+    image_tokens = {"boi_token": "<|START_OF_IMG|>", "eoi_token": "<|END_OF_IMG|>", "image_token": "<|IMG_PATCH|>",
+                    "img_line_break_token": "<|IMG_LINE_BREAK|>"}
+    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens=image_tokens)
+    tok.add_special_tokens({"additional_special_tokens": ["<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>",
+                                                          "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>"]})
+    images = Cohere2VisionImageProcessor(size={"height": 56, "width": 56}, patch_size=2, max_patches=4)
+    return Cohere2VisionProcessor(image_processor=images, tokenizer=tok, chat_template=COHERE_TEMPLATE)
+
+
+def _cohere2_vision(tok_src):
+    """Command A Vision: a Cohere2 language model (attention and MLP in parallel off one LayerNorm, interleaved
+    rotary on its sliding-window layers, embeddings tied as vLLM requires) behind a SigLIP tower and a pixel-shuffle
+    projector. ``logit_scale`` 1: transformers' Cohere2Vision head ignores it while vLLM applies it (the released
+    config's 0.0625 changes no greedy choice, but every log-probability); the sliding window stays past the
+    prompts: vLLM's Cohere window takes one token more than transformers'."""
+    from transformers import (
+        Cohere2Config, Cohere2VisionConfig, Cohere2VisionForConditionalGeneration, SiglipVisionConfig,
+    )
+
+    proc = cohere2_vision_processor(tok_src)
+    tok = proc.tokenizer
+    text = Cohere2Config(**dict(TEXT, tie_word_embeddings=True), vocab_size=len(tok) + 64, head_dim=64,
+                         logit_scale=1.0, pad_token_id=0, bos_token_id=tok.bos_token_id or 0)
+    config = Cohere2VisionConfig(vision_config=SiglipVisionConfig(image_size=56, patch_size=14, **VISION),
+                                 text_config=text, downsample_factor=2, alignment_intermediate_size=256,
+                                 image_token_id=tok.convert_tokens_to_ids("<|IMG_PATCH|>"), tie_word_embeddings=True)
+    return Cohere2VisionForConditionalGeneration(config), proc
+
+
 FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_onevision": _llava_onevision,
             "idefics3": _idefics3, "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3,
-            "mistral3": _mistral3, "glm4v": _glm4v, "glm4v_moe": partial(_glm4v, moe=True), "llama4": _llama4}
+            "mistral3": _mistral3, "glm4v": _glm4v, "glm4v_moe": partial(_glm4v, moe=True), "llama4": _llama4,
+            "cohere2_vision": _cohere2_vision}
 
 
 def _randomize(model: torch.nn.Module) -> None:
@@ -331,7 +373,7 @@ def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | 
                 t.data = t.data.to(torch.bfloat16)
     model.eval().save_pretrained(out)
     processor.save_pretrained(out)
-    if family in ("llava", "llava_next", "llava_onevision", "gemma3"):
+    if family in ("llava", "llava_next", "llava_onevision", "gemma3", "cohere2_vision"):
         _to_hub_vision_names(out)
     return out
 
@@ -366,6 +408,14 @@ def build_tiny_text_lm(kind: str, out_dir: str | Path, tokenizer_source: str | P
     return out
 
 
+def _hub_vision_name(key: str) -> str:
+    """``[model.]vision_tower.X`` -> ``[model.]vision_tower.vision_model.X`` (Command A Vision keeps ``model.``)."""
+    for prefix in ("vision_tower.", "model.vision_tower."):
+        if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
+            return prefix + "vision_model." + key[len(prefix):]
+    return key
+
+
 def _to_hub_vision_names(out: Path) -> None:
     """Rename the CLIP / SigLIP tower's tensors to the layout of the llava-hf and Gemma 3 checkpoints
     on the hub (``vision_tower.vision_model.*``). transformers 5 saves a freshly built tower without
@@ -375,7 +425,5 @@ def _to_hub_vision_names(out: Path) -> None:
 
     for f in out.glob("*.safetensors"):
         sd = load_file(f)
-        sd = {("vision_tower.vision_model." + k[len("vision_tower."):]
-               if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
-              for k, v in sd.items()}
+        sd = {_hub_vision_name(k): v for k, v in sd.items()}
         save_file(sd, f, metadata={"format": "pt"})
