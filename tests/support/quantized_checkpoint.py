@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from vlmptq.pipeline.capture import pixels_in
 from vlmptq.quant.qweight import QuantizedWeight
 from vlmptq.quant.scheme import WeightScheme
 
@@ -249,11 +250,10 @@ def logprob_errors(hf, hf_inputs, outputs) -> tuple[list[float], list[float]]:
                 continue
             if key != "pixel_values" and torch.is_tensor(v) and v.dim() == 2 and v.shape == (1, len(ids)):
                 v = torch.cat([v, torch.zeros(1, len(gen), dtype=v.dtype)], 1)
-            if key.startswith("pixel_values") and torch.is_tensor(v) and v.is_floating_point():
-                v = v.to(hf.dtype)  # Llama 4's processor gives bf16, and its vision tower does not cast
             extra[key] = v
-        with torch.no_grad():
-            logits = hf(input_ids=full, attention_mask=torch.ones_like(full), **extra).logits[0].float()
+        with torch.no_grad():  # pixels in the model's dtype, as the quantizer feeds them (Llama 4's tower needs it)
+            logits = hf(input_ids=full, attention_mask=torch.ones_like(full),
+                        **pixels_in(extra, hf.dtype)).logits[0].float()
         lp = torch.log_softmax(logits, -1)  # row i predicts token i + 1
         for i in range(1, len(ids)):
             errs.append(abs(out.prompt_logprobs[i][ids[i]].logprob - lp[i - 1, ids[i]].item()))

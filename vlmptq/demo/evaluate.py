@@ -93,10 +93,11 @@ def compared_positions(sample: CalibSample) -> KLSample:
 
 
 def _logprobs(model: torch.nn.Module, ks: KLSample) -> torch.Tensor:
-    from vlmptq.pipeline.capture import move_to
+    from vlmptq.pipeline.capture import move_to, pixels_in
 
     device = next(model.parameters()).device
-    logits = model(**move_to(ks.sample.inputs, device), use_cache=False).logits[0]  # [T, V]
+    inputs = pixels_in(move_to(ks.sample.inputs, device), model.dtype)
+    logits = model(**inputs, use_cache=False).logits[0]  # [T, V]
     return torch.log_softmax(logits[ks.positions.to(device)].float(), dim=-1).cpu()  # [P, V]
 
 

@@ -34,8 +34,8 @@ KEPT_16BIT = "vlmptq_kept_16bit"  # attribute set on a decoder linear the model 
 
 
 def kept_16bit_linears(layer: nn.Module) -> list[str]:
-    """Paths (inside the decoder ``layer``) of the linears its model keeps in 16-bit (``ModelAdapter.kept_16bit``,
-    marked at load)."""
+    """Paths (inside the decoder ``layer``) of the linears its model keeps in 16-bit, marked at load: its
+    mixture-of-experts routers and the adapter's ``kept_16bit``."""
     return [n for n, m in layer.named_modules() if getattr(m, KEPT_16BIT, False)]
 
 
@@ -88,12 +88,14 @@ class ModelAdapter:
     def prepare(cls, model: nn.Module) -> nn.Module:
         """What every loaded model (and skeleton) goes through before use: fused mixture-of-experts modules
         in the decoder layers become one linear per expert projection (``vlmptq.models.experts``), and the
-        linears named by ``kept_16bit`` are marked (``KEPT_16BIT``)."""
-        from vlmptq.models.experts import unfuse_experts
+        routers beside them and the linears named by ``kept_16bit`` are marked (``KEPT_16BIT``)."""
+        from vlmptq.models.experts import routers, unfuse_experts
 
         layers = cls(model).decoder_layers()[1]
         unfuse_experts(layers)
         for layer in layers:
+            for path in routers(layer):  # a linear to vLLM (and to transformers for Llama 4), never quantized
+                setattr(layer.get_submodule(path), KEPT_16BIT, True)
             for name, module in layer.named_modules():
                 if isinstance(module, nn.Linear) and any(re.search(p, name) for p in cls.kept_16bit):
                     setattr(module, KEPT_16BIT, True)
@@ -142,16 +144,13 @@ class ModelAdapter:
         return ids
 
     def frozen_linears(self) -> list[str]:
-        """Names of every nn.Linear outside the decoder layers (kept in 16-bit), of the mixture-of-experts
-        routers inside them (linears to vLLM, which must not quantize them) and of the linears the adapter keeps
-        in 16-bit (``kept_16bit``)."""
-        from vlmptq.models.experts import routers
-
+        """Names of every nn.Linear outside the decoder layers (kept in 16-bit) and of those inside them marked
+        ``KEPT_16BIT`` at load: the mixture-of-experts routers (linears to vLLM, which must not quantize them) and
+        the adapter's ``kept_16bit``."""
         prefix, layers = self.decoder_layers()
-        return list(dict.fromkeys([n for n, m in self.model.named_modules()
-                                   if isinstance(m, nn.Linear) and not n.startswith(prefix + ".")] + [
-            f"{prefix}.{li}.{r}" for li, layer in enumerate(layers) for r in routers(layer)] + [
-            f"{prefix}.{li}.{n}" for li, layer in enumerate(layers) for n in kept_16bit_linears(layer)]))
+        return [n for n, m in self.model.named_modules()
+                if isinstance(m, nn.Linear) and not n.startswith(prefix + ".")] + [
+            f"{prefix}.{li}.{n}" for li, layer in enumerate(layers) for n in kept_16bit_linears(layer)]
 
     def lm_head(self) -> tuple[str, nn.Linear]:
         """(module path, the output projection) of the language model."""
@@ -222,9 +221,10 @@ class Llama4Adapter(ModelAdapter):
     :mod:`vlmptq.models.llama4`. Kept 16-bit: the ``router`` (an ``nn.Linear`` in transformers, vLLM builds it
     without a quantization method) and the attention's q/k/v projections: vLLM permutes the rows of q_proj and
     k_proj at load (to its rotary layout) together with their scales but not their packed zero points, so an
-    asymmetric q/k would serve wrong; v_proj joins them in vLLM's fused qkv_proj (about 2% of a layer's weights)."""
+    asymmetric q/k would serve wrong; v_proj joins them in vLLM's fused qkv_proj (about 2% of a layer's weights).
+    (The router is found and kept as every MoE router is.)"""
 
-    kept_16bit = (r"(^|\.)feed_forward\.router$", r"(^|\.)self_attn\.[qkv]_proj$")
+    kept_16bit = (r"(^|\.)self_attn\.[qkv]_proj$",)
 
     def text_model(self) -> nn.Module:
         return self.model.language_model.model
