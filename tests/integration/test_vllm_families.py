@@ -184,7 +184,7 @@ def test_qwen3_5_serves_through_the_plugin(arch, request, tmp_path, monkeypatch)
         assert sum(errs) / len(errs) < QWEN3_5_MOE_MEAN_TOL, (sum(errs) / len(errs), max(errs))
 
 
-def test_qwen3_5_tensor_parallel_2(tmp_path, monkeypatch):
+def test_qwen3_5_tensor_parallel_2(tmp_path, monkeypatch, two_rank_binding):
     """Qwen3.5 on two vLLM-CPU workers: each loads its slice of DeltaNet's in_proj_qkvz (q, k, v from one
     checkpoint tensor, z from another, each cut by head across the ranks, 3-bit zero points included) and the row
     slices of out_proj / o_proj / down_proj through the plugin. Against vLLM's own two-worker engine on the
@@ -197,8 +197,6 @@ def test_qwen3_5_tensor_parallel_2(tmp_path, monkeypatch):
                              intermediate=512, linear_heads=(2, 4))
     ckpt = build_quantized_checkpoint(src, tmp_path / "w3", WeightScheme(3, 64, False))
     prompts = [{"prompt": _chat(AutoProcessor.from_pretrained(src)), "multi_modal_data": {"image": pattern_image()}}]
-    cpus = sorted(os.sched_getaffinity(0))
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[-1]}")  # one NUMA node here: bind by hand
     monkeypatch.setenv("VLMPTQ_DISABLED_KERNELS", "cpu_w4a8,cpu_wna16")
     tp = dict(dtype="bfloat16", tensor_parallel_size=2, distributed_executor_backend="mp")
     with vllm_engine(ckpt.path, quantization="vlmptq", **tp) as llm:

@@ -99,7 +99,7 @@ def _experts_shapes(model) -> dict[str, tuple[int, ...]]:
             for name, m in model.named_modules() if isinstance(m, RoutedExperts)}
 
 
-def test_tensor_parallel_2(tmp_path, monkeypatch):
+def test_tensor_parallel_2(tmp_path, monkeypatch, two_rank_binding):
     """Two vLLM-CPU workers, each loading its slice of every expert through the plugin's MoE loader (gate/up
     rows with their 3-bit packed zero points, down's inputs with their packed words and groups, cut from the
     checkpoint's full tensors), then vLLM's all-reduce of the experts' partial sums: fp32 logits as HF's."""
@@ -107,8 +107,6 @@ def test_tensor_parallel_2(tmp_path, monkeypatch):
 
     src = build_tiny_qwen_vl(tmp_path / "src", arch="qwen3_vl_moe", hidden=256, heads=4, kv_heads=2)
     ckpt, _ = _quantized(src, tmp_path / "ckpt", bits=3)
-    cpus = sorted(os.sched_getaffinity(0))
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[-1]}")  # one NUMA node here: bind by hand
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles the functions
     with vllm_engine(tmp_path / "ckpt", dtype="float32", tensor_parallel_size=2,
                      distributed_executor_backend="mp") as llm:

@@ -320,15 +320,13 @@ def tp2_checkpoints(tmp_path_factory):
      (2, None, "bfloat16", {"cpu_w4a8", "cpu_wna16"}, None, BF16_MAX_TOL)],
     ids=["w3-head-w3-fp32", "w2-bf16"],
 )
-def test_tensor_parallel_2_matches_hf(tp2_checkpoints, monkeypatch, bits, head_bits, dtype, kernels, head_kernels,
-                                      tol):
+def test_tensor_parallel_2_matches_hf(tp2_checkpoints, monkeypatch, two_rank_binding, bits, head_bits, dtype,
+                                      kernels, head_kernels, tol):
     """Two vLLM-CPU worker processes, each loading its shards through the plugin: row-parallel K
     slices (whole groups, whole words), column-parallel fused shards and vocabulary-parallel LM-head
     rows, then the CPU kernels' repack of the slices (bf16). fp32 catches any mis-sliced tensor
     (>= 1e-2, measured 5e-6 when right)."""
     src, ckpt = tp2_checkpoints(bits, head_bits)
-    cpus = sorted(os.sched_getaffinity(0))
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[-1]}")  # one NUMA node here: bind by hand
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles layer_methods' function
     vllm_inputs, hf_inputs = prompts(src)
     with vllm_engine(ckpt.path, dtype=dtype, quantization="vlmptq", tensor_parallel_size=2,
