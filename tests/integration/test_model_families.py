@@ -1,11 +1,12 @@
-"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V, GLM-4.5V, Qwen3.5 and
-Llama 4 (tiny, random, real transformers classes and processors) quantize through the same pipeline as Qwen2-VL
-and reload from their checkpoints to the same weights (GLM-4.5V's routed experts: to the same logits; Llama 4,
+"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V, GLM-4.5V, Qwen3.5,
+Llama 4 and Gemma 4 (tiny, random, real transformers classes and processors) quantize through the same pipeline as
+Qwen2-VL and reload from their checkpoints to the same weights (GLM-4.5V's routed experts: to the same logits; Llama 4,
 whose per-expert checkpoint transformers cannot load: its contents)."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,14 +19,19 @@ from tests.support.checkpoints import dense_copy
 from tests.support.tiny_families import build_tiny_family
 
 
+# q, k, v, o, gate, up, down in each of 2 layers; GLM-4.1V stores gate_up as one linear; Gemma 4's 4 layers also have
+# per_layer_input_gate and per_layer_projection, layer 1 (full attention, values = keys) no v_proj, layers 2-3
+# (reading the keys and values of layers 0-1) only q_proj
+QUANTIZED_LINEARS = {"glm4v": 12, "gemma4": 9 + 8 + 7 + 7}
+
+
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "gemma3",
-                                    "mistral3", "glm4v", "cohere2_vision"])
+                                    "mistral3", "glm4v", "cohere2_vision", "gemma4"])
 def test_family_quantizes_and_reloads(family, tiny_qwen2_vl, tmp_path):
     src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
     config = make_config(method="vlmptq", bits=3, group_size=64, calib=CalibConfig(num_samples=2), device="cpu")
     model, result, n = vlmptq.quantize_in_memory(src, config)
-    per_layer = 6 if family == "glm4v" else 7  # q, k, v, o, gate, up, down; GLM-4.1V stores gate_up as one linear
-    assert n == 2 and len(result.quantized) == 2 * per_layer
+    assert n == 2 and len(result.quantized) == QUANTIZED_LINEARS.get(family, 14)
     assert all(".layers." in name for name in result.quantized)
     assert any("vision" in name or "visual" in name for name in result.frozen) and "lm_head" in result.frozen
     assert all("mu" in r.info for r in result.records)
@@ -60,8 +66,6 @@ def test_qwen3_vl_deepstack_features_reach_both_streams(tiny_qwen3_vl):
     """Qwen3-VL adds vision features to the hidden states after its first decoder layers (deepstack),
     outside the layers. The pipeline runs the layers itself, so it must add them too: every layer's
     input as the pipeline propagates it is what that layer receives in the model's own forward."""
-    from types import SimpleNamespace
-
     from vlmptq.models.adapters import load_model
     from vlmptq.pipeline.capture import advance
     from vlmptq.pipeline.sequential import _capture_streams
@@ -89,6 +93,51 @@ def test_qwen3_vl_deepstack_features_reach_both_streams(tiny_qwen3_vl):
             # the features as the model adds them (the recorders return zeros, so they arrive unrounded)
             assert torch.equal(h, truth[li + 1]), li
             assert (h_plain.float() - truth[li + 1].float()).abs().max().item() > 1e-2  # the features matter
+
+
+def test_gemma4_shared_keys_and_values_follow_each_stream(tiny_qwen2_vl, tmp_path):
+    """Gemma 4's last layers attend with the keys and values of earlier layers, handed on in a mapping the text model
+    passes to every layer (``shared_kv_states``), and its layers take their per-layer input by position. The pipeline
+    runs the layers itself, on a quantized and a full-precision stream in turn: each stream's layers must read the
+    keys and values its own earlier layers wrote. Checked against each model's own forward, with a perturbed copy
+    standing in for the quantized layers, bit for bit; the streams sharing one mapping (the arguments as captured)
+    gives the quantized stream the full-precision keys and values instead."""
+    import copy
+
+    from vlmptq.models.adapters import load_model
+    from vlmptq.pipeline.capture import advance
+    from vlmptq.pipeline.sequential import _capture_streams
+    from tests.support.checkpoints import image_prompt_inputs
+
+    src = build_tiny_family("gemma4", tmp_path / "gemma4", tiny_qwen2_vl)
+    model, adapter = load_model(src, torch.float32)
+    _, layers = adapter.decoder_layers()
+    norm = adapter.final_norm()
+    inputs = image_prompt_inputs(src)
+    changed = copy.deepcopy(model)
+    _, changed_layers = type(adapter)(changed).decoder_layers()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in changed_layers.parameters():
+            if p.dim() == 2:
+                p.add_(0.05 * torch.randn_like(p))
+    truth = _inputs_in_forward(model, inputs, (*layers, norm))
+    truth_changed = _inputs_in_forward(changed, inputs, (*changed_layers, type(adapter)(changed).final_norm()))
+    sample = SimpleNamespace(inputs=inputs, sample_id="photo", vision_mask=None, text_mask=None)
+    cpu = torch.device("cpu")
+    for own_state in (True, False):
+        streams = _capture_streams(model, layers, norm, [sample], cpu, cpu, need_fp=True)
+        assert "per_layer_input" in streams.calls[0][0].kwargs
+        h, h_fp = streams.quant[0], streams.fp[0]
+        with torch.no_grad():
+            for li in range(len(layers)):
+                h = advance(changed_layers[li], streams.call(li, 0), h, cpu)
+                h_fp = advance(layers[li], streams.call(li, 0, fp=own_state), h_fp, cpu)
+        assert torch.equal(h_fp, truth[-1])
+        if own_state:
+            assert torch.equal(h, truth_changed[-1])
+        else:  # layers 2 and 3 read layers 0 and 1's full-precision keys and values
+            assert (h - truth_changed[-1]).abs().max().item() > 1e-3
 
 
 def test_glm4_5v_routed_and_shared_experts_quantize_and_reload(tiny_qwen2_vl, tmp_path):

@@ -1,5 +1,5 @@
 """Tiny random LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V,
-GLM-4.5V, Llama 4 and Command A Vision checkpoints (real transformers classes and processors).
+GLM-4.5V, Llama 4, Command A Vision and Gemma 4 checkpoints (real transformers classes and processors).
 
 Built from the tiny Qwen2-VL fixture's tokenizer plus each family's placeholder tokens and chat
 format; the language models keep the tiny Qwen fixture's shape (hidden 192, intermediate 448,
@@ -348,10 +348,67 @@ def _cohere2_vision(tok_src):
     return Cohere2VisionForConditionalGeneration(config), proc
 
 
+GEMMA4_TEMPLATE = ("{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+                   "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image|>{% else %}{{ c['text'] }}"
+                   "{% endif %}{% endfor %}<turn|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|turn>model\n{% endif %}")
+
+
+def gemma4_processor(tok_src):
+    """A real Gemma4Processor: 16 px patches pooled 3 x 3, at the smallest budget the processor (and vLLM) takes,
+    70 soft tokens (a 140 x 112 image: resized to 336 x 432, 63 tokens), between Gemma 4's ``<|image>`` and
+    ``<image|>``; its turn format (``<|turn>user ... <turn|>``). The feature extractor and video processor are the
+    defaults (the processor requires both; the model has no audio tower)."""
+    from transformers import (AutoTokenizer, Gemma4AudioFeatureExtractor, Gemma4ImageProcessor, Gemma4Processor,
+                              Gemma4VideoProcessor)
+
+    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
+        "boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+        "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"})  # the processor wants all six
+    tok.add_special_tokens({"additional_special_tokens": ["<|turn>", "<turn|>"]})
+    images = Gemma4ImageProcessor(patch_size=16, pooling_kernel_size=3, max_soft_tokens=70)
+    return Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=images, tokenizer=tok,
+                           video_processor=Gemma4VideoProcessor(), image_seq_length=70, chat_template=GEMMA4_TEMPLATE)
+
+
+def _gemma4(tok_src, moe: bool = False):
+    """Gemma 4 (no audio tower): 4 decoder layers, sliding / full / sliding / full (window 16 tokens), every one
+    with per-layer inputs (PLE, 64 per layer). The full-attention layers have 128-dim heads and no v_proj (values
+    are the k_proj output, ``attention_k_eq_v``) and the last two layers project queries only, reading the K/V of
+    layers 0 and 1 (``num_kv_shared_layers`` 2). Logit soft-capping 30, embeddings tied, as released; causal
+    attention throughout (``use_bidirectional_attention`` unset, as E2B / E4B: vLLM-CPU has no bidirectional
+    image mask). ``moe``: every layer also has a block of 4 routed experts (2 per token, intermediate 64) beside
+    its MLP, routed off the layer's residual stream (26B-A4B's layout)."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig
+
+    proc = gemma4_processor(tok_src)
+    tok = proc.tokenizer
+    vocab = len(tok) + 64
+    text = Gemma4TextConfig(
+        **dict(TEXT, num_hidden_layers=4, tie_word_embeddings=True), vocab_size=vocab, head_dim=64,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"], sliding_window=16,
+        hidden_size_per_layer_input=64, vocab_size_per_layer_input=vocab, num_kv_shared_layers=2,
+        attention_k_eq_v=True, global_head_dim=128, num_global_key_value_heads=1, final_logit_softcapping=30.0,
+        pad_token_id=0, bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids("<turn|>"),
+        **(dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=64) if moe else {}))
+    vision = Gemma4VisionConfig(**VISION, num_key_value_heads=2, head_dim=32, patch_size=16, pooling_kernel_size=3,
+                                position_embedding_size=256, default_output_length=70)  # vLLM reads the latter
+    ids = {key: tok.convert_tokens_to_ids(t) for key, t in (
+        ("boi_token_id", "<|image>"), ("eoi_token_id", "<image|>"), ("image_token_id", "<|image|>"),
+        ("video_token_id", "<|video|>"), ("boa_token_id", "<|audio>"), ("eoa_token_index", "<audio|>"),
+        ("audio_token_id", "<|audio|>"))}
+    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, tie_word_embeddings=True, **ids)
+    model = Gemma4ForConditionalGeneration(config)
+    with torch.no_grad():  # initialised to ones (every patch the same position); _randomize skips "embed" names
+        model.model.vision_tower.patch_embedder.position_embedding_table.normal_(0.0, 0.08)
+    return model, proc
+
+
 FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_onevision": _llava_onevision,
             "idefics3": _idefics3, "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3,
             "mistral3": _mistral3, "glm4v": _glm4v, "glm4v_moe": partial(_glm4v, moe=True), "llama4": _llama4,
-            "cohere2_vision": _cohere2_vision}
+            "cohere2_vision": _cohere2_vision, "gemma4": _gemma4,
+            "gemma4_moe": partial(_gemma4, moe=True)}
 
 
 def _randomize(model: torch.nn.Module) -> None:

@@ -237,6 +237,17 @@ class Llama4Adapter(ModelAdapter):
         return super().prepare(model)
 
 
+@register_adapter("gemma4")
+class Gemma4Adapter(ModelAdapter):
+    """Gemma 4: ``model.model.language_model``. Its decoder layers take a per-layer input (the per-layer embeddings)
+    and the last ``num_kv_shared_layers`` reuse the keys and values of earlier layers (``shared_kv_states``, carried
+    between layers by the pipeline per stream); full-attention layers with ``attention_k_eq_v`` have no v_proj.
+    Kept 16-bit: the mixture-of-experts router's ``router.proj`` (vLLM builds it without a quantization method; the
+    router module itself holds only scales, so it is not found as the other routers are)."""
+
+    kept_16bit = (r"(^|\.)router\.proj$",)
+
+
 @register_adapter("idefics3", "smolvlm")
 class Idefics3Adapter(ModelAdapter):
     """Idefics3 / SmolVLM: the text model is ``model.model.text_model``."""

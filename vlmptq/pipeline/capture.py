@@ -3,8 +3,10 @@ always removes it; early exits use a private exception so real errors are never 
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -53,6 +55,46 @@ class LayerCall:
     after: Residue | None = None  # what the model adds to this layer's output before the next layer
 
 
+def _is_carried(obj: Any) -> bool:
+    """State a model carries from one decoder layer to later ones in a mapping among their arguments: one object,
+    the same for every layer of a forward pass, that layers write and later layers read (Gemma 4's
+    ``shared_kv_states``, a ``UserDict``: its last layers reuse the keys and values of earlier ones). Plain dicts
+    are arguments, rebuilt by :func:`move_to`; other mutable mappings are carried state, kept by identity."""
+    return isinstance(obj, MutableMapping) and not isinstance(obj, dict)
+
+
+def fork(call: LayerCall, memo: dict[int, Any] | None = None) -> LayerCall:
+    """``call`` with its own copy of the state carried between layers (:func:`_is_carried`), taken as it stands:
+    a run of the layer on another stream (full precision beside quantized), or a trial run, then writes its own
+    copy and reads what the layers before wrote. ``memo`` (one per sample) keeps the copy shared between the
+    layers of one sample, as the original is."""
+    memo = {} if memo is None else memo
+
+    def forked(v: Any) -> Any:
+        if not _is_carried(v):
+            return v
+        if id(v) not in memo:
+            memo[id(v)] = copy.copy(v)
+        return memo[id(v)]
+
+    return LayerCall(call.hidden_states, {k: forked(v) for k, v in call.kwargs.items()}, call.after)
+
+
+def fork_stream(calls: list[list[LayerCall]]) -> list[list[LayerCall]]:
+    """``calls[layer][sample]`` for another stream: each sample's carried state copied once, for all its layers."""
+    memos: dict[int, dict[int, Any]] = {}
+    return [[fork(c, memos.setdefault(si, {})) for si, c in enumerate(per_sample)] for per_sample in calls]
+
+
+def offload_carried(call: LayerCall, device: torch.device | str) -> None:
+    """Move the tensors the layers wrote into the carried state of ``call`` to ``device`` (in place): the keys and
+    values Gemma 4's last layers reuse are written on the compute device, and held per sample until the last layer."""
+    for v in call.kwargs.values():
+        if _is_carried(v):
+            for k in list(v):
+                v[k] = move_to(v[k], device)
+
+
 def move_to(obj: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
     """Move tensors nested in tuples/lists/dicts to ``device``, keeping shared tensors shared."""
     memo = {} if memo is None else memo
@@ -85,8 +127,11 @@ class _Recorder(nn.Module):
             return getattr(object.__getattribute__(self, "_layer"), name)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args:
-            raise TypeError("decoder layers are expected to receive everything but hidden_states by keyword")
+        if args:  # Gemma 4 passes its per-layer input by position: kept by name, so a replay passes it by keyword
+            layer = object.__getattribute__(self, "_layer")
+            bound = inspect.signature(layer.forward).bind(hidden_states, *args, **kwargs)
+            kwargs = {k: v for k, v in bound.arguments.items() if k != next(iter(bound.arguments))}
+            kwargs.update(kwargs.pop(_var_keyword(layer), {}))
         kwargs.pop("past_key_values", None)
         kwargs.pop("past_key_value", None)
         kwargs["use_cache"] = False
@@ -94,6 +139,12 @@ class _Recorder(nn.Module):
         if self._last:
             raise _StopForward
         return torch.zeros_like(hidden_states)
+
+
+def _var_keyword(layer: nn.Module) -> str | None:
+    """The name of ``layer.forward``'s ``**kwargs`` parameter, if it has one."""
+    return next((p.name for p in inspect.signature(layer.forward).parameters.values()
+                 if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
 
 @contextmanager

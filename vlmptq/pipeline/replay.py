@@ -34,7 +34,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlmptq.models.adapters import ModelAdapter
-from vlmptq.pipeline.capture import LayerCall, ModelInputs, advance, capture_layer_inputs
+from vlmptq.pipeline.capture import (
+    LayerCall, ModelInputs, advance, capture_layer_inputs, fork_stream, offload_carried,
+)
 
 if TYPE_CHECKING:
     from vlmptq.models.lazy import LazyLayers
@@ -117,7 +119,7 @@ def variant_logprobs(model: nn.Module, adapter: ModelAdapter, samples: Sequence[
                 h, c = capture_layer_inputs(model, layers, norm, samples, device, cpu)
         else:
             shared = shared or capture_layer_inputs(model, layers, norm, samples, device, cpu)
-            h, c = [x.clone() for x in shared[0]], shared[1]
+            h, c = [x.clone() for x in shared[0]], fork_stream(shared[1])  # each variant its own carried state
         hidden.append(h)
         calls.append(c)
 
@@ -132,6 +134,8 @@ def variant_logprobs(model: nn.Module, adapter: ModelAdapter, samples: Sequence[
         if on_layer is not None:
             on_layer(li, hidden)
         for c in calls:
+            for call in c[li]:
+                offload_carried(call, cpu)
             c[li] = []  # this layer's arguments are no longer needed
         layer.to(cpu)
         if lazy is not None:
@@ -139,7 +143,8 @@ def variant_logprobs(model: nn.Module, adapter: ModelAdapter, samples: Sequence[
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2/3 text models' head
+    # Gemma 2/3 text models' head and Gemma 4's (in its text config)
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     norm.to(device)
     head.to(device)
     try:

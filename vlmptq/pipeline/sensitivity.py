@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from vlmptq.checkpoint.config import VLLM_FUSED_LINEARS
 from vlmptq.models.adapters import ModelAdapter
 from vlmptq.models.experts import experts_modules
-from vlmptq.pipeline.capture import advance
+from vlmptq.pipeline.capture import advance, fork
 from vlmptq.pipeline.sequential import (
     CalibrationSample, _capture_streams, _final_norm_or_none, compile_ignore, quantizable_linears,
 )
@@ -115,12 +115,12 @@ def measure_sensitivity(
                 for scheme in candidates:
                     with _quantized(layer, unit, scheme, scale_dtype, clip_search):
                         cost.losses[scheme.bits] = sum(
-                            _relative_change(advance(layer, calls[si], streams.quant[si], device), outs[si])
+                            _relative_change(advance(layer, fork(calls[si]), streams.quant[si], device), outs[si])
                             for si in range(len(samples)))
                 logger.debug("%s: %s", cost.names, ", ".join(f"W{b} {v:.4g}" for b, v in cost.losses.items()))
                 units.append(cost)
             streams.quant = [out.to(offload) for out in outs]
-            streams.calls[li] = []
+            streams.done(li, offload)
         layers[li] = layer.to("cpu")
         if lazy_layers is not None:
             lazy_layers.unload(li)

@@ -35,7 +35,8 @@ from vlmptq.errors import ConfigError, SolverError, UnsupportedModelError
 from vlmptq.models.adapters import KEPT_16BIT, ModelAdapter, kept_16bit_linears
 from vlmptq.models.experts import UnfusedExperts, experts_modules, unfuse_experts
 from vlmptq.pipeline.capture import (
-    LayerCall, advance, capture_layer_inputs, input_sharing_groups, layer_args_of, layer_input_of,
+    LayerCall, advance, capture_layer_inputs, fork_stream, input_sharing_groups, layer_args_of, layer_input_of,
+    offload_carried,
 )
 from vlmptq.quant.qweight import QuantizedWeight
 from vlmptq.quant.scheme import WeightScheme
@@ -90,7 +91,19 @@ class _Streams:
 
     quant: list[torch.Tensor]
     fp: list[torch.Tensor] | None
-    calls: list[list[LayerCall]]  # [layer][sample]
+    calls: list[list[LayerCall]]  # [layer][sample], the quantized stream's
+    fp_calls: list[list[LayerCall]] | None = None  # the same arguments with the fp stream's own carried state
+
+    def call(self, li: int, si: int, fp: bool = False) -> LayerCall:
+        return (self.fp_calls if fp and self.fp_calls is not None else self.calls)[li][si]
+
+    def done(self, li: int, offload: torch.device) -> None:
+        """Layer ``li`` has run on both streams: its arguments are no longer needed, what it left in the state
+        carried to later layers moves to ``offload``."""
+        for calls in [c for c in (self.calls, self.fp_calls) if c is not None]:
+            for call in calls[li]:
+                offload_carried(call, offload)
+            calls[li] = []
 
 
 def compile_ignore(patterns: Sequence[str]) -> list[re.Pattern]:
@@ -235,7 +248,9 @@ def _capture_streams(model: nn.Module, layers: nn.ModuleList, final_norm: nn.Mod
                      need_fp: bool) -> _Streams:
     """Both streams start from the hidden states entering the first decoder layer (``capture_layer_inputs``)."""
     quant, calls = capture_layer_inputs(model, layers, final_norm, samples, device, offload)
-    return _Streams(quant=quant, fp=[h.clone() for h in quant] if need_fp else None, calls=calls)
+    if not need_fp:
+        return _Streams(quant=quant, fp=None, calls=calls)
+    return _Streams(quant=quant, fp=[h.clone() for h in quant], calls=calls, fp_calls=fork_stream(calls))
 
 
 def _final_norm_or_none(adapter: ModelAdapter) -> nn.Module | None:
@@ -253,9 +268,9 @@ def _group_statistics(layer: nn.Module, fp_layer: nn.Module | None, first: str, 
     lin = layer.get_submodule(first)
     lin_fp = fp_layer.get_submodule(first) if fp_layer is not None else None
     for si, s in enumerate(samples):
-        call = streams.calls[li][si]
-        x = layer_input_of(layer, lin, call, streams.quant[si], device)
-        x_fp = layer_input_of(fp_layer, lin_fp, call, streams.fp[si], device) if lin_fp is not None else None
+        x = layer_input_of(layer, lin, streams.call(li, si), streams.quant[si], device)
+        x_fp = (layer_input_of(fp_layer, lin_fp, streams.call(li, si, fp=True), streams.fp[si], device)
+                if lin_fp is not None else None)
         acc.add(x, x_fp, s.vision_mask if needs.modality else None, s.text_mask if needs.modality else None)
     return acc.finalize()
 
@@ -358,13 +373,12 @@ def _solve_experts(layer: nn.Module, fp_layer: nn.Module | None, path: str, lpre
     offload = streams.quant[0].device
     inputs: list[_RoutedInputs] = []
     for si, s in enumerate(samples):
-        call = streams.calls[li][si]
-        args = layer_args_of(layer, experts, call, streams.quant[si], device)
+        args = layer_args_of(layer, experts, streams.call(li, si), streams.quant[si], device)
         if len(args) != 3:
             raise UnsupportedModelError(f"{lprefix}.{path}: the model calls its experts with {len(args)} positional "
                                         "arguments, not (hidden_states, top_k_index, top_k_weights)")
         x, top_k, _ = args
-        x_fp = (layer_args_of(fp_layer, fp_experts, call, streams.fp[si], device)[0]
+        x_fp = (layer_args_of(fp_layer, fp_experts, streams.call(li, si, fp=True), streams.fp[si], device)[0]
                 if fp_experts is not None else None)
         inputs.append(_RoutedInputs(x.to(offload), top_k.to(offload), None if x_fp is None else x_fp.to(offload),
                                     s.vision_mask.reshape(-1).to(offload), s.text_mask.reshape(-1).to(offload)))
@@ -532,11 +546,11 @@ def quantize_model(
             records += layer_records
             if streams is not None:
                 for si in range(len(samples)):
-                    call = streams.calls[li][si]
-                    streams.quant[si] = advance(layer, call, streams.quant[si], device).to(offload)
+                    streams.quant[si] = advance(layer, streams.call(li, si), streams.quant[si], device).to(offload)
                     if fp_layer is not None:
-                        streams.fp[si] = advance(fp_layer, call, streams.fp[si], device).to(offload)
-                streams.calls[li] = []  # this layer's arguments are no longer needed
+                        streams.fp[si] = advance(fp_layer, streams.call(li, si, fp=True), streams.fp[si],
+                                                 device).to(offload)
+                streams.done(li, offload)
         del fp_layer
         layers[li] = layer.to("cpu")
         if lazy_layers is not None and release_quantized:
