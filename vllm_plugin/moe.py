@@ -9,8 +9,9 @@ writes them. :func:`experts_method` picks, per block:
    are multiples of 32 or per-channel; passes its first-use self-check): the grouped Triton kernel of
    :mod:`vllm_plugin.kernels.triton.moe`, CUDA-graph safe;
 2. vLLM's compressed-tensors MoE method, where vLLM has a kernel for the scheme on this platform (GPU: Marlin /
-   Triton WNA16 for 4 and 8 bits; CPU: symmetric 4-bit, group size other than 32, int8 activations; not on a CPU
-   for blocks that weigh the experts' input, Llama 4's, which vLLM's CPU int4 experts refuse at the first forward);
+   Triton WNA16 for 4 and 8 bits; CPU with AMX tiles: symmetric 4-bit, group size other than 32, int8 activations;
+   not on a CPU for blocks that weigh the experts' input, Llama 4's, which vLLM's CPU int4 experts refuse at the
+   first forward);
 3. the fused method for any other scheme it takes (e.g. 4-bit schemes vLLM lacks a kernel for);
 4. :class:`VlmptqReferenceMoEMethod` for the rest (the CPU's 2/3-bit and asymmetric 4-bit experts): exact, slow
    (each routed expert dequantized per call); on a GPU it needs ``--enforce-eager`` (a host loop).
