@@ -1,5 +1,5 @@
 """LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V, GLM-4.5V, Qwen3.5,
-Llama 4 and Gemma 4 (tiny, random, real transformers classes and processors) quantize through the same pipeline as
+Llama 4, Gemma 4 and EXAONE 4.5 (tiny, random, real transformers classes and processors) quantize through the same pipeline as
 Qwen2-VL and reload from their checkpoints to the same weights (GLM-4.5V's routed experts: to the same logits; Llama 4,
 whose per-expert checkpoint transformers cannot load: its contents)."""
 
@@ -26,7 +26,7 @@ QUANTIZED_LINEARS = {"glm4v": 12, "gemma4": 9 + 8 + 7 + 7}
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "gemma3",
-                                    "mistral3", "glm4v", "cohere2_vision", "gemma4"])
+                                    "mistral3", "glm4v", "cohere2_vision", "gemma4", "exaone4_5"])
 def test_family_quantizes_and_reloads(family, tiny_qwen2_vl, tmp_path):
     src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
     config = make_config(method="vlmptq", bits=3, group_size=64, calib=CalibConfig(num_samples=2), device="cpu")

