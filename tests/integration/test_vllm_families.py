@@ -159,36 +159,42 @@ def _prompt_logprob_errors(out, ref) -> list[float]:
 QWEN3_5_MOE_MEAN_TOL = 0.15  # measured 0.033 (max 0.71); experts 0 and 1 swapped in the checkpoint: 0.88 (max 3.3)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "minicpmv4_6"])
 def test_qwen3_5_serves_through_the_plugin(arch, request, tmp_path, monkeypatch):
-    """Qwen3.5 on vLLM-CPU, whose Gated DeltaNet kernel runs in bf16 only: against vLLM itself running the
+    """Qwen3.5 (and MiniCPM-V 4.6, its language model a Qwen3.5 behind a NaViT tower with two mergers, images
+    sliced) on vLLM-CPU, whose Gated DeltaNet kernel runs in bf16 only: against vLLM itself running the
     dequantized weights unquantized, with our linears on the reference kernel (vLLM-CPU's int8-activation kernel
     would add its own error). vLLM loads DeltaNet's in_proj_qkv (3 shards) and in_proj_z into one in_proj_qkvz, and
     keeps the 16-bit in_proj_b / in_proj_a (fused in_proj_ba) and shared_expert_gate unquantized. The dense model's
     log-probabilities equal vLLM's unquantized ones; the MoE model's differ where bf16 sums in our reference MoE
     method and vLLM's round differently and flip near-tied routings, so its mean error is checked (a tenth of what
     swapping two experts' weights gives)."""
+    import json
+
     from transformers import AutoProcessor
 
     monkeypatch.setenv("VLMPTQ_DISABLED_KERNELS", "cpu_w4a8,cpu_wna16")
-    src = request.getfixturevalue(f"tiny_{arch}")
+    src = (build_tiny_family(arch, tmp_path / arch, request.getfixturevalue("tiny_qwen2_vl"))
+           if arch == "minicpmv4_6" else request.getfixturevalue(f"tiny_{arch}"))
     ckpt = build_quantized_checkpoint(src, tmp_path / "w3", WeightScheme(3, 64, False))
+    types = json.loads((src / "config.json").read_text())["text_config"]["layer_types"]
+    deltanet = [li for li, t in enumerate(types) if t == "linear_attention"]
     prompts = [{"prompt": _chat(AutoProcessor.from_pretrained(src)), "multi_modal_data": {"image": pattern_image()}}]
     with vllm_engine(ckpt.path, dtype="bfloat16", quantization="vlmptq") as llm:
         methods = layer_methods(llm)
         blocks = moe_methods(llm)
         out = generate(llm, prompts)[0]
     ours = {n for n, (m, k) in methods.items() if m == "VlmptqLinearMethod" and k == "reference"}
-    fused = [f"layers.{li}.linear_attn.{p}" for li in range(3) for p in ("in_proj_qkvz", "out_proj")]
+    fused = [f"layers.{li}.linear_attn.{p}" for li in deltanet for p in ("in_proj_qkvz", "out_proj")]
     assert all(any(n.endswith(f) for n in ours) for f in fused), sorted(ours)
     kept = [n for n, (m, _) in methods.items() if n.endswith(("in_proj_ba", "shared_expert_gate"))]
-    assert len(kept) == (7 if arch == "qwen3_5_moe" else 3) and all(methods[n][0] == "UnquantizedLinearMethod"
-                                                                     for n in kept), kept
+    assert len(kept) == len(deltanet) + (4 if arch == "qwen3_5_moe" else 0) and all(
+        methods[n][0] == "UnquantizedLinearMethod" for n in kept), kept
     assert [m for m, _ in blocks.values()] == ["VlmptqReferenceMoEMethod"] * (4 if arch == "qwen3_5_moe" else 0)
     with vllm_engine(dequantized_source_copy(src, ckpt, tmp_path / "dense"), dtype="bfloat16") as llm:
         ref = generate(llm, prompts)[0]
     errs = _prompt_logprob_errors(out, ref)
-    if arch == "qwen3_5":
+    if arch != "qwen3_5_moe":
         assert max(errs) < FP32_TOL and list(out.outputs[0].token_ids) == list(ref.outputs[0].token_ids), max(errs)
     else:
         assert sum(errs) / len(errs) < QWEN3_5_MOE_MEAN_TOL, (sum(errs) / len(errs), max(errs))

@@ -1,5 +1,6 @@
 """Tiny random LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V,
-GLM-4.5V, Llama 4, Command A Vision, Gemma 4 and EXAONE 4.5 checkpoints (real transformers classes and processors).
+GLM-4.5V, Llama 4, Command A Vision, Gemma 4, EXAONE 4.5 and MiniCPM-V 4.6 checkpoints (real transformers classes
+and processors).
 
 Built from the tiny Qwen2-VL fixture's tokenizer plus each family's placeholder tokens and chat
 format; the language models keep the tiny Qwen fixture's shape (hidden 192, intermediate 448,
@@ -449,11 +450,63 @@ def _exaone4_5(tok_src):
     return Exaone4_5_ForConditionalGeneration(config), proc
 
 
+MINICPMV4_6_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                        "{% if c['type'] == 'image' %}<|image_pad|>{% else %}{{ c['text'] }}{% endif %}"
+                        "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                        "{% endif %}")
+
+
+def minicpmv4_6_processor(tok_src):
+    """A real MiniCPMV4_6Processor: 14 px patches merged 4 x 4 (the tower's window merger, then the MLP merger), the
+    source image resized to about 112 x 112 px and sliced once the image is larger (at most 9 slices): the
+    140 x 112 px pattern image is a 112 x 112 source view (4 tokens) plus a 1 x 2 grid of 112 x 168 slices (6 tokens
+    each), as ``<image_id>0</image_id><image>...</image><slice>...</slice><slice>...</slice>`` around
+    ``<|image_pad|>`` tokens. The video processor is the default (the processor requires one)."""
+    from transformers import (AutoTokenizer, MiniCPMV4_6ImageProcessor, MiniCPMV4_6Processor,
+                              MiniCPMV4_6VideoProcessor)
+
+    tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
+        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "image_start_token": "<image>",
+        "image_end_token": "</image>", "slice_start_token": "<slice>", "slice_end_token": "</slice>",
+        "image_id_start_token": "<image_id>", "image_id_end_token": "</image_id>"})
+    images = MiniCPMV4_6ImageProcessor(scale_resolution=112, patch_size=14, max_slice_nums=9)
+    return MiniCPMV4_6Processor(image_processor=images, video_processor=MiniCPMV4_6VideoProcessor(), tokenizer=tok,
+                                chat_template=MINICPMV4_6_TEMPLATE)
+
+
+def _minicpmv4_6(tok_src):
+    """MiniCPM-V 4.6: a SigLIP-style NaViT tower (2 layers; the window-attention merger, 2 x 2 windows, after layer 0
+    halves each side before layer 1), an MLP merger (2 x 2 more) into a Qwen3.5 language model (what the release
+    uses and what vLLM builds): layer 0 Gated DeltaNet (linear attention: 1 key / 2 value heads of 128, vLLM-CPU's
+    kernel takes 128-dim heads only), layer 1 gated full attention (3 heads of 64, a quarter rotated, M-RoPE sections
+    that vLLM feeds the same position on every axis)."""
+    from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration, Qwen3_5TextConfig
+
+    proc = minicpmv4_6_processor(tok_src)
+    tok = proc.tokenizer
+    text = Qwen3_5TextConfig(
+        **TEXT, vocab_size=len(tok) + 64, head_dim=64, layer_types=["linear_attention", "full_attention"],
+        linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=1,
+        linear_num_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                                                   "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                                   "partial_rotary_factor": 0.25},
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
+    config = MiniCPMV4_6Config(
+        text_config=text, vision_config=dict(VISION, image_size=112, patch_size=14), insert_layer_id=0,
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"), tie_word_embeddings=False)
+    model = MiniCPMV4_6ForConditionalGeneration(config)
+    with torch.no_grad():  # positions (by NaViT bucket) apart; _randomize skips "embed" names
+        model.model.vision_tower.embeddings.position_embedding.weight.normal_(0.0, 0.08)
+    return model, proc
+
+
 FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_onevision": _llava_onevision,
             "idefics3": _idefics3, "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3,
             "mistral3": _mistral3, "glm4v": _glm4v, "glm4v_moe": partial(_glm4v, moe=True), "llama4": _llama4,
             "cohere2_vision": _cohere2_vision, "gemma4": _gemma4,
-            "gemma4_moe": partial(_gemma4, moe=True), "exaone4_5": _exaone4_5}
+            "gemma4_moe": partial(_gemma4, moe=True), "exaone4_5": _exaone4_5, "minicpmv4_6": _minicpmv4_6}
 
 
 def _randomize(model: torch.nn.Module) -> None:
