@@ -146,6 +146,30 @@ def test_an_expert_no_token_reaches_is_still_quantized(tiny_qwen3_vl_moe, monkey
             assert getattr(expert, proj).weight.abs().sum(dim=1).min() > 0  # no row zeroed
 
 
+def test_experts_that_see_part_of_the_tokens_are_refused_for_per_modality_statistics(tiny_qwen3_vl_moe,
+                                                                                     monkeypatch):
+    """A block that sends only some tokens to its experts (ERNIE 4.5-VL's text and vision experts each take their
+    modality's rows) gives rows vlmptq cannot pair with the sample's vision / text masks: VLM-PTQ's per-modality
+    statistics are refused by name rather than computed from misaligned masks; GPTQ, which needs no masks, runs."""
+    from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as hf
+
+    from vlmptq.errors import UnsupportedModelError
+
+    def first_half(self, hidden_states):  # the experts see the first half of the tokens, the rest pass through
+        b, t, h = hidden_states.shape
+        flat = hidden_states.reshape(-1, h)
+        _, weights, experts = self.gate(flat[: t // 2])
+        out = flat.clone()
+        out[: t // 2] = self.experts(flat[: t // 2], experts, weights)
+        return out.reshape(b, t, h)
+
+    monkeypatch.setattr(hf.Qwen3VLMoeTextSparseMoeBlock, "forward", first_half)
+    with pytest.raises(UnsupportedModelError, match=r"layers\.0\.mlp\.experts: the experts receive \d+ of sample"):
+        vlmptq.quantize_in_memory(tiny_qwen3_vl_moe, _config(bits=3))
+    _, result, _ = vlmptq.quantize_in_memory(tiny_qwen3_vl_moe, _config(method="gptq", bits=3))
+    assert len(result.quantized) == LINEARS
+
+
 def test_lazy_run_writes_the_whole_model_runs_checkpoint(tiny_qwen3_vl_moe, tmp_path):
     vlmptq.quantize(tiny_qwen3_vl_moe, tmp_path / "whole", _config(bits=3))
     vlmptq.quantize(tiny_qwen3_vl_moe, tmp_path / "lazy", _config(bits=3, lazy_load=True))

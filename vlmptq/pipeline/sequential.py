@@ -378,6 +378,12 @@ def _solve_experts(layer: nn.Module, fp_layer: nn.Module | None, path: str, lpre
             raise UnsupportedModelError(f"{lprefix}.{path}: the model calls its experts with {len(args)} positional "
                                         "arguments, not (hidden_states, top_k_index, top_k_weights)")
         x, top_k, _ = args
+        if needs.modality and x.shape[0] != s.vision_mask.numel():
+            raise UnsupportedModelError(
+                f"{lprefix}.{path}: the experts receive {x.shape[0]} of sample {s.sample_id}'s {s.vision_mask.numel()} "
+                "tokens (the model sends only some tokens to this block, e.g. experts for one modality), so their "
+                "rows cannot be told vision or text for --method vlmptq's per-modality statistics; quantize this "
+                "model with --method gptaq or gptq")
         x_fp = (layer_args_of(fp_layer, fp_experts, streams.call(li, si, fp=True), streams.fp[si], device)[0]
                 if fp_experts is not None else None)
         inputs.append(_RoutedInputs(x.to(offload), top_k.to(offload), None if x_fp is None else x_fp.to(offload),
