@@ -163,7 +163,7 @@ def _max_gap(a, b):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision",
                                     "idefics3", "smolvlm", "internvl", "gemma3", "mistral3", "gemma4", "exaone4_5",
-                                    "minicpmv4_6"])
+                                    "minicpmv4_6", "minicpmv4_7"])
 def test_layer_by_layer_equals_the_whole_models_forward(family, tiny_qwen2_vl, tiny_qwen2_5_vl, tiny_qwen3_vl,
                                                         tmp_path):
     """compare runs the source and every checkpoint as streams through one decoder layer at a time; their

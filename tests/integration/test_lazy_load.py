@@ -58,7 +58,7 @@ def _legacy_qwen2_vl(src, dst):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_vl_legacy_names", "qwen2_5_vl", "qwen3_vl", "llava",
                                     "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "gemma3",
                                     "mistral3", "llama4", "cohere2_vision", "gemma4", "gemma4_moe",
-                                    "exaone4_5", "minicpmv4_6"])
+                                    "exaone4_5", "minicpmv4_6", "minicpmv4_7"])
 def test_lazy_run_writes_the_whole_model_runs_checkpoint(family, tiny_qwen2_vl, tiny_qwen2_5_vl, tiny_qwen3_vl,
                                                          tmp_path):
     if family == "qwen2_vl":

