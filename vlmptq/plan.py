@@ -168,14 +168,31 @@ def plan(model: str | Path, config: QuantizeConfig | Mapping | None = None) -> Q
     streams = 0 if not needs.hessian else 2 if needs.fp_inputs else 1
     hidden = skeleton.get_input_embeddings().weight.shape[1]
     calib = config.calib
+    per_layer_in, shared_kv = _layer_side_inputs(skeleton.config.get_text_config(), layers)
+    tokens = calib.num_samples * calib.max_seq_len
+    desc = (f"{calib.num_samples} samples x {calib.max_seq_len} tokens x "
+            + (f"({hidden} + shared keys and values {shared_kv})" if shared_kv else f"{hidden}")
+            + f" x {itemsize} B x {streams} stream{'s' if streams > 1 else ''}"
+            + (f", + per-layer inputs ({len(layers)} layers x {per_layer_in} per token) once" if per_layer_in else ""))
     return QuantizationPlan(
         str(model), skeleton.config.model_type, dtype, len(layers), rows, kept, other,
         total_params=sum(p.numel() for p in skeleton.parameters()), layer_params=sum(per_layer),
         largest_layer_params=max(per_layer, default=0),
-        calib_bytes=streams * calib.num_samples * calib.max_seq_len * hidden * itemsize,
-        calib_desc=(f"{calib.num_samples} samples x {calib.max_seq_len} tokens x {hidden} x {itemsize} B x "
-                    f"{streams} stream{'s' if streams > 1 else ''}"),
+        calib_bytes=(streams * tokens * (hidden + shared_kv) + bool(streams) * tokens * len(layers) * per_layer_in)
+        * itemsize,
+        calib_desc=desc,
     )
+
+
+def _layer_side_inputs(text_config, layers) -> tuple[int, int]:
+    """What a model hands its decoder layers besides the hidden states, per token, that the pipeline holds with
+    them: Gemma 4's per-layer inputs (``hidden_size_per_layer_input`` for each layer, recorded once with the layers'
+    arguments) and the keys and values its last layers reuse (kept per stream: ``k_proj``'s width twice for each
+    layer that stores them)."""
+    per_layer_in = getattr(text_config, "hidden_size_per_layer_input", 0) or 0
+    shared_kv = sum(2 * layer.self_attn.k_proj.out_features for layer in layers
+                    if getattr(getattr(layer, "self_attn", None), "store_full_length_kv", False))
+    return per_layer_in, shared_kv
 
 
 def _size(nbytes: int) -> str:

@@ -94,6 +94,19 @@ def test_plan_counts_the_host_memory_of_both_loading_modes(tiny_qwen2_vl):
     assert plan(tiny_qwen2_vl, make_config(method="rtn", group_size=32)).calib_bytes == 0
 
 
+def test_plan_counts_gemma4s_per_layer_inputs_and_shared_keys_and_values(tiny_qwen2_vl, tmp_path):
+    """Gemma 4's layers also take a per-layer input (recorded once with their arguments) and its last layers reuse
+    earlier layers' keys and values (held per sample and stream until the last layer): both count in the bound. The
+    tiny model: 4 layers of 64 per-layer inputs; layers 0 and 1 store K/V of widths 64 and 128 (k_proj), twice."""
+    from vlmptq.calib import CalibConfig
+    from tests.support.tiny_families import build_tiny_family
+
+    src = build_tiny_family("gemma4", tmp_path / "gemma4", tiny_qwen2_vl)
+    p = plan(src, make_config(method="vlmptq", group_size=64, calib=CalibConfig(num_samples=4, max_seq_len=100)))
+    assert p.calib_bytes == (2 * 4 * 100 * (192 + 2 * (64 + 128)) + 4 * 100 * 4 * 64) * 2
+    assert "(192 + shared keys and values 384) x 2 B x 2 streams, + per-layer inputs (4 layers x 64" in p.format()
+
+
 def test_linears_the_model_keeps_in_16bit(tiny_qwen3_5, caplog):
     """Qwen3.5 keeps DeltaNet's in_proj_b / in_proj_a in 16-bit whatever the flags: --ignore naming them asks for
     what holds already (logged, not refused); --override naming only them is refused with the reason."""
