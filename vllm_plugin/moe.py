@@ -5,8 +5,8 @@ vLLM serves a block's experts as one ``RoutedExperts`` layer (gate/up fused as `
 scheme. The checkpoint holds them per expert (``experts.{e}.gate_proj.weight_packed`` ...), as compressed-tensors
 writes them. :func:`experts_method` picks, per block:
 
-1. :class:`VlmptqFusedMoEMethod` for 2 and 3-bit SiLU-gated experts on a CUDA GPU (sm80+, bf16/fp16, groups that
-   are multiples of 32 or per-channel; passes its first-use self-check): the grouped Triton kernel of
+1. :class:`VlmptqFusedMoEMethod` for 2 and 3-bit SiLU- or tanh-GELU-gated experts on a CUDA GPU (sm80+, bf16/fp16,
+   groups that are multiples of 32 or per-channel; passes its first-use self-check): the grouped Triton kernel of
    :mod:`vllm_plugin.kernels.triton.moe`, CUDA-graph safe;
 2. vLLM's compressed-tensors MoE method, where vLLM has a kernel for the scheme on this platform (GPU: Marlin /
    Triton WNA16 for 4 and 8 bits; CPU with AMX tiles: symmetric 4-bit, group size other than 32, int8 activations;

@@ -60,6 +60,15 @@ def test_fused_moe_matches_reference(bits, sym, group, dtype):
         _check(y, moe.reference_moe(x, ids, w, ex, bits, "silu"), dtype)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_tanh_gelu_experts(bits):
+    """Gemma 4's experts (gelu-tanh gated) through the same kernel: decode, a small batch, prefill."""
+    for tokens in (1, 16, 300):
+        ex, w13, w2, x, ids, w = _problem(8, 512, 384, bits, 64, False, torch.bfloat16, tokens, 2, 7 * bits + tokens)
+        y = torch.ops.vlmptq.wna16_moe(x, ids, w, *w13, *w2, bits, "gelu_tanh")
+        _check(y, moe.reference_moe(x, ids, w, ex, bits, "gelu_tanh"), torch.bfloat16)
+
+
 @pytest.mark.parametrize("tokens", [1, 16, 512])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_qwen3_vl_30b_a3b_expert_shapes(bits, tokens):

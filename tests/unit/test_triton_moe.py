@@ -36,6 +36,8 @@ CASES = [
     ("w2-g128-16experts-top4", 2, 128, 256, 256, 16, 4, 3, False, (16, 128)),  # most experts get no row
     ("w3-g32-blocks-per-expert", 3, 32, 512, 64, 2, 1, 37, False, (16, 128)),  # 3 blocks for one expert
     ("w4-g32-sym-op-t300", 4, 32, 128, 128, 6, 2, 300, True, None),  # default: 128-row blocks, scaled
+    ("w3-g64-gelu-tanh-t5", 3, 64, 256, 128, 4, 2, 5, False, (16, 128), True, "gelu_tanh"),  # Gemma 4's experts
+    ("w2-g32-gelu-tanh-op-t1", 2, 32, 256, 128, 4, 2, 1, False, None, None, "gelu_tanh"),
 ]
 TOLERANCE = 2e-3  # fp16 output rounding; a wrong row, expert or scale gives > 0.1
 
@@ -121,7 +123,8 @@ def test_moe_config_tuned_prefix(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- kernels (interpreter)
-def _run_case(name, bits, group, hidden, inter, experts, top_k, tokens, sym, tiles, sort=None) -> dict:
+def _run_case(name, bits, group, hidden, inter, experts, top_k, tokens, sym, tiles, sort=None,
+              activation="silu") -> dict:
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     ex = moe.random_experts(experts, hidden, inter, bits, group, torch.float16, gen, symmetric=sym)
     w13 = moe.repack_experts(ex["w13"], bits, hidden, torch.float16)
@@ -130,11 +133,11 @@ def _run_case(name, bits, group, hidden, inter, experts, top_k, tokens, sym, til
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
     weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=-1)
     if tiles is None:
-        y = torch.ops.vlmptq.wna16_moe(x, ids, weights, *w13, *w2, bits, "silu")
+        y = torch.ops.vlmptq.wna16_moe(x, ids, weights, *w13, *w2, bits, activation)
     else:
         cfg = KernelConfig("dot", block_m=tiles[0], block_n=tiles[1], num_stages=1)
-        y = moe.fused_moe(x, ids, weights, *w13, *w2, bits, "silu", configs=(cfg, cfg), sort=sort)
-    ref = moe.reference_moe(x, ids, weights, ex, bits, "silu")
+        y = moe.fused_moe(x, ids, weights, *w13, *w2, bits, activation, configs=(cfg, cfg), sort=sort)
+    ref = moe.reference_moe(x, ids, weights, ex, bits, activation)
     return {"name": name, "rel_err": ((y.float() - ref).norm() / ref.norm()).item(),
             "finite": bool(torch.isfinite(y).all()), "shape": list(y.shape), "dtype": str(y.dtype)}
 

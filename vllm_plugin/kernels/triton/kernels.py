@@ -330,13 +330,13 @@ def _moe_mma_kernel(
     BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, TPG: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, GATED: tl.constexpr, SORTED: tl.constexpr, EVEN_K: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, GELU: tl.constexpr = False,
 ):
     """Grouped GEMM of the routed experts (:mod:`.moe`): ``out[r] = dequant(W_e) @ x[r // ROW_DIV]`` for
     every routed row ``r`` (a (token, slot) pair) of expert ``e``, times the row's routing weight ``rw[r]``
     if MUL_WEIGHT. GATED (the gate/up launch): W's rows alternate gate and up (row ``2j`` gate_proj row ``j``,
-    ``2j + 1`` up_proj row ``j``), and the epilogue writes ``silu(gate) * up`` (fp32, one rounding) as
-    ``out [R, N / 2]``.
+    ``2j + 1`` up_proj row ``j``), and the epilogue writes ``silu(gate) * up`` (GELU: ``gelu_tanh(gate) * up``,
+    Gemma 4's experts; fp32, one rounding) as ``out [R, N / 2]``.
 
     Rows come sorted by expert in blocks of BLOCK_M (``rows[BLOCK_M * b ...]``, padded with ``R``) that
     each belong to one expert (``block_expert[b]``); only the first ``nblocks[0]`` blocks are real, the
@@ -377,8 +377,11 @@ def _moe_mma_kernel(
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N // 2, 2, BLOCK_M)), (0, 2, 1)))
         offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         dst = out_ptr + rows[None, :].to(tl.int64) * (N // 2) + offs_h[:, None]
-        tl.store(dst, (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty),
-                 mask=(offs_h < N // 2)[:, None] & mmask[None, :])
+        if GELU:  # 0.5 g (1 + tanh(z)) = g sigmoid(2 z), z = sqrt(2 / pi) (g + 0.044715 g^3)
+            act = gate / (1.0 + tl.exp(-1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)))
+        else:
+            act = gate / (1.0 + tl.exp(-gate))
+        tl.store(dst, (act * up).to(out_ptr.dtype.element_ty), mask=(offs_h < N // 2)[:, None] & mmask[None, :])
     else:
         dst = out_ptr + rows[None, :].to(tl.int64) * N + offs_n[:, None]
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])

@@ -4,7 +4,9 @@ the ``vlmptq::wna16_moe`` op. Imports torch only (triton at the first launch), n
 ``torch.ops.vlmptq.wna16_moe(x, topk_ids, topk_weights, w13_qweight, w13_sz, w2_qweight, w2_sz, bits,
 activation)`` computes, for ``x [T, H]`` routed to ``k`` experts per token,
 
-    out[t] = sum_j topk_weights[t, j] * W2_e @ (silu(W1_e @ x[t]) * (W3_e @ x[t])),   e = topk_ids[t, j]
+    out[t] = sum_j topk_weights[t, j] * W2_e @ (act(W1_e @ x[t]) * (W3_e @ x[t])),   e = topk_ids[t, j]
+
+(act: SiLU, or tanh-approximated GELU for Gemma 4's experts; ``FUSED_ACTIVATIONS``)
 
 in three steps: (1) :func:`route` sorts the ``R = T * k`` (token, slot) rows by expert into blocks of ``BLOCK_M``
 rows of one expert each (on the device, no host synchronization: one Triton program up to 1024 rows, else
@@ -38,10 +40,10 @@ from vllm_plugin.kernels.triton.configs import KernelConfig, default_config, fit
 from vllm_plugin.kernels.triton.layout import repack
 from vllm_plugin.kernels.triton.ops import KernelLaunch, _device_info, geometry, interpreting, triton_cdiv
 
-# gated expert activations, act(gate) * up: the torch reference takes all, the fused kernel SiLU
+# gated expert activations, act(gate) * up: the torch reference takes all, the fused kernel SiLU and tanh-GELU
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}
-FUSED_ACTIVATIONS = ("silu",)
+FUSED_ACTIVATIONS = ("silu", "gelu_tanh")
 TUNED_PREFIX = "moe-"  # tuned-file keys of the MoE launches: moe-w<bits>g<ge>:<N>x<K>
 
 
@@ -166,11 +168,13 @@ def rows_per_expert(rows: int, num_experts: int, sort: bool) -> int:
 
 
 def plan_moe_launch(x, qweight, sz, out, rows, block_expert, nblocks, weights, row_div: int, bits: int,
-                    cfg: KernelConfig, sort: bool = True, gated: bool = False) -> KernelLaunch:
+                    cfg: KernelConfig, sort: bool = True, gated: bool = False, activation: str = "silu"
+                    ) -> KernelLaunch:
     """The grouped launch ``out[r] = dequant(W_e) x[r // row_div]`` (times ``weights[r]`` if given) for the
     aligned ``rows`` (:func:`align_routed` with ``cfg.block_m``); ``sort`` False: one block per routed row, expert
     ``block_expert[r]`` (the flat routing; ``rows`` and ``nblocks`` unused); ``gated``: W holds interleaved
-    gate/up rows and ``out [R, N / 2]`` gets ``silu(gate) * up``. Allocates nothing (meta tensors work)."""
+    gate/up rows and ``out [R, N / 2]`` gets ``activation(gate) * up`` (one of ``FUSED_ACTIVATIONS``). Allocates
+    nothing (meta tensors work)."""
     from vllm_plugin.kernels.triton import kernels as K_
 
     n, k = qweight.shape[2], x.shape[1]
@@ -180,6 +184,7 @@ def plan_moe_launch(x, qweight, sz, out, rows, block_expert, nblocks, weights, r
             out.shape[0], n, k, geo["U"], sz.shape[1], row_div)
     meta = dict(BITS=bits, PLANES=geo["PLANES"], BK=geo["BK"], GPB=geo["GPB"], TPG=geo["TPG"], BLOCK_N=cfg.block_n,
                 BLOCK_M=cfg.block_m, MUL_WEIGHT=weights is not None, GATED=gated, SORTED=sort, EVEN_K=geo["EVEN_K"],
+                GELU=gated and activation == "gelu_tanh",
                 INTERPRET=interpreting(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
     return KernelLaunch(K_._moe_mma_kernel, grid, args, meta)
@@ -219,7 +224,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         rows = nblocks = block_expert  # unused
     hidden = torch.empty((r, inter), dtype=x.dtype, device=x.device)
     plan_moe_launch(x.contiguous(), w13_qweight, w13_sz, hidden, rows, block_expert, nblocks, None, top_k, bits,
-                    c13, sort, gated=True).run()
+                    c13, sort, gated=True, activation=activation).run()
     down = torch.empty((r, h), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     plan_moe_launch(hidden, w2_qweight, w2_sz, down, rows, block_expert, nblocks, weights, 1, bits, c2, sort).run()
@@ -287,7 +292,8 @@ def reference_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
 def check_fused_moe(bits: int, group_size: Optional[int], act_dtype: torch.dtype, device: torch.device, tol: float
                     ) -> Optional[str]:
     """The fused path's first-use check (:mod:`.selfcheck`): None, or why it is wrong here. 6 experts, top-2, at
-    1, 5 and 300 tokens (unsorted rows, partly filled blocks, blocks of 64+ rows with the scales in the tile)."""
+    1, 5 and 300 tokens (unsorted rows, partly filled blocks, blocks of 64+ rows with the scales in the tile) with
+    SiLU, and 5 tokens with tanh-GELU."""
     hidden, inter, num_experts = (256, 384, 6) if group_size is None else (4 * group_size, 6 * group_size, 6)
     gen = torch.Generator().manual_seed(7 * bits + (group_size or 0))
     experts = random_experts(num_experts, hidden, inter, bits, group_size, act_dtype, gen)
@@ -295,16 +301,16 @@ def check_fused_moe(bits: int, group_size: Optional[int], act_dtype: torch.dtype
                          bits, hidden, act_dtype)
     w2 = repack_experts([[tuple(None if v is None else v.to(device) for v in p) for p in ps] for ps in experts["w2"]],
                         bits, inter, act_dtype)
-    for tokens in (1, 5, 300):
+    for tokens, activation in ((1, "silu"), (5, "silu"), (300, "silu"), (5, "gelu_tanh")):
         x = torch.randn(tokens, hidden, generator=gen).to(act_dtype)
         ids = torch.stack([torch.randperm(num_experts, generator=gen)[:2] for _ in range(tokens)])
         weights = torch.softmax(torch.randn(tokens, 2, generator=gen), dim=-1)
-        y = torch.ops.vlmptq.wna16_moe(x.to(device), ids.to(device), weights.to(device), *w13, *w2, bits, "silu")
+        y = torch.ops.vlmptq.wna16_moe(x.to(device), ids.to(device), weights.to(device), *w13, *w2, bits, activation)
         y = y.float().cpu()
         if not torch.isfinite(y).all():
-            return f"non-finite output at T = {tokens}"
-        ref = reference_moe(x, ids, weights, experts, bits, "silu")
+            return f"non-finite output at T = {tokens} ({activation})"
+        ref = reference_moe(x, ids, weights, experts, bits, activation)
         err = ((y - ref).norm() / ref.norm()).item()
         if not err < tol:
-            return f"relative error {err:.3g} at T = {tokens} (a correct kernel stays below {tol:g})"
+            return f"relative error {err:.3g} at T = {tokens} ({activation}; a correct kernel stays below {tol:g})"
     return None
