@@ -1,7 +1,7 @@
-"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V, GLM-4.5V, Qwen3.5,
-Llama 4, Gemma 4, EXAONE 4.5 and MiniCPM-V 4.6 / 4.7 (tiny, random, real transformers classes and processors) quantize through the same pipeline as
-Qwen2-VL and reload from their checkpoints to the same weights (GLM-4.5V's routed experts: to the same logits; Llama 4,
-whose per-expert checkpoint transformers cannot load: its contents)."""
+"""LLaVA (1.5, NeXT, OneVision), Idefics3, SmolVLM, InternVL, Gemma 3, Mistral 3, GLM-4.1V, GLM-4.5V, Qwen3.5, Llama
+4, Gemma 4, EXAONE 4.5 and MiniCPM-V 4.6 / 4.7 (tiny, random, real transformers classes and processors) quantize
+through the same pipeline as Qwen2-VL and reload from their checkpoints to the same weights (GLM-4.5V's routed
+experts: to the same logits; Llama 4, whose per-expert checkpoint transformers cannot load: its contents)."""
 
 from __future__ import annotations
 

@@ -163,13 +163,13 @@ QWEN3_5_MOE_MEAN_TOL = 0.15  # measured 0.033 (max 0.71); experts 0 and 1 swappe
 def test_qwen3_5_serves_through_the_plugin(arch, request, tmp_path, monkeypatch):
     """Qwen3.5 (and MiniCPM-V 4.6 / 4.7, its language model a Qwen3.5 behind a NaViT tower with two mergers, images
     sliced; 4.7 places image tokens by "canvas" M-RoPE, which vLLM does only when the config says so, so the
-    checkpoint must keep the source's ``uses_mrope_canvas``) on vLLM-CPU, whose Gated DeltaNet kernel runs in bf16 only: against vLLM itself running the
-    dequantized weights unquantized, with our linears on the reference kernel (vLLM-CPU's int8-activation kernel
-    would add its own error). vLLM loads DeltaNet's in_proj_qkv (3 shards) and in_proj_z into one in_proj_qkvz, and
-    keeps the 16-bit in_proj_b / in_proj_a (fused in_proj_ba) and shared_expert_gate unquantized. The dense model's
-    log-probabilities equal vLLM's unquantized ones; the MoE model's differ where bf16 sums in our reference MoE
-    method and vLLM's round differently and flip near-tied routings, so its mean error is checked (a tenth of what
-    swapping two experts' weights gives)."""
+    checkpoint must keep the source's ``uses_mrope_canvas``) on vLLM-CPU, whose Gated DeltaNet kernel runs in bf16
+    only: against vLLM itself running the dequantized weights unquantized, with our linears on the reference kernel
+    (vLLM-CPU's int8-activation kernel would add its own error). vLLM loads DeltaNet's in_proj_qkv (3 shards) and
+    in_proj_z into one in_proj_qkvz, and keeps the 16-bit in_proj_b / in_proj_a (fused in_proj_ba) and
+    shared_expert_gate unquantized. The dense model's log-probabilities equal vLLM's unquantized ones; the MoE
+    model's differ where bf16 sums in our reference MoE method and vLLM's round differently and flip near-tied
+    routings, so its mean error is checked (a tenth of what swapping two experts' weights gives)."""
     import json
 
     from transformers import AutoProcessor

@@ -205,12 +205,12 @@ class VLMAdapter(ModelAdapter):
 @register_adapter("qwen3_5", "qwen3_5_moe", "minicpmv4_6", "minicpmv4_7")
 class Qwen3_5Adapter(ModelAdapter):
     """Qwen3.5 (dense and mixture-of-experts; natively multimodal) and MiniCPM-V 4.6 / 4.7 (a Qwen3.5 language model
-    behind its own tower): hybrid decoder layers, Gated DeltaNet linear attention (``linear_attn.in_proj_qkv / in_proj_z /
-    out_proj`` quantized) in three of every four, gated full attention in the fourth. Kept 16-bit: the MoE blocks' ``shared_expert_gate`` (one row; vLLM builds it
-    without a quantization method) and DeltaNet's ``in_proj_b`` / ``in_proj_a`` (one row per value head, the
-    inputs of the recurrence's write strength and decay, a thousandth of the layer's weights): vLLM fuses them
-    into one ``in_proj_ba`` whose per-shard packed zero points only split on whole 32-bit words, which a few
-    dozen rows at 3 bits do not fill."""
+    behind its own tower): hybrid decoder layers, Gated DeltaNet linear attention (``linear_attn.in_proj_qkv /
+    in_proj_z / out_proj`` quantized) in three of every four, gated full attention in the fourth. Kept 16-bit: the
+    MoE blocks' ``shared_expert_gate`` (one row; vLLM builds it without a quantization method) and DeltaNet's
+    ``in_proj_b`` / ``in_proj_a`` (one row per value head, the inputs of the recurrence's write strength and decay,
+    a thousandth of the layer's weights): vLLM fuses them into one ``in_proj_ba`` whose per-shard packed zero points
+    only split on whole 32-bit words, which a few dozen rows at 3 bits do not fill."""
 
     kept_16bit = (r"(^|\.)linear_attn\.in_proj_[ab]$", r"(^|\.)mlp\.shared_expert_gate$")
 

@@ -129,8 +129,8 @@ class _Recorder(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:  # Gemma 4 passes its per-layer input by position: kept by name, so a replay passes it by keyword
             layer = object.__getattribute__(self, "_layer")
-            bound = inspect.signature(layer.forward).bind(hidden_states, *args, **kwargs)
-            kwargs = {k: v for k, v in bound.arguments.items() if k != next(iter(bound.arguments))}
+            bound = inspect.signature(layer.forward).bind(hidden_states, *args, **kwargs).arguments
+            kwargs = dict(list(bound.items())[1:])  # all but the hidden states
             kwargs.update(kwargs.pop(_var_keyword(layer), {}))
         kwargs.pop("past_key_values", None)
         kwargs.pop("past_key_value", None)

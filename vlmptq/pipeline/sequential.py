@@ -95,6 +95,7 @@ class _Streams:
     fp_calls: list[list[LayerCall]] | None = None  # the same arguments with the fp stream's own carried state
 
     def call(self, li: int, si: int, fp: bool = False) -> LayerCall:
+        """Layer ``li``'s recorded call for sample ``si`` on the quantized stream, or (``fp``) the fp stream."""
         return (self.fp_calls if fp and self.fp_calls is not None else self.calls)[li][si]
 
     def done(self, li: int, offload: torch.device) -> None:
