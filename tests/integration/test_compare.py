@@ -220,10 +220,11 @@ def test_lazily_loaded_source_gives_the_same_rows(tiny_qwen2_vl, checkpoints, ca
     assert f"| {checkpoints['w4']} | gptq | W4 g32 asym |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3_text", "gemma4_text"])
 def test_a_text_only_model_is_compared_on_text(kind, tiny_qwen2_vl, tmp_path, monkeypatch):
     """Text windows (as it calibrates), every position compared; layer by layer equals the whole model's
-    forward (Gemma 3's soft-capped logits included); without --data it fails before loading."""
+    forward (Gemma 3's soft-capped logits included; Gemma 4's shared keys and values per checkpoint); without --data it
+    fails before loading."""
     src = build_tiny_text_lm(kind, tmp_path / kind, tiny_qwen2_vl)
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"Sentence {i} says the tide rose {i % 7} feet at the harbour." for i in range(120)))

@@ -224,11 +224,11 @@ def test_qwen3_5_tensor_parallel_2(tmp_path, monkeypatch, two_rank_binding):
     assert max(errs) < FP32_TOL and list(out.outputs[0].token_ids) == list(ref.outputs[0].token_ids), max(errs)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3_moe", "gemma4_text"])
 def test_text_only_model_calibrated_on_text_serves_through_the_plugin(tiny_qwen2_vl, tmp_path, kind):
-    """A text-only model (Llama; Qwen3-MoE, its experts on the reference MoE path) quantized with GPTQ on text
-    windows (``vlmptq.calib.text``) serves through the plugin and matches the HF model with the checkpoint's
-    dequantized weights."""
+    """A text-only model (Llama; Qwen3-MoE, its experts on the reference MoE path; Gemma 4's language model with its
+    per-layer inputs, shared keys and values and experts) quantized with GPTQ on text windows (``vlmptq.calib.text``)
+    serves through the plugin and matches the HF model with the checkpoint's dequantized weights."""
     from transformers import AutoTokenizer
 
     import vlmptq
@@ -248,7 +248,7 @@ def test_text_only_model_calibrated_on_text_serves_through_the_plugin(tiny_qwen2
     ckpt = QuantizedCheckpoint(out, WeightScheme(3, 64, False), {m: stored.quantized_weight(m) for m in stored.layers},
                                [])
     text = "The quick brown fox jumps over the lazy dog, and then it runs into the forest"
-    layout = dict(linears=4, moe_blocks=2) if kind == "qwen3_moe" else {}
+    layout = {"qwen3_moe": dict(linears=4, moe_blocks=2), "gemma4_text": dict(linears=24, moe_blocks=4)}.get(kind, {})
     outputs = _serve_quantized(src, ckpt, [{"prompt": text}], **layout)
     hf = dequantized_hf_model(src, ckpt, torch.float32)
     errs, margins = logprob_errors(hf, [dict(tok(text, return_tensors="pt"))], outputs)

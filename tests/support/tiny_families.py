@@ -545,12 +545,13 @@ def build_tiny_family(family: str, out_dir: str | Path, tokenizer_source: str | 
 
 
 def build_tiny_text_lm(kind: str, out_dir: str | Path, tokenizer_source: str | Path, seed: int = 0) -> Path:
-    """A tiny random text-only ``"llama"``, ``"gemma3_text"`` (its logit soft-capping on, at 3.0) or ``"qwen3_moe"``
-    (4 routed experts, 2 per token) with the tokenizer of ``tokenizer_source`` (the embeddings cover its whole
-    vocabulary), hidden 64, 2 layers."""
+    """A tiny random text-only ``"llama"``, ``"gemma3_text"`` (its logit soft-capping on, at 3.0), ``"qwen3_moe"``
+    (4 routed experts, 2 per token) or ``"gemma4_text"`` (4 layers, sliding / full: per-layer inputs, values = keys
+    in the full layers, the last 2 reusing the keys and values of the first 2; 4 experts beside each MLP) with the
+    tokenizer of ``tokenizer_source`` (the embeddings cover its whole vocabulary), hidden 64, 2 layers but Gemma 4's."""
     from transformers import (
-        AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig,
-        Qwen3MoeForCausalLM,
+        AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, Gemma4ForCausalLM, Gemma4TextConfig, LlamaConfig,
+        LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
     )
 
     tok = AutoTokenizer.from_pretrained(tokenizer_source)
@@ -565,6 +566,13 @@ def build_tiny_text_lm(kind: str, out_dir: str | Path, tokenizer_source: str | P
         model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**dims, head_dim=32, num_experts=4, num_experts_per_tok=2,
                                                    moe_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[],
                                                    norm_topk_prob=True, tie_word_embeddings=False))
+    elif kind == "gemma4_text":
+        model = Gemma4ForCausalLM(Gemma4TextConfig(
+            **dict(dims, num_hidden_layers=4), head_dim=32, global_head_dim=64, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=64,
+            vocab_size_per_layer_input=len(tok), num_kv_shared_layers=2, attention_k_eq_v=True,
+            final_logit_softcapping=30.0, pad_token_id=0, enable_moe_block=True, num_experts=4, top_k_experts=2,
+            moe_intermediate_size=64))
     else:
         raise ValueError(f"unknown text-only kind {kind!r}")
     _randomize(model)

@@ -271,6 +271,13 @@ class CausalLMAdapter(ModelAdapter):
         return set()
 
 
+@register_adapter("gemma4_text")
+class Gemma4TextAdapter(CausalLMAdapter):
+    """Gemma 4's language model alone (``Gemma4ForCausalLM``): as :class:`Gemma4Adapter`, calibrated on text."""
+
+    kept_16bit = Gemma4Adapter.kept_16bit
+
+
 _LLAVA_ORIGINAL = (
     "the original LLaVA repository's format, which transformers' LLaVA classes do not load",
     "use the model's llava-hf conversion (e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf) "
