@@ -62,21 +62,22 @@ def _chat(proc) -> str:
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "internvl",
                                     "mistral3", "glm4v", "glm4v_moe", "llama4", "cohere2_vision", "gemma4",
-                                    "gemma4_moe", "exaone4_5"])
+                                    "gemma4_moe", "gemma4_audio", "exaone4_5"])
 def test_family_serves_through_the_plugin(family, tiny_qwen2_vl, tmp_path):
     """GLM-4.5V's experts: routed within groups by biased sigmoid scores, scaled, beside a shared expert (vLLM's
     router, our MoE method); its checkpoint names the vision tower's gate and up projections apart while vLLM
     fuses them, and names the language model's gate_up as one linear. Llama 4's: one per token, the score
     scaling the expert's input (apply_router_weight_on_input: measured 2.9e-6 here, 0.25 if applied to the
     output), beside a shared expert; its q/k/v stay 16-bit (6 quantized linears); a long text prompt crosses its
-    chunked attention's 128-token chunks. Gemma 4's: 4 layers of qkv (q and k where values are keys; q alone where the
-    keys and values are an earlier layer's), o, gate_up, down, per_layer_input_gate and per_layer_projection, vLLM
-    fusing q/k/v differently per layer; its MoE variant routes each layer's residual stream to 4 experts beside the
-    MLP (gelu-tanh, on the reference MoE path); its vision tower is built from the checkpoint's vision config, so
-    that config's dtype must stay the source's (``test_sub_config_dtypes_are_the_sources``). EXAONE 4.5's with
-    ``mm_device_do_normalize`` off: vLLM 0.32 would send its vision tower raw 0-255 pixels (the class claims device
-    normalisation, inherited from Qwen2.5-VL, but builds its tower without the input norm; 3.9 off, unquantized
-    too)."""
+    chunked attention's 128-token chunks. Gemma 4's: 4 layers of qkv (q and k where values are keys; q alone where
+    the keys and values are an earlier layer's), o, gate_up, down, per_layer_input_gate and per_layer_projection,
+    vLLM fusing q/k/v differently per layer; its MoE variant routes each layer's residual stream to 4 experts beside
+    the MLP (gelu-tanh, on the reference MoE path); a third has an audio tower (E2B / E4B's: its clipped linears in
+    the ignore list, served unquantized; measured 6.7e-5); its vision tower is built from the checkpoint's vision
+    config, so that config's dtype must stay the source's (``test_sub_config_dtypes_are_the_sources``). EXAONE 4.5's
+    with ``mm_device_do_normalize`` off: vLLM 0.32 would send its vision tower raw 0-255 pixels (the class claims
+    device normalisation, inherited from Qwen2.5-VL, but builds its tower without the input norm; 3.9 off,
+    unquantized too)."""
     from transformers import AutoProcessor
 
     src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
@@ -89,7 +90,7 @@ def test_family_serves_through_the_plugin(family, tiny_qwen2_vl, tmp_path):
         long = "The quick brown fox jumps over the lazy dog, and then it runs into the forest " * 9
         prompts.append({"prompt": long})
         hf_inputs.append(dict(proc(text=[long], return_tensors="pt")))
-    linears = {"llama4": 6, "gemma4": 24, "gemma4_moe": 24}.get(family, 8)
+    linears = {"llama4": 6, "gemma4": 24, "gemma4_moe": 24, "gemma4_audio": 24}.get(family, 8)
     moe_blocks = {"glm4v_moe": 1, "llama4": 1, "gemma4_moe": 4}.get(family, 0)
     engine = {"mm_device_do_normalize": False} if family == "exaone4_5" else {}
     outputs = _serve_quantized(src, ckpt, prompts, linears=linears, moe_blocks=moe_blocks, **engine)

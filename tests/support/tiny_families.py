@@ -372,15 +372,18 @@ def gemma4_processor(tok_src):
                            video_processor=Gemma4VideoProcessor(), image_seq_length=70, chat_template=GEMMA4_TEMPLATE)
 
 
-def _gemma4(tok_src, moe: bool = False):
+def _gemma4(tok_src, moe: bool = False, audio: bool = False):
     """Gemma 4 (no audio tower): 4 decoder layers, sliding / full / sliding / full (window 16 tokens), every one
     with per-layer inputs (PLE, 64 per layer). The full-attention layers have 128-dim heads and no v_proj (values
     are the k_proj output, ``attention_k_eq_v``) and the last two layers project queries only, reading the K/V of
     layers 0 and 1 (``num_kv_shared_layers`` 2). Logit soft-capping 30, embeddings tied, as released; causal
     attention throughout (``use_bidirectional_attention`` unset, as E2B / E4B: vLLM-CPU has no bidirectional
     image mask). ``moe``: every layer also has a block of 4 routed experts (2 per token, intermediate 64) beside
-    its MLP, routed off the layer's residual stream (26B-A4B's layout)."""
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig
+    its MLP, routed off the layer's residual stream (26B-A4B's layout). ``audio``: with a one-layer audio tower
+    (clipped linears), as E2B / E4B have."""
+    from transformers import (
+        Gemma4AudioConfig, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig,
+    )
 
     proc = gemma4_processor(tok_src)
     tok = proc.tokenizer
@@ -398,7 +401,9 @@ def _gemma4(tok_src, moe: bool = False):
         ("boi_token_id", "<|image>"), ("eoi_token_id", "<image|>"), ("image_token_id", "<|image|>"),
         ("video_token_id", "<|video|>"), ("boa_token_id", "<|audio>"), ("eoa_token_index", "<audio|>"),
         ("audio_token_id", "<|audio|>"))}
-    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, tie_word_embeddings=True, **ids)
+    sound = Gemma4AudioConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              subsampling_conv_channels=[16, 8], output_proj_dims=64) if audio else None
+    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=sound, tie_word_embeddings=True, **ids)
     model = Gemma4ForConditionalGeneration(config)
     with torch.no_grad():  # initialised to ones (every patch the same position); _randomize skips "embed" names
         model.model.vision_tower.patch_embedder.position_embedding_table.normal_(0.0, 0.08)
@@ -516,7 +521,7 @@ FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_
             "idefics3": _idefics3, "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3,
             "mistral3": _mistral3, "glm4v": _glm4v, "glm4v_moe": partial(_glm4v, moe=True), "llama4": _llama4,
             "cohere2_vision": _cohere2_vision, "gemma4": _gemma4,
-            "gemma4_moe": partial(_gemma4, moe=True), "exaone4_5": _exaone4_5, "minicpmv4_6": _minicpmv4_6,
+            "gemma4_moe": partial(_gemma4, moe=True), "gemma4_audio": partial(_gemma4, audio=True), "exaone4_5": _exaone4_5, "minicpmv4_6": _minicpmv4_6,
             "minicpmv4_7": partial(_minicpmv4_6, v4_7=True)}
 
 
