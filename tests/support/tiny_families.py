@@ -520,8 +520,8 @@ def _minicpmv4_6(tok_src, v4_7: bool = False):
 FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_onevision": _llava_onevision,
             "idefics3": _idefics3, "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3,
             "mistral3": _mistral3, "glm4v": _glm4v, "glm4v_moe": partial(_glm4v, moe=True), "llama4": _llama4,
-            "cohere2_vision": _cohere2_vision, "gemma4": _gemma4,
-            "gemma4_moe": partial(_gemma4, moe=True), "gemma4_audio": partial(_gemma4, audio=True), "exaone4_5": _exaone4_5, "minicpmv4_6": _minicpmv4_6,
+            "cohere2_vision": _cohere2_vision, "gemma4": _gemma4, "gemma4_moe": partial(_gemma4, moe=True),
+            "gemma4_audio": partial(_gemma4, audio=True), "exaone4_5": _exaone4_5, "minicpmv4_6": _minicpmv4_6,
             "minicpmv4_7": partial(_minicpmv4_6, v4_7=True)}
 
 
