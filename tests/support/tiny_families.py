@@ -372,7 +372,7 @@ def gemma4_processor(tok_src):
                            video_processor=Gemma4VideoProcessor(), image_seq_length=70, chat_template=GEMMA4_TEMPLATE)
 
 
-def _gemma4(tok_src, moe: bool = False, audio: bool = False):
+def _gemma4(tok_src, moe: bool = False, audio: bool = False, wide: bool = False):
     """Gemma 4 (no audio tower): 4 decoder layers, sliding / full / sliding / full (window 16 tokens), every one
     with per-layer inputs (PLE, 64 per layer). The full-attention layers have 128-dim heads and no v_proj (values
     are the k_proj output, ``attention_k_eq_v``) and the last two layers project queries only, reading the K/V of
@@ -380,7 +380,8 @@ def _gemma4(tok_src, moe: bool = False, audio: bool = False):
     attention throughout (``use_bidirectional_attention`` unset, as E2B / E4B: vLLM-CPU has no bidirectional
     image mask). ``moe``: every layer also has a block of 4 routed experts (2 per token, intermediate 64) beside
     its MLP, routed off the layer's residual stream (26B-A4B's layout). ``audio``: with a one-layer audio tower
-    (clipped linears), as E2B / E4B have."""
+    (clipped linears), as E2B / E4B have. ``wide``: hidden 256, 4 heads over 2 KV heads, intermediate 512, so the
+    heads split over two tensor-parallel ranks."""
     from transformers import (
         Gemma4AudioConfig, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig,
     )
@@ -389,7 +390,9 @@ def _gemma4(tok_src, moe: bool = False, audio: bool = False):
     tok = proc.tokenizer
     vocab = len(tok) + 64
     text = Gemma4TextConfig(
-        **dict(TEXT, num_hidden_layers=4, tie_word_embeddings=True), vocab_size=vocab, head_dim=64,
+        **dict(TEXT, num_hidden_layers=4, tie_word_embeddings=True,
+               **(dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+                  if wide else {})), vocab_size=vocab, head_dim=64,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"], sliding_window=16,
         hidden_size_per_layer_input=64, vocab_size_per_layer_input=vocab, num_kv_shared_layers=2,
         attention_k_eq_v=True, global_head_dim=128, num_global_key_value_heads=1, final_logit_softcapping=30.0,
@@ -521,8 +524,9 @@ FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_
             "idefics3": _idefics3, "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3,
             "mistral3": _mistral3, "glm4v": _glm4v, "glm4v_moe": partial(_glm4v, moe=True), "llama4": _llama4,
             "cohere2_vision": _cohere2_vision, "gemma4": _gemma4, "gemma4_moe": partial(_gemma4, moe=True),
-            "gemma4_audio": partial(_gemma4, audio=True), "exaone4_5": _exaone4_5, "minicpmv4_6": _minicpmv4_6,
-            "minicpmv4_7": partial(_minicpmv4_6, v4_7=True)}
+            "gemma4_audio": partial(_gemma4, audio=True), "gemma4_wide": partial(_gemma4, wide=True),
+            "gemma4_moe_wide": partial(_gemma4, moe=True, wide=True), "exaone4_5": _exaone4_5,
+            "minicpmv4_6": _minicpmv4_6, "minicpmv4_7": partial(_minicpmv4_6, v4_7=True)}
 
 
 def _randomize(model: torch.nn.Module) -> None:

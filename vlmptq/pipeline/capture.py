@@ -86,13 +86,16 @@ def fork_stream(calls: list[list[LayerCall]]) -> list[list[LayerCall]]:
     return [[fork(c, memos.setdefault(si, {})) for si, c in enumerate(per_sample)] for per_sample in calls]
 
 
-def offload_carried(call: LayerCall, device: torch.device | str) -> None:
-    """Move the tensors the layers wrote into the carried state of ``call`` to ``device`` (in place): the keys and
-    values Gemma 4's last layers reuse are written on the compute device, and held per sample until the last layer."""
-    for v in call.kwargs.values():
-        if _is_carried(v):
-            for k in list(v):
-                v[k] = move_to(v[k], device)
+def release_layer(calls: list[list[LayerCall]], li: int, device: torch.device | str) -> None:
+    """Layer ``li`` of a stream's ``calls[layer][sample]`` has run: drop its arguments, and move what it wrote into
+    the state carried to later layers to ``device`` (in place): the keys and values Gemma 4's last layers reuse are
+    written on the compute device, and held per sample until the last layer."""
+    for call in calls[li]:
+        for v in call.kwargs.values():
+            if _is_carried(v):
+                for k in list(v):
+                    v[k] = move_to(v[k], device)
+    calls[li] = []
 
 
 def move_to(obj: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
@@ -128,10 +131,11 @@ class _Recorder(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:  # Gemma 4 passes its per-layer input by position: kept by name, so a replay passes it by keyword
-            layer = object.__getattribute__(self, "_layer")
-            bound = inspect.signature(layer.forward).bind(hidden_states, *args, **kwargs).arguments
-            kwargs = dict(list(bound.items())[1:])  # all but the hidden states
-            kwargs.update(kwargs.pop(_var_keyword(layer), {}))
+            signature = inspect.signature(object.__getattribute__(self, "_layer").forward)
+            # every argument but the hidden states, by name
+            kwargs = dict(list(signature.bind(hidden_states, *args, **kwargs).arguments.items())[1:])
+            var_keyword = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+            kwargs.update(kwargs.pop(var_keyword[0], {}) if var_keyword else {})
         kwargs.pop("past_key_values", None)
         kwargs.pop("past_key_value", None)
         kwargs["use_cache"] = False
@@ -139,12 +143,6 @@ class _Recorder(nn.Module):
         if self._last:
             raise _StopForward
         return torch.zeros_like(hidden_states)
-
-
-def _var_keyword(layer: nn.Module) -> str | None:
-    """The name of ``layer.forward``'s ``**kwargs`` parameter, if it has one."""
-    return next((p.name for p in inspect.signature(layer.forward).parameters.values()
-                 if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
 
 @contextmanager

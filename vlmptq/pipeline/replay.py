@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from vlmptq.models.adapters import ModelAdapter
 from vlmptq.pipeline.capture import (
-    LayerCall, ModelInputs, advance, capture_layer_inputs, fork_stream, offload_carried,
+    LayerCall, ModelInputs, advance, capture_layer_inputs, fork_stream, release_layer,
 )
 
 if TYPE_CHECKING:
@@ -134,9 +134,7 @@ def variant_logprobs(model: nn.Module, adapter: ModelAdapter, samples: Sequence[
         if on_layer is not None:
             on_layer(li, hidden)
         for c in calls:
-            for call in c[li]:
-                offload_carried(call, cpu)
-            c[li] = []  # this layer's arguments are no longer needed
+            release_layer(c, li, cpu)
         layer.to(cpu)
         if lazy is not None:
             lazy.unload(li)

@@ -36,7 +36,7 @@ from vlmptq.models.adapters import KEPT_16BIT, ModelAdapter, kept_16bit_linears
 from vlmptq.models.experts import UnfusedExperts, experts_modules, unfuse_experts
 from vlmptq.pipeline.capture import (
     LayerCall, advance, capture_layer_inputs, fork_stream, input_sharing_groups, layer_args_of, layer_input_of,
-    offload_carried,
+    release_layer,
 )
 from vlmptq.quant.qweight import QuantizedWeight
 from vlmptq.quant.scheme import WeightScheme
@@ -102,9 +102,7 @@ class _Streams:
         """Layer ``li`` has run on both streams: its arguments are no longer needed, what it left in the state
         carried to later layers moves to ``offload``."""
         for calls in [c for c in (self.calls, self.fp_calls) if c is not None]:
-            for call in calls[li]:
-                offload_carried(call, offload)
-            calls[li] = []
+            release_layer(calls, li, offload)
 
 
 def compile_ignore(patterns: Sequence[str]) -> list[re.Pattern]:
