@@ -68,7 +68,7 @@ def tiny_qwen2_vl_tied(tmp_path_factory):
 # solver studies) are built once. (xdist's own `--dist loadgroup` cannot be used: it renames node ids, which
 # pytest 9 ignores.)
 ENGINE_UNITS = {
-    "vllm-engine-a": ("test_demo.py", "test_serve.py", "test_vllm_plugin.py"),
+    "vllm-engine-a": ("test_demo.py", "test_serve.py", "test_vllm_plugin.py", "test_mtp.py"),
     "vllm-engine-b": ("test_vllm_bad_checkpoints.py", "test_vllm_families.py", "test_vllm_moe.py",
                       "test_vllm_stock.py", "test_proxy.py::test_quantized_proxy_runs_in_vllm"),
 }

@@ -248,11 +248,14 @@ class VlmptqLinearMethod(LinearMethodBase):
             if (name, sid) not in layer.vlmptq_loaded
         ]
         if missing:
+            mtp = (" It is a multi-token-prediction (speculative decoding) layer, and the checkpoint holds none: its "
+                   "source had none, or a vlmptq older than 2026-11-29 left them out (re-quantize); or serve "
+                   "without --speculative-config.") if self.layer_name.startswith("mtp.") else ""
             raise CheckpointError(
                 f"{self.layer_name}: the checkpoint has no tensor(s) {', '.join(missing)}. A "
                 f"{self.scheme.describe()} linear needs {', '.join(self._param_names())} per "
                 "(unfused) "
-                f"layer; the checkpoint is incomplete or the layer should be in `ignore`."
+                f"layer; the checkpoint is incomplete or the layer should be in `ignore`.{mtp}"
             )
         assert self.kernel_cls is not None
         self.kernel = self.kernel_cls(self.kernel_config)

@@ -5,7 +5,8 @@ is read, no calibration data is loaded; seconds even for a 72B model).
 The same checks as a real run (group sizes the layers can take, ``--ignore`` and ``--override`` that
 would split a group vLLM fuses) fail here with the same errors. Sizes are exact for the quantized
 linears (``checkpoint.compress.packed_nbytes``, the writer's layout) and count every other tensor at
-the model dtype's width.
+the model dtype's width, and the tensors of the model's files that transformers does not build (multi-token
+prediction layers; the output carries them as they are) at theirs, read from the files' headers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 import torch
 
 from vlmptq.allocation import check_target_reachable
+from vlmptq.checkpoint.carried import UNBUILT
 from vlmptq.checkpoint.compress import packed_nbytes
+from vlmptq.checkpoint.reader import TensorStore
 from vlmptq.config import QuantizeConfig, as_config
 from vlmptq.models.adapters import ModelAdapter, load_skeleton, read_checkpoint_dtype
 from vlmptq.models.source import model_dir_of
@@ -53,6 +56,9 @@ class QuantizationPlan:
     largest_layer_params: int = 0
     calib_bytes: int = 0  # upper bound of the calibration hidden states held between layers
     calib_desc: str = ""
+    carried: tuple[str, ...] = ()  # tensors of the files the model does not hold, carried unchanged
+    carried_bytes: int = 0
+    weights_seen: bool = True  # the folder holds the weight files (a Hub id is planned from its config alone)
 
     @property
     def quantized_params(self) -> int:
@@ -61,11 +67,11 @@ class QuantizationPlan:
     @property
     def nbytes(self) -> int:
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        return sum(s.nbytes for s in self.shares) + itemsize * self.other_params
+        return sum(s.nbytes for s in self.shares) + itemsize * self.other_params + self.carried_bytes
 
     def format(self) -> str:
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        total16 = itemsize * (self.quantized_params + self.other_params)
+        total16 = itemsize * (self.quantized_params + self.other_params) + self.carried_bytes
         width = max(len(s.scheme) for s in self.shares) if self.shares else 6
         lines = [f"model       {self.model} ({self.model_type}, {self.decoder_layers} decoder layers, "
                  f"{str(self.dtype).removeprefix('torch.')})", "",
@@ -82,10 +88,20 @@ class QuantizationPlan:
                   + f"; {self.other_params:,d} other parameters (embeddings, norms, routers and gates, vision tower, "
                     "projector"
                   + (", lm_head" if not any(s.scheme.startswith("lm_head") for s in self.shares) else "") + ")",
+                  *self._carried_lines(),
                   f"checkpoint  {_size(self.nbytes)} ({total16 / self.nbytes:.2f}x smaller than {_size(total16)} "
                   f"at 16 bits)"]
         lines += self._memory_lines(itemsize)
         return "\n".join(lines)
+
+    def _carried_lines(self) -> list[str]:
+        if not self.weights_seen:
+            return ["carried: not known before the weight files are fetched (tensors of the files that the model "
+                    "does not build, e.g. multi-token-prediction layers, are written as they are)"]
+        if not self.carried:
+            return []
+        return [f"carried: {len(self.carried)} tensors of the model's files that transformers does not build "
+                f"({self.carried[0]}, ...), {_size(self.carried_bytes)}, written as they are (16-bit, in ignore)"]
 
     def _memory_lines(self, itemsize: int) -> list[str]:
         """Host memory for weights and codes: the whole model loaded, or --lazy-load's rest of the model
@@ -174,6 +190,7 @@ def plan(model: str | Path, config: QuantizeConfig | Mapping | None = None) -> Q
             + (f"({hidden} + shared keys and values {shared_kv})" if shared_kv else f"{hidden}")
             + f" x {itemsize} B x {streams} stream{'s' if streams > 1 else ''}"
             + (f", + per-layer inputs ({len(layers)} layers x {per_layer_in} per token) once" if per_layer_in else ""))
+    carried = tuple(getattr(skeleton, UNBUILT, ()))
     return QuantizationPlan(
         str(model), skeleton.config.model_type, dtype, len(layers), rows, kept, other,
         total_params=sum(p.numel() for p in skeleton.parameters()), layer_params=sum(per_layer),
@@ -181,7 +198,16 @@ def plan(model: str | Path, config: QuantizeConfig | Mapping | None = None) -> Q
         calib_bytes=(streams * tokens * (hidden + shared_kv) + bool(streams) * tokens * len(layers) * per_layer_in)
         * itemsize,
         calib_desc=desc,
+        carried=carried, carried_bytes=_carried_bytes(model_dir, carried),
+        weights_seen=any(Path(model_dir).glob("*.safetensors")),
     )
+
+
+def _carried_bytes(model_dir: Path, names: tuple[str, ...]) -> int:
+    if not names:
+        return 0
+    store = TensorStore(model_dir, "model")
+    return sum(store.nbytes(n) for n in names)
 
 
 def _layer_side_inputs(text_config, layers) -> tuple[int, int]:

@@ -316,10 +316,12 @@ def test_weights_the_config_does_not_describe_are_refused(tiny_qwen2_vl, tmp_pat
 
 
 @pytest.mark.parametrize("lazy", [False, True])
-def test_tensors_the_model_does_not_use_are_named(tiny_qwen2_vl, tmp_path, caplog, monkeypatch, lazy):
-    """Tensors transformers does not load are left out of the output; a warning names them, where the run used to
-    drop them without a word: ones it reports, and ones the model class tells it to drop unreported (GLM-4.5V's and
-    Qwen3.5's multi-token-prediction layers; here a pattern set on the tiny model's class)."""
+def test_tensors_the_model_does_not_use_are_carried(tiny_qwen2_vl, tmp_path, caplog, monkeypatch, lazy):
+    """Tensors of the source files that transformers does not load go into the output as they are, their linears in
+    ``ignore``, and a log line names them, where the run used to drop them (once without a word): ones the load
+    reports, and ones the model class tells it to drop unreported (Qwen3.5's multi-token-prediction layers; here a
+    pattern set on the tiny model's class). vLLM reads them from the output as from the source (``test_mtp.py``)."""
+    import json
     import logging
     import shutil
 
@@ -329,20 +331,24 @@ def test_tensors_the_model_does_not_use_are_named(tiny_qwen2_vl, tmp_path, caplo
     shutil.copytree(tiny_qwen2_vl, src)
     tensors = load_file(src / "model.safetensors")
     extra = next(k for k in tensors if k.endswith("layers.1.mlp.down_proj.weight")).replace("layers.1.", "layers.2.")
-    tensors[extra] = torch.zeros(4, 4, dtype=torch.bfloat16)
-    tensors["mtp.fc.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
+    tensors[extra] = torch.randn(4, 4).to(torch.bfloat16)
+    tensors["mtp.fc.weight"] = torch.randn(4, 8).to(torch.float16)
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     from transformers import Qwen2VLForConditionalGeneration
 
     monkeypatch.setattr(Qwen2VLForConditionalGeneration, "_keys_to_ignore_on_load_unexpected", [r"^mtp.*"],
                         raising=False)
-    with caplog.at_level(logging.WARNING, logger="vlmptq"):
-        vlmptq.quantize(src, tmp_path / "out", make_config(method="rtn", group_size=32, lazy_load=lazy))
+    with caplog.at_level(logging.INFO, logger="vlmptq"):
+        report = vlmptq.quantize(src, tmp_path / "out", make_config(method="rtn", group_size=32, lazy_load=lazy))
     assert re.search(r"2 tensor\(s\) in its files are not part of the model .* "
-                     r"\(\S*layers\.2\.mlp\.down_proj\.weight, mtp\.fc\.weight\); they are not quantized and "
-                     r"not written", caplog.text), caplog.text
-    written = {k for f in (tmp_path / "out").glob("*.safetensors") for k in load_file(f)}
-    assert not any(".layers.2." in k or k.startswith("mtp.") for k in written)
+                     r"\(\S*layers\.2\.mlp\.down_proj\.weight, mtp\.fc\.weight\); the output carries them "
+                     r"unchanged", caplog.text), caplog.text
+    written = {k: t for f in (tmp_path / "out").glob("*.safetensors") for k, t in load_file(f).items()}
+    assert all(written[k].dtype == tensors[k].dtype and torch.equal(written[k], tensors[k])
+               for k in (extra, "mtp.fc.weight"))
+    assert report.checkpoint.n_carried == 2 and "2 source tensors the model does not build" in str(report.checkpoint)
+    ignore = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert {extra.removesuffix(".weight"), "mtp.fc"} <= set(ignore)
 
 
 def test_model_folder_without_processor_files_fails_before_loading(tiny_qwen2_vl, tmp_path):

@@ -610,3 +610,44 @@ def _to_hub_vision_names(out: Path) -> None:
         sd = load_file(f)
         sd = {_hub_vision_name(k): v for k, v in sd.items()}
         save_file(sd, f, metadata={"format": "pt"})
+
+
+def add_mtp_layers(ckpt: str | Path, layer: int, config: dict[str, object], count: int = 1, seed: int = 1
+                   ) -> list[str]:
+    """Give the tiny checkpoint at ``ckpt`` ``count`` multi-token-prediction layers laid out as Qwen3.5's and EXAONE
+    4.5's releases hold them, which transformers does not build: ``mtp.layers.{i}.*`` shaped as decoder layer
+    ``layer`` (a full-attention one; its tensors perturbed), ``mtp.fc`` [H, 2H] over the normed embedding and hidden
+    state side by side, and the norms ``pre_fc_norm_embedding``, ``pre_fc_norm_hidden`` and ``norm`` (copies of the
+    model's final norm: the model's own norm convention). ``config``: dotted ``config.json`` keys to set, where vLLM
+    reads the layers' number (``text_config.mtp_num_hidden_layers``; ``num_nextn_predict_layers``) and what else its
+    MTP model reads. Returns the names added."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt = Path(ckpt)
+    path = ckpt / "model.safetensors"
+    sd = load_file(path)
+    gen = torch.Generator().manual_seed(seed)
+    src = next(k.rpartition(f".layers.{layer}.")[0] for k in sd if f".layers.{layer}." in k)
+    extra = {}
+    for i in range(count):
+        for k, t in sd.items():
+            if k.startswith(f"{src}.layers.{layer}."):
+                noise = 0.02 * torch.randn(t.shape, generator=gen)
+                extra[f"mtp.layers.{i}.{k[len(f'{src}.layers.{layer}.'):]}"] = (t.float() + noise).to(t.dtype)
+    norm = sd[f"{src}.norm.weight"]
+    hidden = norm.shape[0]
+    extra["mtp.fc.weight"] = (0.05 * torch.randn(hidden, 2 * hidden, generator=gen)).to(norm.dtype)
+    for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        extra[f"mtp.{n}.weight"] = norm.clone()
+    save_file({**sd, **extra}, path, metadata={"format": "pt"})
+    data = json.loads((ckpt / "config.json").read_text())
+    for key, value in config.items():
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    (ckpt / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+    return sorted(extra)

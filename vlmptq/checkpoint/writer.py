@@ -4,7 +4,9 @@ Output (names are the original checkpoint's, e.g. ``model.layers.0.self_attn.q_p
 transformers-5 module names ``model.language_model.layers.0...``):
     model.safetensors | model-0000i-of-0000n.safetensors + model.safetensors.index.json
         quantized linears: weight_packed / weight_scale / [weight_zero_point] / weight_shape
-        (layouts in :mod:`vlmptq.checkpoint.compress`); every other tensor as the model holds it
+        (layouts in :mod:`vlmptq.checkpoint.compress`); every other tensor as the model holds it; tensors of
+        the source files the model does not hold (multi-token-prediction layers) as the files hold them
+        (:mod:`vlmptq.checkpoint.carried`)
     config.json             the model config + ``quantization_config`` (:mod:`.config`)
     generation_config.json  and the tokenizer / processor / chat-template files of ``source_dir``
 
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+from vlmptq.checkpoint.carried import CarriedTensors
 from vlmptq.checkpoint.compress import compress_weight
 from vlmptq.checkpoint.config import build_quantization_config, describe_schemes
 from vlmptq.checkpoint.naming import check_no_converter, disk_names, module_disk_names
@@ -60,12 +63,15 @@ class CheckpointSummary:
     compression_ratio: float       # bf16_equivalent_bytes / bytes_quantized_layers
     bits_per_weight: float         # 8 * bytes_quantized_layers / quantized weight count
     checkpoint_compression_ratio: float  # whole checkpoint: all-16-bit size / bytes_total
+    n_carried: int = 0             # source tensors the model does not hold, copied as they are (carried.py)
 
     def __str__(self) -> str:
+        carried = f", {self.n_carried} source tensors the model does not build carried as they are" \
+            if self.n_carried else ""
         return (
             f"{self.path}: {self.scheme}, {self.n_quantized} quantized linears "
             f"({self.bits_per_weight:.3f} bits/weight, {self.compression_ratio:.2f}x vs 16-bit), "
-            f"{self.n_ignored} in 16 bit, {self.bytes_total / 2**20:.1f} MiB in {self.n_shards} shard(s)"
+            f"{self.n_ignored} in 16 bit{carried}, {self.bytes_total / 2**20:.1f} MiB in {self.n_shards} shard(s)"
         )
 
 
@@ -87,7 +93,8 @@ def save_quantized_checkpoint(
     ``ignore`` names the Linear modules kept in 16 bit. Together they must cover every Linear.
     ``scheme`` is the decoder linears' scheme (config group ``Linear``); modules quantized with
     another (an 8-bit ``lm_head``) get a config group naming them.
-    ``source_dir`` provides tokenizer/processor/chat-template/generation files; ``metadata`` is stored
+    ``source_dir`` provides tokenizer/processor/chat-template/generation files, and the tensors of its weight files
+    that ``model``'s load found it does not hold (:mod:`vlmptq.checkpoint.carried`); ``metadata`` is stored
     under ``quantization_config["vlmptq"]``. Refuses a non-empty ``out_dir`` unless ``overwrite``.
     """
     out = Path(out_dir).absolute()
@@ -107,6 +114,9 @@ def save_quantized_checkpoint(
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     named = {n: qw.scheme for n, qw in quantized.items() if qw.scheme != scheme or modules[n] is head}
     state, ignore_disk, named_disk = _to_disk_names(model, state, quantized_keys, ignore, named)
+    carried = CarriedTensors.of(model, source_dir)
+    if carried is not None:
+        state, ignore_disk = _add_carried(state, ignore_disk, carried)
     qconfig = build_quantization_config(scheme, ignore_disk, metadata, named_disk)
 
     bytes_total = sum(_nbytes(t) for t in state.values())
@@ -119,7 +129,7 @@ def save_quantized_checkpoint(
     try:
         if source_dir is not None:
             _copy_side_files(Path(source_dir), tmp)
-        n_shards = _write_weights(state, tmp, max_shard_size)
+        n_shards = _write_weights(state, tmp, max_shard_size, carried)
         _write_configs(model, qconfig, tmp, Path(source_dir) / "config.json" if source_dir is not None else None)
         _fsync_tree(tmp)
         replace_directory(tmp, out, overwrite)
@@ -139,6 +149,7 @@ def save_quantized_checkpoint(
         compression_ratio=bf16_bytes / bytes_q if bytes_q else 1.0,
         bits_per_weight=8 * bytes_q / numel if numel else 0.0,
         checkpoint_compression_ratio=all16 / bytes_total if bytes_total else 1.0,
+        n_carried=len(carried.names) if carried is not None else 0,
     )
     logger.info("wrote %s", summary)
     return summary
@@ -282,6 +293,20 @@ def _to_disk_names(model, state, quantized_keys, ignore, named) -> tuple[dict[st
     return reverted, sorted(set(ignore_disk.values()) | set(ignore)), named_disk
 
 
+def _add_carried(state: dict[str, torch.Tensor], ignore: list[str], carried: CarriedTensors
+                 ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` with meta placeholders of the carried tensors (read when their shard is written), ``ignore`` with
+    the linears among them."""
+    clash = sorted(set(carried.names) & set(state))
+    if clash:
+        raise CheckpointError(
+            f"{len(clash)} tensor(s) of the source files that the model reported not holding have the names of "
+            f"tensors the model writes ({', '.join(clash[:3])}); the source names its tensors in a way this "
+            "transformers version does not read back. Re-save the source with save_pretrained first."
+        )
+    return {**state, **carried.placeholders()}, sorted(set(ignore) | set(carried.linears()))
+
+
 def _copy_side_files(src: Path, dst: Path) -> None:
     """Copy tokenizer, processor, chat template, generation config, ... (never weights or indexes)."""
     for f in sorted(src.iterdir()):
@@ -294,7 +319,9 @@ def _copy_side_files(src: Path, dst: Path) -> None:
         logger.debug("copied %s", name)
 
 
-def _write_weights(state: dict[str, torch.Tensor], dst: Path, max_shard_size: int | str) -> int:
+def _write_weights(state: dict[str, torch.Tensor], dst: Path, max_shard_size: int | str,
+                   carried: CarriedTensors | None = None) -> int:
+    """Shards of ``state`` (meta placeholders: ``carried`` tensors, read here from the source files)."""
     import safetensors.torch
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
@@ -303,7 +330,8 @@ def _write_weights(state: dict[str, torch.Tensor], dst: Path, max_shard_size: in
         state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
     )
     for filename, names in tqdm(split.filename_to_tensors.items(), desc="Writing shards", disable=None):
-        shard = {k: state[k].detach().to("cpu").contiguous() for k in names}
+        shard = {k: (carried.load(k) if state[k].is_meta else state[k].detach().to("cpu")).contiguous()
+                 for k in names}
         # Looked up at call time so tests can make a shard write fail.
         safetensors.torch.save_file(shard, str(dst / filename), metadata={"format": "pt"})
     if split.is_sharded:

@@ -78,7 +78,7 @@ class ModelAdapter:
         auto = getattr(transformers, cls.auto_class)
         model, info = auto.from_pretrained(str(path), dtype=dtype, low_cpu_mem_usage=True, ignore_mismatched_sizes=True,
                                            output_loading_info=True)
-        check_loading_info(path, info, model)
+        record_unbuilt(model, check_loading_info(path, info, model))
         model.eval()
         model.requires_grad_(False)
         cls.prepare(model)
@@ -103,7 +103,8 @@ class ModelAdapter:
 
     @classmethod
     def skeleton(cls, path: str | Path, dtype: torch.dtype) -> nn.Module:
-        """The model's module tree on the meta device from its config alone (no weight is read)."""
+        """The model's module tree on the meta device from its config alone (no weight is read), marked with the
+        tensors of its files it would not hold, from their headers (:func:`unbuilt_in_files`)."""
         import transformers
 
         try:
@@ -115,6 +116,7 @@ class ModelAdapter:
                 f"transformers cannot build the model {Path(path) / 'config.json'} describes ({type(e).__name__}: "
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); use the config.json that came "
                 "with the weights") from None
+        record_unbuilt(model, unbuilt_in_files(path, model))
         return cls.prepare(model)
 
     # -------------------------------------------------------------- structure
@@ -339,23 +341,29 @@ def _check_not_quantized(path: str | Path, config: dict) -> None:
     )
 
 
-def check_loading_info(path: str | Path, info: dict, model: nn.Module | None = None) -> None:
+def check_loading_info(path: str | Path, info: dict, model: nn.Module | None = None) -> list[str]:
     """Refuse a model whose files lack weights its config calls for, or hold them in other shapes: transformers
     fills such weights with random values (a missing shard, a truncated conversion, another model's config.json)
-    and the checkpoint written from them would be garbage that serves without complaint. Tensors the model does
-    not use are named in a warning: they are left out of the output (``model``: the loaded model, whose class
-    may tell transformers to drop some without a word, see :func:`silently_dropped`)."""
+    and the checkpoint written from them would be garbage that serves without complaint. Returns the tensors of the
+    files the loaded ``model`` does not hold, by their names in the files (:func:`unbuilt_in_files`), which the output
+    carries unchanged (:mod:`vlmptq.checkpoint.carried`); they are named in the log."""
     from vlmptq.checkpoint.config import summarize_names
 
-    unexpected = sorted(set(info.get("unexpected_keys") or ()) | set(silently_dropped(path, model)))
-    if unexpected:  # e.g. GLM-4.5V's and Qwen3.5's multi-token-prediction layers, which transformers does not build
-        logger.warning("%s: %d tensor(s) in its files are not part of the model transformers builds from its "
-                       "config.json (%s); they are not quantized and not written to the output (a "
-                       "multi-token-prediction layer among them means the output cannot serve speculative decoding "
-                       "with it)", path, len(unexpected), summarize_names(unexpected, 4))
+    reported = set(info.get("unexpected_keys") or ()) | set(silently_dropped(path, model))
+    carried = unbuilt_in_files(path, model) if model is not None else []
+    if carried:  # e.g. Qwen3.5's, EXAONE 4.5's and GLM-4.5V's multi-token-prediction layers
+        logger.info("%s: %d tensor(s) in its files are not part of the model transformers builds from its "
+                    "config.json (%s); the output carries them unchanged, in 16 bit (a multi-token-prediction "
+                    "layer among them can serve vLLM's MTP speculative decoding)", path, len(carried),
+                    summarize_names(carried, 4))
+    if len(reported) != len(carried):  # the load and our reading of its renamings disagree: say so, never drop
+        logger.warning("%s: the load reports %d tensor(s) of its files as not part of the model (%s); %d of the "
+                       "files' names do not map to the model's (%s), and only those are written to the output",
+                       path, len(reported), summarize_names(sorted(reported), 4), len(carried),
+                       summarize_names(carried, 4))
     missing, mismatched = list(info.get("missing_keys") or ()), list(info.get("mismatched_keys") or ())
     if not missing and not mismatched:
-        return
+        return carried
 
     what = []
     if missing:
@@ -371,20 +379,52 @@ def check_loading_info(path: str | Path, info: dict, model: nn.Module | None = N
     )
 
 
+def record_unbuilt(model: nn.Module, names: list[str]) -> None:
+    """Mark ``model`` with the tensors of its files it does not hold, for the writer to carry
+    (:data:`vlmptq.checkpoint.carried.UNBUILT`)."""
+    from vlmptq.checkpoint.carried import UNBUILT
+
+    setattr(model, UNBUILT, tuple(names))
+
+
+def unbuilt_in_files(path: str | Path, model: nn.Module) -> list[str]:
+    """The tensors of the safetensors files at ``path`` that ``model`` (as transformers builds it from the config,
+    before :meth:`ModelAdapter.prepare`) would not hold, found as transformers' load finds them: each file name
+    through the model's renamings and weight conversions, then looked up in its state dict. From the files'
+    headers alone (``--dry-run`` sizes what the output carries with it); [] without safetensors files."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    keys = _file_keys(path)
+    if not keys:
+        return []
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    return sorted(k for k in keys if k not in state and rename_source_key(
+        k, renamings, converters, model.base_model_prefix, state)[0] not in state)
+
+
 def silently_dropped(path: str | Path, model: nn.Module | None) -> list[str]:
     """Tensors of the checkpoint at ``path`` that ``model``'s class tells transformers to drop without reporting
-    them (``_keys_to_ignore_on_load_unexpected``: GLM-4.5V's ``model.layers.46.*``, Qwen3.5's ``mtp.*``); [] if it
-    names none or the files cannot be listed (the load itself reports those)."""
-    from vlmptq.checkpoint.reader import TensorStore
-
+    them (``_keys_to_ignore_on_load_unexpected``: GLM-4.5V's ``model.layers.46.*``, Qwen3.5's ``mtp.*``, Gemma 4's
+    keys and values of its KV-shared layers); [] if it names none or the files cannot be listed (the load itself
+    reports those)."""
     patterns = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
     if not patterns:
         return []
+    return sorted(k for k in _file_keys(path) if any(re.search(p, k) for p in patterns))
+
+
+def _file_keys(path: str | Path) -> set[str]:
+    """The tensor names of the safetensors files at ``path``; empty if there are none (the load reports that)."""
+    from vlmptq.checkpoint.reader import TensorStore
+
     try:
-        names = TensorStore(path, "model").keys()
+        return set(TensorStore(path, "model").keys())
     except CheckpointError:
-        return []
-    return sorted(k for k in names if any(re.search(p, k) for p in patterns))
+        return set()
 
 
 def read_checkpoint_dtype(path: str | Path) -> torch.dtype | None:

@@ -143,7 +143,7 @@ def _tensors(module: nn.Module, prefix: str):
 def load_lazily(auto_class, path: str | Path, dtype: torch.dtype, skeleton: nn.Module, layers_prefix: str,
                 num_layers: int) -> tuple[nn.Module, LazyLayers]:
     """``auto_class.from_pretrained(path)`` with the decoder layers left in the checkpoint files."""
-    from vlmptq.models.adapters import check_loading_info
+    from vlmptq.models.adapters import check_loading_info, record_unbuilt
 
     try:
         from accelerate.hooks import remove_hook_from_module
@@ -166,7 +166,7 @@ def load_lazily(auto_class, path: str | Path, dtype: torch.dtype, skeleton: nn.M
                     output_loading_info=True, device_map=layer_device_map(skeleton, layers_prefix, num_layers))
         finally:
             quiet.setLevel(level)
-        check_loading_info(path, info, model)
+        record_unbuilt(model, check_loading_info(path, info, model))
         readers = {id(h.weights_map.dataset): h.weights_map.dataset for m in model.modules()
                    if (h := getattr(m, "_hf_hook", None)) is not None and getattr(h, "weights_map", None) is not None}
         remove_hook_from_module(model, recurse=True)
