@@ -225,14 +225,17 @@ def test_qwen3_5_tensor_parallel_2(tmp_path, monkeypatch, two_rank_binding):
     assert max(errs) < FP32_TOL and list(out.outputs[0].token_ids) == list(ref.outputs[0].token_ids), max(errs)
 
 
-@pytest.mark.parametrize("family, group", [("gemma4_wide", 64), ("gemma4_moe_wide", 32)])
-def test_gemma4_tensor_parallel_2(family, group, tiny_qwen2_vl, tmp_path, monkeypatch, two_rank_binding):
-    """Gemma 4 on two vLLM-CPU workers through the plugin: each rank loads its heads' slice of qkv_proj (q and k
-    only where values are keys, q alone in the layers reading earlier layers' keys and values; the one global KV
-    head replicated), the row slices of o_proj / down_proj, the replicated per-layer-input linears and, for the MoE
-    variant, its slice of every expert (g32: the experts' 64 intermediate features split into whole groups; at g64
-    the plugin refuses the cut by name). Against transformers on the dequantized weights, fp32 (measured 3.7e-5
-    dense, 4.7e-5 MoE; one worker 3.1e-5)."""
+@pytest.mark.parametrize("family, group, linears", [("gemma4_wide", 64, 24), ("gemma4_moe_wide", 32, 24),
+                                                    ("llama4_wide", 64, 6)])
+def test_family_tensor_parallel_2(family, group, linears, tiny_qwen2_vl, tmp_path, monkeypatch, two_rank_binding):
+    """Gemma 4 and Llama 4 on two vLLM-CPU workers through the plugin: each rank loads its heads' slice of qkv_proj
+    (Gemma 4: q and k only where values are keys, q alone in the layers reading earlier layers' keys and values; the
+    one global KV head replicated), the row slices of o_proj / down_proj, Gemma 4's replicated per-layer-input
+    linears and its slice of every expert of the MoE variant (g32: the experts' 64 intermediate features split into
+    whole groups; at g64 the plugin refuses the cut by name). Llama 4: q/k/v 16-bit, o_proj, the dense MLP and the
+    shared expert quantized, and each rank's slice of the experts, which weigh their input by the routing score.
+    Against transformers on the dequantized weights, fp32 (measured 3.7e-5 Gemma 4 dense, 4.7e-5 MoE, one worker
+    3.1e-5; Llama 4 4.8e-6, 24 s)."""
     from transformers import AutoProcessor
 
     src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
@@ -244,7 +247,7 @@ def test_gemma4_tensor_parallel_2(family, group, tiny_qwen2_vl, tmp_path, monkey
                      distributed_executor_backend="mp") as llm:
         methods = layer_methods(llm)
         outputs = generate(llm, [{"prompt": chat, "multi_modal_data": {"image": pattern_image()}}])
-    assert sum(m == "VlmptqLinearMethod" for m, _ in methods.values()) == 24, methods
+    assert sum(m == "VlmptqLinearMethod" for m, _ in methods.values()) == linears, methods
     errs, _ = logprob_errors(dequantized_hf_model(src, ckpt, torch.float32),
                              [dict(proc(text=[chat], images=[pattern_image()], return_tensors="pt"))], outputs)
     assert max(errs) < FP32_TOL, f"max |dlogprob| {max(errs):.2e}"

@@ -285,15 +285,18 @@ def llama4_processor(tok_src):
     return Llama4Processor(image_processor=images, tokenizer=tok, patch_size=14)
 
 
-def _llama4(tok_src):
+def _llama4(tok_src, wide: bool = False):
     """Llama 4: layer 0 dense with chunked (local, rotary) attention; layer 1 NoPE full attention and a block of 4
     routed experts (one per token, its sigmoid score scaling the expert's input) beside a shared expert, as
-    Scout / Maverick route. The chunk is 128 tokens (vLLM-CPU's block size: it takes no shorter one)."""
+    Scout / Maverick route. The chunk is 128 tokens (vLLM-CPU's block size: it takes no shorter one). ``wide``:
+    hidden 256, 4 heads over 2 KV heads, intermediate 512, so the heads split over two tensor-parallel ranks."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig, Llama4VisionConfig
 
     proc = llama4_processor(tok_src)
     tok = proc.tokenizer
-    text = Llama4TextConfig(**dict(TEXT, intermediate_size=128, intermediate_size_mlp=TEXT["intermediate_size"]),
+    dims = dict(TEXT, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2) if wide \
+        else TEXT
+    text = Llama4TextConfig(**dict(dims, intermediate_size=128, intermediate_size_mlp=dims["intermediate_size"]),
                             vocab_size=len(tok) + 64, head_dim=64, num_local_experts=4, num_experts_per_tok=1,
                             interleave_moe_layer_step=2, no_rope_layers=[1, 0], attention_chunk_size=128,
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids("<|eot|>"))
@@ -523,6 +526,7 @@ def _minicpmv4_6(tok_src, v4_7: bool = False):
 FAMILIES = {"llava": _llava, "llava_next": partial(_llava, anyres=True), "llava_onevision": _llava_onevision,
             "idefics3": _idefics3, "smolvlm": partial(_idefics3, smol=True), "internvl": _internvl, "gemma3": _gemma3,
             "mistral3": _mistral3, "glm4v": _glm4v, "glm4v_moe": partial(_glm4v, moe=True), "llama4": _llama4,
+            "llama4_wide": partial(_llama4, wide=True),
             "cohere2_vision": _cohere2_vision, "gemma4": _gemma4, "gemma4_moe": partial(_gemma4, moe=True),
             "gemma4_audio": partial(_gemma4, audio=True), "gemma4_wide": partial(_gemma4, wide=True),
             "gemma4_moe_wide": partial(_gemma4, moe=True, wide=True), "exaone4_5": _exaone4_5,
