@@ -56,7 +56,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     c = p.add_argument_group("calibration data")
     c.add_argument("--calib", default="builtin",
                    help="'builtin' (offline photos + captions), a directory of images with .txt captions, a .jsonl "
-                        "file of {image, text[, prompt]} (or a .json list of them, LLaVA/ShareGPT4V 'conversations' "
+                        "file of {image, text[, prompt]} (image: a path or a list of paths; or a .json list of them, "
+                        "LLaVA/ShareGPT4V 'conversations' "
                         "records too), or a Hugging Face dataset (name, local path or save_to_disk dir). Text-only "
                         "models calibrate on text: a .txt file, a folder of .txt files, a .jsonl/.json of {text} "
                         "records or a dataset with a text column")
@@ -66,7 +67,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="maximum tokens per calibration sample (text-only models: the window length)")
     c.add_argument("--seed", type=int, default=0, help="seed for sample selection and the built-in set's crops")
     c.add_argument("--split", default="train", help="dataset split (Hugging Face datasets)")
-    c.add_argument("--image-column", default="image", help="dataset column / jsonl key with the image")
+    c.add_argument("--image-column", default="image",
+                   help="dataset column / jsonl key with the image, or a list of images (with the default, records "
+                        "without an 'image' key are read from 'images')")
     c.add_argument("--text-column", default="text",
                    help="dataset column / jsonl key with the caption (assistant turn), or the text of a text-only "
                         "model's calibration records")

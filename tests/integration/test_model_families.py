@@ -268,3 +268,34 @@ def test_qwen3_5_hybrid_layers_quantize_and_reload(arch, request, tmp_path):
                                                         experts_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "idefics3", "internvl", "gemma3", "mistral3",
+                                    "glm4v", "llama4", "cohere2_vision", "gemma4", "exaone4_5", "minicpmv4_6"])
+def test_two_image_samples_run_through_each_family(family, tiny_qwen2_vl, tmp_path):
+    """A multi-image calibration sample goes through each family's own processor (one image block per image, the
+    images as one nested list) and its model's forward, which checks that the image features fill the placeholders.
+    Each image keeps the tokens it has alone, but in LLaVA-OneVision, whose processor shows several images of one
+    sample at base resolution only (no anyres tiles: its multi-image convention)."""
+    from PIL import Image
+
+    from vlmptq.calib.encode import encode_record
+    from vlmptq.calib.records import Record
+    from vlmptq.models.adapters import load_model, load_processor
+
+    src = build_tiny_family(family, tmp_path / family, tiny_qwen2_vl)
+    model, adapter = load_model(src, torch.bfloat16)
+    processor, ids = load_processor(src), torch.tensor(sorted(adapter.vision_token_ids()))
+    gen = torch.Generator().manual_seed(0)
+    a, b = (Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy())
+            for h, w in ((60, 80), (90, 70)))
+
+    def vision_tokens(*images):
+        sample = encode_record(Record("x", images, "A caption.", None), processor, ids, CalibConfig())
+        return sample, int(sample.vision_mask.sum())
+
+    both, n = vision_tokens(a, b)
+    with torch.no_grad():
+        model(**both.inputs)
+    alone = vision_tokens(a)[1] + vision_tokens(b)[1]
+    assert (n < alone) if family == "llava_onevision" else (n == alone), (n, alone)

@@ -94,6 +94,28 @@ def test_public_api_and_metadata(tiny_qwen2_5_vl, tmp_path):
         assert (out / f).exists(), f
 
 
+def test_multi_image_calibration(tiny_qwen2_5_vl, tmp_path):
+    """VLM-PTQ calibrated on samples of two images each (``"images"`` in a .jsonl): every vision token of both
+    images counts in the vision statistics, so the modality-aware mu differs from calibrating on the first images
+    alone."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for name, (h, w) in {"a.png": (56, 84), "b.png": (84, 56), "c.png": (70, 70), "d.png": (56, 56)}.items():
+        pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(tmp_path / name)
+    pairs = {"multi.jsonl": [["a.png", "b.png"], ["c.png", "d.png"]], "first.jsonl": [["a.png"], ["c.png"]]}
+    mus = {}
+    for name, images in pairs.items():
+        (tmp_path / name).write_text("".join(json.dumps({"images": i, "text": "Photos."}) + "\n" for i in images))
+        config = make_config(method="vlmptq", bits=3, group_size=64, device="cpu",
+                             calib=CalibConfig(source=str(tmp_path / name), num_samples=2))
+        _, result, n = vlmptq.quantize_in_memory(tiny_qwen2_5_vl, config)
+        assert n == 2
+        mus[name] = {r.name: r.info["mu"] for r in result.records}
+    assert mus["multi.jsonl"] != mus["first.jsonl"]
+
+
 def test_solver_never_sees_the_vision_tower(tiny_qwen2_vl):
     config = make_config(method="gptq", bits=4, group_size=32, calib=CALIB, device="cpu",
                          ignore=(r"mlp\.down_proj",))

@@ -171,6 +171,48 @@ def test_llava_conversation_records_in_a_json_list(tmp_path, qwen25, caplog):
         next(s for s in ds_samples if s.sample_id == "saved[1]").inputs["input_ids"][0])
 
 
+def _two_image_checks(sample, processor, image_token_id):
+    """Both images' placeholders, each block as many as its grid has merged patches, text around them."""
+    grid = sample.inputs["image_grid_thw"]
+    merge = processor.image_processor.merge_size
+    assert grid.shape == (2, 3) and int(sample.vision_mask.sum()) == int(grid.prod(-1).sum()) // merge**2
+    ids = sample.inputs["input_ids"][0]
+    assert torch.equal(sample.vision_mask, ids == image_token_id)
+    assert int((ids == processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")).sum()) == 2
+
+
+def test_multi_image_records(tmp_path, qwen25):
+    """Several images per sample: ``"images": [...]`` (or a list under ``image``) in jsonl, LLaVA-OneVision's
+    conversations with one ``<image>`` per image, and a dataset column holding a list of images. The chat
+    template places one image block per image before the prompt."""
+    processor, vision_ids = qwen25
+    _photo(tmp_path / "a.jpg")
+    _photo(tmp_path / "b.png", size=(64, 120), seed=5)
+    lines = [{"images": ["a.jpg", "b.png"], "text": "Two photos.", "prompt": "Compare them."},
+             {"image": ["b.png"], "text": "One photo."}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    samples = load_calibration(CalibConfig(source=str(tmp_path / "c.jsonl")), processor, vision_ids)
+    assert [s.sample_id for s in samples] == ["c.jsonl:1 (a.jpg +1)", "c.jsonl:2 (b.png)"]
+    _two_image_checks(samples[0], processor, vision_ids[0])
+    assert "Compare them." in processor.tokenizer.decode(samples[0].inputs["input_ids"][0])
+    _check_masks(samples[1], processor, vision_ids[0])
+
+    ov = [{"id": "m", "image": ["a.jpg", "b.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nWhich is brighter?"}, {"from": "gpt", "value": "The first."}]}]
+    (tmp_path / "ov.json").write_text(json.dumps(ov))
+    [sample] = load_calibration(CalibConfig(source=str(tmp_path / "ov.json")), processor, vision_ids)
+    _two_image_checks(sample, processor, vision_ids[0])
+    text = processor.tokenizer.decode(sample.inputs["input_ids"][0])
+    assert "Which is brighter?" in text and "<image>" not in text
+
+    features = datasets.Features({"images": datasets.List(datasets.Image()), "text": datasets.Value("string")})
+    datasets.Dataset.from_dict({"images": [[str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]],
+                                "text": ["Both."]}, features=features).save_to_disk(tmp_path / "ds")
+    [sample] = load_calibration(CalibConfig(source=str(tmp_path / "ds")), processor, vision_ids)
+    assert sample.sample_id == "ds[0]"
+    _two_image_checks(sample, processor, vision_ids[0])
+
+
 def _hf_dataset(tmp_path, n=4):
     images = [_photo(tmp_path / "src" / f"{i}.png", seed=10 + i) for i in range(n)]
     features = datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string"),

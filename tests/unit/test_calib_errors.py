@@ -71,6 +71,20 @@ def test_images_named_by_url_are_refused_with_the_fix(tmp_path, qwen2):
         _load(qwen2, source=str(tmp_path / "web"))
 
 
+def test_multi_image_records_with_a_bad_entry(tmp_path, qwen2):
+    """An empty image list, a non-path entry, and one unreadable image among several: each names the sample."""
+    processor, vision_ids = qwen2
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "ok.png")
+    (tmp_path / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    cases = [({"images": [], "text": "x"}, r"c\.jsonl:1: 'images' is an empty list"),
+             ({"images": ["ok.png", 3], "text": "x"}, r"c\.jsonl:1: 'images' holds 3, not a path"),
+             ({"images": ["ok.png", "cut.jpg"], "text": "x"}, r"c\.jsonl:1 \(ok\.png \+1\): cannot decode .*cut\.jpg")]
+    for record, match in cases:
+        (tmp_path / "c.jsonl").write_text(json.dumps(record))
+        with pytest.raises(CalibrationDataError, match=match):
+            load_calibration(CalibConfig(source=str(tmp_path / "c.jsonl")), processor, vision_ids)
+
+
 def test_truncated_jpeg_and_text_file_named_png(tmp_path, qwen2):
     _jpeg(tmp_path / "full.jpg", size=(200, 200))
     data = (tmp_path / "full.jpg").read_bytes()

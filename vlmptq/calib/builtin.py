@@ -128,4 +128,4 @@ class BuiltinSource(Source):
             sample_id += " mirrored"
         if v.photo.file not in self._cache:
             self._cache[v.photo.file] = load_image_file(self.root / v.photo.file, sample_id)
-        return Record(sample_id, render(self._cache[v.photo.file], v), v.photo.caption, v.prompt)
+        return Record(sample_id, (render(self._cache[v.photo.file], v),), v.photo.caption, v.prompt)

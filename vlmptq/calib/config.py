@@ -9,6 +9,7 @@ from vlmptq.errors import ConfigError
 
 DEFAULT_PROMPT = "Describe this image."
 DEFAULT_TEXT_COLUMN = "text"
+DEFAULT_IMAGE_COLUMN = "image"
 BAD_SAMPLE_POLICIES = ("error", "skip")
 
 
@@ -27,7 +28,7 @@ class CalibConfig:
     max_seq_len: int = 2048  # tokens per sample (text + vision placeholders); longer ones are bad
     seed: int = 0  # which samples are drawn (and the built-in set's crops/flips/prompts)
     split: str = "train"  # Hugging Face datasets only
-    image_column: str = "image"  # HF dataset column / jsonl key holding the image (path)
+    image_column: str = DEFAULT_IMAGE_COLUMN  # HF dataset column / jsonl key: the image (path), or a list of them
     text_column: str = DEFAULT_TEXT_COLUMN  # the caption or answer: the assistant turn
     prompt_column: str | None = None  # the question (user turn); None: a "prompt" field or default
     on_bad_sample: str = "error"  # "error": raise on the first bad sample; "skip": log it and go on

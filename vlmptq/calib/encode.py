@@ -33,10 +33,10 @@ class CalibSample:
         return int(self.vision_mask.numel())
 
 
-def chat_messages(prompt: str, caption: str) -> list[dict]:
-    """user: [image, prompt]; assistant: caption (the HF multimodal chat format)."""
+def chat_messages(prompt: str, caption: str, images: int = 1) -> list[dict]:
+    """user: [image x ``images``, prompt]; assistant: caption (the HF multimodal chat format)."""
     return [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+        {"role": "user", "content": [*[{"type": "image"}] * images, {"type": "text", "text": prompt}]},
         {"role": "assistant", "content": [{"type": "text", "text": caption}]},
     ]
 
@@ -57,18 +57,19 @@ def encode_record(record: Record, processor, vision_ids: torch.Tensor,
     sid = record.sample_id
     prompt = record.prompt or config.default_prompt
     try:
-        text = processor.apply_chat_template(chat_messages(prompt, record.text), tokenize=False,
+        text = processor.apply_chat_template(chat_messages(prompt, record.text, len(record.images)), tokenize=False,
                                              add_generation_prompt=False)
     except ValueError as err:  # e.g. "this processor does not have a chat template"
         raise ConfigError(
             f"the processor could not format calibration sample {sid} as a chat ({err}); load the "
             "processor of an instruction-tuned VLM (one with a chat template).") from err
-    image = limit_side(record.image, config.max_image_side)
-    try:
-        batch = processor(text=[text], images=[image], return_tensors="pt")
+    images = [limit_side(image, config.max_image_side) for image in record.images]
+    try:  # several images of one sample: a nested list, the batch's one entry (every processor takes that form)
+        batch = processor(text=[text], images=images if len(images) == 1 else [images], return_tensors="pt")
     except ValueError as err:  # processors reject e.g. extreme aspect ratios this way
+        sizes = ", ".join(f"{i.width}x{i.height}" for i in images)
         raise bad_sample(sid, f"the processor rejected it ({err})",
-                         f"replace the image (it is {image.width}x{image.height} px)") from err
+                         f"replace the image{'s' if len(images) > 1 else ''} ({sizes} px)") from err
     inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     input_ids = inputs.get("input_ids")
     if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] != 1:

@@ -1,4 +1,4 @@
-"""One raw calibration pair (image, caption, prompt) and the image decoding every source shares."""
+"""One raw calibration sample (its images, caption, prompt) and the image decoding every source shares."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ SKIP_HINT = "or set on_bad_sample='skip' (--skip-bad-samples) to leave such samp
 
 @dataclass(frozen=True)
 class Record:
-    """A decoded image-text pair before it meets the processor."""
+    """A decoded image-text sample before it meets the processor: one image, or several (multi-image records)."""
 
     sample_id: str
-    image: Image.Image  # RGB, fully decoded
+    images: tuple[Image.Image, ...]  # RGB, fully decoded; at least one, in the record's order
     text: str  # the assistant turn (caption / answer)
     prompt: str | None  # the user turn's text; None means the config's default prompt
 

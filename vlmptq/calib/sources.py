@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vlmptq.calib.config import DEFAULT_TEXT_COLUMN, CalibConfig
+from vlmptq.calib.config import DEFAULT_IMAGE_COLUMN, DEFAULT_TEXT_COLUMN, CalibConfig
 from vlmptq.calib.records import (
     IMAGE_SUFFIXES, Record, bad_sample, load_image_bytes, load_image_file, local_image_path, require_text, to_rgb,
 )
@@ -89,12 +89,14 @@ def open_source(config: CalibConfig) -> Source:
 
 
 def row_fields(row: Mapping, config: CalibConfig, sample_id: str, where: str
-               ) -> tuple[object, str, str | None]:
-    """(image value, caption, prompt or None) from one jsonl object / dataset row. A row without
-    ``text_column`` but with LLaVA-style ``conversations`` takes its first user -> assistant exchange
+               ) -> tuple[list, str, str | None]:
+    """(image values, caption, prompt or None) from one jsonl object / dataset row: the ``image_column`` holds one
+    image or a list of them (a multi-image sample; with the default column, an ``images`` key is read too). A row
+    without ``text_column`` but with LLaVA-style ``conversations`` takes its first user -> assistant exchange
     (unless ``text_column`` was named: a misspelt column is an error, not a silent switch of source)."""
     conversational = reads_conversations(config, row)
-    if config.image_column not in row:
+    column = image_key(config, row)
+    if column not in row:
         if conversational:
             raise bad_sample(sample_id, f"is a text-only conversation (no {config.image_column!r} key)",
                              "calibration needs an image per sample; leave such records out")
@@ -122,7 +124,24 @@ def row_fields(row: Mapping, config: CalibConfig, sample_id: str, where: str
                              "default prompt")
         prompt = require_text(row[config.prompt_column], f"the prompt {config.prompt_column!r}",
                               sample_id, f"give every sample a prompt in {where}")
-    return row[config.image_column], text, prompt
+    return image_values(row[column], column, sample_id), text, prompt
+
+
+def image_key(config: CalibConfig, keys) -> str:
+    """The key holding a row's images: ``image_column``, or ``images`` when that is left at its default and absent
+    (LLaVA-OneVision's and most multi-image records)."""
+    if config.image_column == DEFAULT_IMAGE_COLUMN and config.image_column not in keys and "images" in keys:
+        return "images"
+    return config.image_column
+
+
+def image_values(value: object, column: str, sample_id: str) -> list:
+    """A row's image cell as a list: one image, or a multi-image sample's images in order."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise bad_sample(sample_id, f"{column!r} is an empty list", "give it at least one image")
+        return list(value)
+    return [value]
 
 
 def reads_conversations(config: CalibConfig, keys) -> bool:
@@ -257,7 +276,7 @@ class DirectorySource(Source):
         else:
             text, prompt = self._txt_caption(item), None
         image = load_image_file(item.image_path, item.sample_id)
-        return Record(item.sample_id, image, text, prompt)
+        return Record(item.sample_id, (image,), text, prompt)
 
     def _txt_caption(self, item: _DirItem) -> str:
         txt = item.image_path.with_suffix(".txt")
@@ -313,13 +332,14 @@ class JsonlSource(Source):
         sample_id, row = self.items[index]
         if isinstance(row, CalibrationDataError):
             raise row
-        image, text, prompt = row_fields(row, self.config, sample_id, self.path.name)
-        if not isinstance(image, str) or not image.strip():
-            raise bad_sample(sample_id, f"{self.config.image_column!r} is {image!r}, not a path",
-                             "give the image's path (relative to image_root / the file's folder, or absolute)")
-        sample_id = f"{sample_id} ({image})"
-        path = local_image_path(image, self.image_root, sample_id)
-        return Record(sample_id, load_image_file(path, sample_id), text, prompt)
+        images, text, prompt = row_fields(row, self.config, sample_id, self.path.name)
+        for image in images:
+            if not isinstance(image, str) or not image.strip():
+                raise bad_sample(sample_id, f"{image_key(self.config, row)!r} holds {image!r}, not a path",
+                                 "give each image's path (relative to image_root / the file's folder, or absolute)")
+        sample_id = f"{sample_id} ({images[0]}{f' +{len(images) - 1}' if len(images) > 1 else ''})"
+        return Record(sample_id, tuple(load_image_file(local_image_path(image, self.image_root, sample_id), sample_id)
+                                       for image in images), text, prompt)
 
 
 def image_root(config: CalibConfig, default: Path | None) -> Path | None:
@@ -415,17 +435,21 @@ class HFDatasetSource(Source):
         ds = load_hf_dataset(config)
         columns = list(ds.column_names)
         text_column = None if reads_conversations(config, columns) else config.text_column  # else LLaVA rows
-        for column, field in ((config.image_column, "image_column"),
+        for column, field in ((image_key(config, columns), "image_column"),
                               (text_column, "text_column"),
                               (config.prompt_column, "prompt_column")):
             if column is not None and column not in columns:
                 raise CalibrationDataError(
                     f"dataset {config.source!r} has no column {column!r} ({field}); its columns "
                     f"are {columns}. Set {field}= to the column that holds it.")
-        feature = ds.features[config.image_column]
+        column = image_key(config, columns)
+        feature = ds.features[column]
+        # Decode ourselves so one corrupt image is one bad sample, not a crash in datasets (a list of images too).
         if isinstance(feature, datasets.Image) and feature.decode:
-            # Decode ourselves so one corrupt image is one bad sample, not a crash in datasets.
-            ds = ds.cast_column(config.image_column, datasets.Image(decode=False))
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+        elif isinstance(feature, (datasets.List, datasets.LargeList, datasets.Sequence)) and isinstance(
+                feature.feature, datasets.Image) and feature.feature.decode:
+            ds = ds.cast_column(column, type(feature)(datasets.Image(decode=False)))
         self.ds, self.base_dir = ds, image_root(config, path if path.is_dir() else None)
 
     def __len__(self) -> int:
@@ -434,8 +458,8 @@ class HFDatasetSource(Source):
     def record(self, index: int) -> Record:
         sample_id = f"{self.label}[{index}]"
         row = self.ds[int(index)]
-        value, text, prompt = row_fields(row, self.config, sample_id, "the dataset")
-        return Record(sample_id, self._image(value, sample_id), text, prompt)
+        values, text, prompt = row_fields(row, self.config, sample_id, "the dataset")
+        return Record(sample_id, tuple(self._image(v, sample_id) for v in values), text, prompt)
 
     def _image(self, value: object, sample_id: str) -> Image.Image:
         if isinstance(value, Image.Image):

@@ -80,7 +80,7 @@ def kl_samples(processor, vision_token_ids: Collection[int], photos: Sequence[st
     for name in photos:
         image = holdout_photo(name)
         for qi, question in enumerate(questions):
-            rec = Record(f"holdout:{name}[{qi}]", image, HOLDOUT_CAPTIONS[name], question)
+            rec = Record(f"holdout:{name}[{qi}]", (image,), HOLDOUT_CAPTIONS[name], question)
             out.append(compared_positions(encode_record(rec, processor, ids, config)))
     return out
 
