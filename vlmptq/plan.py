@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from vlmptq.allocation import check_target_reachable
-from vlmptq.checkpoint.carried import UNBUILT
+from vlmptq.checkpoint.carried import UNBUILT, CarriedTensors
 from vlmptq.checkpoint.compress import packed_nbytes
 from vlmptq.checkpoint.reader import TensorStore
 from vlmptq.config import QuantizeConfig, as_config
@@ -96,8 +96,9 @@ class QuantizationPlan:
 
     def _carried_lines(self) -> list[str]:
         if not self.weights_seen:
-            return ["carried: not known before the weight files are fetched (tensors of the files that the model "
-                    "does not build, e.g. multi-token-prediction layers, are written as they are)"]
+            return ["carried: not counted, no safetensors files here to read their names from (a Hub model planned "
+                    "from its config alone): tensors of the files that the model does not build, e.g. "
+                    "multi-token-prediction layers, are written as they are"]
         if not self.carried:
             return []
         return [f"carried: {len(self.carried)} tensors of the model's files that transformers does not build "
@@ -198,16 +199,9 @@ def plan(model: str | Path, config: QuantizeConfig | Mapping | None = None) -> Q
         calib_bytes=(streams * tokens * (hidden + shared_kv) + bool(streams) * tokens * len(layers) * per_layer_in)
         * itemsize,
         calib_desc=desc,
-        carried=carried, carried_bytes=_carried_bytes(model_dir, carried),
-        weights_seen=any(Path(model_dir).glob("*.safetensors")),
+        carried=carried, carried_bytes=CarriedTensors(TensorStore(model_dir, "model"), carried).nbytes() if carried
+        else 0, weights_seen=any(Path(model_dir).glob("*.safetensors")),
     )
-
-
-def _carried_bytes(model_dir: Path, names: tuple[str, ...]) -> int:
-    if not names:
-        return 0
-    store = TensorStore(model_dir, "model")
-    return sum(store.nbytes(n) for n in names)
 
 
 def _layer_side_inputs(text_config, layers) -> tuple[int, int]:

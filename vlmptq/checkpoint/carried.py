@@ -7,9 +7,11 @@ source (the MTP drafter of ``--speculative-config '{"method": "mtp", ...}'`` is 
 holds them as the source files do: same names, shapes, dtypes and bytes, never quantized, every linear among them
 (a 2-D ``<module>.weight``, or a transformers-5 fused expert tensor) listed in the config's ``ignore``.
 
-Which tensors: those the load reported (transformers' unexpected keys and the ones its class drops without a word,
-:func:`vlmptq.models.adapters.silently_dropped`), recorded on the loaded model under :data:`UNBUILT`. They are read
-from the source files one at a time, while the shard that holds them is written: no copy stays in memory.
+Which tensors: the names of the source's safetensors files that, put through the model's renamings and weight
+conversions as transformers' load puts them, name nothing the model holds (:func:`vlmptq.models.adapters.
+unbuilt_in_files`: what the load reports unexpected, and what the class drops without a word), recorded on the loaded
+model (and on the ``--dry-run`` skeleton) under :data:`UNBUILT`. They are read from the source files one at a time,
+while the shard that holds them is written: no copy stays in memory.
 """
 
 from __future__ import annotations
