@@ -78,6 +78,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="folder that relative image paths in a .jsonl/.json file or dataset start from (default: the "
                         "file's folder); e.g. ShareGPT4V's data/ folder")
     c.add_argument("--max-image-side", type=int, default=None, help="downscale images whose longer side exceeds this")
+    c.add_argument("--video-frames", type=int, default=8,
+                   help="video records ({video: frame folder or frame list[, fps]}, Qwen-VL family): at most this many "
+                        "frames per clip, evenly subsampled (docs/calibration.md)")
+    c.add_argument("--video-fps", type=float, default=2.0,
+                   help="frame rate of a clip's frames when its record gives no fps")
     c.add_argument("--skip-bad-samples", action="store_true",
                    help="skip (and count) unreadable or too-long samples instead of stopping at the first one")
     s = p.add_argument_group("solver options (method defaults when omitted)")
@@ -140,6 +145,7 @@ def _quantize(args: argparse.Namespace) -> int:
         source=args.calib, num_samples=args.num_samples, max_seq_len=args.max_seq_len, seed=args.seed,
         split=args.split, image_column=args.image_column, text_column=args.text_column,
         prompt_column=args.prompt_column, max_image_side=args.max_image_side, image_root=args.image_root,
+        video_frames=args.video_frames, video_fps=args.video_fps,
         on_bad_sample="skip" if args.skip_bad_samples else "error",
     )
     config = make_config(

@@ -116,6 +116,30 @@ def test_multi_image_calibration(tiny_qwen2_5_vl, tmp_path):
     assert mus["multi.jsonl"] != mus["first.jsonl"]
 
 
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+def test_video_calibration(arch, request, tmp_path):
+    """VLM-PTQ calibrated on video clips (folders of frames; one sample a clip after an image) through each Qwen-VL
+    generation's processor and model: the video placeholders are vision tokens, the model's forward takes the
+    clips' inputs as at inference."""
+    from PIL import Image
+
+    src = request.getfixturevalue(f"tiny_{arch}")
+    gen = torch.Generator().manual_seed(0)
+    for clip in ("c1", "c2"):
+        (tmp_path / clip).mkdir()
+        for i in range(6):
+            pixels = torch.randint(0, 256, (56, 84, 3), generator=gen, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(tmp_path / clip / f"{i:03d}.png")
+    image = torch.randint(0, 256, (56, 56, 3), generator=gen, dtype=torch.uint8)
+    Image.fromarray(image.numpy()).save(tmp_path / "a.png")
+    records = [{"video": "c1", "text": "Noise flickers."}, {"image": "a.png", "video": "c2", "fps": 4, "text": "Both."}]
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = make_config(method="vlmptq", bits=3, group_size=64, device="cpu",
+                         calib=CalibConfig(source=str(tmp_path / "v.jsonl"), num_samples=2, video_frames=4))
+    _, result, n = vlmptq.quantize_in_memory(src, config)
+    assert n == 2 and result.records and all("mu" in r.info for r in result.records)
+
+
 def test_solver_never_sees_the_vision_tower(tiny_qwen2_vl):
     config = make_config(method="gptq", bits=4, group_size=32, calib=CALIB, device="cpu",
                          ignore=(r"mlp\.down_proj",))

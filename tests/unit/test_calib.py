@@ -213,6 +213,40 @@ def test_multi_image_records(tmp_path, qwen25):
     _two_image_checks(sample, processor, vision_ids[0])
 
 
+def _clip(folder, frames=12):
+    for i in range(frames):
+        _photo(folder / f"{i}.jpg", size=(84, 56), seed=100 + i)
+
+
+def test_video_records(tmp_path, qwen25):
+    """A clip as a folder of frames (natural order) or a list of frame files, alone or after an image: at most
+    ``video_frames`` frames, evenly subsampled, their rate scaled to match, so Qwen2.5-VL times the temporal
+    patches as at inference (``second_per_grid_ts`` = 2 frames / fps); every video placeholder is a vision token."""
+    processor, vision_ids = qwen25
+    _clip(tmp_path / "clip")
+    _photo(tmp_path / "a.jpg")
+    lines = [{"video": "clip", "fps": 3, "text": "Things move."},
+             {"image": "a.jpg", "video": [f"clip/{i}.jpg" for i in range(4)], "text": "Both.", "prompt": "What?"}]
+    (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    clip, both = load_calibration(CalibConfig(source=str(tmp_path / "v.jsonl")), processor, vision_ids)
+    assert (clip.sample_id, both.sample_id) == ("v.jsonl:1 (clip)", "v.jsonl:2 (a.jpg +1)")
+    merge, video_id = processor.image_processor.merge_size, processor.video_token_id
+    for sample, frames in ((clip, 8), (both, 4)):  # 12 frames at 3 fps -> 8 at 2 fps; 4 at the default 2 fps
+        grid = sample.inputs["video_grid_thw"]
+        assert grid.shape == (1, 3) and int(grid[0, 0]) == frames // 2
+        assert sample.inputs["second_per_grid_ts"].tolist() == [1.0]
+        ids = sample.inputs["input_ids"][0]
+        assert int((ids == video_id).sum()) == int(grid.prod()) // merge**2
+    assert "image_grid_thw" not in clip.inputs and int(both.inputs["image_grid_thw"].shape[0]) == 1
+    assert int(both.vision_mask.sum()) == sum(int(g.prod()) for k in ("image_grid_thw", "video_grid_thw")
+                                              for g in both.inputs[k]) // merge**2
+    assert "What?" in processor.tokenizer.decode(both.inputs["input_ids"][0])
+
+    cfg = CalibConfig(source=str(tmp_path / "v.jsonl"), video_frames=3, num_samples=1)
+    [short] = load_calibration(cfg, processor, vision_ids)
+    assert int(short.inputs["video_grid_thw"][0, 0]) == 2  # 3 frames, padded to 2 temporal patches
+
+
 def _hf_dataset(tmp_path, n=4):
     images = [_photo(tmp_path / "src" / f"{i}.png", seed=10 + i) for i in range(n)]
     features = datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string"),

@@ -85,6 +85,29 @@ def test_multi_image_records_with_a_bad_entry(tmp_path, qwen2):
             load_calibration(CalibConfig(source=str(tmp_path / "c.jsonl")), processor, vision_ids)
 
 
+def test_video_records_that_cannot_be_used(tmp_path, qwen2, tiny_qwen2_vl):
+    """An encoded video file (not decoded: extract the frames), a missing or empty frame folder, a bad fps; and a
+    processor outside the Qwen-VL family, which is told to give the frames as images."""
+    processor, vision_ids = qwen2
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "frames").mkdir()
+    Image.new("RGB", (56, 56), (0, 90, 0)).save(tmp_path / "frames" / "0.png")
+    cases = [({"video": "clip.mp4", "text": "x"}, r"encoded video file.*ffmpeg -i clip\.mp4 -vf fps=2"),
+             ({"video": "gone", "text": "x"}, r"video folder .*gone' does not exist"),
+             ({"video": "empty", "text": "x"}, r"holds no frame images"),
+             ({"video": "frames", "fps": -1, "text": "x"}, r"its fps is -1, not a positive number")]
+    for record, match in cases:
+        (tmp_path / "v.jsonl").write_text(json.dumps(record))
+        with pytest.raises(CalibrationDataError, match=match):
+            load_calibration(CalibConfig(source=str(tmp_path / "v.jsonl")), processor, vision_ids)
+    from tests.support.tiny_families import llava_processor
+
+    (tmp_path / "v.jsonl").write_text(json.dumps({"video": "frames", "text": "x"}))
+    with pytest.raises(ConfigError, match=r"LlavaProcessor\) did not lay out its video .*multi-image sample"):
+        load_calibration(CalibConfig(source=str(tmp_path / "v.jsonl")), llava_processor(tiny_qwen2_vl), [0])
+
+
 def test_truncated_jpeg_and_text_file_named_png(tmp_path, qwen2):
     _jpeg(tmp_path / "full.jpg", size=(200, 200))
     data = (tmp_path / "full.jpg").read_bytes()

@@ -10,6 +10,7 @@ from vlmptq.errors import ConfigError
 DEFAULT_PROMPT = "Describe this image."
 DEFAULT_TEXT_COLUMN = "text"
 DEFAULT_IMAGE_COLUMN = "image"
+DEFAULT_VIDEO_COLUMN = "video"
 BAD_SAMPLE_POLICIES = ("error", "skip")
 
 
@@ -35,6 +36,9 @@ class CalibConfig:
     default_prompt: str = DEFAULT_PROMPT  # user turn for samples without their own prompt
     max_image_side: int | None = None  # downscale images with a longer side (None: keep size)
     image_root: str | None = None  # relative image paths of a .jsonl/.json file or dataset start here
+    video_column: str = DEFAULT_VIDEO_COLUMN  # jsonl key / dataset column: a video clip (frame folder or frame list)
+    video_frames: int = 8  # at most this many frames per clip (evenly subsampled)
+    video_fps: float = 2.0  # the frame rate of a clip's frames when its record gives no "fps"
 
     def __post_init__(self) -> None:
         for field in ("source", "image_root"):
@@ -60,6 +64,10 @@ class CalibConfig:
             _check_str(self, "image_root", "name the folder the records' relative image paths start from")
         if self.max_image_side is not None:
             _check_int(self, "max_image_side", 28, "or None to keep images at their size")
+        _check_str(self, "video_column", "name the column or key that holds a video clip's frames")
+        _check_int(self, "video_frames", 1, "the frames kept per clip, e.g. 8")
+        if isinstance(self.video_fps, bool) or not isinstance(self.video_fps, (int, float)) or not self.video_fps > 0:
+            raise ConfigError(f"video_fps={self.video_fps!r} must be a positive number (the frames' rate, e.g. 2).")
 
 
 def _check_str(cfg: CalibConfig, field: str, fix: str) -> None:

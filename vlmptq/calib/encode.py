@@ -33,10 +33,11 @@ class CalibSample:
         return int(self.vision_mask.numel())
 
 
-def chat_messages(prompt: str, caption: str, images: int = 1) -> list[dict]:
-    """user: [image x ``images``, prompt]; assistant: caption (the HF multimodal chat format)."""
+def chat_messages(prompt: str, caption: str, images: int = 1, videos: int = 0) -> list[dict]:
+    """user: [image x ``images``, video x ``videos``, prompt]; assistant: caption (the HF multimodal chat format)."""
+    media = [*[{"type": "image"}] * images, *[{"type": "video"}] * videos]
     return [
-        {"role": "user", "content": [*[{"type": "image"}] * images, {"type": "text", "text": prompt}]},
+        {"role": "user", "content": [*media, {"type": "text", "text": prompt}]},
         {"role": "assistant", "content": [{"type": "text", "text": caption}]},
     ]
 
@@ -57,19 +58,31 @@ def encode_record(record: Record, processor, vision_ids: torch.Tensor,
     sid = record.sample_id
     prompt = record.prompt or config.default_prompt
     try:
-        text = processor.apply_chat_template(chat_messages(prompt, record.text, len(record.images)), tokenize=False,
-                                             add_generation_prompt=False)
+        text = processor.apply_chat_template(chat_messages(prompt, record.text, len(record.images),
+                                                           len(record.videos)),
+                                             tokenize=False, add_generation_prompt=False)
     except ValueError as err:  # e.g. "this processor does not have a chat template"
         raise ConfigError(
             f"the processor could not format calibration sample {sid} as a chat ({err}); load the "
             "processor of an instruction-tuned VLM (one with a chat template).") from err
     images = [limit_side(image, config.max_image_side) for image in record.images]
-    try:  # several images of one sample: a nested list, the batch's one entry (every processor takes that form)
-        batch = processor(text=[text], images=images if len(images) == 1 else [images], return_tensors="pt")
+    media = {}
+    if images:  # several images of one sample: a nested list, the batch's one entry (every processor takes that form)
+        media["images"] = images if len(images) == 1 else [images]
+    if record.videos:
+        media.update(_video_inputs(record, config))
+    try:
+        batch = processor(text=[text], return_tensors="pt", **media)
+    except TypeError as err:  # a processor without videos refuses their arguments
+        raise _no_video_support(processor, err) from err
     except ValueError as err:  # processors reject e.g. extreme aspect ratios this way
+        if record.videos and not images:
+            raise bad_sample(sid, f"the processor rejected its video ({err})", "replace the clip's frames") from err
         sizes = ", ".join(f"{i.width}x{i.height}" for i in images)
         raise bad_sample(sid, f"the processor rejected it ({err})",
                          f"replace the image{'s' if len(images) > 1 else ''} ({sizes} px)") from err
+    if record.videos:
+        _check_videos_placed(processor, batch, sid)
     inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     input_ids = inputs.get("input_ids")
     if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -93,3 +106,33 @@ def encode_record(record: Record, processor, vision_ids: torch.Tensor,
             "raise max_seq_len, shorten the caption, or shrink the image (max_image_side=448, or "
             "the processor's max_pixels)")
     return CalibSample(inputs=inputs, vision_mask=vision_mask, text_mask=text_mask, sample_id=sid)
+
+
+def _video_inputs(record: Record, config: CalibConfig) -> dict:
+    """The processor's video arguments: each clip's frames as they are (no resampling: ``do_sample_frames=False``)
+    with the metadata the Qwen-VL processors time them by."""
+    from transformers.video_utils import VideoMetadata
+
+    clips = [[limit_side(f, config.max_image_side) for f in v.frames] for v in record.videos]
+    meta = [VideoMetadata(total_num_frames=len(c), fps=v.fps, duration=len(c) / v.fps, frames_indices=list(
+        range(len(c))), width=c[0].width, height=c[0].height) for c, v in zip(clips, record.videos)]
+    return {"videos": clips, "video_metadata": meta, "do_sample_frames": False}
+
+
+def _no_video_support(processor, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"the model's processor ({type(processor).__name__}) does not take video clips ({err}); calibrate it on "
+        "images (a clip's frames can be given as a multi-image sample, \"images\": [...]).")
+
+
+def _check_videos_placed(processor, batch, sid: str) -> None:
+    """Clips must come out as the Qwen-VL family lays them out (``video_grid_thw``, video placeholder tokens in the
+    text): the layout vlmptq's video calibration is tested with. Other processors' videos need inputs the model
+    takes beside the tensors (Gemma 4's frame counts), or their chat templates place no video."""
+    video_id = getattr(processor, "video_token_id", None)
+    placed = video_id is not None and bool((batch["input_ids"] == video_id).any())
+    if "video_grid_thw" not in batch or not placed:
+        raise ConfigError(
+            f"calibration sample {sid}: the model's processor ({type(processor).__name__}) did not lay out its video "
+            "as the Qwen2-VL family does (video_grid_thw and video placeholder tokens in the chat), the layout vlmptq "
+            "calibrates on; give the clip's frames as a multi-image sample (\"images\": [...]) instead.")

@@ -1,14 +1,19 @@
-"""One raw calibration sample (its images, caption, prompt) and the image decoding every source shares."""
+"""One raw calibration sample (its images and video clips, caption, prompt) and the image decoding every source
+shares."""
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmptq.errors import CalibrationDataError
+
+if TYPE_CHECKING:
+    from vlmptq.calib.video import Video
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -17,12 +22,14 @@ SKIP_HINT = "or set on_bad_sample='skip' (--skip-bad-samples) to leave such samp
 
 @dataclass(frozen=True)
 class Record:
-    """A decoded image-text sample before it meets the processor: one image, or several (multi-image records)."""
+    """A decoded sample before it meets the processor: one image, several (multi-image records), video clips, or
+    images and clips (at least one of them)."""
 
     sample_id: str
-    images: tuple[Image.Image, ...]  # RGB, fully decoded; at least one, in the record's order
+    images: tuple[Image.Image, ...]  # RGB, fully decoded, in the record's order
     text: str  # the assistant turn (caption / answer)
     prompt: str | None  # the user turn's text; None means the config's default prompt
+    videos: tuple[Video, ...] = ()  # clips (vlmptq.calib.video), after the images in the user turn
 
 
 def bad_sample(sample_id: str, problem: str, fix: str) -> CalibrationDataError:

@@ -21,6 +21,7 @@ from vlmptq.calib.config import DEFAULT_IMAGE_COLUMN, DEFAULT_TEXT_COLUMN, Calib
 from vlmptq.calib.records import (
     IMAGE_SUFFIXES, Record, bad_sample, load_image_bytes, load_image_file, local_image_path, require_text, to_rgb,
 )
+from vlmptq.calib.video import load_video
 from vlmptq.errors import CalibrationDataError
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,14 @@ def open_source(config: CalibConfig) -> Source:
 def row_fields(row: Mapping, config: CalibConfig, sample_id: str, where: str
                ) -> tuple[list, str, str | None]:
     """(image values, caption, prompt or None) from one jsonl object / dataset row: the ``image_column`` holds one
-    image or a list of them (a multi-image sample; with the default column, an ``images`` key is read too). A row
-    without ``text_column`` but with LLaVA-style ``conversations`` takes its first user -> assistant exchange
-    (unless ``text_column`` was named: a misspelt column is an error, not a silent switch of source)."""
+    image or a list of them (a multi-image sample; with the default column, an ``images`` key is read too), and may
+    be absent (or null) in a row with a video clip (``video_column``). A row without ``text_column`` but with
+    LLaVA-style ``conversations`` takes its first user -> assistant exchange (unless ``text_column`` was named: a
+    misspelt column is an error, not a silent switch of source)."""
     conversational = reads_conversations(config, row)
     column = image_key(config, row)
-    if column not in row:
+    has_video = row.get(config.video_column) is not None
+    if row.get(column) is None and not has_video:
         if conversational:
             raise bad_sample(sample_id, f"is a text-only conversation (no {config.image_column!r} key)",
                              "calibration needs an image per sample; leave such records out")
@@ -124,7 +127,7 @@ def row_fields(row: Mapping, config: CalibConfig, sample_id: str, where: str
                              "default prompt")
         prompt = require_text(row[config.prompt_column], f"the prompt {config.prompt_column!r}",
                               sample_id, f"give every sample a prompt in {where}")
-    return image_values(row[column], column, sample_id), text, prompt
+    return (image_values(row[column], column, sample_id) if row.get(column) is not None else []), text, prompt
 
 
 def image_key(config: CalibConfig, keys) -> str:
@@ -337,9 +340,23 @@ class JsonlSource(Source):
             if not isinstance(image, str) or not image.strip():
                 raise bad_sample(sample_id, f"{image_key(self.config, row)!r} holds {image!r}, not a path",
                                  "give each image's path (relative to image_root / the file's folder, or absolute)")
-        sample_id = f"{sample_id} ({images[0]}{f' +{len(images) - 1}' if len(images) > 1 else ''})"
+        media = [*images, *([_clip_label(row[self.config.video_column])] if self.config.video_column in row else [])]
+        sample_id = f"{sample_id} ({media[0]}{f' +{len(media) - 1}' if len(media) > 1 else ''})"
         return Record(sample_id, tuple(load_image_file(local_image_path(image, self.image_root, sample_id), sample_id)
-                                       for image in images), text, prompt)
+                                       for image in images), text, prompt,
+                      videos=_videos(row, self.config, self.image_root, sample_id))
+
+
+def _clip_label(value: object) -> str:
+    return value if isinstance(value, str) else f"{len(value)} frames" if isinstance(value, (list, tuple)) else "?"
+
+
+def _videos(row: Mapping, config: CalibConfig, base: Path | None, sample_id: str) -> tuple:
+    """The record's video clip (``video_column``, with its ``fps``), if it has one."""
+    value = row.get(config.video_column)
+    if value is None:
+        return ()
+    return (load_video(value, row.get("fps"), base, sample_id, config.video_frames, config.video_fps),)
 
 
 def image_root(config: CalibConfig, default: Path | None) -> Path | None:
@@ -435,7 +452,10 @@ class HFDatasetSource(Source):
         ds = load_hf_dataset(config)
         columns = list(ds.column_names)
         text_column = None if reads_conversations(config, columns) else config.text_column  # else LLaVA rows
-        for column, field in ((image_key(config, columns), "image_column"),
+        image_column = image_key(config, columns)
+        if image_column not in columns and config.video_column in columns:
+            image_column = None  # a video dataset
+        for column, field in ((image_column, "image_column"),
                               (text_column, "text_column"),
                               (config.prompt_column, "prompt_column")):
             if column is not None and column not in columns:
@@ -443,7 +463,7 @@ class HFDatasetSource(Source):
                     f"dataset {config.source!r} has no column {column!r} ({field}); its columns "
                     f"are {columns}. Set {field}= to the column that holds it.")
         column = image_key(config, columns)
-        feature = ds.features[column]
+        feature = ds.features.get(column)
         # Decode ourselves so one corrupt image is one bad sample, not a crash in datasets (a list of images too).
         if isinstance(feature, datasets.Image) and feature.decode:
             ds = ds.cast_column(column, datasets.Image(decode=False))
@@ -459,7 +479,8 @@ class HFDatasetSource(Source):
         sample_id = f"{self.label}[{index}]"
         row = self.ds[int(index)]
         values, text, prompt = row_fields(row, self.config, sample_id, "the dataset")
-        return Record(sample_id, tuple(self._image(v, sample_id) for v in values), text, prompt)
+        return Record(sample_id, tuple(self._image(v, sample_id) for v in values), text, prompt,
+                      videos=_videos(row, self.config, self.base_dir, sample_id))
 
     def _image(self, value: object, sample_id: str) -> Image.Image:
         if isinstance(value, Image.Image):
