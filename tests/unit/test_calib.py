@@ -247,6 +247,34 @@ def test_video_records(tmp_path, qwen25):
     assert int(short.inputs["video_grid_thw"][0, 0]) == 2  # 3 frames, padded to 2 temporal patches
 
 
+def test_video_files_are_decoded(tmp_path, qwen25):
+    """An encoded clip (MPEG-4, 30 frames at 10 fps): 8 evenly spread frames decoded (first and last kept), at the
+    rate they stand for (8 frames over 3 s: 2.67 fps, Qwen2.5-VL's 0.75 s per temporal patch)."""
+    import av
+    import numpy as np
+
+    from vlmptq.calib.video import load_video
+
+    with av.open(str(tmp_path / "clip.mp4"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 84, 56, "yuv420p"
+        for i in range(30):
+            frame = av.VideoFrame.from_ndarray(np.full((56, 84, 3), 8 * i, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    video = load_video("clip.mp4", None, tmp_path, "s", max_frames=8, default_fps=2.0)
+    assert len(video.frames) == 8 and video.source_frames == 30 and abs(video.fps - 8 / 3) < 1e-9
+    levels = [video.frames[i].getpixel((40, 28))[0] for i in (0, -1)]
+    assert abs(levels[0] - 0) <= 6 and abs(levels[1] - 8 * 29) <= 6  # the first and the last frame
+    (tmp_path / "v.jsonl").write_text(json.dumps({"video": "clip.mp4", "text": "It brightens."}))
+    processor, vision_ids = qwen25
+    [sample] = load_calibration(CalibConfig(source=str(tmp_path / "v.jsonl")), processor, vision_ids)
+    assert int(sample.inputs["video_grid_thw"][0, 0]) == 4
+    assert sample.inputs["second_per_grid_ts"].tolist() == [pytest.approx(0.75)]
+
+
 def _hf_dataset(tmp_path, n=4):
     images = [_photo(tmp_path / "src" / f"{i}.png", seed=10 + i) for i in range(n)]
     features = datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string"),

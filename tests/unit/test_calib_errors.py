@@ -86,14 +86,15 @@ def test_multi_image_records_with_a_bad_entry(tmp_path, qwen2):
 
 
 def test_video_records_that_cannot_be_used(tmp_path, qwen2, tiny_qwen2_vl):
-    """An encoded video file (not decoded: extract the frames), a missing or empty frame folder, a bad fps; and a
-    processor outside the Qwen-VL family, which is told to give the frames as images."""
+    """A video file that does not decode, a missing or empty frame folder, a bad fps; and a processor outside the
+    Qwen-VL family, which is told to give the frames as images."""
     processor, vision_ids = qwen2
     (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
     (tmp_path / "empty").mkdir()
     (tmp_path / "frames").mkdir()
     Image.new("RGB", (56, 56), (0, 90, 0)).save(tmp_path / "frames" / "0.png")
-    cases = [({"video": "clip.mp4", "text": "x"}, r"encoded video file.*ffmpeg -i clip\.mp4 -vf fps=2"),
+    cases = [({"video": "clip.mp4", "text": "x"}, r"cannot decode the video .*clip\.mp4.*give its frames as a folder"),
+             ({"video": "none.mp4", "text": "x"}, r"video file .*none\.mp4' does not exist"),
              ({"video": "gone", "text": "x"}, r"video folder .*gone' does not exist"),
              ({"video": "empty", "text": "x"}, r"holds no frame images"),
              ({"video": "frames", "fps": -1, "text": "x"}, r"its fps is -1, not a positive number")]
