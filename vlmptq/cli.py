@@ -79,8 +79,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "file's folder); e.g. ShareGPT4V's data/ folder")
     c.add_argument("--max-image-side", type=int, default=None, help="downscale images whose longer side exceeds this")
     c.add_argument("--video-frames", type=int, default=8,
-                   help="video records ({video: a video file, frame folder or frame list[, fps]}, Qwen-VL family): at "
-                        "most this many frames per clip, evenly subsampled (docs/calibration.md)")
+                   help="video records ({video: a video file, frame folder or frame list[, fps]}; Qwen-VL family, "
+                        "LLaVA-OneVision): at most this many frames per clip, evenly subsampled (docs/calibration.md)")
     c.add_argument("--video-fps", type=float, default=2.0,
                    help="frame rate of a clip's frames when its record gives no fps")
     c.add_argument("--skip-bad-samples", action="store_true",

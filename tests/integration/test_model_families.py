@@ -299,3 +299,31 @@ def test_two_image_samples_run_through_each_family(family, tiny_qwen2_vl, tmp_pa
         model(**both.inputs)
     alone = vision_tokens(a)[1] + vision_tokens(b)[1]
     assert (n < alone) if family == "llava_onevision" else (n == alone), (n, alone)
+
+
+def test_video_samples_in_llava_onevision_and_a_layout_not_taken(tiny_qwen2_vl, tmp_path):
+    """A clip goes through LLaVA-OneVision's processor (frames [videos, frames, 3, H, W], pooled per frame) and its
+    model's forward; Gemma 4's processor lays clips out otherwise (its model in transformers 5.19 does not take the
+    frame counts the processor returns) and is refused at encoding, before any weight is read."""
+    from PIL import Image
+
+    from vlmptq.calib.encode import encode_record
+    from vlmptq.calib.video import Video
+    from vlmptq.calib.records import Record
+    from vlmptq.errors import ConfigError
+    from vlmptq.models.adapters import load_model, load_processor
+
+    gen = torch.Generator().manual_seed(0)
+    frames = tuple(Image.fromarray(torch.randint(0, 256, (56, 84, 3), generator=gen, dtype=torch.uint8).numpy())
+                   for _ in range(8))
+    record = Record("clip", (), "Noise flickers.", None, videos=(Video(frames, 2.0, 8),))
+    src = build_tiny_family("llava_onevision", tmp_path / "ov", tiny_qwen2_vl)
+    model, adapter = load_model(src, torch.bfloat16)
+    ids = torch.tensor(sorted(adapter.vision_token_ids()))
+    sample = encode_record(record, load_processor(src), ids, CalibConfig())
+    assert sample.inputs["pixel_values_videos"].shape[:2] == (1, 8) and int(sample.vision_mask.sum()) > 8
+    with torch.no_grad():
+        model(**sample.inputs)
+    src = build_tiny_family("gemma4", tmp_path / "g4", tiny_qwen2_vl)
+    with pytest.raises(ConfigError, match=r"Gemma4Processor\) lays videos out in a way vlmptq has not tested"):
+        encode_record(record, load_processor(src), ids, CalibConfig())

@@ -23,6 +23,9 @@ LLAVA_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m
                   "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
                   "{% endfor %}\n{% endfor %}")
 
+# LLaVA-OneVision's releases place videos too (``<video>``)
+LLAVA_ONEVISION_TEMPLATE = LLAVA_TEMPLATE.replace("{% else %}", "{% elif c['type'] == 'video' %}<video>\n{% else %}")
+
 IDEFICS3_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
                      "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
                      "{% endfor %}<end_of_utterance>\n{% endfor %}")
@@ -73,7 +76,7 @@ def llava_onevision_processor(tok_src):
         image_processor=LlavaOnevisionImageProcessor(size={"height": 56, "width": 56},
                                                      image_grid_pinpoints=PINPOINTS),
         tokenizer=tok, video_processor=LlavaOnevisionVideoProcessor(size={"height": 56, "width": 56}),
-        num_image_tokens=16, vision_feature_select_strategy="full", chat_template=LLAVA_TEMPLATE)
+        num_image_tokens=16, vision_feature_select_strategy="full", chat_template=LLAVA_ONEVISION_TEMPLATE)
 
 
 def _llava_onevision(tok_src):
@@ -353,7 +356,8 @@ def _cohere2_vision(tok_src):
 
 
 GEMMA4_TEMPLATE = ("{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-                   "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image|>{% else %}{{ c['text'] }}"
+                   "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image|>"
+                   "{% elif c['type'] == 'video' %}<|video|>{% else %}{{ c['text'] }}"
                    "{% endif %}{% endfor %}<turn|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|turn>model\n{% endif %}")
 

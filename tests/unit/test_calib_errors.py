@@ -105,7 +105,7 @@ def test_video_records_that_cannot_be_used(tmp_path, qwen2, tiny_qwen2_vl):
     from tests.support.tiny_families import llava_processor
 
     (tmp_path / "v.jsonl").write_text(json.dumps({"video": "frames", "text": "x"}))
-    with pytest.raises(ConfigError, match=r"LlavaProcessor\) did not lay out its video .*multi-image sample"):
+    with pytest.raises(ConfigError, match=r"LlavaProcessor\) placed no video token in the chat.*multi-image sample"):
         load_calibration(CalibConfig(source=str(tmp_path / "v.jsonl")), llava_processor(tiny_qwen2_vl), [0])
 
 

@@ -126,13 +126,19 @@ def _no_video_support(processor, err: Exception) -> ConfigError:
 
 
 def _check_videos_placed(processor, batch, sid: str) -> None:
-    """Clips must come out as the Qwen-VL family lays them out (``video_grid_thw``, video placeholder tokens in the
-    text): the layout vlmptq's video calibration is tested with. Other processors' videos need inputs the model
-    takes beside the tensors (Gemma 4's frame counts), or their chat templates place no video."""
+    """A clip must come out as placeholder tokens in the chat plus tensors laid out as vlmptq's video calibration is
+    tested with: the Qwen-VL family's patches with ``video_grid_thw``, or LLaVA-OneVision's frames
+    ``[videos, frames, 3, H, W]``. A processor whose chat template places no video, or that lays videos out
+    otherwise (Gemma 4's, whose model in transformers 5.19 does not take the frame counts its processor returns), is
+    refused before any weight is read, not deep inside the calibration forward."""
     video_id = getattr(processor, "video_token_id", None)
     placed = video_id is not None and bool((batch["input_ids"] == video_id).any())
-    if "video_grid_thw" not in batch or not placed:
+    frames = batch.get("pixel_values_videos")
+    tested = "video_grid_thw" in batch or (isinstance(frames, torch.Tensor) and frames.dim() == 5)
+    if not placed or not tested:
+        why = (f"lays videos out in a way vlmptq has not tested (it returns {', '.join(sorted(batch))})"
+               if placed else "placed no video token in the chat (its chat template or processor takes no videos)")
         raise ConfigError(
-            f"calibration sample {sid}: the model's processor ({type(processor).__name__}) did not lay out its video "
-            "as the Qwen2-VL family does (video_grid_thw and video placeholder tokens in the chat), the layout vlmptq "
-            "calibrates on; give the clip's frames as a multi-image sample (\"images\": [...]) instead.")
+            f"calibration sample {sid}: the model's processor ({type(processor).__name__}) {why}; vlmptq calibrates on "
+            "videos of the Qwen-VL family and LLaVA-OneVision. Give the clip's frames as a multi-image sample "
+            "(\"images\": [...]) instead.")
