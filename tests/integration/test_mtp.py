@@ -4,8 +4,9 @@ linears in ``ignore``, and vLLM's MTP drafter (``speculative_config={"method": "
 
 vLLM 0.32 builds a drafter whose linears are in ``ignore`` even when the checkpoint has none of its tensors, and
 serves with their weights never loaded, silently (measured: an EXAONE 4.5 checkpoint stripped of its ``mtp.*``
-tensors, their names left in ``ignore``, loads and generates with MTP on); so the serving tests check the drafter's
-weights against the source's, not only that the engine starts.
+tensors, their names left in ``ignore``, loads and generates with MTP on; so does stock vLLM's compressed-tensors path
+with a checkpoint holding neither, as vlmptq wrote them before it carried MTP layers: a quantized drafter with no
+weights); so the serving tests check the drafter's weights against the source's, not only that the engine starts.
 """
 
 from __future__ import annotations
