@@ -245,6 +245,11 @@ def test_video_records(tmp_path, qwen25):
     cfg = CalibConfig(source=str(tmp_path / "v.jsonl"), video_frames=3, num_samples=1)
     [short] = load_calibration(cfg, processor, vision_ids)
     assert int(short.inputs["video_grid_thw"][0, 0]) == 2  # 3 frames, padded to 2 temporal patches
+    from vlmptq.errors import CalibrationDataError
+
+    too_long = r"more than max_seq_len=64.*its clip: fewer frames \(video_frames=8\)"
+    with pytest.raises(CalibrationDataError, match=too_long):
+        load_calibration(CalibConfig(source=str(tmp_path / "v.jsonl"), max_seq_len=64), processor, vision_ids)
 
 
 def test_video_files_are_decoded(tmp_path, qwen25):

@@ -104,7 +104,9 @@ def encode_record(record: Record, processor, vision_ids: torch.Tensor,
             sid, f"has {ids.numel()} tokens ({int(vision_mask.sum())} of them vision), more "
             f"than max_seq_len={config.max_seq_len}",
             "raise max_seq_len, shorten the caption, or shrink the image (max_image_side=448, or "
-            "the processor's max_pixels)")
+            "the processor's max_pixels)" + (f"; its {len(record.images)} images: fewer per sample"
+                                              if len(record.images) > 1 else "")
+            + (f"; its clip: fewer frames (video_frames={config.video_frames})" if record.videos else ""))
     return CalibSample(inputs=inputs, vision_mask=vision_mask, text_mask=text_mask, sample_id=sid)
 
 
