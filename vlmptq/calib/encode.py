@@ -139,7 +139,8 @@ def _check_videos_placed(processor, batch, sid: str) -> None:
     tested = "video_grid_thw" in batch or (isinstance(frames, torch.Tensor) and frames.dim() == 5)
     if not placed or not tested:
         why = (f"lays videos out in a way vlmptq has not tested (it returns {', '.join(sorted(batch))})"
-               if placed else "placed no video token in the chat (its chat template or processor takes no videos)")
+               if placed else "placed no video token in the chat (its chat template takes no videos, or its processor "
+               "writes a clip as image placeholders, as GLM-4.1V's does)")
         raise ConfigError(
             f"calibration sample {sid}: the model's processor ({type(processor).__name__}) {why}; vlmptq calibrates on "
             "videos of the Qwen-VL family and LLaVA-OneVision. Give the clip's frames as a multi-image sample "
