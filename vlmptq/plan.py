@@ -96,8 +96,8 @@ class QuantizationPlan:
 
     def _carried_lines(self) -> list[str]:
         if not self.weights_seen:
-            return ["carried: not counted, no safetensors files here to read their names from (a Hub model planned "
-                    "from its config alone): tensors of the files that the model does not build, e.g. "
+            return ["carried: not counted, no safetensors files here to read their names from (e.g. a Hub model "
+                    "planned from its config alone): tensors of the files that the model does not build, e.g. "
                     "multi-token-prediction layers, are written as they are"]
         if not self.carried:
             return []

@@ -316,7 +316,7 @@ def test_video_samples_in_llava_onevision_and_a_layout_not_taken(tiny_qwen2_vl, 
     gen = torch.Generator().manual_seed(0)
     frames = tuple(Image.fromarray(torch.randint(0, 256, (56, 84, 3), generator=gen, dtype=torch.uint8).numpy())
                    for _ in range(8))
-    record = Record("clip", (), "Noise flickers.", None, videos=(Video(frames, 2.0, 8),))
+    record = Record("clip", (), "Noise flickers.", None, videos=(Video(frames, 2.0),))
     src = build_tiny_family("llava_onevision", tmp_path / "ov", tiny_qwen2_vl)
     model, adapter = load_model(src, torch.bfloat16)
     ids = torch.tensor(sorted(adapter.vision_token_ids()))

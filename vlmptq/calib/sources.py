@@ -104,7 +104,8 @@ def row_fields(row: Mapping, config: CalibConfig, sample_id: str, where: str
             raise bad_sample(sample_id, f"is a text-only conversation (no {config.image_column!r} key)",
                              "calibration needs an image per sample; leave such records out")
         raise bad_sample(sample_id, f"has no {config.image_column!r} key (its keys: {sorted(row)})",
-                         f"add {config.image_column!r} to {where} or set image_column= to the key that holds it")
+                         f"add {config.image_column!r} (or a {config.video_column!r} clip) to {where}, or set "
+                         "image_column= to the key that holds it")
     if conversational:
         text, prompt = conversation_fields(row[CONVERSATION_KEY], sample_id)
     else:

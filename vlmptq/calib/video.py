@@ -28,7 +28,6 @@ class Video:
 
     frames: tuple[Image.Image, ...]  # RGB, in time order
     fps: float  # frames per second of ``frames`` (after subsampling)
-    source_frames: int  # frames the clip had before subsampling
 
 
 def load_video(value: object, fps: object, base: Path | None, sample_id: str, max_frames: int,
@@ -43,7 +42,7 @@ def load_video(value: object, fps: object, base: Path | None, sample_id: str, ma
     rate = _fps(fps, default_fps, sample_id)
     keep = _uniform(len(paths), max_frames)
     frames = tuple(load_image_file(paths[i], sample_id) for i in keep)
-    return Video(frames, rate * len(keep) / len(paths), len(paths))
+    return Video(frames, rate * len(keep) / len(paths))
 
 
 def _frame_paths(value: object, base: Path | None, sample_id: str) -> list[Path]:
@@ -98,7 +97,7 @@ def _decode(path: Path, sample_id: str, max_frames: int) -> Video:
         raise bad_sample(sample_id, f"cannot decode the video {str(path)!r} ({err})", fix) from err
     if not frames:
         raise bad_sample(sample_id, f"the video {str(path)!r} decodes to no frames", fix)
-    return Video(tuple(frames), rate * len(frames) / total, total)
+    return Video(tuple(frames), rate * len(frames) / total)
 
 
 def _fps(value: object, default: float, sample_id: str) -> float:
