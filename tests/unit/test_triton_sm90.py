@@ -44,6 +44,10 @@ CASES = [
     ("dot-w4-m64-default-scaled", 4, 128, 4608, 3584, 64, True, "bfloat16", None, 5.0),
     ("dot-w3-m256-default-scaled", 3, 128, 3584, 3584, 256, False, "bfloat16", None, 3.85),
     ("dot-w3-perchannel-m16", 3, 3584, 3584, 3584, 16, False, "float16", None, None),
+    # stream-K with one workspace slot (264 tiles x 2 blocks over 264 programs, no tile shared): the output
+    # stands in for the workspace, whose unused reduction branch must still type-check (it did not: found on
+    # an H200 with the 7B LM head at M = 256, every config fell back to dequantize + cuBLAS)
+    ("dot-w4-m1-one-slot", 4, 128, 33792, 256, 1, False, "bfloat16", None, None),
     ("dequant-w2-m300", 2, 64, 3584, 3584, 300, False, "bfloat16", None, None),
     # Ampere (mma.sync, 163 KiB of shared memory): the sm_8x defaults compile without spills
     ("sm80-dot-w3-m1-default", 3, 128, 3584, 3584, 1, False, "bfloat16", None, None),
