@@ -200,7 +200,10 @@ def test_config_file_lookup(tmp_path, monkeypatch):
     try:
         assert select_config("Fake GPU 1", 3, 128, 100, 256, 1) == KernelConfig("dot", block_n=64, programs=4)
         assert select_config("Fake GPU 1", 3, 128, 100, 256, 9).block_m == 32  # next bucket up
-        assert select_config("Fake GPU 1", 3, 128, 100, 256, 999).block_m == 32  # largest bucket
+        assert select_config("Fake GPU 1", 3, 128, 100, 256, 16).block_m == 32
+        # above the largest tuned M: the default (a file tuned at decode says nothing about prefill)
+        assert select_config("Fake GPU 1", 3, 128, 100, 256, 17) == default_config(3, 17)
+        assert select_config("Fake GPU 1", 3, 128, 100, 256, 999) == default_config(3, 999)
         assert select_config("Fake GPU 1", 3, 128, 101, 256, 1) == default_config(3, 1)
         (tmp_path / "Fake_GPU_2.json").write_text(json.dumps({"configs": {"w3:1x1": {"1": {"path": "dot", "blk": 1}}}}))
         with pytest.raises(ValueError, match="unknown KernelConfig field"):

@@ -8,7 +8,8 @@ of non-alphanumerics replaced by ``_``, e.g. ``NVIDIA_H200.json``), or the direc
      "configs": {"w4g128:4608x3584": {"1": {"path": "dot", "block_n": 128, ...}, "16": {...}}}}
 
 Keys: ``w<bits>g<effective group>:<N>x<K>`` (tried first) or ``w<bits>:<N>x<K>``; inside, the
-M-bucket (the smallest listed M >= the call's M, else the largest listed). 2/3/4-bit entries are
+M-bucket (the smallest listed M >= the call's M; a call above the largest listed M gets the default: a
+file tuned for decode says nothing about prefill). 2/3/4-bit entries are
 :class:`KernelConfig` s, 8-bit ones (``w8...``, the ``triton_w8`` kernel; per-channel: the group is K)
 :class:`W8Config` s. Keys ``moe-w<bits>...`` are the fused mixture-of-experts launches (:mod:`.moe`; their M
 bucket is the routed rows per expert, path "dot" only, ``programs`` ignored). Unknown fields are an error, so a
@@ -176,8 +177,13 @@ def load_table(device_name: str) -> dict[str, dict[int, KernelConfig | W8Config]
 # --sweep, 2026-11-28; at 32/64 rows the 4-warp tiles sit at 246-255 registers, one spilled).
 # More rows per thread (block_n / num_warps) = fewer instructions per weight and more registers; W3's
 # 512-column blocks need the most shared memory (its 128-row M tile fits one stage only).
+# Decode (16-row M tile), measured on an H200 (benchmarks/results/kernels-NVIDIA_H200-2026-11-29.json, sum of
+# the 7B layer's 4 GEMMs at M = 1): W2 (128, 4, 3) 104 us, the best of 12; W3 (64, 4, 3) 120 us against
+# 144 us for the (128, 8, 2) chosen from the SASS alone -- the best, (128, 4, 2) at 111 us (it is in the
+# tuned H200 file), sits at 255 registers with Triton 3.6 and spills with 3.9; W4 (128, 4, 3) 112 us, the
+# best (64, 4, 4) 110 us.
 DEFAULT_TILES = {
-    16: {2: (128, 4, 3), 3: (128, 8, 2), 4: (128, 4, 3)},
+    16: {2: (128, 4, 3), 3: (64, 4, 3), 4: (128, 4, 3)},
     32: {2: (128, 8, 3), 3: (128, 8, 2), 4: (128, 8, 3)},
     64: {2: (128, 8, 2), 3: (64, 4, 2), 4: (128, 8, 2)},
     128: {2: (128, 8, 2), 3: (128, 8, 1), 4: (128, 8, 2)},
@@ -240,15 +246,15 @@ def fit_smem(cfg: KernelConfig, bits: int, arch: int = HOPPER) -> KernelConfig:
 
 def tuned_config(device_name: str, bits: int, group: int, n: int, k: int, m: int, prefix: str = ""
                  ) -> KernelConfig | W8Config | None:
-    """The tuned config for (GPU, bits, group, N, K, M-bucket), None if the files have none; ``prefix`` selects
-    another launch family's keys (``moe-``: the grouped expert GEMMs, M = routed rows per expert)."""
+    """The tuned config for (GPU, bits, group, N, K, M-bucket), None if the files have none or ``m`` is above
+    the shape's largest tuned M; ``prefix`` selects another launch family's keys (``moe-``: the grouped expert
+    GEMMs, M = routed rows per expert)."""
     table = load_table(device_name)
     for key in shape_keys(bits, group, n, k, prefix):
         buckets = table.get(key)
         if buckets:
-            ms = sorted(buckets)
-            bucket = next((b for b in ms if b >= m), ms[-1])
-            return buckets[bucket]
+            bucket = next((b for b in sorted(buckets) if b >= m), None)
+            return None if bucket is None else buckets[bucket]
     return None
 
 
