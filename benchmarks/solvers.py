@@ -13,6 +13,8 @@ Writes benchmarks/results/solvers-<device>-<date>.{json,md}.
     python benchmarks/solvers.py --device cuda            # the GPU run (H100/H200)
     python benchmarks/solvers.py --device cpu --layers qkv o
     python benchmarks/solvers.py --layers expert_gate expert_down    # Qwen3-VL-30B-A3B's experts
+    python benchmarks/solvers.py --device cuda --profile --layers o down --methods gptq gptaq vlmptq
+                                   # where each method's time goes (torch.profiler, host and device), no files
 """
 
 from __future__ import annotations
@@ -87,6 +89,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def profile_solves(args, device: torch.device, rows: int = 14) -> None:
+    """Per layer and method, one warm solve under torch.profiler: wall time, the time the device was busy
+    (the sum of its kernels; far below the wall time = the host's per-op overhead bounds the solver) and
+    the ops that cost the most device and host time. Printed only (a diagnosis, not a result)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for layer in args.layers:
+        n, k = (LAYERS | HEAD | EXPERT)[layer]
+        stats, w = synthetic_statistics(k, device=device), synthetic_weight(n, k, device=device)
+        for name in args.methods:
+            method, opts = METHODS[name]
+            solver = build_solver(method, opts)
+            scheme = WeightScheme(args.bits[0], args.group_size, False)
+            solver.solve(w, stats, scheme, torch.bfloat16)  # warm: Triton compiles, cuBLAS handles
+            _sync(device)
+            t0 = time.perf_counter()
+            with profile(activities=acts) as prof:
+                solver.solve(w, stats, scheme, torch.bfloat16)
+                _sync(device)
+            wall = time.perf_counter() - t0
+            avgs = prof.key_averages()
+            dev_us = sum(getattr(e, "self_device_time_total", 0.0) for e in avgs)
+            print(f"\n### {layer} {n}x{k} W{args.bits[0]} {name}: wall {wall:.3f} s (profiled), device busy "
+                  f"{dev_us / 1e6:.3f} s")
+            for key in (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:
+                print(avgs.table(sort_by=key, row_limit=rows, max_name_column_width=48))
+        del stats, w
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -98,11 +132,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per case (the minimum is kept)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/solvers-<device>-<date>)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print where each solve's time goes (torch.profiler: device and host) instead of timing")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.profile:
+        profile_solves(args, device)
+        return
     header = result_header()
     records = []
     for layer in args.layers:
