@@ -54,7 +54,7 @@ from _results import git_commit  # noqa: E402
 
 from vlmptq.checkpoint.packing import pack_columns, pack_rows  # noqa: E402
 from vllm_plugin.kernels.triton.configs import (  # noqa: E402
-    CONFIG_DIR, KernelConfig, W8Config, default_config, fit_smem, gpu_key,
+    CONFIG_DIR, GEMV_MAX_M, KernelConfig, W8Config, default_config, fit_smem, gpu_key,
 )
 from vllm_plugin.kernels.triton.layout import effective_group, repack  # noqa: E402
 
@@ -509,6 +509,12 @@ def spec_for(bits, group, n, k, m, dtype, cfg: KernelConfig | W8Config, bias: bo
 
 
 # ----------------------------------------------------------------------------- tuning
+# "gemv" launch shapes (block_n, num_warps, num_stages) per bits: no spills with Triton 3.6 / 3.9 on sm_90
+GEMV_SHAPES = {4: ((256, 4, 3), (128, 4, 3), (256, 8, 3), (128, 4, 4)),
+               2: ((128, 4, 3), (256, 8, 3), (64, 4, 3), (128, 4, 4)),
+               3: ((128, 8, 3), (64, 8, 3), (64, 4, 3))}
+
+
 def candidates(bits: int, m: int, sms: int, arch: int, dry: bool) -> list[KernelConfig]:
     """A small, ordered search space per M on a GPU with ``sms`` SMs of compute capability ``arch``
     x 10 (the default first)."""
@@ -516,7 +522,8 @@ def candidates(bits: int, m: int, sms: int, arch: int, dry: bool) -> list[Kernel
     out = [base]
     if dry:
         alt = replace(base, programs=3) if base.path != "dequant" else base
-        return list(dict.fromkeys([base, alt]))
+        gemv = [KernelConfig("gemv", block_n=16, programs=3)] if m <= GEMV_MAX_M else []
+        return list(dict.fromkeys([base, alt] + gemv))
     if m <= 64:  # a diverse dozen around the default (the list is cut at --max-candidates)
         def near(**kw):
             return fit_smem(replace(base, **kw), bits, arch)
@@ -528,6 +535,8 @@ def candidates(bits: int, m: int, sms: int, arch: int, dry: bool) -> list[Kernel
             out.append(near(block_n=bn, num_warps=warps, num_stages=stages))
         # persistent programs: 1 / 3 per SM besides the default 2 (occupancy vs. tile sharing)
         out += [replace(base, programs=sms), replace(base, programs=3 * sms)]
+        if m <= GEMV_MAX_M:  # the CUDA-core path (kernels._gemv_kernel): shapes that compile without spills
+            out += [KernelConfig("gemv", block_n=bn, num_warps=w, num_stages=s) for bn, w, s in GEMV_SHAPES[bits]]
     else:
         for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 256, 8), (128, 256, 8)):
             for stages in (2, 3):
@@ -972,7 +981,7 @@ def main() -> None:
     ap.add_argument("--l2-mult", type=float, default=3.0, help="rotating weight set >= this many x L2")
     ap.add_argument("--max-copies", type=int, default=48, help="cap on rotating weight copies")
     ap.add_argument("--tune-ms", default="1,16,64,256", help="M values to tune (subset of --ms)")
-    ap.add_argument("--max-candidates", type=int, default=14, help="tuning candidates per (layer, bits, M)")
+    ap.add_argument("--max-candidates", type=int, default=18, help="tuning candidates per (layer, bits, M)")
     ap.add_argument("--procs", type=int, default=8, help="parallel compile processes (0/1: compile lazily)")
     ap.add_argument("--budget", type=float, default=210.0, help="soft budget (s) for starting benchmark work")
     ap.add_argument("--quick-budget", type=float, default=450.0, help="soft budget (s, from start) for sym/g32/g64 checks")

@@ -114,11 +114,27 @@ def test_every_path(bits, cfg):
     _run(264, 1152, bits, 64, False, 5, cfg=KernelConfig(**cfg))
 
 
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gemv_path(bits, group, sym):
+    """The CUDA-core decode kernel (a launch-search candidate at M = 1): ragged N and K, K split over
+    programs, both activation dtypes."""
+    from vllm_plugin.kernels.triton.configs import KernelConfig
+
+    for dtype in (torch.bfloat16, torch.float16):
+        _run(264, 1152, bits, group, sym, 1, dtype=dtype, cfg=KernelConfig("gemv", block_n=64, programs=40))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_real_shape_down_proj(bits):
     """Qwen2.5-VL-7B down_proj (K = 18944: many blocks, large split-K) at decode."""
+    from vllm_plugin.kernels.triton.configs import KernelConfig
+
     for m in (1, 16):
         _run(3584, 18944, bits, 128, False, m, bias=False)
+    gemv = KernelConfig("gemv", block_n=128, num_warps=8 if bits == 3 else 4, num_stages=3)
+    _run(3584, 18944, bits, 128, False, 1, bias=False, cfg=gemv)
 
 
 @pytest.mark.parametrize("k", [512, 200])

@@ -58,6 +58,14 @@ CASES = [
     # per-channel scales: one scale per row, repeated per 128-column piece (ragged K included)
     ("dot-w3-perchannel", 3, 1024, 24, 1024, 4, False, "fp16", dict(path="dot", block_n=16, block_m=16), False),
     ("dot-w2-perchannel-raggedK", 2, 200, 24, 200, 4, False, "fp16", dict(path="dot", block_n=16), True),
+    # the CUDA-core decode path (no tl.dot: bf16 runs in the interpreter too); programs sets the K split
+    ("gemv-w4-g128-m1-bf16-split", 4, 128, 40, 512, 1, False, "bf16", dict(path="gemv", block_n=16, programs=12), True),
+    ("gemv-w2-g32-fp16", 2, 32, 24, 512, 1, False, "fp16", dict(path="gemv", block_n=16), False),
+    ("gemv-w3-g64-sym-bf16-split", 3, 64, 40, 1024, 1, True, "bf16", dict(path="gemv", block_n=32, programs=4), True),
+    ("gemv-w3-g128-raggedK-fp16", 3, 128, 24, 640, 1, False, "fp16", dict(path="gemv", block_n=16), True),
+    # K odd: the last activation pair's upper half lies past x's end and must read as 0
+    ("gemv-w2-perchannel-oddK-bf16", 2, 201, 24, 201, 1, False, "bf16", dict(path="gemv", block_n=16), False),
+    ("gemv-w4-g96-m1-bf16-split", 4, 96, 24, 384, 1, False, "bf16", dict(path="gemv", block_n=16, programs=6), False),
     # bf16: tl.dot on bf16 is wrong in the interpreter, the dequantized tile is checked here
     ("dequant-w2-g64", 2, 64, 24, 320, 3, False, "bf16", dict(path="dequant", block_n=16), True),
     ("dequant-w3-g128-sym", 3, 128, 24, 512, 2, True, "bf16", dict(path="dequant", block_n=16), False),
@@ -190,6 +198,32 @@ def test_stream_k_partition():
         iters = tiles * nblk
         owner = [next(p for p in range(g) if p * iters // g <= i < (p + 1) * iters // g) for i in range(iters)]
         assert max(len(set(owner[t * nblk:(t + 1) * nblk])) for t in range(tiles)) <= slots
+
+
+def test_gemv_path_takes_one_row(tmp_path, monkeypatch):
+    """The CUDA-core path is for M = 1: planning it for more rows is an error, and a tuned file that puts it
+    on a larger bucket is overruled by the default; its K split covers every block once."""
+    from vllm_plugin.kernels.triton.ops import gemv_split, geometry, plan_launch
+
+    q_shape = (1, 24, 64)  # W4, K = 512: 4 layout blocks
+    q, sz = torch.zeros(q_shape, dtype=torch.int32), torch.zeros((4, 24), dtype=torch.int32)
+    x = torch.zeros((2, 512), dtype=torch.float16)
+    with pytest.raises(ValueError, match="at most 1 activation rows"):
+        plan_launch(x, q, sz, None, torch.zeros(8, dtype=torch.int32), 4, 24, KernelConfig("gemv", block_n=16),
+                    geometry(4, 512, q, sz))
+    entry = {"16": {"path": "gemv", "block_n": 64}}
+    (tmp_path / "Fake_GPU_3.json").write_text(json.dumps({"configs": {"w4g128:24x512": entry}}))
+    monkeypatch.setenv("VLMPTQ_TRITON_CONFIG_DIR", str(tmp_path))
+    load_table.cache_clear()
+    try:
+        assert select_config("Fake GPU 3", 4, 128, 24, 512, 1) == KernelConfig("gemv", block_n=64)
+        assert select_config("Fake GPU 3", 4, 128, 24, 512, 2) == default_config(4, 2)
+    finally:
+        load_table.cache_clear()
+    for n_tiles, nblk, programs in [(18, 28, 528), (148, 28, 528), (1, 5, 3), (70000, 4, 10**6), (4, 7, 1)]:
+        splits, bps = gemv_split(n_tiles, nblk, programs)
+        assert (splits - 1) * bps < nblk <= splits * bps  # no empty split, every block covered
+    assert gemv_split(70000, 4, 10**6) == (1, 4)  # more tiles than stream-K counters: no split
 
 
 def test_config_file_lookup(tmp_path, monkeypatch):

@@ -49,6 +49,18 @@ CASES = [
     # an H200 with the 7B LM head at M = 256, every config fell back to dequantize + cuBLAS)
     ("dot-w4-m1-one-slot", 4, 128, 33792, 256, 1, False, "bfloat16", None, None),
     ("dequant-w2-m300", 2, 64, 3584, 3584, 300, False, "bfloat16", None, None),
+    # the CUDA-core decode path (a tuner candidate at M = 1): no shared memory in the loop, 3.9 / 4.2 / 5.7
+    # instructions per weight (Triton 3.6, 2026-11-29) -- more than the MMA loop's, bought back only if it
+    # issues faster (no barriers, 12-20 warps per SM); the GPU decides. W3's three planes need 8 warps for
+    # 128 rows (4 spill under Triton 3.9)
+    ("gemv-w4-m1", 4, 128, 37888, 3584, 1, False, "bfloat16",
+     dict(path="gemv", block_n=256, num_warps=4, num_stages=3), 4.3),
+    ("gemv-w2-m1", 2, 128, 37888, 3584, 1, False, "bfloat16",
+     dict(path="gemv", block_n=128, num_warps=4, num_stages=3), 4.6),
+    ("gemv-w3-m1", 3, 128, 37888, 3584, 1, False, "bfloat16",
+     dict(path="gemv", block_n=128, num_warps=8, num_stages=3), 6.2),
+    ("gemv-w3-g32-raggedK-bias-fp16", 3, 32, 4608, 3000, 1, True, "float16",
+     dict(path="gemv", block_n=64, num_warps=8, num_stages=3), None),  # 16 groups per block: half the rows
     # Ampere (mma.sync, 163 KiB of shared memory): the sm_8x defaults compile without spills
     ("sm80-dot-w3-m1-default", 3, 128, 3584, 3584, 1, False, "bfloat16", None, None),
     ("sm80-dot-w2-m256-default", 2, 128, 3584, 3584, 256, False, "float16", None, None),

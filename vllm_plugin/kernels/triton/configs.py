@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_DIR_ENV = "VLMPTQ_TRITON_CONFIG_DIR"
-PATHS = ("dot", "dequant")
+PATHS = ("dot", "dequant")  # the 8-bit kernel's
+WNA16_PATHS = ("dot", "gemv", "dequant")  # the 2/3/4-bit kernels'
+GEMV_MAX_M = 1  # the CUDA-core "gemv" path takes at most this many activation rows
 HOPPER = 90  # compute capability x 10 the defaults are for when a caller does not say
 
 
@@ -51,15 +53,19 @@ def smem_budget(arch: int) -> int:
 class KernelConfig:
     """How one GEMM call is launched."""
 
-    path: str  # "dot" (fused dequant + tensor cores, any M), "dequant" (dequantize, then cuBLAS)
+    # "dot" (fused dequant + tensor cores, any M), "gemv" (fused dequant on the CUDA cores, M <= GEMV_MAX_M),
+    # "dequant" (dequantize, then cuBLAS)
+    path: str
     block_n: int = 32  # output channels per program
     block_m: int = 16  # activation rows per program ("dot" only; >= 16)
-    programs: int = 0  # persistent programs of the "dot" launch (0: 2 per SM); they share the work evenly
+    # "dot": persistent programs (0: 2 per SM), sharing the work evenly; "gemv": about how many programs the
+    # K split should make (0: 4 per SM)
+    programs: int = 0
     num_warps: int = 4
     num_stages: int = 2  # software-pipelining depth of the block loop (1 = none)
 
     def __post_init__(self) -> None:
-        _check_tiles(self, "config", ("block_n", "block_m", "num_warps"))
+        _check_tiles(self, "config", ("block_n", "block_m", "num_warps"), WNA16_PATHS)
         if self.programs < 0 or self.num_stages < 1:
             raise ValueError("config programs must be >= 0 and num_stages >= 1")
 
@@ -84,7 +90,7 @@ class W8Config:
     num_stages: int = 3
 
     def __post_init__(self) -> None:
-        _check_tiles(self, "W8 config", ("block_m", "block_n", "block_k", "num_warps"))
+        _check_tiles(self, "W8 config", ("block_m", "block_n", "block_k", "num_warps"), PATHS)
         if self.path == "dot" and self.block_k not in (64, 128):
             raise ValueError(f"the fused W8 kernel steps 64 or 128 columns (16+ per byte dot), got {self.block_k}")
         if self.num_stages < 1 or self.split_k < 1:
@@ -106,11 +112,11 @@ class W8Config:
         return asdict(self)
 
 
-def _check_tiles(cfg, what: str, pow2: tuple[str, ...]) -> None:
+def _check_tiles(cfg, what: str, pow2: tuple[str, ...], paths: tuple[str, ...]) -> None:
     """The checks both config classes share: a known path, power-of-two tiles and warps, and the
     tl.dot minimum tile on the "dot" path."""
-    if cfg.path not in PATHS:
-        raise ValueError(f"{what} path must be one of {PATHS}, got {cfg.path!r}")
+    if cfg.path not in paths:
+        raise ValueError(f"{what} path must be one of {paths}, got {cfg.path!r}")
     for name in pow2:
         v = getattr(cfg, name)
         if v < 1 or v & (v - 1):
@@ -260,5 +266,9 @@ def tuned_config(device_name: str, bits: int, group: int, n: int, k: int, m: int
 
 def select_config(device_name: str, bits: int, group: int, n: int, k: int, m: int,
                   arch: int = HOPPER) -> KernelConfig:
-    """Tuned config for (GPU, bits, group, N, K, M-bucket), else :func:`default_config`."""
-    return tuned_config(device_name, bits, group, n, k, m) or default_config(bits, m, arch)
+    """Tuned config for (GPU, bits, group, N, K, M-bucket), else :func:`default_config` (also when a
+    hand-edited file puts the "gemv" path on a bucket above :data:`GEMV_MAX_M` rows)."""
+    tuned = tuned_config(device_name, bits, group, n, k, m)
+    if tuned is None or (tuned.path == "gemv" and m > GEMV_MAX_M):
+        return default_config(bits, m, arch)
+    return tuned

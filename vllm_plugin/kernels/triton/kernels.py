@@ -24,6 +24,12 @@ Per weight: <= 0.5 shift, 0.5 LOP3, 0.5 FMA, the conversion and the MMA (sm_90 S
 * ``_mma_kernel`` (decode to prefill, M <= 256): ``tl.dot`` of the chunk tile with the
   ``[128, BLOCK_M]`` slice of ``x^T`` (``out^T = W x^T``: small M sits in the MMA's N dimension,
   M = 1 included), fp32 accumulators.
+* ``_gemv_kernel`` (decode, M = 1): no tensor cores and no shared memory. The lane words of
+  :func:`_lanes` (``B + code * 2^p`` in both 16-bit lanes) are widened to float32 (bf16: one shift or
+  one mask per lane) and multiplied with ``x * 2^-p`` on the CUDA cores; ``zero`` and ``B`` come off
+  per group through the sums of ``x`` (``sum_k (B + c_k 2^p) x_k 2^-p = B X' + sum_k c_k x_k``), the
+  scale once per (row, group). Per weight: <= 0.5 shift, 0.5 LOP3, 1 widening, 1 FFMA.
+  Grid (N tiles, K splits); the splits of a tile add up through :func:`_finish`.
 * ``_dequant_kernel`` (large prefill): writes ``dequant(W)`` in act dtype for a cuBLAS matmul.
 * ``_moe_mma_kernel`` (mixture of experts, :mod:`.moe`): the MMA loop per (block of one expert's routed rows,
   N tile), rows gathered, no K split; ``_moe_align_kernel`` sorts the routed rows into those blocks.
@@ -295,6 +301,103 @@ def _mma_kernel(
         _finish(acc, offs_n, offs_m, M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr, tile, (pid - first).to(tl.int32),
                 (last - first + 1).to(tl.int32), HAS_BIAS)
         it = t0 + b_end
+
+
+@triton.jit
+def _widen(r, HI: tl.constexpr, ACT: tl.constexpr):
+    """Lane 0 / 1 of int32 words as float32: bf16 is the top half of a float32 (a shift or a mask),
+    fp16 goes through a conversion."""
+    if ACT == tl.bfloat16:
+        if HI:
+            out = (r & -65536).to(tl.float32, bitcast=True)
+        else:
+            out = (r << 16).to(tl.float32, bitcast=True)
+    else:
+        out = _lane(r, HI, ACT)
+    return out
+
+
+@triton.jit
+def _gemv_tile(acc, xs, xps, w0, w1, w2, xw, T: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr,
+               ACT: tl.constexpr, rz):
+    """Tile ``T`` of a layout block into the group sums of :func:`_gemv_kernel`: ``acc [BLOCK_N, 16] +=
+    (B + c 2^P) * x 2^-P`` (both lanes), ``xs += sum x``, ``xps += sum x 2^-P``; ``xw [BLOCK_N, 16]``: the
+    tile's activation pairs as int32 words (lane 0 = the even column), the same in every row."""
+    if BITS == 4 or (BITS == 3 and T == 15):
+        P: tl.constexpr = 0
+    elif BITS == 3:
+        P: tl.constexpr = (3 * (T % 5)) % 6
+    else:
+        P: tl.constexpr = (2 * T) % 6
+    r = _lanes(w0, w1, w2, T, P, BITS, MAGIC, rz)
+    x_lo = _widen(xw, False, ACT)
+    x_hi = _widen(xw, True, ACT)
+    xs += x_lo + x_hi
+    x_lo = x_lo * (1.0 / (1 << P))  # exact: a power of two
+    x_hi = x_hi * (1.0 / (1 << P))
+    xps += x_lo + x_hi
+    acc += _widen(r, False, ACT) * x_lo
+    acc += _widen(r, True, ACT) * x_hi
+    return acc, xs, xps
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K, U, bps,
+    BITS: tl.constexpr, PLANES: tl.constexpr, BK: tl.constexpr, GPB: tl.constexpr, TPG: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """``out [1, N] = x [1, K] @ dequant(W).T`` on the CUDA cores (one activation row).
+
+    Program ``(n, s)``: rows ``n * BLOCK_N ..`` over layout blocks ``[s * bps, (s + 1) * bps)``. Per block
+    and group: ``acc[n, j] = sum_tiles (B + c 2^p) x 2^-p`` over unit ``j``'s two lanes, ``xs`` / ``xps``
+    the same sums of ``x`` / ``x 2^-p`` (every row holds the same: they are kept in the weights' register
+    layout, so nothing moves between threads); then ``total += scale * (acc - B xps - zero xs)``, summed
+    over ``j`` once at the end. The activations are read as int32 pairs of the 16-bit values (one 16-byte
+    load per 4 units and row group). The part is written by :func:`_finish` (tile ``n``, part ``s``)."""
+    SUB: tl.constexpr = 16
+    ACT: tl.constexpr = x_ptr.dtype.element_ty
+    if ACT == tl.float16:
+        MAGIC: tl.constexpr = 0x64006400
+        B: tl.constexpr = 1024.0
+    else:
+        MAGIC: tl.constexpr = 0x43004300
+        B: tl.constexpr = 128.0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    nblk = U // SUB
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_j = tl.arange(0, SUB)
+    rz = N >> 31  # an opaque 0, see _lanes
+    w_ptrs = qw_ptr + offs_n[:, None] * U + offs_j[None, :]
+    # x as int32 pairs, with a [BLOCK_N, 16] pointer (the same address in every row) so the pairs land
+    # in the weights' layout
+    xw_ptrs = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs_j[None, :] + 0 * offs_n[:, None]
+    total = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+    b_end = tl.minimum(nblk, (pid_k + 1) * bps)
+    for b in range(pid_k * bps, b_end):
+        w0, w1, w2 = _load_unit(w_ptrs + b * SUB, N * U, nmask[:, None], PLANES)
+        for gi in tl.static_range(GPB):
+            acc = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+            xs = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+            xps = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+            for ti in tl.static_range(TPG):
+                w_at = (b * BK + 32 * (gi * TPG + ti)) // 2  # the tile's first activation pair
+                if EVEN_K:
+                    xw = tl.load(xw_ptrs + w_at)
+                else:  # pairs past K read as 0; the last one's upper half too when K is odd (its 2 bytes past
+                    # x's end are read and dropped: inside the allocator's 512-byte granule)
+                    col = 2 * (w_at + offs_j[None, :])
+                    xw = tl.load(xw_ptrs + w_at, mask=col < K, other=0)
+                    xw = tl.where(col + 1 < K, xw, xw & 0xFFFF)
+                acc, xs, xps = _gemv_tile(acc, xs, xps, w0, w1, w2, xw, gi * TPG + ti, BITS, MAGIC, ACT, rz)
+            s, z = _scale_zero(tl.load(sz_ptr + (b * GPB + gi) * N + offs_n, mask=nmask, other=0), ACT)
+            total += s[:, None] * (acc - B * xps - z[:, None] * xs)
+    y = tl.sum(total, axis=1)[:, None]  # [BLOCK_N, 1]
+    _finish(y, offs_n, tl.arange(0, 1), M, N, out_ptr, bias_ptr, ws_ptr, lock_ptr, pid_n, pid_k, tl.num_programs(1),
+            HAS_BIAS)
 
 
 @triton.jit

@@ -16,13 +16,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from vllm_plugin.kernels.ops import register_op
-from vllm_plugin.kernels.triton.configs import HOPPER, KernelConfig, fit_smem, select_config
+from vllm_plugin.kernels.triton.configs import GEMV_MAX_M, HOPPER, KernelConfig, fit_smem, select_config
 from vllm_plugin.kernels.triton.layout import SUB, TILE, block_values, planes
 
 logger = logging.getLogger(__name__)
 
 LOCKS_SIZE = 1 << 16  # stream-K tile counters per device (each launch returns them to 0)
 PROGRAMS_PER_SM = 2  # persistent MMA programs per SM unless a config says otherwise
+GEMV_PROGRAMS_PER_SM = 4  # what the "gemv" launch's K split aims for unless a config says otherwise
 _LOCKS: dict[str, torch.Tensor] = {}
 
 
@@ -137,6 +138,8 @@ def _is_compile_failure(e: Exception) -> bool:
 def _fallbacks(cfg: KernelConfig, m: int) -> list[KernelConfig]:
     """Simpler configs to try, in order, when ``cfg`` does not compile."""
     out = []
+    if cfg.path == "gemv" and cfg.num_stages > 1:
+        out.append(replace(cfg, num_stages=1))
     if cfg.path == "dot":
         if cfg.num_stages > 1:
             out.append(replace(cfg, num_stages=1))
@@ -165,6 +168,16 @@ class KernelLaunch:
         return self.args[self.kernel.arg_names.index(name)]
 
 
+def gemv_split(n_tiles: int, nblk: int, programs: int) -> tuple[int, int]:
+    """(K splits, layout blocks per split) of the "gemv" launch: about ``programs`` programs over ``n_tiles``
+    row tiles, no split empty; no split (one program per tile) when the stream-K counters would not suffice."""
+    want = max(1, min(nblk, round(programs / n_tiles)))
+    if want > 1 and n_tiles > LOCKS_SIZE:
+        want = 1
+    bps = -(-nblk // want)
+    return -(-nblk // bps), bps
+
+
 def plan_launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfig, geo: dict,
                 arch: Optional[int] = None, sms: Optional[int] = None
                 ) -> tuple[KernelLaunch, Callable[[], torch.Tensor]]:
@@ -188,6 +201,19 @@ def plan_launch(x, qweight, sz, bias, locks, bits: int, n: int, cfg: KernelConfi
         return launch_, lambda: torch.nn.functional.linear(x, w, bias)
     _, device_sms, device_arch = _device_info(str(x.device))
     sms = device_sms if sms is None else sms
+    if cfg.path == "gemv":
+        if m > GEMV_MAX_M:
+            raise ValueError(f"the 'gemv' path takes at most {GEMV_MAX_M} activation rows, got {m}")
+        if x.data_ptr() % 4:  # the kernel reads x as int32 pairs: a view starting mid-word gets copied
+            x = x.clone()
+        n_tiles = triton_cdiv(n, cfg.block_n)
+        splits, bps = gemv_split(n_tiles, geo["nblk"], cfg.programs or sms * GEMV_PROGRAMS_PER_SM)
+        ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+        b = bias if bias is not None else out
+        args = (x, qweight, sz, b, out, ws, locks, m, n, k, geo["U"], bps)
+        meta = dict(HAS_BIAS=bias is not None, EVEN_K=geo["EVEN_K"], num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages, BLOCK_N=cfg.block_n, **common)
+        return KernelLaunch(K_._gemv_kernel, (n_tiles, splits), args, meta), lambda: out
     cfg = fit_smem(cfg, bits, device_arch if arch is None else arch)
     n_tiles = triton_cdiv(n, cfg.block_n)
     tiles = n_tiles * triton_cdiv(m, cfg.block_m)

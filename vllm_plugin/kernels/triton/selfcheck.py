@@ -7,7 +7,8 @@ dequantize + cuBLAS.)
 Before the plugin hands a layer to the Triton kernel it runs, once per (bits, group, activation
 dtype, device), a small random problem through every launch path a model's calls can take -- the
 tensor-core loop at the three M tiles (16: unscaled; 64 and 128: scale fused into the tile), tiles
-shared between stream-K programs, and the dequantize-then-cuBLAS path for M > 256 -- and compares
+shared between stream-K programs, the CUDA-core decode kernel at M = 1 (a tuned file may choose it; K
+split), and the dequantize-then-cuBLAS path for M > 256 -- and compares
 the output with :func:`vllm_plugin.kernels.reference.reference_linear` in fp32. It runs the default
 launch shapes for its small problem; tuned shapes (``configs/*.json``) compile the same code paths
 with other tile sizes and are checked by ``tests/gpu`` and the benchmark's correctness column.
@@ -76,8 +77,8 @@ def _wna16(wp, scale, zp, bits, k, act_dtype, device):
     q, sz, _ = repack(wp.to(device), scale.to(device), zp.to(device), bits, k, act_dtype)
     locks = ops.get_locks(device)
 
-    def apply(x, bias):
-        y = ops.launch(x, q, sz, bias, locks, bits, CHECK_N)
+    def apply(x, bias, cfg=None):
+        y = ops.launch(x, q, sz, bias, locks, bits, CHECK_N, cfg)
         return y, ("stream-K counters left non-zero" if locks.any() else None)
 
     return apply
@@ -87,7 +88,17 @@ def _w8(wp, scale, zp, bits, k, act_dtype, device):
     from vllm_plugin.kernels import triton_w8
 
     t = triton_w8.prepare_w8(wp.to(device), scale.to(device), zp.to(device), k, act_dtype)
-    return lambda x, bias: (triton_w8.w8_launch(x, t["qweight"], t["scale"], t["zero"], bias), None)
+    return lambda x, bias, cfg=None: (triton_w8.w8_launch(x, t["qweight"], t["scale"], t["zero"], bias), None)
+
+
+def _extra_paths(kernel: str) -> list[tuple[int, object]]:
+    """(M, launch config) checks beyond the default dispatch of :data:`CHECK_ROWS`: launch paths only a
+    tuned file selects."""
+    if kernel != "triton":
+        return []
+    from vllm_plugin.kernels.triton.configs import KernelConfig
+
+    return [(1, KernelConfig("gemv", block_n=64, programs=12))]  # the CUDA-core decode kernel, K split
 
 
 _KERNELS = {"triton": _wna16, "triton_w8": _w8}
@@ -121,16 +132,17 @@ def _run_linear(bits: int, group_size: int | None, act_dtype: torch.dtype, devic
     bias = torch.randn(CHECK_N, generator=gen).to(act_dtype)
     wp, zp = pack_rows(codes, bits), pack_columns(zeros, bits)
     apply = _KERNELS[kernel](wp, scale, zp, bits, k, act_dtype, device)
-    for m in CHECK_ROWS:
+    for m, cfg in [(m, None) for m in CHECK_ROWS] + _extra_paths(kernel):
         x = torch.randn(m, k, generator=gen).to(act_dtype)
-        y, problem = apply(x.to(device), bias.to(device))
+        y, problem = apply(x.to(device), bias.to(device), cfg)
         y = y.float().cpu()
         ref = reference_linear(x.float(), wp, scale.float(), zp, bits, k, bias.float())
+        at = f"M = {m}" + ("" if cfg is None else f" ({cfg.path} path)")
         if not torch.isfinite(y).all():
-            return f"non-finite output at M = {m}"
+            return f"non-finite output at {at}"
         err = ((y - ref).norm() / ref.norm()).item()
         if not err < TOLERANCE[act_dtype]:
-            return f"relative error {err:.3g} at M = {m} (a correct kernel stays below {TOLERANCE[act_dtype]:g})"
+            return f"relative error {err:.3g} at {at} (a correct kernel stays below {TOLERANCE[act_dtype]:g})"
         if problem:
-            return f"{problem} at M = {m}"
+            return f"{problem} at {at}"
     return None
