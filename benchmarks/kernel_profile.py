@@ -10,7 +10,8 @@ what ncu measures does not depend on the values. ``scripts/gpu_check.sh`` (``PHA
     ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight ... \\
         python3 benchmarks/kernel_profile.py --cases qkv:4:1 gate_up:4:1 gate_up:2:1 gate_up:bf16:1
 
-A case is ``layer:bits:M`` (bits ``bf16`` for torch); layers as in ``benchmarks/kernels.py``. ``--dry`` runs
+A case is ``layer:bits:M`` (bits ``bf16`` for torch), or ``layer:bits:1:gemv`` for the CUDA-core decode kernel
+(its launch-search shape for those bits); layers as in ``benchmarks/kernels.py``. ``--dry`` runs
 the same cases on the CPU under the Triton interpreter with ``kernels.py``'s tiny shapes (a check of this
 script, nothing to profile).
 """
@@ -37,7 +38,7 @@ from vllm_plugin.kernels.triton.ops import get_locks  # noqa: E402
 
 def build(case: str, dtype: torch.dtype, gen: torch.Generator, dev: str):
     """(label, zero-argument launch) for ``layer:bits:M``."""
-    layer, bits, m = case.split(":")
+    layer, bits, m, *path = case.split(":")
     parts, k, has_bias = (kernel_bench.DRY_LAYERS if DRY else kernel_bench.LAYERS)[layer]
     n = sum(parts)
     x = torch.randn(int(m), k, device=dev, dtype=dtype, generator=gen)
@@ -49,6 +50,13 @@ def build(case: str, dtype: torch.dtype, gen: torch.Generator, dev: str):
     ct = kernel_bench.make_checkpoint(n, k, b, 128, False, dtype, dev, gen)["ct"]
     qw, sz, _ = repack(ct["weight_packed"], ct["weight_scale"], ct["weight_zero_point"], b, k, dtype)
     locks = get_locks(qw.device)
+    if path == ["gemv"]:
+        from vllm_plugin.kernels.triton.configs import KernelConfig
+        from vllm_plugin.kernels.triton.ops import launch
+
+        bn, warps, stages = kernel_bench.GEMV_SHAPES[b][0]
+        cfg = KernelConfig("gemv", block_n=bn, num_warps=warps, num_stages=stages)
+        return f"{layer} M={m} w{b} gemv", lambda: launch(x, qw, sz, bias, locks, b, n, cfg)
     return f"{layer} M={m} w{b}", lambda: torch.ops.vlmptq.wna16_gemm(x, qw, sz, bias, locks, b, n)
 
 

@@ -21,8 +21,8 @@
 #   solvers  benchmarks/solvers.py --device cuda: each method's loss and time on the 7B layers (issue: VLM-PTQ
 #            <= 1.15x GPTQ's time on the GPU; first H200 run: 140 s)                                   <= 180 s
 # Other phases, for a second call while the machine is warm (it is given back after 30 s idle):
-#   profile  Nsight Compute on benchmarks/kernel_profile.py (ours at M=1 on qkv / gate_up, W4 / W2, beside
-#            cuBLAS bf16: speed of light, occupancy, warp stalls, memory) -> $OUT/ncu.txt; and
+#   profile  Nsight Compute on benchmarks/kernel_profile.py (ours at M=1 on qkv / gate_up, W4 / W2, the gemv
+#            path, beside cuBLAS bf16: speed of light, occupancy, warp stalls, memory) -> $OUT/ncu.txt; and
 #            benchmarks/solvers.py --profile (where GPTQ / GPTAQ / VLM-PTQ spend their time on o and down,
 #            host vs device) -> $OUT/solvers-profile.txt                                              ~2-3 min
 #   solvers-moe  benchmarks/solvers.py on a Qwen3-VL-30B-A3B expert's shapes -> solvers-moe-<gpu>-<date>  ~1 min
@@ -35,7 +35,8 @@
 # gpu_check.log, pytest.log, kernels-<gpu>-<date>.{json,md}, tuned/<gpu>.json, solvers-<gpu>-<date>.{json,md}).
 # Afterwards, here: copy the json/md into benchmarks/results/ and, if the numbers are good, tuned/<gpu>.json
 # into vllm_plugin/kernels/configs/, and commit.
-# Knobs: PHASES, DEADLINE, TESTS_TIMEOUT, BENCH_ARGS="..." (extra benchmark flags), NCU_CASES.
+# Knobs: PHASES, DEADLINE, TESTS (test paths, default tests/gpu), TESTS_TIMEOUT, BENCH_ARGS="..." (extra
+# benchmark flags; later flags win, e.g. --hard 100), NCU_CASES.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,7 +100,7 @@ if has tests; then
     echo "$(el) === pytest tests/gpu (time box ${T}s)"
     # -v: one line per finished test (with xdist: "[gw3] [ 12%] FAILED tests/gpu/...") so a cut-off run still
     # names its failures; tracebacks come in the summary at the end
-    timeout -k 5 "$T" python3 -m pytest tests/gpu -v -ra --tb=short -p no:cacheprovider --confcutdir=tests/gpu \
+    timeout -k 5 "$T" python3 -m pytest ${TESTS:-tests/gpu} -v -ra --tb=short -p no:cacheprovider --confcutdir=tests/gpu \
         --ignore=tests/gpu/test_triton_moe_cuda.py $XDIST --maxfail=25 $PT_TIMEOUT --durations=12 \
         -p no:benchmark > "$OUT/pytest.log" 2>&1
     TEST_RC=$?
@@ -147,10 +148,10 @@ if has profile; then
     if [[ -n "$NCU" ]]; then
         # --clock-control none: the card's clocks as found (never change them); one launch per case in the
         # NVTX range "profile"
-        timeout -k 10 "$(box 150 100)" "$NCU" --clock-control none --nvtx --nvtx-include "profile/" \
+        timeout -k 10 "$(box 150 60)" "$NCU" --clock-control none --nvtx --nvtx-include "profile/" \
             --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
             --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-            python3 benchmarks/kernel_profile.py --cases ${NCU_CASES:-qkv:4:1 gate_up:4:1 gate_up:2:1 gate_up:bf16:1} \
+            python3 benchmarks/kernel_profile.py --cases ${NCU_CASES:-qkv:4:1 gate_up:4:1 gate_up:4:1:gemv gate_up:2:1 gate_up:bf16:1} \
             > "$OUT/ncu.txt" 2>&1
         PROFILE_RC="ncu $?"
         grep -E "^  [A-Za-z_].*\(|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Issued Ipc|No Eligible|Theoretical Occupancy|profiled:|==ERROR==|==WARNING==" \
