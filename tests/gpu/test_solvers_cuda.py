@@ -48,3 +48,23 @@ def test_solver_on_cuda_matches_cpu(method, opts):
 
     ref = layer_loss(torch.zeros_like(layer.weight), layer.weight, stats.hessian).item()
     assert abs(loss(gpu) - loss(cpu)) / ref < 2e-3
+
+
+def test_mu_search_on_a_row_subset_equals_the_all_rows_search_on_cuda():
+    """The fused Triton clip search is row by row on the GPU too: searching every mu on the scored rows only,
+    then the chosen mu on all rows, gives exactly the all-rows search's parameters."""
+    from vlmptq.quant import WeightScheme
+    from vlmptq.quant.grid import search_params_multi
+    from vlmptq.solvers.modality import choose_modality_params, fused_importance
+    from vlmptq.solvers.synthetic import make_synthetic_layer
+
+    layer = make_synthetic_layer(n=512, k=384, samples=16, seed=2)
+    stats = layer.statistics()
+    w = layer.weight.float().cuda()
+    dv, dt = (d.cuda() for d in stats.modality_diagonals("mean"))
+    scheme, grid = WeightScheme(3, 128, False), (0.0, 0.5, 1.0)
+    choice = choose_modality_params(w, stats.hessian.cuda(), stats.dxxt.cuda(), dv, dt, scheme, grid, score_rows=100)
+    imps = torch.stack([fused_importance(dv, dt, mu) for mu in grid])
+    scales, zeros = search_params_multi(w, scheme, imps, torch.bfloat16)
+    best = grid.index(choice.mu)
+    assert torch.equal(choice.scale, scales[best]) and torch.equal(choice.zero, zeros[best])

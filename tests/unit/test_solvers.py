@@ -127,6 +127,31 @@ def test_mu_scores_are_the_closed_form_loss_of_each_candidate(layer, stats):
         assert choice.scores[mu] == pytest.approx(layer_loss(w, q, stats.hessian, stats.dxxt).item(), rel=1e-4)
 
 
+def test_mu_search_on_a_row_subset_equals_the_all_rows_search(layer, stats):
+    """With more rows than ``score_rows`` only the scored rows are searched for every mu, then the chosen
+    mu over all rows: bit for bit what searching every mu over all rows and keeping the best gives."""
+    from vlmptq.quant.grid import search_params_multi
+    from vlmptq.solvers.modality import fused_importance
+
+    scheme = WeightScheme(3, 32, False)
+    dv, dt = stats.modality_diagonals("mean")
+    grid = (0.0, 0.4, 0.5, 1.0)
+    w = layer.weight.float()
+    n = w.shape[0]
+    choice = choose_modality_params(w, stats.hessian, stats.dxxt, dv, dt, scheme, grid, score_rows=n // 4)
+    imps = torch.stack([fused_importance(dv, dt, mu) for mu in grid])
+    all_scales, all_zeros = search_params_multi(w, scheme, imps, torch.bfloat16)
+    best = grid.index(choice.mu)
+    assert torch.equal(choice.scale, all_scales[best]) and torch.equal(choice.zero, all_zeros[best])
+    rows = slice(0, n, -(-n // (n // 4)))
+    for i, mu in enumerate(grid):  # every score is that mu's loss on the scored rows
+        q = fake_quantize(w[rows], expand_groups(all_scales[i][rows], 32), expand_groups(all_zeros[i][rows], 32),
+                          scheme.maxq)
+        assert choice.scores[mu] == pytest.approx(
+            layer_loss(w[rows], q, stats.hessian, stats.dxxt).item(), rel=1e-5)
+    assert choice.mu == min(choice.scores, key=choice.scores.get)
+
+
 def test_tf32_products_is_scoped_to_cuda_and_restores_the_setting():
     from vlmptq.solvers.precision import tf32_products
 

@@ -251,7 +251,10 @@ def gptq_quantize(
             if asym:
                 with tf32_products(device):
                     a_row, p_row = _asym_rows(d, u, alpha, i1, i2)  # A, P [i1:i2, i1:]
-                coef = torch.stack((p_row, -un), dim=1)  # [B, 2, K - i1]: later columns += coef[i] . buf[i]
+                # [B, K - i1, 2]: later column c += coef[i, c] . buf[i]; stored (c, value/error) so a column
+                # step's factor coef[i, i+1:nb] is a plain slice (two view ops fewer per column than a
+                # transposed one: the GPU loop is bound by such host-side calls, docs/algorithm.md)
+                coef = torch.stack((p_row, -un), dim=2)
             if correction == "diag":
                 cf = 1.0 + torch.diagonal(a_row[:, :nb]) * d1  # 1 + C_j, VLM-PTQ's diagonal correction
                 qmul = torch.empty(nb, n, device=device, dtype=fdt)  # (1 + C_j) / scale, per column
@@ -281,13 +284,13 @@ def gptq_quantize(
                 torch.addcmul(x, c - zt[g], st[g], value=-1.0, out=e1[i])  # w_j - q_j
                 if i + 1 < nb:
                     if asym:
-                        w1[i + 1 :].addmm_(coef[i, :, i + 1 : nb].t(), buf[i])
+                        w1[i + 1 :].addmm_(coef[i, i + 1 : nb], buf[i])
                     else:
                         w1[i + 1 :].addr_(un[i, i + 1 : nb], e1[i], alpha=-1.0)
             proxy_loss += (e1 / d1[:, None]).square().sum() / 2
             if i2 < k:  # lazy batch update of the later blocks
                 if asym:
-                    wt[i2:].addmm_(coef[:, :, nb:].reshape(2 * nb, k - i2).t(), buf.view(2 * nb, n))
+                    wt[i2:].addmm_(coef[:, nb:].transpose(0, 1).reshape(k - i2, 2 * nb), buf.view(2 * nb, n))
                 else:
                     wt[i2:].addmm_(un[:, nb:].t(), e1, alpha=-1.0)
 
