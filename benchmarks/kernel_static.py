@@ -59,7 +59,9 @@ from _results import result_header, write_results  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from vllm_plugin.kernels.triton import aot  # noqa: E402
-from vllm_plugin.kernels.triton.configs import KernelConfig, default_config, fit_smem, select_config  # noqa: E402
+from vllm_plugin.kernels.triton.configs import (  # noqa: E402
+    KernelConfig, default_dot_config, fit_smem, select_config,
+)
 from vllm_plugin.kernels.triton.layout import effective_group, padded_k  # noqa: E402
 from vllm_plugin.kernels.triton.ops import PROGRAMS_PER_SM  # noqa: E402
 
@@ -112,7 +114,9 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
     loop = aot.hot_loop(aot.sass(compiled))
     base = collections.Counter(op.split(".")[0] for op in loop)
     loads = collections.Counter(op for op in loop if op.startswith(("LDG.", "LDGSTS.")))
-    iters = launch.arg("iters")  # main-loop iterations over all programs: tiles x K blocks
+    gemv = cfg.path == "gemv"  # grid (N tiles, K splits), one layout block per iteration
+    # main-loop iterations over all programs: tiles x K blocks
+    iters = launch.grid[0] * (launch.arg("U") // 16) if gemv else launch.arg("iters")
     warps = launch.meta["num_warps"]
     warp_instr = iters * len(loop) * warps
     # the busiest SM holds at least ceil(programs / SMs) programs (pigeonhole; stream-K programs
@@ -123,7 +127,7 @@ def analyse(bits: int, n: int, k: int, m: int, cfg: KernelConfig, bias: bool, ar
     rate = card.sms * card.clock_ghz * 1e3  # SM-clocks per microsecond
     # tiles shared between programs: none when the workspace is the output itself, else at most one
     # per program
-    tiles = launch.arg("n_tiles_n") * math.ceil(m / cfg.block_m)
+    tiles = launch.grid[0] if gemv else launch.arg("n_tiles_n") * math.ceil(m / cfg.block_m)
     shared = 0 if launch.arg("ws_ptr") is launch.arg("out_ptr") else min(programs, tiles)
     tile_elems = cfg.block_n * min(m, cfg.block_m)
     weights_per_iter = aot.weights_per_iteration(launch)
@@ -210,7 +214,7 @@ def decoder_sums(records: list[dict], card: Card) -> tuple[list[str], list[dict]
 def sweep_configs(bits: int, m: int, arch: int) -> list[KernelConfig]:
     """MMA-kernel launch shapes worth comparing at M: tile width x warps x pipeline depth (the M tile
     follows M as in the default heuristic; shapes whose buffers do not fit shared memory are left out)."""
-    bm = default_config(bits, m, arch).block_m
+    bm = default_dot_config(bits, m, arch).block_m
     out = []
     for bn, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4)):
         cfg = KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages)

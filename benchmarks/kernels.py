@@ -54,7 +54,7 @@ from _results import git_commit  # noqa: E402
 
 from vlmptq.checkpoint.packing import pack_columns, pack_rows  # noqa: E402
 from vllm_plugin.kernels.triton.configs import (  # noqa: E402
-    CONFIG_DIR, GEMV_MAX_M, KernelConfig, W8Config, default_config, fit_smem, gpu_key,
+    CONFIG_DIR, GEMV_MAX_M, KernelConfig, W8Config, default_config, default_dot_config, fit_smem, gpu_key,
 )
 from vllm_plugin.kernels.triton.layout import effective_group, repack  # noqa: E402
 
@@ -519,14 +519,14 @@ def candidates(bits: int, m: int, sms: int, arch: int, dry: bool) -> list[Kernel
     """A small, ordered search space per M on a GPU with ``sms`` SMs of compute capability ``arch``
     x 10 (the default first)."""
     base = default_config(bits, m, arch)
+    dot = default_dot_config(bits, m, arch)  # the MMA launch the variants below start from
     out = [base]
     if dry:
-        alt = replace(base, programs=3) if base.path != "dequant" else base
         gemv = [KernelConfig("gemv", block_n=16, programs=3)] if m <= GEMV_MAX_M else []
-        return list(dict.fromkeys([base, alt] + gemv))
+        return list(dict.fromkeys([base, replace(dot, programs=3)] + gemv))
     if m <= 64:  # a diverse dozen around the default (the list is cut at --max-candidates)
         def near(**kw):
-            return fit_smem(replace(base, **kw), bits, arch)
+            return fit_smem(replace(dot, **kw), bits, arch)
 
         # more rows per thread (block_n / num_warps) = fewer instructions per weight (kernel_static.py)
         # and more registers; deeper pipelines hide more memory latency
@@ -534,14 +534,14 @@ def candidates(bits: int, m: int, sms: int, arch: int, dry: bool) -> list[Kernel
                                   (128, 8, 2), (128, 8, 3), (64, 4, 4)):
             out.append(near(block_n=bn, num_warps=warps, num_stages=stages))
         # persistent programs: 1 / 3 per SM besides the default 2 (occupancy vs. tile sharing)
-        out += [replace(base, programs=sms), replace(base, programs=3 * sms)]
+        out += [dot, replace(dot, programs=sms), replace(dot, programs=3 * sms)]
         if m <= GEMV_MAX_M:  # the CUDA-core path (kernels._gemv_kernel): shapes that compile without spills
             out += [KernelConfig("gemv", block_n=bn, num_warps=w, num_stages=s) for bn, w, s in GEMV_SHAPES[bits]]
     else:
         for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 256, 8), (128, 256, 8)):
             for stages in (2, 3):
-                out.append(fit_smem(replace(base, path="dot", block_m=bm, block_n=bn, num_warps=warps,
-                                            num_stages=stages), bits, arch))
+                out.append(fit_smem(replace(dot, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages),
+                                    bits, arch))
         out.append(KernelConfig("dequant", block_n=32))
     return list(dict.fromkeys(out))
 

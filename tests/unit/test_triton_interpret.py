@@ -176,10 +176,15 @@ def test_repack_from_checkpoint(bits, sym):
 
 # ----------------------------------------------------------------------------- configs (no triton)
 def test_default_dispatch_by_m():
-    assert default_config(3, 1).path == "dot" and default_config(3, 1).block_m == 16
-    assert default_config(3, 16).path == "dot"
-    assert default_config(3, 256).path == "dot" and default_config(3, 256).block_m == 128
-    assert default_config(3, 1024).path == "dequant"
+    """sm_90 (timed on an H200): the CUDA-core kernel at M = 1, the MMA loop up to 128 rows, then W2 / W3
+    dequantize for cuBLAS while W4 keeps the MMA loop to 256 rows; sm_8x (untimed): the MMA loop from M = 1."""
+    assert default_config(3, 1) == KernelConfig("gemv", block_n=64, num_warps=4, num_stages=3)
+    assert default_config(3, 2).path == "dot" and default_config(3, 16).block_m == 16
+    assert default_config(3, 128).path == "dot" and default_config(3, 128).block_m == 128
+    assert default_config(3, 129).path == "dequant" and default_config(2, 256).path == "dequant"
+    assert default_config(4, 256) == KernelConfig("dot", block_n=64, block_m=128, num_warps=4, num_stages=3)
+    assert default_config(3, 1024).path == "dequant" and default_config(4, 257).path == "dequant"
+    assert default_config(3, 1, 80).path == "dot" and default_config(3, 256, 80).path == "dot"
     # sm_80: its own table, within A100 shared memory
     from vllm_plugin.kernels.triton.configs import smem_budget, smem_bytes
     assert all(smem_bytes(default_config(b, m, 80), b) <= smem_budget(80) for b in (2, 3, 4) for m in (1, 64, 256))

@@ -152,7 +152,7 @@ def _worker() -> None:
     import torch
 
     from vllm_plugin.kernels.triton import aot
-    from vllm_plugin.kernels.triton.configs import KernelConfig, default_config
+    from vllm_plugin.kernels.triton.configs import KernelConfig, default_config, default_dot_config
 
     import triton
 
@@ -164,7 +164,9 @@ def _worker() -> None:
                 print("CASE " + json.dumps(_w8_compile(aot, name, group, n, k, m, bias, getattr(torch, dtype), arch)),
                       flush=True)
                 continue
-            cfg = KernelConfig(**cfg) if cfg else default_config(bits, m, arch)
+            # "dot-...-default": the MMA loop's default tiles (M = 1 itself defaults to the gemv path on sm_90)
+            cfg = KernelConfig(**cfg) if cfg else (default_dot_config if "dot" in name else default_config)(
+                bits, m, arch)
             launch = aot.meta_launch(bits, n, k, m, cfg, bias, group, getattr(torch, dtype), arch)
             compiled = aot.compile_launch(launch, arch)
             use = aot.resource_usage(compiled)

@@ -192,7 +192,8 @@ DEFAULT_TILES = {
     16: {2: (128, 4, 3), 3: (64, 4, 3), 4: (128, 4, 3)},
     32: {2: (128, 8, 3), 3: (128, 8, 2), 4: (128, 8, 3)},
     64: {2: (128, 8, 2), 3: (64, 4, 2), 4: (128, 8, 2)},
-    128: {2: (128, 8, 2), 3: (128, 8, 1), 4: (128, 8, 2)},
+    # W4: (64, 4, 3) 331 us at M = 256 against 472 us for (128, 8, 2) (H200); W2 / W3 dequantize there instead
+    128: {2: (128, 8, 2), 3: (128, 8, 1), 4: (64, 4, 3)},
 }
 # the same for sm_8x (mma.sync instead of wgmma; sm_80 compiles without spills, 144 KiB budget). The
 # 128-row M tile: 128-row N tiles at W2 / W4 (9.4 / 15.2 instructions per weight on sm_80 against
@@ -208,18 +209,33 @@ DEFAULT_TILES_SM8X = {
 SM8X_SMALL_OVERRIDES = {(128, 2): (64, 8, 1)}
 
 
+# sm_90, measured on an H200 (benchmarks/results/kernels-NVIDIA_H200-2026-11-29-gemv.md, sum of the 7B layer's
+# 4 GEMMs): M = 1 on the CUDA-core kernel, (block_n, num_warps, num_stages) per bits -- 74.7 / 80.8 / 76.7 us at
+# W2 / W3 / W4 against 104 / 113 / 111 us for the best MMA launches; above 128 rows W2 / W3 dequantize for cuBLAS
+# (335 / 347 us at M = 256 against 439 / 474 us fused), W4 keeps the MMA loop with 64-row N tiles (331 vs 357 us)
+GEMV_TILES = {2: (128, 4, 3), 3: (64, 4, 3), 4: (128, 4, 3)}
+DEQUANT_ABOVE_128 = (2, 3)
+
+
+def default_dot_config(bits: int, m: int, arch: int = HOPPER) -> KernelConfig:
+    """The MMA ("dot") launch for ``m`` activation rows on a GPU of compute capability ``arch`` x 10 (tables
+    from sm_90 / sm_80 compiles and the H200 timings; the persistent grid makes it independent of N and K)."""
+    bm = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
+    bn, warps, stages = (DEFAULT_TILES if arch >= 90 else DEFAULT_TILES_SM8X)[bm][bits]
+    if 80 < arch < 90:
+        bn, warps, stages = SM8X_SMALL_OVERRIDES.get((bm, bits), (bn, warps, stages))
+    return fit_smem(KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages), bits, arch)
+
+
 def default_config(bits: int, m: int, arch: int = HOPPER) -> KernelConfig:
-    """Heuristic launch for ``m`` activation rows with no tuned entry, on a GPU of compute capability
-    ``arch`` x 10 (tables chosen from sm_90 / sm_80 compiles; the persistent grid makes the launch
-    independent of N and K)."""
-    if m <= 256:
-        # decode included: M = 1 runs on tensor cores too (the MMA's N = 16 columns, 15 masked);
-        # per weight it issues fewer instructions than a CUDA-core GEMV (docs/kernels.md)
-        bm = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
-        bn, warps, stages = (DEFAULT_TILES if arch >= 90 else DEFAULT_TILES_SM8X)[bm][bits]
-        if 80 < arch < 90:
-            bn, warps, stages = SM8X_SMALL_OVERRIDES.get((bm, bits), (bn, warps, stages))
-        return fit_smem(KernelConfig("dot", block_n=bn, block_m=bm, num_warps=warps, num_stages=stages), bits, arch)
+    """Launch for ``m`` activation rows with no tuned entry: on sm_90 the CUDA-core kernel at M = 1 and,
+    for W2 / W3, dequantize + cuBLAS above 128 rows (timed, :data:`GEMV_TILES`); otherwise the MMA loop up to
+    256 rows (sm_8x: untimed, from compiles) and dequantize + cuBLAS beyond."""
+    if arch >= 90 and m <= GEMV_MAX_M:
+        bn, warps, stages = GEMV_TILES[bits]
+        return KernelConfig("gemv", block_n=bn, num_warps=warps, num_stages=stages)
+    if m <= 256 and not (arch >= 90 and m > 128 and bits in DEQUANT_ABOVE_128):
+        return default_dot_config(bits, m, arch)
     return KernelConfig("dequant", block_n=32, num_warps=4)
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_plugin.kernels.ops import register_op
-from vllm_plugin.kernels.triton.configs import KernelConfig, default_config, fit_smem, tuned_config
+from vllm_plugin.kernels.triton.configs import KernelConfig, default_dot_config, fit_smem, tuned_config
 from vllm_plugin.kernels.triton.layout import repack
 from vllm_plugin.kernels.triton.ops import KernelLaunch, _device_info, geometry, interpreting, triton_cdiv
 
@@ -151,7 +151,7 @@ def moe_config(device: str, bits: int, group: int, n: int, k: int, rows_per_expe
 
 def default_moe_config(bits: int, rows_per_expert: int, arch: int) -> KernelConfig:
     """The untuned launch: the dense kernel's "dot" tile for that many rows (up to 256), fitted to the card."""
-    return fit_smem(replace(default_config(bits, min(rows_per_expert, 256), arch), programs=0), bits, arch)
+    return fit_smem(replace(default_dot_config(bits, min(rows_per_expert, 256), arch), programs=0), bits, arch)
 
 
 def sorts(rows: int, num_experts: int, top_k: int) -> bool:

@@ -7,8 +7,8 @@ dequantize + cuBLAS.)
 Before the plugin hands a layer to the Triton kernel it runs, once per (bits, group, activation
 dtype, device), a small random problem through every launch path a model's calls can take -- the
 tensor-core loop at the three M tiles (16: unscaled; 64 and 128: scale fused into the tile), tiles
-shared between stream-K programs, the CUDA-core decode kernel at M = 1 (a tuned file may choose it; K
-split), and the dequantize-then-cuBLAS path for M > 256 -- and compares
+shared between stream-K programs, the CUDA-core decode kernel at M = 1 (the sm_90 default; checked with a
+K split on every GPU, since a tuned file may choose it), and the dequantize-then-cuBLAS path -- and compares
 the output with :func:`vllm_plugin.kernels.reference.reference_linear` in fp32. It runs the default
 launch shapes for its small problem; tuned shapes (``configs/*.json``) compile the same code paths
 with other tile sizes and are checked by ``tests/gpu`` and the benchmark's correctness column.
@@ -39,8 +39,9 @@ SELF_CHECK_ENV = "VLMPTQ_KERNEL_SELF_CHECK"
 # fp32-reference relative error of a correct kernel: output rounding (bf16 2^-9, fp16 2^-12) plus
 # summation order; a wrong zero point, lane or scale gives >= 0.1
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
-# one M per launch path: M tile 16 (unscaled), 64 and 128 (scaled tiles), dequantize + cuBLAS
-CHECK_ROWS = (1, 48, 100, 300)
+# one M per launch path of the default dispatch: the CUDA-core kernel (sm_90; the MMA loop elsewhere), M tile 16
+# (unscaled), 64 and 128 (scaled tiles), dequantize + cuBLAS
+CHECK_ROWS = (1, 5, 48, 100, 300)
 CHECK_N = 320  # not a multiple of the 64/128-row tiles (masked rows); 2 programs per SM share its tiles
 
 _VERDICTS: dict[tuple, str | None] = {}
