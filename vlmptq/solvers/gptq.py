@@ -27,8 +27,10 @@ upper triangular those depend only on the trailing ``[i1:, i1:]`` corners of dXX
 memory instead of two ``K x K`` matrices (for a 7B down_proj, ``K = 18944``: 2.9 GB of fp32). On
 CUDA these products run in TF32 (:mod:`vlmptq.solvers.precision`).
 
-On a GPU the column loop is launch-bound (each step touches ``N`` numbers), so each column costs
-the same 6 kernels in every method: ``t = zero + target / scale`` (one fused op; the diagonal
+On CUDA a block's columns run as one Triton launch per group segment (:mod:`.column_loop_triton`; the
+torch loop below is bound there by the host's per-call overhead, not by the device), except under
+act-order and the exact shift. The torch loop (the CPU's, and the reference the fused one is tested
+against) costs the same 6 kernels per column in every method: ``t = zero + target / scale`` (one fused op; the diagonal
 correction folds ``1 + C_j`` into a per-group ``(1 + C_j) / scale``), clamp, round (codes are
 ``round(clamp(t, 0, maxq))``, which equals ``clamp(round(target / scale) + zero)`` up to .5 ties),
 ``w_j - q_j``, and one update of the block's later columns: ``addr`` for GPTQ, a ``k = 2`` matmul
@@ -48,6 +50,7 @@ from vlmptq.errors import SolverError
 from vlmptq.quant.grid import minmax_params, search_params
 from vlmptq.quant.qweight import QuantizedWeight
 from vlmptq.quant.scheme import WeightScheme
+from vlmptq.solvers import column_loop_triton
 from vlmptq.solvers.precision import tf32_products
 
 logger = logging.getLogger(__name__)
@@ -144,6 +147,23 @@ def _exact_shift_terms(
     return shift_w.reshape(2 * nb, nb).t().contiguous(), shift_base
 
 
+def _fused_block(buf, codes_blk, coef_blk, st, zt, qmul, cf, groups, i1, glen, params_fn, scheme, scale_dtype,
+                 maxq) -> None:
+    """The column loop of one block through :mod:`.column_loop_triton`, one launch per run of columns that
+    share a group; with ``params_fn`` (dynamic grids) a group's (scale, zero) are chosen from the current
+    values when its first column is reached, as in the torch loop."""
+    nb = len(groups)
+    starts = [0] + [i for i in range(1, nb) if groups[i] != groups[i - 1]]
+    for a, b in zip(starts, starts[1:] + [nb]):
+        g = groups[a]
+        if params_fn is not None and (i1 + a) % glen == 0:
+            s_g, z_g = params_fn(buf[a : a + glen, 0].t(), scheme, scale_dtype)
+            st[g], zt[g] = s_g[:, 0], z_g[:, 0]
+            if qmul is not None:
+                qmul[a : a + glen] = cf[a : a + glen, None] / st[g]
+        column_loop_triton.run_segment(buf, codes_blk, coef_blk, st[g], zt[g], qmul, a, b, maxq)
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -237,6 +257,10 @@ def gptq_quantize(
     group_t = torch.tensor(group_of, device=device) if correction == "diag" and static_params is not None else None
     proxy_loss = torch.zeros((), device=device, dtype=fdt)
     maxq = float(scheme.maxq)
+    # on CUDA a block's column loop runs as one Triton launch per group segment (column_loop_triton: the
+    # torch loop is host-bound there); act-order (a group per column) and the exact shift stay in torch
+    fused = (column_loop_triton.enabled(device) and fdt == torch.float32 and perm is None
+             and correction in ("none", "diag"))
 
     # named for profilers: benchmarks/solvers.py counts the kernels this loop launches per column
     with torch.profiler.record_function(COLUMN_LOOP):
@@ -263,7 +287,12 @@ def gptq_quantize(
             if correction == "exact":
                 with tf32_products(device):
                     shift_w, shift_base = _exact_shift_terms(wt, u, d, alpha, p_row, d1, i1, i2)
-            for i in range(nb):
+            if fused:
+                _fused_block(buf, codes_t[i1:i2], coef[:, :nb].contiguous() if asym else un[:, :nb].contiguous(),
+                             st, zt, qmul if correction == "diag" else None, cf if correction == "diag" else None,
+                             group_of[i1:i2], i1, glen, params_fn if static_params is None else None, scheme,
+                             scale_dtype, maxq)
+            for i in range(0 if fused else nb):  # the torch loop (CPU, or what the fused one does not take)
                 j = i1 + i
                 g = group_of[j]
                 x = w1[i]
