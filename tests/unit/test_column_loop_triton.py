@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     quick = {"clip_search": False}
     cases = [("gptq", quick, 3, 128), ("gptq", quick, 2, 32), ("gptaq", quick, 4, 64),
              ("vlmptq", {"mu_grid": (0.5,)}, 3, 32), ("vlmptq", dict(quick, modality=False), 2, 64),
-             ("gptaq", {}, 3, 128)]
+             ("gptaq", {}, 3, 128), ("gptq", dict(quick, act_order=True), 3, 32)]
     layers = {k: make_synthetic_layer(n=72, k=k, samples=12, seed=5) for k in (192, 256)}
     for method, opts, bits, group in cases:
         layer = layers[256 if group == 128 else 192]

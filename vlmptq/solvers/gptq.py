@@ -28,8 +28,8 @@ memory instead of two ``K x K`` matrices (for a 7B down_proj, ``K = 18944``: 2.9
 CUDA these products run in TF32 (:mod:`vlmptq.solvers.precision`).
 
 On CUDA a block's columns run as one Triton launch per group segment (:mod:`.column_loop_triton`; the
-torch loop below is bound there by the host's per-call overhead, not by the device), except under
-act-order and the exact shift. The torch loop (the CPU's, and the reference the fused one is tested
+torch loop below is bound there by the host's per-call overhead, not by the device), except with the
+exact shift. The torch loop (the CPU's, and the reference the fused one is tested
 against) costs the same 6 kernels per column in every method: ``t = zero + target / scale`` (one fused op; the diagonal
 correction folds ``1 + C_j`` into a per-group ``(1 + C_j) / scale``), clamp, round (codes are
 ``round(clamp(t, 0, maxq))``, which equals ``clamp(round(target / scale) + zero)`` up to .5 ties),
@@ -257,10 +257,10 @@ def gptq_quantize(
     group_t = torch.tensor(group_of, device=device) if correction == "diag" and static_params is not None else None
     proxy_loss = torch.zeros((), device=device, dtype=fdt)
     maxq = float(scheme.maxq)
-    # on CUDA a block's column loop runs as one Triton launch per group segment (column_loop_triton: the
-    # torch loop is host-bound there); act-order (a group per column) and the exact shift stay in torch
-    fused = (column_loop_triton.enabled(device) and fdt == torch.float32 and perm is None
-             and correction in ("none", "diag"))
+    # on CUDA a block's column loop runs as one Triton launch per run of columns sharing a group
+    # (column_loop_triton: the torch loop is host-bound there; under act-order the runs are short); the
+    # exact shift stays in torch
+    fused = column_loop_triton.enabled(device) and fdt == torch.float32 and correction in ("none", "diag")
 
     # named for profilers: benchmarks/solvers.py counts the kernels this loop launches per column
     with torch.profiler.record_function(COLUMN_LOOP):
