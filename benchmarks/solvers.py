@@ -93,6 +93,7 @@ def profile_solves(args, device: torch.device, rows: int = 14) -> None:
     """Per layer and method, one warm solve under torch.profiler: wall time, the time the device was busy
     (the sum of its kernels; far below the wall time = the host's per-op overhead bounds the solver) and
     the ops that cost the most device and host time. Printed only (a diagnosis, not a result)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -111,7 +112,9 @@ def profile_solves(args, device: torch.device, rows: int = 14) -> None:
                 _sync(device)
             wall = time.perf_counter() - t0
             avgs = prof.key_averages()
-            dev_us = sum(getattr(e, "self_device_time_total", 0.0) for e in avgs)
+            # the kernels' own entries only (an aten op's entry repeats its kernels' time), as the table's
+            # "Self CUDA time total"
+            dev_us = sum(e.self_device_time_total for e in avgs if e.device_type == DeviceType.CUDA)
             print(f"\n### {layer} {n}x{k} W{args.bits[0]} {name}: wall {wall:.3f} s (profiled), device busy "
                   f"{dev_us / 1e6:.3f} s")
             for key in (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:

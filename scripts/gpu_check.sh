@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command a session with a GPU runs: checks and times everything in one device call (< 9.5 minutes).
 #
-#   device tool:  run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#   device tool:  run(command="VLMPTQ_COMMIT=<git rev-parse --short HEAD> bash scripts/gpu_check.sh", carry=[".whl"],
+#                     timeout_s=600)
 #
 # Needs the wheels in .whl/ (git-ignored). Fetch them here first (on a machine with PyPI access):
 #   bash scripts/gpu_check.sh --download-wheels
@@ -61,13 +62,16 @@ el() { echo "[$(( $(date +%s) - T0 ))s]"; }
 PHASES="${PHASES:-tests,bench,solvers}"
 DEADLINE="${DEADLINE:-570}"
 has() { [[ ",$PHASES," == *",$1,"* ]]; }
-# box NAME_SECONDS RESERVE: the phase's time box, cut to what the deadline leaves after RESERVE seconds for the
+# box SECONDS RESERVE: the phase's time box, cut to what the deadline leaves after RESERVE seconds for the
 # phases still to come (at least 30 s, so a phase always starts)
 box() { local left=$(( DEADLINE - ($(date +%s) - T0) - $2 )); (( left < $1 )) && echo $(( left > 30 ? left : 30 )) || echo "$1"; }
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export TRITON_CACHE_DIR=/tmp/triton_cache TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
 export HUMMING_CACHE_DIR=/tmp/humming_cache HUMMING_TMP_DIR=/tmp/humming_tmp
-export VLMPTQ_COMMIT="${VLMPTQ_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+# the device copy's git metadata can lag the tree it carries (seen 2026-11-29: it named the session's first
+# commit): pass VLMPTQ_COMMIT=<short sha> in the run command; without it, a tree that differs from HEAD is
+# tagged "+changes" so its results are not filed under the wrong commit
+export VLMPTQ_COMMIT="${VLMPTQ_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- 2>/dev/null || echo +changes)}"
 
 echo "$(el) === environment"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 | head -3
@@ -93,10 +97,11 @@ GPU_TAG=$(python3 -c 'import torch; print(torch.cuda.get_device_name(0).replace(
 # what later default phases need (s): the benchmark ~100-150, the solvers ~140
 RESERVE_BENCH=0; has bench && RESERVE_BENCH=160
 RESERVE_SOLVERS=0; has solvers && RESERVE_SOLVERS=150
+RESERVE_PROFILE=0; has profile && RESERVE_PROFILE=150
 
 TEST_RC="not run"
 if has tests; then
-    T=$(box "${TESTS_TIMEOUT:-240}" $(( RESERVE_BENCH + RESERVE_SOLVERS )))
+    T=$(box "${TESTS_TIMEOUT:-240}" $(( RESERVE_BENCH + RESERVE_SOLVERS + RESERVE_PROFILE )))
     echo "$(el) === pytest tests/gpu (time box ${T}s)"
     # -v: one line per finished test (with xdist: "[gw3] [ 12%] FAILED tests/gpu/...") so a cut-off run still
     # names its failures; tracebacks come in the summary at the end
@@ -114,7 +119,7 @@ fi
 
 BENCH_RC="not run"
 if has bench; then
-    T=$(box 300 "$RESERVE_SOLVERS")
+    T=$(box 300 $(( RESERVE_SOLVERS + RESERVE_PROFILE )))
     echo "$(el) === benchmarks/kernels.py (time box ${T}s)"
     # its own budgets count from its start; --hard writes what it has and exits
     timeout -k 10 $(( T + 10 )) python3 benchmarks/kernels.py --tune --tune-ms 1,16,64,256 --out "$OUT" \
@@ -126,7 +131,7 @@ fi
 
 SOLVERS_RC="not run"
 if has solvers; then
-    T=$(box 180 0)
+    T=$(box 180 "$RESERVE_PROFILE")
     echo "$(el) === benchmarks/solvers.py (time box ${T}s)"
     timeout -k 10 "$T" python3 benchmarks/solvers.py --device cuda --repeats 2 --out "$OUT/solvers-$GPU_TAG-$(date +%F)"
     SOLVERS_RC=$?

@@ -1,8 +1,9 @@
 """The fused column loop (one Triton launch per group segment of a block; what CUDA runs) equals the torch
-loop (what the CPU runs), through the Triton interpreter. The codes may differ only where a value sits within
-rounding of a code boundary (fused multiply-adds), so the test asks for >= 99.5 % equal codes, equal grids
-for static parameters, and the same layer loss to 1e-4. tests/gpu/test_solvers_cuda.py runs the compiled
-kernel against the CPU."""
+loop (what the CPU runs), through the Triton interpreter: the same operations in the same order. Only
+fused multiply-adds (torch's vectorized CPU kernels may use them) move the errors in their last bits, so on
+these seeded layers codes, scales and zero points must be identical and the proxy loss agree to 1e-5. On a
+GPU such a difference can move a value across a code boundary; tests/gpu/test_solvers_cuda.py runs the
+compiled kernel against the CPU with that tolerance."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ SCRIPT = textwrap.dedent("""
     import os
     import torch
     from vlmptq.quant import WeightScheme
-    from vlmptq.solvers import SolverOptions, build_solver, layer_loss
+    from vlmptq.solvers import SolverOptions, build_solver
     from vlmptq.solvers import column_loop_triton as clt
     from vlmptq.solvers.synthetic import make_synthetic_layer
 
@@ -32,7 +33,6 @@ SCRIPT = textwrap.dedent("""
     for method, opts, bits, group in cases:
         layer = layers[256 if group == 128 else 192]
         stats = layer.statistics()
-        ref_loss = layer_loss(torch.zeros_like(layer.weight), layer.weight, stats.hessian).item()
         scheme = WeightScheme(bits, group, False)
         solver = build_solver(method, SolverOptions(**opts))
         os.environ[clt.FUSED_ENV] = "0"
@@ -41,13 +41,11 @@ SCRIPT = textwrap.dedent("""
         fused_res = solver.solve(layer.weight, stats, scheme, torch.bfloat16)
         a, b = torch_res.qweight, fused_res.qweight
         same = (a.codes == b.codes).float().mean().item()
-        assert same >= 0.995, (method, opts, bits, group, same)
-        if method == "vlmptq" and opts.get("modality", True):
-            assert torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero), (method, group)
-        la = layer_loss(layer.weight, a.dequantize(torch.float32), stats.hessian, stats.dxxt).item()
-        lb = layer_loss(layer.weight, b.dequantize(torch.float32), stats.hessian, stats.dxxt).item()
-        assert abs(la - lb) <= 1e-4 * abs(ref_loss), (method, opts, bits, group, la, lb)
-        print(method, opts, bits, group, "codes equal", same)
+        assert same == 1.0, (method, opts, bits, group, same)
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero), (method, opts, group)
+        pa, pb = torch_res.info["proxy_loss"], fused_res.info["proxy_loss"]
+        assert abs(pa - pb) <= 1e-5 * abs(pa), (method, opts, group, pa, pb)
+        print(method, opts, bits, group, "identical")
     print("OK")
 """)
 

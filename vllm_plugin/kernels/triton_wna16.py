@@ -19,8 +19,9 @@ Kernel layout (what ``prepare`` returns; details in :mod:`vllm_plugin.kernels.tr
              between launches.
 
 Dispatch by M (tuned per GPU in ``vllm_plugin/kernels/configs/*.json``, defaults otherwise):
-``dot`` (fused dequant + tensor cores for M <= 256, decode included; persistent, stream-K
-over tiles x K blocks), ``dequant`` (large prefill: dequantize to act dtype, then cuBLAS).
+``gemv`` (M = 1 on sm_90: fused dequant on the CUDA cores, K split), ``dot`` (fused dequant + tensor cores
+up to 256 rows; persistent, stream-K over tiles x K blocks), ``dequant`` (prefill: dequantize to act dtype,
+then cuBLAS; on sm_90 from 129 rows at W2 / W3). See ``configs.default_config``.
 See docs/kernels.md.
 """
 

@@ -39,10 +39,13 @@ BLOCK_N = 64  # rows of W (columns of the transposed block) per program
 
 
 def enabled(device: torch.device) -> bool:
-    """Whether the fused segment kernel runs for tensors on ``device`` (CUDA, or the interpreter)."""
+    """Whether the fused segment kernel runs for tensors on ``device``: a CUDA GPU of compute capability 8.0
+    or newer (what it was compiled and checked for; older cards keep the torch loop), or the interpreter."""
     if triton is None or os.environ.get(FUSED_ENV, "1").strip() in ("0", "false", "no", "off"):
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:

@@ -183,8 +183,8 @@ def load_table(device_name: str) -> dict[str, dict[int, KernelConfig | W8Config]
 # --sweep, 2026-11-28; at 32/64 rows the 4-warp tiles sit at 246-255 registers, one spilled).
 # More rows per thread (block_n / num_warps) = fewer instructions per weight and more registers; W3's
 # 512-column blocks need the most shared memory (its 128-row M tile fits one stage only).
-# Decode (16-row M tile), measured on an H200 (benchmarks/results/kernels-NVIDIA_H200-2026-11-29.json, sum of
-# the 7B layer's 4 GEMMs at M = 1): W2 (128, 4, 3) 104 us, the best of 12; W3 (64, 4, 3) 120 us against
+# Decode (16-row M tile; on sm_90 M = 2-16 since the gemv kernel took M = 1), measured on an H200
+# (benchmarks/results/kernels-NVIDIA_H200-2026-11-29.json, sum of the 7B layer's 4 GEMMs at M = 1): W2 (128, 4, 3) 104 us, the best of 12; W3 (64, 4, 3) 120 us against
 # 144 us for the (128, 8, 2) chosen from the SASS alone -- the best, (128, 4, 2) at 111 us (it is in the
 # tuned H200 file), sits at 255 registers with Triton 3.6 and spills with 3.9; W4 (128, 4, 3) 112 us, the
 # best (64, 4, 4) 110 us.

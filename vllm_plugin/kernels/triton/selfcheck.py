@@ -7,8 +7,8 @@ dequantize + cuBLAS.)
 Before the plugin hands a layer to the Triton kernel it runs, once per (bits, group, activation
 dtype, device), a small random problem through every launch path a model's calls can take -- the
 tensor-core loop at the three M tiles (16: unscaled; 64 and 128: scale fused into the tile), tiles
-shared between stream-K programs, the CUDA-core decode kernel at M = 1 (the sm_90 default; checked with a
-K split on every GPU, since a tuned file may choose it), and the dequantize-then-cuBLAS path -- and compares
+shared between stream-K programs, the CUDA-core decode kernel at M = 1 (the sm_90 default; elsewhere checked
+too, since a tuned file may choose it), and the dequantize-then-cuBLAS path -- and compares
 the output with :func:`vllm_plugin.kernels.reference.reference_linear` in fp32. It runs the default
 launch shapes for its small problem; tuned shapes (``configs/*.json``) compile the same code paths
 with other tile sizes and are checked by ``tests/gpu`` and the benchmark's correctness column.
@@ -92,14 +92,17 @@ def _w8(wp, scale, zp, bits, k, act_dtype, device):
     return lambda x, bias, cfg=None: (triton_w8.w8_launch(x, t["qweight"], t["scale"], t["zero"], bias), None)
 
 
-def _extra_paths(kernel: str) -> list[tuple[int, object]]:
-    """(M, launch config) checks beyond the default dispatch of :data:`CHECK_ROWS`: launch paths only a
-    tuned file selects."""
+def _extra_paths(kernel: str, bits: int, device: torch.device) -> list[tuple[int, object]]:
+    """(M, launch config) checks beyond the default dispatch of :data:`CHECK_ROWS`: the CUDA-core decode
+    kernel (with a K split) where the default does not already run it at M = 1, since a tuned file may."""
     if kernel != "triton":
         return []
-    from vllm_plugin.kernels.triton.configs import KernelConfig
+    from vllm_plugin.kernels.triton.configs import KernelConfig, default_config
+    from vllm_plugin.kernels.triton.ops import _device_info
 
-    return [(1, KernelConfig("gemv", block_n=64, programs=12))]  # the CUDA-core decode kernel, K split
+    if default_config(bits, 1, _device_info(str(device))[2]).path == "gemv":
+        return []
+    return [(1, KernelConfig("gemv", block_n=64, programs=12))]
 
 
 _KERNELS = {"triton": _wna16, "triton_w8": _w8}
@@ -133,7 +136,7 @@ def _run_linear(bits: int, group_size: int | None, act_dtype: torch.dtype, devic
     bias = torch.randn(CHECK_N, generator=gen).to(act_dtype)
     wp, zp = pack_rows(codes, bits), pack_columns(zeros, bits)
     apply = _KERNELS[kernel](wp, scale, zp, bits, k, act_dtype, device)
-    for m, cfg in [(m, None) for m in CHECK_ROWS] + _extra_paths(kernel):
+    for m, cfg in [(m, None) for m in CHECK_ROWS] + _extra_paths(kernel, bits, device):
         x = torch.randn(m, k, generator=gen).to(act_dtype)
         y, problem = apply(x.to(device), bias.to(device), cfg)
         y = y.float().cpu()
