@@ -22,3 +22,21 @@ def test_fused_search_matches_torch_on_cuda(bits, group, sym, m):
     got = search_params_multi_triton(w, scheme.maxq, sym, group, imp, torch.bfloat16, 100, 0.8, 2.0)
     for r, t in zip(ref, got):
         assert (r == t).float().mean() >= 0.999
+
+
+def test_fused_search_of_mixtures_matches_torch_on_cuda():
+    """VLM-PTQ's mu grid as mixtures of the vision and text rows: kernel and torch agree."""
+    from vlmptq.quant import WeightScheme
+    from vlmptq.quant.grid import search_torch
+    from vlmptq.quant.search_triton import search_params_multi_triton
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w = torch.randn(1024, 3584, device="cuda", generator=g) * 0.02
+    basis = torch.rand(2, 3584, device="cuda", generator=g)
+    mix = torch.tensor([[mu, 1 - mu] for mu in (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)], device="cuda")
+    scheme = WeightScheme(3, 128, False)
+    ref = search_torch(w, scheme, basis, torch.bfloat16, 100, 0.8, 2.0, mix)
+    got = search_params_multi_triton(w, scheme.maxq, False, 128, basis, torch.bfloat16, 100, 0.8, 2.0, mix)
+    for r, t in zip(ref, got):
+        assert r.shape == t.shape == (7, 1024, 28)
+        assert (r == t).float().mean() >= 0.999

@@ -55,7 +55,7 @@ def test_mu_search_on_a_row_subset_equals_the_all_rows_search_on_cuda():
     then the chosen mu on all rows, gives exactly the all-rows search's parameters."""
     from vlmptq.quant import WeightScheme
     from vlmptq.quant.grid import search_params_multi
-    from vlmptq.solvers.modality import choose_modality_params, fused_importance
+    from vlmptq.solvers.modality import choose_modality_params, importance_basis
     from vlmptq.solvers.synthetic import make_synthetic_layer
 
     layer = make_synthetic_layer(n=512, k=384, samples=16, seed=2)
@@ -64,7 +64,7 @@ def test_mu_search_on_a_row_subset_equals_the_all_rows_search_on_cuda():
     dv, dt = (d.cuda() for d in stats.modality_diagonals("mean"))
     scheme, grid = WeightScheme(3, 128, False), (0.0, 0.5, 1.0)
     choice = choose_modality_params(w, stats.hessian.cuda(), stats.dxxt.cuda(), dv, dt, scheme, grid, score_rows=100)
-    imps = torch.stack([fused_importance(dv, dt, mu) for mu in grid])
-    scales, zeros = search_params_multi(w, scheme, imps, torch.bfloat16)
+    mix = torch.tensor([[mu, 1 - mu] for mu in grid])
+    scales, zeros = search_params_multi(w, scheme, importance_basis(dv, dt), torch.bfloat16, mix=mix)
     best = grid.index(choice.mu)
     assert torch.equal(choice.scale, scales[best]) and torch.equal(choice.zero, zeros[best])

@@ -30,6 +30,22 @@ SCRIPT = textwrap.dedent("""
         for r, t in zip(ref, got):
             assert r.shape == t.shape
             assert (r == t).float().mean() >= 0.99, (bits, g, sym, m, sd, (r != t).sum())
+    # mixtures of a basis (VLM-PTQ's mu grid over the vision and text rows): the kernel equals the torch
+    # search with the same mix, and both equal the search over the mixed importances themselves up to ties
+    basis = torch.rand(2, 256)
+    mix = torch.tensor([[mu, 1 - mu] for mu in (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)])
+    for bits, g in ((3, 128), (2, 64)):
+        w = torch.randn(17, 256) * 0.02
+        scheme = WeightScheme(bits, g, False)
+        ref = search_torch(w, scheme, basis, torch.bfloat16, 100, 0.8, 2.0, mix)
+        got = search_params_multi_triton(w, scheme.maxq, False, g, basis, torch.bfloat16, 100, 0.8, 2.0, mix)
+        direct = search_torch(w, scheme, mix @ basis, torch.bfloat16, 100, 0.8, 2.0)
+        for r, t, d in zip(ref, got, direct):
+            assert r.shape == t.shape == d.shape == (7, 17, 256 // g)
+            assert (r == t).float().mean() >= 0.99, (bits, g, (r != t).sum())
+            assert (r == d).float().mean() >= 0.99, (bits, g, (r != d).sum())
+        one = search_params_multi_triton(w, scheme.maxq, False, g, basis, torch.bfloat16, 100, 0.8, 2.0, mix[3:4])
+        assert torch.equal(one[0][0], got[0][3]) and torch.equal(one[1][0], got[1][3])  # a weighting alone: same
     print("OK")
 """)
 

@@ -131,7 +131,7 @@ def test_mu_search_on_a_row_subset_equals_the_all_rows_search(layer, stats):
     """With more rows than ``score_rows`` only the scored rows are searched for every mu, then the chosen
     mu over all rows: bit for bit what searching every mu over all rows and keeping the best gives."""
     from vlmptq.quant.grid import search_params_multi
-    from vlmptq.solvers.modality import fused_importance
+    from vlmptq.solvers.modality import importance_basis
 
     scheme = WeightScheme(3, 32, False)
     dv, dt = stats.modality_diagonals("mean")
@@ -139,8 +139,8 @@ def test_mu_search_on_a_row_subset_equals_the_all_rows_search(layer, stats):
     w = layer.weight.float()
     n = w.shape[0]
     choice = choose_modality_params(w, stats.hessian, stats.dxxt, dv, dt, scheme, grid, score_rows=n // 4)
-    imps = torch.stack([fused_importance(dv, dt, mu) for mu in grid])
-    all_scales, all_zeros = search_params_multi(w, scheme, imps, torch.bfloat16)
+    mix = torch.tensor([[mu, 1 - mu] for mu in grid])
+    all_scales, all_zeros = search_params_multi(w, scheme, importance_basis(dv, dt), torch.bfloat16, mix=mix)
     best = grid.index(choice.mu)
     assert torch.equal(choice.scale, all_scales[best]) and torch.equal(choice.zero, all_zeros[best])
     rows = slice(0, n, -(-n // (n // 4)))

@@ -95,6 +95,41 @@ MOE_CASES = [
 ]
 
 
+# the quantizer's own kernels on Qwen2.5-VL-7B shapes (vlmptq: the clip search, the fused GPTQ column loop): name,
+# kind, rows N, columns K (search) / block width (loop), group, weightings M, basis rows B (mixtures when M != B)
+SOLVER_CASES = [
+    ("solver-search-dynamic-g128", "search", 3584, 128, 128, 1, 1),  # GPTQ's per-group search at a group's start
+    ("solver-search-mu-g128", "search", 1792, 3584, 128, 7, 2),  # VLM-PTQ's mu grid over the scored rows
+    ("solver-search-mu-g32", "search", 1792, 3584, 32, 7, 2),
+    ("solver-search-m7-g64", "search", 1024, 3584, 64, 7, 7),  # seven weightings given whole
+    ("solver-loop-gptq", "loop", 3584, 128, 128, 1, 1),
+    ("solver-loop-gptaq", "loop", 3584, 128, 128, 2, 2),
+    ("solver-loop-vlmptq", "loop", 3584, 128, 128, 3, 3),  # GPTAQ + the diagonal correction's factor
+]
+
+
+def _solver_compile(aot, name, kind, n, k, group, m, b):
+    import torch
+
+    meta = dict(dtype=torch.float32, device="meta")
+    if kind == "search":
+        from vlmptq.quant.search_triton import plan_search
+
+        mix = torch.empty(m, b, **meta) if m != b else None
+        launch, _, _ = plan_search(torch.empty(n, k, **meta), 7, False, group, torch.empty(b, k, **meta),
+                                   torch.bfloat16, 100, 0.8, 2.0, mix)
+    else:
+        from vlmptq.solvers.column_loop_triton import plan_segment
+
+        coef = torch.empty(k, k, 2, **meta) if m > 1 else torch.empty(k, k, **meta)
+        launch = plan_segment(torch.empty(k, 2, n, **meta), torch.empty(k, n, **meta), coef,
+                              torch.empty(n, **meta), torch.empty(n, **meta),
+                              torch.empty(k, n, **meta) if m == 3 else None, 0, group, 7.0)
+    use = aot.resource_usage(aot.compile_launch(launch, aot.H100_ARCH))
+    return {"name": name, "path": "solver", "registers": use.registers, "spills": use.spills,
+            "shared": use.dynamic_shared + use.static_shared}
+
+
 def _moe_compile(aot, name, bits, group, n, k, rows, down, dtype):
     import torch
 
@@ -185,6 +220,8 @@ def _worker() -> None:
     for name, *case, _ in MOE_CASES:
         emit(name, lambda: _moe_align_compile(aot) if name == "moe-align" else _moe_compile(aot, name, *case),
              (aot.AotUnavailable,))
+    for name, *case in SOLVER_CASES:
+        emit(name, lambda: _solver_compile(aot, name, *case), (aot.AotUnavailable,))
 
 
 @pytest.fixture(scope="module", params=list(COMPILERS))
@@ -208,7 +245,7 @@ def compiled(request):
     return cases
 
 
-@pytest.mark.parametrize("case", CASES + MOE_CASES, ids=[c[0] for c in CASES + MOE_CASES])
+@pytest.mark.parametrize("case", CASES + MOE_CASES + SOLVER_CASES, ids=lambda c: c[0])
 def test_compiles_for_sm90_without_spills(compiled, case):
     r = compiled.get(case[0])
     assert r is not None, f"no result for {case[0]}"
@@ -216,7 +253,7 @@ def test_compiles_for_sm90_without_spills(compiled, case):
         pytest.skip(r["unavailable"])
     assert "error" not in r, r["error"]
     assert not r["spills"], f"{case[0]} spills registers ({r['registers']} used)"
-    if r["path"] in ("dequant", "align"):
+    if r["path"] in ("dequant", "align", "solver"):
         return
     assert r["loop"] > 0, "no main loop found in the SASS"
     weight_loads = {"LDG.E.128", "LDGSTS.E.BYPASS.128", "LDGSTS.E.128"}

@@ -15,6 +15,8 @@ import torch
 from vlmptq.quant.qweight import QuantizedWeight
 from vlmptq.quant.scheme import WeightScheme
 
+CLIP_SEARCH = "vlmptq::clip_search"  # profiler range (benchmarks/solvers.py --profile)
+
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Unsigned codes ``clamp(round(x / scale) + zero, 0, maxq)`` (float tensor of integers)."""
@@ -74,6 +76,7 @@ def search_params_multi(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.0,
+    mix: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip search for several column weightings at once.
 
@@ -81,33 +84,45 @@ def search_params_multi(
     ``p in {1, 1-1/grid, ..., 1-max_shrink}`` of the min-max range that minimises
     ``sum_k importances[m, k] * |w - fake_quant(w)|^norm``. The rounding error of every candidate is
     computed once and shared by all weightings (one pass over ``w`` per candidate, not ``M``).
+
+    With ``mix [M, B]`` the ``importances [B, K]`` are a basis and the weightings are its mixtures
+    ``sum_b mix[m, b] importances[b]``: each candidate's error is weighted by the ``B`` basis rows and
+    the ``M`` errors are then ``sum_b mix[m, b] err_b`` -- equal in exact arithmetic, at ``B`` weighted
+    sums per element whatever ``M`` is (VLM-PTQ's ``mu`` grid: 2, vision and text, for its 7 ``mu``).
     On the CPU, rows are processed in cache-sized chunks; on CUDA a fused Triton kernel tries every
     candidate in one pass (:mod:`vlmptq.quant.search_triton`). Returns ``scale, zero [M, N, G]``.
     """
     k = w.shape[1]
     if importances.dim() != 2 or importances.shape[1] != k:
         raise ValueError(f"importances must have shape (M, {k}), got {tuple(importances.shape)}")
+    if mix is not None and (mix.dim() != 2 or mix.shape[1] != importances.shape[0]):
+        raise ValueError(f"mix must have shape (M, {importances.shape[0]}), got {tuple(mix.shape)}")
     glen = scheme.group_len(k)
     scheme.groups(k)  # validates the group size
-    if w.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        from vlmptq.quant import search_triton
+    m = importances.shape[0] if mix is None else mix.shape[0]
+    with torch.profiler.record_function(CLIP_SEARCH):
+        if w.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+            from vlmptq.quant import search_triton
 
-        if search_triton.can_run(w, glen, importances.shape[0], scale_dtype)[0]:
-            return search_triton.search_params_multi_triton(
-                w, scheme.maxq, scheme.symmetric, glen, importances, scale_dtype, grid, max_shrink, norm
-            )
-    return search_torch(w, scheme, importances, scale_dtype, grid, max_shrink, norm)
+            if search_triton.can_run(w, glen, max(m, importances.shape[0]), scale_dtype)[0]:
+                return search_triton.search_params_multi_triton(
+                    w, scheme.maxq, scheme.symmetric, glen, importances, scale_dtype, grid, max_shrink, norm, mix
+                )
+        return search_torch(w, scheme, importances, scale_dtype, grid, max_shrink, norm, mix)
 
 
 def search_torch(
     w: torch.Tensor, scheme: WeightScheme, importances: torch.Tensor, scale_dtype: torch.dtype,
-    grid: int, max_shrink: float, norm: float,
+    grid: int, max_shrink: float, norm: float, mix: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch implementation of :func:`search_params_multi` (any device; the reference)."""
     n, k = w.shape
     groups, glen = scheme.groups(k), scheme.group_len(k)
-    imp = importances.float().reshape(-1, groups, glen)  # [M, G, g]
-    m = imp.shape[0]
+    imp = importances.float().reshape(-1, groups, glen)  # [B, G, g]
+    b = imp.shape[0]
+    if mix is not None:
+        mix = mix.to(device=w.device, dtype=torch.float32)[:, :, None, None]  # [M, B, 1, 1]
+    m = b if mix is None else mix.shape[0]
     scale = torch.empty(m, n, groups, device=w.device)
     zero = torch.empty(m, n, groups, device=w.device)
     chunk = n if w.is_cuda else max(1, (1 << 16) // k)
@@ -122,7 +137,9 @@ def search_torch(
             s, z = range_params(p * xmin, p * xmax, scheme, scale_dtype)
             e = (fake_quantize(wg, s.unsqueeze(-1), z.unsqueeze(-1), scheme.maxq) - wg).abs_()
             e = e.square_() if norm == 2.0 else e.pow_(norm)
-            err = (e * imp[0]).sum(-1).unsqueeze(0) if m == 1 else torch.einsum("ngk,mgk->mng", e, imp)
+            err = (e * imp[0]).sum(-1).unsqueeze(0) if b == 1 else torch.einsum("ngk,bgk->bng", e, imp)
+            if mix is not None:  # the products, then their sum over b (as the Triton kernel)
+                err = (mix * err).sum(1)  # [M, n_c, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, s, best_scale)

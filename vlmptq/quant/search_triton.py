@@ -5,8 +5,10 @@ per shrink candidate, 80 candidates per search: on a 7B MLP layer that is the la
 adds to GPTQ. This kernel reads each weight group once, keeps it in registers while it tries all
 candidates, and writes only the winning (scale, zero) per weighting.
 
-Layout: ``w [N, K]`` fp32/bf16/fp16 row-major, ``importances [M, K]`` fp32 (M <= 8); one program per
-(block of ``BR`` rows, group); outputs ``scale, zero [M, N, G]`` fp32. Arithmetic matches the torch
+Layout: ``w [N, K]`` fp32/bf16/fp16 row-major, ``importances [B, K]`` fp32 (B <= 8), optionally
+``mix [M, B]`` fp32 (M <= 8; the weightings are then ``mix @ importances``, each candidate's error
+``sum_b mix[m, b] err_b``); one program per (block of ``BR`` rows, group); outputs
+``scale, zero [M, N, G]`` fp32 (M = B without ``mix``). Arithmetic matches the torch
 version: IEEE division, round-half-to-even, scales rounded to the checkpoint dtype before zero points
 and codes (bf16 by bit manipulation, so the Triton interpreter agrees with the GPU), ties keep the
 earliest (least shrunk) candidate. Only the summation order of each group's error differs, so a
@@ -16,6 +18,8 @@ choice can differ where two candidates' errors tie to the last bits.
 from __future__ import annotations
 
 import torch
+
+from vlmptq.triton_launch import TritonLaunch
 
 try:  # triton is optional: without it (or without CUDA) the torch path runs
     import triton
@@ -38,7 +42,7 @@ def can_run(w: torch.Tensor, group_len: int, m: int, scale_dtype: torch.dtype) -
     if group_len not in (16, 32, 64, 128, 256):
         return False, f"group length {group_len} is not a power of two in [16, 256]"
     if m > _MAX_M:
-        return False, f"{m} weightings (at most {_MAX_M})"
+        return False, f"{m} weightings or basis rows (at most {_MAX_M})"
     if scale_dtype not in _SCALE_CODES:
         return False, f"scale dtype {scale_dtype}"
     return True, None
@@ -63,10 +67,10 @@ if triton is not None:
 
     @triton.jit
     def _clip_search_kernel(
-        w_ptr, imp_ptr, shrink_ptr, scale_ptr, zero_ptr, n_rows, k_cols, n_groups, n_weightings,
+        w_ptr, imp_ptr, mix_ptr, shrink_ptr, scale_ptr, zero_ptr, n_rows, k_cols, n_groups, n_basis, n_weightings,
         STEPS: tl.constexpr, MAXQ: tl.constexpr, SYM: tl.constexpr,
         SCALE_CODE: tl.constexpr, TINY: tl.constexpr, NORM2: tl.constexpr, NORM: tl.constexpr,
-        GLEN: tl.constexpr, BR: tl.constexpr, MP: tl.constexpr,
+        GLEN: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, MP: tl.constexpr, MIX: tl.constexpr,
     ):
         pid_r = tl.program_id(0)
         g = tl.program_id(1)
@@ -74,8 +78,12 @@ if triton is not None:
         cols = g * GLEN + tl.arange(0, GLEN)
         rmask = rows < n_rows
         w = tl.load(w_ptr + rows[:, None] * k_cols + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        bs = tl.arange(0, BP)
+        imp = tl.load(imp_ptr + bs[:, None] * k_cols + cols[None, :], mask=(bs < n_basis)[:, None], other=0.0)
         ms = tl.arange(0, MP)
-        imp = tl.load(imp_ptr + ms[:, None] * k_cols + cols[None, :], mask=(ms < n_weightings)[:, None], other=0.0)
+        if MIX:  # [MP, BP]
+            mix = tl.load(mix_ptr + ms[:, None] * n_basis + bs[None, :],
+                          mask=(ms < n_weightings)[:, None] & (bs < n_basis)[None, :], other=0.0)
         xmin = tl.minimum(tl.min(w, axis=1), 0.0)
         xmax = tl.maximum(tl.max(w, axis=1), 0.0)
         best = tl.full((BR, MP), float("inf"), tl.float32)
@@ -103,7 +111,9 @@ if triton is not None:
                 e = e * e
             else:
                 e = tl.exp2(NORM * tl.log2(e))
-            err = tl.sum(e[:, None, :] * imp[None, :, :], axis=2)  # [BR, MP]
+            err = tl.sum(e[:, None, :] * imp[None, :, :], axis=2)  # [BR, BP]
+            if MIX:  # the products, then their sum over the basis (as the torch version)
+                err = tl.sum(err[:, None, :] * mix[None, :, :], axis=2)  # [BR, MP]
             better = err < best
             best = tl.where(better, err, best)
             best_s = tl.where(better, s[:, None], best_s)
@@ -116,25 +126,41 @@ if triton is not None:
 
 def search_params_multi_triton(
     w: torch.Tensor, maxq: int, symmetric: bool, group_len: int, importances: torch.Tensor,
-    scale_dtype: torch.dtype, grid: int, max_shrink: float, norm: float,
+    scale_dtype: torch.dtype, grid: int, max_shrink: float, norm: float, mix: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused search; same contract as ``search_params_multi`` (check :func:`can_run` first)."""
+    launch, scale, zero = plan_search(w, maxq, symmetric, group_len, importances, scale_dtype, grid, max_shrink,
+                                      norm, mix)
+    launch.run()
+    return scale, zero
+
+
+def plan_search(
+    w: torch.Tensor, maxq: int, symmetric: bool, group_len: int, importances: torch.Tensor,
+    scale_dtype: torch.dtype, grid: int, max_shrink: float, norm: float, mix: torch.Tensor | None = None,
+) -> tuple[TritonLaunch, torch.Tensor, torch.Tensor]:
+    """The search's launch and its (still empty) ``scale, zero [M, N, G]`` outputs; meta tensors plan a
+    launch to compile without a GPU."""
     n, k = w.shape
-    m = importances.shape[0]
+    b = importances.shape[0]
+    m = b if mix is None else mix.shape[0]
     groups = k // group_len
     w = w.contiguous()
     imp = importances.to(device=w.device, dtype=torch.float32).contiguous()
+    mixt = imp if mix is None else mix.to(device=w.device, dtype=torch.float32).contiguous()
     scale = torch.empty(m, n, groups, device=w.device, dtype=torch.float32)
     zero = torch.empty_like(scale)
-    mp = max(2, triton.next_power_of_2(m))
-    br = max(1, min(16, 2048 // (group_len * mp)))  # keep the [BR, MP, GLEN] product in registers
+    bp = max(2, triton.next_power_of_2(b))
+    mp = bp if mix is None else max(2, triton.next_power_of_2(m))
+    br = max(1, min(16, 2048 // (group_len * bp)))  # keep the [BR, BP, GLEN] product in registers
     tiny = torch.finfo(scale_dtype).tiny
     steps = int(max_shrink * grid)
     # Shrink factors rounded to fp32 on the host, exactly as torch converts its Python scalars.
     shrinks = torch.tensor([1.0 - i / grid for i in range(steps)], dtype=torch.float32, device=w.device)
-    _clip_search_kernel[(triton.cdiv(n, br), groups)](
-        w, imp, shrinks, scale, zero, n, k, groups, m,
-        STEPS=steps, MAXQ=maxq, SYM=symmetric, SCALE_CODE=_SCALE_CODES[scale_dtype],
-        TINY=tiny, NORM2=norm == 2.0, NORM=float(norm), GLEN=group_len, BR=br, MP=mp,
+    launch = TritonLaunch(
+        _clip_search_kernel, (triton.cdiv(n, br), groups),
+        (w, imp, mixt, shrinks, scale, zero, n, k, groups, b, m),
+        dict(STEPS=steps, MAXQ=maxq, SYM=symmetric, SCALE_CODE=_SCALE_CODES[scale_dtype], TINY=tiny,
+             NORM2=norm == 2.0, NORM=float(norm), GLEN=group_len, BR=br, BP=bp, MP=mp, MIX=mix is not None),
     )
-    return scale, zero
+    return launch, scale, zero

@@ -28,6 +28,8 @@ import os
 
 import torch
 
+from vlmptq.triton_launch import TritonLaunch
+
 try:  # triton is optional: without it (or without CUDA) the torch loop runs
     import triton
     import triton.language as tl
@@ -96,14 +98,21 @@ def run_segment(buf: torch.Tensor, codes: torch.Tensor, coef: torch.Tensor, scal
     """Quantize columns ``[seg0, seg1)`` of a block in place (layouts: module docstring). ``coef`` is
     ``[nb, nb, 2]`` (GPTAQ / VLM-PTQ) or ``[nb, nb]`` (GPTQ); ``qmul`` the diagonal correction's per-column
     factor or None. All fp32, contiguous, on one device."""
-    nb, _, n = buf.shape
     for name, t in (("buf", buf), ("codes", codes), ("coef", coef), ("scale", scale), ("zero", zero), ("qmul", qmul)):
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
             raise ValueError(f"fused column loop: {name} must be contiguous fp32, got {t.dtype} "
                              f"strides {tuple(t.stride())}")
-    asym = coef.dim() == 3
+    plan_segment(buf, codes, coef, scale, zero, qmul, seg0, seg1, maxq).run()
+
+
+def plan_segment(buf: torch.Tensor, codes: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor, qmul: torch.Tensor | None, seg0: int, seg1: int, maxq: float) -> TritonLaunch:
+    """:func:`run_segment`'s launch, unchecked (meta tensors plan one to compile without a GPU)."""
+    nb, _, n = buf.shape
     dummy = qmul if qmul is not None else scale
-    grid = (triton.cdiv(n, BLOCK_N),)
-    _segment_kernel[grid](buf, codes, coef, scale, zero, dummy, n, nb, seg0, seg1, float(maxq),
-                          B=triton.next_power_of_2(nb), BLOCK_N=BLOCK_N, ASYM=asym, DIAG=qmul is not None,
-                          num_warps=4)
+    return TritonLaunch(
+        _segment_kernel, (triton.cdiv(n, BLOCK_N),),
+        (buf, codes, coef, scale, zero, dummy, n, nb, seg0, seg1, float(maxq)),
+        dict(B=triton.next_power_of_2(nb), BLOCK_N=BLOCK_N, ASYM=coef.dim() == 3, DIAG=qmul is not None,
+             num_warps=4),
+    )
