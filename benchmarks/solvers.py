@@ -89,6 +89,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def phase_table(avgs) -> str:
+    """Host and device milliseconds inside the solvers' named profiler ranges (they nest: the clip searches
+    of a dynamic grid, the A/P rows and the lazy updates run inside the column loop's range)."""
+    from torch.autograd import DeviceType
+
+    from vlmptq.quant.grid import CLIP_SEARCH
+    from vlmptq.solvers.gptq import ASYM_ROWS, COLUMN_LOOP, FACTOR, LAZY_UPDATE
+    from vlmptq.solvers.modality import MU_SCORES
+
+    lines = ["| phase | calls | host ms | device ms |", "|---|---|---|---|"]
+    for name in (FACTOR, CLIP_SEARCH, MU_SCORES, COLUMN_LOOP, ASYM_ROWS, LAZY_UPDATE):
+        e = next((e for e in avgs if e.key == name and e.device_type == DeviceType.CPU), None)
+        if e is not None:
+            lines.append(f"| {name} | {e.count} | {e.cpu_time_total / 1e3:.1f} | {e.device_time_total / 1e3:.1f} |")
+    return "\n".join(lines)
+
+
 def profile_solves(args, device: torch.device, rows: int = 14) -> None:
     """Per layer and method, one warm solve under torch.profiler: wall time, the time the device was busy
     (the sum of its kernels; far below the wall time = the host's per-op overhead bounds the solver) and
@@ -117,6 +134,7 @@ def profile_solves(args, device: torch.device, rows: int = 14) -> None:
             dev_us = sum(e.self_device_time_total for e in avgs if e.device_type == DeviceType.CUDA)
             print(f"\n### {layer} {n}x{k} W{args.bits[0]} {name}: wall {wall:.3f} s (profiled), device busy "
                   f"{dev_us / 1e6:.3f} s")
+            print(phase_table(avgs))
             for key in (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:
                 print(avgs.table(sort_by=key, row_limit=rows, max_name_column_width=48))
         del stats, w

@@ -25,7 +25,8 @@ A and P are never formed whole: block ``[i1, i2)`` needs only the rows ``A[i1:i2
 upper triangular those depend only on the trailing ``[i1:, i1:]`` corners of dXXT and U
 (:func:`_asym_rows`). That costs ``4 K^3 / 3`` flops instead of ``4 K^3`` and keeps ``O(block K)``
 memory instead of two ``K x K`` matrices (for a 7B down_proj, ``K = 18944``: 2.9 GB of fp32). On
-CUDA these products run in TF32 (:mod:`vlmptq.solvers.precision`).
+CUDA these products, and the P term's share of the lazy block updates, run in TF32
+(:mod:`vlmptq.solvers.precision`); the updates GPTQ itself makes stay fp32.
 
 On CUDA a block's columns run as one Triton launch per group segment (:mod:`.column_loop_triton`; the
 torch loop below is bound there by the host's per-call overhead, not by the device), except with the
@@ -57,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 Correction = Literal["none", "diag", "exact", "target"]
 COLUMN_LOOP = "vlmptq::gptq_column_loop"  # profiler range of the column loop
+FACTOR = "vlmptq::factor"  # profiler range of the Hessian's factorization
+ASYM_ROWS = "vlmptq::asym_rows"  # ... of GPTAQ's A and P rows (inside the column loop's)
+LAZY_UPDATE = "vlmptq::lazy_update"  # ... of the lazy block updates (inside the column loop's)
 
 
 @dataclass
@@ -237,7 +241,8 @@ def gptq_quantize(
     else:
         group_of = [j // glen for j in range(k)]
 
-    u, damp_used = inverse_cholesky_upper(h, damp)
+    with torch.profiler.record_function(FACTOR):
+        u, damp_used = inverse_cholesky_upper(h, damp)
     if correction == "target":
         w = w + alpha * ((w @ d) @ u.t()) @ u  # W + alpha W dXXT H^-1, with H^-1 = U^T U
         asym, correction = False, "none"
@@ -246,10 +251,12 @@ def gptq_quantize(
     # reads and writes contiguous memory; scales, zeros and codes are kept as ``[G, N]`` / ``[K, N]``.
     # A block's values and errors sit interleaved in ``buf [B, 2, N]``: ``buf[i, 0]`` = w_j (current
     # value; frozen once column j is quantized, so it is also the pre-quantization value the P term
-    # needs) and ``buf[i, 1]`` = w_j - q_j (the error times U_jj). Every update of later columns is
-    # then a single matmul over views: ``-U[j, :] / U_jj`` times the errors, plus ``P[j, :]`` times
-    # the values for GPTAQ. Per column that is 6 kernels for GPTQ, GPTAQ and VLM-PTQ's diagonal
-    # correction alike (the loop is launch-bound on GPUs; docs/algorithm.md).
+    # needs) and ``buf[i, 1]`` = w_j - q_j (the error times U_jj). A column's update of the block's
+    # later columns is then a single matmul over views: ``-U[j, :] / U_jj`` times the errors, plus
+    # ``P[j, :]`` times the values for GPTAQ. Per column that is 6 kernels for GPTQ, GPTAQ and VLM-PTQ's
+    # diagonal correction alike (docs/algorithm.md). The lazy update of later blocks is GPTQ's fp32
+    # product plus, for GPTAQ, the P term's as a second product, in TF32 on CUDA like the P rows it
+    # multiplies (for a 7B down_proj an fp32 one would cost GPTAQ ~2x GPTQ's update time).
     wt = w.t().contiguous()  # [K, N]
     st, zt = scale.t().contiguous(), zero.t().contiguous()  # [G, N]
     codes_t = torch.empty(k, n, device=device, dtype=fdt)  # [K, N]
@@ -273,12 +280,12 @@ def gptq_quantize(
             d1 = torch.diagonal(u[i1:i2, i1:i2])  # U_jj
             un = u[i1:i2, i1:] / d1[:, None]  # [B, K - i1]: U[j, :] / U_jj
             if asym:
-                with tf32_products(device):
+                with torch.profiler.record_function(ASYM_ROWS), tf32_products(device):
                     a_row, p_row = _asym_rows(d, u, alpha, i1, i2)  # A, P [i1:i2, i1:]
-                # [B, K - i1, 2]: later column c += coef[i, c] . buf[i]; stored (c, value/error) so a column
-                # step's factor coef[i, i+1:nb] is a plain slice (two view ops fewer per column than a
-                # transposed one: the GPU loop is bound by such host-side calls, docs/algorithm.md)
-                coef = torch.stack((p_row, -un), dim=2)
+                # [B, B, 2]: the block's later column c += coef[i, c] . buf[i]; stored (c, value/error) so a
+                # column step's factor coef[i, i+1:nb] is a plain slice (two view ops fewer per column than
+                # a transposed one: the torch loop is bound by such host-side calls, docs/algorithm.md)
+                coef = torch.stack((p_row[:, :nb], -un[:, :nb]), dim=2)
             if correction == "diag":
                 cf = 1.0 + torch.diagonal(a_row[:, :nb]) * d1  # 1 + C_j, VLM-PTQ's diagonal correction
                 qmul = torch.empty(nb, n, device=device, dtype=fdt)  # (1 + C_j) / scale, per column
@@ -288,7 +295,7 @@ def gptq_quantize(
                 with tf32_products(device):
                     shift_w, shift_base = _exact_shift_terms(wt, u, d, alpha, p_row, d1, i1, i2)
             if fused:
-                _fused_block(buf, codes_t[i1:i2], coef[:, :nb].contiguous() if asym else un[:, :nb].contiguous(),
+                _fused_block(buf, codes_t[i1:i2], coef if asym else un[:, :nb].contiguous(),
                              st, zt, qmul if correction == "diag" else None, cf if correction == "diag" else None,
                              group_of[i1:i2], i1, glen, params_fn if static_params is None else None, scheme,
                              scale_dtype, maxq)
@@ -317,11 +324,12 @@ def gptq_quantize(
                     else:
                         w1[i + 1 :].addr_(un[i, i + 1 : nb], e1[i], alpha=-1.0)
             proxy_loss += (e1 / d1[:, None]).square().sum() / 2
-            if i2 < k:  # lazy batch update of the later blocks
-                if asym:
-                    wt[i2:].addmm_(coef[:, nb:].transpose(0, 1).reshape(k - i2, 2 * nb), buf.view(2 * nb, n))
-                else:
+            if i2 < k:  # lazy batch update of the later blocks: GPTQ's in fp32, GPTAQ's P term in TF32 on CUDA
+                with torch.profiler.record_function(LAZY_UPDATE):
                     wt[i2:].addmm_(un[:, nb:].t(), e1, alpha=-1.0)
+                    if asym:  # (an alpha-sized correction, formed in TF32 by _asym_rows: docs/algorithm.md)
+                        with tf32_products(device):
+                            wt[i2:].addmm_(p_row[:, nb:].t(), w1)
 
     codes = codes_t.t()
     if perm is not None:
