@@ -166,7 +166,7 @@ if has profile; then
     timeout -k 10 "$(box 150 0)" python3 benchmarks/solvers.py --device cuda --profile --layers o down \
         --methods gptq gptaq vlmptq > "$OUT/solvers-profile.txt" 2>&1
     PROFILE_RC="$PROFILE_RC, solvers $?"
-    grep -E "^### " "$OUT/solvers-profile.txt"
+    grep -E "^### |^\| vlmptq::" "$OUT/solvers-profile.txt"
     echo "$(el) profile exit codes: $PROFILE_RC"
 fi
 
