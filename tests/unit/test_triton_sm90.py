@@ -105,6 +105,7 @@ SOLVER_CASES = [
     ("solver-loop-gptq", "loop", 3584, 128, 128, 1, 1),
     ("solver-loop-gptaq", "loop", 3584, 128, 128, 2, 2),
     ("solver-loop-vlmptq", "loop", 3584, 128, 128, 3, 3),  # GPTAQ + the diagonal correction's factor
+    ("solver-loop-vlmptq-32rows", "loop", 3584, 128, 128, 3, 3),  # the programs of a GPU 64 rows would not fill
 ]
 
 
@@ -124,7 +125,8 @@ def _solver_compile(aot, name, kind, n, k, group, m, b):
         coef = torch.empty(k, k, 2, **meta) if m > 1 else torch.empty(k, k, **meta)
         launch = plan_segment(torch.empty(k, 2, n, **meta), torch.empty(k, n, **meta), coef,
                               torch.empty(n, **meta), torch.empty(n, **meta),
-                              torch.empty(k, n, **meta) if m == 3 else None, 0, group, 7.0)
+                              torch.empty(k, n, **meta) if m == 3 else None, 0, group, 7.0,
+                              32 if name.endswith("32rows") else None)
     use = aot.resource_usage(aot.compile_launch(launch, aot.H100_ARCH))
     return {"name": name, "path": "solver", "registers": use.registers, "spills": use.spills,
             "shared": use.dynamic_shared + use.static_shared}

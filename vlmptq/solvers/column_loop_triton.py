@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover
     triton = None
 
 FUSED_ENV = "VLMPTQ_FUSED_COLUMN_LOOP"  # "0" keeps the torch loop on CUDA too
-BLOCK_N = 64  # rows of W (columns of the transposed block) per program
+BLOCK_N = 64  # rows of W (columns of the transposed block) per program; half that on GPUs it would not fill
 
 
 def enabled(device: torch.device) -> bool:
@@ -105,14 +105,28 @@ def run_segment(buf: torch.Tensor, codes: torch.Tensor, coef: torch.Tensor, scal
     plan_segment(buf, codes, coef, scale, zero, qmul, seg0, seg1, maxq).run()
 
 
+def rows_per_program(n: int, device: torch.device) -> int:
+    """:data:`BLOCK_N`, or half of it where ``N / BLOCK_N`` programs would leave multiprocessors idle (a 7B
+    o_proj's 3584 rows: 56 programs for an H100's 132 SMs). A program runs its segment's columns one after
+    another, so a launch lasts as long as one program: while SMs are free, more and shorter programs finish
+    sooner."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    if triton.cdiv(n, BLOCK_N) < sms:
+        return BLOCK_N // 2
+    return BLOCK_N
+
+
 def plan_segment(buf: torch.Tensor, codes: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor,
-                 zero: torch.Tensor, qmul: torch.Tensor | None, seg0: int, seg1: int, maxq: float) -> TritonLaunch:
-    """:func:`run_segment`'s launch, unchecked (meta tensors plan one to compile without a GPU)."""
+                 zero: torch.Tensor, qmul: torch.Tensor | None, seg0: int, seg1: int, maxq: float,
+                 block_n: int | None = None) -> TritonLaunch:
+    """:func:`run_segment`'s launch, unchecked (meta tensors plan one to compile without a GPU; ``block_n``
+    overrides :func:`rows_per_program`)."""
     nb, _, n = buf.shape
+    block_n = block_n or rows_per_program(n, buf.device)
     dummy = qmul if qmul is not None else scale
     return TritonLaunch(
-        _segment_kernel, (triton.cdiv(n, BLOCK_N),),
+        _segment_kernel, (triton.cdiv(n, block_n),),
         (buf, codes, coef, scale, zero, dummy, n, nb, seg0, seg1, float(maxq)),
-        dict(B=triton.next_power_of_2(nb), BLOCK_N=BLOCK_N, ASYM=coef.dim() == 3, DIAG=qmul is not None,
+        dict(B=triton.next_power_of_2(nb), BLOCK_N=block_n, ASYM=coef.dim() == 3, DIAG=qmul is not None,
              num_warps=4),
     )
