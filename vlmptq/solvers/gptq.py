@@ -254,10 +254,9 @@ def gptq_quantize(
     # needs) and ``buf[i, 1]`` = w_j - q_j (the error times U_jj). A column's update of the block's
     # later columns is then a single matmul over views: ``-U[j, :] / U_jj`` times the errors, plus
     # ``P[j, :]`` times the values for GPTAQ. Per column that is 6 kernels for GPTQ, GPTAQ and VLM-PTQ's
-    # diagonal correction alike (docs/algorithm.md). GPTAQ's lazy update of later blocks is one
-    # ``k = 2B`` product over ``buf`` on the CPU; on CUDA it is GPTQ's fp32 product plus the P term's
-    # as a second product in TF32, like the P rows it multiplies (in fp32 the ``k = 2B`` product costs
-    # twice GPTQ's update; on the CPU a second pass over the later columns' 0.1-0.3 GB costs more).
+    # diagonal correction alike (docs/algorithm.md). GPTAQ's lazy update of later blocks is GPTQ's fp32
+    # product plus the P term's as a second product, in TF32 on CUDA like the P rows it multiplies (one
+    # fp32 ``k = 2B`` product costs twice GPTQ's update there; on the CPU the two cost the same as one).
     wt = w.t().contiguous()  # [K, N]
     st, zt = scale.t().contiguous(), zero.t().contiguous()  # [G, N]
     codes_t = torch.empty(k, n, device=device, dtype=fdt)  # [K, N]
@@ -325,17 +324,13 @@ def gptq_quantize(
                     else:
                         w1[i + 1 :].addr_(un[i, i + 1 : nb], e1[i], alpha=-1.0)
             proxy_loss += (e1 / d1[:, None]).square().sum() / 2
-            if i2 < k:  # lazy batch update of the later blocks
+            if i2 < k:  # lazy batch update of the later blocks: GPTQ's in fp32, then GPTAQ's P term as a product
+                # of its own, in TF32 on CUDA (an alpha-sized correction, formed in TF32 by _asym_rows)
                 with torch.profiler.record_function(LAZY_UPDATE):
-                    if asym and device.type != "cuda":  # one k = 2B product over the interleaved buffer
-                        lazy = torch.stack((p_row[:, nb:], -un[:, nb:]), dim=2).transpose(0, 1)  # [K - i2, B, 2]
-                        wt[i2:].addmm_(lazy.reshape(k - i2, 2 * nb), buf.view(2 * nb, n))
-                    else:  # on CUDA GPTAQ's P term is a TF32 product of its own (an alpha-sized correction,
-                        # formed in TF32 by _asym_rows); GPTQ's update stays fp32
-                        wt[i2:].addmm_(un[:, nb:].t(), e1, alpha=-1.0)
-                        if asym:
-                            with tf32_products(device):
-                                wt[i2:].addmm_(p_row[:, nb:].t(), w1)
+                    wt[i2:].addmm_(un[:, nb:].t(), e1, alpha=-1.0)
+                    if asym:
+                        with tf32_products(device):
+                            wt[i2:].addmm_(p_row[:, nb:].t(), w1)
 
     codes = codes_t.t()
     if perm is not None:
