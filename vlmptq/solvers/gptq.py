@@ -23,9 +23,9 @@ With ``dxxt=None`` or ``alpha=0`` the asymmetric terms are skipped and the loop 
 A and P are never formed whole: block ``[i1, i2)`` needs only the rows ``A[i1:i2, i1:]`` and
 ``P[i1:i2, i1:]`` (and, for the exact shift, the column block ``A[i1:, i1:i2]``), and since ``U`` is
 upper triangular those depend only on the trailing ``[i1:, i1:]`` corners of dXXT and U
-(:func:`_asym_rows`). That costs ``4 K^3 / 3`` flops instead of ``4 K^3`` and keeps ``O(block K)``
-memory instead of two ``K x K`` matrices (for a 7B down_proj, ``K = 18944``: 2.9 GB of fp32). On
-CUDA these products, and the P term's share of the lazy block updates, run in TF32
+(:func:`_asym_rows`). That costs ``4 K^3 / 3`` flops instead of ``4 K^3`` (less again: column chunks
+skip the zeros inside each corner) and keeps ``O(block K)`` memory instead of two ``K x K`` matrices
+(for a 7B down_proj, ``K = 18944``: 2.9 GB of fp32). On CUDA these products, and the P term's share of the lazy block updates, run in TF32
 (:mod:`vlmptq.solvers.precision`); the updates GPTQ itself makes stay fp32.
 
 On CUDA a block's columns run as one Triton launch per group segment (:mod:`.column_loop_triton`; the
@@ -119,10 +119,24 @@ def _asym_rows(d: torch.Tensor, u: torch.Tensor, alpha: float, i1: int, i2: int)
 
     ``A[j, m] = alpha sum_l dXXT[j, l] U[m, l]`` and ``U[m, l] = 0`` for ``l < m``, so for ``m >= i1``
     only ``l >= i1`` contributes; ``P[j, :] = sum_{m > j} A[j, m] U[m, :]`` needs only ``m > j >= i1``.
+    The same triangularity inside the corner: the columns ``[c0, c1)`` of ``A`` need ``l >= c0`` only,
+    and those of ``P`` need ``m < c1`` only, so both are formed in up to 4 column chunks, each product
+    skipping the corner's zeros (5/8 of the dense flops with 4 chunks).
     """
     ut = u[i1:, i1:]
-    a = alpha * (d[i1:i2, i1:] @ ut.t())
-    return a, torch.triu(a, diagonal=1) @ ut
+    dk = d[i1:i2, i1:]
+    kk = ut.shape[0]
+    chunks = min(4, max(1, kk // 1024))  # products of at least ~1024 columns each
+    edges = [kk * c // chunks for c in range(chunks + 1)]
+    a = torch.empty_like(dk)
+    for c0, c1 in zip(edges, edges[1:]):
+        torch.mm(dk[:, c0:], ut[c0:c1, c0:].t(), out=a[:, c0:c1])
+    a *= alpha
+    at = torch.triu(a, diagonal=1)
+    p = torch.empty_like(a)
+    for c0, c1 in zip(edges, edges[1:]):
+        torch.mm(at[:, :c1], ut[:c1, c0:c1], out=p[:, c0:c1])
+    return a, p
 
 
 def _exact_shift_terms(
