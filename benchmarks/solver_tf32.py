@@ -66,9 +66,18 @@ class EmulatedTF32(TorchFunctionMode):
 
 @contextlib.contextmanager
 def emulated_tf32_products():
-    """Every ``tf32_products`` block of the solvers emulates TF32 on the CPU."""
-    with mock.patch("vlmptq.solvers.gptq.tf32_products", lambda device: EmulatedTF32()), \
-            mock.patch("vlmptq.solvers.modality.tf32_products", lambda device: EmulatedTF32()):
+    """Every ``tf32_products`` block of the solvers emulates TF32 on the CPU: each vlmptq module that imported
+    the context manager gets the emulating one (so a new user of it is covered without editing this)."""
+    from vlmptq.solvers import precision
+
+    users = [name for name, mod in list(sys.modules.items())
+             if name.startswith("vlmptq.") and mod is not precision
+             and getattr(mod, "tf32_products", None) is precision.tf32_products]
+    if not users:
+        raise RuntimeError("no vlmptq module uses vlmptq.solvers.precision.tf32_products: nothing to emulate")
+    with contextlib.ExitStack() as stack:
+        for name in users:
+            stack.enter_context(mock.patch(f"{name}.tf32_products", lambda device: EmulatedTF32()))
         yield
 
 

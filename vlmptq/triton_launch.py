@@ -1,9 +1,9 @@
-"""One Triton launch of the quantizer's kernels, decided but not yet run.
+"""One Triton kernel launch, fully decided (kernel, grid, arguments, constexprs) but not yet run.
 
-The solvers' kernels (:mod:`vlmptq.quant.search_triton`, :mod:`vlmptq.solvers.column_loop_triton`) plan a
-launch -- kernel, grid, arguments, constexprs -- and then run it. Kept apart so the plan can also be compiled
-for a GPU architecture on a machine without one (``vllm_plugin.kernels.triton.aot.compile_launch`` takes any
-object with these four fields; ``tests/unit/test_triton_sm90.py`` checks the solvers' kernels for spills).
+Shared by every Triton kernel of the project: the quantizer's (:mod:`vlmptq.quant.search_triton`,
+:mod:`vlmptq.solvers.column_loop_triton`) and the serving plugin's (``vllm_plugin.kernels.triton.ops``
+imports it as ``KernelLaunch``). A planned launch can be run, or compiled for a GPU architecture on a
+machine without one (``vllm_plugin.kernels.triton.aot.compile_launch``; ``tests/unit/test_triton_sm90.py``).
 """
 
 from __future__ import annotations
@@ -12,12 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass
+@dataclass(frozen=True)
 class TritonLaunch:
     kernel: Any  # a @triton.jit function
     grid: tuple[int, ...]
     args: tuple
-    meta: dict  # constexprs (and num_warps)
+    meta: dict  # constexprs plus num_warps / num_stages
 
     def run(self) -> None:
         self.kernel[self.grid](*self.args, **self.meta)
+
+    def arg(self, name: str) -> Any:
+        """The positional argument the kernel calls ``name``."""
+        return self.args[self.kernel.arg_names.index(name)]

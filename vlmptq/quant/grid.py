@@ -94,7 +94,8 @@ def search_params_multi(
     """
     k = w.shape[1]
     if importances.dim() != 2 or importances.shape[1] != k:
-        raise ValueError(f"importances must have shape (M, {k}), got {tuple(importances.shape)}")
+        rows = "M" if mix is None else "B"
+        raise ValueError(f"importances must have shape ({rows}, {k}), got {tuple(importances.shape)}")
     if mix is not None and (mix.dim() != 2 or mix.shape[1] != importances.shape[0]):
         raise ValueError(f"mix must have shape (M, {importances.shape[0]}), got {tuple(mix.shape)}")
     glen = scheme.group_len(k)

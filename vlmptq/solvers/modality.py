@@ -50,12 +50,6 @@ def importance_basis(diag_vision: torch.Tensor, diag_text: torch.Tensor) -> torc
     return torch.stack((dv, dt)) + floor
 
 
-def fused_importance(diag_vision: torch.Tensor, diag_text: torch.Tensor, mu: float) -> torch.Tensor:
-    """``M_mu = mu * diag_vision + (1 - mu) * diag_text`` (plus the floor of :func:`importance_basis`)."""
-    basis = importance_basis(diag_vision, diag_text)
-    return mu * basis[0] + (1.0 - mu) * basis[1]
-
-
 def _rtn_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """``fake_quantize(w) - w`` for ``w [R, K]`` and per-group ``scale, zero [R, G]``, the same operations in
     the same order, on grouped views (no ``[R, K]`` copies of the parameters; one allocation)."""

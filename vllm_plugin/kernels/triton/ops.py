@@ -10,14 +10,15 @@ weight of the prefill path) have shape-determined sizes.
 import functools
 import logging
 import os
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from dataclasses import replace
+from typing import Callable, Optional
 
 import torch
 
 from vllm_plugin.kernels.ops import register_op
 from vllm_plugin.kernels.triton.configs import GEMV_MAX_M, HOPPER, KernelConfig, fit_smem, select_config
 from vllm_plugin.kernels.triton.layout import SUB, TILE, block_values, planes
+from vlmptq.triton_launch import TritonLaunch as KernelLaunch  # what _launch runs and .aot compiles
 
 logger = logging.getLogger(__name__)
 
@@ -148,24 +149,6 @@ def _fallbacks(cfg: KernelConfig, m: int) -> list[KernelConfig]:
     if cfg.path != "dequant":
         out.append(KernelConfig("dequant", block_n=32))
     return out
-
-
-@dataclass(frozen=True)
-class KernelLaunch:
-    """One Triton kernel launch, fully decided: what :func:`_launch` runs, and what
-    :mod:`.aot` compiles for a GPU architecture without one."""
-
-    kernel: Any  # a @triton.jit function
-    grid: tuple[int, ...]
-    args: tuple
-    meta: dict  # constexprs plus num_warps / num_stages
-
-    def run(self) -> None:
-        self.kernel[self.grid](*self.args, **self.meta)
-
-    def arg(self, name: str) -> Any:
-        """The positional argument the kernel calls ``name``."""
-        return self.args[self.kernel.arg_names.index(name)]
 
 
 def gemv_split(n_tiles: int, nblk: int, programs: int) -> tuple[int, int]:
